@@ -134,7 +134,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("OPEN_TIMEOUT", "open_timeout", 10.0, "seconds to connect to the upstream", _seconds),
     Setting("READ_TIMEOUT", "read_timeout", 120.0, "seconds to wait on the upstream", _seconds),
     Setting("MAX_BODY_BYTES", "max_body_bytes", 10 * 1024 * 1024, "largest request body accepted", _positive),
-    Setting("CLIENT_TIMEOUT", "client_timeout", 60.0, "seconds a silent client may hold a connection", _seconds),
+    Setting("CLIENT_TIMEOUT", "client_timeout", 60.0, "seconds a silent client may hold a connection",
+            _seconds),
     Setting("MAX_CONNECTIONS", "max_connections", 1024,
             "simultaneous client connections; more get a fast 503", _positive),
 )
@@ -304,6 +305,33 @@ class BucketStore:
         return len(self._buckets)
 
 
+class Charge:
+    """One admitted request's payment: kept once the upstream serves it, else refunded once."""
+
+    def __init__(self, store: BucketStore, identity: str, specs: Sequence[BucketSpec],
+                 admission: Admission) -> None:
+        self.store = store
+        self.identity = identity
+        self.specs = specs
+        self.admission = admission
+        self.kept = False
+        self.refunded = False
+
+    def keep(self) -> None:
+        self.kept = True
+
+    def refund(self) -> None:
+        if not (self.kept or self.refunded):
+            self.refunded = True
+            self.store.refund(self.identity, self.specs, self.admission.cost)
+            self.admission = replace(self.admission, remaining=min(
+                self.admission.limit, self.admission.remaining + self.admission.cost))
+
+    @property
+    def headers(self) -> list[tuple[str, str]]:
+        return rate_limit_headers(self.admission)
+
+
 # --------------------------------------------------------------------------
 # Cost
 # --------------------------------------------------------------------------
@@ -392,6 +420,10 @@ class Target:
     query: str  # raw query string, checked for control characters
 
     @property
+    def is_api(self) -> bool:
+        return self.path.lower() == "/v1" or self.path.lower().startswith("/v1/")
+
+    @property
     def metered_kind(self) -> str | None:
         return METERED_PATHS.get(self.path.lower())
 
@@ -445,7 +477,7 @@ def is_safe_header(name: str, value: str) -> bool:
 
 def copied_headers(items: Sequence[tuple[str, str]], excluded: frozenset) -> list[tuple[str, str]]:
     """Headers passed from one side to the other, minus hop-by-hop ones and any named in Connection."""
-    listed = set()
+    listed: set[str] = set()
     for name, value in items:
         if name.lower() == "connection":
             listed.update(token.strip().lower() for token in value.split(","))
@@ -713,6 +745,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.who = self.client_address[0]
         self.body_pending = True
         self.cost_note = ""
+        self.charge: Charge | None = None
         try:
             self.route()
         except ProxyError as error:
@@ -738,7 +771,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if target.path == "/health":
             self.send_json(200, {"status": "ok"})
             return
-        if target.path != "/v1" and not target.path.startswith("/v1/"):
+        if not target.is_api:
             raise ProxyError(404, f"Unknown path {target.path}; the API lives under /v1",
                              code="not_found")
         identity = self.authenticate()
@@ -835,25 +868,24 @@ class ProxyHandler(BaseHTTPRequestHandler):
         model = payload.get("model") or config.upstream_model or ""
         specs = (config.bucket,)
         admission = self.server.buckets.charge(identity, specs, cost)
-        headers = rate_limit_headers(admission)
         self.cost_note = f"cost={cost}"
         if not admission.allowed:
-            self.send_limit_reply(kind, model, payload.get("stream") is True, admission, headers)
+            self.send_limit_reply(kind, model, payload.get("stream") is True, admission)
             return
         if config.upstream_model and payload.get("model") != config.upstream_model:
             payload["model"] = config.upstream_model
             body = json_bytes(payload)
-        served = False
+        self.charge = Charge(self.server.buckets, identity, specs, admission)
         try:
-            served = self.forward(target, body, headers)
+            self.forward(target, body)
         finally:
-            if not served:
-                self.server.buckets.refund(identity, specs, cost)
-                self.cost_note = f"cost={cost} refunded"
+            self.charge.refund()  # a no-op once the upstream served the request
+            if self.charge.refunded:
+                self.cost_note += " refunded"
 
-    def send_limit_reply(self, kind: str, model: str, stream: bool, admission: Admission,
-                         headers: list[tuple[str, str]]) -> None:
+    def send_limit_reply(self, kind: str, model: str, stream: bool, admission: Admission) -> None:
         text = limit_message(admission)
+        headers = rate_limit_headers(admission)
         self.cost_note += " limited"
         if stream:
             self.send_bytes(200, headers + [SSE_TYPE, ("Cache-Control", "no-cache")],
@@ -863,9 +895,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     # -- forwarding ----------------------------------------------------------
 
-    def forward(self, target: Target, body: bytes,
-                extra_headers: Sequence[tuple[str, str]] = ()) -> bool:
-        """Relay one request upstream and its answer back; True when the upstream served it."""
+    def forward(self, target: Target, body: bytes) -> None:
+        """Relay one request upstream and its answer back, settling ``self.charge`` on the way."""
         server = self.server
         headers = dict(copied_headers(self.headers.items(), NOT_FORWARDED_UPSTREAM))
         if server.config.upstream_key:
@@ -879,26 +910,38 @@ class ProxyHandler(BaseHTTPRequestHandler):
             raise upstream_failure(error) from None
         try:
             reply_headers = copied_headers(response.getheaders(), HOP_BY_HOP | PROXY_RESPONSE_HEADERS)
-            reply_headers.extend(extra_headers)
-            served = response.status < 400
             content_type = response.getheader("Content-Type", "")
-            if content_type.startswith("text/event-stream") or (
-                    response.length is None and not response.isclosed()):
-                self.relay_stream(response, reply_headers, content_type.startswith("text/event-stream"))
+            sse = content_type.startswith("text/event-stream")
+            if sse or (response.length is None and not response.isclosed()):
+                self.relay_stream(response, reply_headers, sse)
             else:
                 try:
                     data = response.read()
                 except (OSError, http.client.HTTPException) as error:
                     raise upstream_failure(error) from None
-                self.send_bytes(response.status, reply_headers, data, reason=response.reason)
+                self.settle(response.status < 400)
+                self.send_bytes(response.status, reply_headers + self.meter_headers(), data,
+                                reason=response.reason)
         finally:
             server.upstream.release(conn, response)
-        return served
+
+    def settle(self, served: bool) -> None:
+        if self.charge is not None:
+            self.charge.keep() if served else self.charge.refund()
+
+    def meter_headers(self) -> list[tuple[str, str]]:
+        return self.charge.headers if self.charge is not None else []
 
     def relay_stream(self, response: http.client.HTTPResponse, headers: list[tuple[str, str]],
                      sse: bool) -> None:
-        """Pass the body on as it arrives; server-sent events go out whole, one write each."""
-        self.start_chunked(response.status, headers, response.reason)
+        """Pass the body on as it arrives; server-sent events go out whole, one write each.
+
+        The charge is kept once anything reached the client; a stream that ends
+        before its first complete event counts as never served.
+        """
+        if response.status >= 400:
+            self.settle(False)
+        self.start_chunked(response.status, headers + self.meter_headers(), response.reason)
         pending = b""
         try:
             while True:
@@ -912,12 +955,15 @@ class ProxyHandler(BaseHTTPRequestHandler):
                         continue
                     data, pending = pending[:end], pending[end:]
                 self.write_chunk(data)
+                self.settle(response.status < 400)
         except (OSError, http.client.HTTPException) as error:
-            log.warning("upstream stream from %s broke off: %s", self.who, type(error).__name__)
+            log.warning("upstream stream to %s broke off: %s", self.who, type(error).__name__)
             response.close()
             if sse:
                 failure = upstream_failure(error)
                 self.write_chunk(b"data: " + json_bytes(failure.body()) + b"\n\n")
+        if self.charge is not None:
+            self.charge.refund()
         self.end_chunked()
 
     # -- writing -------------------------------------------------------------
@@ -1015,35 +1061,26 @@ def validate_completion(kind: str, payload: dict) -> None:
 # Server
 # --------------------------------------------------------------------------
 
-class ProxyServer(ThreadingHTTPServer):
-    """The listening socket, the shared buckets and the upstream pool.
+class TrackedServer(ThreadingHTTPServer):
+    """A threading HTTP server that knows its open connections.
 
-    Client connections are counted so that a flood gets a fast 503 instead of
-    an unbounded number of threads, and so that ``server_close`` can end them.
+    Counting them lets a flood get a fast 503 instead of an unbounded number of
+    threads, and lets ``server_close`` end keep-alive connections instead of
+    leaving their threads behind.
     """
 
     daemon_threads = True
     request_queue_size = 1024  # a burst of connects waits in the backlog instead of being refused
+    max_connections = 1024
 
-    def __init__(self, config: Config, clock: Callable[[], float] = time.monotonic) -> None:
-        if not config.upstream_url:
-            raise ConfigError("BASE_API_URL is not set: point it at the model server, "
-                              "e.g. http://127.0.0.1:8080/v1 (or run with --demo)")
-        self.config = config
-        self.buckets = BucketStore(clock)
-        self.upstream = UpstreamPool(UpstreamTarget.parse(config.upstream_url),
-                                     config.open_timeout, config.read_timeout)
+    def __init__(self, address: tuple[str, int], handler: type) -> None:
         self._connections: set[socket.socket] = set()
         self._connections_lock = threading.Lock()
-        super().__init__((config.host, config.port), ProxyHandler)
-
-    def local_models(self) -> dict:
-        return {"object": "list", "data": [{"id": self.config.upstream_model, "object": "model",
-                                            "created": 0, "owned_by": "llm_proxy"}]}
+        super().__init__(address, handler)
 
     def process_request(self, request: socket.socket, client_address: tuple) -> None:
         with self._connections_lock:
-            admitted = len(self._connections) < self.config.max_connections
+            admitted = len(self._connections) < self.max_connections
             if admitted:
                 self._connections.add(request)
         if admitted:
@@ -1073,7 +1110,7 @@ class ProxyServer(ThreadingHTTPServer):
         return len(self._connections)
 
     def server_close(self) -> None:
-        """Stop listening, end every open client connection and drop idle upstream ones."""
+        """Stop listening and end every open connection, so no handler thread outlives us."""
         super().server_close()
         with self._connections_lock:
             connections = list(self._connections)
@@ -1082,6 +1119,28 @@ class ProxyServer(ThreadingHTTPServer):
                 connection.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+
+class ProxyServer(TrackedServer):
+    """The proxy: listening socket, shared buckets and the upstream pool."""
+
+    def __init__(self, config: Config, clock: Callable[[], float] = time.monotonic) -> None:
+        if not config.upstream_url:
+            raise ConfigError("BASE_API_URL is not set: point it at the model server, "
+                              "e.g. http://127.0.0.1:8080/v1 (or run with --demo)")
+        self.config = config
+        self.max_connections = config.max_connections
+        self.buckets = BucketStore(clock)
+        self.upstream = UpstreamPool(UpstreamTarget.parse(config.upstream_url),
+                                     config.open_timeout, config.read_timeout)
+        super().__init__((config.host, config.port), ProxyHandler)
+
+    def local_models(self) -> dict:
+        return {"object": "list", "data": [{"id": self.config.upstream_model, "object": "model",
+                                            "created": 0, "owned_by": "llm_proxy"}]}
+
+    def server_close(self) -> None:
+        super().server_close()
         self.upstream.close()
 
 
@@ -1167,10 +1226,10 @@ def last_user_text(payload: dict) -> str:
     return prompt if isinstance(prompt, str) else ""
 
 
-def start_echo_model(word_delay: float = 0.05) -> ThreadingHTTPServer:
+def start_echo_model(word_delay: float = 0.05) -> TrackedServer:
+    """Serve the echo model on a free loopback port, in a background thread."""
     handler = type("EchoModel", (EchoModelHandler,), {"word_delay": word_delay})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    server.daemon_threads = True
+    server = TrackedServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, name="echo-model", daemon=True).start()
     return server
 
@@ -1180,7 +1239,7 @@ def start_echo_model(word_delay: float = 0.05) -> ThreadingHTTPServer:
 # --------------------------------------------------------------------------
 
 def describe(config: Config, server: ProxyServer) -> str:
-    host, port = server.server_address[:2]
+    host, port = config.host, server.server_address[1]
     limits = (f"{config.max_tokens} tokens, +{config.refill_tokens} every "
               f"{config.refill_interval:g}s, cost mode {config.cost_mode}")
     keys = f"{len(config.client_keys)} client keys" if config.client_keys else "open (no client keys)"

@@ -1,0 +1,963 @@
+#!/usr/bin/env python3
+"""Tests for llm_proxy: the real proxy and a fake upstream, over loopback sockets.
+
+Run: python3 test_llm_proxy.py    (standard library only; ends with "N passed, N failed")
+
+Every test starts its own fake upstream and proxy on 127.0.0.1 port 0, talks
+to them over real sockets, and shuts both down.  Refill time comes from an
+injected clock, never from sleeping.  The fake upstream is steered by an
+``X-Fake`` request header, which the proxy forwards like any other header.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import io
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+from http.server import BaseHTTPRequestHandler
+
+import llm_proxy
+from llm_proxy import (BucketSpec, BucketStore, Config, ConfigError, ProxyServer, TrackedServer,
+                       estimate_tokens, parse_target)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+UPSTREAM_KEY = "sk-upstream-SECRET-0123456789"
+CLIENT_KEY = "sk-client-alice-9876543210"
+OTHER_KEY = "sk-client-bob-1111111111"
+WAIT = 10.0  # upper bound for any single wait in a test; reaching it means a failure
+
+
+# --------------------------------------------------------------------------
+# Fixtures: clock, fake upstream, proxy, client helpers
+# --------------------------------------------------------------------------
+
+class FakeClock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class CapturingLog(logging.Handler):
+    """Collects the proxy's log lines so tests can search them (for keys, for instance)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+class FakeUpstream(TrackedServer):
+    """A scriptable OpenAI-compatible upstream that records what reaches it."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict] = []
+        self.peers: set[tuple] = set()
+        self.release = threading.Event()      # lets a paused stream or stall continue
+        self.first_event_sent = threading.Event()
+        self.closed_early = threading.Event()  # the proxy hung up on a stream
+        super().__init__(("127.0.0.1", 0), FakeUpstreamHandler)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/v1"
+
+
+class FakeUpstreamHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: FakeUpstream
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        self.record(b"")
+        if self.path.partition("?")[0].endswith("/models"):
+            self.reply(200, {"object": "list", "data": [{"id": "upstream-model", "object": "model"}]})
+        else:
+            self.reply(404, {"error": {"message": "no such thing", "type": "invalid_request_error",
+                                       "param": None, "code": None}})
+
+    do_DELETE = do_GET
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.record(body)
+        behaviour = self.headers.get("X-Fake", "")
+        payload = json.loads(body) if body.startswith(b"{") else {}
+        if behaviour.startswith("status-"):
+            status = int(behaviour[len("status-"):])
+            self.reply(status, {"error": {"message": f"upstream says {status}", "type": "x",
+                                          "param": None, "code": None}})
+        elif behaviour == "close":
+            self.close_connection = True
+        elif behaviour == "stall":
+            self.server.release.wait(WAIT)
+            self.close_connection = True
+        elif behaviour == "partial":
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            self.wfile.write(b'{"id": "cut')
+            self.close_connection = True
+        elif behaviour == "upstream-cors":
+            self.reply(200, self.completion(payload), [("Access-Control-Allow-Origin", "https://x"),
+                                                       ("X-RateLimit-Limit", "999")])
+        elif payload.get("stream"):
+            self.stream(payload, behaviour)
+        else:
+            self.reply(200, self.completion(payload), [("Connection", "keep-alive, X-Upstream-Hop"),
+                                                       ("X-Upstream-Hop", "1")])
+
+    def record(self, body: bytes) -> None:
+        self.server.requests.append({"method": self.command, "path": self.path,
+                                     "headers": dict(self.headers.items()),
+                                     "raw_headers": str(self.headers), "body": body})
+        self.server.peers.add(self.client_address)
+
+    def completion(self, payload: dict) -> dict:
+        return {"id": "chatcmpl-up", "object": "chat.completion", "created": 1,
+                "model": payload.get("model"),
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi from upstream"},
+                             "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}}
+
+    def stream(self, payload: dict, behaviour: str) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        events = [{"choices": [{"index": 0, "delta": {"content": f"w{i}"}, "finish_reason": None}]}
+                  for i in range(5)]
+        try:
+            for index, event in enumerate(events):
+                self.chunk(b"data: " + json.dumps(event).encode() + b"\n\n")
+                if index == 0:
+                    self.server.first_event_sent.set()
+                    if behaviour == "pause-after-first":
+                        self.server.release.wait(WAIT)
+                    elif behaviour == "break-after-first":
+                        self.chunk(b'data: {"choices": [{"ind')  # half an event, then hang up
+                        self.close_connection = True
+                        return
+                    elif behaviour == "until-client-leaves":
+                        for _ in range(int(WAIT / 0.01)):
+                            self.chunk(b": keep-alive\n\n")
+                            time.sleep(0.01)
+            self.chunk(b"data: [DONE]\n\n")
+            self.chunk(b"")
+        except OSError:
+            self.server.closed_early.set()
+            self.close_connection = True
+
+    def chunk(self, data: bytes) -> None:
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+
+    def reply(self, status: int, value: object, headers: list = ()) -> None:
+        body = json.dumps(value).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        for name, header_value in headers:
+            self.send_header(name, header_value)
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def serve(server: TrackedServer) -> threading.Thread:
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                              daemon=True)
+    thread.start()
+    return thread
+
+
+class Response:
+    """What a client received: status, headers (case-insensitive) and body."""
+
+    def __init__(self, status: int, headers: http.client.HTTPMessage, body: bytes) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+    def json(self) -> dict:
+        return json.loads(self.body)
+
+    def events(self) -> list:
+        """Parse an SSE body as a client library would: data lines, JSON unless [DONE]."""
+        parsed = []
+        for block in self.body.decode().split("\n\n"):
+            data = "\n".join(line[5:].strip() for line in block.splitlines() if line.startswith("data:"))
+            if data:
+                parsed.append(data if data == "[DONE]" else json.loads(data))
+        return parsed
+
+
+class ProxyTestCase(unittest.TestCase):
+    """Starts a fake upstream and a proxy per test; everything is torn down afterwards."""
+
+    config_overrides: dict = {}
+
+    def setUp(self) -> None:
+        self.baseline_threads = threading.active_count()
+        self.clock = FakeClock()
+        self.upstream = FakeUpstream()
+        serve(self.upstream)
+        self.log = CapturingLog()
+        logger = logging.getLogger("llm_proxy")
+        logger.addHandler(self.log)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+        self.addCleanup(logger.removeHandler, self.log)
+        self.proxy: ProxyServer | None = None
+        self.start_proxy(**self.config_overrides)
+
+    def start_proxy(self, **overrides: object) -> ProxyServer:
+        if self.proxy is not None:
+            self.stop(self.proxy)
+        settings = dict(host="127.0.0.1", port=0, upstream_url=self.upstream.url,
+                        upstream_key=UPSTREAM_KEY, read_timeout=WAIT, open_timeout=WAIT)
+        settings.update(overrides)
+        self.config = Config(**settings)
+        self.proxy = ProxyServer(self.config, clock=self.clock)
+        serve(self.proxy)
+        return self.proxy
+
+    @staticmethod
+    def stop(server: TrackedServer) -> None:
+        server.shutdown()
+        server.server_close()
+
+    def tearDown(self) -> None:
+        self.upstream.release.set()
+        if self.proxy is not None:
+            self.stop(self.proxy)
+        self.stop(self.upstream)
+        deadline = time.monotonic() + WAIT
+        while threading.active_count() > self.baseline_threads and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.assertLessEqual(threading.active_count(), self.baseline_threads,
+                             "a server or handler thread outlived its test")
+
+    # -- client helpers ------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        return self.proxy.server_address[1]
+
+    def request(self, method: str, path: str, body: object = None, key: str | None = CLIENT_KEY,
+                headers: dict | None = None, conn: http.client.HTTPConnection | None = None) -> Response:
+        all_headers = dict(headers or {})
+        if key is not None:
+            all_headers["Authorization"] = f"Bearer {key}"
+        if isinstance(body, (dict, list)):
+            body = json.dumps(body).encode()
+            all_headers.setdefault("Content-Type", "application/json")
+        own = conn is None
+        conn = conn or http.client.HTTPConnection("127.0.0.1", self.port, timeout=WAIT)
+        try:
+            conn.request(method, path, body, all_headers)
+            response = conn.getresponse()
+            return Response(response.status, response.msg, response.read())
+        finally:
+            if own:
+                conn.close()
+
+    def chat(self, content: str = "hello", key: str | None = CLIENT_KEY, path: str = "/v1/chat/completions",
+             headers: dict | None = None, **fields: object) -> Response:
+        payload = {"model": "client-model", "messages": [{"role": "user", "content": content}]}
+        payload.update(fields)
+        return self.request("POST", path, payload, key=key, headers=headers)
+
+    def raw(self, data: bytes, read_until_close: bool = True) -> bytes:
+        """Send raw bytes and return everything the proxy answers before closing."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=WAIT) as sock:
+            sock.sendall(data)
+            chunks = []
+            while read_until_close:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+            return b"".join(chunks)
+
+    def level(self, key: str = CLIENT_KEY) -> int:
+        return self.proxy.buckets.level("key:" + llm_proxy.fingerprint(key), (self.config.bucket,))[0]
+
+    def assert_openai_error(self, response: Response, status: int, kind: str | None = None,
+                            code: str | None = None) -> dict:
+        self.assertEqual(response.status, status, response.body)
+        self.assertEqual(response.headers["Content-Type"], "application/json")
+        error = response.json()["error"]
+        self.assertEqual(set(error), {"message", "type", "param", "code"})
+        self.assertTrue(error["message"])
+        if kind:
+            self.assertEqual(error["type"], kind)
+        if code:
+            self.assertEqual(error["code"], code)
+        self.assertNotIn("Traceback", response.body.decode())
+        return error
+
+    def assert_still_serving(self) -> None:
+        self.assertEqual(self.request("GET", "/health").json(), {"status": "ok"})
+
+
+# --------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------
+
+class ConfigurationTests(unittest.TestCase):
+    def test_defaults_match_the_prototype(self) -> None:
+        config = Config.from_env({"BASE_API_URL": "http://127.0.0.1:8080/v1"})
+        self.assertEqual((config.host, config.port), ("0.0.0.0", 8899))
+        self.assertEqual((config.max_tokens, config.refill_tokens, config.refill_interval), (10, 2, 300))
+        self.assertEqual((config.request_cost, config.cost_mode, config.response_reserve),
+                         (1, "request", 256))
+        self.assertEqual((config.open_timeout, config.read_timeout), (10, 120))
+        self.assertEqual(config.max_body_bytes, 10 * 1024 * 1024)
+        self.assertEqual(config.client_timeout, 60)
+
+    def test_aliases_and_empty_values(self) -> None:
+        config = Config.from_env({"UPSTREAM_BASE_URL": "http://h/v1", "base_api_key": "k",
+                                  "UPSTREAM_MODEL": "m", "MAX_TOKENS": "", "PORT": " ",
+                                  "PROXY_API_KEYS": " a , b ,, "})
+        self.assertEqual((config.upstream_url, config.upstream_key, config.upstream_model),
+                         ("http://h/v1", "k", "m"))
+        self.assertEqual((config.max_tokens, config.port), (10, 8899))
+        self.assertEqual(config.client_keys, ("a", "b"))
+
+    def test_invalid_values_name_the_variable(self) -> None:
+        cases = {"PORT": "0", "MAX_TOKENS": "0", "REFILL_TOKENS": "x", "TOKEN_COST_MODE": "free",
+                 "REFILL_INTERVAL_SECONDS": "-5", "READ_TIMEOUT": "nan", "MAX_BODY_BYTES": "1.5"}
+        for name, value in cases.items():
+            with self.subTest(name=name), self.assertRaises(ConfigError) as raised:
+                Config.from_env({name: value})
+            self.assertIn(name, str(raised.exception))
+
+    def test_bad_upstream_url_is_refused(self) -> None:
+        for url in ("ftp://h/v1", "http://user:pw@h/v1", "not a url"):
+            with self.subTest(url=url), self.assertRaises(ConfigError):
+                ProxyServer(Config(host="127.0.0.1", port=0, upstream_url=url))
+        with self.assertRaises(ConfigError):
+            ProxyServer(Config(host="127.0.0.1", port=0))
+
+    def test_help_documents_every_variable(self) -> None:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), self.assertRaises(SystemExit):
+            llm_proxy.main(["--help"])
+        for setting in llm_proxy.SETTINGS:
+            for name in (setting.name, *setting.aliases):
+                self.assertIn(name, out.getvalue())
+
+    def test_estimate_mode_warns_when_no_request_can_fit(self) -> None:
+        warnings = llm_proxy.startup_warnings(Config(host="127.0.0.1", cost_mode="estimate"))
+        self.assertEqual(len(warnings), 1)
+        self.assertIn("MAX_TOKENS", warnings[0])
+        self.assertEqual(llm_proxy.startup_warnings(
+            Config(host="127.0.0.1", cost_mode="estimate", max_tokens=4000)), [])
+
+    def test_open_mode_beyond_loopback_warns(self) -> None:
+        self.assertTrue(any("anyone" in w for w in llm_proxy.startup_warnings(Config())))
+        self.assertEqual(llm_proxy.startup_warnings(Config(client_keys=("k",))), [])
+
+
+class CommandLineTests(unittest.TestCase):
+    """The real command, as a user starts it."""
+
+    def run_proxy(self, env: dict, args: tuple = ()) -> subprocess.Popen:
+        full_env = {k: v for k, v in os.environ.items() if k not in {s.name for s in llm_proxy.SETTINGS}}
+        full_env.update(env)
+        return subprocess.Popen([sys.executable, os.path.join(HERE, "llm_proxy.py"), *args],
+                                env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+
+    def test_invalid_setting_stops_startup_with_one_line(self) -> None:
+        process = self.run_proxy({"BASE_API_URL": "http://127.0.0.1:9/v1", "PORT": "70000"})
+        out, err = process.communicate(timeout=WAIT)
+        self.assertEqual(process.returncode, 2)
+        self.assertEqual(len(err.strip().splitlines()), 1)
+        self.assertIn("PORT", err)
+
+    def test_startup_line_names_upstream_without_its_key(self) -> None:
+        process = self.run_proxy({"BASE_API_URL": "http://127.0.0.1:9/v1", "BASE_API_KEY": UPSTREAM_KEY,
+                                  "HOST": "127.0.0.1", "PORT": str(free_port())})
+        try:
+            line = process.stdout.readline()
+        finally:
+            process.terminate()
+            _, err = process.communicate(timeout=WAIT)
+        self.assertIn("listening on http://127.0.0.1:", line)
+        self.assertIn("http://127.0.0.1:9/v1", line)
+        self.assertIn("10 tokens, +2 every 300s", line)
+        self.assertNotIn(UPSTREAM_KEY, line + err)
+
+    def test_demo_mode_serves_a_reply_and_a_stream(self) -> None:
+        port = free_port()
+        process = self.run_proxy({"PORT": str(port)}, ("--demo",))
+        try:
+            self.assertIn("listening", process.stdout.readline())
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=WAIT)
+            body = json.dumps({"messages": [{"role": "user", "content": "hi demo"}]})
+            conn.request("POST", "/v1/chat/completions", body, {"Authorization": "Bearer d"})
+            response = conn.getresponse()
+            reply = json.loads(response.read())
+            self.assertEqual(reply["choices"][0]["message"]["content"], "echo: hi demo")
+            self.assertEqual(response.getheader("X-RateLimit-Remaining"), "9")
+            conn.close()
+        finally:
+            process.terminate()
+            process.communicate(timeout=WAIT)
+
+
+class ScriptTests(unittest.TestCase):
+    """run_local_proxy.sh and curl_local_proxy.sh, end to end against the echo model."""
+
+    def test_run_script_with_saved_settings_and_curl_script(self) -> None:
+        echo = llm_proxy.start_echo_model(word_delay=0)
+        self.addCleanup(lambda: (echo.shutdown(), echo.server_close()))
+        port = free_port()
+        with open(os.path.join(self.tmp(), "saved.env"), "w") as saved:
+            saved.write("# saved\nMAX_TOKENS=7\nREFILL_TOKENS=3\nBASE_API_URL='http://127.0.0.1:9/v1'\n")
+        env = {k: v for k, v in os.environ.items() if k not in {s.name for s in llm_proxy.SETTINGS}}
+        env.update(LLM_PROXY_SETTINGS=saved.name, REFILL_TOKENS="4", PORT=str(port),
+                   BASE_API_URL=f"http://127.0.0.1:{echo.server_address[1]}/v1")
+        process = subprocess.Popen(["bash", os.path.join(HERE, "run_local_proxy.sh")], env=env,
+                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        try:
+            line = process.stdout.readline()
+            self.assertIn(f"listening on http://127.0.0.1:{port}", line)
+            self.assertIn("7 tokens, +4 every", line)  # saved file read, environment wins
+            result = subprocess.run(["bash", os.path.join(HERE, "curl_local_proxy.sh")], env=env,
+                                    capture_output=True, text=True, timeout=WAIT)
+        finally:
+            process.terminate()
+            process.communicate(timeout=WAIT)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("status: 200", result.stdout)
+        self.assertIn("X-RateLimit-Remaining: 6", result.stdout)
+        self.assertIn("reply: echo: Reply with exactly: proxy ok", result.stdout)
+
+    def tmp(self) -> str:
+        directory = tempfile.TemporaryDirectory()
+        self.addCleanup(directory.cleanup)
+        return directory.name
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# --------------------------------------------------------------------------
+# Buckets and cost, as units
+# --------------------------------------------------------------------------
+
+class BucketTests(unittest.TestCase):
+    spec = BucketSpec(capacity=10, refill_tokens=2, interval=300)
+
+    def setUp(self) -> None:
+        self.clock = FakeClock()
+        self.store = BucketStore(self.clock)
+
+    def charge(self, cost: int = 1, identity: str = "a"):
+        return self.store.charge(identity, (self.spec,), cost)
+
+    def test_new_bucket_starts_full_and_charges_down(self) -> None:
+        admissions = [self.charge() for _ in range(11)]
+        self.assertEqual([a.remaining for a in admissions[:10]], list(range(9, -1, -1)))
+        self.assertTrue(all(a.allowed for a in admissions[:10]))
+        self.assertFalse(admissions[10].allowed)
+        self.assertEqual(admissions[10].wait_seconds, 300)
+
+    def test_refill_is_stepwise_and_capped(self) -> None:
+        for _ in range(10):
+            self.charge()
+        self.clock.advance(299.9)
+        self.assertEqual(self.store.level("a", (self.spec,)), [0])
+        self.clock.advance(0.1)
+        self.assertEqual(self.store.level("a", (self.spec,)), [2])
+        self.clock.advance(3 * 300 + 299)
+        self.assertEqual(self.store.level("a", (self.spec,)), [8])
+        self.clock.advance(10 * 300)
+        self.assertEqual(self.store.level("a", (self.spec,)), [10])
+
+    def test_wait_counts_down_to_the_next_step(self) -> None:
+        for _ in range(10):
+            self.charge()
+        self.clock.advance(60)
+        limited = self.charge()
+        self.assertEqual(limited.wait_seconds, 240)
+        self.assertEqual(llm_proxy.limit_message(limited), "limit reached, wait 4 min")
+        self.assertEqual(self.charge(cost=5).wait_seconds, 240 + 2 * 300)
+
+    def test_refund_restores_but_never_above_capacity(self) -> None:
+        self.charge(cost=3)
+        self.store.refund("a", (self.spec,), 3)
+        self.assertEqual(self.store.level("a", (self.spec,)), [10])
+        self.store.refund("a", (self.spec,), 3)
+        self.assertEqual(self.store.level("a", (self.spec,)), [10])
+
+    def test_cost_above_capacity_is_never_allowed(self) -> None:
+        admission = self.charge(cost=11)
+        self.assertFalse(admission.allowed)
+        self.assertIn("request too large", llm_proxy.limit_message(admission))
+        self.assertEqual(self.store.level("a", (self.spec,)), [10])
+
+    def test_identities_are_independent(self) -> None:
+        for _ in range(10):
+            self.charge(identity="a")
+        self.assertTrue(self.charge(identity="b").allowed)
+
+
+class CostTests(unittest.TestCase):
+    def test_estimate_is_prompt_quarter_plus_output(self) -> None:
+        payload = {"model": "a-very-long-model-name", "messages": [{"role": "user", "content": "12345678"}]}
+        # "user 12345678" is 13 characters -> 4 tokens; plus the reserve
+        self.assertEqual(estimate_tokens(payload, 256), 4 + 256)
+        self.assertEqual(estimate_tokens(dict(payload, max_tokens=10), 256), 14)
+        self.assertEqual(estimate_tokens(dict(payload, max_tokens=10, max_completion_tokens=3), 256), 7)
+        self.assertEqual(estimate_tokens({"max_tokens": 0}, 256), 1)
+
+    def test_negative_or_fractional_output_caps_are_rejected(self) -> None:
+        for value in (-1, 1.5, "10", True):
+            with self.subTest(value=value), self.assertRaises(llm_proxy.ProxyError) as raised:
+                estimate_tokens({"max_tokens": value}, 256)
+            self.assertEqual(raised.exception.status, 400)
+
+    def test_deeply_nested_prompt_does_not_recurse(self) -> None:
+        payload: dict = {"messages": []}
+        for _ in range(900):
+            payload = {"x": [payload]}
+        self.assertEqual(estimate_tokens(payload, 1), 1)
+
+
+class TargetTests(unittest.TestCase):
+    def test_metered_spellings(self) -> None:
+        for raw in ("/v1/chat/completions", "/v1/chat/completions/", "/v1/chat/completions?x=1",
+                    "/V1/Chat/Completions", "/v1/%63hat/completions", "/v1/completions//"):
+            with self.subTest(raw=raw):
+                self.assertIsNotNone(parse_target(raw).metered_kind)
+
+    def test_rejected_targets(self) -> None:
+        for raw in ("http://evil.example/v1/chat/completions", "//evil.example/v1/x", "/v1/../admin",
+                    "/v1/%2e%2e/admin", "/v1/a%2f..%2fb", "/v1/x%00", "/v1/a\\b", "/v1//x",
+                    "/v1/./chat/completions", "/v1/chat/completions;x", "*"):
+            with self.subTest(raw=raw), self.assertRaises(llm_proxy.ProxyError):
+                parse_target(raw)
+
+    def test_upstream_path_stays_under_the_base(self) -> None:
+        self.assertEqual(parse_target("/v1/chat/completions/?a=b").upstream_path("/base/v1"),
+                         "/base/v1/chat/completions?a=b")
+
+
+# --------------------------------------------------------------------------
+# The proxy over real sockets
+# --------------------------------------------------------------------------
+
+class ForwardingTests(ProxyTestCase):
+    def test_served_reply_carries_rate_limit_headers(self) -> None:
+        response = self.chat()
+        self.assertEqual(response.status, 200)
+        self.assertEqual(response.json()["choices"][0]["message"]["content"], "hi from upstream")
+        self.assertEqual(response.headers["X-RateLimit-Limit"], "10")
+        self.assertEqual(response.headers["X-RateLimit-Remaining"], "9")
+        self.assertEqual(response.headers["X-RateLimit-Refill-Tokens"], "2")
+        self.assertEqual(response.headers["X-RateLimit-Refill-Seconds"], "300")
+        self.assertEqual(response.headers["X-RateLimit-Reset-Seconds"], "0")
+        self.assertEqual(response.headers["Access-Control-Allow-Origin"], "*")
+        self.assertIsNone(response.headers["Retry-After"])
+
+    def test_client_key_never_reaches_upstream_and_upstream_key_never_returns(self) -> None:
+        response = self.chat(headers={"Connection": "keep-alive, X-Hop", "X-Hop": "secret",
+                                      "Keep-Alive": "timeout=5", "X-Custom": "kept"})
+        forwarded = self.upstream.requests[-1]
+        self.assertEqual(forwarded["headers"]["Authorization"], f"Bearer {UPSTREAM_KEY}")
+        self.assertNotIn(CLIENT_KEY, forwarded["raw_headers"] + forwarded["body"].decode())
+        self.assertNotIn("X-Hop", forwarded["headers"])
+        self.assertNotIn("Keep-Alive", forwarded["headers"])
+        self.assertEqual(forwarded["headers"]["X-Custom"], "kept")
+        self.assertNotIn(UPSTREAM_KEY, str(response.headers) + response.body.decode())
+        self.assertNotIn("X-Upstream-Hop", response.headers)
+        self.assertFalse(any(UPSTREAM_KEY in line or CLIENT_KEY in line for line in self.log.lines))
+
+    def test_without_upstream_key_no_authorization_goes_upstream(self) -> None:
+        self.start_proxy(upstream_key=None)
+        self.chat()
+        self.assertNotIn("Authorization", self.upstream.requests[-1]["headers"])
+
+    def test_proxy_headers_are_not_duplicated_by_upstream_ones(self) -> None:
+        response = self.chat(headers={"X-Fake": "upstream-cors"})
+        self.assertEqual(response.headers.get_all("Access-Control-Allow-Origin"), ["*"])
+        self.assertEqual(response.headers.get_all("X-RateLimit-Limit"), ["10"])
+
+    def test_base_model_replaces_the_model_and_answers_models_locally(self) -> None:
+        self.start_proxy(upstream_model="served-model")
+        self.chat()
+        self.assertEqual(json.loads(self.upstream.requests[-1]["body"])["model"], "served-model")
+        models = self.request("GET", "/v1/models")
+        self.assertEqual([m["id"] for m in models.json()["data"]], ["served-model"])
+        self.assertEqual(len(self.upstream.requests), 1)
+
+    def test_unchanged_body_is_forwarded_byte_for_byte(self) -> None:
+        body = b'{"messages": [{"role": "user", "content": "x"}],   "model": "m"}'
+        self.request("POST", "/v1/chat/completions", body)
+        self.assertEqual(self.upstream.requests[-1]["body"], body)
+
+    def test_other_v1_routes_are_forwarded_unmetered(self) -> None:
+        response = self.request("GET", "/v1/models?verbose=1")
+        self.assertEqual(response.json()["data"][0]["id"], "upstream-model")
+        self.assertEqual(self.upstream.requests[-1]["path"], "/v1/models?verbose=1")
+        self.assertIsNone(response.headers["X-RateLimit-Limit"])
+        self.assertEqual(self.level(), 10)
+
+    def test_upstream_errors_pass_through(self) -> None:
+        response = self.chat(headers={"X-Fake": "status-404"})
+        self.assertEqual(response.status, 404)
+        self.assertEqual(response.json()["error"]["message"], "upstream says 404")
+
+    def test_keep_alive_clients_and_pooled_upstream_connections(self) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=WAIT)
+        try:
+            for _ in range(3):
+                response = self.request("POST", "/v1/chat/completions",
+                                        {"messages": [{"role": "user", "content": "x"}]}, conn=conn)
+                self.assertEqual(response.status, 200)
+                self.assertNotEqual(response.headers["Connection"], "close")
+        finally:
+            conn.close()
+        self.assertEqual(len(self.upstream.peers), 1, "the upstream connection should be reused")
+
+    def test_health_needs_no_key_and_reveals_nothing(self) -> None:
+        self.start_proxy(client_keys=(CLIENT_KEY,))
+        response = self.request("GET", "/health", key=None)
+        self.assertEqual(response.json(), {"status": "ok"})
+        self.assertNotIn(str(self.upstream.server_address[1]), response.body.decode())
+
+    def test_cors_preflight(self) -> None:
+        response = self.request("OPTIONS", "/v1/chat/completions", key=None,
+                                headers={"Access-Control-Request-Method": "POST"})
+        self.assertEqual(response.status, 204)
+        self.assertEqual(response.headers["Access-Control-Allow-Origin"], "*")
+        self.assertIn("Authorization", response.headers["Access-Control-Allow-Headers"])
+        self.assertIn("POST", response.headers["Access-Control-Allow-Methods"])
+
+    def test_unknown_paths_outside_v1(self) -> None:
+        self.assert_openai_error(self.request("GET", "/admin"), 404)
+        self.assertEqual(self.upstream.requests, [])
+
+
+class AuthenticationTests(ProxyTestCase):
+    config_overrides = {"client_keys": (CLIENT_KEY, OTHER_KEY)}
+
+    def test_unknown_or_missing_key_gets_401(self) -> None:
+        for key in (None, "sk-wrong", CLIENT_KEY + "x", ""):
+            with self.subTest(key=key):
+                error = self.assert_openai_error(self.chat(key=key), 401, "authentication_error",
+                                                 "invalid_api_key")
+                self.assertIsNone(error["param"])
+        self.assert_openai_error(self.request("GET", "/v1/models", key="sk-wrong"), 401)
+        self.assertEqual(self.upstream.requests, [])
+
+    def test_known_keys_get_their_own_buckets(self) -> None:
+        for _ in range(10):
+            self.assertEqual(self.chat().headers["X-RateLimit-Reset-Seconds"], "0")
+        self.assertIn("limit reached", self.chat().json()["choices"][0]["message"]["content"])
+        self.assertEqual(self.chat(key=OTHER_KEY).json()["choices"][0]["message"]["content"],
+                         "hi from upstream")
+
+    def test_bearer_scheme_is_case_insensitive(self) -> None:
+        response = self.request("POST", "/v1/chat/completions", {"messages": []}, key=None,
+                                headers={"Authorization": f"bEaReR {CLIENT_KEY}"})
+        self.assertEqual(response.status, 200)
+
+
+class IdentityTests(ProxyTestCase):
+    config_overrides = {"max_tokens": 2, "refill_tokens": 1}
+
+    def test_requests_without_a_key_share_the_ip_bucket_whatever_x_forwarded_for_says(self) -> None:
+        statuses = [self.chat(key=None, headers={"X-Forwarded-For": f"10.0.0.{i}"}) for i in range(3)]
+        texts = [r.json()["choices"][0]["message"]["content"] for r in statuses]
+        self.assertEqual(texts[:2], ["hi from upstream"] * 2)
+        self.assertEqual(texts[2], "limit reached, wait 5 min")
+        self.assertEqual(self.proxy.buckets.level("ip:127.0.0.1", (self.config.bucket,)), [0])
+
+
+class LimitReplyTests(ProxyTestCase):
+    config_overrides = {"max_tokens": 1, "refill_tokens": 1, "refill_interval": 300}
+
+    def exhaust(self) -> None:
+        self.assertEqual(self.chat().status, 200)
+
+    def test_chat_limit_reply_is_a_normal_completion(self) -> None:
+        self.exhaust()
+        response = self.chat(model="my-model")
+        self.assertEqual(response.status, 200)
+        reply = response.json()
+        self.assertEqual(reply["object"], "chat.completion")
+        self.assertTrue(reply["id"].startswith("chatcmpl-limit-"))
+        self.assertEqual(reply["model"], "my-model")
+        self.assertEqual(reply["choices"], [{"index": 0, "logprobs": None, "finish_reason": "stop",
+                                             "message": {"role": "assistant",
+                                                         "content": "limit reached, wait 5 min"}}])
+        self.assertEqual(reply["usage"], {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0})
+        self.assertEqual(response.headers["Retry-After"], "300")
+        self.assertEqual(response.headers["X-RateLimit-Remaining"], "0")
+        self.assertEqual(response.headers["X-RateLimit-Reset-Seconds"], "300")
+        self.assertEqual(len(self.upstream.requests), 1)
+
+    def test_completions_limit_reply(self) -> None:
+        self.exhaust()
+        self.clock.advance(61)
+        response = self.request("POST", "/v1/completions", {"model": "m", "prompt": "x"})
+        reply = response.json()
+        self.assertEqual(reply["object"], "text_completion")
+        self.assertTrue(reply["id"].startswith("cmpl-limit-"))
+        self.assertEqual(reply["choices"][0]["text"], "limit reached, wait 4 min")
+        self.assertEqual(reply["choices"][0]["finish_reason"], "stop")
+        self.assertEqual(response.headers["Retry-After"], "239")
+
+    def test_streamed_chat_limit_reply(self) -> None:
+        self.exhaust()
+        response = self.chat(stream=True)
+        self.assertTrue(response.headers["Content-Type"].startswith("text/event-stream"))
+        events = response.events()
+        self.assertEqual(events[-1], "[DONE]")
+        chunks = events[:-1]
+        self.assertTrue(all(c["object"] == "chat.completion.chunk" for c in chunks))
+        self.assertEqual(len({c["id"] for c in chunks}), 1)
+        self.assertEqual(chunks[0]["choices"][0]["delta"], {"role": "assistant", "content": ""})
+        text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+        self.assertEqual(text, "limit reached, wait 5 min")
+        self.assertEqual(chunks[-1]["choices"][0]["finish_reason"], "stop")
+        self.assertEqual(chunks[-1]["choices"][0]["delta"], {})
+        self.assertEqual(response.headers["Retry-After"], "300")
+
+    def test_streamed_completions_limit_reply(self) -> None:
+        self.exhaust()
+        response = self.request("POST", "/v1/completions", {"prompt": "x", "stream": True})
+        events = response.events()
+        self.assertEqual(events[-1], "[DONE]")
+        self.assertTrue(all(c["object"] == "text_completion" for c in events[:-1]))
+        self.assertEqual("".join(c["choices"][0]["text"] for c in events[:-1]), "limit reached, wait 5 min")
+        self.assertEqual(events[-2]["choices"][0]["finish_reason"], "stop")
+
+    def test_refill_admits_again(self) -> None:
+        self.exhaust()
+        self.clock.advance(300)
+        self.assertEqual(self.chat().json()["choices"][0]["message"]["content"], "hi from upstream")
+
+    def test_model_falls_back_to_base_model(self) -> None:
+        self.start_proxy(max_tokens=1, refill_tokens=1, upstream_model="base")
+        self.exhaust()
+        payload = {"messages": [{"role": "user", "content": "x"}]}
+        self.assertEqual(self.request("POST", "/v1/chat/completions", payload).json()["model"], "base")
+
+
+class EstimateModeTests(ProxyTestCase):
+    config_overrides = {"cost_mode": "estimate", "max_tokens": 100, "refill_tokens": 10}
+
+    def test_estimate_is_charged(self) -> None:
+        response = self.chat(content="x" * 35, max_tokens=20)  # "user " + 35 = 40 chars -> 10 tokens
+        self.assertEqual(response.headers["X-RateLimit-Remaining"], str(100 - 30))
+
+    def test_a_request_that_can_never_fit_says_so(self) -> None:
+        response = self.chat()  # no max_tokens: the 256-token reserve exceeds the 100 capacity
+        text = response.json()["choices"][0]["message"]["content"]
+        self.assertIn("request too large", text)
+        self.assertNotIn("wait", text)
+        self.assertEqual(self.level(), 100)
+        self.assertEqual(self.upstream.requests, [])
+
+    def test_negative_max_tokens_is_a_400_not_a_discount(self) -> None:
+        error = self.assert_openai_error(self.chat(max_tokens=-1000), 400, "invalid_request_error")
+        self.assertEqual(error["param"], "max_tokens")
+        self.assertEqual(self.level(), 100)
+        self.assertEqual(self.upstream.requests, [])
+
+
+class ConcurrencyTests(ProxyTestCase):
+    config_overrides = {"max_tokens": 10}
+
+    def test_exact_admission_under_50_concurrent_requests(self) -> None:
+        start = threading.Barrier(50)
+        texts: list[str] = []
+
+        def one() -> None:
+            start.wait(WAIT)
+            texts.append(self.chat().json()["choices"][0]["message"]["content"])
+
+        threads = [threading.Thread(target=one) for _ in range(50)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(WAIT)
+        self.assertEqual(len(texts), 50)
+        self.assertEqual(texts.count("hi from upstream"), 10)
+        self.assertEqual(texts.count("limit reached, wait 5 min"), 40)
+        self.assertEqual(len(self.upstream.requests), 10)
+
+
+class StreamingTests(ProxyTestCase):
+    def test_first_event_arrives_before_the_upstream_finishes(self) -> None:
+        """The upstream holds the rest of its stream until the client has seen the first event."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=WAIT)
+        try:
+            payload = json.dumps({"messages": [], "stream": True})
+            conn.request("POST", "/v1/chat/completions", payload,
+                         {"Authorization": f"Bearer {CLIENT_KEY}", "X-Fake": "pause-after-first"})
+            response = conn.getresponse()
+            self.assertEqual(response.getheader("Transfer-Encoding"), "chunked")
+            self.assertEqual(response.getheader("X-RateLimit-Remaining"), "9")
+            first = response.read1(65536)
+            self.assertFalse(self.upstream.release.is_set())
+            self.assertTrue(first.startswith(b"data: ") and first.endswith(b"\n\n"), first)
+            self.assertIn(b'"w0"', first)
+            self.upstream.release.set()
+            rest = response.read()
+        finally:
+            conn.close()
+        self.assertTrue(rest.endswith(b"data: [DONE]\n\n"))
+        self.assertEqual((first + rest).count(b"data: "), 6)
+
+    def test_stream_broken_mid_event_ends_cleanly_with_an_error_event(self) -> None:
+        response = self.chat(stream=True, headers={"X-Fake": "break-after-first"})
+        self.assertEqual(response.status, 200)
+        events = response.events()
+        self.assertEqual(events[0]["choices"][0]["delta"]["content"], "w0")
+        self.assertEqual(events[-1]["error"]["type"], "upstream_error")
+        self.assertEqual(response.body.count(b"data: "), 2, "the half event must not be relayed")
+        self.assertEqual(self.level(), 9, "a partly served stream is charged")
+        self.assert_still_serving()
+
+    def test_client_leaving_mid_stream_closes_the_upstream_request(self) -> None:
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=WAIT)
+        body = json.dumps({"messages": [], "stream": True}).encode()
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Fake: until-client-leaves\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        self.assertTrue(self.upstream.first_event_sent.wait(WAIT))
+        sock.recv(100)
+        sock.close()
+        self.assertTrue(self.upstream.closed_early.wait(2.0), "upstream kept streaming to nobody")
+        self.assert_still_serving()
+
+
+class FailureTests(ProxyTestCase):
+    config_overrides = {"max_tokens": 3}
+
+    def test_upstream_5xx_passes_through_and_is_refunded(self) -> None:
+        response = self.chat(headers={"X-Fake": "status-503"})
+        self.assertEqual(response.status, 503)
+        self.assertEqual(response.json()["error"]["message"], "upstream says 503")
+        self.assertEqual(self.level(), 3)
+
+    def test_refused_connection_is_a_502_without_details_and_refunded(self) -> None:
+        port = free_port()
+        self.start_proxy(max_tokens=3, upstream_url=f"http://127.0.0.1:{port}/v1")
+        error = self.assert_openai_error(self.chat(), 502, "upstream_error")
+        self.assertNotIn("refused", error["message"].lower())
+        self.assertNotIn(str(port), error["message"])
+        self.assertEqual(self.level(), 3)
+
+    def test_upstream_that_hangs_up_is_a_502_and_refunded(self) -> None:
+        self.assert_openai_error(self.chat(headers={"X-Fake": "close"}), 502, "upstream_error")
+        self.assert_openai_error(self.chat(headers={"X-Fake": "partial"}), 502, "upstream_error")
+        self.assertEqual(self.level(), 3)
+
+    def test_upstream_timeout_is_a_504_and_refunded(self) -> None:
+        self.start_proxy(max_tokens=3, read_timeout=0.2)
+        self.assert_openai_error(self.chat(headers={"X-Fake": "stall"}), 504, "upstream_error",
+                                 "upstream_timeout")
+        self.assertEqual(self.level(), 3)
+        self.upstream.release.set()
+        self.assertEqual(self.chat().status, 200)
+
+
+class BadInputTests(ProxyTestCase):
+    config_overrides = {"max_body_bytes": 1000}
+
+    def test_body_that_is_not_a_json_object(self) -> None:
+        for body in (b"not json", b"[1, 2]", b'"text"', b"\xff\xfe", b""):
+            with self.subTest(body=body):
+                self.assert_openai_error(self.request("POST", "/v1/chat/completions", body), 400,
+                                         "invalid_request_error")
+        self.assertEqual(self.level(), 10)
+        self.assertEqual(self.upstream.requests, [])
+
+    def test_invalid_fields(self) -> None:
+        for fields in ({"messages": "hi"}, {"messages": [], "model": 5}, {"messages": [], "stream": "yes"}):
+            with self.subTest(fields=fields):
+                self.assert_openai_error(self.request("POST", "/v1/chat/completions", fields), 400)
+        self.assertEqual(self.level(), 10)
+
+    def test_oversized_body_is_a_413(self) -> None:
+        response = self.chat(content="x" * 2000)
+        self.assert_openai_error(response, 413, code="request_too_large")
+        self.assertEqual(response.headers["Connection"], "close")
+        self.assertEqual(self.level(), 10)
+        self.assert_still_serving()
+
+    def test_expect_100_continue(self) -> None:
+        body = json.dumps({"messages": [{"role": "user", "content": "x"}]}).encode()
+        answer = self.raw(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                          b"Content-Length: 5000\r\n\r\n")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 413 "), answer)
+        with socket.create_connection(("127.0.0.1", self.port), timeout=WAIT) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                         b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body))
+            self.assertEqual(sock.recv(100), b"HTTP/1.1 100 Continue\r\n\r\n")
+            sock.sendall(body)
+            reply = b"".join(iter(lambda: sock.recv(65536), b""))
+        self.assertTrue(reply.startswith(b"HTTP/1.1 200 OK"), reply)
+        self.assertIn(b"hi from upstream", reply)
+
+    def test_trailing_slash_and_query_are_still_metered(self) -> None:
+        for path in ("/v1/chat/completions/", "/v1/chat/completions?x=1", "/V1/CHAT/COMPLETIONS"):
+            with self.subTest(path=path):
+                before = self.level()
+                response = self.chat(path=path)
+                self.assertEqual(response.headers["X-RateLimit-Remaining"], str(before - 1))
+        self.assertEqual([r["path"] for r in self.upstream.requests],
+                         ["/v1/chat/completions", "/v1/chat/completions?x=1", "/v1/CHAT/COMPLETIONS"])
+
+    def test_idle_client_is_dropped(self) -> None:
+        self.start_proxy(client_timeout=0.2)
+        with socket.create_connection(("127.0.0.1", self.port), timeout=WAIT) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\n")
+            self.assertEqual(sock.recv(100), b"")
+        self.assert_still_serving()
+
+
+# --------------------------------------------------------------------------
+# Runner
+# --------------------------------------------------------------------------
+
+def main() -> int:
+    suite = unittest.defaultTestLoader.loadTestsFromModule(sys.modules[__name__])
+    result = unittest.TextTestRunner(verbosity=1).run(suite)
+    failed = len(result.failures) + len(result.errors) + len(result.unexpectedSuccesses)
+    passed = result.testsRun - failed - len(result.skipped)
+    skipped = f", {len(result.skipped)} skipped" if result.skipped else ""
+    print(f"{passed} passed, {failed} failed{skipped}")
+    return 0 if result.wasSuccessful() else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
