@@ -26,12 +26,17 @@ import math
 import os
 import re
 import secrets
+import selectors
+import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
-from dataclasses import dataclass, replace
+from collections import OrderedDict, deque
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, fields, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Iterator, Sequence
 
@@ -71,38 +76,43 @@ def _seconds(name: str, text: str) -> float:
 
 @dataclass(frozen=True)
 class Setting:
-    """One environment variable: its names, default, parser and help text.
+    """One environment variable: its names, the Config field it sets, its parser and help.
 
-    The same table drives parsing and ``--help``, so the two cannot drift.
+    The same table drives parsing and ``--help``; defaults live on ``Config`` alone.
     """
 
     name: str
     attribute: str
-    default: object
     help: str
     parse: Callable[[str, str], object] = lambda name, text: text
     aliases: tuple[str, ...] = ()
 
-    def read(self, environ: dict[str, str]) -> object:
+    def read(self, environ: dict[str, str]) -> object | None:
         for name in (self.name, *self.aliases):
             text = environ.get(name, "").strip()
             if text:  # an empty value counts as unset, as in the prototype
                 return self.parse(name, text)
-        return self.default
+        return None
 
 
 def _positive(name: str, text: str) -> int:
     return _integer(name, text, minimum=1)
 
 
+def _non_negative(name: str, text: str) -> int:
+    return _integer(name, text, minimum=0)
+
+
 def _port(name: str, text: str) -> int:
     return _integer(name, text, minimum=1, maximum=65535)
 
 
-def _cost_mode(name: str, text: str) -> str:
-    if text not in ("request", "estimate"):
-        raise ConfigError(f"{name} must be 'request' or 'estimate', got {text!r}")
-    return text
+def _choice(*allowed: str) -> Callable[[str, str], str]:
+    def parse(name: str, text: str) -> str:
+        if text not in allowed:
+            raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {text!r}")
+        return text
+    return parse
 
 
 def _key_list(name: str, text: str) -> tuple[str, ...]:
@@ -110,33 +120,54 @@ def _key_list(name: str, text: str) -> tuple[str, ...]:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("HOST", "host", "0.0.0.0", "address to listen on"),
-    Setting("PORT", "port", 8899, "port to listen on", _port),
-    Setting("BASE_API_URL", "upstream_url", None,
+    Setting("HOST", "host", "address to listen on"),
+    Setting("PORT", "port", "port to listen on", _port),
+    Setting("BASE_API_URL", "upstream_url",
             "upstream base URL including /v1, e.g. http://127.0.0.1:8080/v1 (required)",
             aliases=("UPSTREAM_BASE_URL", "base_api_url")),
-    Setting("BASE_API_KEY", "upstream_key", None,
+    Setting("BASE_API_KEY", "upstream_key",
             "key sent upstream as 'Authorization: Bearer ...'; never shown to clients",
             aliases=("UPSTREAM_API_KEY", "base_api_key")),
-    Setting("BASE_MODEL", "upstream_model", None,
+    Setting("BASE_MODEL", "upstream_model",
             "replaces 'model' in forwarded completions; GET /v1/models lists only it",
             aliases=("UPSTREAM_MODEL", "base_model")),
-    Setting("MAX_TOKENS", "max_tokens", 10, "bucket capacity; a new bucket starts full", _positive),
-    Setting("REFILL_TOKENS", "refill_tokens", 2, "tokens added per refill step", _positive),
-    Setting("REFILL_INTERVAL_SECONDS", "refill_interval", 300.0, "length of one refill step", _seconds),
-    Setting("REQUEST_TOKEN_COST", "request_cost", 1, "cost of one completion in 'request' mode", _positive),
-    Setting("TOKEN_COST_MODE", "cost_mode", "request",
-            "'request' (fixed cost) or 'estimate' (prompt chars / 4 + max output tokens)", _cost_mode),
-    Setting("RESPONSE_TOKEN_RESERVE", "response_reserve", 256,
-            "estimate mode: output tokens assumed when a request sets no max_tokens", _positive),
-    Setting("PROXY_API_KEYS", "client_keys", (),
-            "comma-separated client keys; when set, any other key gets 401", _key_list),
-    Setting("OPEN_TIMEOUT", "open_timeout", 10.0, "seconds to connect to the upstream", _seconds),
-    Setting("READ_TIMEOUT", "read_timeout", 120.0, "seconds to wait on the upstream", _seconds),
-    Setting("MAX_BODY_BYTES", "max_body_bytes", 10 * 1024 * 1024, "largest request body accepted", _positive),
-    Setting("CLIENT_TIMEOUT", "client_timeout", 60.0, "seconds a silent client may hold a connection",
+    Setting("MAX_TOKENS", "max_tokens", "bucket capacity; a new bucket starts full", _positive),
+    Setting("REFILL_TOKENS", "refill_tokens", "tokens added per refill step", _positive),
+    Setting("REFILL_INTERVAL_SECONDS", "refill_interval", "length of one refill step", _seconds),
+    Setting("REQUEST_TOKEN_COST", "request_cost", "cost of one completion in 'request' mode", _positive),
+    Setting("TOKEN_COST_MODE", "cost_mode",
+            "'request' (fixed cost), 'estimate' (prompt chars / 4 + max output tokens) or "
+            "'usage' (reserve the estimate, then settle to the upstream's reported usage)",
+            _choice("request", "estimate", "usage")),
+    Setting("RESPONSE_TOKEN_RESERVE", "response_reserve",
+            "estimate and usage modes: output tokens assumed when a request sets no max_tokens",
+            _positive),
+    Setting("PROXY_API_KEYS", "client_keys",
+            "comma-separated client keys; when set (or KEYS_FILE is), any other key gets 401",
+            _key_list),
+    Setting("KEYS_FILE", "keys_file",
+            "JSON file of client keys with names and per-key limits; re-read on change or SIGHUP"),
+    Setting("LIMIT_RESPONSE", "limit_response",
+            "'message' (an assistant reply saying to wait) or 'error' (HTTP 429)",
+            _choice("message", "error")),
+    Setting("UPSTREAM_MAX_CONCURRENT", "upstream_max_concurrent",
+            "requests in flight to the upstream at once, the rest queue fairly by key; 0 = no limit",
+            _non_negative),
+    Setting("MAX_CONCURRENT_PER_KEY", "max_concurrent_per_key",
+            "requests one key may have in flight at once (more wait their turn); 0 = no limit",
+            _non_negative),
+    Setting("QUEUE_TIMEOUT_SECONDS", "queue_timeout",
+            "longest wait for an upstream slot before a 503 (refunded)", _seconds),
+    Setting("STATE_FILE", "state_file",
+            "file where bucket levels survive restarts (saved every STATE_SAVE_SECONDS and at exit)"),
+    Setting("STATE_SAVE_SECONDS", "state_save_interval", "seconds between state saves", _seconds),
+    Setting("ACCESS_LOG", "access_log", "file that gets one JSON line per request (never prompts)"),
+    Setting("OPEN_TIMEOUT", "open_timeout", "seconds to connect to the upstream", _seconds),
+    Setting("READ_TIMEOUT", "read_timeout", "seconds to wait on the upstream", _seconds),
+    Setting("MAX_BODY_BYTES", "max_body_bytes", "largest request body accepted", _positive),
+    Setting("CLIENT_TIMEOUT", "client_timeout", "seconds a silent client may hold a connection",
             _seconds),
-    Setting("MAX_CONNECTIONS", "max_connections", 1024,
+    Setting("MAX_CONNECTIONS", "max_connections",
             "simultaneous client connections; more get a fast 503", _positive),
 )
 
@@ -157,6 +188,14 @@ class Config:
     cost_mode: str = "request"
     response_reserve: int = 256
     client_keys: tuple[str, ...] = ()
+    keys_file: str | None = None
+    limit_response: str = "message"
+    upstream_max_concurrent: int = 0
+    max_concurrent_per_key: int = 0
+    queue_timeout: float = 30.0
+    state_file: str | None = None
+    state_save_interval: float = 5.0
+    access_log: str | None = None
     open_timeout: float = 10.0
     read_timeout: float = 120.0
     max_body_bytes: int = 10 * 1024 * 1024
@@ -165,7 +204,8 @@ class Config:
 
     @classmethod
     def from_env(cls, environ: dict[str, str]) -> Config:
-        return cls(**{setting.attribute: setting.read(environ) for setting in SETTINGS})
+        values = {setting.attribute: setting.read(environ) for setting in SETTINGS}
+        return cls(**{name: value for name, value in values.items() if value is not None})
 
     @property
     def bucket(self) -> BucketSpec:
@@ -173,11 +213,13 @@ class Config:
 
 
 def settings_help() -> str:
+    defaults = {f.name: f.default for f in fields(Config)}
     lines = ["environment variables (an empty value counts as unset):"]
     for setting in SETTINGS:
         names = " / ".join((setting.name, *setting.aliases))
-        default = setting.default if setting.default not in (None, ()) else "unset"
-        lines.append(f"  {names}\n      {setting.help} (default: {default})")
+        default = defaults[setting.attribute]
+        shown = "unset" if default in (None, ()) else f"{default:g}" if isinstance(default, float) else default
+        lines.append(f"  {names}\n      {setting.help} (default: {shown})")
     return "\n".join(lines)
 
 
@@ -191,9 +233,9 @@ def startup_warnings(config: Config) -> list[str]:
             f"a request without max_tokens costs at least {smallest} tokens but MAX_TOKENS is "
             f"{config.max_tokens}: such requests can never be served; raise MAX_TOKENS "
             f"(or lower {variable})")
-    if not config.client_keys and not _is_loopback(config.host):
+    if not (config.client_keys or config.keys_file) and not _is_loopback(config.host):
         warnings.append(
-            f"no PROXY_API_KEYS and listening on {config.host}: anyone who can reach this port can "
+            f"no PROXY_API_KEYS or KEYS_FILE and listening on {config.host}: anyone who can reach this port can "
             "use the model, and per-key or per-IP buckets are the only limit (a caller picks "
             "its own bucket by picking a key)")
     return warnings
@@ -209,15 +251,24 @@ def _is_loopback(host: str) -> bool:
 
 @dataclass(frozen=True)
 class BucketSpec:
-    """The shape of one bucket: capacity and a stepwise refill."""
+    """The shape of one bucket: capacity and a stepwise refill.
+
+    A key may have several (say, an hourly and a daily window); ``name`` is what
+    the limit reply calls the one that blocks.
+    """
 
     capacity: int
     refill_tokens: int
     interval: float
+    name: str = ""
 
 
 class Bucket:
-    """A level and the time of its last refill step (on the store's monotonic clock)."""
+    """A level and the time of its last refill step (on the store's monotonic clock).
+
+    The level may go below zero in usage mode, when a request used more than
+    its reservation: that debt is repaid by refills before the next request.
+    """
 
     __slots__ = ("tokens", "step_at")
 
@@ -231,9 +282,12 @@ class Bucket:
         if steps > 0:
             self.tokens = min(spec.capacity, self.tokens + steps * spec.refill_tokens)
             self.step_at += steps * spec.interval
+        elif self.tokens > spec.capacity:  # the policy shrank
+            self.tokens = spec.capacity
 
-    def seconds_until(self, spec: BucketSpec, cost: int, now: float) -> float:
-        missing = cost - self.tokens
+    def seconds_until(self, spec: BucketSpec, tokens: int, now: float) -> float:
+        """Seconds until the level reaches ``tokens`` (0 if it already has)."""
+        missing = tokens - self.tokens
         if missing <= 0:
             return 0.0
         steps = math.ceil(missing / spec.refill_tokens)
@@ -251,13 +305,16 @@ class Admission:
     wait_seconds: float
     refill_tokens: int
     refill_seconds: float
+    window: str = ""
 
 
 class BucketStore:
     """All buckets, keyed by identity; one short lock makes each charge atomic.
 
     The lock guards arithmetic only and is never held during I/O, so a slow
-    upstream or client cannot stall other callers.
+    upstream or client cannot stall other callers.  A bucket that has refilled
+    to full carries no information, so ``prune`` forgets it: memory follows the
+    number of recently active callers, not the number ever seen.
     """
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
@@ -284,29 +341,87 @@ class BucketStore:
             if allowed:
                 for bucket in buckets:
                     bucket.tokens -= cost
-            # Report the tightest bucket: the one blocking, else the one nearest empty.
-            index = max(range(len(specs)), key=lambda i: (waits[i], -buckets[i].tokens))
+            # Report the tightest bucket: one too small, else the one blocking longest,
+            # else the one nearest empty.
+            index = max(range(len(specs)), key=lambda i: (
+                cost > specs[i].capacity, waits[i], -buckets[i].tokens))
             spec = specs[index]
             return Admission(allowed, cost, spec.capacity, max(0, buckets[index].tokens),
-                             0.0 if allowed else waits[index], spec.refill_tokens, spec.interval)
+                             0.0 if allowed else waits[index], spec.refill_tokens, spec.interval,
+                             spec.name)
 
-    def refund(self, identity: str, specs: Sequence[BucketSpec], amount: int) -> None:
-        """Give back a charge for a request the upstream never served (never above capacity)."""
+    def credit(self, identity: str, specs: Sequence[BucketSpec], amount: int) -> None:
+        """Give back ``amount`` (never above capacity) or, when negative, take it (debt allowed)."""
         with self._lock:
             buckets = self._current(identity, specs, self.clock())
             for bucket, spec in zip(buckets, specs):
-                bucket.tokens = min(spec.capacity, bucket.tokens + amount)
+                bucket.tokens = min(spec.capacity, bucket.tokens + amount) if amount > 0 else (
+                    bucket.tokens + amount)
+
+    def snapshot(self, identity: str, specs: Sequence[BucketSpec]) -> list[dict]:
+        """Each bucket's level and timing, for the quota endpoint; charges nothing."""
+        with self._lock:
+            now = self.clock()
+            return [{"name": spec.name, "capacity": spec.capacity, "tokens": bucket.tokens,
+                     "refill_tokens": spec.refill_tokens, "refill_interval_seconds": spec.interval,
+                     "seconds_to_next_refill": round(bucket.step_at + spec.interval - now, 3),
+                     "seconds_to_full": round(bucket.seconds_until(spec, spec.capacity, now), 3)}
+                    for bucket, spec in zip(self._current(identity, specs, now), specs)]
 
     def level(self, identity: str, specs: Sequence[BucketSpec]) -> list[int]:
+        return [bucket["tokens"] for bucket in self.snapshot(identity, specs)]
+
+    def prune(self, specs_of: Callable[[str], Sequence[BucketSpec]], batch: int = 2000) -> int:
+        """Forget buckets that are full again; the lock is taken per batch, not for the sweep."""
+        forgotten = 0
+        identities = list(self._buckets)
+        for start in range(0, len(identities), batch):
+            with self._lock:
+                now = self.clock()
+                for identity in identities[start:start + batch]:
+                    buckets = self._buckets.get(identity)
+                    specs = specs_of(identity)
+                    if buckets is None or len(buckets) != len(specs):
+                        continue
+                    for bucket, spec in zip(buckets, specs):
+                        bucket.refill(spec, now)
+                    if all(b.tokens >= s.capacity for b, s in zip(buckets, specs)):
+                        del self._buckets[identity]
+                        forgotten += 1
+        if forgotten:
+            with self._lock:
+                self._buckets = dict(self._buckets)  # a dict never shrinks its table in place
+        return forgotten
+
+    def dump(self, wall_clock: Callable[[], float] = time.time) -> dict:
+        """Levels with their step clocks on the wall clock, which, unlike ours, survives a restart."""
         with self._lock:
-            return [bucket.tokens for bucket in self._current(identity, specs, self.clock())]
+            offset = wall_clock() - self.clock()
+            return {identity: [[bucket.tokens, round(bucket.step_at + offset, 3)] for bucket in buckets]
+                    for identity, buckets in self._buckets.items()}
+
+    def load(self, saved: dict, wall_clock: Callable[[], float] = time.time) -> None:
+        """Restore dumped buckets; refill steps that fell during the downtime apply on next use."""
+        offset = self.clock() - wall_clock()
+        now = self.clock()
+        restored = {}
+        for identity, buckets in saved.items():
+            if not isinstance(identity, str) or not isinstance(buckets, list):
+                raise ValueError("unexpected bucket entry")
+            restored[identity] = [Bucket(int(tokens), min(now, float(step_at) + offset))
+                                  for tokens, step_at in buckets]
+        with self._lock:
+            self._buckets.update(restored)
 
     def __len__(self) -> int:
         return len(self._buckets)
 
 
 class Charge:
-    """One admitted request's payment: kept once the upstream serves it, else refunded once."""
+    """One admitted request's payment: kept once the upstream serves it, else refunded once.
+
+    In usage mode the reservation is later settled to what the upstream reported.
+    """
 
     def __init__(self, store: BucketStore, identity: str, specs: Sequence[BucketSpec],
                  admission: Admission) -> None:
@@ -316,6 +431,7 @@ class Charge:
         self.admission = admission
         self.kept = False
         self.refunded = False
+        self.settled: int | None = None
 
     def keep(self) -> None:
         self.kept = True
@@ -323,13 +439,198 @@ class Charge:
     def refund(self) -> None:
         if not (self.kept or self.refunded):
             self.refunded = True
-            self.store.refund(self.identity, self.specs, self.admission.cost)
+            self.store.credit(self.identity, self.specs, self.admission.cost)
             self.admission = replace(self.admission, remaining=min(
                 self.admission.limit, self.admission.remaining + self.admission.cost))
+
+    def settle(self, used: int) -> None:
+        """Replace the reservation by what was really used: refund the rest, or take the extra."""
+        if self.settled is None and not self.refunded:
+            self.kept = True
+            self.settled = used
+            self.store.credit(self.identity, self.specs, self.admission.cost - used)
 
     @property
     def headers(self) -> list[tuple[str, str]]:
         return rate_limit_headers(self.admission)
+
+
+# --------------------------------------------------------------------------
+# Keys and policies
+# --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Policy:
+    """What one client key may do: its buckets, models and parallel requests."""
+
+    name: str
+    buckets: tuple[BucketSpec, ...]
+    models: tuple[str, ...] | None = None  # None: every model
+    max_concurrent: int = 0               # 0: no per-key limit
+
+    def allows(self, model: str) -> bool:
+        return self.models is None or model in self.models
+
+
+def key_digest(key: str) -> str:
+    """The name under which a key's buckets are kept and saved; the key itself never is."""
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+
+
+POLICY_FIELDS = {"name", "max_tokens", "refill_tokens", "refill_interval_seconds", "buckets",
+                 "models", "max_concurrent"}
+WINDOW_FIELDS = {"name", "max_tokens", "refill_tokens", "refill_interval_seconds"}
+
+
+def parse_keys_file(text: str, config: Config) -> dict[str, tuple[bytes, Policy]]:
+    """Policies by key digest from a keys file: ``{"<key>": {"name": ..., overrides...}}``.
+
+    Errors name the entry by position and name, never by its key.
+    """
+    try:
+        entries = json.loads(text)
+    except ValueError as error:
+        raise ConfigError(f"not valid JSON ({error})") from None
+    if not isinstance(entries, dict):
+        raise ConfigError("must be a JSON object mapping each client key to its settings")
+    policies = {}
+    for position, (key, entry) in enumerate(entries.items(), 1):
+        where = f"entry {position}"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where}: settings must be an object")
+        if isinstance(entry.get("name"), str):
+            where += f" ({entry['name']})"
+        if not key.strip():
+            raise ConfigError(f"{where}: the key is empty")
+        policies[key_digest(key)] = (key.encode("utf-8", "surrogateescape"),
+                                     _policy_from_entry(entry, config, where))
+    return policies
+
+
+def _policy_from_entry(entry: dict, config: Config, where: str) -> Policy:
+    unknown = set(entry) - POLICY_FIELDS
+    if unknown:
+        raise ConfigError(f"{where}: unknown setting {sorted(unknown)[0]!r}")
+    name = entry.get("name", "")
+    if not isinstance(name, str):
+        raise ConfigError(f"{where}: name must be a string")
+    base = {"max_tokens": config.max_tokens, "refill_tokens": config.refill_tokens,
+            "refill_interval_seconds": config.refill_interval}
+    base.update({k: entry[k] for k in base if k in entry})
+    windows = entry.get("buckets", [{}])
+    if not isinstance(windows, list) or not windows:
+        raise ConfigError(f"{where}: buckets must be a non-empty list")
+    buckets = tuple(_window(window, base, f"{where} bucket {index}")
+                    for index, window in enumerate(windows, 1))
+    models = entry.get("models")
+    if models is not None and not (isinstance(models, list) and all(isinstance(m, str) for m in models)):
+        raise ConfigError(f"{where}: models must be a list of model names")
+    limit = entry.get("max_concurrent", config.max_concurrent_per_key)
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+        raise ConfigError(f"{where}: max_concurrent must be a whole number, 0 for no limit")
+    return Policy(name, buckets, None if models is None else tuple(models), limit)
+
+
+def _window(window: object, base: dict, where: str) -> BucketSpec:
+    if not isinstance(window, dict) or set(window) - WINDOW_FIELDS:
+        raise ConfigError(f"{where}: must be an object with {', '.join(sorted(WINDOW_FIELDS))}")
+    values = dict(base, **{k: v for k, v in window.items() if k != "name"})
+    for field_name in ("max_tokens", "refill_tokens"):
+        value = values[field_name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{where}: {field_name} must be a whole number of at least 1")
+    interval = values["refill_interval_seconds"]
+    if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not interval > 0:
+        raise ConfigError(f"{where}: refill_interval_seconds must be a positive number")
+    name = window.get("name", "")
+    if not isinstance(name, str):
+        raise ConfigError(f"{where}: name must be a string")
+    return BucketSpec(values["max_tokens"], values["refill_tokens"], float(interval), name)
+
+
+class KeyRing:
+    """The accepted client keys and the policy each one pays under.
+
+    Keys come from PROXY_API_KEYS (the default policy) and KEYS_FILE (its own
+    policies).  The file is re-read when it changes; a broken file keeps the
+    previous policies.  With neither, the proxy is open: any caller pays under
+    the default policy, by key or by IP.
+    """
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.default = Policy("", (config.bucket,), None, config.max_concurrent_per_key)
+        self._static = {key_digest(key): (key.encode("utf-8", "surrogateescape"), self.default)
+                        for key in config.client_keys}
+        self._policies = dict(self._static)
+        self._file_stamp: tuple | None = None
+        if config.keys_file:
+            try:
+                self.reload()
+            except ConfigError as error:
+                raise ConfigError(f"KEYS_FILE {config.keys_file}: {error}") from None
+
+    @property
+    def is_open(self) -> bool:
+        return not self.config.client_keys and not self.config.keys_file
+
+    def lookup(self, token: str) -> tuple[str, Policy | None]:
+        """The key's digest, and its policy if it is an accepted key.
+
+        The table is indexed by SHA-256, so the time a lookup takes depends on
+        the digest of what was sent, never on how much of a real key it matched;
+        the final comparison is constant-time as well.
+        """
+        presented = token.encode("utf-8", "surrogateescape")
+        digest = key_digest(token)
+        entry = self._policies.get(digest)
+        if entry is None or not hmac.compare_digest(entry[0], presented):
+            return digest, None
+        return digest, entry[1]
+
+    @property
+    def key_count(self) -> int:
+        return len(self._policies)
+
+    def policy_of(self, identity: str) -> Policy:
+        entry = self._policies.get(identity[len("key:"):]) if identity.startswith("key:") else None
+        return entry[1] if entry else self.default
+
+    def reload(self) -> None:
+        """Read KEYS_FILE now; raises ConfigError (keeping the old policies) when it is broken."""
+        path = self.config.keys_file
+        assert path is not None
+        try:
+            with open(path, encoding="utf-8") as file:
+                stamp = _file_stamp(os.fstat(file.fileno()))
+                text = file.read()
+        except (OSError, UnicodeDecodeError) as error:
+            raise ConfigError(f"cannot read it ({type(error).__name__})") from None
+        self._file_stamp = stamp  # a broken file is reported once, not on every check
+        self._policies = {**self._static, **parse_keys_file(text, self.config)}
+
+    def reload_if_changed(self, force: bool = False) -> bool:
+        """Re-read KEYS_FILE if it changed (or when forced, as on SIGHUP); True if reloaded."""
+        path = self.config.keys_file
+        if not path:
+            return False
+        try:
+            stamp = _file_stamp(os.stat(path))
+        except OSError:
+            stamp = None
+        if not force and stamp == self._file_stamp:
+            return False
+        try:
+            self.reload()
+        except ConfigError as error:
+            log.error("KEYS_FILE %s: %s; keeping the previous keys", path, error)
+            return False
+        log.info("KEYS_FILE %s: loaded, %d client keys in all", path, self.key_count)
+        return True
+
+
+def _file_stamp(info: os.stat_result) -> tuple:
+    return (info.st_ino, info.st_size, info.st_mtime_ns)
 
 
 # --------------------------------------------------------------------------
@@ -370,10 +671,68 @@ def estimate_tokens(payload: dict, reserve: int) -> int:
 
 
 def request_cost(payload: dict, config: Config) -> int:
-    if config.cost_mode == "estimate":
-        return estimate_tokens(payload, config.response_reserve)
-    output_allowance(payload)  # validated in every mode, so a bad value is a 400 everywhere
-    return config.request_cost
+    """What to charge before forwarding: fixed, or the estimate (reserved, in usage mode)."""
+    if config.cost_mode == "request":
+        output_allowance(payload)  # validated in every mode, so a bad value is a 400 everywhere
+        return config.request_cost
+    return estimate_tokens(payload, config.response_reserve)
+
+
+def prompt_tokens(payload: dict) -> int:
+    return math.ceil(len(" ".join(_text_strings(payload))) / 4)
+
+
+def reported_usage(value: object) -> int | None:
+    """``usage.total_tokens`` from a completion or chunk, if the upstream reported it."""
+    usage = value.get("usage") if isinstance(value, dict) else None
+    total = usage.get("total_tokens") if isinstance(usage, dict) else None
+    return total if isinstance(total, int) and not isinstance(total, bool) and total >= 0 else None
+
+
+class StreamUsage:
+    """Reads a streamed completion on its way through: the usage report and the text so far.
+
+    The proxy asks the upstream for a usage chunk (``stream_options.include_usage``)
+    when the client did not; that chunk is then hidden from the client, which
+    would not expect it.
+    """
+
+    def __init__(self, hide_usage_chunk: bool) -> None:
+        self.hide_usage_chunk = hide_usage_chunk
+        self.total: int | None = None
+        self.characters = 0
+
+    def filter(self, events: bytes) -> bytes:
+        """Observe complete events; return those the client should see."""
+        kept = []
+        for event in events.replace(b"\r\n", b"\n").split(b"\n\n"):
+            if event and self.observe(event):
+                kept.append(event + b"\n\n")
+        return b"".join(kept)
+
+    def observe(self, event: bytes) -> bool:
+        data = b"\n".join(line[5:].strip() for line in event.split(b"\n") if line.startswith(b"data:"))
+        if not data.startswith(b"{"):
+            return True
+        try:
+            chunk = json.loads(data)
+        except (ValueError, RecursionError):
+            return True
+        choices = chunk.get("choices") if isinstance(chunk, dict) else None
+        for choice in choices if isinstance(choices, list) else ():
+            delta = choice.get("delta") if isinstance(choice, dict) else None
+            text = delta.get("content") if isinstance(delta, dict) else choice.get("text")
+            if isinstance(text, str):
+                self.characters += len(text)
+        total = reported_usage(chunk)
+        if total is None:
+            return True
+        self.total = total
+        return not (self.hide_usage_chunk and not choices)
+
+    def generated_so_far(self, prompt: int) -> int:
+        """What a stream cut short used: its reported usage, else prompt plus text / 4."""
+        return self.total if self.total is not None else prompt + math.ceil(self.characters / 4)
 
 
 # --------------------------------------------------------------------------
@@ -492,20 +851,6 @@ def bearer_token(authorization: str | None) -> str | None:
     return token if scheme.lower() == "bearer" and token else None
 
 
-def fingerprint(key: str) -> str:
-    """A short, stable, non-reversible name for a key, safe to log."""
-    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:12]
-
-
-def key_matches(presented: str, accepted: Sequence[str]) -> bool:
-    """Compare against every accepted key in constant time, without stopping at a match."""
-    candidate = presented.encode("utf-8", "surrogateescape")
-    found = False
-    for key in accepted:
-        found |= hmac.compare_digest(candidate, key.encode("utf-8", "surrogateescape"))
-    return found
-
-
 # --------------------------------------------------------------------------
 # Upstream
 # --------------------------------------------------------------------------
@@ -568,31 +913,12 @@ class UpstreamPool:
         conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return conn
 
-    def _take(self) -> tuple[http.client.HTTPConnection, bool]:
+    def take(self) -> tuple[http.client.HTTPConnection, bool]:
+        """An idle pooled connection (reused=True) or a new one."""
         with self._lock:
             if self._idle:
                 return self._idle.pop(), True
         return self._connect(), False
-
-    def request(self, method: str, path: str, headers: dict[str, str],
-                body: bytes | None) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
-        """Send one request and return its connection and response head.
-
-        A pooled connection that the upstream closed while idle fails before any
-        response byte; only then is the request retried, once, on a fresh connection.
-        """
-        while True:
-            conn, reused = self._take()
-            try:
-                conn.request(method, path, body, headers)
-                return conn, conn.getresponse()
-            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
-                conn.close()
-                if not reused:
-                    raise
-            except BaseException:
-                conn.close()
-                raise
 
     def release(self, conn: http.client.HTTPConnection, response: http.client.HTTPResponse) -> None:
         """Keep the connection if its response is complete and the upstream keeps it open."""
@@ -608,6 +934,214 @@ class UpstreamPool:
             idle, self._idle = self._idle, []
         for conn in idle:
             conn.close()
+
+
+class UpstreamExchange:
+    """One request and its response on a pooled connection, abortable from another thread."""
+
+    def __init__(self, pool: UpstreamPool) -> None:
+        self.pool = pool
+        self.conn: http.client.HTTPConnection | None = None
+        self.response: http.client.HTTPResponse | None = None
+        self.aborted = False
+        self._lock = threading.Lock()
+
+    def send(self, method: str, path: str, headers: dict[str, str],
+             body: bytes | None) -> http.client.HTTPResponse:
+        """Send the request and return the response head.
+
+        A pooled connection that the upstream closed while idle fails before any
+        response byte; only then is the request retried, once, on a fresh connection.
+        """
+        while True:
+            conn, reused = self.pool.take()
+            with self._lock:
+                self.conn = conn
+                if self.aborted:
+                    raise ConnectionAbortedError()
+            try:
+                conn.request(method, path, body, headers)
+                self.response = conn.getresponse()
+                return self.response
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                conn.close()
+                if not reused or self.aborted:
+                    raise
+            except BaseException:
+                conn.close()
+                raise
+
+    def abort(self) -> None:
+        """Hang up on the upstream now, so that it stops generating an answer nobody will read."""
+        with self._lock:
+            self.aborted = True
+            if self.conn is not None and self.conn.sock is not None:
+                try:
+                    self.conn.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def finish(self) -> None:
+        """Return the connection to the pool if its response was read to the end, else close it."""
+        if self.conn is None:
+            return
+        if self.response is not None and not self.aborted:
+            self.pool.release(self.conn, self.response)
+        else:
+            self.conn.close()
+
+
+class _Waiter:
+    __slots__ = ("key_limit", "event", "granted")
+
+    def __init__(self, key_limit: int) -> None:
+        self.key_limit = key_limit
+        self.event = threading.Event()
+        self.granted = False
+
+
+class FairGate:
+    """Admission to the upstream: a global cap, a per-key cap, and a fair queue.
+
+    Waiting requests are served round-robin by key, so a key with twenty queued
+    requests does not delay a key with one.  Every slot taken is given back by
+    ``slot``'s context manager, whatever happens inside it.
+    """
+
+    def __init__(self, limit: int, timeout: float) -> None:
+        self.limit = limit  # 0: no global limit
+        self.timeout = timeout
+        self.in_flight = 0
+        self._per_key: dict[str, int] = {}
+        self._queues: OrderedDict[str, deque[_Waiter]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def slot(self, identity: str, key_limit: int) -> Iterator[None]:
+        self.acquire(identity, key_limit)
+        try:
+            yield
+        finally:
+            self.release(identity)
+
+    def acquire(self, identity: str, key_limit: int) -> None:
+        with self._lock:
+            if not self._queues and self._has_room(identity, key_limit):
+                self._grant(identity)
+                return
+            waiter = _Waiter(key_limit)
+            self._queues.setdefault(identity, deque()).append(waiter)
+            self._dispatch()
+        if waiter.event.wait(self.timeout):
+            return
+        with self._lock:
+            if waiter.granted:  # granted just as the wait ran out
+                return
+            queue = self._queues[identity]
+            queue.remove(waiter)
+            if not queue:
+                del self._queues[identity]
+        raise ProxyError(503, "The model server is busy; try again shortly.", "server_error",
+                         "queue_timeout")
+
+    def release(self, identity: str) -> None:
+        with self._lock:
+            self.in_flight -= 1
+            remaining = self._per_key[identity] - 1
+            if remaining:
+                self._per_key[identity] = remaining
+            else:
+                del self._per_key[identity]
+            self._dispatch()
+
+    @property
+    def waiting(self) -> int:
+        return sum(len(queue) for queue in self._queues.values())
+
+    def _has_room(self, identity: str, key_limit: int) -> bool:
+        return ((not self.limit or self.in_flight < self.limit)
+                and (not key_limit or self._per_key.get(identity, 0) < key_limit))
+
+    def _grant(self, identity: str) -> None:
+        self.in_flight += 1
+        self._per_key[identity] = self._per_key.get(identity, 0) + 1
+
+    def _dispatch(self) -> None:
+        """Hand free slots to the first key in turn whose next request may go."""
+        while self._queues and (not self.limit or self.in_flight < self.limit):
+            for identity, queue in self._queues.items():
+                if self._has_room(identity, queue[0].key_limit):
+                    break
+            else:
+                return  # everyone waiting is at their own key's limit
+            waiter = queue.popleft()
+            if queue:
+                self._queues.move_to_end(identity)
+            else:
+                del self._queues[identity]
+            self._grant(identity)
+            waiter.granted = True
+            waiter.event.set()
+
+
+class DisconnectWatcher:
+    """One thread that notices clients hanging up while their request is upstream.
+
+    Without it a client that gives up on a long, non-streamed answer would only
+    be noticed when the answer is written, after the model finished generating
+    it for nobody.  ``watch`` returns a cancel function that must be called
+    before the connection is used again; after it the callback never runs.
+    """
+
+    def __init__(self) -> None:
+        self._selector = selectors.DefaultSelector()
+        self._lock = threading.Lock()
+        self._callbacks: dict[int, Callable[[], None]] = {}
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="disconnect-watcher", daemon=True)
+        self._thread.start()
+
+    def watch(self, client: socket.socket, on_gone: Callable[[], None]) -> Callable[[], None]:
+        fd = client.fileno()
+        with self._lock:
+            self._selector.register(client, selectors.EVENT_READ)
+            self._callbacks[fd] = on_gone
+
+        def cancel() -> None:
+            with self._lock:
+                if self._callbacks.pop(fd, None) is not None:
+                    self._selector.unregister(client)
+        return cancel
+
+    def _run(self) -> None:
+        while not self._stopped:
+            with self._lock:
+                empty = not self._callbacks
+            events = [] if empty else self._selector.select(timeout=0.05)
+            if empty:
+                time.sleep(0.05)
+            for key, _ in events:
+                self._check(key.fileobj)
+
+    def _check(self, client: socket.socket) -> None:
+        try:
+            gone = client.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return
+        except OSError:
+            gone = True
+        with self._lock:
+            callback = self._callbacks.pop(client.fileno(), None)
+            if callback is None:
+                return
+            self._selector.unregister(client)  # pipelined data or gone: either way, stop watching
+            if gone:
+                callback()
+
+    def close(self) -> None:
+        self._stopped = True
+        self._thread.join()
+        self._selector.close()
 
 
 def upstream_failure(error: BaseException) -> ProxyError:
@@ -635,11 +1169,12 @@ def json_bytes(value: object) -> bytes:
 
 
 def limit_message(admission: Admission) -> str:
+    limit = f"{admission.window} limit" if admission.window else "limit"
     if admission.cost > admission.limit:
-        return (f"request too large: it costs {admission.cost} tokens but the limit is "
+        return (f"request too large: it costs {admission.cost} tokens but the {limit} is "
                 f"{admission.limit}; shorten the conversation or lower max_tokens")
     minutes = max(1, math.ceil(admission.wait_seconds / 60))
-    return f"limit reached, wait {minutes} min"
+    return f"{limit} reached, wait {minutes} min"
 
 
 def completion(kind: str, model: str, text: str, tag: str = "limit") -> dict:
@@ -683,6 +1218,11 @@ def _completion_base(kind: str, model: str, tag: str, chunk: bool) -> dict:
             "created": int(time.time()), "model": model, "system_fingerprint": None}
 
 
+def model_list(ids: Sequence[str]) -> dict:
+    return {"object": "list", "data": [{"id": model, "object": "model", "created": 0,
+                                        "owned_by": "llm_proxy"} for model in ids]}
+
+
 def rate_limit_headers(admission: Admission) -> list[tuple[str, str]]:
     headers = [
         ("X-RateLimit-Limit", str(admission.limit)),
@@ -691,7 +1231,7 @@ def rate_limit_headers(admission: Admission) -> list[tuple[str, str]]:
         ("X-RateLimit-Refill-Seconds", _whole_seconds(admission.refill_seconds)),
         ("X-RateLimit-Reset-Seconds", _whole_seconds(admission.wait_seconds)),
     ]
-    if not admission.allowed:
+    if not admission.allowed and admission.cost <= admission.limit:
         headers.append(("Retry-After", _whole_seconds(max(1.0, admission.wait_seconds))))
     return headers
 
@@ -742,10 +1282,17 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def handle_request(self) -> None:
         self.started = time.monotonic()
         self.status = 0
-        self.who = self.client_address[0]
-        self.body_pending = True
-        self.cost_note = ""
+        self.label = "-"           # who, for the logs: key name or fingerprint, never the key
+        self.identity = ""         # whose buckets pay
+        self.policy: Policy = self.server.keyring.default
+        self.body_pending = True   # an unread body forces the connection closed after the reply
+        self.model: str | None = None
         self.charge: Charge | None = None
+        self.stream_usage: StreamUsage | None = None
+        self.prompt_estimate = 0
+        self.limited = False
+        self.client_gone = False
+        self.upstream_ms: float | None = None
         try:
             self.route()
         except ProxyError as error:
@@ -753,9 +1300,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 self.close_connection = True
             self.send_json(error.status, error.body())
         except ClientGone:
+            self.client_gone = True
             self.close_connection = True
         except Exception:
-            log.exception("internal error on %s %s", self.command, self.path)
+            log.exception("internal error on %s %s", self.command, ascii(self.path))
             self.close_connection = True
             if not self.status:
                 self.send_json(500, error_body("Internal proxy error.", "server_error"))
@@ -774,12 +1322,14 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if not target.is_api:
             raise ProxyError(404, f"Unknown path {target.path}; the API lives under /v1",
                              code="not_found")
-        identity = self.authenticate()
+        self.authenticate()
         kind = target.metered_kind
         if kind is not None and self.command == "POST":
-            self.handle_completion(kind, target, identity)
-        elif target.path == "/v1/models" and self.command == "GET" and self.server.config.upstream_model:
-            self.send_json(200, self.server.local_models())
+            self.handle_completion(kind, target)
+        elif target.path == "/v1/quota" and self.command == "GET":
+            self.send_json(200, self.quota())
+        elif target.path == "/v1/models" and self.command == "GET":
+            self.handle_models(target)
         else:
             self.forward(target, self.read_body())
 
@@ -792,17 +1342,22 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 raise ProxyError(400, "invalid characters in a header", code="invalid_header",
                                  close=True)
 
-    def authenticate(self) -> str:
-        """Return the bucket identity for this request, or raise 401."""
+    def authenticate(self) -> None:
+        """Find whose buckets pay for this request, or raise 401."""
+        keyring = self.server.keyring
         token = bearer_token(self.headers.get("Authorization"))
-        keys = self.server.config.client_keys
-        if keys and (token is None or not key_matches(token, keys)):
-            raise ProxyError(401, "Missing or invalid proxy API key", "authentication_error",
-                             "invalid_api_key")
-        if token is None:
-            return "ip:" + self.client_address[0]
-        self.who = "key:" + fingerprint(token)
-        return self.who
+        if token is not None:
+            digest, policy = keyring.lookup(token)
+            if policy is not None or keyring.is_open:
+                self.policy = policy or keyring.default
+                self.identity = "key:" + digest
+                self.label = self.policy.name or digest[:12]
+                return
+        elif keyring.is_open:
+            self.identity = self.label = "ip:" + self.client_address[0]
+            return
+        raise ProxyError(401, "Missing or invalid proxy API key", "authentication_error",
+                         "invalid_api_key")
 
     def read_body(self) -> bytes:
         """Read exactly the declared body; refuse any framing that two parsers could disagree on."""
@@ -859,35 +1414,117 @@ class ProxyHandler(BaseHTTPRequestHandler):
             raise ProxyError(400, "request body must be a JSON object", code="invalid_json")
         return payload
 
-    def handle_completion(self, kind: str, target: Target, identity: str) -> None:
+    # -- local answers -------------------------------------------------------
+
+    def quota(self) -> dict:
+        policy = self.policy
+        return {"object": "quota", "name": policy.name or None,
+                "models": None if policy.models is None else list(policy.models),
+                "max_concurrent": policy.max_concurrent or None,
+                "buckets": self.server.buckets.snapshot(self.identity, policy.buckets)}
+
+    def handle_models(self, target: Target) -> None:
+        """BASE_MODEL is answered here; otherwise the upstream's list, cut to the key's models."""
+        base_model = self.server.config.upstream_model
+        if base_model:
+            self.send_json(200, model_list([base_model] if self.policy.allows(base_model) else []))
+        elif self.policy.models is None:
+            self.forward(target, self.read_body())
+        else:
+            self.forward(target, self.read_body(), transform=self.visible_models)
+
+    def visible_models(self, data: bytes) -> bytes:
+        try:
+            listing = json.loads(data)
+            listing["data"] = [m for m in listing["data"] if self.policy.allows(m.get("id"))]
+        except (ValueError, RecursionError, TypeError, KeyError, AttributeError):
+            return json_bytes(model_list([]))  # unreadable: show nothing rather than everything
+        return json_bytes(listing)
+
+    # -- completions ---------------------------------------------------------
+
+    def handle_completion(self, kind: str, target: Target) -> None:
         config = self.server.config
         body = self.read_body()
         payload = self.parse_json_object(body)
         validate_completion(kind, payload)
+        self.model = config.upstream_model or payload.get("model") or ""
+        if not self.policy.allows(self.model):
+            raise ProxyError(403, f"The model '{self.model}' is not available to this key.",
+                             "permission_error", "model_not_allowed", "model")
         cost = request_cost(payload, config)
-        model = payload.get("model") or config.upstream_model or ""
-        specs = (config.bucket,)
-        admission = self.server.buckets.charge(identity, specs, cost)
-        self.cost_note = f"cost={cost}"
+        admission = self.server.buckets.charge(self.identity, self.policy.buckets, cost)
+        stream = payload.get("stream") is True
         if not admission.allowed:
-            self.send_limit_reply(kind, model, payload.get("stream") is True, admission)
+            self.send_limit_reply(kind, payload.get("model") or self.model, stream, admission)
             return
+        body = self.upstream_body(body, payload, stream)
+        self.charge = Charge(self.server.buckets, self.identity, self.policy.buckets, admission)
+        try:
+            settle = self.settle_from_body if config.cost_mode == "usage" and not stream else None
+            self.forward(target, body, transform=settle)
+        except ClientGone:
+            self.client_gone = True
+            raise
+        finally:
+            self.finish_charge()
+
+    def upstream_body(self, body: bytes, payload: dict, stream: bool) -> bytes:
+        """The body to forward: the client's own bytes unless something had to change."""
+        config = self.server.config
+        changed = False
         if config.upstream_model and payload.get("model") != config.upstream_model:
             payload["model"] = config.upstream_model
-            body = json_bytes(payload)
-        self.charge = Charge(self.server.buckets, identity, specs, admission)
+            changed = True
+        if config.cost_mode == "usage" and stream:
+            self.prompt_estimate = prompt_tokens(payload)
+            options = payload.get("stream_options")
+            asked = isinstance(options, dict) and options.get("include_usage") is True
+            self.stream_usage = StreamUsage(hide_usage_chunk=not asked)
+            if not asked:
+                payload["stream_options"] = dict(options if isinstance(options, dict) else {},
+                                                 include_usage=True)
+                changed = True
+        return json_bytes(payload) if changed else body
+
+    def settle_from_body(self, data: bytes) -> bytes:
         try:
-            self.forward(target, body)
-        finally:
-            self.charge.refund()  # a no-op once the upstream served the request
-            if self.charge.refunded:
-                self.cost_note += " refunded"
+            total = reported_usage(json.loads(data))
+        except (ValueError, RecursionError):
+            total = None
+        if total is not None and self.charge is not None:
+            self.charge.settle(total)
+        return data
+
+    def finish_charge(self) -> None:
+        """Keep, settle or refund this request's charge; safe to call more than once.
+
+        A client that hangs up pays for what it asked for so far: the reservation,
+        or in usage mode what was generated before it left.
+        """
+        charge = self.charge
+        if charge is None:
+            return
+        if self.client_gone:
+            charge.keep()
+        usage = self.stream_usage
+        if usage is not None and charge.kept:
+            if usage.total is not None:
+                charge.settle(usage.total)
+            elif self.client_gone:
+                charge.settle(usage.generated_so_far(self.prompt_estimate))
+        charge.refund()
 
     def send_limit_reply(self, kind: str, model: str, stream: bool, admission: Admission) -> None:
+        self.limited = True
         text = limit_message(admission)
         headers = rate_limit_headers(admission)
-        self.cost_note += " limited"
-        if stream:
+        if self.server.config.limit_response == "error":
+            too_large = admission.cost > admission.limit
+            self.send_json(400 if too_large else 429, error_body(
+                text, "invalid_request_error" if too_large else "rate_limit_exceeded",
+                "request_too_large" if too_large else "rate_limit_exceeded"), headers)
+        elif stream:
             self.send_bytes(200, headers + [SSE_TYPE, ("Cache-Control", "no-cache")],
                             limit_stream(kind, model, text))
         else:
@@ -895,8 +1532,12 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     # -- forwarding ----------------------------------------------------------
 
-    def forward(self, target: Target, body: bytes) -> None:
-        """Relay one request upstream and its answer back, settling ``self.charge`` on the way."""
+    def forward(self, target: Target, body: bytes,
+                transform: Callable[[bytes], bytes] | None = None) -> None:
+        """Relay one request upstream and its answer back, settling ``self.charge`` on the way.
+
+        ``transform`` sees a successful, non-streamed answer before the client does.
+        """
         server = self.server
         headers = dict(copied_headers(self.headers.items(), NOT_FORWARDED_UPSTREAM))
         if server.config.upstream_key:
@@ -904,26 +1545,40 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if body or self.command in ("POST", "PUT", "PATCH"):
             headers["Content-Length"] = str(len(body))
         path = target.upstream_path(server.upstream.target.base_path)
-        try:
-            conn, response = server.upstream.request(self.command, path, headers, body or None)
-        except (OSError, http.client.HTTPException) as error:
-            raise upstream_failure(error) from None
-        try:
-            reply_headers = copied_headers(response.getheaders(), HOP_BY_HOP | PROXY_RESPONSE_HEADERS)
-            content_type = response.getheader("Content-Type", "")
-            sse = content_type.startswith("text/event-stream")
-            if sse or (response.length is None and not response.isclosed()):
-                self.relay_stream(response, reply_headers, sse)
-            else:
-                try:
-                    data = response.read()
-                except (OSError, http.client.HTTPException) as error:
-                    raise upstream_failure(error) from None
-                self.settle(response.status < 400)
-                self.send_bytes(response.status, reply_headers + self.meter_headers(), data,
-                                reason=response.reason)
-        finally:
-            server.upstream.release(conn, response)
+        with server.gate.slot(self.identity, self.policy.max_concurrent):
+            exchange = UpstreamExchange(server.upstream)
+            cancel = server.watcher.watch(self.connection, lambda: self.client_left(exchange))
+            started = time.monotonic()
+            try:
+                response = exchange.send(self.command, path, headers, body or None)
+                self.upstream_ms = (time.monotonic() - started) * 1000
+                self.relay(response, transform)
+            except (OSError, http.client.HTTPException) as error:
+                if self.client_gone:
+                    raise ClientGone() from None
+                raise upstream_failure(error) from None
+            finally:
+                cancel()
+                exchange.finish()
+
+    def client_left(self, exchange: UpstreamExchange) -> None:
+        """Called by the disconnect watcher's thread when the client hangs up mid-request."""
+        self.client_gone = True
+        exchange.abort()
+
+    def relay(self, response: http.client.HTTPResponse,
+              transform: Callable[[bytes], bytes] | None) -> None:
+        headers = copied_headers(response.getheaders(), HOP_BY_HOP | PROXY_RESPONSE_HEADERS)
+        sse = response.getheader("Content-Type", "").startswith("text/event-stream")
+        if sse or (response.length is None and not response.isclosed()):
+            self.relay_stream(response, headers, sse)
+            return
+        data = response.read()
+        served = response.status < 400
+        if served and transform is not None:
+            data = transform(data)
+        self.settle(served)
+        self.send_bytes(response.status, headers + self.meter_headers(), data, reason=response.reason)
 
     def settle(self, served: bool) -> None:
         if self.charge is not None:
@@ -939,9 +1594,11 @@ class ProxyHandler(BaseHTTPRequestHandler):
         The charge is kept once anything reached the client; a stream that ends
         before its first complete event counts as never served.
         """
-        if response.status >= 400:
+        served = response.status < 400
+        if not served:
             self.settle(False)
         self.start_chunked(response.status, headers + self.meter_headers(), response.reason)
+        usage = self.stream_usage if sse and served else None
         pending = b""
         try:
             while True:
@@ -954,16 +1611,21 @@ class ProxyHandler(BaseHTTPRequestHandler):
                     if not end:
                         continue
                     data, pending = pending[:end], pending[end:]
+                    if usage is not None:
+                        data = usage.filter(data)
+                        if not data:
+                            continue
                 self.write_chunk(data)
-                self.settle(response.status < 400)
+                if served:
+                    self.settle(True)
         except (OSError, http.client.HTTPException) as error:
-            log.warning("upstream stream to %s broke off: %s", self.who, type(error).__name__)
+            if self.client_gone:
+                raise ClientGone() from None
+            log.warning("upstream stream to %s broke off: %s", self.label, type(error).__name__)
             response.close()
             if sse:
-                failure = upstream_failure(error)
-                self.write_chunk(b"data: " + json_bytes(failure.body()) + b"\n\n")
-        if self.charge is not None:
-            self.charge.refund()
+                self.write_chunk(b"data: " + json_bytes(upstream_failure(error).body()) + b"\n\n")
+        self.finish_charge()
         self.end_chunked()
 
     # -- writing -------------------------------------------------------------
@@ -1040,10 +1702,28 @@ class ProxyHandler(BaseHTTPRequestHandler):
         pass  # one line per request is written by log_outcome instead
 
     def log_outcome(self) -> None:
+        """One line per request for the log, and one JSON record for ACCESS_LOG; never a key."""
+        status = self.status or (499 if self.client_gone else 0)
+        if self.limited:
+            outcome = "limited"
+        elif status >= 500 or status == 499 or not status:
+            outcome = "error"
+        else:
+            outcome = "rejected" if status >= 400 else "served"
+        charge = self.charge
+        charged = 0 if charge is None or charge.refunded else charge.admission.cost
+        settled = charge.settled if charge is not None and charge.settled is not None else charged
+        path = ascii(self.path.partition("?")[0][:200])[1:-1]
         elapsed = (time.monotonic() - self.started) * 1000
-        path = self.path.partition("?")[0][:200]
-        log.info("%s %s %s %s %d %.1fms %s", self.client_address[0], self.who, self.command,
-                 ascii(path)[1:-1], self.status, elapsed, self.cost_note)
+        log.info("%s %s %s %s %d %s %.1fms charged=%d settled=%d", self.client_address[0],
+                 self.label, self.command, path, status, outcome, elapsed, charged, settled)
+        if self.server.access_log is not None:
+            self.server.access_log.write({
+                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "key": self.label,
+                "ip": self.client_address[0], "method": self.command, "path": path,
+                "model": self.model, "status": status, "tokens_charged": charged,
+                "tokens_settled": settled, "upstream_ms": None if self.upstream_ms is None
+                else round(self.upstream_ms, 1), "outcome": outcome})
 
 
 def validate_completion(kind: str, payload: dict) -> None:
@@ -1121,27 +1801,144 @@ class TrackedServer(ThreadingHTTPServer):
                 pass
 
 
-class ProxyServer(TrackedServer):
-    """The proxy: listening socket, shared buckets and the upstream pool."""
+class AccessLog:
+    """ACCESS_LOG: one JSON line per request, appended under a lock."""
 
-    def __init__(self, config: Config, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, path: str) -> None:
+        try:
+            self._file = open(path, "a", encoding="utf-8", buffering=1)
+        except OSError as error:
+            raise ConfigError(f"ACCESS_LOG {path}: cannot open it ({error.strerror})") from None
+        self._lock = threading.Lock()
+
+    def write(self, record: dict) -> None:
+        line = json.dumps(record, separators=(",", ":")) + "\n"
+        with self._lock:
+            self._file.write(line)
+
+    def close(self) -> None:
+        with self._lock:
+            self._file.close()
+
+
+def write_atomically(path: str, data: bytes) -> None:
+    """Write a file so that a crash leaves either the old or the new version, never a mix."""
+    directory = os.path.dirname(os.path.abspath(path))
+    descriptor, temporary = tempfile.mkstemp(prefix=".llm_proxy-", dir=directory)
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(temporary)
+        raise
+    directory_descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(directory_descriptor)  # make the rename itself durable
+    finally:
+        os.close(directory_descriptor)
+
+
+class ProxyServer(TrackedServer):
+    """The proxy: keys, buckets, the fair gate and the upstream pool, plus housekeeping.
+
+    A housekeeping thread re-reads KEYS_FILE when it changes, forgets full
+    buckets and saves the rest to STATE_FILE every STATE_SAVE_SECONDS.
+    """
+
+    def __init__(self, config: Config, clock: Callable[[], float] = time.monotonic,
+                 wall_clock: Callable[[], float] = time.time) -> None:
         if not config.upstream_url:
             raise ConfigError("BASE_API_URL is not set: point it at the model server, "
                               "e.g. http://127.0.0.1:8080/v1 (or run with --demo)")
         self.config = config
         self.max_connections = config.max_connections
+        self.wall_clock = wall_clock
+        self.keyring = KeyRing(config)
         self.buckets = BucketStore(clock)
+        self.gate = FairGate(config.upstream_max_concurrent, config.queue_timeout)
         self.upstream = UpstreamPool(UpstreamTarget.parse(config.upstream_url),
                                      config.open_timeout, config.read_timeout)
+        if config.state_file:
+            self.load_state()
         super().__init__((config.host, config.port), ProxyHandler)
+        self.access_log = AccessLog(config.access_log) if config.access_log else None
+        self.watcher = DisconnectWatcher()
+        self._wake = threading.Event()
+        self._closing = False
+        self._reload_requested = False
+        self._housekeeper = threading.Thread(target=self._housekeeping, name="housekeeping",
+                                             daemon=True)
+        self._housekeeper.start()
 
-    def local_models(self) -> dict:
-        return {"object": "list", "data": [{"id": self.config.upstream_model, "object": "model",
-                                            "created": 0, "owned_by": "llm_proxy"}]}
+    # -- housekeeping ----------------------------------------------------------
+
+    def request_reload(self) -> None:
+        """Re-read KEYS_FILE soon (SIGHUP); safe to call from a signal handler."""
+        self._reload_requested = True
+        self._wake.set()
+
+    def _housekeeping(self) -> None:
+        next_tidy = time.monotonic() + self.config.state_save_interval
+        while True:
+            self._wake.wait(min(1.0, self.config.state_save_interval))
+            self._wake.clear()
+            if self._closing:
+                return
+            forced, self._reload_requested = self._reload_requested, False
+            self.keyring.reload_if_changed(force=forced)
+            if time.monotonic() >= next_tidy:
+                self.tidy()
+                next_tidy = time.monotonic() + self.config.state_save_interval
+
+    def tidy(self) -> None:
+        """Forget buckets that are full again, then save the others if STATE_FILE is set."""
+        self.buckets.prune(lambda identity: self.keyring.policy_of(identity).buckets)
+        if self.config.state_file:
+            self.save_state()
+
+    def save_state(self) -> None:
+        path = self.config.state_file
+        assert path is not None
+        state = {"version": 1, "saved_at": self.wall_clock(),
+                 "buckets": self.buckets.dump(self.wall_clock)}
+        try:
+            write_atomically(path, json_bytes(state))
+        except OSError as error:
+            log.error("STATE_FILE %s: cannot save (%s)", path, error.strerror)
+
+    def load_state(self) -> None:
+        """Restore saved buckets; a missing or broken file means starting clean, said once."""
+        path = self.config.state_file
+        try:
+            with open(path, "rb") as file:
+                state = json.loads(file.read())
+            if state.get("version") != 1:
+                raise ValueError("unknown version")
+            self.buckets.load(state["buckets"], self.wall_clock)
+        except FileNotFoundError:
+            log.info("STATE_FILE %s: not found; every bucket starts full", path)
+        except (OSError, ValueError, RecursionError, KeyError, TypeError, AttributeError) as error:
+            log.error("STATE_FILE %s: unreadable (%s); every bucket starts full",
+                      path, type(error).__name__)
+        else:
+            log.info("STATE_FILE %s: restored %d callers' buckets", path, len(self.buckets))
 
     def server_close(self) -> None:
+        """Stop everything, then save the buckets a last time."""
+        self._closing = True
+        self._wake.set()
+        self._housekeeper.join()
         super().server_close()
+        self.watcher.close()
         self.upstream.close()
+        if self.config.state_file:
+            self.tidy()
+        if self.access_log is not None:
+            self.access_log.close()
 
 
 # --------------------------------------------------------------------------
@@ -1242,7 +2039,8 @@ def describe(config: Config, server: ProxyServer) -> str:
     host, port = config.host, server.server_address[1]
     limits = (f"{config.max_tokens} tokens, +{config.refill_tokens} every "
               f"{config.refill_interval:g}s, cost mode {config.cost_mode}")
-    keys = f"{len(config.client_keys)} client keys" if config.client_keys else "open (no client keys)"
+    keys = ("open (no client keys)" if server.keyring.is_open
+            else f"{server.keyring.key_count} client keys")
     model = f" model {config.upstream_model}" if config.upstream_model else ""
     return (f"llm_proxy {__version__} listening on http://{host}:{port} -> "
             f"{server.upstream.target.display}{model}; buckets: {limits}; {keys}")
@@ -1276,13 +2074,20 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
     print(describe(config, server), flush=True)
     if args.demo:
         _print_demo_help(server)
+    signal.signal(signal.SIGTERM, _interrupt)
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, lambda signum, frame: server.request_reload())
     try:
         server.serve_forever()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: stop cleanly, saving state
         pass
     finally:
         server.server_close()
     return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _demo_config(config: Config, echo_port: int, environ: dict[str, str]) -> Config:

@@ -299,7 +299,7 @@ class ProxyTestCase(unittest.TestCase):
             return b"".join(chunks)
 
     def level(self, key: str = CLIENT_KEY) -> int:
-        return self.proxy.buckets.level("key:" + llm_proxy.fingerprint(key), (self.config.bucket,))[0]
+        return self.proxy.buckets.level("key:" + llm_proxy.key_digest(key), (self.config.bucket,))[0]
 
     def assert_openai_error(self, response: Response, status: int, kind: str | None = None,
                             code: str | None = None) -> dict:
@@ -510,9 +510,9 @@ class BucketTests(unittest.TestCase):
 
     def test_refund_restores_but_never_above_capacity(self) -> None:
         self.charge(cost=3)
-        self.store.refund("a", (self.spec,), 3)
+        self.store.credit("a", (self.spec,), 3)
         self.assertEqual(self.store.level("a", (self.spec,)), [10])
-        self.store.refund("a", (self.spec,), 3)
+        self.store.credit("a", (self.spec,), 3)
         self.assertEqual(self.store.level("a", (self.spec,)), [10])
 
     def test_cost_above_capacity_is_never_allowed(self) -> None:
