@@ -17,6 +17,8 @@ import io
 import json
 import logging
 import os
+import select
+import signal
 import socket
 import subprocess
 import sys
@@ -24,6 +26,8 @@ import tempfile
 import threading
 import time
 import unittest
+from typing import Callable
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler
 
 import llm_proxy
@@ -44,8 +48,8 @@ WAIT = 10.0  # upper bound for any single wait in a test; reaching it means a fa
 class FakeClock:
     """A monotonic clock the test moves by hand."""
 
-    def __init__(self) -> None:
-        self.now = 1000.0
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
 
     def __call__(self) -> float:
         return self.now
@@ -118,6 +122,12 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(b'{"id": "cut')
             self.close_connection = True
+        elif behaviour == "hold":  # a long generation: answers once the test releases it
+            self.server.release.wait(WAIT)
+            self.reply(200, self.completion(payload))
+        elif behaviour == "hold-until-closed":  # generates until the proxy hangs up on it
+            self.server.closed_early.set() if self.wait_for_hang_up() else None
+            self.close_connection = True
         elif behaviour == "upstream-cors":
             self.reply(200, self.completion(payload), [("Access-Control-Allow-Origin", "https://x"),
                                                        ("X-RateLimit-Limit", "999")])
@@ -127,6 +137,14 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
             self.reply(200, self.completion(payload), [("Connection", "keep-alive, X-Upstream-Hop"),
                                                        ("X-Upstream-Hop", "1")])
 
+    def wait_for_hang_up(self) -> bool:
+        deadline = time.monotonic() + WAIT
+        while time.monotonic() < deadline:
+            readable, _, _ = select.select([self.connection], [], [], 0.01)
+            if readable and self.connection.recv(1, socket.MSG_PEEK) == b"":
+                return True
+        return False
+
     def record(self, body: bytes) -> None:
         self.server.requests.append({"method": self.command, "path": self.path,
                                      "headers": dict(self.headers.items()),
@@ -134,11 +152,19 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
         self.server.peers.add(self.client_address)
 
     def completion(self, payload: dict) -> dict:
-        return {"id": "chatcmpl-up", "object": "chat.completion", "created": 1,
-                "model": payload.get("model"),
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi from upstream"},
-                             "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}}
+        reply = {"id": "chatcmpl-up", "object": "chat.completion", "created": 1,
+                 "model": payload.get("model"),
+                 "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi from upstream"},
+                              "finish_reason": "stop"}]}
+        if self.usage() is not None:
+            reply["usage"] = {"prompt_tokens": 3, "completion_tokens": self.usage() - 3,
+                              "total_tokens": self.usage()}
+        return reply
+
+    def usage(self) -> int | None:
+        """Total tokens to report: 7, or as ``X-Usage`` says ('none' for no usage at all)."""
+        value = self.headers.get("X-Usage", "7")
+        return None if value == "none" else int(value)
 
     def stream(self, payload: dict, behaviour: str) -> None:
         self.send_response(200)
@@ -162,6 +188,11 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
                         for _ in range(int(WAIT / 0.01)):
                             self.chunk(b": keep-alive\n\n")
                             time.sleep(0.01)
+            options = payload.get("stream_options") or {}
+            if options.get("include_usage") and self.usage() is not None:
+                usage = {"prompt_tokens": 3, "completion_tokens": self.usage() - 3,
+                         "total_tokens": self.usage()}
+                self.chunk(b"data: " + json.dumps({"choices": [], "usage": usage}).encode() + b"\n\n")
             self.chunk(b"data: [DONE]\n\n")
             self.chunk(b"")
         except OSError:
@@ -218,6 +249,7 @@ class ProxyTestCase(unittest.TestCase):
     def setUp(self) -> None:
         self.baseline_threads = threading.active_count()
         self.clock = FakeClock()
+        self.wall = FakeClock(1_800_000_000.0)
         self.upstream = FakeUpstream()
         serve(self.upstream)
         self.log = CapturingLog()
@@ -236,7 +268,7 @@ class ProxyTestCase(unittest.TestCase):
                         upstream_key=UPSTREAM_KEY, read_timeout=WAIT, open_timeout=WAIT)
         settings.update(overrides)
         self.config = Config(**settings)
-        self.proxy = ProxyServer(self.config, clock=self.clock)
+        self.proxy = ProxyServer(self.config, clock=self.clock, wall_clock=self.wall)
         serve(self.proxy)
         return self.proxy
 
@@ -943,6 +975,419 @@ class BadInputTests(ProxyTestCase):
             sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\n")
             self.assertEqual(sock.recv(100), b"")
         self.assert_still_serving()
+
+
+# --------------------------------------------------------------------------
+# Sharing: usage accounting, key policies, fair queueing, quota, state, audit
+# --------------------------------------------------------------------------
+
+def tokens_of(quota: dict) -> list:
+    return [bucket["tokens"] for bucket in quota["buckets"]]
+
+
+class UsageModeTests(ProxyTestCase):
+    config_overrides = {"cost_mode": "usage", "max_tokens": 100, "refill_tokens": 10}
+
+    def quota(self, key: str = CLIENT_KEY) -> dict:
+        return self.request("GET", "/v1/quota", key=key).json()
+
+    def test_reservation_is_settled_to_reported_usage(self) -> None:
+        response = self.chat(content="x" * 35, max_tokens=20)  # reserves 10 + 20
+        self.assertEqual(response.headers["X-RateLimit-Remaining"], "70")
+        self.assertEqual(tokens_of(self.quota()), [100 - 7])
+
+    def test_usage_above_the_reservation_becomes_debt(self) -> None:
+        self.chat(max_tokens=10, headers={"X-Usage": "150"})
+        self.assertEqual(tokens_of(self.quota()), [-50])
+        limited = self.chat(max_tokens=10)
+        self.assertEqual(limited.json()["choices"][0]["message"]["content"], "limit reached, wait 35 min")
+        self.clock.advance(300 * 7)
+        self.assertEqual(self.chat(max_tokens=10).json()["choices"][0]["message"]["content"],
+                         "hi from upstream")
+
+    def test_without_reported_usage_the_estimate_stays(self) -> None:
+        self.chat(max_tokens=20, headers={"X-Usage": "none"})  # prompt "user hello": 3 tokens
+        self.assertEqual(tokens_of(self.quota()), [100 - 3 - 20])
+
+    def test_stream_usage_is_requested_read_and_hidden(self) -> None:
+        response = self.chat(max_tokens=20, stream=True, headers={"X-Usage": "12"})
+        forwarded = json.loads(self.upstream.requests[-1]["body"])
+        self.assertEqual(forwarded["stream_options"], {"include_usage": True})
+        events = response.events()
+        self.assertEqual(events[-1], "[DONE]")
+        self.assertFalse(any("usage" in event for event in events[:-1]), events)
+        self.assertEqual(len(events), 6)
+        self.assertEqual(tokens_of(self.quota()), [100 - 12])
+
+    def test_client_that_asked_for_usage_gets_it_unchanged(self) -> None:
+        response = self.chat(max_tokens=20, stream=True, stream_options={"include_usage": True},
+                             headers={"X-Usage": "12"})
+        usage_events = [e for e in response.events()[:-1] if "usage" in e]
+        self.assertEqual(usage_events, [{"choices": [], "usage": {
+            "prompt_tokens": 3, "completion_tokens": 9, "total_tokens": 12}}])
+
+    def test_client_leaving_mid_stream_pays_for_what_was_generated(self) -> None:
+        body = json.dumps({"messages": [{"role": "user", "content": "x" * 39}], "max_tokens": 50,
+                           "stream": True}).encode()  # prompt "user x...x" = 44 chars: 11 tokens
+        with socket.create_connection(("127.0.0.1", self.port), timeout=WAIT) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Fake: until-client-leaves\r\n"
+                         b"Authorization: Bearer " + CLIENT_KEY.encode() +
+                         b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            received = b""
+            while b'"w0"' not in received:
+                received += sock.recv(65536)
+        self.assertTrue(self.upstream.closed_early.wait(WAIT))
+        expected = [100 - 11 - 1]  # the prompt, plus "w0" at 4 characters a token
+        deadline = time.monotonic() + WAIT
+        while tokens_of(self.quota()) != expected and time.monotonic() < deadline:
+            time.sleep(0.01)  # the handler settles just after it notices the hang-up
+        self.assertEqual(tokens_of(self.quota()), expected)
+
+
+class KeysFileTests(ProxyTestCase):
+    KEYS = {
+        CLIENT_KEY: {"name": "alice", "max_tokens": 3, "refill_tokens": 1, "models": ["small"]},
+        OTHER_KEY: {"name": "bob", "buckets": [
+            {"name": "hourly", "max_tokens": 3, "refill_tokens": 3, "refill_interval_seconds": 3600},
+            {"name": "daily", "max_tokens": 5, "refill_tokens": 5, "refill_interval_seconds": 86400}]},
+    }
+
+    def setUp(self) -> None:
+        directory = tempfile.TemporaryDirectory()
+        self.addCleanup(directory.cleanup)
+        self.keys_path = os.path.join(directory.name, "keys.json")
+        self.write_keys(self.KEYS)
+        self.config_overrides = {"keys_file": self.keys_path, "client_keys": ("sk-env-key",)}
+        super().setUp()
+
+    def write_keys(self, keys: object) -> None:
+        with open(self.keys_path + ".tmp", "w") as file:
+            file.write(keys if isinstance(keys, str) else json.dumps(keys))
+        os.replace(self.keys_path + ".tmp", self.keys_path)
+
+    def text(self, response: Response) -> str:
+        return response.json()["choices"][0]["message"]["content"]
+
+    def test_keys_from_the_file_and_the_environment_are_accepted(self) -> None:
+        self.assertEqual(self.chat(model="small").status, 200)
+        self.assertEqual(self.chat(key=OTHER_KEY).status, 200)
+        self.assertEqual(self.chat(key="sk-env-key").status, 200)
+        self.assert_openai_error(self.chat(key="sk-nobody"), 401, code="invalid_api_key")
+
+    def test_per_key_capacity_and_quota(self) -> None:
+        for _ in range(3):
+            self.assertEqual(self.text(self.chat(model="small")), "hi from upstream")
+        self.assertEqual(self.text(self.chat(model="small")), "limit reached, wait 5 min")
+        quota = self.request("GET", "/v1/quota").json()
+        self.assertEqual((quota["name"], quota["models"]), ("alice", ["small"]))
+        self.assertEqual(quota["buckets"], [{"name": "", "capacity": 3, "tokens": 0, "refill_tokens": 1,
+                                             "refill_interval_seconds": 300.0,
+                                             "seconds_to_next_refill": 300.0, "seconds_to_full": 900.0}])
+
+    def test_the_longer_window_blocks_too_and_is_named(self) -> None:
+        for _ in range(3):
+            self.assertEqual(self.text(self.chat(key=OTHER_KEY)), "hi from upstream")
+        self.assertEqual(self.text(self.chat(key=OTHER_KEY)), "hourly limit reached, wait 60 min")
+        self.clock.advance(3600)
+        for _ in range(2):
+            self.assertEqual(self.text(self.chat(key=OTHER_KEY)), "hi from upstream")
+        self.assertEqual(self.text(self.chat(key=OTHER_KEY)), "daily limit reached, wait 1380 min")
+        quota = self.request("GET", "/v1/quota", key=OTHER_KEY).json()
+        self.assertEqual([(b["name"], b["tokens"]) for b in quota["buckets"]], [("hourly", 1), ("daily", 0)])
+
+    def test_a_model_off_the_list_is_403_and_free(self) -> None:
+        error = self.assert_openai_error(self.chat(model="large"), 403, code="model_not_allowed")
+        self.assertEqual(error["param"], "model")
+        self.assertEqual(tokens_of(self.request("GET", "/v1/quota").json()), [3])
+        self.assertEqual(self.upstream.requests, [])
+
+    def test_models_list_shows_only_the_keys_models(self) -> None:
+        # the fake upstream lists "upstream-model" only; alice may use "small" only
+        self.assertEqual(self.request("GET", "/v1/models").json()["data"], [])
+        listed = self.request("GET", "/v1/models", key=OTHER_KEY).json()["data"]
+        self.assertEqual([m["id"] for m in listed], ["upstream-model"])
+        self.start_proxy(keys_file=self.keys_path, upstream_model="small")
+        self.assertEqual([m["id"] for m in self.request("GET", "/v1/models").json()["data"]], ["small"])
+
+    def test_changes_apply_without_restart_and_a_broken_file_keeps_the_old_keys(self) -> None:
+        self.write_keys({"sk-new": {"name": "carol"}})
+        self.assertTrue(self.proxy.keyring.reload_if_changed())
+        self.assertEqual(self.chat(key="sk-new").status, 200)
+        self.assert_openai_error(self.chat(key=OTHER_KEY), 401)
+        self.write_keys("{broken")
+        self.assertFalse(self.proxy.keyring.reload_if_changed())
+        self.assertEqual(self.chat(key="sk-new").status, 200)
+        errors = [line for line in self.log.lines if "KEYS_FILE" in line and "keeping" in line]
+        self.assertEqual(len(errors), 1, self.log.lines)
+        self.assertFalse(self.proxy.keyring.reload_if_changed(), "a broken file is reported once")
+
+    def test_invalid_files_are_refused_at_startup_without_showing_keys(self) -> None:
+        for keys in ({"sk-secret-1": {"max_tokens": 0}}, {"sk-secret-1": {"colour": "red"}},
+                     {"sk-secret-1": {"models": "small"}}, ["sk-secret-1"], "{"):
+            with self.subTest(keys=keys):
+                self.write_keys(keys)
+                with self.assertRaises(ConfigError) as raised:
+                    ProxyServer(replace(self.config, keys_file=self.keys_path))
+                self.assertIn("KEYS_FILE", str(raised.exception))
+                self.assertNotIn("sk-secret-1", str(raised.exception))
+
+    def test_example_keys_file_is_valid(self) -> None:
+        with open(os.path.join(HERE, "examples", "keys.json")) as file:
+            policies = llm_proxy.parse_keys_file(file.read(), Config())
+        self.assertTrue(policies)
+
+
+class LimitErrorModeTests(ProxyTestCase):
+    config_overrides = {"limit_response": "error", "max_tokens": 1, "refill_tokens": 1}
+
+    def test_limit_is_a_429_with_retry_after(self) -> None:
+        self.chat()
+        response = self.chat()
+        error = self.assert_openai_error(response, 429, "rate_limit_exceeded", "rate_limit_exceeded")
+        self.assertEqual(error["message"], "limit reached, wait 5 min")
+        self.assertEqual(response.headers["Retry-After"], "300")
+        self.assertEqual(response.headers["X-RateLimit-Remaining"], "0")
+
+    def test_a_request_that_can_never_fit_is_a_400(self) -> None:
+        self.start_proxy(limit_response="error", cost_mode="estimate", max_tokens=100)
+        response = self.chat()
+        self.assert_openai_error(response, 400, code="request_too_large")
+        self.assertIsNone(response.headers["Retry-After"])
+
+
+class FairQueueTests(ProxyTestCase):
+    config_overrides = {"upstream_max_concurrent": 1, "max_tokens": 100}
+
+    def background(self, **kwargs: object) -> threading.Thread:
+        thread = threading.Thread(target=self.chat, kwargs=kwargs)
+        thread.start()
+        self.addCleanup(thread.join, WAIT)
+        return thread
+
+    def wait_for(self, condition: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + WAIT
+        while not condition():
+            self.assertLess(time.monotonic(), deadline, "condition not reached")
+            time.sleep(0.005)
+
+    def test_queue_serves_keys_round_robin(self) -> None:
+        gate = self.proxy.gate
+        holder = self.background(headers={"X-Fake": "hold", "X-Tag": "hold"})
+        self.wait_for(lambda: gate.in_flight == 1 and len(self.upstream.requests) == 1)
+        threads = []
+        for index in range(3):
+            threads.append(self.background(headers={"X-Tag": f"a{index}"}))
+            self.wait_for(lambda: gate.waiting == index + 1)
+        threads.append(self.background(key=OTHER_KEY, headers={"X-Tag": "b0"}))
+        self.wait_for(lambda: gate.waiting == 4)
+        self.upstream.release.set()
+        for thread in [holder, *threads]:
+            thread.join(WAIT)
+        order = [r["headers"]["X-Tag"] for r in self.upstream.requests]
+        self.assertEqual(order, ["hold", "a0", "b0", "a1", "a2"])
+
+    def test_queue_timeout_is_a_refunded_503(self) -> None:
+        self.start_proxy(upstream_max_concurrent=1, queue_timeout=0.1, max_tokens=100)
+        self.background(key=OTHER_KEY, headers={"X-Fake": "hold"})
+        self.wait_for(lambda: self.proxy.gate.in_flight == 1)
+        self.assert_openai_error(self.chat(), 503, "server_error", "queue_timeout")
+        self.assertEqual(self.level(), 100)
+
+    def test_per_key_limit_holds_one_key_back_but_not_others(self) -> None:
+        self.start_proxy(max_concurrent_per_key=1, max_tokens=100)
+        gate = self.proxy.gate
+        self.background(headers={"X-Fake": "hold"})
+        self.wait_for(lambda: gate.in_flight == 1)
+        self.background()
+        self.wait_for(lambda: gate.waiting == 1)
+        self.assertEqual(self.chat(key=OTHER_KEY).status, 200)  # not stuck behind alice
+        self.assertEqual(gate.waiting, 1)
+        self.upstream.release.set()
+        self.wait_for(lambda: gate.in_flight == 0 and gate.waiting == 0)
+
+    def test_client_leaving_closes_a_non_streamed_upstream_request_at_once(self) -> None:
+        body = json.dumps({"messages": []}).encode()
+        with socket.create_connection(("127.0.0.1", self.port), timeout=WAIT) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Fake: hold-until-closed\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            self.wait_for(lambda: len(self.upstream.requests) == 1)
+        self.assertTrue(self.upstream.closed_early.wait(1.0), "upstream kept generating for nobody")
+        self.wait_for(lambda: self.proxy.gate.in_flight == 0)
+
+    def test_no_slot_leaks_after_200_mixed_failing_requests(self) -> None:
+        self.start_proxy(upstream_max_concurrent=3, max_concurrent_per_key=2, read_timeout=0.1,
+                         max_tokens=1000)
+        behaviours = ["status-500", "close", "partial", "stall", "status-400", "", "leave",
+                      "break-after-first"]
+
+        def one(index: int) -> None:
+            behaviour = behaviours[index % len(behaviours)]
+            key = [CLIENT_KEY, OTHER_KEY, "sk-third"][index % 3]
+            if behaviour == "leave":
+                with socket.create_connection(("127.0.0.1", self.port), timeout=WAIT) as sock:
+                    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 40"
+                                 b"\r\n\r\n{\"messages\": [], \"stream\": true}")
+                return
+            self.chat(key=key, stream=index % 2 == 0, headers={"X-Fake": behaviour})
+
+        threads = [threading.Thread(target=lambda i=i: [one(j) for j in range(i, 200, 8)]) for i in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(WAIT * 3)
+        gate = self.proxy.gate
+        self.wait_for(lambda: gate.in_flight == 0)
+        self.assertEqual((gate.in_flight, gate.waiting, gate._per_key), (0, 0, {}))
+        self.assertEqual(self.chat().status, 200)
+
+
+class StateFileTests(ProxyTestCase):
+    def setUp(self) -> None:
+        directory = tempfile.TemporaryDirectory()
+        self.addCleanup(directory.cleanup)
+        self.state_path = os.path.join(directory.name, "state.json")
+        self.config_overrides = {"state_file": self.state_path}
+        super().setUp()
+
+    def restart(self, downtime: float) -> None:
+        """Stop (which saves), let ``downtime`` pass, start again from the state file."""
+        self.stop(self.proxy)
+        self.proxy = None
+        self.wall.advance(downtime)
+        self.clock.advance(5000)  # a new process's monotonic clock has nothing to do with the old one
+        self.start_proxy(state_file=self.state_path)
+
+    def test_levels_survive_a_restart_and_downtime_refills_apply(self) -> None:
+        for _ in range(7):
+            self.chat()
+        self.clock.advance(100)
+        self.restart(downtime=0)
+        self.assertEqual(self.level(), 3)
+        self.restart(downtime=250)  # one step, due 200 s after the save, fell in the downtime
+        self.assertEqual(self.level(), 5)
+        self.clock.advance(249)  # the step clock kept its phase: next step 300 s after the last
+        self.assertEqual(self.level(), 5)
+        self.clock.advance(1)
+        self.assertEqual(self.level(), 7)
+
+    def test_full_buckets_are_not_kept(self) -> None:
+        self.chat()
+        self.chat(key=OTHER_KEY)
+        self.clock.advance(300)
+        self.proxy.tidy()
+        self.assertEqual(len(self.proxy.buckets), 0)
+        with open(self.state_path) as file:
+            self.assertEqual(json.load(file)["buckets"], {})
+
+    def test_corrupt_or_missing_state_starts_clean_with_one_line(self) -> None:
+        self.chat()
+        self.stop(self.proxy)
+        self.proxy = None
+        with open(self.state_path, "w") as file:
+            file.write('{"version": 1, "buckets": {"key:x": [["a"]]}}')
+        self.log.lines.clear()
+        self.start_proxy(state_file=self.state_path)
+        self.assertEqual(self.level(), 10)
+        self.assertEqual(len([l for l in self.log.lines if "STATE_FILE" in l]), 1, self.log.lines)
+        os.unlink(self.state_path)
+        self.stop(self.proxy)
+        self.proxy = None
+        self.start_proxy(state_file=self.state_path + ".missing")
+        self.assertIn("not found", self.log.lines[-1])
+
+
+class AccessLogTests(ProxyTestCase):
+    def test_one_json_line_per_request_without_keys_or_prompts(self) -> None:
+        directory = tempfile.TemporaryDirectory()
+        self.addCleanup(directory.cleanup)
+        path = os.path.join(directory.name, "access.log")
+        self.start_proxy(access_log=path, max_tokens=1, refill_tokens=1)
+        self.chat(content="my secret prompt")
+        self.chat(content="my secret prompt")
+        self.chat(key=None, model=5)
+        self.chat(headers={"X-Fake": "status-503"}, key=OTHER_KEY)
+        self.stop(self.proxy)
+        self.proxy = None
+        with open(path) as file:
+            text = file.read()
+        records = [json.loads(line) for line in text.splitlines()]
+        self.assertEqual([r["outcome"] for r in records], ["served", "limited", "rejected", "error"])
+        self.assertEqual([r["status"] for r in records], [200, 200, 400, 503])
+        self.assertEqual([r["tokens_charged"] for r in records], [1, 0, 0, 0])
+        first = records[0]
+        self.assertEqual(first["key"], llm_proxy.key_digest(CLIENT_KEY)[:12])
+        self.assertEqual((first["ip"], first["method"], first["path"], first["model"]),
+                         ("127.0.0.1", "POST", "/v1/chat/completions", "client-model"))
+        self.assertIsInstance(first["upstream_ms"], float)
+        self.assertEqual(set(first), {"time", "key", "ip", "method", "path", "model", "status",
+                                      "tokens_charged", "tokens_settled", "upstream_ms", "outcome"})
+        for secret in (CLIENT_KEY, OTHER_KEY, UPSTREAM_KEY, "my secret prompt"):
+            self.assertNotIn(secret, text)
+
+
+class RestartTests(unittest.TestCase):
+    """The real process: SIGKILL loses at most one save interval; SIGHUP re-reads KEYS_FILE."""
+
+    def setUp(self) -> None:
+        directory = tempfile.TemporaryDirectory()
+        self.addCleanup(directory.cleanup)
+        self.directory = directory.name
+        self.echo = llm_proxy.start_echo_model(word_delay=0)
+        self.addCleanup(lambda: (self.echo.shutdown(), self.echo.server_close()))
+
+    def start(self, **env: str) -> tuple[subprocess.Popen, int]:
+        port = free_port()
+        full_env = {k: v for k, v in os.environ.items() if k not in {s.name for s in llm_proxy.SETTINGS}}
+        full_env.update(HOST="127.0.0.1", PORT=str(port),
+                        BASE_API_URL=f"http://127.0.0.1:{self.echo.server_address[1]}/v1", **env)
+        process = subprocess.Popen([sys.executable, os.path.join(HERE, "llm_proxy.py")], env=full_env,
+                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self.addCleanup(lambda: (process.kill(), process.communicate(timeout=WAIT)))
+        self.assertIn("listening", process.stdout.readline())
+        return process, port
+
+    def call(self, port: int, path: str, key: str, body: object = None) -> dict:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=WAIT)
+        try:
+            conn.request("POST" if body is not None else "GET", path,
+                         None if body is None else json.dumps(body), {"Authorization": f"Bearer {key}"})
+            response = conn.getresponse()
+            return {"status": response.status, **json.loads(response.read())}
+        finally:
+            conn.close()
+
+    def test_sigkill_loses_at_most_one_save_interval(self) -> None:
+        state = os.path.join(self.directory, "state.json")
+        process, port = self.start(STATE_FILE=state, STATE_SAVE_SECONDS="0.2")
+        for _ in range(6):
+            self.call(port, "/v1/chat/completions", CLIENT_KEY, {"messages": []})
+        digest = "key:" + llm_proxy.key_digest(CLIENT_KEY)
+        deadline = time.monotonic() + WAIT
+        while time.monotonic() < deadline:  # wait for a save that includes the traffic
+            with contextlib.suppress(OSError, ValueError):
+                with open(state) as file:
+                    if json.load(file)["buckets"].get(digest, [[None]])[0][0] == 4:
+                        break
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+        process.communicate(timeout=WAIT)
+        _, port = self.start(STATE_FILE=state)
+        self.assertEqual(tokens_of(self.call(port, "/v1/quota", CLIENT_KEY)), [4])
+
+    def test_sighup_reloads_the_keys_file(self) -> None:
+        keys = os.path.join(self.directory, "keys.json")
+        with open(keys, "w") as file:
+            json.dump({"sk-old": {"name": "old"}}, file)
+        process, port = self.start(KEYS_FILE=keys)
+        self.assertEqual(self.call(port, "/v1/quota", "sk-old")["name"], "old")
+        with open(keys, "w") as file:
+            json.dump({"sk-new": {"name": "new"}}, file)
+        process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + WAIT
+        while self.call(port, "/v1/quota", "sk-new")["status"] != 200:
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.02)
+        self.assertEqual(self.call(port, "/v1/quota", "sk-old")["status"], 401)
 
 
 # --------------------------------------------------------------------------
