@@ -1090,13 +1090,15 @@ class DisconnectWatcher:
     Without it a client that gives up on a long, non-streamed answer would only
     be noticed when the answer is written, after the model finished generating
     it for nobody.  ``watch`` returns a cancel function that must be called
-    before the connection is used again; after it the callback never runs.
+    before the connection is used again; once it returns the callback never runs.
     """
 
     def __init__(self) -> None:
         self._selector = selectors.DefaultSelector()
         self._lock = threading.Lock()
         self._callbacks: dict[int, Callable[[], None]] = {}
+        self._wake_reader, self._wake_writer = socket.socketpair()
+        self._selector.register(self._wake_reader, selectors.EVENT_READ)
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name="disconnect-watcher", daemon=True)
         self._thread.start()
@@ -1114,19 +1116,17 @@ class DisconnectWatcher:
         return cancel
 
     def _run(self) -> None:
+        # epoll and kqueue see sockets registered during a wait; the timeout bounds
+        # the delay on platforms whose selectors do not.
         while not self._stopped:
-            with self._lock:
-                empty = not self._callbacks
-            events = [] if empty else self._selector.select(timeout=0.05)
-            if empty:
-                time.sleep(0.05)
-            for key, _ in events:
-                self._check(key.fileobj)
+            for key, _ in self._selector.select(timeout=0.5):
+                if key.fileobj is not self._wake_reader:
+                    self._check(key.fileobj)
 
     def _check(self, client: socket.socket) -> None:
         try:
-            gone = client.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-        except BlockingIOError:
+            gone = client.recv(1, socket.MSG_PEEK) == b""
+        except (BlockingIOError, socket.timeout):
             return
         except OSError:
             gone = True
@@ -1140,8 +1140,11 @@ class DisconnectWatcher:
 
     def close(self) -> None:
         self._stopped = True
+        self._wake_writer.send(b"x")
         self._thread.join()
         self._selector.close()
+        self._wake_reader.close()
+        self._wake_writer.close()
 
 
 def upstream_failure(error: BaseException) -> ProxyError:
@@ -1954,6 +1957,10 @@ class EchoModelHandler(BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     word_delay = 0.05
+
+    def setup(self) -> None:
+        super().setup()
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def do_GET(self) -> None:
         if self.path.rstrip("/").endswith("/models"):

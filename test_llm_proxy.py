@@ -89,6 +89,10 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: FakeUpstream
 
+    def setup(self) -> None:
+        super().setup()
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
     def log_message(self, format: str, *args: object) -> None:
         pass
 
@@ -214,7 +218,7 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
 
 
 def serve(server: TrackedServer) -> threading.Thread:
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01},
                               daemon=True)
     thread.start()
     return thread
