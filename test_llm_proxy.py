@@ -1135,10 +1135,15 @@ class KeysFileTests(ProxyTestCase):
                 self.assertIn("KEYS_FILE", str(raised.exception))
                 self.assertNotIn("sk-secret-1", str(raised.exception))
 
-    def test_example_keys_file_is_valid(self) -> None:
+    def test_example_keys_file_is_the_readmes_and_valid(self) -> None:
         with open(os.path.join(HERE, "examples", "keys.json")) as file:
-            policies = llm_proxy.parse_keys_file(file.read(), Config())
-        self.assertTrue(policies)
+            example = file.read()
+        with open(os.path.join(HERE, "README.md")) as file:
+            self.assertIn(example.strip(), file.read())
+        policies = llm_proxy.parse_keys_file(example, Config())
+        ada = next(policy for _, policy in policies.values() if policy.name == "ada")
+        self.assertEqual(ada, llm_proxy.Policy("ada", (BucketSpec(20000, 20000, 86400.0),),
+                                               ("llama-3.1-8b-instruct",), 2))
 
 
 class LimitErrorModeTests(ProxyTestCase):
@@ -1377,6 +1382,16 @@ class RestartTests(unittest.TestCase):
         process.communicate(timeout=WAIT)
         _, port = self.start(STATE_FILE=state)
         self.assertEqual(tokens_of(self.call(port, "/v1/quota", CLIENT_KEY)), [4])
+
+    def test_sigterm_saves_the_state_before_exiting(self) -> None:
+        state = os.path.join(self.directory, "state.json")
+        process, port = self.start(STATE_FILE=state, STATE_SAVE_SECONDS="3600")
+        self.call(port, "/v1/chat/completions", CLIENT_KEY, {"messages": []})
+        process.send_signal(signal.SIGTERM)
+        self.assertEqual(process.wait(WAIT), 0)
+        with open(state) as file:
+            saved = json.load(file)["buckets"]
+        self.assertEqual(saved["key:" + llm_proxy.key_digest(CLIENT_KEY)][0][0], 9)
 
     def test_sighup_reloads_the_keys_file(self) -> None:
         keys = os.path.join(self.directory, "keys.json")
