@@ -1268,6 +1268,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "llm_proxy/" + __version__
     server: ProxyServer
+    body_pending = True  # until read_body: an unread body forces the connection closed
+    body_length = 0
 
     def setup(self) -> None:
         self.timeout = self.server.config.client_timeout  # idle clients must not hold a thread
@@ -1288,7 +1290,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.label = "-"           # who, for the logs: key name or fingerprint, never the key
         self.identity = ""         # whose buckets pay
         self.policy: Policy = self.server.keyring.default
-        self.body_pending = True   # an unread body forces the connection closed after the reply
+        self.body_pending = True
+        self.body_length = 0
         self.model: str | None = None
         self.charge: Charge | None = None
         self.stream_usage: StreamUsage | None = None
@@ -1329,21 +1332,34 @@ class ProxyHandler(BaseHTTPRequestHandler):
         kind = target.metered_kind
         if kind is not None and self.command == "POST":
             self.handle_completion(kind, target)
-        elif target.path == "/v1/quota" and self.command == "GET":
+        elif target.path == "/v1/quota" and self.command in ("GET", "HEAD"):
             self.send_json(200, self.quota())
-        elif target.path == "/v1/models" and self.command == "GET":
+        elif target.path == "/v1/models" and self.command in ("GET", "HEAD"):
             self.handle_models(target)
         else:
             self.forward(target, self.read_body())
 
     def check_headers(self) -> None:
-        """Reject header blocks a downstream parser could read differently than this one."""
+        """Reject header blocks and framing that another parser could read differently.
+
+        Whatever is ambiguous here (a line without a colon, a folded or control
+        character value, two lengths, length and chunking together) is how requests
+        get smuggled past a proxy, so it is refused and the connection closed.
+        """
         if self.headers.defects:
             raise ProxyError(400, "malformed header line", code="invalid_header", close=True)
         for name, value in self.headers.items():
             if not is_safe_header(name, value):
                 raise ProxyError(400, "invalid characters in a header", code="invalid_header",
                                  close=True)
+        lengths = self.headers.get_all("Content-Length") or []
+        if self.headers.get("Transfer-Encoding"):
+            if lengths:
+                raise ProxyError(400, "both Content-Length and Transfer-Encoding were sent",
+                                 code="invalid_framing", close=True)
+            raise ProxyError(411, "chunked request bodies are not supported; send Content-Length",
+                             code="length_required", close=True)
+        self.body_length = self.declared_length(lengths) if lengths else 0
 
     def authenticate(self) -> None:
         """Find whose buckets pay for this request, or raise 401."""
@@ -1363,21 +1379,16 @@ class ProxyHandler(BaseHTTPRequestHandler):
                          "invalid_api_key")
 
     def read_body(self) -> bytes:
-        """Read exactly the declared body; refuse any framing that two parsers could disagree on."""
+        """Read exactly the declared body (framing was checked with the headers)."""
         self.body_pending = False
-        lengths = self.headers.get_all("Content-Length") or []
-        if self.headers.get("Transfer-Encoding"):
-            if lengths:
-                raise ProxyError(400, "both Content-Length and Transfer-Encoding were sent",
-                                 code="invalid_framing", close=True)
-            raise ProxyError(411, "chunked request bodies are not supported; send Content-Length",
-                             code="length_required", close=True)
-        if not lengths:
-            return b""
-        length = self.declared_length(lengths)
-        body = self.rfile.read(length)
-        if len(body) < length:
-            raise ClientGone()
+        try:
+            body = self.rfile.read(self.body_length)
+        except socket.timeout:
+            raise ProxyError(408, "timed out waiting for the request body", code="timeout",
+                             close=True) from None
+        if len(body) < self.body_length:
+            raise ProxyError(400, "request body is shorter than its Content-Length",
+                             code="invalid_framing", close=True)
         return body
 
     def declared_length(self, lengths: list[str]) -> int:
@@ -1395,17 +1406,13 @@ class ProxyHandler(BaseHTTPRequestHandler):
         return length
 
     def handle_expect_100(self) -> bool:
-        """Refuse an oversized body before the client sends it."""
-        lengths = self.headers.get_all("Content-Length") or []
-        if lengths:
-            try:
-                self.declared_length(lengths)
-            except ProxyError as error:
-                self.status = 0
-                self.body_pending = True
-                self.close_connection = True
-                self.send_json(error.status, error.body())
-                return False
+        """Refuse a badly framed or oversized body before the client sends it."""
+        try:
+            self.check_headers()
+        except ProxyError as error:
+            self.close_connection = True
+            self.send_json(error.status, error.body())
+            return False
         return super().handle_expect_100()
 
     def parse_json_object(self, body: bytes) -> dict:
@@ -1464,8 +1471,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         body = self.upstream_body(body, payload, stream)
         self.charge = Charge(self.server.buckets, self.identity, self.policy.buckets, admission)
         try:
-            settle = self.settle_from_body if config.cost_mode == "usage" and not stream else None
-            self.forward(target, body, transform=settle)
+            self.forward(target, body, transform=self.checked_completion)
         except ClientGone:
             self.client_gone = True
             raise
@@ -1490,12 +1496,20 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 changed = True
         return json_bytes(payload) if changed else body
 
-    def settle_from_body(self, data: bytes) -> bytes:
+    def checked_completion(self, data: bytes) -> bytes:
+        """A successful, non-streamed completion must be a JSON object; else it was no answer.
+
+        In usage mode its ``usage`` settles the charge.
+        """
         try:
-            total = reported_usage(json.loads(data))
+            reply = json.loads(data)
         except (ValueError, RecursionError):
-            total = None
-        if total is not None and self.charge is not None:
+            reply = None
+        if not isinstance(reply, dict):
+            raise ProxyError(502, "The model server sent an invalid response.", "upstream_error",
+                             "upstream_invalid_response")
+        total = reported_usage(reply)
+        if self.server.config.cost_mode == "usage" and total is not None and self.charge is not None:
             self.charge.settle(total)
         return data
 
@@ -1636,8 +1650,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def response_head(self, status: int, headers: Sequence[tuple[str, str]],
                       reason: str | None = None) -> list[str]:
         self.status = status
-        if self.body_pending and self.headers and self.headers.get("Content-Length", "0") != "0":
-            self.close_connection = True  # the unread body would be taken for the next request
+        if self.body_pending and self.body_length:
+            self.close_connection = True  # an unread body would be taken for the next request
         if reason is None:
             reason = self.responses.get(status, ("",))[0]
         lines = [f"{self.protocol_version} {status} {reason}"]
@@ -1687,10 +1701,6 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """http.server's own errors (bad request line, huge headers ...) as OpenAI JSON."""
         self.close_connection = True
-        self.status = 0
-        self.body_pending = True
-        if not hasattr(self, "headers"):
-            self.headers = None  # type: ignore[assignment]
         kind = "server_error" if code >= 500 else "invalid_request_error"
         try:
             self.send_json(code, error_body(message or self.responses.get(code, ("",))[0], kind))
