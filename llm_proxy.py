@@ -766,6 +766,8 @@ def error_body(message: str, kind: str, code: str | None = None, param: str | No
 
 METERED_PATHS = {"/v1/chat/completions": "chat", "/v1/completions": "text"}
 
+# Encoded slashes would change where a path's segments begin, so they are refused.
+_ENCODED_SEPARATOR = re.compile(r"%(2f|5c)", re.IGNORECASE)
 # Characters allowed in a decoded path: RFC 3986 pchar minus ';' and '%'.
 _PATH_CHARACTERS = re.compile(r"[A-Za-z0-9._~:@!$&'()*+,=/-]*")
 _QUERY_CHARACTERS = re.compile(r"[\x21-\x7e]*")
@@ -795,7 +797,7 @@ class Target:
 def parse_target(raw: str) -> Target:
     """Decode and vet a request target; anything ambiguous is a 400, never a guess."""
     path, _, query = raw.partition("?")
-    if not path.startswith("/") or path.startswith("//"):
+    if not path.startswith("/") or path.startswith("//") or _ENCODED_SEPARATOR.search(path):
         raise ProxyError(400, "request target must be a path such as /v1/chat/completions",
                          code="invalid_path")
     try:
@@ -920,9 +922,9 @@ class UpstreamPool:
                 return self._idle.pop(), True
         return self._connect(), False
 
-    def release(self, conn: http.client.HTTPConnection, response: http.client.HTTPResponse) -> None:
-        """Keep the connection if its response is complete and the upstream keeps it open."""
-        if response.isclosed() and conn.sock is not None:
+    def release(self, conn: http.client.HTTPConnection) -> None:
+        """Keep a connection whose last response was read to the end, unless the upstream closed it."""
+        if conn.sock is not None:
             with self._lock:
                 if len(self._idle) < self.max_idle:
                     self._idle.append(conn)
@@ -942,8 +944,8 @@ class UpstreamExchange:
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
         self.conn: http.client.HTTPConnection | None = None
-        self.response: http.client.HTTPResponse | None = None
         self.aborted = False
+        self.completed = False  # the response was read to its end, so the connection is reusable
         self._lock = threading.Lock()
 
     def send(self, method: str, path: str, headers: dict[str, str],
@@ -961,8 +963,7 @@ class UpstreamExchange:
                     raise ConnectionAbortedError()
             try:
                 conn.request(method, path, body, headers)
-                self.response = conn.getresponse()
-                return self.response
+                return conn.getresponse()
             except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
                 conn.close()
                 if not reused or self.aborted:
@@ -985,8 +986,8 @@ class UpstreamExchange:
         """Return the connection to the pool if its response was read to the end, else close it."""
         if self.conn is None:
             return
-        if self.response is not None and not self.aborted:
-            self.pool.release(self.conn, self.response)
+        if self.completed and not self.aborted:
+            self.pool.release(self.conn)
         else:
             self.conn.close()
 
@@ -1569,7 +1570,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             try:
                 response = exchange.send(self.command, path, headers, body or None)
                 self.upstream_ms = (time.monotonic() - started) * 1000
-                self.relay(response, transform)
+                exchange.completed = self.relay(response, transform)
             except (OSError, http.client.HTTPException) as error:
                 if self.client_gone:
                     raise ClientGone() from None
@@ -1584,18 +1585,19 @@ class ProxyHandler(BaseHTTPRequestHandler):
         exchange.abort()
 
     def relay(self, response: http.client.HTTPResponse,
-              transform: Callable[[bytes], bytes] | None) -> None:
+              transform: Callable[[bytes], bytes] | None) -> bool:
+        """Pass the upstream's answer on; True when it was read to its end."""
         headers = copied_headers(response.getheaders(), HOP_BY_HOP | PROXY_RESPONSE_HEADERS)
         sse = response.getheader("Content-Type", "").startswith("text/event-stream")
         if sse or (response.length is None and not response.isclosed()):
-            self.relay_stream(response, headers, sse)
-            return
+            return self.relay_stream(response, headers, sse)
         data = response.read()
         served = response.status < 400
         if served and transform is not None:
             data = transform(data)
         self.settle(served)
         self.send_bytes(response.status, headers + self.meter_headers(), data, reason=response.reason)
+        return True
 
     def settle(self, served: bool) -> None:
         if self.charge is not None:
@@ -1605,7 +1607,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         return self.charge.headers if self.charge is not None else []
 
     def relay_stream(self, response: http.client.HTTPResponse, headers: list[tuple[str, str]],
-                     sse: bool) -> None:
+                     sse: bool) -> bool:
         """Pass the body on as it arrives; server-sent events go out whole, one write each.
 
         The charge is kept once anything reached the client; a stream that ends
@@ -1617,10 +1619,12 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.start_chunked(response.status, headers + self.meter_headers(), response.reason)
         usage = self.stream_usage if sse and served else None
         pending = b""
+        completed = False
         try:
             while True:
                 data = response.read1(65536)
                 if not data:
+                    completed = True
                     break
                 if sse:
                     pending += data
@@ -1639,11 +1643,11 @@ class ProxyHandler(BaseHTTPRequestHandler):
             if self.client_gone:
                 raise ClientGone() from None
             log.warning("upstream stream to %s broke off: %s", self.label, type(error).__name__)
-            response.close()
             if sse:
                 self.write_chunk(b"data: " + json_bytes(upstream_failure(error).body()) + b"\n\n")
         self.finish_charge()
         self.end_chunked()
+        return completed
 
     # -- writing -------------------------------------------------------------
 
@@ -1787,8 +1791,9 @@ class TrackedServer(ThreadingHTTPServer):
         head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
                 f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n")
         try:
-            request.settimeout(1.0)
-            request.sendall(head.encode() + body)
+            request.setblocking(False)
+            request.sendall(head.encode() + body)  # fits an empty send buffer: never blocks
+            request.recv(65536)  # drop what the client already sent, so closing sends FIN, not RST
         except OSError:
             pass
         self.shutdown_request(request)
@@ -1801,6 +1806,11 @@ class TrackedServer(ThreadingHTTPServer):
     @property
     def connection_count(self) -> int:
         return len(self._connections)
+
+    def handle_error(self, request: socket.socket, client_address: tuple) -> None:
+        """A connection that broke outside a request (a reset while idle, say): one line, no trace."""
+        error = sys.exc_info()[1]
+        log.info("%s connection ended: %s", client_address[0], type(error).__name__)
 
     def server_close(self) -> None:
         """Stop listening and end every open connection, so no handler thread outlives us."""

@@ -132,6 +132,21 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
         elif behaviour == "hold-until-closed":  # generates until the proxy hangs up on it
             self.server.closed_early.set() if self.wait_for_hang_up() else None
             self.close_connection = True
+        elif behaviour == "non-json":
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Content-Length", "5")
+            self.end_headers()
+            self.wfile.write(b"hello")
+        elif behaviour == "folded-header":
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Folded: a\r\n"
+                             b" X-Injected: 1\r\nContent-Length: 2\r\n\r\n{}")
+        elif behaviour == "huge-headers":
+            self.close_connection = True
+            with contextlib.suppress(OSError):
+                self.wfile.write(b"HTTP/1.1 200 OK\r\n" + b"X-Pad: " + b"p" * 1000 + b"\r\n")
+                for _ in range(10_000):  # 10 MB of headers
+                    self.wfile.write(b"X-Pad: " + b"p" * 1000 + b"\r\n")
         elif behaviour == "upstream-cors":
             self.reply(200, self.completion(payload), [("Access-Control-Allow-Origin", "https://x"),
                                                        ("X-RateLimit-Limit", "999")])
@@ -175,8 +190,9 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
-        events = [{"choices": [{"index": 0, "delta": {"content": f"w{i}"}, "finish_reason": None}]}
-                  for i in range(5)]
+        count, filler = (200, "x" * 10_000) if behaviour == "big-stream" else (5, "")
+        events = [{"choices": [{"index": 0, "delta": {"content": f"w{i}{filler}"}, "finish_reason": None}]}
+                  for i in range(count)]
         try:
             for index, event in enumerate(events):
                 self.chunk(b"data: " + json.dumps(event).encode() + b"\n\n")
@@ -188,6 +204,10 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
                         self.chunk(b'data: {"choices": [{"ind')  # half an event, then hang up
                         self.close_connection = True
                         return
+                    elif behaviour == "stall-mid-stream":
+                        self.server.release.wait(WAIT)
+                    elif behaviour == "malformed-event":
+                        self.chunk(b"data: {this is not json\n\n")
                     elif behaviour == "until-client-leaves":
                         for _ in range(int(WAIT / 0.01)):
                             self.chunk(b": keep-alive\n\n")
@@ -1414,7 +1434,11 @@ class RestartTests(unittest.TestCase):
 # --------------------------------------------------------------------------
 
 def main() -> int:
-    suite = unittest.defaultTestLoader.loadTestsFromModule(sys.modules[__name__])
+    """Run this module's tests and those under tests/, then print the closing tally."""
+    sys.modules.setdefault("test_llm_proxy", sys.modules[__name__])  # one copy of the fixtures
+    loader = unittest.defaultTestLoader
+    suite = unittest.TestSuite([loader.loadTestsFromModule(sys.modules[__name__]),
+                                loader.discover(os.path.join(HERE, "tests"), top_level_dir=HERE)])
     result = unittest.TextTestRunner(verbosity=1).run(suite)
     failed = len(result.failures) + len(result.errors) + len(result.unexpectedSuccesses)
     passed = result.testsRun - failed - len(result.skipped)
