@@ -23,6 +23,7 @@ import http.client
 import json
 import logging
 import math
+import queue
 import os
 import re
 import secrets
@@ -38,6 +39,7 @@ from collections import OrderedDict, deque
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, fields, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from logging.handlers import QueueHandler, QueueListener
 from typing import Callable, Iterator, Sequence
 
 __version__ = "1.0.0"
@@ -1085,19 +1087,35 @@ class FairGate:
             waiter.event.set()
 
 
+class _Watch:
+    """One watched client: its callback runs at most once, and never after ``cancel``."""
+
+    __slots__ = ("client", "on_gone", "active", "lock")
+
+    def __init__(self, client: socket.socket, on_gone: Callable[[], None]) -> None:
+        self.client = client
+        self.on_gone = on_gone
+        self.active = True
+        self.lock = threading.Lock()
+
+    def deactivate(self) -> bool:
+        with self.lock:
+            was_active, self.active = self.active, False
+            return was_active
+
+
 class DisconnectWatcher:
     """One thread that notices clients hanging up while their request is upstream.
 
     Without it a client that gives up on a long, non-streamed answer would only
     be noticed when the answer is written, after the model finished generating
-    it for nobody.  ``watch`` returns a cancel function that must be called
-    before the connection is used again; once it returns the callback never runs.
+    it for nobody.  ``watch`` returns a cancel function; once it returns, the
+    callback never runs.  Each watch has its own small lock, so handlers never
+    queue behind one another here.
     """
 
     def __init__(self) -> None:
         self._selector = selectors.DefaultSelector()
-        self._lock = threading.Lock()
-        self._callbacks: dict[int, Callable[[], None]] = {}
         self._wake_reader, self._wake_writer = socket.socketpair()
         self._selector.register(self._wake_reader, selectors.EVENT_READ)
         self._stopped = False
@@ -1105,39 +1123,40 @@ class DisconnectWatcher:
         self._thread.start()
 
     def watch(self, client: socket.socket, on_gone: Callable[[], None]) -> Callable[[], None]:
-        fd = client.fileno()
-        with self._lock:
-            self._selector.register(client, selectors.EVENT_READ)
-            self._callbacks[fd] = on_gone
+        watch = _Watch(client, on_gone)
+        self._selector.register(client, selectors.EVENT_READ, watch)
 
         def cancel() -> None:
-            with self._lock:
-                if self._callbacks.pop(fd, None) is not None:
-                    self._selector.unregister(client)
+            if watch.deactivate():
+                self._forget(watch)
         return cancel
+
+    def _forget(self, watch: _Watch) -> None:
+        with suppress(KeyError, ValueError, OSError):
+            self._selector.unregister(watch.client)
 
     def _run(self) -> None:
         # epoll and kqueue see sockets registered during a wait; the timeout bounds
         # the delay on platforms whose selectors do not.
         while not self._stopped:
             for key, _ in self._selector.select(timeout=0.5):
-                if key.fileobj is not self._wake_reader:
-                    self._check(key.fileobj)
+                if key.data is not None:
+                    self._check(key.data)
 
-    def _check(self, client: socket.socket) -> None:
+    def _check(self, watch: _Watch) -> None:
         try:
-            gone = client.recv(1, socket.MSG_PEEK) == b""
+            gone = watch.client.recv(1, socket.MSG_PEEK) == b""
         except (BlockingIOError, socket.timeout):
             return
         except OSError:
             gone = True
-        with self._lock:
-            callback = self._callbacks.pop(client.fileno(), None)
-            if callback is None:
+        with watch.lock:  # held while the callback runs, so cancel() waits for it to finish
+            if not watch.active:
                 return
-            self._selector.unregister(client)  # pipelined data or gone: either way, stop watching
+            watch.active = False
             if gone:
-                callback()
+                watch.on_gone()
+        self._forget(watch)  # pipelined data or gone: either way, stop watching
 
     def close(self) -> None:
         self._stopped = True
@@ -1274,6 +1293,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         self.timeout = self.server.config.client_timeout  # idle clients must not hold a thread
+        self.unwatch: Callable[[], None] = _nothing
         super().setup()
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
@@ -1300,6 +1320,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.limited = False
         self.client_gone = False
         self.upstream_ms: float | None = None
+        self.unwatch = _nothing
         try:
             self.route()
         except ProxyError as error:
@@ -1565,7 +1586,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         path = target.upstream_path(server.upstream.target.base_path)
         with server.gate.slot(self.identity, self.policy.max_concurrent):
             exchange = UpstreamExchange(server.upstream)
-            cancel = server.watcher.watch(self.connection, lambda: self.client_left(exchange))
+            self.unwatch = server.watcher.watch(self.connection, lambda: self.client_left(exchange))
             started = time.monotonic()
             try:
                 response = exchange.send(self.command, path, headers, body or None)
@@ -1576,7 +1597,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                     raise ClientGone() from None
                 raise upstream_failure(error) from None
             finally:
-                cancel()
+                self.unwatch()
                 exchange.finish()
 
     def client_left(self, exchange: UpstreamExchange) -> None:
@@ -1667,6 +1688,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def send_bytes(self, status: int, headers: Sequence[tuple[str, str]], body: bytes,
                    reason: str | None = None) -> None:
+        self.unwatch()  # once the client has its answer it may send the next request at once
         lines = self.response_head(status, headers, reason)
         if status >= 200 and status not in (204, 304):
             lines.append(f"Content-Length: {len(body)}")
@@ -1691,6 +1713,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.write(b"%x\r\n%s\r\n" % (len(data), data) if self.chunked else data)
 
     def end_chunked(self) -> None:
+        self.unwatch()
         if self.chunked and self.command != "HEAD":
             self.write(b"0\r\n\r\n")
 
@@ -1741,6 +1764,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 "model": self.model, "status": status, "tokens_charged": charged,
                 "tokens_settled": settled, "upstream_ms": None if self.upstream_ms is None
                 else round(self.upstream_ms, 1), "outcome": outcome})
+
+
+def _nothing() -> None:
+    pass
 
 
 def validate_completion(kind: str, payload: dict) -> None:
@@ -1824,24 +1851,47 @@ class TrackedServer(ThreadingHTTPServer):
                 pass
 
 
+class BackgroundLog:
+    """Hands a logger's records to a thread of its own, which does the writing.
+
+    A handler writes while holding its lock; with many request threads, every
+    one of them would queue behind each write.  Putting a record on a queue
+    costs no system call and holds no lock that a write holds.
+    """
+
+    def __init__(self, logger: logging.Logger, handler: logging.Handler) -> None:
+        self.logger = logger
+        self.target = handler
+        records: queue.SimpleQueue = queue.SimpleQueue()
+        self.handler = QueueHandler(records)
+        self.listener = QueueListener(records, handler)
+        self.listener.start()
+        logger.addHandler(self.handler)
+
+    def close(self) -> None:
+        """Write out what is queued, then stop."""
+        self.logger.removeHandler(self.handler)
+        self.listener.stop()
+        self.target.close()
+
+
 class AccessLog:
-    """ACCESS_LOG: one JSON line per request, appended under a lock."""
+    """ACCESS_LOG: one JSON line per request, written in the background."""
 
     def __init__(self, path: str) -> None:
         try:
-            self._file = open(path, "a", encoding="utf-8", buffering=1)
+            handler = logging.FileHandler(path, encoding="utf-8")
         except OSError as error:
             raise ConfigError(f"ACCESS_LOG {path}: cannot open it ({error.strerror})") from None
-        self._lock = threading.Lock()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        self._logger = logging.Logger("llm_proxy.access", logging.INFO)  # outside the hierarchy
+        self._background = BackgroundLog(self._logger, handler)
 
     def write(self, record: dict) -> None:
-        line = json.dumps(record, separators=(",", ":")) + "\n"
-        with self._lock:
-            self._file.write(line)
+        self._logger.info("%s", json.dumps(record, separators=(",", ":")))
 
     def close(self) -> None:
-        with self._lock:
-            self._file.close()
+        self._background.close()
 
 
 def write_atomically(path: str, data: bytes) -> None:
@@ -2081,7 +2131,18 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
                         help="use a built-in echo model as the upstream (no model server needed)")
     parser.add_argument("--version", action="version", version=__version__)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    console = logging.StreamHandler()
+    console.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.setLevel(logging.INFO)
+    background = BackgroundLog(log, console)
+    try:
+        return run(args, environ)
+    finally:
+        background.close()
+
+
+def run(args: argparse.Namespace, environ: dict[str, str] | None) -> int:
+    """Configure, start and serve until Ctrl-C or SIGTERM; 2 when the configuration is bad."""
     environ = dict(os.environ if environ is None else environ)
     try:
         config = Config.from_env(environ)
