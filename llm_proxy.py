@@ -40,7 +40,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, fields, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from logging.handlers import QueueHandler, QueueListener
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence, TextIO
 
 __version__ = "1.0.0"
 
@@ -1742,7 +1742,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         pass  # one line per request is written by log_outcome instead
 
     def log_outcome(self) -> None:
-        """One line per request for the log, and one JSON record for ACCESS_LOG; never a key."""
+        """One line per request on the console, and one JSON record for ACCESS_LOG; never a key."""
         status = self.status or (499 if self.client_gone else 0)
         if self.limited:
             outcome = "limited"
@@ -1755,15 +1755,18 @@ class ProxyHandler(BaseHTTPRequestHandler):
         settled = charge.settled if charge is not None and charge.settled is not None else charged
         path = ascii(self.path.partition("?")[0][:200])[1:-1]
         elapsed = (time.monotonic() - self.started) * 1000
-        log.info("%s %s %s %s %d %s %.1fms charged=%d settled=%d", self.client_address[0],
-                 self.label, self.command, path, status, outcome, elapsed, charged, settled)
+        now = time.time()
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)) + f",{int(now % 1 * 1000):03d}"
+        self.server.console.write(
+            f"{stamp} INFO {self.client_address[0]} {self.label} {self.command} {path} {status} "
+            f"{outcome} {elapsed:.1f}ms charged={charged} settled={settled}\n")
         if self.server.access_log is not None:
-            self.server.access_log.write({
-                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "key": self.label,
+            self.server.access_log.write(json.dumps({
+                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)), "key": self.label,
                 "ip": self.client_address[0], "method": self.command, "path": path,
                 "model": self.model, "status": status, "tokens_charged": charged,
                 "tokens_settled": settled, "upstream_ms": None if self.upstream_ms is None
-                else round(self.upstream_ms, 1), "outcome": outcome})
+                else round(self.upstream_ms, 1), "outcome": outcome}, separators=(",", ":")) + "\n")
 
 
 def _nothing() -> None:
@@ -1875,23 +1878,55 @@ class BackgroundLog:
         self.target.close()
 
 
-class AccessLog:
-    """ACCESS_LOG: one JSON line per request, written in the background."""
+class LineWriter:
+    """Writes lines to a stream from a thread of its own, a batch every 0.1 s.
 
-    def __init__(self, path: str) -> None:
-        try:
-            handler = logging.FileHandler(path, encoding="utf-8")
-        except OSError as error:
-            raise ConfigError(f"ACCESS_LOG {path}: cannot open it ({error.strerror})") from None
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        self._logger = logging.Logger("llm_proxy.access", logging.INFO)  # outside the hierarchy
-        self._background = BackgroundLog(self._logger, handler)
+    Request threads only append to a deque: no lock held across a write, no
+    system call and no thread woken per line.  The per-request log lines go
+    this way; the ``logging`` module, at a few times the cost, keeps the rest.
+    """
 
-    def write(self, record: dict) -> None:
-        self._logger.info("%s", json.dumps(record, separators=(",", ":")))
+    def __init__(self, stream: TextIO, owns_stream: bool = False, interval: float = 0.1) -> None:
+        self._stream = stream
+        self._owns_stream = owns_stream
+        self._interval = interval
+        self._lines: deque[str] = deque()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="line-writer", daemon=True)
+        self._thread.start()
+
+    def write(self, line: str) -> None:
+        self._lines.append(line)
+
+    def _run(self) -> None:
+        while not self._stopped.wait(self._interval):
+            self.flush()
+
+    def flush(self) -> None:
+        batch = []
+        with suppress(IndexError):
+            while True:
+                batch.append(self._lines.popleft())
+        if batch:
+            try:
+                self._stream.write("".join(batch))
+                self._stream.flush()
+            except (OSError, ValueError) as error:  # a full disk or closed console stops no request
+                log.error("cannot write the request log: %s", type(error).__name__)
 
     def close(self) -> None:
-        self._background.close()
+        self._stopped.set()
+        self._thread.join()
+        self.flush()
+        if self._owns_stream:
+            self._stream.close()
+
+
+def open_access_log(path: str) -> LineWriter:
+    try:
+        return LineWriter(open(path, "a", encoding="utf-8"), owns_stream=True)
+    except OSError as error:
+        raise ConfigError(f"ACCESS_LOG {path}: cannot open it ({error.strerror})") from None
 
 
 def write_atomically(path: str, data: bytes) -> None:
@@ -1923,7 +1958,7 @@ class ProxyServer(TrackedServer):
     """
 
     def __init__(self, config: Config, clock: Callable[[], float] = time.monotonic,
-                 wall_clock: Callable[[], float] = time.time) -> None:
+                 wall_clock: Callable[[], float] = time.time, console: TextIO | None = None) -> None:
         if not config.upstream_url:
             raise ConfigError("BASE_API_URL is not set: point it at the model server, "
                               "e.g. http://127.0.0.1:8080/v1 (or run with --demo)")
@@ -1937,8 +1972,14 @@ class ProxyServer(TrackedServer):
                                      config.open_timeout, config.read_timeout)
         if config.state_file:
             self.load_state()
-        super().__init__((config.host, config.port), ProxyHandler)
-        self.access_log = AccessLog(config.access_log) if config.access_log else None
+        self.access_log = open_access_log(config.access_log) if config.access_log else None
+        try:
+            super().__init__((config.host, config.port), ProxyHandler)
+        except OSError:
+            if self.access_log is not None:
+                self.access_log.close()
+            raise
+        self.console = LineWriter(sys.stderr if console is None else console)
         self.watcher = DisconnectWatcher()
         self._wake = threading.Event()
         self._closing = False
@@ -2010,6 +2051,7 @@ class ProxyServer(TrackedServer):
         self.upstream.close()
         if self.config.state_file:
             self.tidy()
+        self.console.close()
         if self.access_log is not None:
             self.access_log.close()
 
