@@ -40,7 +40,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, fields, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from logging.handlers import QueueHandler, QueueListener
-from typing import Callable, Iterator, Sequence, TextIO
+from typing import BinaryIO, Callable, Iterator, Sequence, TextIO
 
 __version__ = "1.0.0"
 
@@ -838,6 +838,56 @@ def is_safe_header(name: str, value: str) -> bool:
     return bool(_TOKEN.fullmatch(name) and _FIELD_VALUE.fullmatch(value))
 
 
+MAX_LINE = 65536
+MAX_HEADERS = 100
+
+
+class Headers:
+    """A request's header fields in the order sent, looked up case-insensitively."""
+
+    __slots__ = ("_items", "_index")
+
+    def __init__(self, items: list[tuple[str, str]]) -> None:
+        self._items = items
+        self._index: dict[str, list[str]] = {}
+        for name, value in items:
+            self._index.setdefault(name.lower(), []).append(value)
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        values = self._index.get(name.lower())
+        return values[0] if values else default
+
+    def get_all(self, name: str) -> list[str]:
+        return self._index.get(name.lower(), [])
+
+    def items(self) -> list[tuple[str, str]]:
+        return self._items
+
+
+def read_headers(rfile: BinaryIO) -> Headers:
+    """Read a header block strictly: a folded line, a line without a colon or a control
+    character is an error, never reinterpreted, because reinterpretation is how requests
+    are smuggled past a proxy."""
+    items = []
+    while True:
+        line = rfile.readline(MAX_LINE + 1)
+        if len(line) > MAX_LINE:
+            raise ProxyError(431, "header line too long", code="header_too_large", close=True)
+        if line in (b"\r\n", b"\n"):
+            return Headers(items)
+        if not line.endswith(b"\n"):
+            raise ProxyError(400, "the request ended inside its headers", code="invalid_header",
+                             close=True)
+        if len(items) == MAX_HEADERS:
+            raise ProxyError(431, f"more than {MAX_HEADERS} headers", code="header_too_large",
+                             close=True)
+        name, colon, value = line.decode("iso-8859-1").rstrip("\r\n").partition(":")
+        value = value.strip(" \t")
+        if not colon or not is_safe_header(name, value):
+            raise ProxyError(400, "malformed header line", code="invalid_header", close=True)
+        items.append((name, value))
+
+
 def copied_headers(items: Sequence[tuple[str, str]], excluded: frozenset) -> list[tuple[str, str]]:
     """Headers passed from one side to the other, minus hop-by-hop ones and any named in Connection."""
     listed: set[str] = set()
@@ -1339,7 +1389,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.log_outcome()
 
     def route(self) -> None:
-        self.check_headers()
+        self.check_framing()
         if self.command == "OPTIONS":
             self.send_bytes(204, PREFLIGHT_HEADERS, b"")
             return
@@ -1361,20 +1411,41 @@ class ProxyHandler(BaseHTTPRequestHandler):
         else:
             self.forward(target, self.read_body())
 
-    def check_headers(self) -> None:
-        """Reject header blocks and framing that another parser could read differently.
+    def parse_request(self) -> bool:
+        """Parse the request line and headers; http.server's hook, made strict and cheap.
 
-        Whatever is ambiguous here (a line without a colon, a folded or control
-        character value, two lengths, length and chunking together) is how requests
-        get smuggled past a proxy, so it is refused and the connection closed.
+        http.server reads headers with the lenient email parser, which accepts
+        folded and colon-less lines and was over a third of this proxy's work per
+        request; ``read_headers`` refuses both, at a fraction of the cost.
         """
-        if self.headers.defects:
-            raise ProxyError(400, "malformed header line", code="invalid_header", close=True)
-        for name, value in self.headers.items():
-            if not is_safe_header(name, value):
-                raise ProxyError(400, "invalid characters in a header", code="invalid_header",
-                                 close=True)
-        lengths = self.headers.get_all("Content-Length") or []
+        self.command = None
+        self.request_version = "HTTP/1.0"
+        self.close_connection = True
+        self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
+        words = self.requestline.split()
+        if len(words) != 3 or not words[2].startswith("HTTP/"):
+            self.send_error(400, "Bad request syntax")
+            return False
+        command, path, version = words
+        if version not in ("HTTP/1.0", "HTTP/1.1"):
+            self.send_error(505, "Only HTTP/1.0 and HTTP/1.1 are supported")
+            return False
+        self.command, self.path, self.request_version = command, path, version
+        try:
+            self.headers = read_headers(self.rfile)  # type: ignore[assignment]
+        except ProxyError as error:
+            self.send_json(error.status, error.body())
+            return False
+        connection = {token.strip().lower() for token in self.headers.get("Connection", "").split(",")}
+        self.close_connection = "close" in connection or (
+            version == "HTTP/1.0" and "keep-alive" not in connection)
+        if self.headers.get("Expect", "").lower() == "100-continue" and version == "HTTP/1.1":
+            return self.handle_expect_100()
+        return True
+
+    def check_framing(self) -> None:
+        """Refuse body framing that another parser could read differently (request smuggling)."""
+        lengths = self.headers.get_all("Content-Length")
         if self.headers.get("Transfer-Encoding"):
             if lengths:
                 raise ProxyError(400, "both Content-Length and Transfer-Encoding were sent",
@@ -1430,7 +1501,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def handle_expect_100(self) -> bool:
         """Refuse a badly framed or oversized body before the client sends it."""
         try:
-            self.check_headers()
+            self.check_framing()
         except ProxyError as error:
             self.close_connection = True
             self.send_json(error.status, error.body())
