@@ -864,27 +864,38 @@ class Headers:
         return self._items
 
 
+class HeaderError(http.client.HTTPException):
+    """A header block that ``read_headers`` refuses; ``status`` is what a client is told."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
 def read_headers(rfile: BinaryIO) -> Headers:
-    """Read a header block strictly: a folded line, a line without a colon or a control
-    character is an error, never reinterpreted, because reinterpretation is how requests
-    are smuggled past a proxy."""
+    """Read a header block strictly, for requests and upstream responses alike.
+
+    A folded line, a line without a colon or a control character is an error,
+    never reinterpreted: reinterpretation is how requests are smuggled past a
+    proxy.  It also costs a fraction of the email parser that http.server and
+    http.client use, which was the largest part of this proxy's work per request.
+    """
     items = []
     while True:
         line = rfile.readline(MAX_LINE + 1)
         if len(line) > MAX_LINE:
-            raise ProxyError(431, "header line too long", code="header_too_large", close=True)
+            raise HeaderError(431, "header line too long")
         if line in (b"\r\n", b"\n"):
             return Headers(items)
         if not line.endswith(b"\n"):
-            raise ProxyError(400, "the request ended inside its headers", code="invalid_header",
-                             close=True)
+            raise HeaderError(400, "the message ended inside its headers")
         if len(items) == MAX_HEADERS:
-            raise ProxyError(431, f"more than {MAX_HEADERS} headers", code="header_too_large",
-                             close=True)
+            raise HeaderError(431, f"more than {MAX_HEADERS} headers")
         name, colon, value = line.decode("iso-8859-1").rstrip("\r\n").partition(":")
         value = value.strip(" \t")
         if not colon or not is_safe_header(name, value):
-            raise ProxyError(400, "malformed header line", code="invalid_header", close=True)
+            raise HeaderError(400, "malformed header line")
         items.append((name, value))
 
 
@@ -938,6 +949,36 @@ class UpstreamTarget:
         return f"{self.scheme}://{host}:{self.port}{self.base_path}"
 
 
+class UpstreamResponse(http.client.HTTPResponse):
+    """http.client's response, its headers read by ``read_headers``.
+
+    Only the header parsing differs from ``HTTPResponse.begin``: the email
+    parser it replaces was, after the request side's, the largest cost per
+    request, and it accepts folded lines that ``read_headers`` refuses.
+    """
+
+    def begin(self) -> None:
+        version, status, reason = self._read_status()
+        while status == http.client.CONTINUE:  # skip interim responses
+            read_headers(self.fp)  # type: ignore[arg-type]
+            version, status, reason = self._read_status()
+        if not version.startswith("HTTP/1.") and version != "HTTP/0.9":
+            raise http.client.UnknownProtocol(version)
+        self.code = self.status = status
+        self.reason = reason.strip()
+        self.version = 11 if version.startswith("HTTP/1.") and version != "HTTP/1.0" else 10
+        self.headers = self.msg = read_headers(self.fp)  # type: ignore[arg-type,assignment]
+        self.chunked = (self.headers.get("Transfer-Encoding") or "").lower() == "chunked"
+        self.chunk_left = None
+        self.will_close = self._check_close()
+        length = self.headers.get("Content-Length") or ""
+        self.length = int(length) if length.isdigit() and not self.chunked else None
+        if status in (204, 304) or 100 <= status < 200 or self._method == "HEAD":
+            self.length = 0
+        if not self.will_close and not self.chunked and self.length is None:
+            self.will_close = True  # the body ends when the connection does
+
+
 class UpstreamPool:
     """Persistent HTTP/1.1 connections to the upstream, reused across requests.
 
@@ -962,6 +1003,7 @@ class UpstreamPool:
         else:
             conn = http.client.HTTPConnection(self.target.host, self.target.port,
                                               timeout=self.open_timeout)
+        conn.response_class = UpstreamResponse
         conn.connect()
         conn.sock.settimeout(self.read_timeout)
         conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -1433,8 +1475,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.command, self.path, self.request_version = command, path, version
         try:
             self.headers = read_headers(self.rfile)  # type: ignore[assignment]
-        except ProxyError as error:
-            self.send_json(error.status, error.body())
+        except HeaderError as error:
+            self.send_json(error.status, error_body(error.message, "invalid_request_error",
+                                                    "invalid_header"))
             return False
         connection = {token.strip().lower() for token in self.headers.get("Connection", "").split(",")}
         self.close_connection = "close" in connection or (
