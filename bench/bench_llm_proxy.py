@@ -28,6 +28,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEY = "bench-key"
+FORGET_AFTER = 3.0  # seconds: a refill step (1 s) plus a housekeeping pass (every 1 s), with room
 
 
 # --------------------------------------------------------------------------
@@ -80,10 +81,13 @@ class BenchUpstream(BaseHTTPRequestHandler):
         pass
 
 
+class BenchServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 1024  # the listen backlog is set when the server is created
+
+
 def serve_upstream() -> None:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), BenchUpstream)
-    server.daemon_threads = True
-    server.request_queue_size = 1024
+    server = BenchServer(("127.0.0.1", 0), BenchUpstream)
     print(server.server_address[1], flush=True)
     server.serve_forever()
 
@@ -121,8 +125,11 @@ def start_proxy(upstream_port: int, **env: str) -> tuple[Process, int]:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
+    # Buckets refill to full a second after use, and housekeeping runs every second,
+    # so the churn scenario can watch full buckets being forgotten.
     settings = {"HOST": "127.0.0.1", "PORT": str(port), "MAX_TOKENS": "1000000000",
-                "REFILL_TOKENS": "1", "BASE_API_URL": f"http://127.0.0.1:{upstream_port}/v1"}
+                "REFILL_TOKENS": "1", "REFILL_INTERVAL_SECONDS": "1", "STATE_SAVE_SECONDS": "1",
+                "BASE_API_URL": f"http://127.0.0.1:{upstream_port}/v1"}
     settings.update(env)
     environment = {k: v for k, v in os.environ.items() if not k.isupper() or k in ("PATH", "HOME")}
     environment.update(settings)
@@ -308,11 +315,11 @@ def connect_burst(port: int, count: int) -> dict:
     return {"answered": answered[0], "errors": errors[0]}
 
 
-def many_keys(port: int, keys: int) -> None:
+def many_keys(port: int, keys: int, first: int) -> None:
     """Send one request for each of ``keys`` distinct keys, 8 connections in parallel."""
     def run(offset: int) -> None:
         client = KeepAliveClient(port)
-        for index in range(offset, keys, 8):
+        for index in range(first + offset, first + keys, 8):
             client.call(request_bytes(CHAT, key=f"sk-churn-{index:07d}"))
         client.close()
 
@@ -326,6 +333,10 @@ def many_keys(port: int, keys: int) -> None:
 # --------------------------------------------------------------------------
 # Scenarios
 # --------------------------------------------------------------------------
+
+def shown(value: float) -> str:
+    return f"{value:,}" if isinstance(value, int) else f"{value:,.2f}"
+
 
 def median_of(rounds: list[dict], field: str) -> float:
     return statistics.median(r[field] for r in rounds)
@@ -356,9 +367,9 @@ def main() -> None:
     rows: list[tuple[str, str, str, str]] = []
 
     def row(name: str, proxied: float, direct: float | None, unit: str, ratio: str = "") -> None:
-        direct_text = "" if direct is None else f"{direct:,.2f} {unit}"
-        rows.append((name, f"{proxied:,.2f} {unit}", direct_text, ratio))
-        print(f"  {name}: proxy {proxied:,.2f} {unit}" + (f", direct {direct_text}" if direct_text else "")
+        direct_text = "" if direct is None else f"{shown(direct)} {unit}"
+        rows.append((name, f"{shown(proxied)} {unit}", direct_text, ratio))
+        print(f"  {name}: proxy {shown(proxied)} {unit}" + (f", direct {direct_text}" if direct_text else "")
               + (f", {ratio}" if ratio else ""), flush=True)
 
     try:
@@ -393,7 +404,7 @@ def main() -> None:
         burst = 64 if quick else 256
         d, p = connect_burst(upstream_port, burst), connect_burst(proxy_port, burst)
         row(f"burst of {burst} simultaneous connects: refused or reset", p["errors"], d["errors"],
-            "errors")
+            "errors", f"{p['answered']} of {burst} answered")
 
         limited_proxy, limited_port = start_proxy(upstream_port, MAX_TOKENS="1",
                                                   REFILL_INTERVAL_SECONDS="86400")
@@ -409,8 +420,10 @@ def main() -> None:
 
         streams = 200 if quick else 1000
         baseline = proxy.memory_kib()
+        direct = idle_then_active(upstream_port, streams, 10)
         result = idle_then_active(proxy_port, streams, 10)
-        row(f"{streams} idle-then-active streams: completed", result["completed"], streams, "streams")
+        row(f"{streams} idle-then-active streams: completed", result["completed"], direct["completed"],
+            "streams", f"all done in {result['seconds']:.2f} s (direct {direct['seconds']:.2f} s)")
         row(f"{streams} idle-then-active streams: proxy peak RSS", proxy.memory_kib("VmHWM") / 1024,
             None, "MiB", f"{baseline / 1024:.1f} MiB before")
 
@@ -418,7 +431,7 @@ def main() -> None:
         before = [throughput(proxy_port, 1, seconds)["p50_ms"] for _ in range(rounds)]
         rss_before = proxy.memory_kib()
         began = time.perf_counter()
-        many_keys(proxy_port, keys)
+        many_keys(proxy_port, keys, first=0)
         churn_rate = keys / (time.perf_counter() - began)
         rss_after = proxy.memory_kib()
         after = [throughput(proxy_port, 1, seconds)["p50_ms"] for _ in range(rounds)]
@@ -427,6 +440,13 @@ def main() -> None:
         b, a = statistics.median(before), statistics.median(after)
         row(f"{keys:,} distinct keys: p50 latency, 1 client, after vs before", a, b, "ms",
             f"{a / b:.2f}x")
+        many_keys(proxy_port, keys, first=keys)
+        rss_peak = proxy.memory_kib()
+        time.sleep(FORGET_AFTER)  # every bucket refills to full and housekeeping forgets it
+        rss_forgotten = proxy.memory_kib()
+        row(f"{2 * keys:,} distinct keys, then all refilled: proxy RSS", rss_forgotten / 1024,
+            rss_before / 1024, "MiB", f"{rss_peak / 1024:.1f} MiB at the peak; first figure after "
+            "full buckets were forgotten, second before the churn")
     finally:
         proxy.stop()
         upstream.stop()
