@@ -327,7 +327,10 @@ class BucketStore:
     def _current(self, identity: str, specs: Sequence[BucketSpec], now: float) -> list[Bucket]:
         buckets = self._buckets.get(identity)
         if buckets is None or len(buckets) != len(specs):
-            buckets = [Bucket(spec.capacity, now) for spec in specs]
+            # A new caller starts full; when a policy gains or loses windows, the
+            # levels kept so far stay (by position), so an edit refills nobody early.
+            kept = buckets or []
+            buckets = kept[:len(specs)] + [Bucket(spec.capacity, now) for spec in specs[len(kept):]]
             self._buckets[identity] = buckets
         for bucket, spec in zip(buckets, specs):
             bucket.refill(spec, now)
@@ -370,9 +373,6 @@ class BucketStore:
                      "seconds_to_full": round(bucket.seconds_until(spec, spec.capacity, now), 3)}
                     for bucket, spec in zip(self._current(identity, specs, now), specs)]
 
-    def level(self, identity: str, specs: Sequence[BucketSpec]) -> list[int]:
-        return [bucket["tokens"] for bucket in self.snapshot(identity, specs)]
-
     def prune(self, specs_of: Callable[[str], Sequence[BucketSpec]], batch: int = 2000) -> int:
         """Forget buckets that are full again; the lock is taken per batch, not for the sweep."""
         forgotten = 0
@@ -395,12 +395,21 @@ class BucketStore:
                 self._buckets = dict(self._buckets)  # a dict never shrinks its table in place
         return forgotten
 
-    def dump(self, wall_clock: Callable[[], float] = time.time) -> dict:
-        """Levels with their step clocks on the wall clock, which, unlike ours, survives a restart."""
-        with self._lock:
-            offset = wall_clock() - self.clock()
-            return {identity: [[bucket.tokens, round(bucket.step_at + offset, 3)] for bucket in buckets]
-                    for identity, buckets in self._buckets.items()}
+    def dump(self, wall_clock: Callable[[], float] = time.time, batch: int = 2000) -> dict:
+        """Levels with their step clocks on the wall clock, which, unlike ours, survives a restart.
+
+        Copied a batch at a time, so that saving many buckets never stalls a charge for long.
+        """
+        offset = wall_clock() - self.clock()
+        identities = list(self._buckets)
+        saved = {}
+        for start in range(0, len(identities), batch):
+            with self._lock:
+                for identity in identities[start:start + batch]:
+                    buckets = self._buckets.get(identity)
+                    if buckets is not None:
+                        saved[identity] = [[b.tokens, round(b.step_at + offset, 3)] for b in buckets]
+        return saved
 
     def load(self, saved: dict, wall_clock: Callable[[], float] = time.time) -> None:
         """Restore dumped buckets; refill steps that fell during the downtime apply on next use."""
@@ -412,6 +421,8 @@ class BucketStore:
                 raise ValueError("unexpected bucket entry")
             restored[identity] = [Bucket(int(tokens), min(now, float(step_at) + offset))
                                   for tokens, step_at in buckets]
+            if not all(math.isfinite(bucket.step_at) for bucket in restored[identity]):
+                raise ValueError("a refill time is not a number")
         with self._lock:
             self._buckets.update(restored)
 
@@ -608,7 +619,7 @@ class KeyRing:
                 text = file.read()
         except (OSError, UnicodeDecodeError) as error:
             raise ConfigError(f"cannot read it ({type(error).__name__})") from None
-        self._file_stamp = stamp  # a broken file is reported once, not on every check
+        self._file_stamp = stamp
         self._policies = {**self._static, **parse_keys_file(text, self.config)}
 
     def reload_if_changed(self, force: bool = False) -> bool:
@@ -617,11 +628,12 @@ class KeyRing:
         if not path:
             return False
         try:
-            stamp = _file_stamp(os.stat(path))
+            stamp: tuple | None = _file_stamp(os.stat(path))
         except OSError:
             stamp = None
         if not force and stamp == self._file_stamp:
             return False
+        self._file_stamp = stamp  # a missing or broken file is reported once, not every second
         try:
             self.reload()
         except ConfigError as error:
@@ -1134,9 +1146,9 @@ class FairGate:
         with self._lock:
             if waiter.granted:  # granted just as the wait ran out
                 return
-            queue = self._queues[identity]
-            queue.remove(waiter)
-            if not queue:
+            waiting = self._queues[identity]
+            waiting.remove(waiter)
+            if not waiting:
                 del self._queues[identity]
         raise ProxyError(503, "The model server is busy; try again shortly.", "server_error",
                          "queue_timeout")
@@ -1166,13 +1178,13 @@ class FairGate:
     def _dispatch(self) -> None:
         """Hand free slots to the first key in turn whose next request may go."""
         while self._queues and (not self.limit or self.in_flight < self.limit):
-            for identity, queue in self._queues.items():
-                if self._has_room(identity, queue[0].key_limit):
+            for identity, waiting in self._queues.items():
+                if self._has_room(identity, waiting[0].key_limit):
                     break
             else:
                 return  # everyone waiting is at their own key's limit
-            waiter = queue.popleft()
-            if queue:
+            waiter = waiting.popleft()
+            if waiting:
                 self._queues.move_to_end(identity)
             else:
                 del self._queues[identity]
@@ -1737,8 +1749,12 @@ class ProxyHandler(BaseHTTPRequestHandler):
         return True
 
     def settle(self, served: bool) -> None:
-        if self.charge is not None:
-            self.charge.keep() if served else self.charge.refund()
+        if self.charge is None:
+            return
+        if served:
+            self.charge.keep()
+        else:
+            self.charge.refund()
 
     def meter_headers(self) -> list[tuple[str, str]]:
         return self.charge.headers if self.charge is not None else []
@@ -2151,7 +2167,8 @@ class ProxyServer(TrackedServer):
             self.buckets.load(state["buckets"], self.wall_clock)
         except FileNotFoundError:
             log.info("STATE_FILE %s: not found; every bucket starts full", path)
-        except (OSError, ValueError, RecursionError, KeyError, TypeError, AttributeError) as error:
+        except (OSError, ValueError, ArithmeticError, RecursionError, KeyError, TypeError,
+                AttributeError) as error:
             log.error("STATE_FILE %s: unreadable (%s); every bucket starts full",
                       path, type(error).__name__)
         else:

@@ -45,6 +45,14 @@ WAIT = 10.0  # upper bound for any single wait in a test; reaching it means a fa
 # Fixtures: clock, fake upstream, proxy, client helpers
 # --------------------------------------------------------------------------
 
+def levels(store: BucketStore, identity: str, specs: tuple) -> list:
+    return [bucket["tokens"] for bucket in store.snapshot(identity, specs)]
+
+
+def tokens_of(quota: dict) -> list:
+    return [bucket["tokens"] for bucket in quota["buckets"]]
+
+
 class FakeClock:
     """A monotonic clock the test moves by hand."""
 
@@ -356,7 +364,7 @@ class ProxyTestCase(unittest.TestCase):
             return b"".join(chunks)
 
     def level(self, key: str = CLIENT_KEY) -> int:
-        return self.proxy.buckets.level("key:" + llm_proxy.key_digest(key), (self.config.bucket,))[0]
+        return levels(self.proxy.buckets, "key:" + llm_proxy.key_digest(key), (self.config.bucket,))[0]
 
     def assert_openai_error(self, response: Response, status: int, kind: str | None = None,
                             code: str | None = None) -> dict:
@@ -562,13 +570,13 @@ class BucketTests(unittest.TestCase):
         for _ in range(10):
             self.charge()
         self.clock.advance(299.9)
-        self.assertEqual(self.store.level("a", (self.spec,)), [0])
+        self.assertEqual(levels(self.store, "a", (self.spec,)), [0])
         self.clock.advance(0.1)
-        self.assertEqual(self.store.level("a", (self.spec,)), [2])
+        self.assertEqual(levels(self.store, "a", (self.spec,)), [2])
         self.clock.advance(3 * 300 + 299)
-        self.assertEqual(self.store.level("a", (self.spec,)), [8])
+        self.assertEqual(levels(self.store, "a", (self.spec,)), [8])
         self.clock.advance(10 * 300)
-        self.assertEqual(self.store.level("a", (self.spec,)), [10])
+        self.assertEqual(levels(self.store, "a", (self.spec,)), [10])
 
     def test_wait_counts_down_to_the_next_step(self) -> None:
         for _ in range(10):
@@ -582,15 +590,15 @@ class BucketTests(unittest.TestCase):
     def test_refund_restores_but_never_above_capacity(self) -> None:
         self.charge(cost=3)
         self.store.credit("a", (self.spec,), 3)
-        self.assertEqual(self.store.level("a", (self.spec,)), [10])
+        self.assertEqual(levels(self.store, "a", (self.spec,)), [10])
         self.store.credit("a", (self.spec,), 3)
-        self.assertEqual(self.store.level("a", (self.spec,)), [10])
+        self.assertEqual(levels(self.store, "a", (self.spec,)), [10])
 
     def test_cost_above_capacity_is_never_allowed(self) -> None:
         admission = self.charge(cost=11)
         self.assertFalse(admission.allowed)
         self.assertIn("request too large", llm_proxy.limit_message(admission))
-        self.assertEqual(self.store.level("a", (self.spec,)), [10])
+        self.assertEqual(levels(self.store, "a", (self.spec,)), [10])
 
     def test_identities_are_independent(self) -> None:
         for _ in range(10):
@@ -771,7 +779,7 @@ class IdentityTests(ProxyTestCase):
         texts = [r.json()["choices"][0]["message"]["content"] for r in statuses]
         self.assertEqual(texts[:2], ["hi from upstream"] * 2)
         self.assertEqual(texts[2], "limit reached, wait 5 min")
-        self.assertEqual(self.proxy.buckets.level("ip:127.0.0.1", (self.config.bucket,)), [0])
+        self.assertEqual(levels(self.proxy.buckets, "ip:127.0.0.1", (self.config.bucket,)), [0])
 
 
 class LimitReplyTests(ProxyTestCase):
@@ -1023,8 +1031,6 @@ class BadInputTests(ProxyTestCase):
 # Sharing: usage accounting, key policies, fair queueing, quota, state, audit
 # --------------------------------------------------------------------------
 
-def tokens_of(quota: dict) -> list:
-    return [bucket["tokens"] for bucket in quota["buckets"]]
 
 
 class UsageModeTests(ProxyTestCase):
@@ -1270,10 +1276,12 @@ class FairQueueTests(ProxyTestCase):
         def one(index: int) -> None:
             behaviour = behaviours[index % len(behaviours)]
             key = [CLIENT_KEY, OTHER_KEY, "sk-third"][index % 3]
-            if behaviour == "leave":
+            if behaviour == "leave":  # asks for a long stream, reads its first event, hangs up
+                body = b'{"messages": [], "stream": true}'
                 with socket.create_connection(("127.0.0.1", self.port), timeout=WAIT) as sock:
-                    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 40"
-                                 b"\r\n\r\n{\"messages\": [], \"stream\": true}")
+                    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Fake: until-client-leaves"
+                                 b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+                    sock.recv(1)
                 return
             self.chat(key=key, stream=index % 2 == 0, headers={"X-Fake": behaviour})
 
