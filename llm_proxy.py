@@ -852,6 +852,8 @@ def is_safe_header(name: str, value: str) -> bool:
 
 MAX_LINE = 65536
 MAX_HEADERS = 100
+MAX_UPSTREAM_BODY = 64 * 1024 * 1024  # a non-streamed answer is read whole, up to this
+MAX_EVENT_BYTES = 1024 * 1024         # a streamed event is held back whole, up to this
 
 
 class Headers:
@@ -986,7 +988,7 @@ class UpstreamResponse(http.client.HTTPResponse):
         self.chunk_left = None
         self.will_close = self._check_close()
         length = self.headers.get("Content-Length") or ""
-        self.length = int(length) if length.isdigit() and not self.chunked else None
+        self.length = int(length) if length.isascii() and length.isdigit() and not self.chunked else None
         if status in (204, 304) or 100 <= status < 200 or self._method == "HEAD":
             self.length = 0
         if not self.will_close and not self.chunked and self.length is None:
@@ -1010,7 +1012,7 @@ class UpstreamPool:
         self._idle: list[http.client.HTTPConnection] = []
         self._lock = threading.Lock()
 
-    def _connect(self) -> http.client.HTTPConnection:
+    def connect(self) -> http.client.HTTPConnection:
         if self.target.scheme == "https":
             conn: http.client.HTTPConnection = http.client.HTTPSConnection(
                 self.target.host, self.target.port, timeout=self.open_timeout)
@@ -1028,7 +1030,7 @@ class UpstreamPool:
         with self._lock:
             if self._idle:
                 return self._idle.pop(), True
-        return self._connect(), False
+        return self.connect(), False
 
     def release(self, conn: http.client.HTTPConnection) -> None:
         """Keep a connection whose last response was read to the end, unless the upstream closed it."""
@@ -1052,7 +1054,9 @@ class UpstreamExchange:
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
         self.conn: http.client.HTTPConnection | None = None
+        self.sock: socket.socket | None = None  # kept: http.client drops conn.sock on "close"
         self.aborted = False
+        self.sent = False       # the request reached the upstream, which may be working on it
         self.completed = False  # the response was read to its end, so the connection is reusable
         self._lock = threading.Lock()
 
@@ -1063,32 +1067,37 @@ class UpstreamExchange:
         A pooled connection that the upstream closed while idle fails before any
         response byte; only then is the request retried, once, on a fresh connection.
         """
-        while True:
-            conn, reused = self.pool.take()
-            with self._lock:
-                self.conn = conn
-                if self.aborted:
-                    raise ConnectionAbortedError()
-            try:
-                conn.request(method, path, body, headers)
-                return conn.getresponse()
-            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
-                conn.close()
-                if not reused or self.aborted:
-                    raise
-            except BaseException:
-                conn.close()
+        conn, reused = self.pool.take()
+        try:
+            return self._send_on(conn, method, path, headers, body)
+        except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+            if not reused or self.aborted:
                 raise
+        return self._send_on(self.pool.connect(), method, path, headers, body)
+
+    def _send_on(self, conn: http.client.HTTPConnection, method: str, path: str,
+                 headers: dict[str, str], body: bytes | None) -> http.client.HTTPResponse:
+        with self._lock:
+            self.conn, self.sock = conn, conn.sock
+            if self.aborted:
+                conn.close()
+                raise ConnectionAbortedError()
+        self.sent = False
+        try:
+            conn.request(method, path, body, headers)
+            self.sent = True
+            return conn.getresponse()
+        except BaseException:
+            conn.close()
+            raise
 
     def abort(self) -> None:
         """Hang up on the upstream now, so that it stops generating an answer nobody will read."""
         with self._lock:
             self.aborted = True
-            if self.conn is not None and self.conn.sock is not None:
-                try:
-                    self.conn.sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            if self.sock is not None:
+                with suppress(OSError):
+                    self.sock.shutdown(socket.SHUT_RDWR)
 
     def finish(self) -> None:
         """Return the connection to the pool if its response was read to the end, else close it."""
@@ -1204,11 +1213,6 @@ class _Watch:
         self.active = True
         self.lock = threading.Lock()
 
-    def deactivate(self) -> bool:
-        with self.lock:
-            was_active, self.active = self.active, False
-            return was_active
-
 
 class DisconnectWatcher:
     """One thread that notices clients hanging up while their request is upstream.
@@ -1233,8 +1237,10 @@ class DisconnectWatcher:
         self._selector.register(client, selectors.EVENT_READ, watch)
 
         def cancel() -> None:
-            if watch.deactivate():
-                self._forget(watch)
+            with watch.lock:
+                if watch.active:
+                    watch.active = False
+                    self._forget(watch)
         return cancel
 
     def _forget(self, watch: _Watch) -> None:
@@ -1250,19 +1256,24 @@ class DisconnectWatcher:
                     self._check(key.data)
 
     def _check(self, watch: _Watch) -> None:
-        try:
-            gone = watch.client.recv(1, socket.MSG_PEEK) == b""
-        except (BlockingIOError, socket.timeout):
-            return
-        except OSError:
-            gone = True
-        with watch.lock:  # held while the callback runs, so cancel() waits for it to finish
+        # Under the watch's lock: the handler cannot cancel, read the socket or close
+        # it meanwhile, so the peek cannot block and the descriptor cannot be reused.
+        with watch.lock:
             if not watch.active:
                 return
+            try:
+                gone = watch.client.recv(1, socket.MSG_PEEK) == b""
+            except (BlockingIOError, socket.timeout):
+                return
+            except OSError:
+                gone = True
             watch.active = False
+            self._forget(watch)  # pipelined data or gone: either way, stop watching
             if gone:
-                watch.on_gone()
-        self._forget(watch)  # pipelined data or gone: either way, stop watching
+                try:
+                    watch.on_gone()
+                except Exception:  # this thread serves every request: it must not die
+                    log.exception("disconnect callback failed")
 
     def close(self) -> None:
         self._stopped = True
@@ -1411,8 +1422,11 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     # -- request handling --------------------------------------------------
 
-    def handle_request(self) -> None:
+    def begin_request(self) -> None:
+        """Fresh per-request state; the head and body must arrive within CLIENT_TIMEOUT."""
         self.started = time.monotonic()
+        self.path = ""
+        self.server.expect_request_by(self.connection, self.started + self.server.config.client_timeout)
         self.status = 0
         self.label = "-"           # who, for the logs: key name or fingerprint, never the key
         self.identity = ""         # whose buckets pay
@@ -1425,8 +1439,11 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.prompt_estimate = 0
         self.limited = False
         self.client_gone = False
+        self.upstream_reached = False
         self.upstream_ms: float | None = None
         self.unwatch = _nothing
+
+    def handle_request(self) -> None:
         try:
             self.route()
         except ProxyError as error:
@@ -1437,11 +1454,12 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.client_gone = True
             self.close_connection = True
         except Exception:
-            log.exception("internal error on %s %s", self.command, ascii(self.path))
+            log.exception("internal error on %s %s", self.command, ascii(self.path.partition("?")[0]))
             self.close_connection = True
             if not self.status:
                 self.send_json(500, error_body("Internal proxy error.", "server_error"))
         finally:
+            self.server.request_arrived(self.connection)
             self.log_outcome()
 
     def route(self) -> None:
@@ -1458,14 +1476,34 @@ class ProxyHandler(BaseHTTPRequestHandler):
                              code="not_found")
         self.authenticate()
         kind = target.metered_kind
-        if kind is not None and self.command == "POST":
+        if kind is not None and self.command != "POST":
+            raise ProxyError(405, f"{target.path} takes POST", code="method_not_allowed")
+        if kind is not None:
             self.handle_completion(kind, target)
         elif target.path == "/v1/quota" and self.command in ("GET", "HEAD"):
             self.send_json(200, self.quota())
         elif target.path == "/v1/models" and self.command in ("GET", "HEAD"):
             self.handle_models(target)
         else:
-            self.forward(target, self.read_body())
+            body = self.read_body()
+            if self.command == "POST":
+                self.check_model(body)
+            self.forward(target, body)
+
+    def check_model(self, body: bytes) -> None:
+        """Enforce the key's model list on any JSON request that names a model (embeddings ...)."""
+        if self.policy.models is None or not body.startswith(b"{"):
+            return
+        with suppress(ValueError, RecursionError):
+            model = json.loads(body).get("model")
+            if isinstance(model, str):
+                self.model = model
+                self.require_allowed_model()
+
+    def require_allowed_model(self) -> None:
+        if not self.policy.allows(self.model or ""):
+            raise ProxyError(403, f"The model '{self.model}' is not available to this key.",
+                             "permission_error", "model_not_allowed", "model")
 
     def parse_request(self) -> bool:
         """Parse the request line and headers; http.server's hook, made strict and cheap.
@@ -1474,31 +1512,41 @@ class ProxyHandler(BaseHTTPRequestHandler):
         folded and colon-less lines and was over a third of this proxy's work per
         request; ``read_headers`` refuses both, at a fraction of the cost.
         """
+        self.begin_request()
         self.command = None
         self.request_version = "HTTP/1.0"
         self.close_connection = True
         self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
         words = self.requestline.split()
         if len(words) != 3 or not words[2].startswith("HTTP/"):
-            self.send_error(400, "Bad request syntax")
-            return False
+            return self.refuse_request(ProxyError(400, "Bad request syntax", code="invalid_request"))
         command, path, version = words
         if version not in ("HTTP/1.0", "HTTP/1.1"):
-            self.send_error(505, "Only HTTP/1.0 and HTTP/1.1 are supported")
-            return False
+            return self.refuse_request(ProxyError(505, "Only HTTP/1.0 and HTTP/1.1 are supported",
+                                                  "server_error", "http_version_not_supported"))
         self.command, self.path, self.request_version = command, path, version
         try:
             self.headers = read_headers(self.rfile)  # type: ignore[assignment]
         except HeaderError as error:
-            self.send_json(error.status, error_body(error.message, "invalid_request_error",
-                                                    "invalid_header"))
-            return False
+            return self.refuse_request(ProxyError(error.status, error.message, code="invalid_header"))
+        except socket.timeout:
+            return self.refuse_request(ProxyError(408, "timed out waiting for the request headers",
+                                                  code="timeout"))
         connection = {token.strip().lower() for token in self.headers.get("Connection", "").split(",")}
         self.close_connection = "close" in connection or (
             version == "HTTP/1.0" and "keep-alive" not in connection)
         if self.headers.get("Expect", "").lower() == "100-continue" and version == "HTTP/1.1":
             return self.handle_expect_100()
         return True
+
+    def refuse_request(self, error: ProxyError) -> bool:
+        """Answer a request that never got as far as routing, log it, and end the connection."""
+        self.close_connection = True
+        with suppress(ClientGone):
+            self.send_json(error.status, error.body())
+        self.server.request_arrived(self.connection)
+        self.log_outcome()
+        return False
 
     def check_framing(self) -> None:
         """Refuse body framing that another parser could read differently (request smuggling)."""
@@ -1536,9 +1584,12 @@ class ProxyHandler(BaseHTTPRequestHandler):
         except socket.timeout:
             raise ProxyError(408, "timed out waiting for the request body", code="timeout",
                              close=True) from None
+        except OSError:
+            raise ClientGone() from None
         if len(body) < self.body_length:
             raise ProxyError(400, "request body is shorter than its Content-Length",
                              code="invalid_framing", close=True)
+        self.server.request_arrived(self.connection)
         return body
 
     def declared_length(self, lengths: list[str]) -> int:
@@ -1556,13 +1607,13 @@ class ProxyHandler(BaseHTTPRequestHandler):
         return length
 
     def handle_expect_100(self) -> bool:
-        """Refuse a badly framed or oversized body before the client sends it."""
+        """Refuse a badly framed or oversized body, or an unknown key, before the body is sent."""
         try:
             self.check_framing()
+            if parse_target(self.path).is_api:
+                self.authenticate()
         except ProxyError as error:
-            self.close_connection = True
-            self.send_json(error.status, error.body())
-            return False
+            return self.refuse_request(error)
         return super().handle_expect_100()
 
     def parse_json_object(self, body: bytes) -> dict:
@@ -1609,9 +1660,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         payload = self.parse_json_object(body)
         validate_completion(kind, payload)
         self.model = config.upstream_model or payload.get("model") or ""
-        if not self.policy.allows(self.model):
-            raise ProxyError(403, f"The model '{self.model}' is not available to this key.",
-                             "permission_error", "model_not_allowed", "model")
+        self.require_allowed_model()
         cost = request_cost(payload, config)
         admission = self.server.buckets.charge(self.identity, self.policy.buckets, cost)
         stream = payload.get("stream") is True
@@ -1666,13 +1715,14 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def finish_charge(self) -> None:
         """Keep, settle or refund this request's charge; safe to call more than once.
 
-        A client that hangs up pays for what it asked for so far: the reservation,
-        or in usage mode what was generated before it left.
+        A client that hangs up after its request reached the upstream pays for what
+        it asked for: the reservation, or in usage mode what was generated before it
+        left.  One that leaves while still queued pays nothing.
         """
         charge = self.charge
         if charge is None:
             return
-        if self.client_gone:
+        if self.client_gone and self.upstream_reached:
             charge.keep()
         usage = self.stream_usage
         if usage is not None and charge.kept:
@@ -1726,6 +1776,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 raise upstream_failure(error) from None
             finally:
                 self.unwatch()
+                self.upstream_reached = exchange.sent
                 exchange.finish()
 
     def client_left(self, exchange: UpstreamExchange) -> None:
@@ -1735,12 +1786,20 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def relay(self, response: http.client.HTTPResponse,
               transform: Callable[[bytes], bytes] | None) -> bool:
-        """Pass the upstream's answer on; True when it was read to its end."""
+        """Pass the upstream's answer on; True when it was read to its end.
+
+        Event streams, and bodies of unknown length that nothing needs to inspect,
+        are relayed as they arrive; everything else is read whole first, so that
+        ``transform`` sees it however the upstream framed it.
+        """
         headers = copied_headers(response.getheaders(), HOP_BY_HOP | PROXY_RESPONSE_HEADERS)
         sse = response.getheader("Content-Type", "").startswith("text/event-stream")
-        if sse or (response.length is None and not response.isclosed()):
+        if sse or (response.length is None and transform is None and not response.isclosed()):
             return self.relay_stream(response, headers, sse)
-        data = response.read()
+        data = response.read(MAX_UPSTREAM_BODY + 1)
+        if len(data) > MAX_UPSTREAM_BODY:
+            raise ProxyError(502, "The model server's answer is too large.", "upstream_error",
+                             "upstream_response_too_large")
         served = response.status < 400
         if served and transform is not None:
             data = transform(data)
@@ -1772,23 +1831,26 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.start_chunked(response.status, headers + self.meter_headers(), response.reason)
         usage = self.stream_usage if sse and served else None
         pending = b""
-        completed = False
         try:
             while True:
                 data = response.read1(65536)
+                whole_events = sse
                 if not data:
-                    completed = True
-                    break
-                if sse:
+                    data, pending = pending, b""  # a last event without its blank line
+                    if not data:
+                        break
+                elif sse and len(pending) + len(data) <= MAX_EVENT_BYTES:
                     pending += data
                     end = sse_event_end(pending)
                     if not end:
                         continue
                     data, pending = pending[:end], pending[end:]
-                    if usage is not None:
-                        data = usage.filter(data)
-                        if not data:
-                            continue
+                else:  # not events, or one too large to hold: pass on what there is
+                    data, pending, whole_events = pending + data, b"", False
+                if usage is not None and whole_events:
+                    data = usage.filter(data)
+                    if not data:
+                        continue
                 self.write_chunk(data)
                 if served:
                     self.settle(True)
@@ -1796,11 +1858,17 @@ class ProxyHandler(BaseHTTPRequestHandler):
             if self.client_gone:
                 raise ClientGone() from None
             log.warning("upstream stream to %s broke off: %s", self.label, type(error).__name__)
-            if sse:
-                self.write_chunk(b"data: " + json_bytes(upstream_failure(error).body()) + b"\n\n")
+            if not sse:  # no final chunk: the client must see the body as cut short
+                self.close_connection = True
+                self.finish_charge()
+                return False
+            self.write_chunk(b"data: " + json_bytes(upstream_failure(error).body()) + b"\n\n")
+            self.finish_charge()
+            self.end_chunked()
+            return False
         self.finish_charge()
         self.end_chunked()
-        return completed
+        return True
 
     # -- writing -------------------------------------------------------------
 
@@ -1809,13 +1877,15 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.status = status
         if self.body_pending and self.body_length:
             self.close_connection = True  # an unread body would be taken for the next request
-        if reason is None:
+        if reason is None or not _FIELD_VALUE.fullmatch(reason):  # an upstream's could carry a CR
             reason = self.responses.get(status, ("",))[0]
         lines = [f"{self.protocol_version} {status} {reason}"]
         lines.extend(f"{name}: {value}" for name, value in headers)
         lines.extend(f"{name}: {value}" for name, value in CORS_HEADERS)
         if self.close_connection:
             lines.append("Connection: close")
+        elif self.request_version == "HTTP/1.0":
+            lines.append("Connection: keep-alive")  # an HTTP/1.0 client assumes close otherwise
         return lines
 
     def send_bytes(self, status: int, headers: Sequence[tuple[str, str]], body: bytes,
@@ -1858,13 +1928,11 @@ class ProxyHandler(BaseHTTPRequestHandler):
     # -- http.server hooks ---------------------------------------------------
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        """http.server's own errors (bad request line, huge headers ...) as OpenAI JSON."""
-        self.close_connection = True
+        """http.server's own refusals (a request line over 64 KiB, an unknown method) as OpenAI JSON."""
+        if not self.command:  # refused before parse_request ran
+            self.begin_request()
         kind = "server_error" if code >= 500 else "invalid_request_error"
-        try:
-            self.send_json(code, error_body(message or self.responses.get(code, ("",))[0], kind))
-        except ClientGone:
-            pass
+        self.refuse_request(ProxyError(code, message or self.responses.get(code, ("",))[0], kind))
 
     def log_message(self, format: str, *args: object) -> None:
         """http.server's own notes (timeouts, bad requests); they never include a key."""
@@ -2113,6 +2181,7 @@ class ProxyServer(TrackedServer):
             raise
         self.console = LineWriter(sys.stderr if console is None else console)
         self.watcher = DisconnectWatcher()
+        self._reading: dict[socket.socket, float] = {}  # connection -> when its request must be in
         self._wake = threading.Event()
         self._closing = False
         self._reload_requested = False
@@ -2121,6 +2190,25 @@ class ProxyServer(TrackedServer):
         self._housekeeper.start()
 
     # -- housekeeping ----------------------------------------------------------
+
+    def expect_request_by(self, connection: socket.socket, deadline: float) -> None:
+        """The connection's request head and body must have arrived by ``deadline``."""
+        self._reading[connection] = deadline
+
+    def request_arrived(self, connection: socket.socket) -> None:
+        self._reading.pop(connection, None)
+
+    def drop_slow_requests(self) -> None:
+        """End connections whose request is still trickling in after CLIENT_TIMEOUT.
+
+        The socket timeout alone bounds each read, not the whole request: a client
+        sending one byte a minute would otherwise hold its thread for ever.
+        """
+        now = time.monotonic()
+        for connection, deadline in list(self._reading.items()):
+            if deadline < now and self._reading.pop(connection, None) is not None:
+                with suppress(OSError):
+                    connection.shutdown(socket.SHUT_RDWR)
 
     def request_reload(self) -> None:
         """Re-read KEYS_FILE soon (SIGHUP); safe to call from a signal handler."""
@@ -2136,6 +2224,7 @@ class ProxyServer(TrackedServer):
                 return
             forced, self._reload_requested = self._reload_requested, False
             self.keyring.reload_if_changed(force=forced)
+            self.drop_slow_requests()
             if time.monotonic() >= next_tidy:
                 self.tidy()
                 next_tidy = time.monotonic() + self.config.state_save_interval
