@@ -27,6 +27,7 @@ import queue
 import os
 import re
 import secrets
+import select
 import selectors
 import signal
 import socket
@@ -80,17 +81,18 @@ def _seconds(name: str, text: str) -> float:
 class Setting:
     """One environment variable: its names, the Config field it sets, its parser and help.
 
-    The same table drives parsing and ``--help``; defaults live on ``Config`` alone.
+    ``names`` are looked up in order and the first one set wins, as in the
+    prototype.  The same table drives parsing and ``--help``; defaults live on
+    ``Config`` alone.
     """
 
-    name: str
+    names: tuple[str, ...]
     attribute: str
     help: str
     parse: Callable[[str, str], object] = lambda name, text: text
-    aliases: tuple[str, ...] = ()
 
     def read(self, environ: dict[str, str]) -> object | None:
-        for name in (self.name, *self.aliases):
+        for name in self.names:
             text = environ.get(name, "").strip()
             if text:  # an empty value counts as unset, as in the prototype
                 return self.parse(name, text)
@@ -122,54 +124,51 @@ def _key_list(name: str, text: str) -> tuple[str, ...]:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("HOST", "host", "address to listen on"),
-    Setting("PORT", "port", "port to listen on", _port),
-    Setting("BASE_API_URL", "upstream_url",
-            "upstream base URL including /v1, e.g. http://127.0.0.1:8080/v1 (required)",
-            aliases=("UPSTREAM_BASE_URL", "base_api_url")),
-    Setting("BASE_API_KEY", "upstream_key",
-            "key sent upstream as 'Authorization: Bearer ...'; never shown to clients",
-            aliases=("UPSTREAM_API_KEY", "base_api_key")),
-    Setting("BASE_MODEL", "upstream_model",
-            "replaces 'model' in forwarded completions; GET /v1/models lists only it",
-            aliases=("UPSTREAM_MODEL", "base_model")),
-    Setting("MAX_TOKENS", "max_tokens", "bucket capacity; a new bucket starts full", _positive),
-    Setting("REFILL_TOKENS", "refill_tokens", "tokens added per refill step", _positive),
-    Setting("REFILL_INTERVAL_SECONDS", "refill_interval", "length of one refill step", _seconds),
-    Setting("REQUEST_TOKEN_COST", "request_cost", "cost of one completion in 'request' mode", _positive),
-    Setting("TOKEN_COST_MODE", "cost_mode",
+    Setting(("HOST",), "host", "address to listen on"),
+    Setting(("PORT",), "port", "port to listen on", _port),
+    Setting(("UPSTREAM_BASE_URL", "BASE_API_URL", "base_api_url"), "upstream_url",
+            "upstream base URL including /v1, e.g. http://127.0.0.1:8080/v1 (required)"),
+    Setting(("UPSTREAM_API_KEY", "BASE_API_KEY", "base_api_key"), "upstream_key",
+            "key sent upstream as 'Authorization: Bearer ...'; never shown to clients"),
+    Setting(("UPSTREAM_MODEL", "BASE_MODEL", "base_model"), "upstream_model",
+            "replaces 'model' in forwarded completions; GET /v1/models lists only it"),
+    Setting(("MAX_TOKENS",), "max_tokens", "bucket capacity; a new bucket starts full", _positive),
+    Setting(("REFILL_TOKENS",), "refill_tokens", "tokens added per refill step", _positive),
+    Setting(("REFILL_INTERVAL_SECONDS",), "refill_interval", "length of one refill step", _seconds),
+    Setting(("REQUEST_TOKEN_COST",), "request_cost", "cost of one completion in 'request' mode", _positive),
+    Setting(("TOKEN_COST_MODE",), "cost_mode",
             "'request' (fixed cost), 'estimate' (prompt chars / 4 + max output tokens) or "
             "'usage' (reserve the estimate, then settle to the upstream's reported usage)",
             _choice("request", "estimate", "usage")),
-    Setting("RESPONSE_TOKEN_RESERVE", "response_reserve",
+    Setting(("RESPONSE_TOKEN_RESERVE",), "response_reserve",
             "estimate and usage modes: output tokens assumed when a request sets no max_tokens",
             _positive),
-    Setting("PROXY_API_KEYS", "client_keys",
+    Setting(("PROXY_API_KEYS",), "client_keys",
             "comma-separated client keys; when set (or KEYS_FILE is), any other key gets 401",
             _key_list),
-    Setting("KEYS_FILE", "keys_file",
+    Setting(("KEYS_FILE",), "keys_file",
             "JSON file of client keys with names and per-key limits; re-read on change or SIGHUP"),
-    Setting("LIMIT_RESPONSE", "limit_response",
+    Setting(("LIMIT_RESPONSE",), "limit_response",
             "'message' (an assistant reply saying to wait) or 'error' (HTTP 429)",
             _choice("message", "error")),
-    Setting("UPSTREAM_MAX_CONCURRENT", "upstream_max_concurrent",
+    Setting(("UPSTREAM_MAX_CONCURRENT",), "upstream_max_concurrent",
             "requests in flight to the upstream at once, the rest queue fairly by key; 0 = no limit",
             _non_negative),
-    Setting("MAX_CONCURRENT_PER_KEY", "max_concurrent_per_key",
+    Setting(("MAX_CONCURRENT_PER_KEY",), "max_concurrent_per_key",
             "requests one key may have in flight at once (more wait their turn); 0 = no limit",
             _non_negative),
-    Setting("QUEUE_TIMEOUT_SECONDS", "queue_timeout",
+    Setting(("QUEUE_TIMEOUT_SECONDS",), "queue_timeout",
             "longest wait for an upstream slot before a 503 (refunded)", _seconds),
-    Setting("STATE_FILE", "state_file",
+    Setting(("STATE_FILE",), "state_file",
             "file where bucket levels survive restarts (saved every STATE_SAVE_SECONDS and at exit)"),
-    Setting("STATE_SAVE_SECONDS", "state_save_interval", "seconds between state saves", _seconds),
-    Setting("ACCESS_LOG", "access_log", "file that gets one JSON line per request (never prompts)"),
-    Setting("OPEN_TIMEOUT", "open_timeout", "seconds to connect to the upstream", _seconds),
-    Setting("READ_TIMEOUT", "read_timeout", "seconds to wait on the upstream", _seconds),
-    Setting("MAX_BODY_BYTES", "max_body_bytes", "largest request body accepted", _positive),
-    Setting("CLIENT_TIMEOUT", "client_timeout", "seconds a silent client may hold a connection",
+    Setting(("STATE_SAVE_SECONDS",), "state_save_interval", "seconds between state saves", _seconds),
+    Setting(("ACCESS_LOG",), "access_log", "file that gets one JSON line per request (never prompts)"),
+    Setting(("OPEN_TIMEOUT",), "open_timeout", "seconds to connect to the upstream", _seconds),
+    Setting(("READ_TIMEOUT",), "read_timeout", "seconds to wait on the upstream", _seconds),
+    Setting(("MAX_BODY_BYTES",), "max_body_bytes", "largest request body accepted", _positive),
+    Setting(("CLIENT_TIMEOUT",), "client_timeout", "seconds a silent client may hold a connection",
             _seconds),
-    Setting("MAX_CONNECTIONS", "max_connections",
+    Setting(("MAX_CONNECTIONS",), "max_connections",
             "simultaneous client connections; more get a fast 503", _positive),
 )
 
@@ -216,9 +215,10 @@ class Config:
 
 def settings_help() -> str:
     defaults = {f.name: f.default for f in fields(Config)}
-    lines = ["environment variables (an empty value counts as unset):"]
+    lines = ["environment variables (an empty value counts as unset; of several names, the "
+             "first one set wins):"]
     for setting in SETTINGS:
-        names = " / ".join((setting.name, *setting.aliases))
+        names = " / ".join(setting.names)
         default = defaults[setting.attribute]
         shown = "unset" if default in (None, ()) else f"{default:g}" if isinstance(default, float) else default
         lines.append(f"  {names}\n      {setting.help} (default: {shown})")
@@ -1105,8 +1105,11 @@ class UpstreamExchange:
             return
         if self.completed and not self.aborted:
             self.pool.release(self.conn)
-        else:
-            self.conn.close()
+            return
+        self.conn.close()
+        if self.sock is not None:  # a response that will close holds the socket, not conn
+            with suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RDWR)
 
 
 class _Waiter:
@@ -1214,6 +1217,15 @@ class _Watch:
         self.lock = threading.Lock()
 
 
+def _readable_now(sock: socket.socket) -> bool:
+    """Whether a read would return at once; the socket's own timeout would make recv wait."""
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        return bool(poller.poll(0))
+    return bool(select.select([sock], [], [], 0)[0])
+
+
 class DisconnectWatcher:
     """One thread that notices clients hanging up while their request is upstream.
 
@@ -1259,8 +1271,8 @@ class DisconnectWatcher:
         # Under the watch's lock: the handler cannot cancel, read the socket or close
         # it meanwhile, so the peek cannot block and the descriptor cannot be reused.
         with watch.lock:
-            if not watch.active:
-                return
+            if not watch.active or not _readable_now(watch.client):  # a stale event: the socket
+                return                                                # may be registered anew
             try:
                 gone = watch.client.recv(1, socket.MSG_PEEK) == b""
             except (BlockingIOError, socket.timeout):
@@ -1282,6 +1294,24 @@ class DisconnectWatcher:
         self._selector.close()
         self._wake_reader.close()
         self._wake_writer.close()
+
+
+def read_whole(response: http.client.HTTPResponse, limit: int) -> bytes:
+    """The whole body, however it is framed, refusing more than ``limit`` bytes.
+
+    (``response.read(limit)`` would do, but Python 3.9 allocates ``limit`` bytes for it.)
+    """
+    if response.length is not None and response.length <= limit:
+        return response.read()
+    parts, size = [], 0
+    while size <= limit:
+        data = response.read1(65536)
+        if not data:
+            return b"".join(parts)
+        parts.append(data)
+        size += len(data)
+    raise ProxyError(502, "The model server's answer is too large.", "upstream_error",
+                     "upstream_response_too_large")
 
 
 def upstream_failure(error: BaseException) -> ProxyError:
@@ -1796,10 +1826,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         sse = response.getheader("Content-Type", "").startswith("text/event-stream")
         if sse or (response.length is None and transform is None and not response.isclosed()):
             return self.relay_stream(response, headers, sse)
-        data = response.read(MAX_UPSTREAM_BODY + 1)
-        if len(data) > MAX_UPSTREAM_BODY:
-            raise ProxyError(502, "The model server's answer is too large.", "upstream_error",
-                             "upstream_response_too_large")
+        data = read_whole(response, MAX_UPSTREAM_BODY)
         served = response.status < 400
         if served and transform is not None:
             data = transform(data)

@@ -107,7 +107,12 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         self.record(b"")
         if self.path.partition("?")[0].endswith("/models"):
-            self.reply(200, {"object": "list", "data": [{"id": "upstream-model", "object": "model"}]})
+            listing = {"object": "list", "data": [{"id": "upstream-model", "object": "model"},
+                                                  {"id": "small", "object": "model"}]}
+            if self.headers.get("X-Fake") == "chunked-json":
+                self.reply_chunked(json.dumps(listing).encode())
+            else:
+                self.reply(200, listing)
         else:
             self.reply(404, {"error": {"message": "no such thing", "type": "invalid_request_error",
                                        "param": None, "code": None}})
@@ -140,6 +145,10 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
         elif behaviour == "hold-until-closed":  # generates until the proxy hangs up on it
             self.server.closed_early.set() if self.wait_for_hang_up() else None
             self.close_connection = True
+        elif behaviour == "chunked-json":  # as Go servers send larger bodies: no Content-Length
+            self.reply_chunked(json.dumps(self.completion(payload)).encode())
+        elif behaviour == "chunked-text":
+            self.reply_chunked(b"hello, not json")
         elif behaviour == "non-json":
             self.send_response(200)
             self.send_header("Content-Type", "text/plain")
@@ -197,6 +206,9 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Transfer-Encoding", "chunked")
+        if self.headers.get("X-Close"):
+            self.send_header("Connection", "close")
+            self.close_connection = True
         self.end_headers()
         count, filler = (200, "x" * 10_000) if behaviour == "big-stream" else (5, "")
         events = [{"choices": [{"index": 0, "delta": {"content": f"w{i}{filler}"}, "finish_reason": None}]}
@@ -233,6 +245,16 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
 
     def chunk(self, data: bytes) -> None:
         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+
+    def reply_chunked(self, body: bytes) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        half = len(body) // 2
+        self.chunk(body[:half])
+        self.chunk(body[half:])
+        self.chunk(b"")
 
     def reply(self, status: int, value: object, headers: list = ()) -> None:
         body = json.dumps(value).encode()
@@ -413,6 +435,11 @@ class ConfigurationTests(unittest.TestCase):
         self.assertEqual(config.max_body_bytes, 10 * 1024 * 1024)
         self.assertEqual(config.client_timeout, 60)
 
+    def test_prototype_precedence_among_spellings(self) -> None:
+        config = Config.from_env({"BASE_API_URL": "http://b/v1", "UPSTREAM_BASE_URL": "http://u/v1",
+                                  "base_api_url": "http://l/v1"})
+        self.assertEqual(config.upstream_url, "http://u/v1")
+
     def test_aliases_and_empty_values(self) -> None:
         config = Config.from_env({"UPSTREAM_BASE_URL": "http://h/v1", "base_api_key": "k",
                                   "UPSTREAM_MODEL": "m", "MAX_TOKENS": "", "PORT": " ",
@@ -442,7 +469,7 @@ class ConfigurationTests(unittest.TestCase):
         with contextlib.redirect_stdout(out), self.assertRaises(SystemExit):
             llm_proxy.main(["--help"])
         for setting in llm_proxy.SETTINGS:
-            for name in (setting.name, *setting.aliases):
+            for name in setting.names:
                 self.assertIn(name, out.getvalue())
 
     def test_estimate_mode_warns_when_no_request_can_fit(self) -> None:
@@ -461,7 +488,7 @@ class CommandLineTests(unittest.TestCase):
     """The real command, as a user starts it."""
 
     def run_proxy(self, env: dict, args: tuple = ()) -> subprocess.Popen:
-        full_env = {k: v for k, v in os.environ.items() if k not in {s.name for s in llm_proxy.SETTINGS}}
+        full_env = clean_environment()
         full_env.update(env)
         return subprocess.Popen([sys.executable, os.path.join(HERE, "llm_proxy.py"), *args],
                                 env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -514,7 +541,7 @@ class ScriptTests(unittest.TestCase):
         port = free_port()
         with open(os.path.join(self.tmp(), "saved.env"), "w") as saved:
             saved.write("# saved\nMAX_TOKENS=7\nREFILL_TOKENS=3\nBASE_API_URL='http://127.0.0.1:9/v1'\n")
-        env = {k: v for k, v in os.environ.items() if k not in {s.name for s in llm_proxy.SETTINGS}}
+        env = clean_environment()
         env.update(LLM_PROXY_SETTINGS=saved.name, REFILL_TOKENS="4", PORT=str(port),
                    BASE_API_URL=f"http://127.0.0.1:{echo.server_address[1]}/v1")
         process = subprocess.Popen(["bash", os.path.join(HERE, "run_local_proxy.sh")], env=env,
@@ -537,6 +564,12 @@ class ScriptTests(unittest.TestCase):
         directory = tempfile.TemporaryDirectory()
         self.addCleanup(directory.cleanup)
         return directory.name
+
+
+def clean_environment() -> dict[str, str]:
+    """This process's environment without any llm_proxy setting, for starting the real command."""
+    names = {name for setting in llm_proxy.SETTINGS for name in setting.names}
+    return {key: value for key, value in os.environ.items() if key not in names}
 
 
 def free_port() -> int:
@@ -599,6 +632,13 @@ class BucketTests(unittest.TestCase):
         self.assertFalse(admission.allowed)
         self.assertIn("request too large", llm_proxy.limit_message(admission))
         self.assertEqual(levels(self.store, "a", (self.spec,)), [10])
+
+    def test_a_policy_gaining_a_window_keeps_the_levels_it_had(self) -> None:
+        for _ in range(8):
+            self.charge()
+        daily = BucketSpec(100, 100, 86400, "daily")
+        self.assertEqual(levels(self.store, "a", (self.spec, daily)), [2, 100])
+        self.assertEqual(levels(self.store, "a", (self.spec,)), [2])
 
     def test_identities_are_independent(self) -> None:
         for _ in range(10):
@@ -1151,10 +1191,13 @@ class KeysFileTests(ProxyTestCase):
         self.assertEqual(self.upstream.requests, [])
 
     def test_models_list_shows_only_the_keys_models(self) -> None:
-        # the fake upstream lists "upstream-model" only; alice may use "small" only
-        self.assertEqual(self.request("GET", "/v1/models").json()["data"], [])
+        # the fake upstream lists "upstream-model" and "small"; alice may use "small" only
+        for framing in ("", "chunked-json"):
+            with self.subTest(framing=framing):
+                listed = self.request("GET", "/v1/models", headers={"X-Fake": framing}).json()["data"]
+                self.assertEqual([m["id"] for m in listed], ["small"])
         listed = self.request("GET", "/v1/models", key=OTHER_KEY).json()["data"]
-        self.assertEqual([m["id"] for m in listed], ["upstream-model"])
+        self.assertEqual([m["id"] for m in listed], ["upstream-model", "small"])
         self.start_proxy(keys_file=self.keys_path, upstream_model="small")
         self.assertEqual([m["id"] for m in self.request("GET", "/v1/models").json()["data"]], ["small"])
 
@@ -1339,15 +1382,19 @@ class StateFileTests(ProxyTestCase):
         self.chat()
         self.stop(self.proxy)
         self.proxy = None
-        with open(self.state_path, "w") as file:
-            file.write('{"version": 1, "buckets": {"key:x": [["a"]]}}')
-        self.log.lines.clear()
-        self.start_proxy(state_file=self.state_path)
-        self.assertEqual(self.level(), 10)
-        self.assertEqual(len([l for l in self.log.lines if "STATE_FILE" in l]), 1, self.log.lines)
+        for corrupt in ('{"version": 1, "buckets": {"key:x": [["a"]]}}', '{"version": 1, "buckets": '
+                        '{"key:x": [[1e400, 0]]}}', '{"version": 1, "buckets": {"key:x": [[1, NaN]]}}',
+                        "\x00garbage", "[]"):
+            with self.subTest(corrupt=corrupt):
+                with open(self.state_path, "w") as file:
+                    file.write(corrupt)
+                self.log.lines.clear()
+                self.start_proxy(state_file=self.state_path)
+                self.assertEqual(self.level(), 10)
+                self.assertEqual(len([l for l in self.log.lines if "STATE_FILE" in l]), 1, self.log.lines)
+                self.stop(self.proxy)
+                self.proxy = None
         os.unlink(self.state_path)
-        self.stop(self.proxy)
-        self.proxy = None
         self.start_proxy(state_file=self.state_path + ".missing")
         self.assertIn("not found", self.log.lines[-1])
 
@@ -1393,7 +1440,7 @@ class RestartTests(unittest.TestCase):
 
     def start(self, **env: str) -> tuple[subprocess.Popen, int]:
         port = free_port()
-        full_env = {k: v for k, v in os.environ.items() if k not in {s.name for s in llm_proxy.SETTINGS}}
+        full_env = clean_environment()
         full_env.update(HOST="127.0.0.1", PORT=str(port),
                         BASE_API_URL=f"http://127.0.0.1:{self.echo.server_address[1]}/v1", **env)
         process = subprocess.Popen([sys.executable, os.path.join(HERE, "llm_proxy.py")], env=full_env,

@@ -128,7 +128,7 @@ def start_proxy(upstream_port: int, **env: str) -> tuple[Process, int]:
     settings = {"HOST": "127.0.0.1", "PORT": str(port), "MAX_TOKENS": "1000000000",
                 "REFILL_TOKENS": "1", "BASE_API_URL": f"http://127.0.0.1:{upstream_port}/v1"}
     settings.update(env)
-    environment = {k: v for k, v in os.environ.items() if not k.isupper() or k in ("PATH", "HOME")}
+    environment = {k: os.environ[k] for k in ("PATH", "HOME", "LANG") if k in os.environ}
     environment.update(settings)
     process = Process([sys.executable, os.path.join(ROOT, "llm_proxy.py")], environment)
     if "listening" not in process.first_line:

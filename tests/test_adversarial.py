@@ -296,6 +296,29 @@ class UpstreamFaultTests(AdversarialTestCase):
         self.assertEqual(self.proxy.connection_count, 0)
 
 
+class UpstreamFramingTests(AdversarialTestCase):
+    """Answers without a Content-Length (chunked, as Go servers send larger bodies)."""
+
+    def test_chunked_answer_is_checked_and_settled(self) -> None:
+        self.start_proxy(cost_mode="usage", max_tokens=100)
+        response = self.chat(max_tokens=20, headers={"X-Fake": "chunked-json", "X-Usage": "9"})
+        self.assertEqual(response.json()["choices"][0]["message"]["content"], "hi from upstream")
+        self.assertEqual(self.request("GET", "/v1/quota").json()["buckets"][0]["tokens"], 91)
+        self.assert_openai_error(self.chat(max_tokens=20, headers={"X-Fake": "chunked-text"}), 502,
+                                 "upstream_error")
+        self.assertEqual(self.request("GET", "/v1/quota").json()["buckets"][0]["tokens"], 91)
+
+    def test_client_leaving_closes_an_upstream_that_said_connection_close(self) -> None:
+        body = json.dumps({"messages": [], "stream": True}).encode()
+        with socket.create_connection(("127.0.0.1", self.port), timeout=WAIT) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Close: 1\r\n"
+                         b"X-Fake: until-client-leaves\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            self.assertTrue(self.upstream.first_event_sent.wait(WAIT))
+            sock.recv(1)
+        self.assertTrue(self.upstream.closed_early.wait(1.0), "upstream kept streaming to nobody")
+        self.assert_healthy()
+
+
 # --------------------------------------------------------------------------
 # Faults of the client
 # --------------------------------------------------------------------------
@@ -349,6 +372,61 @@ class ClientFaultTests(AdversarialTestCase):
             for sock in idle:
                 sock.close()
         self.assert_healthy()
+
+
+class SlowDripTests(AdversarialTestCase):
+    def test_a_request_dripping_in_is_dropped_after_the_client_timeout(self) -> None:
+        self.start_proxy(client_timeout=0.3, state_save_interval=0.1)
+        started = time.monotonic()
+        with socket.create_connection(("127.0.0.1", self.port), timeout=WAIT) as sock:
+            request = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 400
+            try:
+                for byte in request:  # one byte every 20 ms: no single read ever times out
+                    sock.sendall(bytes([byte]))
+                    time.sleep(0.02)
+            except OSError:
+                pass  # dropped while still sending
+            with contextlib.suppress(OSError):
+                while sock.recv(65536):
+                    pass
+        self.assertLess(time.monotonic() - started, 4.0, "a dripping client held its connection")
+        self.assert_healthy()
+
+
+class MethodAndModelTests(AdversarialTestCase):
+    def test_other_methods_on_a_metered_path_are_405(self) -> None:
+        for method in ("GET", "PUT", "DELETE", "PATCH"):
+            with self.subTest(method=method):
+                self.assert_openai_error(self.request(method, "/v1/chat/completions", VALID_BODY), 405)
+        self.assert_nothing_charged_or_forwarded()
+
+    def test_model_list_applies_to_every_endpoint_that_names_a_model(self) -> None:
+        directory = tempfile.TemporaryDirectory()
+        self.addCleanup(directory.cleanup)
+        keys = os.path.join(directory.name, "keys.json")
+        with open(keys, "w") as file:
+            json.dump({CLIENT_KEY: {"models": ["small"]}}, file)
+        self.start_proxy(keys_file=keys)
+        response = self.request("POST", "/v1/embeddings", {"model": "large", "input": "x"})
+        self.assert_openai_error(response, 403, code="model_not_allowed")
+        self.assertEqual(self.upstream.requests, [])
+
+    def test_expect_100_with_an_unknown_key_is_refused_before_the_body(self) -> None:
+        self.start_proxy(client_keys=(CLIENT_KEY,))
+        answer = self.exchange(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                               b"Authorization: Bearer sk-nobody\r\nContent-Length: 5000000\r\n\r\n",
+                               half_close=False)
+        self.assert_error_answer(answer, 401)
+        self.assertNotIn(b"100 Continue", answer)
+
+    def test_http_1_0_keep_alive_is_confirmed(self) -> None:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=WAIT) as sock:
+            for _ in range(2):
+                sock.sendall(b"GET /health HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+                answer = b""
+                while not answer.endswith(b'{"status":"ok"}'):
+                    answer += sock.recv(65536)
+                self.assertIn(b"Connection: keep-alive", answer)
 
 
 def dechunk(data: bytes) -> bytes:
