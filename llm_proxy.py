@@ -679,9 +679,8 @@ def output_allowance(payload: dict) -> int | None:
 
 def estimate_tokens(payload: dict, reserve: int) -> int:
     """ceil(prompt characters / 4) plus the output allowance (or the reserve), at least 1."""
-    characters = len(" ".join(_text_strings(payload)))
     allowance = output_allowance(payload)
-    return max(1, math.ceil(characters / 4) + (reserve if allowance is None else allowance))
+    return max(1, prompt_tokens(payload) + (reserve if allowance is None else allowance))
 
 
 def request_cost(payload: dict, config: Config) -> int:
@@ -693,6 +692,7 @@ def request_cost(payload: dict, config: Config) -> int:
 
 
 def prompt_tokens(payload: dict) -> int:
+    """Every string in the request but the model, at 4 characters a token."""
     return math.ceil(len(" ".join(_text_strings(payload))) / 4)
 
 
@@ -1885,17 +1885,17 @@ class ProxyHandler(BaseHTTPRequestHandler):
             if self.client_gone:
                 raise ClientGone() from None
             log.warning("upstream stream to %s broke off: %s", self.label, type(error).__name__)
-            if not sse:  # no final chunk: the client must see the body as cut short
+            completed = False
+            if sse:
+                self.write_chunk(b"data: " + json_bytes(upstream_failure(error).body()) + b"\n\n")
+            else:  # no final chunk: the client must see the body as cut short
                 self.close_connection = True
-                self.finish_charge()
-                return False
-            self.write_chunk(b"data: " + json_bytes(upstream_failure(error).body()) + b"\n\n")
-            self.finish_charge()
-            self.end_chunked()
-            return False
+        else:
+            completed = True
         self.finish_charge()
-        self.end_chunked()
-        return True
+        if completed or sse:
+            self.end_chunked()
+        return completed
 
     # -- writing -------------------------------------------------------------
 
