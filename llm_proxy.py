@@ -834,10 +834,17 @@ HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
     "te", "trailer", "transfer-encoding", "upgrade",
 })
-NOT_FORWARDED_UPSTREAM = HOP_BY_HOP | {"authorization", "host", "content-length", "expect",
-                                       "accept-encoding"}
+# Every header a client may carry a credential in.  The same list finds the
+# caller's key and strips the request: the proxy key is the proxy's secret, and
+# a cookie or second key meant for the proxy is none of the upstream's business.
+CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key", "proxy-authorization", "cookie")
+KEY_HEADERS = CREDENTIAL_HEADERS[:3]  # those that carry an API key, in order of preference
+NOT_FORWARDED_UPSTREAM = HOP_BY_HOP | set(CREDENTIAL_HEADERS) | {
+    "host", "content-length", "expect", "accept-encoding"}
+# The upstream's Server header would tell callers what software and version the
+# model server runs (nginx drops it too); the proxy names itself instead.
 PROXY_RESPONSE_HEADERS = frozenset({
-    "content-length", "access-control-allow-origin", "access-control-expose-headers",
+    "content-length", "server", "access-control-allow-origin", "access-control-expose-headers",
     "x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-refill-tokens",
     "x-ratelimit-refill-seconds", "x-ratelimit-reset-seconds", "retry-after",
 })
@@ -930,6 +937,22 @@ def bearer_token(authorization: str | None) -> str | None:
     scheme, _, token = (authorization or "").strip().partition(" ")
     token = token.strip()
     return token if scheme.lower() == "bearer" and token else None
+
+
+def presented_key(headers: Headers) -> str | None:
+    """The API key a client sent: ``Authorization: Bearer``, else ``x-api-key`` or ``api-key``.
+
+    OpenAI clients use the first, Anthropic clients the second, Azure-style
+    clients the third; ``KEY_HEADERS`` is the list that is also never forwarded.
+    """
+    for name in KEY_HEADERS:
+        value = headers.get(name)
+        if value is None:
+            continue
+        token = bearer_token(value) if name == "authorization" else value.strip()
+        if token:
+            return token
+    return None
 
 
 # --------------------------------------------------------------------------
@@ -1112,13 +1135,17 @@ class UpstreamExchange:
                 self.sock.shutdown(socket.SHUT_RDWR)
 
 
-class _Waiter:
-    __slots__ = ("key_limit", "event", "granted")
+class Ticket:
+    """One request's place at the gate: queued, then granted, or withdrawn if its client left."""
 
-    def __init__(self, key_limit: int) -> None:
+    __slots__ = ("identity", "key_limit", "event", "granted", "withdrawn")
+
+    def __init__(self, identity: str, key_limit: int) -> None:
+        self.identity = identity
         self.key_limit = key_limit
         self.event = threading.Event()
         self.granted = False
+        self.withdrawn = False
 
 
 class FairGate:
@@ -1138,32 +1165,52 @@ class FairGate:
         self._lock = threading.Lock()
 
     @contextmanager
-    def slot(self, identity: str, key_limit: int) -> Iterator[None]:
-        self.acquire(identity, key_limit)
+    def slot(self, ticket: Ticket) -> Iterator[None]:
+        self.acquire(ticket)
         try:
             yield
         finally:
-            self.release(identity)
+            self.release(ticket.identity)
 
-    def acquire(self, identity: str, key_limit: int) -> None:
+    def acquire(self, ticket: Ticket) -> None:
+        """Wait for a slot; ClientGone if the ticket is withdrawn, a 503 after QUEUE_TIMEOUT."""
+        identity = ticket.identity
         with self._lock:
-            if not self._queues and self._has_room(identity, key_limit):
-                self._grant(identity)
+            if ticket.withdrawn:
+                raise ClientGone()
+            if not self._queues and self._has_room(identity, ticket.key_limit):
+                self._grant(ticket)
                 return
-            waiter = _Waiter(key_limit)
-            self._queues.setdefault(identity, deque()).append(waiter)
+            self._queues.setdefault(identity, deque()).append(ticket)
             self._dispatch()
-        if waiter.event.wait(self.timeout):
-            return
+        ticket.event.wait(self.timeout)
         with self._lock:
-            if waiter.granted:  # granted just as the wait ran out
+            if ticket.granted:  # possibly just as the wait ran out
                 return
-            waiting = self._queues[identity]
-            waiting.remove(waiter)
-            if not waiting:
-                del self._queues[identity]
+            self._dequeue(ticket)
+        if ticket.withdrawn:
+            raise ClientGone()
         raise ProxyError(503, "The model server is busy; try again shortly.", "server_error",
                          "queue_timeout")
+
+    def withdraw(self, ticket: Ticket) -> None:
+        """The ticket's client hung up: take it out of the queue so it never takes a slot.
+
+        A ticket already granted keeps its slot until ``release``; its request
+        finds its exchange aborted and is never sent.
+        """
+        with self._lock:
+            ticket.withdrawn = True
+            if not ticket.granted:
+                self._dequeue(ticket)
+                ticket.event.set()
+
+    def _dequeue(self, ticket: Ticket) -> None:
+        waiting = self._queues.get(ticket.identity)
+        if waiting is not None and ticket in waiting:
+            waiting.remove(ticket)
+            if not waiting:
+                del self._queues[ticket.identity]
 
     def release(self, identity: str) -> None:
         with self._lock:
@@ -1183,9 +1230,11 @@ class FairGate:
         return ((not self.limit or self.in_flight < self.limit)
                 and (not key_limit or self._per_key.get(identity, 0) < key_limit))
 
-    def _grant(self, identity: str) -> None:
+    def _grant(self, ticket: Ticket) -> None:
         self.in_flight += 1
-        self._per_key[identity] = self._per_key.get(identity, 0) + 1
+        self._per_key[ticket.identity] = self._per_key.get(ticket.identity, 0) + 1
+        ticket.granted = True
+        ticket.event.set()
 
     def _dispatch(self) -> None:
         """Hand free slots to the first key in turn whose next request may go."""
@@ -1195,14 +1244,12 @@ class FairGate:
                     break
             else:
                 return  # everyone waiting is at their own key's limit
-            waiter = waiting.popleft()
+            ticket = waiting.popleft()
             if waiting:
                 self._queues.move_to_end(identity)
             else:
                 del self._queues[identity]
-            self._grant(identity)
-            waiter.granted = True
-            waiter.event.set()
+            self._grant(ticket)
 
 
 class _Watch:
@@ -1426,6 +1473,7 @@ PREFLIGHT_HEADERS = [
     ("Access-Control-Max-Age", "86400"),
 ]
 JSON_TYPE = ("Content-Type", "application/json")
+SERVER_HEADER = f"Server: llm_proxy/{__version__}"  # on every answer; the upstream's is dropped
 SSE_TYPE = ("Content-Type", "text/event-stream; charset=utf-8")
 
 
@@ -1455,6 +1503,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def begin_request(self) -> None:
         """Fresh per-request state; the head and body must arrive within CLIENT_TIMEOUT."""
         self.started = time.monotonic()
+        self.arrived = time.time()  # for the access log's timeline
         self.path = ""
         self.server.expect_request_by(self.connection, self.started + self.server.config.client_timeout)
         self.status = 0
@@ -1468,6 +1517,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.stream_usage: StreamUsage | None = None
         self.prompt_estimate = 0
         self.limited = False
+        self.streamed = False      # the answer went out as an event stream
+        self.stream_finished = False
         self.client_gone = False
         self.upstream_reached = False
         self.upstream_ms: float | None = None
@@ -1592,7 +1643,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def authenticate(self) -> None:
         """Find whose buckets pay for this request, or raise 401."""
         keyring = self.server.keyring
-        token = bearer_token(self.headers.get("Authorization"))
+        token = presented_key(self.headers)
         if token is not None:
             digest, policy = keyring.lookup(token)
             if policy is not None or keyring.is_open:
@@ -1747,7 +1798,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
         A client that hangs up after its request reached the upstream pays for what
         it asked for: the reservation, or in usage mode what was generated before it
-        left.  One that leaves while still queued pays nothing.
+        left.  One that leaves while still queued pays nothing.  A stream cut short
+        from either end is settled the same way: the upstream's usage if it reported
+        any, else the prompt plus what was streamed.
         """
         charge = self.charge
         if charge is None:
@@ -1758,7 +1811,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if usage is not None and charge.kept:
             if usage.total is not None:
                 charge.settle(usage.total)
-            elif self.client_gone:
+            elif not self.stream_finished:
                 charge.settle(usage.generated_so_far(self.prompt_estimate))
         charge.refund()
 
@@ -1772,6 +1825,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 text, "invalid_request_error" if too_large else "rate_limit_exceeded",
                 "request_too_large" if too_large else "rate_limit_exceeded"), headers)
         elif stream:
+            self.streamed = True
             self.send_bytes(200, headers + [SSE_TYPE, ("Cache-Control", "no-cache")],
                             limit_stream(kind, model, text))
         else:
@@ -1792,26 +1846,32 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if body or self.command in ("POST", "PUT", "PATCH"):
             headers["Content-Length"] = str(len(body))
         path = target.upstream_path(server.upstream.target.base_path)
-        with server.gate.slot(self.identity, self.policy.max_concurrent):
-            exchange = UpstreamExchange(server.upstream)
-            self.unwatch = server.watcher.watch(self.connection, lambda: self.client_left(exchange))
-            started = time.monotonic()
-            try:
-                response = exchange.send(self.command, path, headers, body or None)
-                self.upstream_ms = (time.monotonic() - started) * 1000
-                exchange.completed = self.relay(response, transform)
-            except (OSError, http.client.HTTPException) as error:
-                if self.client_gone:
-                    raise ClientGone() from None
-                raise upstream_failure(error) from None
-            finally:
-                self.unwatch()
-                self.upstream_reached = exchange.sent
-                exchange.finish()
+        exchange = UpstreamExchange(server.upstream)
+        ticket = Ticket(self.identity, self.policy.max_concurrent)
+        # Watched from the moment it queues: a client that leaves while waiting is
+        # taken out of the queue and its request never sent.
+        self.unwatch = server.watcher.watch(self.connection,
+                                            lambda: self.client_left(ticket, exchange))
+        try:
+            with server.gate.slot(ticket):
+                started = time.monotonic()
+                try:
+                    response = exchange.send(self.command, path, headers, body or None)
+                    self.upstream_ms = (time.monotonic() - started) * 1000
+                    exchange.completed = self.relay(response, transform)
+                except (OSError, http.client.HTTPException) as error:
+                    if self.client_gone:
+                        raise ClientGone() from None
+                    raise upstream_failure(error) from None
+        finally:
+            self.unwatch()
+            self.upstream_reached = exchange.sent
+            exchange.finish()
 
-    def client_left(self, exchange: UpstreamExchange) -> None:
+    def client_left(self, ticket: Ticket, exchange: UpstreamExchange) -> None:
         """Called by the disconnect watcher's thread when the client hangs up mid-request."""
         self.client_gone = True
+        self.server.gate.withdraw(ticket)
         exchange.abort()
 
     def relay(self, response: http.client.HTTPResponse,
@@ -1853,6 +1913,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         before its first complete event counts as never served.
         """
         served = response.status < 400
+        self.streamed = sse
         if not served:
             self.settle(False)
         self.start_chunked(response.status, headers + self.meter_headers(), response.reason)
@@ -1892,6 +1953,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 self.close_connection = True
         else:
             completed = True
+        self.stream_finished = completed
         self.finish_charge()
         if completed or sse:
             self.end_chunked()
@@ -1906,7 +1968,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.close_connection = True  # an unread body would be taken for the next request
         if reason is None or not _FIELD_VALUE.fullmatch(reason):  # an upstream's could carry a CR
             reason = self.responses.get(status, ("",))[0]
-        lines = [f"{self.protocol_version} {status} {reason}"]
+        lines = [f"{self.protocol_version} {status} {reason}", SERVER_HEADER]
         lines.extend(f"{name}: {value}" for name, value in headers)
         lines.extend(f"{name}: {value}" for name, value in CORS_HEADERS)
         if self.close_connection:
@@ -1988,11 +2050,14 @@ class ProxyHandler(BaseHTTPRequestHandler):
             f"{stamp} INFO {self.client_address[0]} {self.label} {self.command} {path} {status} "
             f"{outcome} {elapsed:.1f}ms charged={charged} settled={settled}\n")
         if self.server.access_log is not None:
+            arrived = self.arrived
             self.server.access_log.write(json.dumps({
-                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)), "key": self.label,
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(arrived))
+                + f".{int(arrived % 1 * 1000):03d}Z", "key": self.label,
                 "ip": self.client_address[0], "method": self.command, "path": path,
-                "model": self.model, "status": status, "tokens_charged": charged,
-                "tokens_settled": settled, "upstream_ms": None if self.upstream_ms is None
+                "model": self.model, "status": status, "stream": self.streamed,
+                "tokens_charged": charged, "tokens_settled": settled,
+                "duration_ms": round(elapsed, 1), "upstream_ms": None if self.upstream_ms is None
                 else round(self.upstream_ms, 1), "outcome": outcome}, separators=(",", ":")) + "\n")
 
 
@@ -2045,7 +2110,7 @@ class TrackedServer(ThreadingHTTPServer):
     def refuse(self, request: socket.socket) -> None:
         body = json_bytes(error_body("Too many connections; try again shortly.", "server_error",
                                      "too_many_connections"))
-        head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+        head = (f"HTTP/1.1 503 Service Unavailable\r\n{SERVER_HEADER}\r\nContent-Type: application/json\r\n"
                 f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n")
         try:
             request.setblocking(False)
@@ -2476,11 +2541,18 @@ def _demo_config(config: Config, echo_port: int, environ: dict[str, str]) -> Con
                    upstream_key=None, upstream_model=config.upstream_model or "echo")
 
 
+def demo_key(config: Config) -> str:
+    """A key the demo's curl line can use: any key in open mode, else the first configured one."""
+    if config.client_keys:
+        return config.client_keys[0]
+    return "<a key from your KEYS_FILE>" if config.keys_file else "demo-key"
+
+
 def _print_demo_help(server: ProxyServer) -> None:
     port = server.server_address[1]
     print(f"""
 demo mode: the upstream is a built-in echo model. Try, in another terminal:
-  curl -s http://127.0.0.1:{port}/v1/chat/completions -H 'Authorization: Bearer demo-key' \\
+  curl -s http://127.0.0.1:{port}/v1/chat/completions -H 'Authorization: Bearer {demo_key(server.config)}' \\
        -H 'Content-Type: application/json' -d '{{"messages":[{{"role":"user","content":"hello"}}]}}'
 Add "stream": true to see tokens arrive; repeat {server.config.max_tokens + 1} times to see the limit reply.
 """, flush=True)

@@ -1,0 +1,221 @@
+"""Regression tests for defects found with real clients and a soak run (issue 8).
+
+Each test failed before its fix.  Run by the README's command, ``python3 test_llm_proxy.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+import urllib.request
+
+import llm_proxy
+from test_llm_proxy import (CLIENT_KEY, HERE, OTHER_KEY, UPSTREAM_KEY, WAIT, ProxyTestCase,
+                            clean_environment, free_port)
+
+CREDENTIALS = {"x-api-key": CLIENT_KEY, "api-key": CLIENT_KEY,
+               "Proxy-Authorization": "Basic cHJveHk6c2VjcmV0", "Cookie": "session=s3cr3t"}
+
+
+class CredentialTests(ProxyTestCase):
+    """No header that can carry a client credential ever leaves the proxy."""
+
+    config_overrides = {"client_keys": (CLIENT_KEY, OTHER_KEY)}
+
+    def assert_no_credential_forwarded(self) -> None:
+        for forwarded in self.upstream.requests:
+            names = {name.lower() for name in forwarded["headers"]}
+            for header in ("x-api-key", "api-key", "proxy-authorization", "cookie"):
+                self.assertNotIn(header, names, forwarded["path"])
+            self.assertEqual(forwarded["headers"].get("Authorization"), f"Bearer {UPSTREAM_KEY}")
+            for secret in (CLIENT_KEY, "s3cr3t", "cHJveHk6c2VjcmV0"):
+                self.assertNotIn(secret, forwarded["raw_headers"])
+
+    def test_key_in_any_key_header_is_accepted_and_never_forwarded(self) -> None:
+        routes = [("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}),
+                  ("GET", "/v1/models", None), ("POST", "/v1/embeddings", {"input": "x"})]
+        for header in ("x-api-key", "api-key"):
+            for method, path, body in routes:
+                with self.subTest(header=header, path=path):
+                    extra = {header: CLIENT_KEY, "Proxy-Authorization": CREDENTIALS["Proxy-Authorization"],
+                             "Cookie": CREDENTIALS["Cookie"]}
+                    response = self.request(method, path, body, key=None, headers=extra)
+                    self.assertLess(response.status, 400, response.body)
+        self.assertEqual(len(self.upstream.requests), 6)
+        self.assert_no_credential_forwarded()
+
+    def test_a_wrong_key_in_x_api_key_is_refused(self) -> None:
+        response = self.request("GET", "/v1/models", key=None, headers={"x-api-key": "sk-wrong"})
+        self.assert_openai_error(response, 401)
+        self.assertEqual(self.upstream.requests, [])
+
+    def test_open_mode_strips_credentials_too(self) -> None:
+        self.start_proxy(client_keys=())
+        self.chat(key=None, headers=CREDENTIALS)
+        self.request("GET", "/v1/models", key=None, headers=CREDENTIALS)
+        self.assertEqual(len(self.upstream.requests), 2)
+        self.assert_no_credential_forwarded()
+
+
+class QueuedLeaverTests(ProxyTestCase):
+    """A client that leaves while queued is dropped from the queue, refunded and never sent."""
+
+    config_overrides = {"client_keys": (CLIENT_KEY, OTHER_KEY), "upstream_max_concurrent": 1}
+
+    def wait_for(self, condition) -> None:
+        deadline = time.monotonic() + WAIT
+        while not condition():
+            self.assertLess(time.monotonic(), deadline, "condition never became true")
+            time.sleep(0.005)
+
+    def test_leaver_is_withdrawn_at_once_never_sent_and_not_charged(self) -> None:
+        results = []
+        holder = threading.Thread(target=lambda: results.append(self.chat(headers={"X-Fake": "hold"})))
+        holder.start()
+        gate = self.proxy.gate
+        self.wait_for(lambda: len(self.upstream.requests) == 1)
+        body = json.dumps({"messages": [{"role": "user", "content": "queued"}]}).encode()
+        leaver = socket.create_connection(("127.0.0.1", self.port), timeout=WAIT)
+        leaver.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                       + OTHER_KEY.encode() + b"\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        self.wait_for(lambda: gate.waiting == 1)
+        leaver.close()
+        self.wait_for(lambda: gate.waiting == 0)  # withdrawn while the slot is still taken
+        self.assertEqual(gate.in_flight, 1)
+        self.upstream.release.set()
+        holder.join(WAIT)
+        self.assertEqual(results[0].status, 200)
+        self.written("499")
+        self.assertEqual(len(self.upstream.requests), 1, "the leaver's request was sent upstream")
+        self.assertEqual(self.level(OTHER_KEY), 10)
+        self.assertEqual(self.level(CLIENT_KEY), 9)
+        self.assertEqual(self.chat(key=OTHER_KEY).status, 200)  # no slot was kept by the leaver
+        self.wait_for(lambda: (gate.in_flight, gate.waiting) == (0, 0))  # released after the answer
+
+
+class BrokenStreamTests(ProxyTestCase):
+    """An upstream that breaks off mid-stream is charged like a client that hangs up."""
+
+    config_overrides = {"cost_mode": "usage", "max_tokens": 1000}
+
+    def test_charge_is_prompt_plus_what_was_streamed(self) -> None:
+        payload = {"model": "client-model", "messages": [{"role": "user", "content": "hello"}],
+                   "stream": True}
+        response = self.request("POST", "/v1/chat/completions", payload,
+                                headers={"X-Fake": "break-after-first", "X-Usage": "none"})
+        self.assertEqual(response.status, 200)
+        streamed = "w0"
+        expected = llm_proxy.prompt_tokens(payload) + -(-len(streamed) // 4)
+        self.assertEqual(self.level(), 1000 - expected)
+
+    def test_reported_usage_wins_over_the_count(self) -> None:
+        # the fake reports usage only at the end, so a complete stream settles to it
+        self.chat(stream=True, headers={"X-Usage": "40"})
+        self.assertEqual(self.level(), 960)
+
+
+class ServerHeaderTests(ProxyTestCase):
+    """The upstream's Server header is dropped; every answer names the proxy, once."""
+
+    config_overrides = {"client_keys": (CLIENT_KEY,), "max_tokens": 1, "refill_tokens": 1}
+
+    def test_every_answer_names_the_proxy_once(self) -> None:
+        answers = {"served": self.chat(), "limited": self.chat(),
+                   "streamed limit": self.chat(stream=True),
+                   "forwarded": self.request("GET", "/v1/models"),
+                   "401": self.chat(key="sk-nobody"), "health": self.request("GET", "/health"),
+                   "404": self.request("GET", "/nowhere")}
+        for name, response in answers.items():
+            with self.subTest(name):
+                self.assertEqual(response.headers.get_all("Server"),
+                                 [f"llm_proxy/{llm_proxy.__version__}"])
+        self.assertIn("limit reached", answers["limited"].json()["choices"][0]["message"]["content"])
+
+
+class AccessLogTimelineTests(ProxyTestCase):
+    """``time`` is the arrival in UTC with milliseconds; ``duration_ms`` runs to the last byte."""
+
+    def test_arrival_duration_and_stream_flag(self) -> None:
+        directory = tempfile.TemporaryDirectory()
+        self.addCleanup(directory.cleanup)
+        path = os.path.join(directory.name, "access.log")
+        self.start_proxy(access_log=path)
+        self.chat()
+        before = time.time()
+        streamer = threading.Thread(target=lambda: self.chat(stream=True, headers={
+            "X-Fake": "pause-after-first"}))
+        streamer.start()
+        self.upstream.first_event_sent.wait(WAIT)
+        time.sleep(0.3)  # the stream stays open this long after its first event
+        self.upstream.release.set()
+        streamer.join(WAIT)
+        self.stop(self.proxy)
+        self.proxy = None
+        with open(path) as file:
+            records = [json.loads(line) for line in file]
+        self.assertEqual([r["stream"] for r in records], [False, True])
+        for record in records:
+            self.assertRegex(record["time"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+        streamed = records[1]
+        arrived = time.mktime(time.strptime(streamed["time"][:19], "%Y-%m-%dT%H:%M:%S")) - time.timezone
+        arrived += int(streamed["time"][20:23]) / 1000
+        self.assertLess(abs(arrived - before), 0.2, "time is the arrival, not the end")
+        self.assertGreaterEqual(streamed["duration_ms"], 300)
+        self.assertLess(streamed["upstream_ms"], streamed["duration_ms"])
+
+
+class DemoBannerTests(unittest.TestCase):
+    """The demo's curl line works as printed, also when keys are set."""
+
+    def test_printed_curl_command_is_served(self) -> None:
+        env = clean_environment()
+        env.update({"PROXY_API_KEYS": "key-a,key-b", "PORT": str(free_port())})
+        process = subprocess.Popen([sys.executable, os.path.join(HERE, "llm_proxy.py"), "--demo"],
+                                   env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            banner = ""
+            while "Add \"stream\"" not in banner:
+                line = process.stdout.readline()
+                self.assertTrue(line, "the demo banner ended early")
+                banner += line
+            match = re.search(r"curl -s (http://\S+) -H 'Authorization: Bearer ([^']+)'", banner)
+            self.assertIsNotNone(match, banner)
+            url, key = match.groups()
+            request = urllib.request.Request(url, json.dumps(
+                {"messages": [{"role": "user", "content": "hello"}]}).encode(),
+                {"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=WAIT) as answer:
+                self.assertEqual(json.loads(answer.read())["choices"][0]["message"]["content"],
+                                 "echo: hello")
+        finally:
+            process.terminate()
+            process.communicate(timeout=WAIT)
+
+
+class ReadmeFilesTests(unittest.TestCase):
+    """Every file the README and the scripts name is in the repository (a .gitignore can hide one)."""
+
+    def test_named_files_are_tracked(self) -> None:
+        text = ""
+        for name in ("README.md", "run_local_proxy.sh", "curl_local_proxy.sh"):
+            with open(os.path.join(HERE, name), encoding="utf-8") as file:
+                text += file.read()
+        named = set(re.findall(r"\b((?:examples|bench|tests|\.ci)/[A-Za-z0-9_.\-/]*[A-Za-z0-9_])", text))
+        self.assertTrue(named)
+        if os.path.isdir(os.path.join(HERE, ".git")):
+            listed = subprocess.run(["git", "ls-files"], cwd=HERE, capture_output=True, text=True)
+            tracked = set(listed.stdout.split())
+        else:  # an exported tree: the files must at least be there
+            tracked = {name for name in named if os.path.exists(os.path.join(HERE, name))}
+        missing = sorted(name for name in named
+                         if name not in tracked and not any(t.startswith(name + "/") for t in tracked))
+        self.assertEqual(missing, [], "named in the README or a script but not in the repository")
