@@ -38,7 +38,7 @@ import time
 import urllib.parse
 from collections import OrderedDict, deque
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from logging.handlers import QueueHandler, QueueListener
 from typing import BinaryIO, Callable, Iterator, Sequence, TextIO
@@ -431,10 +431,14 @@ class BucketStore:
 
 
 class Charge:
-    """One admitted request's payment: kept once the upstream serves it, else refunded once.
+    """One admitted request's payment, a small state machine decided in one place.
 
-    In usage mode the reservation is later settled to what the upstream reported.
+    ``reserved`` when admitted; ``close`` makes it ``kept`` (served, nothing to
+    settle), ``settled`` (served, replaced by what was really used: the rest
+    refunded, or the extra taken as debt) or ``refunded`` (never served), once.
     """
+
+    __slots__ = ("store", "identity", "specs", "admission", "state", "used")
 
     def __init__(self, store: BucketStore, identity: str, specs: Sequence[BucketSpec],
                  admission: Admission) -> None:
@@ -442,30 +446,33 @@ class Charge:
         self.identity = identity
         self.specs = specs
         self.admission = admission
-        self.kept = False
-        self.refunded = False
-        self.settled: int | None = None
+        self.state = "reserved"
+        self.used: int | None = None
 
-    def keep(self) -> None:
-        self.kept = True
-
-    def refund(self) -> None:
-        if not (self.kept or self.refunded):
-            self.refunded = True
-            self.store.credit(self.identity, self.specs, self.admission.cost)
+    def close(self, served: bool, used: int | None = None) -> None:
+        if self.state != "reserved":
+            return
+        cost = self.admission.cost
+        if not served:
+            self.state = "refunded"
+            self.store.credit(self.identity, self.specs, cost)
             self.admission = replace(self.admission, remaining=min(
-                self.admission.limit, self.admission.remaining + self.admission.cost))
-
-    def settle(self, used: int) -> None:
-        """Replace the reservation by what was really used: refund the rest, or take the extra."""
-        if self.settled is None and not self.refunded:
-            self.kept = True
-            self.settled = used
-            self.store.credit(self.identity, self.specs, self.admission.cost - used)
+                self.admission.limit, self.admission.remaining + cost))
+        elif used is None:
+            self.state = "kept"
+        else:
+            self.state, self.used = "settled", used
+            self.store.credit(self.identity, self.specs, cost - used)
 
     @property
-    def headers(self) -> list[tuple[str, str]]:
-        return rate_limit_headers(self.admission)
+    def charged(self) -> int:
+        """What was taken before forwarding and not given back."""
+        return 0 if self.state == "refunded" else self.admission.cost
+
+    @property
+    def paid(self) -> int:
+        """What the request cost in the end."""
+        return self.used if self.used is not None else self.charged
 
 
 # --------------------------------------------------------------------------
@@ -601,6 +608,21 @@ class KeyRing:
             return digest, None
         return digest, entry[1]
 
+    def identify(self, token: str | None, address: str) -> tuple[str, str, Policy] | None:
+        """Whose buckets pay, a name for the logs, and the policy; None when the key is refused.
+
+        In open mode any key (or, without one, the caller's address) gets the
+        default policy and a bucket of its own.
+        """
+        if token is not None:
+            digest, policy = self.lookup(token)
+            if policy is not None or self.is_open:
+                policy = policy or self.default
+                return "key:" + digest, policy.name or digest[:12], policy
+        elif self.is_open:
+            return "ip:" + address, "ip:" + address, self.default
+        return None
+
     @property
     def key_count(self) -> int:
         return len(self._policies)
@@ -664,89 +686,655 @@ def _text_strings(value: object) -> Iterator[str]:
             stack.extend(item)
 
 
-def output_allowance(payload: dict) -> int | None:
-    """The client's cap on output tokens, validated: a negative cap must not become a discount."""
-    for name in ("max_completion_tokens", "max_tokens"):
-        value = payload.get(name)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ProxyError(400, f"'{name}' must be a non-negative integer", param=name,
-                             code="invalid_value")
-        return value
-    return None
-
-
-def estimate_tokens(payload: dict, reserve: int) -> int:
-    """ceil(prompt characters / 4) plus the output allowance (or the reserve), at least 1."""
-    allowance = output_allowance(payload)
-    return max(1, prompt_tokens(payload) + (reserve if allowance is None else allowance))
-
-
-def request_cost(payload: dict, config: Config) -> int:
-    """What to charge before forwarding: fixed, or the estimate (reserved, in usage mode)."""
-    if config.cost_mode == "request":
-        output_allowance(payload)  # validated in every mode, so a bad value is a 400 everywhere
-        return config.request_cost
-    return estimate_tokens(payload, config.response_reserve)
-
-
 def prompt_tokens(payload: dict) -> int:
     """Every string in the request but the model, at 4 characters a token."""
     return math.ceil(len(" ".join(_text_strings(payload))) / 4)
 
 
-def reported_usage(value: object) -> int | None:
-    """``usage.total_tokens`` from a completion or chunk, if the upstream reported it."""
-    usage = value.get("usage") if isinstance(value, dict) else None
-    total = usage.get("total_tokens") if isinstance(usage, dict) else None
-    return total if isinstance(total, int) and not isinstance(total, bool) and total >= 0 else None
+def _count(value: object) -> int | None:
+    """A token count from an upstream's JSON: a non-negative integer, else nothing."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
-class StreamUsage:
-    """Reads a streamed completion on its way through: the usage report and the text so far.
+@dataclass(frozen=True)
+class Usage:
+    """Tokens an answer used, as its upstream reported them (prompt includes cached tokens)."""
 
-    The proxy asks the upstream for a usage chunk (``stream_options.include_usage``)
-    when the client did not; that chunk is then hidden from the client, which
-    would not expect it.
+    prompt: int
+    completion: int
+
+    @property
+    def total(self) -> int:
+        return self.prompt + self.completion
+
+
+NO_USAGE = Usage(0, 0)
+
+
+class Meter:
+    """What one answer used, as far as the proxy can tell, read on its way through.
+
+    The dialect reads each streamed event (or the whole non-streamed answer);
+    the meter keeps the usage the upstream reported and the characters of text
+    relayed, which are all a stream cut short leaves to go by.
     """
 
-    def __init__(self, hide_usage_chunk: bool) -> None:
-        self.hide_usage_chunk = hide_usage_chunk
-        self.total: int | None = None
+    __slots__ = ("dialect", "prompt_estimate", "hide_usage", "usage_fields", "characters")
+
+    def __init__(self, dialect: Dialect, prompt_estimate: int, hide_usage: bool = False) -> None:
+        self.dialect = dialect
+        self.prompt_estimate = prompt_estimate
+        self.hide_usage = hide_usage   # the proxy asked for a usage event the client did not
+        self.usage_fields: dict[str, int] = {}
         self.characters = 0
 
-    def filter(self, events: bytes) -> bytes:
-        """Observe complete events; return those the client should see."""
+    def report(self, **counts: object) -> None:
+        """Record counts from the upstream; later reports of a field replace earlier ones."""
+        for name, value in counts.items():
+            count = _count(value)
+            if count is not None:
+                self.usage_fields[name] = count
+
+    @property
+    def reported(self) -> Usage | None:
+        return self.dialect.usage_of(self.usage_fields) if self.usage_fields else None
+
+    def used(self, finished: bool) -> int | None:
+        """What to settle to: the reported usage, else for a cut-short answer prompt + text / 4.
+
+        None means keep the reservation (a finished answer that reported nothing).
+        """
+        usage = self.reported
+        if usage is not None:
+            return usage.total
+        return None if finished else self.prompt_estimate + math.ceil(self.characters / 4)
+
+    def filter(self, frames: list[bytes], framing: Framing) -> bytes:
+        """Observe complete frames; return those the client should see."""
         kept = []
-        for event in events.replace(b"\r\n", b"\n").split(b"\n\n"):
-            if event and self.observe(event):
-                kept.append(event + b"\n\n")
+        for frame in frames:
+            event = framing.json_of(frame)
+            if not isinstance(event, dict) or self.dialect.observe(event, self):
+                kept.append(frame)
         return b"".join(kept)
 
-    def observe(self, event: bytes) -> bool:
-        data = b"\n".join(line[5:].strip() for line in event.split(b"\n") if line.startswith(b"data:"))
-        if not data.startswith(b"{"):
-            return True
-        try:
-            chunk = json.loads(data)
-        except (ValueError, RecursionError):
-            return True
-        choices = chunk.get("choices") if isinstance(chunk, dict) else None
-        for choice in choices if isinstance(choices, list) else ():
-            delta = choice.get("delta") if isinstance(choice, dict) else None
-            text = delta.get("content") if isinstance(delta, dict) else choice.get("text")
-            if isinstance(text, str):
-                self.characters += len(text)
-        total = reported_usage(chunk)
-        if total is None:
-            return True
-        self.total = total
-        return not (self.hide_usage_chunk and not choices)
 
-    def generated_so_far(self, prompt: int) -> int:
-        """What a stream cut short used: its reported usage, else prompt plus text / 4."""
-        return self.total if self.total is not None else prompt + math.ceil(self.characters / 4)
+# --------------------------------------------------------------------------
+# Stream framings
+# --------------------------------------------------------------------------
+
+class Framing:
+    """How a streamed answer is cut into events: server-sent events or JSON lines."""
+
+    content_type = ""
+
+    def end(self, buffer: bytes) -> int:
+        """Offset just past the last complete event in ``buffer`` (0 if none)."""
+        raise NotImplementedError
+
+    def split(self, data: bytes) -> list[bytes]:
+        raise NotImplementedError
+
+    def json_of(self, frame: bytes) -> object:
+        raise NotImplementedError
+
+
+class ServerSentEvents(Framing):
+    content_type = "text/event-stream; charset=utf-8"
+
+    def end(self, buffer: bytes) -> int:
+        lf = buffer.rfind(b"\n\n")
+        crlf = buffer.rfind(b"\r\n\r\n")
+        return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
+
+    def split(self, data: bytes) -> list[bytes]:
+        return [event + b"\n\n" for event in data.replace(b"\r\n", b"\n").split(b"\n\n") if event]
+
+    def json_of(self, frame: bytes) -> object:
+        data = b"\n".join(line[5:].strip() for line in frame.split(b"\n") if line.startswith(b"data:"))
+        return _json_or_none(data)
+
+
+class JsonLines(Framing):
+    content_type = "application/x-ndjson"
+
+    def end(self, buffer: bytes) -> int:
+        return buffer.rfind(b"\n") + 1
+
+    def split(self, data: bytes) -> list[bytes]:
+        return [line + b"\n" for line in data.split(b"\n") if line.strip()]
+
+    def json_of(self, frame: bytes) -> object:
+        return _json_or_none(frame.strip())
+
+
+def _json_or_none(data: bytes) -> object:
+    if not data.startswith(b"{"):
+        return None
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+
+
+SSE = ServerSentEvents()
+NDJSON = JsonLines()
+
+
+def framing_of(content_type: str) -> Framing | None:
+    """The framing of a streamed upstream answer, from its Content-Type (None: not a stream)."""
+    media = content_type.partition(";")[0].strip().lower()
+    if media == "text/event-stream":
+        return SSE
+    if media in ("application/x-ndjson", "application/jsonl", "application/json-seq"):
+        return NDJSON
+    return None
+
+
+def sse_event(data: object, event: str | None = None) -> bytes:
+    head = f"event: {event}\n".encode() if event else b""
+    return head + b"data: " + json_bytes(data) + b"\n\n"
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+# --------------------------------------------------------------------------
+# Dialects: one class per API the model servers speak
+# --------------------------------------------------------------------------
+
+class Dialect:
+    """One API: its routes, what it may cost, how to read its usage and how to answer in it.
+
+    Everything the proxy knows about an API lives in its subclass, registered
+    in ``DIALECTS``; the handler, the meter and the echo model only ask.  The
+    base class speaks OpenAI's error shape and validates what every API shares.
+    A subclass with no ``reply`` is answered with a 429 when its caller's
+    bucket is empty, since no assistant text fits its answers.
+    """
+
+    name = "openai"
+    routes: tuple[str, ...] = ()
+    upstream_root = False           # forwarded under the upstream's root, not its /v1 base
+    stream_default = False
+    allowance_fields: tuple[str, ...] = ()
+    framing: Framing = SSE
+    flat_rate = False               # charged REQUEST_TOKEN_COST whatever the cost mode
+    usage_must_be_asked = False     # a stream reports usage only when asked to
+    answers_with_text = True        # False: an empty bucket is a 429, not an assistant reply
+
+    # -- requests ------------------------------------------------------------
+
+    def validate(self, payload: dict) -> None:
+        """Catch malformed requests here, where they cost nothing, instead of upstream."""
+        model = payload.get("model")
+        if model is not None and not isinstance(model, str):
+            raise ProxyError(400, "'model' must be a string", param="model", code="invalid_type")
+        if not isinstance(payload.get("stream", False), bool):
+            raise ProxyError(400, "'stream' must be true or false", param="stream",
+                             code="invalid_type")
+        self.output_allowance(payload)  # a bad value is a 400 in every cost mode
+
+    def is_stream(self, payload: dict) -> bool:
+        return payload.get("stream", self.stream_default) is True
+
+    def output_allowance(self, payload: dict) -> int | None:
+        """The client's cap on output tokens, validated: a negative cap must not become a discount."""
+        for name in self.allowance_fields:
+            value = payload.get(name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ProxyError(400, f"'{name}' must be a non-negative integer", param=name,
+                                 code="invalid_value")
+            return value
+        return None
+
+    def ask_for_usage(self, payload: dict) -> bool | None:
+        """Make a streamed request report its usage; True if the client would not expect it.
+
+        None when nothing had to change.  Only Chat and Text Completions need asking.
+        """
+        if not self.usage_must_be_asked:
+            return None
+        options = payload.get("stream_options")
+        if isinstance(options, dict) and options.get("include_usage") is True:
+            return False
+        payload["stream_options"] = dict(options if isinstance(options, dict) else {},
+                                         include_usage=True)
+        return True
+
+    # -- answers -------------------------------------------------------------
+
+    def usage_of(self, fields: dict[str, int]) -> Usage | None:
+        """Usage from the counts a meter collected (named as in this API)."""
+        total = fields.get("total_tokens")
+        if total is None:
+            return None
+        prompt = fields.get("prompt_tokens", 0)
+        return Usage(min(prompt, total), total - min(prompt, total))
+
+    def read_reply(self, reply: dict, meter: Meter) -> None:
+        """Take the usage from a whole, non-streamed answer."""
+        usage = reply.get("usage")
+        if isinstance(usage, dict):
+            meter.report(**usage)
+
+    def observe(self, event: dict, meter: Meter) -> bool:
+        """Read one streamed event; False hides it from the client."""
+        return True
+
+    # -- replies of the proxy's own ------------------------------------------
+
+    def reply(self, model: str, text: str, usage: Usage = NO_USAGE) -> dict:
+        """A normal, finished answer whose text is ``text``: every client just shows it."""
+        raise NotImplementedError
+
+    def reply_stream(self, model: str, pieces: Sequence[str], usage: Usage | None = NO_USAGE,
+                     ) -> Iterator[bytes]:
+        """The same answer as stream events, one per piece of text."""
+        raise NotImplementedError
+
+    def error_body(self, error: ProxyError) -> dict:
+        return error_body(error.message, error.kind, error.code, error.param)
+
+    def stream_error(self, error: ProxyError, framing: Framing) -> bytes:
+        """The last event of a stream the upstream broke off, so the client sees it failed."""
+        if framing is NDJSON:
+            return json_bytes(self.error_body(error)) + b"\n"
+        return sse_event(self.error_body(error), self.error_event)
+
+    error_event: str | None = None  # the SSE event name errors go out under, where the API has one
+
+
+class ChatCompletions(Dialect):
+    name = "chat"
+    routes = ("/v1/chat/completions",)
+    allowance_fields = ("max_completion_tokens", "max_tokens")
+    usage_must_be_asked = True
+    opens_with_role = True
+    object_name, chunk_object, id_prefix = "chat.completion", "chat.completion.chunk", "chatcmpl-"
+
+    def validate(self, payload: dict) -> None:
+        super().validate(payload)
+        if not isinstance(payload.get("messages"), list):
+            raise ProxyError(400, "'messages' must be a list", param="messages", code="invalid_type")
+
+    def observe(self, event: dict, meter: Meter) -> bool:
+        choices = event.get("choices")
+        for choice in choices if isinstance(choices, list) else ():
+            text = self.choice_text(choice, chunk=True) if isinstance(choice, dict) else None
+            if isinstance(text, str):
+                meter.characters += len(text)
+        usage = event.get("usage")
+        if not isinstance(usage, dict):
+            return True
+        meter.report(**usage)
+        return not (meter.hide_usage and not choices)
+
+    @staticmethod
+    def choice_text(choice: dict, chunk: bool) -> object:
+        part = choice.get("delta" if chunk else "message")
+        return part.get("content") if isinstance(part, dict) else None
+
+    def choice(self, text: str | None, finish: str | None, chunk: bool, opening: bool = False) -> dict:
+        if chunk:
+            delta = {"role": "assistant", "content": ""} if opening else (
+                {} if text is None else {"content": text})
+            return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return {"index": 0, "message": {"role": "assistant", "content": text},
+                "logprobs": None, "finish_reason": finish}
+
+    def base(self, model: str, chunk: bool) -> dict:
+        return {"id": f"{self.id_prefix}{secrets.token_hex(12)}",
+                "object": self.chunk_object if chunk else self.object_name,
+                "created": int(time.time()), "model": model, "system_fingerprint": None}
+
+    def reply(self, model: str, text: str, usage: Usage = NO_USAGE) -> dict:
+        return dict(self.base(model, chunk=False), choices=[self.choice(text, "stop", chunk=False)],
+                    usage=openai_usage(usage))
+
+    def reply_stream(self, model: str, pieces: Sequence[str], usage: Usage | None = NO_USAGE,
+                     ) -> Iterator[bytes]:
+        base = self.base(model, chunk=True)
+        if self.opens_with_role:
+            yield sse_event(dict(base, choices=[self.choice(None, None, True, opening=True)]))
+        for piece in pieces:
+            yield sse_event(dict(base, choices=[self.choice(piece, None, True)]))
+        yield sse_event(dict(base, choices=[self.choice(None, "stop", True)]))
+        if usage is not None:
+            yield sse_event(dict(base, choices=[], usage=openai_usage(usage)))
+        yield SSE_DONE
+
+
+class TextCompletions(ChatCompletions):
+    name = "text"
+    routes = ("/v1/completions",)
+    allowance_fields = ("max_tokens",)
+    object_name = chunk_object = "text_completion"
+    id_prefix = "cmpl-"
+    opens_with_role = False
+
+    def validate(self, payload: dict) -> None:
+        Dialect.validate(self, payload)
+
+    @staticmethod
+    def choice_text(choice: dict, chunk: bool) -> object:
+        return choice.get("text")
+
+    def choice(self, text: str | None, finish: str | None, chunk: bool, opening: bool = False) -> dict:
+        return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+
+
+def openai_usage(usage: Usage) -> dict:
+    return {"prompt_tokens": usage.prompt, "completion_tokens": usage.completion,
+            "total_tokens": usage.total}
+
+
+class Responses(Dialect):
+    """OpenAI's Responses API, which Codex CLI speaks; usage comes in ``response.completed``."""
+
+    name = "responses"
+    routes = ("/v1/responses",)
+    allowance_fields = ("max_output_tokens",)
+
+    def usage_of(self, fields: dict[str, int]) -> Usage | None:
+        if "input_tokens" not in fields and "output_tokens" not in fields:
+            return None
+        return Usage(fields.get("input_tokens", 0), fields.get("output_tokens", 0))
+
+    def observe(self, event: dict, meter: Meter) -> bool:
+        kind = event.get("type")
+        if kind == "response.output_text.delta" and isinstance(event.get("delta"), str):
+            meter.characters += len(event["delta"])
+        elif kind in ("response.completed", "response.incomplete", "response.failed"):
+            response = event.get("response")
+            if isinstance(response, dict):
+                self.read_reply(response, meter)
+        return True
+
+    def reply(self, model: str, text: str, usage: Usage = NO_USAGE) -> dict:
+        return self.response(model, "completed", [self.message(text)], usage)
+
+    def response(self, model: str, status: str, output: list, usage: Usage | None,
+                 response_id: str | None = None) -> dict:
+        return {"id": response_id or f"resp_{secrets.token_hex(16)}", "object": "response",
+                "created_at": int(time.time()), "status": status, "error": None,
+                "incomplete_details": None, "instructions": None, "max_output_tokens": None,
+                "model": model, "output": output, "parallel_tool_calls": False,
+                "previous_response_id": None, "reasoning": {"effort": None, "summary": None},
+                "store": False, "temperature": None, "text": {"format": {"type": "text"}},
+                "tool_choice": "auto", "tools": [], "top_p": None, "truncation": "disabled",
+                "usage": None if usage is None else {
+                    "input_tokens": usage.prompt, "input_tokens_details": {"cached_tokens": 0},
+                    "output_tokens": usage.completion,
+                    "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": usage.total},
+                "user": None, "metadata": {}}
+
+    @staticmethod
+    def message(text: str, item_id: str | None = None, status: str = "completed") -> dict:
+        content = [{"type": "output_text", "text": text, "annotations": []}] if status == "completed" else []
+        return {"type": "message", "id": item_id or f"msg_{secrets.token_hex(16)}",
+                "status": status, "role": "assistant", "content": content}
+
+    def reply_stream(self, model: str, pieces: Sequence[str], usage: Usage | None = NO_USAGE,
+                     ) -> Iterator[bytes]:
+        response_id, item_id = f"resp_{secrets.token_hex(16)}", f"msg_{secrets.token_hex(16)}"
+        text = "".join(pieces)
+        part = {"type": "output_text", "text": "", "annotations": []}
+        opening = self.response(model, "in_progress", [], None, response_id)
+        events: list[tuple[str, dict]] = [
+            ("response.created", {"response": opening}),
+            ("response.in_progress", {"response": opening}),
+            ("response.output_item.added", {"output_index": 0,
+                                            "item": self.message("", item_id, "in_progress")}),
+            ("response.content_part.added", {"item_id": item_id, "output_index": 0,
+                                             "content_index": 0, "part": part}),
+        ]
+        yield from self.numbered(events, 0)
+        sequence = len(events)
+        for piece in pieces:
+            yield from self.numbered([("response.output_text.delta", {
+                "item_id": item_id, "output_index": 0, "content_index": 0, "delta": piece,
+                "logprobs": []})], sequence)
+            sequence += 1
+        closing: list[tuple[str, dict]] = [
+            ("response.output_text.done", {"item_id": item_id, "output_index": 0,
+                                           "content_index": 0, "text": text, "logprobs": []}),
+            ("response.content_part.done", {"item_id": item_id, "output_index": 0,
+                                            "content_index": 0, "part": dict(part, text=text)}),
+            ("response.output_item.done", {"output_index": 0, "item": self.message(text, item_id)}),
+            ("response.completed", {"response": self.response(
+                model, "completed", [self.message(text, item_id)], usage or NO_USAGE, response_id)}),
+        ]
+        yield from self.numbered(closing, sequence)
+
+    @staticmethod
+    def numbered(events: list[tuple[str, dict]], first: int) -> Iterator[bytes]:
+        for offset, (kind, fields_) in enumerate(events):
+            yield sse_event(dict({"type": kind, "sequence_number": first + offset}, **fields_), kind)
+
+
+class AnthropicMessages(Dialect):
+    """Anthropic's Messages API, which Claude Code speaks.
+
+    A prompt's cached part is reported apart from ``input_tokens`` (llama.cpp's
+    server puts most of a prompt there), so all four counts are charged.
+    """
+
+    name = "messages"
+    routes = ("/v1/messages",)
+    error_event = "error"
+    allowance_fields = ("max_tokens",)
+    ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
+                   403: "permission_error", 404: "not_found_error", 413: "request_too_large",
+                   429: "rate_limit_error", 503: "overloaded_error"}
+
+    def validate(self, payload: dict) -> None:
+        super().validate(payload)
+        if not isinstance(payload.get("messages"), list):
+            raise ProxyError(400, "'messages' must be a list", param="messages", code="invalid_type")
+
+    def usage_of(self, fields: dict[str, int]) -> Usage | None:
+        if "input_tokens" not in fields and "output_tokens" not in fields:
+            return None
+        prompt = sum(fields.get(name, 0) for name in (
+            "input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens"))
+        return Usage(prompt, fields.get("output_tokens", 0))
+
+    def observe(self, event: dict, meter: Meter) -> bool:
+        kind = event.get("type")
+        if kind == "content_block_delta":
+            delta = event.get("delta")
+            if isinstance(delta, dict):
+                for name in ("text", "partial_json", "thinking"):
+                    if isinstance(delta.get(name), str):
+                        meter.characters += len(delta[name])
+        elif kind == "message_start" and isinstance(event.get("message"), dict):
+            self.read_reply(event["message"], meter)
+        elif kind == "message_delta":
+            self.read_reply(event, meter)  # its counts are cumulative: they replace the earlier
+        return True
+
+    def reply(self, model: str, text: str, usage: Usage = NO_USAGE) -> dict:
+        return {"id": f"msg_{secrets.token_hex(12)}", "type": "message", "role": "assistant",
+                "model": model, "content": [{"type": "text", "text": text}],
+                "stop_reason": "end_turn", "stop_sequence": None,
+                "usage": {"input_tokens": usage.prompt, "output_tokens": usage.completion}}
+
+    def reply_stream(self, model: str, pieces: Sequence[str], usage: Usage | None = NO_USAGE,
+                     ) -> Iterator[bytes]:
+        usage = usage or NO_USAGE
+        start = dict(self.reply(model, "", Usage(usage.prompt, 0)), content=[], stop_reason=None)
+        yield sse_event({"type": "message_start", "message": start}, "message_start")
+        yield sse_event({"type": "content_block_start", "index": 0,
+                         "content_block": {"type": "text", "text": ""}}, "content_block_start")
+        for piece in pieces:
+            yield sse_event({"type": "content_block_delta", "index": 0,
+                             "delta": {"type": "text_delta", "text": piece}}, "content_block_delta")
+        yield sse_event({"type": "content_block_stop", "index": 0}, "content_block_stop")
+        yield sse_event({"type": "message_delta", "delta": {"stop_reason": "end_turn",
+                                                            "stop_sequence": None},
+                         "usage": {"output_tokens": usage.completion}}, "message_delta")
+        yield sse_event({"type": "message_stop"}, "message_stop")
+
+    def error_body(self, error: ProxyError) -> dict:
+        kind = self.ERROR_TYPES.get(error.status, "api_error" if error.status >= 500 else
+                                    "invalid_request_error")
+        return {"type": "error", "error": {"type": kind, "message": error.message}}
+
+
+class OllamaChat(Dialect):
+    """Ollama's native chat API: JSON lines, streamed unless ``"stream": false``."""
+
+    name = "ollama"
+    routes = ("/api/chat",)
+    upstream_root = True
+    stream_default = True
+    framing = NDJSON
+
+    def validate(self, payload: dict) -> None:
+        super().validate(payload)
+        if payload.get("options") is not None and not isinstance(payload.get("options"), dict):
+            raise ProxyError(400, "'options' must be an object", param="options", code="invalid_type")
+
+    def output_allowance(self, payload: dict) -> int | None:
+        options = payload.get("options")
+        value = options.get("num_predict") if isinstance(options, dict) else None
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < -2:
+            raise ProxyError(400, "'options.num_predict' must be an integer", param="num_predict",
+                             code="invalid_value")
+        return value if value >= 0 else None  # -1: no limit, -2: fill the context
+
+    def usage_of(self, fields: dict[str, int]) -> Usage | None:
+        if "eval_count" not in fields and "prompt_eval_count" not in fields:
+            return None
+        return Usage(fields.get("prompt_eval_count", 0), fields.get("eval_count", 0))
+
+    def read_reply(self, reply: dict, meter: Meter) -> None:
+        meter.report(prompt_eval_count=reply.get("prompt_eval_count"),
+                     eval_count=reply.get("eval_count"))
+
+    def observe(self, event: dict, meter: Meter) -> bool:
+        text = self.text_of(event)
+        if isinstance(text, str):
+            meter.characters += len(text)
+        if event.get("done") is True:
+            self.read_reply(event, meter)
+        return True
+
+    @staticmethod
+    def text_of(event: dict) -> object:
+        message = event.get("message")
+        return message.get("content") if isinstance(message, dict) else None
+
+    def line(self, model: str, text: str, done: bool, usage: Usage = NO_USAGE) -> dict:
+        line: dict = {"model": model, "created_at": _rfc3339_now(),
+                      "message": {"role": "assistant", "content": text}, "done": done}
+        if done:
+            line.update(done_reason="stop", total_duration=0, load_duration=0,
+                        prompt_eval_count=usage.prompt, prompt_eval_duration=0,
+                        eval_count=usage.completion, eval_duration=0)
+        return line
+
+    def reply(self, model: str, text: str, usage: Usage = NO_USAGE) -> dict:
+        return self.line(model, text, True, usage)
+
+    def reply_stream(self, model: str, pieces: Sequence[str], usage: Usage | None = NO_USAGE,
+                     ) -> Iterator[bytes]:
+        for piece in pieces:
+            yield json_bytes(self.line(model, piece, False)) + b"\n"
+        yield json_bytes(self.line(model, "", True, usage or NO_USAGE)) + b"\n"
+
+    def error_body(self, error: ProxyError) -> dict:
+        return {"error": error.message}
+
+
+class OllamaGenerate(OllamaChat):
+    routes = ("/api/generate",)
+
+    @staticmethod
+    def text_of(event: dict) -> object:
+        return event.get("response")
+
+    def line(self, model: str, text: str, done: bool, usage: Usage = NO_USAGE) -> dict:
+        line = super().line(model, text, done, usage)
+        del line["message"]
+        line["response"] = text
+        return line
+
+
+class Embeddings(Dialect):
+    """Input only: charged the prompt's estimate (or a request), refused with a 429 when empty."""
+
+    name = "embeddings"
+    routes = ("/v1/embeddings",)
+    answers_with_text = False
+
+    def output_allowance(self, payload: dict) -> int | None:
+        return 0
+
+
+class OllamaEmbed(OllamaChat):
+    routes = ("/api/embed", "/api/embeddings")
+    stream_default = False
+    answers_with_text = False
+
+    def output_allowance(self, payload: dict) -> int | None:
+        return 0
+
+
+class FlatRate(Dialect):
+    """Any other call under /v1 that does work (rerank, audio, images ...): one request's cost."""
+
+    name = "other"
+    flat_rate = True
+    answers_with_text = False
+
+    def validate(self, payload: dict) -> None:
+        pass  # not ours to judge: forwarded as sent
+
+
+def _rfc3339_now() -> str:
+    now = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1e6):06d}Z"
+
+
+CHAT = ChatCompletions()
+OPENAI = FlatRate()
+ANTHROPIC = AnthropicMessages()
+OLLAMA = OllamaChat()
+DIALECTS: tuple[Dialect, ...] = (CHAT, TextCompletions(), Responses(), ANTHROPIC, OLLAMA,
+                                 OllamaGenerate(), Embeddings(), OllamaEmbed())
+METERED = {route: dialect for dialect in DIALECTS for route in dialect.routes}
+
+
+def estimate_tokens(payload: dict, reserve: int, dialect: Dialect = CHAT) -> int:
+    """ceil(prompt characters / 4) plus the output allowance (or the reserve), at least 1."""
+    allowance = dialect.output_allowance(payload)
+    return max(1, prompt_tokens(payload) + (reserve if allowance is None else allowance))
+
+
+def request_cost(dialect: Dialect, payload: dict, config: Config, capacity: int) -> tuple[int, int]:
+    """What to charge before forwarding, and the prompt's estimate.
+
+    ``request`` mode: a fixed cost.  ``estimate``: the prompt plus the output
+    allowance (or the reserve).  ``usage``: a reservation, settled later to the
+    real usage, so agents that allow themselves 32,000 output tokens are not
+    refused: the prompt plus at most RESPONSE_TOKEN_RESERVE, and never more than
+    the capacity unless the prompt alone is.
+    """
+    if dialect.flat_rate or config.cost_mode == "request":
+        return config.request_cost, 0
+    prompt = prompt_tokens(payload)
+    allowance = dialect.output_allowance(payload)
+    if config.cost_mode == "estimate":
+        return max(1, prompt + (config.response_reserve if allowance is None else allowance)), prompt
+    reserve = config.response_reserve if allowance is None else min(allowance, config.response_reserve)
+    cost = max(1, prompt + reserve)
+    return (cost if prompt > capacity else min(cost, capacity)), prompt
 
 
 # --------------------------------------------------------------------------
@@ -754,20 +1342,19 @@ class StreamUsage:
 # --------------------------------------------------------------------------
 
 class ProxyError(Exception):
-    """A failure the client should see as an OpenAI-shaped error."""
+    """A failure the client should see as an error, in the shape of the API it speaks."""
 
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error",
-                 code: str | None = None, param: str | None = None, close: bool = False) -> None:
+                 code: str | None = None, param: str | None = None, close: bool = False,
+                 headers: Sequence[tuple[str, str]] = ()) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
-        self.kind = kind
+        self.kind = kind        # OpenAI's error type; other dialects map the status instead
         self.code = code
         self.param = param
-        self.close = close  # the connection's framing can no longer be trusted
-
-    def body(self) -> dict:
-        return error_body(self.message, self.kind, self.code, self.param)
+        self.close = close      # the connection's framing can no longer be trusted
+        self.headers = headers  # e.g. the rate-limit headers of a 429
 
 
 class ClientGone(Exception):
@@ -776,9 +1363,6 @@ class ClientGone(Exception):
 
 def error_body(message: str, kind: str, code: str | None = None, param: str | None = None) -> dict:
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
-
-
-METERED_PATHS = {"/v1/chat/completions": "chat", "/v1/completions": "text"}
 
 # Encoded slashes would change where a path's segments begin, so they are refused.
 _ENCODED_SEPARATOR = re.compile(r"%(2f|5c)", re.IGNORECASE)
@@ -798,13 +1382,13 @@ class Target:
     def is_api(self) -> bool:
         return self.path.lower() == "/v1" or self.path.lower().startswith("/v1/")
 
-    @property
-    def metered_kind(self) -> str | None:
-        return METERED_PATHS.get(self.path.lower())
-
     def upstream_path(self, base_path: str) -> str:
-        suffix = self.path[len("/v1"):]
-        quoted = urllib.parse.quote(base_path + suffix, safe="/:@!$&'()*+,=-._~")
+        """The path upstream: /v1/... under BASE_API_URL's path, Ollama's /api/... under its root."""
+        if self.is_api:
+            joined = base_path + self.path[len("/v1"):]
+        else:
+            joined = (base_path[:-len("/v1")] if base_path.endswith("/v1") else base_path) + self.path
+        quoted = urllib.parse.quote(joined, safe="/:@!$&'()*+,=-._~")
         return f"{quoted}?{self.query}" if self.query else quoted
 
 
@@ -1161,7 +1745,7 @@ class FairGate:
         self.timeout = timeout
         self.in_flight = 0
         self._per_key: dict[str, int] = {}
-        self._queues: OrderedDict[str, deque[_Waiter]] = OrderedDict()
+        self._queues: OrderedDict[str, deque[Ticket]] = OrderedDict()
         self._lock = threading.Lock()
 
     @contextmanager
@@ -1370,13 +1954,6 @@ def upstream_failure(error: BaseException) -> ProxyError:
                       "upstream_error", "upstream_unavailable")
 
 
-def sse_event_end(buffer: bytes) -> int:
-    """Offset just past the last complete server-sent event in ``buffer`` (0 if none)."""
-    lf = buffer.rfind(b"\n\n")
-    crlf = buffer.rfind(b"\r\n\r\n")
-    return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
-
-
 # --------------------------------------------------------------------------
 # Replies
 # --------------------------------------------------------------------------
@@ -1394,50 +1971,15 @@ def limit_message(admission: Admission) -> str:
     return f"{limit} reached, wait {minutes} min"
 
 
-def completion(kind: str, model: str, text: str, tag: str = "limit") -> dict:
-    """A normal, finished completion whose answer is ``text``; every client just shows it."""
-    choice: dict = ({"index": 0, "message": {"role": "assistant", "content": text}}
-                    if kind == "chat" else {"index": 0, "text": text})
-    choice.update(logprobs=None, finish_reason="stop")
-    return dict(_completion_base(kind, model, tag, chunk=False), choices=[choice],
-                usage={"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0})
-
-
-def completion_event(base: dict, kind: str, text: str | None = None,
-                     finish: str | None = None) -> bytes:
-    """One SSE event of a streamed completion; for chat, ``text=None`` opens with the role."""
-    if kind == "chat":
-        delta = ({} if finish else {"role": "assistant", "content": ""}) if text is None else {
-            "content": text}
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-    else:
-        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-    return b"data: " + json_bytes(dict(base, choices=[choice])) + b"\n\n"
-
-
-SSE_DONE = b"data: [DONE]\n\n"
-
-
-def limit_stream(kind: str, model: str, text: str) -> bytes:
-    """The limit reply as a complete SSE stream: (role,) content, finish, [DONE]."""
-    base = _completion_base(kind, model, "limit", chunk=True)
-    opening = [completion_event(base, kind)] if kind == "chat" else []
-    return b"".join(opening + [completion_event(base, kind, text),
-                               completion_event(base, kind, finish="stop"), SSE_DONE])
-
-
-def _completion_base(kind: str, model: str, tag: str, chunk: bool) -> dict:
-    if kind == "chat":
-        prefix, object_name = "chatcmpl-", "chat.completion.chunk" if chunk else "chat.completion"
-    else:
-        prefix, object_name = "cmpl-", "text_completion"
-    return {"id": f"{prefix}{tag}-{secrets.token_hex(12)}", "object": object_name,
-            "created": int(time.time()), "model": model, "system_fingerprint": None}
-
-
 def model_list(ids: Sequence[str]) -> dict:
     return {"object": "list", "data": [{"id": model, "object": "model", "created": 0,
                                         "owned_by": "llm_proxy"} for model in ids]}
+
+
+def ollama_tags(names: Sequence[str]) -> dict:
+    """A model list in Ollama's ``/api/tags`` shape."""
+    return {"models": [{"name": name, "model": name, "modified_at": "1970-01-01T00:00:00Z",
+                        "size": 0, "digest": "", "details": {}} for name in names]}
 
 
 def rate_limit_headers(admission: Admission) -> list[tuple[str, str]]:
@@ -1458,6 +2000,83 @@ def _whole_seconds(seconds: float) -> str:
 
 
 # --------------------------------------------------------------------------
+# Calls: one request's state, and where each path goes
+# --------------------------------------------------------------------------
+
+@dataclass(eq=False)
+class Call:
+    """One request through the proxy: who pays, in which API, what it cost and how it went.
+
+    Built once per request by the handler, so that no state of one request can
+    leak into the next on a keep-alive connection; the log line is written from it.
+    """
+
+    started: float                   # monotonic, for durations
+    arrived: float                   # wall clock, for the access log's timeline
+    dialect: Dialect = OPENAI        # the API spoken: error shapes, limit replies, usage
+    label: str = "-"                 # who, for the logs: key name or fingerprint, never the key
+    identity: str = ""               # whose buckets pay
+    policy: Policy | None = None
+    model: str | None = None
+    body_length: int = 0
+    body_pending: bool = True        # until read: an unread body forces the connection closed
+    charge: Charge | None = None
+    meter: Meter | None = None
+    status: int = 0
+    limited: bool = False
+    stream: bool = False             # the answer went out as a stream of events
+    served: bool = False             # the upstream's answer (or part of it) reached the client
+    finished: bool = False           # ... all of it
+    upstream_reached: bool = False   # the request was sent: the upstream may be working on it
+    upstream_ms: float | None = None
+    gone: threading.Event = field(default_factory=threading.Event)
+
+    def close_charge(self, usage_mode: bool) -> None:
+        """Decide what the charge becomes; safe to call more than once (the first call decides).
+
+        A client that hangs up after its request reached the upstream pays for
+        what it asked for; one that leaves while still queued pays nothing.  In
+        usage mode the charge settles to the reported usage, and a stream cut
+        short from either end to the prompt plus what was streamed.
+        """
+        charge = self.charge
+        if charge is None:
+            return
+        served = self.served or (self.gone.is_set() and self.upstream_reached)
+        used = None
+        if usage_mode and served and self.meter is not None:
+            used = self.meter.used(self.finished or not self.stream)
+        charge.close(served, used)
+
+    @property
+    def outcome(self) -> str:
+        status = self.status
+        if self.limited:
+            return "limited"
+        if status >= 500 or status == 499 or not status:
+            return "error"
+        return "rejected" if status >= 400 else "served"
+
+
+# Ollama's native routes that are not metered: answered, refused or forwarded free.
+OLLAMA_FREE = {"/api/version": ("GET", "HEAD"), "/api/ps": ("GET", "HEAD"), "/api/show": ("POST",)}
+OLLAMA_MANAGEMENT = ("/api/pull", "/api/push", "/api/create", "/api/copy", "/api/delete",
+                     "/api/blobs")
+# Calls under /v1 that do no generation: reading or deleting a stored response, counting tokens.
+FREE_V1_PREFIXES = ("/v1/responses/", "/v1/messages/count_tokens")
+
+
+def dialect_of(path: str) -> Dialect:
+    """The API a path belongs to, for its error shape even before the caller is known."""
+    dialect = METERED.get(path)
+    if dialect is not None:
+        return dialect
+    if path.startswith("/v1/messages"):
+        return ANTHROPIC
+    return OLLAMA if path.startswith("/api/") else OPENAI
+
+
+# --------------------------------------------------------------------------
 # Handler
 # --------------------------------------------------------------------------
 
@@ -1474,21 +2093,26 @@ PREFLIGHT_HEADERS = [
 ]
 JSON_TYPE = ("Content-Type", "application/json")
 SERVER_HEADER = f"Server: llm_proxy/{__version__}"  # on every answer; the upstream's is dropped
-SSE_TYPE = ("Content-Type", "text/event-stream; charset=utf-8")
+NO_CACHE = ("Cache-Control", "no-cache")
+ROOT_REPLY = {"name": "llm_proxy", "version": __version__, "health": "/health"}
 
 
 class ProxyHandler(BaseHTTPRequestHandler):
-    """One client connection: HTTP/1.1 with keep-alive, one request at a time."""
+    """One client connection: HTTP/1.1 with keep-alive, one request at a time.
+
+    The handler speaks HTTP and dispatches; what a request is and costs lives
+    in its ``Call``, what its API looks like in its ``Dialect``.
+    """
 
     protocol_version = "HTTP/1.1"
     server_version = "llm_proxy/" + __version__
     server: ProxyServer
-    body_pending = True  # until read_body: an unread body forces the connection closed
-    body_length = 0
+    call: Call
 
     def setup(self) -> None:
         self.timeout = self.server.config.client_timeout  # idle clients must not hold a thread
         self.unwatch: Callable[[], None] = _nothing
+        self.call = Call(time.monotonic(), time.time())
         super().setup()
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
@@ -1501,28 +2125,12 @@ class ProxyHandler(BaseHTTPRequestHandler):
     # -- request handling --------------------------------------------------
 
     def begin_request(self) -> None:
-        """Fresh per-request state; the head and body must arrive within CLIENT_TIMEOUT."""
-        self.started = time.monotonic()
-        self.arrived = time.time()  # for the access log's timeline
+        """A fresh Call; the head and body must arrive within CLIENT_TIMEOUT."""
+        self.call = Call(time.monotonic(), time.time(), policy=self.server.keyring.default)
         self.path = ""
-        self.server.expect_request_by(self.connection, self.started + self.server.config.client_timeout)
-        self.status = 0
-        self.label = "-"           # who, for the logs: key name or fingerprint, never the key
-        self.identity = ""         # whose buckets pay
-        self.policy: Policy = self.server.keyring.default
-        self.body_pending = True
-        self.body_length = 0
-        self.model: str | None = None
-        self.charge: Charge | None = None
-        self.stream_usage: StreamUsage | None = None
-        self.prompt_estimate = 0
-        self.limited = False
-        self.streamed = False      # the answer went out as an event stream
-        self.stream_finished = False
-        self.client_gone = False
-        self.upstream_reached = False
-        self.upstream_ms: float | None = None
         self.unwatch = _nothing
+        self.server.expect_request_by(self.connection,
+                                      self.call.started + self.server.config.client_timeout)
 
     def handle_request(self) -> None:
         try:
@@ -1530,60 +2138,85 @@ class ProxyHandler(BaseHTTPRequestHandler):
         except ProxyError as error:
             if error.close:
                 self.close_connection = True
-            self.send_json(error.status, error.body())
+            self.send_json(error.status, self.call.dialect.error_body(error), error.headers)
         except ClientGone:
-            self.client_gone = True
+            self.call.gone.set()
             self.close_connection = True
         except Exception:
             log.exception("internal error on %s %s", self.command, ascii(self.path.partition("?")[0]))
             self.close_connection = True
-            if not self.status:
-                self.send_json(500, error_body("Internal proxy error.", "server_error"))
+            if not self.call.status:
+                self.send_json(500, self.call.dialect.error_body(
+                    ProxyError(500, "Internal proxy error.", "server_error")))
         finally:
             self.server.request_arrived(self.connection)
             self.log_outcome()
 
     def route(self) -> None:
+        """Send each path where it belongs; nothing that generates text goes unmetered."""
         self.check_framing()
         if self.command == "OPTIONS":
             self.send_bytes(204, PREFLIGHT_HEADERS, b"")
             return
         target = parse_target(self.path)
-        if target.path == "/health":
-            self.send_json(200, {"status": "ok"})
+        path = target.path.lower()
+        if path in ("/", "/health"):
+            self.send_json(200, ROOT_REPLY if path == "/" else {"status": "ok"})
             return
-        if not target.is_api:
+        self.call.dialect = dialect_of(path)
+        if not (target.is_api or path.startswith("/api/")):
             raise ProxyError(404, f"Unknown path {target.path}; the API lives under /v1",
                              code="not_found")
         self.authenticate()
-        kind = target.metered_kind
-        if kind is not None and self.command != "POST":
-            raise ProxyError(405, f"{target.path} takes POST", code="method_not_allowed")
-        if kind is not None:
-            self.handle_completion(kind, target)
-        elif target.path == "/v1/quota" and self.command in ("GET", "HEAD"):
+        method = self.command
+        dialect = METERED.get(path)
+        if dialect is not None:
+            if method != "POST":
+                raise ProxyError(405, f"{target.path} takes POST", code="method_not_allowed")
+            self.handle_metered(dialect, target)
+        elif path == "/v1/quota" and method in ("GET", "HEAD"):
             self.send_json(200, self.quota())
-        elif target.path == "/v1/models" and self.command in ("GET", "HEAD"):
-            self.handle_models(target)
-        else:
-            body = self.read_body()
-            if self.command == "POST":
-                self.check_model(body)
-            self.forward(target, body)
+        elif path in ("/v1/models", "/api/tags") and method in ("GET", "HEAD"):
+            self.handle_models(target, ollama=path == "/api/tags")
+        elif path.startswith("/api/"):
+            self.handle_ollama_other(target, path)
+        elif method in ("GET", "HEAD") or path.startswith(FREE_V1_PREFIXES):
+            self.forward_free(target)
+        else:  # any other call under /v1 that may make the model work: a flat cost
+            self.handle_metered(OPENAI, target)
+
+    def handle_ollama_other(self, target: Target, path: str) -> None:
+        """Ollama's free routes are forwarded; managing the owner's models is never allowed."""
+        if path.startswith(OLLAMA_MANAGEMENT):
+            raise ProxyError(403, "Managing the server's models is not allowed through this proxy.",
+                             "permission_error", "model_management_forbidden")
+        methods = OLLAMA_FREE.get(path)
+        if methods is None:
+            raise ProxyError(404, f"Unknown path {target.path}", code="not_found")
+        if self.command not in methods:
+            raise ProxyError(405, f"{target.path} takes {methods[0]}", code="method_not_allowed")
+        self.forward_free(target)
+
+    def forward_free(self, target: Target) -> None:
+        body = self.read_body()
+        if body:
+            self.check_model(body)
+        self.forward(target, body)
 
     def check_model(self, body: bytes) -> None:
         """Enforce the key's model list on any JSON request that names a model (embeddings ...)."""
-        if self.policy.models is None or not body.startswith(b"{"):
+        if self.call.policy.models is None or not body.startswith(b"{"):
             return
         with suppress(ValueError, RecursionError):
             model = json.loads(body).get("model")
             if isinstance(model, str):
-                self.model = model
+                self.call.model = model
                 self.require_allowed_model()
 
     def require_allowed_model(self) -> None:
-        if not self.policy.allows(self.model or ""):
-            raise ProxyError(403, f"The model '{self.model}' is not available to this key.",
+        model = self.call.model
+        if not self.call.policy.allows(model or ""):
+            raise ProxyError(403, f"The model '{model}' is not available to this key.",
                              "permission_error", "model_not_allowed", "model")
 
     def parse_request(self) -> bool:
@@ -1624,7 +2257,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         """Answer a request that never got as far as routing, log it, and end the connection."""
         self.close_connection = True
         with suppress(ClientGone):
-            self.send_json(error.status, error.body())
+            self.send_json(error.status, self.call.dialect.error_body(error))
         self.server.request_arrived(self.connection)
         self.log_outcome()
         return False
@@ -1638,36 +2271,28 @@ class ProxyHandler(BaseHTTPRequestHandler):
                                  code="invalid_framing", close=True)
             raise ProxyError(411, "chunked request bodies are not supported; send Content-Length",
                              code="length_required", close=True)
-        self.body_length = self.declared_length(lengths) if lengths else 0
+        self.call.body_length = self.declared_length(lengths) if lengths else 0
 
     def authenticate(self) -> None:
         """Find whose buckets pay for this request, or raise 401."""
-        keyring = self.server.keyring
-        token = presented_key(self.headers)
-        if token is not None:
-            digest, policy = keyring.lookup(token)
-            if policy is not None or keyring.is_open:
-                self.policy = policy or keyring.default
-                self.identity = "key:" + digest
-                self.label = self.policy.name or digest[:12]
-                return
-        elif keyring.is_open:
-            self.identity = self.label = "ip:" + self.client_address[0]
-            return
-        raise ProxyError(401, "Missing or invalid proxy API key", "authentication_error",
-                         "invalid_api_key")
+        found = self.server.keyring.identify(presented_key(self.headers), self.client_address[0])
+        if found is None:
+            raise ProxyError(401, "Missing or invalid proxy API key", "authentication_error",
+                             "invalid_api_key")
+        self.call.identity, self.call.label, self.call.policy = found
 
     def read_body(self) -> bytes:
         """Read exactly the declared body (framing was checked with the headers)."""
-        self.body_pending = False
+        call = self.call
+        call.body_pending = False
         try:
-            body = self.rfile.read(self.body_length)
+            body = self.rfile.read(call.body_length)
         except socket.timeout:
             raise ProxyError(408, "timed out waiting for the request body", code="timeout",
                              close=True) from None
         except OSError:
             raise ClientGone() from None
-        if len(body) < self.body_length:
+        if len(body) < call.body_length:
             raise ProxyError(400, "request body is shorter than its Content-Length",
                              code="invalid_framing", close=True)
         self.server.request_arrived(self.connection)
@@ -1691,7 +2316,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
         """Refuse a badly framed or oversized body, or an unknown key, before the body is sent."""
         try:
             self.check_framing()
-            if parse_target(self.path).is_api:
+            target = parse_target(self.path)
+            self.call.dialect = dialect_of(target.path.lower())
+            if target.is_api or target.path.lower().startswith("/api/"):
                 self.authenticate()
         except ProxyError as error:
             return self.refuse_request(error)
@@ -1709,77 +2336,71 @@ class ProxyHandler(BaseHTTPRequestHandler):
     # -- local answers -------------------------------------------------------
 
     def quota(self) -> dict:
-        policy = self.policy
+        policy = self.call.policy
         return {"object": "quota", "name": policy.name or None,
                 "models": None if policy.models is None else list(policy.models),
                 "max_concurrent": policy.max_concurrent or None,
-                "buckets": self.server.buckets.snapshot(self.identity, policy.buckets)}
+                "buckets": self.server.buckets.snapshot(self.call.identity, policy.buckets)}
 
-    def handle_models(self, target: Target) -> None:
+    def handle_models(self, target: Target, ollama: bool) -> None:
         """BASE_MODEL is answered here; otherwise the upstream's list, cut to the key's models."""
-        base_model = self.server.config.upstream_model
+        base_model, policy = self.server.config.upstream_model, self.call.policy
         if base_model:
-            self.send_json(200, model_list([base_model] if self.policy.allows(base_model) else []))
-        elif self.policy.models is None:
+            shown = [base_model] if policy.allows(base_model) else []
+            self.send_json(200, ollama_tags(shown) if ollama else model_list(shown))
+        elif policy.models is None:
             self.forward(target, self.read_body())
         else:
-            self.forward(target, self.read_body(), transform=self.visible_models)
+            self.forward(target, self.read_body(),
+                         inspect=lambda data: visible_models(data, policy, ollama))
 
-    def visible_models(self, data: bytes) -> bytes:
-        try:
-            listing = json.loads(data)
-            listing["data"] = [m for m in listing["data"] if self.policy.allows(m.get("id"))]
-        except (ValueError, RecursionError, TypeError, KeyError, AttributeError):
-            return json_bytes(model_list([]))  # unreadable: show nothing rather than everything
-        return json_bytes(listing)
+    # -- metered calls -------------------------------------------------------
 
-    # -- completions ---------------------------------------------------------
-
-    def handle_completion(self, kind: str, target: Target) -> None:
-        config = self.server.config
+    def handle_metered(self, dialect: Dialect, target: Target) -> None:
+        """Charge before forwarding, answer with a limit reply when the buckets cannot pay."""
+        call, config = self.call, self.server.config
+        call.dialect = dialect
         body = self.read_body()
-        payload = self.parse_json_object(body)
-        validate_completion(kind, payload)
-        self.model = config.upstream_model or payload.get("model") or ""
-        self.require_allowed_model()
-        cost = request_cost(payload, config)
-        admission = self.server.buckets.charge(self.identity, self.policy.buckets, cost)
-        stream = payload.get("stream") is True
+        payload = self.parse_json_object(body) if not dialect.flat_rate else None
+        if payload is None:  # a flat-rate call: forwarded as sent, its model still checked
+            self.check_model(body)
+        else:
+            dialect.validate(payload)
+            call.model = config.upstream_model or payload.get("model") or ""
+            self.require_allowed_model()
+        policy = call.policy
+        capacity = min(spec.capacity for spec in policy.buckets)
+        cost, prompt = request_cost(dialect, payload or {}, config, capacity)
+        admission = self.server.buckets.charge(call.identity, policy.buckets, cost)
+        stream = payload is not None and dialect.is_stream(payload)
         if not admission.allowed:
-            self.send_limit_reply(kind, payload.get("model") or self.model, stream, admission)
+            self.send_limit_reply((payload or {}).get("model") or call.model or "", stream, admission)
             return
-        body = self.upstream_body(body, payload, stream)
-        self.charge = Charge(self.server.buckets, self.identity, self.policy.buckets, admission)
+        if payload is not None:
+            body = self.upstream_body(body, payload, stream, prompt)
+        call.charge = Charge(self.server.buckets, call.identity, policy.buckets, admission)
         try:
-            self.forward(target, body, transform=self.checked_completion)
-        except ClientGone:
-            self.client_gone = True
-            raise
+            self.forward(target, body, inspect=None if payload is None else self.checked_reply)
         finally:
-            self.finish_charge()
+            call.close_charge(config.cost_mode == "usage")
 
-    def upstream_body(self, body: bytes, payload: dict, stream: bool) -> bytes:
+    def upstream_body(self, body: bytes, payload: dict, stream: bool, prompt: int) -> bytes:
         """The body to forward: the client's own bytes unless something had to change."""
-        config = self.server.config
+        config, call = self.server.config, self.call
         changed = False
         if config.upstream_model and payload.get("model") != config.upstream_model:
             payload["model"] = config.upstream_model
             changed = True
-        if config.cost_mode == "usage" and stream:
-            self.prompt_estimate = prompt_tokens(payload)
-            options = payload.get("stream_options")
-            asked = isinstance(options, dict) and options.get("include_usage") is True
-            self.stream_usage = StreamUsage(hide_usage_chunk=not asked)
-            if not asked:
-                payload["stream_options"] = dict(options if isinstance(options, dict) else {},
-                                                 include_usage=True)
-                changed = True
+        if config.cost_mode == "usage":
+            hide = call.dialect.ask_for_usage(payload) if stream else None
+            call.meter = Meter(call.dialect, prompt, hide_usage=bool(hide))
+            changed = changed or hide is True
         return json_bytes(payload) if changed else body
 
-    def checked_completion(self, data: bytes) -> bytes:
-        """A successful, non-streamed completion must be a JSON object; else it was no answer.
+    def checked_reply(self, data: bytes) -> bytes:
+        """A successful, non-streamed answer must be a JSON object; else it was no answer.
 
-        In usage mode its ``usage`` settles the charge.
+        In usage mode its usage settles the charge.
         """
         try:
             reply = json.loads(data)
@@ -1788,58 +2409,41 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if not isinstance(reply, dict):
             raise ProxyError(502, "The model server sent an invalid response.", "upstream_error",
                              "upstream_invalid_response")
-        total = reported_usage(reply)
-        if self.server.config.cost_mode == "usage" and total is not None and self.charge is not None:
-            self.charge.settle(total)
+        if self.call.meter is not None:
+            self.call.dialect.read_reply(reply, self.call.meter)
         return data
 
-    def finish_charge(self) -> None:
-        """Keep, settle or refund this request's charge; safe to call more than once.
-
-        A client that hangs up after its request reached the upstream pays for what
-        it asked for: the reservation, or in usage mode what was generated before it
-        left.  One that leaves while still queued pays nothing.  A stream cut short
-        from either end is settled the same way: the upstream's usage if it reported
-        any, else the prompt plus what was streamed.
-        """
-        charge = self.charge
-        if charge is None:
-            return
-        if self.client_gone and self.upstream_reached:
-            charge.keep()
-        usage = self.stream_usage
-        if usage is not None and charge.kept:
-            if usage.total is not None:
-                charge.settle(usage.total)
-            elif not self.stream_finished:
-                charge.settle(usage.generated_so_far(self.prompt_estimate))
-        charge.refund()
-
-    def send_limit_reply(self, kind: str, model: str, stream: bool, admission: Admission) -> None:
-        self.limited = True
+    def send_limit_reply(self, model: str, stream: bool, admission: Admission) -> None:
+        """The caller's buckets cannot pay: an assistant reply saying so, or a 429."""
+        call = self.call
+        call.limited = True
         text = limit_message(admission)
         headers = rate_limit_headers(admission)
-        if self.server.config.limit_response == "error":
+        dialect = call.dialect
+        if self.server.config.limit_response == "error" or not dialect.answers_with_text:
             too_large = admission.cost > admission.limit
-            self.send_json(400 if too_large else 429, error_body(
-                text, "invalid_request_error" if too_large else "rate_limit_exceeded",
-                "request_too_large" if too_large else "rate_limit_exceeded"), headers)
-        elif stream:
-            self.streamed = True
-            self.send_bytes(200, headers + [SSE_TYPE, ("Cache-Control", "no-cache")],
-                            limit_stream(kind, model, text))
+            raise ProxyError(400 if too_large else 429, text,
+                             "invalid_request_error" if too_large else "rate_limit_exceeded",
+                             "request_too_large" if too_large else "rate_limit_exceeded",
+                             headers=headers)
+        if stream:
+            call.stream = True
+            self.send_bytes(200, headers + [("Content-Type", dialect.framing.content_type), NO_CACHE],
+                            b"".join(dialect.reply_stream(model, [text], None)))
         else:
-            self.send_json(200, completion(kind, model, text), headers)
+            self.send_json(200, dialect.reply(model, text), headers)
 
     # -- forwarding ----------------------------------------------------------
 
     def forward(self, target: Target, body: bytes,
-                transform: Callable[[bytes], bytes] | None = None) -> None:
-        """Relay one request upstream and its answer back, settling ``self.charge`` on the way.
+                inspect: Callable[[bytes], bytes] | None = None) -> None:
+        """Relay one request upstream and its answer back, through the fair gate.
 
-        ``transform`` sees a successful, non-streamed answer before the client does.
+        ``inspect`` sees a successful, non-streamed answer before the client does.
+        The client is watched from the moment it queues: one that leaves while
+        waiting is taken out of the queue and its request never sent.
         """
-        server = self.server
+        server, call = self.server, self.call
         headers = dict(copied_headers(self.headers.items(), NOT_FORWARDED_UPSTREAM))
         if server.config.upstream_key:
             headers["Authorization"] = "Bearer " + server.config.upstream_key
@@ -1847,9 +2451,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             headers["Content-Length"] = str(len(body))
         path = target.upstream_path(server.upstream.target.base_path)
         exchange = UpstreamExchange(server.upstream)
-        ticket = Ticket(self.identity, self.policy.max_concurrent)
-        # Watched from the moment it queues: a client that leaves while waiting is
-        # taken out of the queue and its request never sent.
+        ticket = Ticket(call.identity, call.policy.max_concurrent)
         self.unwatch = server.watcher.watch(self.connection,
                                             lambda: self.client_left(ticket, exchange))
         try:
@@ -1857,105 +2459,101 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 started = time.monotonic()
                 try:
                     response = exchange.send(self.command, path, headers, body or None)
-                    self.upstream_ms = (time.monotonic() - started) * 1000
-                    exchange.completed = self.relay(response, transform)
+                    call.upstream_ms = (time.monotonic() - started) * 1000
+                    exchange.completed = self.relay(response, inspect)
                 except (OSError, http.client.HTTPException) as error:
-                    if self.client_gone:
+                    if call.gone.is_set():
                         raise ClientGone() from None
                     raise upstream_failure(error) from None
         finally:
             self.unwatch()
-            self.upstream_reached = exchange.sent
+            call.upstream_reached = exchange.sent
             exchange.finish()
 
     def client_left(self, ticket: Ticket, exchange: UpstreamExchange) -> None:
         """Called by the disconnect watcher's thread when the client hangs up mid-request."""
-        self.client_gone = True
+        self.call.gone.set()
         self.server.gate.withdraw(ticket)
         exchange.abort()
 
     def relay(self, response: http.client.HTTPResponse,
-              transform: Callable[[bytes], bytes] | None) -> bool:
+              inspect: Callable[[bytes], bytes] | None) -> bool:
         """Pass the upstream's answer on; True when it was read to its end.
 
-        Event streams, and bodies of unknown length that nothing needs to inspect,
+        Streams, and bodies of unknown length that nothing needs to inspect,
         are relayed as they arrive; everything else is read whole first, so that
-        ``transform`` sees it however the upstream framed it.
+        ``inspect`` sees it however the upstream framed it.
         """
         headers = copied_headers(response.getheaders(), HOP_BY_HOP | PROXY_RESPONSE_HEADERS)
-        sse = response.getheader("Content-Type", "").startswith("text/event-stream")
-        if sse or (response.length is None and transform is None and not response.isclosed()):
-            return self.relay_stream(response, headers, sse)
+        framing = framing_of(response.getheader("Content-Type", ""))
+        if framing is not None or (response.length is None and inspect is None
+                                   and not response.isclosed()):
+            return self.relay_stream(response, headers, framing)
         data = read_whole(response, MAX_UPSTREAM_BODY)
-        served = response.status < 400
-        if served and transform is not None:
-            data = transform(data)
-        self.settle(served)
+        call = self.call
+        if response.status < 400 and inspect is not None:
+            data = inspect(data)
+        call.served = call.finished = response.status < 400
+        call.close_charge(self.server.config.cost_mode == "usage")
         self.send_bytes(response.status, headers + self.meter_headers(), data, reason=response.reason)
         return True
 
-    def settle(self, served: bool) -> None:
-        if self.charge is None:
-            return
-        if served:
-            self.charge.keep()
-        else:
-            self.charge.refund()
-
     def meter_headers(self) -> list[tuple[str, str]]:
-        return self.charge.headers if self.charge is not None else []
+        charge = self.call.charge
+        return rate_limit_headers(charge.admission) if charge is not None else []
 
     def relay_stream(self, response: http.client.HTTPResponse, headers: list[tuple[str, str]],
-                     sse: bool) -> bool:
-        """Pass the body on as it arrives; server-sent events go out whole, one write each.
+                     framing: Framing | None) -> bool:
+        """Pass the body on as it arrives; stream events go out whole, one write each.
 
         The charge is kept once anything reached the client; a stream that ends
         before its first complete event counts as never served.
         """
-        served = response.status < 400
-        self.streamed = sse
-        if not served:
-            self.settle(False)
+        call = self.call
+        ok = response.status < 400
+        usage_mode = self.server.config.cost_mode == "usage"
+        call.stream = framing is not None
+        if not ok:
+            call.close_charge(usage_mode)
         self.start_chunked(response.status, headers + self.meter_headers(), response.reason)
-        usage = self.stream_usage if sse and served else None
+        meter = call.meter if framing is not None and ok else None
         pending = b""
         try:
             while True:
                 data = response.read1(65536)
-                whole_events = sse
+                whole_events = framing is not None
                 if not data:
-                    data, pending = pending, b""  # a last event without its blank line
+                    data, pending = pending, b""  # a last event without its end
                     if not data:
                         break
-                elif sse and len(pending) + len(data) <= MAX_EVENT_BYTES:
+                elif framing is not None and len(pending) + len(data) <= MAX_EVENT_BYTES:
                     pending += data
-                    end = sse_event_end(pending)
+                    end = framing.end(pending)
                     if not end:
                         continue
                     data, pending = pending[:end], pending[end:]
                 else:  # not events, or one too large to hold: pass on what there is
                     data, pending, whole_events = pending + data, b"", False
-                if usage is not None and whole_events:
-                    data = usage.filter(data)
+                if meter is not None and whole_events:
+                    data = meter.filter(framing.split(data), framing)  # type: ignore[union-attr]
                     if not data:
                         continue
                 self.write_chunk(data)
-                if served:
-                    self.settle(True)
+                call.served = call.served or ok
         except (OSError, http.client.HTTPException) as error:
-            if self.client_gone:
+            if call.gone.is_set():
                 raise ClientGone() from None
-            log.warning("upstream stream to %s broke off: %s", self.label, type(error).__name__)
+            log.warning("upstream stream to %s broke off: %s", call.label, type(error).__name__)
             completed = False
-            if sse:
-                self.write_chunk(b"data: " + json_bytes(upstream_failure(error).body()) + b"\n\n")
+            if framing is not None:
+                self.write_chunk(call.dialect.stream_error(upstream_failure(error), framing))
             else:  # no final chunk: the client must see the body as cut short
                 self.close_connection = True
         else:
             completed = True
-        self.stream_finished = completed
-        self.finish_charge()
-        if completed or sse:
+        call.finished = completed and ok
+        call.close_charge(usage_mode)
+        if completed or framing is not None:
             self.end_chunked()
         return completed
 
@@ -1963,8 +2561,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def response_head(self, status: int, headers: Sequence[tuple[str, str]],
                       reason: str | None = None) -> list[str]:
-        self.status = status
-        if self.body_pending and self.body_length:
+        call = self.call
+        call.status = status
+        if call.body_pending and call.body_length:
             self.close_connection = True  # an unread body would be taken for the next request
         if reason is None or not _FIELD_VALUE.fullmatch(reason):  # an upstream's could carry a CR
             reason = self.responses.get(status, ("",))[0]
@@ -2017,7 +2616,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
     # -- http.server hooks ---------------------------------------------------
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        """http.server's own refusals (a request line over 64 KiB, an unknown method) as OpenAI JSON."""
+        """http.server's own refusals (a request line over 64 KiB, an unknown method) as JSON errors."""
         if not self.command:  # refused before parse_request ran
             self.begin_request()
         kind = "server_error" if code >= 500 else "invalid_request_error"
@@ -2032,48 +2631,48 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def log_outcome(self) -> None:
         """One line per request on the console, and one JSON record for ACCESS_LOG; never a key."""
-        status = self.status or (499 if self.client_gone else 0)
-        if self.limited:
-            outcome = "limited"
-        elif status >= 500 or status == 499 or not status:
-            outcome = "error"
-        else:
-            outcome = "rejected" if status >= 400 else "served"
-        charge = self.charge
-        charged = 0 if charge is None or charge.refunded else charge.admission.cost
-        settled = charge.settled if charge is not None and charge.settled is not None else charged
+        call = self.call
+        if not call.status and call.gone.is_set():
+            call.status = 499
+        outcome = call.outcome
+        charge = call.charge
+        charged = charge.charged if charge is not None else 0
+        settled = charge.paid if charge is not None else 0
         path = ascii(self.path.partition("?")[0][:200])[1:-1]
-        elapsed = (time.monotonic() - self.started) * 1000
+        elapsed = (time.monotonic() - call.started) * 1000
         now = time.time()
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)) + f",{int(now % 1 * 1000):03d}"
         self.server.console.write(
-            f"{stamp} INFO {self.client_address[0]} {self.label} {self.command} {path} {status} "
+            f"{stamp} INFO {self.client_address[0]} {call.label} {self.command} {path} {call.status} "
             f"{outcome} {elapsed:.1f}ms charged={charged} settled={settled}\n")
         if self.server.access_log is not None:
-            arrived = self.arrived
+            arrived = call.arrived
             self.server.access_log.write(json.dumps({
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(arrived))
-                + f".{int(arrived % 1 * 1000):03d}Z", "key": self.label,
+                + f".{int(arrived % 1 * 1000):03d}Z", "key": call.label,
                 "ip": self.client_address[0], "method": self.command, "path": path,
-                "model": self.model, "status": status, "stream": self.streamed,
+                "model": call.model, "status": call.status, "stream": call.stream,
                 "tokens_charged": charged, "tokens_settled": settled,
-                "duration_ms": round(elapsed, 1), "upstream_ms": None if self.upstream_ms is None
-                else round(self.upstream_ms, 1), "outcome": outcome}, separators=(",", ":")) + "\n")
+                "duration_ms": round(elapsed, 1), "upstream_ms": None if call.upstream_ms is None
+                else round(call.upstream_ms, 1), "outcome": outcome}, separators=(",", ":")) + "\n")
 
 
 def _nothing() -> None:
     pass
 
 
-def validate_completion(kind: str, payload: dict) -> None:
-    """Catch malformed requests here, where they cost nothing, instead of upstream."""
-    model = payload.get("model")
-    if model is not None and not isinstance(model, str):
-        raise ProxyError(400, "'model' must be a string", param="model", code="invalid_type")
-    if kind == "chat" and not isinstance(payload.get("messages"), list):
-        raise ProxyError(400, "'messages' must be a list", param="messages", code="invalid_type")
-    if not isinstance(payload.get("stream", False), bool):
-        raise ProxyError(400, "'stream' must be true or false", param="stream", code="invalid_type")
+def visible_models(data: bytes, policy: Policy, ollama: bool) -> bytes:
+    """The upstream's model list cut to the key's models; unreadable: show nothing, not everything."""
+    try:
+        listing = json.loads(data)
+        if ollama:
+            listing["models"] = [m for m in listing["models"] if policy.allows(m.get("name"))
+                                 or policy.allows(m.get("model"))]
+        else:
+            listing["data"] = [m for m in listing["data"] if policy.allows(m.get("id"))]
+    except (ValueError, RecursionError, TypeError, KeyError, AttributeError):
+        return json_bytes(ollama_tags([]) if ollama else model_list([]))
+    return json_bytes(listing)
 
 
 # --------------------------------------------------------------------------
@@ -2375,10 +2974,12 @@ class ProxyServer(TrackedServer):
 # --------------------------------------------------------------------------
 
 class EchoModelHandler(BaseHTTPRequestHandler):
-    """A tiny OpenAI-compatible 'model' that echoes the last user message.
+    """A tiny model server that echoes the last user message, in every dialect the proxy meters.
 
-    It lets ``--demo`` show the whole flow without a model server, and serves as
-    a fast upstream for the benchmark.  ``word_delay`` paces streamed words.
+    It lets ``--demo`` show the whole flow without a model server (each README
+    recipe works against it), and serves as a fast upstream for the benchmark.
+    Its answers are built by the same ``Dialect`` classes as the limit replies.
+    ``word_delay`` paces streamed words.
     """
 
     protocol_version = "HTTP/1.1"
@@ -2389,12 +2990,15 @@ class EchoModelHandler(BaseHTTPRequestHandler):
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def do_GET(self) -> None:
-        if self.path.rstrip("/").endswith("/models"):
-            self.reply({"object": "list", "data": [
-                {"id": "echo", "object": "model", "created": 0, "owned_by": "llm_proxy"}]})
+        path = self.path.partition("?")[0].rstrip("/")
+        if path.endswith("/models"):
+            self.reply(model_list(["echo"]))
+        elif path == "/api/tags":
+            self.reply(ollama_tags(["echo"]))
+        elif path == "/api/version":
+            self.reply({"version": __version__})
         else:
-            self.reply({"error": {"message": "not found", "type": "invalid_request_error",
-                                  "param": None, "code": None}}, 404)
+            self.reply(OPENAI.error_body(ProxyError(404, "not found")), 404)
 
     def do_POST(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
@@ -2402,32 +3006,38 @@ class EchoModelHandler(BaseHTTPRequestHandler):
             payload = json.loads(self.rfile.read(length))
         except ValueError:
             payload = {}
-        kind = "chat" if "chat" in self.path else "text"
-        text = "echo: " + last_user_text(payload)
+        payload = payload if isinstance(payload, dict) else {}
+        path = self.path.partition("?")[0].rstrip("/")
         model = payload.get("model") or "echo"
-        usage = {"prompt_tokens": len(text) // 4, "completion_tokens": len(text) // 4,
-                 "total_tokens": len(text) // 4 * 2}
-        if payload.get("stream"):
-            self.stream(kind, model, text, usage, payload)
+        prompt = last_user_text(payload)
+        if path == "/v1/messages/count_tokens":
+            self.reply({"input_tokens": math.ceil(len(prompt) / 4)})
+        elif path in ECHO_EMBEDDINGS:
+            self.reply(ECHO_EMBEDDINGS[path](model, math.ceil(len(prompt) / 4)))
+        elif path in METERED:
+            self.answer(METERED[path], model, prompt, payload)
         else:
-            self.reply(dict(completion(kind, model, text, tag="echo"), usage=usage))
+            self.reply(OPENAI.error_body(ProxyError(404, "not found")), 404)
 
-    def stream(self, kind: str, model: str, text: str, usage: dict, payload: dict) -> None:
+    def answer(self, dialect: Dialect, model: str, prompt: str, payload: dict) -> None:
+        text = "echo: " + prompt
+        usage = Usage(math.ceil(len(prompt) / 4), math.ceil(len(text) / 4))
+        if not dialect.is_stream(payload):
+            self.reply(dialect.reply(model, text, usage))
+            return
+        options = payload.get("stream_options")
+        asked = isinstance(options, dict) and options.get("include_usage") is True
+        reported = usage if asked or not dialect.usage_must_be_asked else None
         self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Content-Type", dialect.framing.content_type)
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
-        base = _completion_base(kind, model, "echo", chunk=True)
-        if kind == "chat":
-            self.chunk(completion_event(base, kind))
-        for index, word in enumerate(text.split(" ")):
-            self.chunk(completion_event(base, kind, word if index == 0 else " " + word))
-            time.sleep(self.word_delay)
-        self.chunk(completion_event(base, kind, finish="stop"))
-        options = payload.get("stream_options")
-        if isinstance(options, dict) and options.get("include_usage"):
-            self.chunk(b"data: " + json_bytes(dict(base, choices=[], usage=usage)) + b"\n\n")
-        self.chunk(SSE_DONE)
+        words = text.split(" ")
+        pieces = [word if index == 0 else " " + word for index, word in enumerate(words)]
+        for event in dialect.reply_stream(model, pieces, reported):
+            self.chunk(event)
+            if self.word_delay:
+                time.sleep(self.word_delay / 2)  # about two events per word
         self.chunk(b"")
 
     def chunk(self, data: bytes) -> None:
@@ -2445,15 +3055,41 @@ class EchoModelHandler(BaseHTTPRequestHandler):
         pass
 
 
+ECHO_EMBEDDINGS: dict[str, Callable[[str, int], dict]] = {
+    "/v1/embeddings": lambda model, tokens: {
+        "object": "list", "model": model,
+        "data": [{"object": "embedding", "index": 0, "embedding": [0.0, 0.5, 1.0]}],
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens}},
+    "/api/embed": lambda model, tokens: {
+        "model": model, "embeddings": [[0.0, 0.5, 1.0]], "prompt_eval_count": tokens},
+    "/api/embeddings": lambda model, tokens: {"embedding": [0.0, 0.5, 1.0]},
+}
+
+
 def last_user_text(payload: dict) -> str:
-    messages = payload.get("messages")
-    if isinstance(messages, list):
-        for message in reversed(messages):
-            if isinstance(message, dict) and message.get("role") == "user":
-                content = message.get("content")
-                return content if isinstance(content, str) else json.dumps(content)
+    """The text of the last user turn, in whichever shape the dialect carries it."""
+    for name in ("messages", "input"):
+        turns = payload.get(name)
+        if isinstance(turns, str):
+            return turns
+        if isinstance(turns, list):
+            for turn in reversed(turns):
+                if isinstance(turn, dict) and turn.get("role") == "user":
+                    return _plain_text(turn.get("content"))
     prompt = payload.get("prompt")
-    return prompt if isinstance(prompt, str) else ""
+    if isinstance(prompt, str):
+        return prompt
+    text = payload.get("input")
+    return text if isinstance(text, str) else ""
+
+
+def _plain_text(content: object) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # content blocks: {"type": "text" | "input_text", "text": ...}
+        return " ".join(block["text"] for block in content
+                        if isinstance(block, dict) and isinstance(block.get("text"), str))
+    return ""
 
 
 def start_echo_model(word_delay: float = 0.05) -> TrackedServer:
