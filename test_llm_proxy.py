@@ -17,6 +17,7 @@ import io
 import json
 import logging
 import os
+import re
 import select
 import signal
 import socket
@@ -80,13 +81,13 @@ class CapturingLog(logging.Handler):
 class FakeUpstream(TrackedServer):
     """A scriptable OpenAI-compatible upstream that records what reaches it."""
 
-    def __init__(self) -> None:
+    def __init__(self, handler: type | None = None) -> None:
         self.requests: list[dict] = []
         self.peers: set[tuple] = set()
         self.release = threading.Event()      # lets a paused stream or stall continue
         self.first_event_sent = threading.Event()
         self.closed_early = threading.Event()  # the proxy hung up on a stream
-        super().__init__(("127.0.0.1", 0), FakeUpstreamHandler)
+        super().__init__(("127.0.0.1", 0), handler or FakeUpstreamHandler)
 
     @property
     def url(self) -> str:
@@ -299,12 +300,13 @@ class ProxyTestCase(unittest.TestCase):
     """Starts a fake upstream and a proxy per test; everything is torn down afterwards."""
 
     config_overrides: dict = {}
+    upstream_handler: type | None = None  # the fake upstream's handler, FakeUpstreamHandler by default
 
     def setUp(self) -> None:
         self.baseline_threads = threading.active_count()
         self.clock = FakeClock()
         self.wall = FakeClock(1_800_000_000.0)
-        self.upstream = FakeUpstream()
+        self.upstream = FakeUpstream(self.upstream_handler)
         serve(self.upstream)
         self.log = CapturingLog()
         self.console = io.StringIO()  # the per-request lines
@@ -465,12 +467,29 @@ class ConfigurationTests(unittest.TestCase):
             ProxyServer(Config(host="127.0.0.1", port=0))
 
     def test_help_documents_every_variable(self) -> None:
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out), self.assertRaises(SystemExit):
-            llm_proxy.main(["--help"])
-        for setting in llm_proxy.SETTINGS:
-            for name in setting.names:
-                self.assertIn(name, out.getvalue())
+        """``--help`` and the README's configuration table name the same variables."""
+        process = subprocess.run([sys.executable, os.path.join(HERE, "llm_proxy.py"), "--help"],
+                                 env=clean_environment(), capture_output=True, text=True, timeout=WAIT)
+        self.assertEqual(process.returncode, 0, process.stderr)
+        _, found, section = process.stdout.partition("\nenvironment variables")
+        self.assertTrue(found, "the help has an environment variables section")
+        in_help = set()
+        for line in section.splitlines()[1:]:
+            if line.startswith("  ") and not line.startswith("   "):  # a name line; meanings are indented more
+                in_help.update(re.fullmatch(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*", name).group(1)
+                               for name in line.split("/"))
+        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as file:
+            readme = file.read()
+        _, found, configuration = readme.partition("\n## Configuration\n")
+        self.assertTrue(found, "the README has a Configuration section")
+        rows = [line.strip().strip("|").split("|") for line in configuration.split("\n## ")[0].splitlines()
+                if line.startswith("|")]
+        column = [cell.strip().lower() for cell in rows[0]].index("variable")
+        in_readme = {name for row in rows[2:] for name in re.findall(r"`([A-Za-z_][A-Za-z0-9_]*)`", row[column])}
+        self.assertGreaterEqual(len(in_help), 20, process.stdout)
+        self.assertGreaterEqual(len(in_readme), 20, configuration)
+        self.assertEqual(sorted(in_help - in_readme), [], "in --help but missing from the README's table")
+        self.assertEqual(sorted(in_readme - in_help), [], "in the README's table but missing from --help")
 
     def test_estimate_mode_warns_when_no_request_can_fit(self) -> None:
         warnings = llm_proxy.startup_warnings(Config(host="127.0.0.1", cost_mode="estimate"))
@@ -526,6 +545,20 @@ class CommandLineTests(unittest.TestCase):
             reply = json.loads(response.read())
             self.assertEqual(reply["choices"][0]["message"]["content"], "echo: hi demo")
             self.assertEqual(response.getheader("X-RateLimit-Remaining"), "9")
+            stream_body = json.dumps({"messages": [{"role": "user", "content": "hi demo stream"}],
+                                      "stream": True})
+            conn.request("POST", "/v1/chat/completions", stream_body, {"Authorization": "Bearer d"})
+            response = conn.getresponse()
+            self.assertEqual(response.status, 200)
+            self.assertTrue(response.getheader("Content-Type").startswith("text/event-stream"))
+            self.assertEqual(response.getheader("X-RateLimit-Remaining"), "8")
+            streamed = Response(response.status, response.msg, response.read())
+            events = streamed.events()
+            self.assertEqual(events[-1], "[DONE]")
+            self.assertTrue(streamed.body.endswith(b"data: [DONE]\n\n"))
+            pieces = [event["choices"][0]["delta"].get("content") for event in events[:-1]]
+            self.assertGreaterEqual(len([piece for piece in pieces if piece]), 3, "streamed word by word")
+            self.assertEqual("".join(piece or "" for piece in pieces), "echo: hi demo stream")
             conn.close()
         finally:
             process.terminate()
@@ -673,7 +706,7 @@ class TargetTests(unittest.TestCase):
         for raw in ("/v1/chat/completions", "/v1/chat/completions/", "/v1/chat/completions?x=1",
                     "/V1/Chat/Completions", "/v1/%63hat/completions", "/v1/completions//"):
             with self.subTest(raw=raw):
-                self.assertIsNotNone(parse_target(raw).metered_kind)
+                self.assertIsNotNone(llm_proxy.METERED.get(parse_target(raw).path.lower()))
 
     def test_rejected_targets(self) -> None:
         for raw in ("http://evil.example/v1/chat/completions", "//evil.example/v1/x", "/v1/../admin",
@@ -834,7 +867,7 @@ class LimitReplyTests(ProxyTestCase):
         self.assertEqual(response.status, 200)
         reply = response.json()
         self.assertEqual(reply["object"], "chat.completion")
-        self.assertTrue(reply["id"].startswith("chatcmpl-limit-"))
+        self.assertTrue(reply["id"].startswith("chatcmpl-"))
         self.assertEqual(reply["model"], "my-model")
         self.assertEqual(reply["choices"], [{"index": 0, "logprobs": None, "finish_reason": "stop",
                                              "message": {"role": "assistant",
@@ -851,7 +884,7 @@ class LimitReplyTests(ProxyTestCase):
         response = self.request("POST", "/v1/completions", {"model": "m", "prompt": "x"})
         reply = response.json()
         self.assertEqual(reply["object"], "text_completion")
-        self.assertTrue(reply["id"].startswith("cmpl-limit-"))
+        self.assertTrue(reply["id"].startswith("cmpl-"))
         self.assertEqual(reply["choices"][0]["text"], "limit reached, wait 4 min")
         self.assertEqual(reply["choices"][0]["finish_reason"], "stop")
         self.assertEqual(response.headers["Retry-After"], "239")
@@ -1255,11 +1288,40 @@ class LimitErrorModeTests(ProxyTestCase):
 class FairQueueTests(ProxyTestCase):
     config_overrides = {"upstream_max_concurrent": 1, "max_tokens": 100}
 
-    def background(self, **kwargs: object) -> threading.Thread:
-        thread = threading.Thread(target=self.chat, kwargs=kwargs)
+    def setUp(self) -> None:
+        self.jobs: list[tuple[threading.Thread, int, list, dict]] = []
+        super().setUp()
+
+    def tearDown(self) -> None:
+        try:
+            self.finish()  # before the proxy stops, so no background request is cut off
+        finally:
+            super().tearDown()
+
+    def background(self, expected_status: int = 200, **kwargs: object) -> threading.Thread:
+        """Send ``self.chat(**kwargs)`` from a thread; ``finish`` checks it got ``expected_status``."""
+        outcome: list = []
+
+        def send() -> None:
+            try:
+                outcome.append(self.chat(**kwargs).status)
+            except Exception as error:  # recorded for finish() to report, never printed
+                outcome.append(error)
+
+        thread = threading.Thread(target=send)
         thread.start()
         self.addCleanup(thread.join, WAIT)
+        self.jobs.append((thread, expected_status, outcome, kwargs))
         return thread
+
+    def finish(self) -> None:
+        """Let held requests go; every background request must have completed with its status."""
+        self.upstream.release.set()
+        jobs, self.jobs = self.jobs, []
+        for thread, expected_status, outcome, kwargs in jobs:
+            thread.join(WAIT)
+            self.assertFalse(thread.is_alive(), f"background request {kwargs} never completed")
+            self.assertEqual(outcome, [expected_status], f"background request {kwargs}")
 
     def wait_for(self, condition: Callable[[], bool]) -> None:
         deadline = time.monotonic() + WAIT
@@ -1269,17 +1331,14 @@ class FairQueueTests(ProxyTestCase):
 
     def test_queue_serves_keys_round_robin(self) -> None:
         gate = self.proxy.gate
-        holder = self.background(headers={"X-Fake": "hold", "X-Tag": "hold"})
+        self.background(headers={"X-Fake": "hold", "X-Tag": "hold"})
         self.wait_for(lambda: gate.in_flight == 1 and len(self.upstream.requests) == 1)
-        threads = []
         for index in range(3):
-            threads.append(self.background(headers={"X-Tag": f"a{index}"}))
+            self.background(headers={"X-Tag": f"a{index}"})
             self.wait_for(lambda: gate.waiting == index + 1)
-        threads.append(self.background(key=OTHER_KEY, headers={"X-Tag": "b0"}))
+        self.background(key=OTHER_KEY, headers={"X-Tag": "b0"})
         self.wait_for(lambda: gate.waiting == 4)
-        self.upstream.release.set()
-        for thread in [holder, *threads]:
-            thread.join(WAIT)
+        self.finish()  # all five answered 200
         order = [r["headers"]["X-Tag"] for r in self.upstream.requests]
         self.assertEqual(order, ["hold", "a0", "b0", "a1", "a2"])
 
@@ -1289,6 +1348,7 @@ class FairQueueTests(ProxyTestCase):
         self.wait_for(lambda: self.proxy.gate.in_flight == 1)
         self.assert_openai_error(self.chat(), 503, "server_error", "queue_timeout")
         self.assertEqual(self.level(), 100)
+        self.finish()  # the held request is still answered 200
 
     def test_per_key_limit_holds_one_key_back_but_not_others(self) -> None:
         self.start_proxy(max_concurrent_per_key=1, max_tokens=100)
@@ -1299,7 +1359,7 @@ class FairQueueTests(ProxyTestCase):
         self.wait_for(lambda: gate.waiting == 1)
         self.assertEqual(self.chat(key=OTHER_KEY).status, 200)  # not stuck behind alice
         self.assertEqual(gate.waiting, 1)
-        self.upstream.release.set()
+        self.finish()  # both of alice's requests are answered 200
         self.wait_for(lambda: gate.in_flight == 0 and gate.waiting == 0)
 
     def test_client_leaving_closes_a_non_streamed_upstream_request_at_once(self) -> None:
@@ -1336,7 +1396,25 @@ class FairQueueTests(ProxyTestCase):
             thread.join(WAIT * 3)
         gate = self.proxy.gate
         self.wait_for(lambda: gate.in_flight == 0)
-        self.assertEqual((gate.in_flight, gate.waiting, gate._per_key), (0, 0, {}))
+        self.assertEqual((gate.in_flight, gate.waiting), (0, 0))
+        for key in (CLIENT_KEY, OTHER_KEY, "sk-third", None):  # None: the IP identity of the leavers
+            # Each identity still gets both of its per-key slots at once: a leaked
+            # slot would queue the second stream (until QUEUE_TIMEOUT, 30 s).
+            auth = b"Authorization: Bearer %s\r\n" % key.encode() if key else b""
+            body = b'{"messages": [], "stream": true}'
+            streams = [socket.create_connection(("127.0.0.1", self.port), timeout=WAIT) for _ in range(2)]
+            try:
+                for sock in streams:
+                    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Fake: until-client-leaves"
+                                 b"\r\n%sContent-Length: %d\r\n\r\n%s" % (auth, len(body), body))
+                self.wait_for(lambda: gate.in_flight + gate.waiting == 2)
+                self.assertEqual((gate.in_flight, gate.waiting), (2, 0), f"a slot of {key} leaked")
+                for sock in streams:
+                    self.assertTrue(sock.recv(12).startswith(b"HTTP/1.1 200"))
+            finally:
+                for sock in streams:
+                    sock.close()
+            self.wait_for(lambda: gate.in_flight == 0)
         self.assertEqual(self.chat().status, 200)
 
 
@@ -1423,7 +1501,8 @@ class AccessLogTests(ProxyTestCase):
                          ("127.0.0.1", "POST", "/v1/chat/completions", "client-model"))
         self.assertIsInstance(first["upstream_ms"], float)
         self.assertEqual(set(first), {"time", "key", "ip", "method", "path", "model", "status",
-                                      "tokens_charged", "tokens_settled", "upstream_ms", "outcome"})
+                                      "stream", "tokens_charged", "tokens_settled", "duration_ms",
+                                      "upstream_ms", "outcome"})
         for secret in (CLIENT_KEY, OTHER_KEY, UPSTREAM_KEY, "my secret prompt"):
             self.assertNotIn(secret, text)
 

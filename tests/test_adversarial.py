@@ -289,7 +289,23 @@ class UpstreamFaultTests(AdversarialTestCase):
     def test_faults_leak_no_connections(self) -> None:
         for behaviour in ("close", "partial", "non-json", "huge-headers", "stall", "break-after-first"):
             self.chat(stream=behaviour == "break-after-first", headers={"X-Fake": behaviour})
-        self.assertLessEqual(len(self.proxy.upstream._idle), 1)
+        # Seen from the upstream: once the stalled handler is let go, at most one
+        # connection (the pooled one) is still open; the proxy kept none of the
+        # faulty ones, and the next requests all reuse that single connection.
+        self.upstream.release.set()
+        deadline = time.monotonic() + WAIT
+        while self.upstream.connection_count > 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.assertLessEqual(self.upstream.connection_count, 1, "upstream connections leaked")
+        self.upstream.peers.clear()
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=WAIT)
+        try:  # one keep-alive client, so each answer's upstream connection is pooled before the next
+            for _ in range(3):
+                self.assertEqual(self.request("POST", "/v1/chat/completions", VALID_BODY, conn=conn).status, 200)
+        finally:
+            conn.close()
+        self.assertEqual(len(self.upstream.peers), 1, "sequential requests share one pooled connection")
+        self.assertLessEqual(self.upstream.connection_count, 1)
         deadline = time.monotonic() + WAIT
         while self.proxy.connection_count and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -366,8 +382,14 @@ class ClientFaultTests(AdversarialTestCase):
             deadline = time.monotonic() + WAIT
             while self.proxy.connection_count < 300 and time.monotonic() < deadline:
                 time.sleep(0.01)
+            self.assertEqual(self.proxy.connection_count, 300, "all 300 idle connections are open")
             for _ in range(5):
                 self.assertEqual(self.chat().status, 200)
+            self.assertGreaterEqual(self.proxy.connection_count, 300, "no idle connection was dropped")
+            for sock in idle[:10]:  # each is still a live connection the proxy would serve
+                sock.setblocking(False)
+                with self.assertRaises(BlockingIOError):
+                    sock.recv(1)
         finally:
             for sock in idle:
                 sock.close()
@@ -581,11 +603,29 @@ class SecretTests(AdversarialTestCase):
         self.assertIn(llm_proxy.key_digest(CLIENT_KEY)[:12], written, "a fingerprint stands in for the key")
 
     def test_keys_are_compared_in_constant_time(self) -> None:
-        keyring = llm_proxy.KeyRing(llm_proxy.Config(client_keys=(CLIENT_KEY,)))
-        with mock.patch("hmac.compare_digest", wraps=llm_proxy.hmac.compare_digest) as compare:
-            self.assertIsNotNone(keyring.lookup(CLIENT_KEY)[1])
-            self.assertIsNone(keyring.lookup(CLIENT_KEY[:-1] + "X")[1])
-        self.assertEqual(compare.call_count, 1, "a matching digest is confirmed with compare_digest")
+        """The key a client presents is checked with hmac.compare_digest, and that check decides.
+
+        The table is indexed by SHA-256, so only a key whose digest is found is
+        compared.  To reach the comparison with a wrong key of the same length,
+        the digest function is made to map it onto the right key's digest (a
+        stand-in for a collision); the comparison alone must then refuse it.
+        """
+        self.start_proxy(client_keys=(CLIENT_KEY,))
+        wrong = CLIENT_KEY[:-1] + "X"
+        real_digest = llm_proxy.key_digest
+        colliding = mock.patch.object(llm_proxy, "key_digest", side_effect=lambda key: real_digest(
+            CLIENT_KEY if key == wrong else key))
+        real_compare = llm_proxy.hmac.compare_digest
+        with mock.patch("hmac.compare_digest", side_effect=real_compare) as compare:
+            self.assertEqual(self.chat().status, 200)
+            self.assertIn(mock.call(CLIENT_KEY.encode(), CLIENT_KEY.encode()), compare.call_args_list)
+            compare.reset_mock()
+            with colliding:
+                self.assert_openai_error(self.chat(key=wrong), 401, code="invalid_api_key")
+            self.assertIn(sorted([CLIENT_KEY.encode(), wrong.encode()]),
+                          [sorted(call.args) for call in compare.call_args_list],
+                          "a digest hit is confirmed with compare_digest (stored, presented), never ==")
+        self.assertEqual(len(self.upstream.requests), 1, "the wrong key was never forwarded")
 
 
 # --------------------------------------------------------------------------
