@@ -280,7 +280,8 @@ ROWS = [
 BY_PATH = {row.path: row for row in ROWS}
 
 
-WIRE_BEHAVIOURS = ("", "pause-after-first", "hold-until-closed", "break-after-first")
+WIRE_BEHAVIOURS = ("", "pause-after-first", "hold-until-closed", "break-after-first", "long-stream")
+LONG_STREAM_EVENTS = 12_000  # as many as one of Codex's longest measured replies
 
 
 class WireUpstreamHandler(FakeUpstreamHandler):
@@ -317,8 +318,11 @@ class WireUpstreamHandler(FakeUpstreamHandler):
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
         behaviour = self.headers.get("X-Fake", "")
+        events = row.stream(payload)
+        if behaviour == "long-stream":  # the first piece repeated, between the same opening and end
+            events = events[:3] + [events[3]] * LONG_STREAM_EVENTS + events[-1:]
         try:
-            for index, event in enumerate(row.stream(payload)):
+            for index, event in enumerate(events):
                 self.chunk(event)
                 if index == 0:
                     self.server.first_event_sent.set()
@@ -601,6 +605,23 @@ class LiveStreamTests(DialectTestCase):
                     sock.recv(1)
                 self.assertTrue(self.upstream.closed_early.wait(WAIT), "the upstream kept generating")
         self.wait_for(lambda: self.proxy.gate.in_flight == 0)
+
+
+class LongStreamTests(DialectTestCase):
+    config_overrides = {"client_keys": (CLIENT_KEY,), "cost_mode": "usage", "max_tokens": 20_000}
+
+    def test_twelve_thousand_events_are_relayed_one_by_one(self) -> None:
+        row = ROWS[2]  # Responses, as Codex streams it
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=WAIT)
+        try:
+            conn.request("POST", row.path, json.dumps(row.request(True)),
+                         {"Authorization": f"Bearer {CLIENT_KEY}", "X-Fake": "long-stream"})
+            response = conn.getresponse()
+            body = response.read()
+        finally:
+            conn.close()
+        self.assertEqual(row.read_stream(body), PIECES[0] * LONG_STREAM_EVENTS)
+        self.assertEqual(20_000 - self.level(), 28)  # settled to response.completed's usage
 
 
 class ClaudeCodePatternTests(DialectTestCase):
