@@ -491,6 +491,18 @@ class Policy:
     def allows(self, model: str) -> bool:
         return self.models is None or model in self.models
 
+    def require(self, model: str | None) -> None:
+        """A 403, free, for a model off the key's list."""
+        if not self.allows(model or ""):
+            raise ProxyError(403, f"The model '{model}' is not available to this key.",
+                             "permission_error", "model_not_allowed", "model")
+
+    def quota(self, levels: list[dict]) -> dict:
+        """What ``GET /v1/quota`` shows a caller about itself."""
+        return {"object": "quota", "name": self.name or None,
+                "models": None if self.models is None else list(self.models),
+                "max_concurrent": self.max_concurrent or None, "buckets": levels}
+
 
 def key_digest(key: str) -> str:
     """The name under which a key's buckets are kept and saved; the key itself never is."""
@@ -806,6 +818,17 @@ class JsonLines(Framing):
 
     def json_of(self, frame: bytes) -> object:
         return _json_or_none(frame.strip())
+
+
+def json_object(body: bytes) -> dict:
+    """A request body that must be a JSON object; a 400 otherwise."""
+    try:
+        payload = json.loads(body)
+    except (ValueError, RecursionError):
+        payload = None
+    if not isinstance(payload, dict):
+        raise ProxyError(400, "request body must be a JSON object", code="invalid_json")
+    return payload
 
 
 def _json_or_none(data: bytes) -> object:
@@ -1504,6 +1527,22 @@ def read_headers(rfile: BinaryIO) -> Headers:
         items.append((name, value))
 
 
+def content_length(lengths: list[str], limit: int) -> int:
+    """The body length the headers declare; ambiguity is refused, never guessed at."""
+    if len(set(value.strip() for value in lengths)) > 1:
+        raise ProxyError(400, "conflicting Content-Length headers", code="invalid_framing",
+                         close=True)
+    text = lengths[0].strip()
+    if not text.isdigit() or not text.isascii():
+        raise ProxyError(400, "Content-Length must be a non-negative integer",
+                         code="invalid_framing", close=True)
+    length = int(text)
+    if length > limit:
+        raise ProxyError(413, f"request body is larger than {limit} bytes",
+                         code="request_too_large", close=True)
+    return length
+
+
 def copied_headers(items: Sequence[tuple[str, str]], excluded: frozenset) -> list[tuple[str, str]]:
     """Headers passed from one side to the other, minus hop-by-hop ones and any named in Connection.
 
@@ -2003,6 +2042,9 @@ def _whole_seconds(seconds: float) -> str:
 # Calls: one request's state, and where each path goes
 # --------------------------------------------------------------------------
 
+JSON_TYPE = ("Content-Type", "application/json")
+NO_CACHE = ("Cache-Control", "no-cache")
+
 @dataclass(eq=False)
 class Call:
     """One request through the proxy: who pays, in which API, what it cost and how it went.
@@ -2048,6 +2090,36 @@ class Call:
             used = self.meter.used(self.finished or not self.stream)
         charge.close(served, used)
 
+    def upstream_body(self, body: bytes, payload: dict, stream: bool, prompt: int,
+                      config: Config) -> bytes:
+        """The body to forward: the client's own bytes unless something had to change.
+
+        ``BASE_MODEL`` replaces the model; in usage mode a meter is attached, and a
+        stream that reports usage only when asked is asked (the client not told).
+        """
+        changed = False
+        if config.upstream_model and payload.get("model") != config.upstream_model:
+            payload["model"] = config.upstream_model
+            changed = True
+        if config.cost_mode == "usage":
+            hide = self.dialect.ask_for_usage(payload) if stream else None
+            self.meter = Meter(self.dialect, prompt, hide_usage=bool(hide))
+            changed = changed or hide is True
+        return json_bytes(payload) if changed else body
+
+    def check_reply(self, data: bytes) -> bytes:
+        """A successful, non-streamed answer must be a JSON object; else it was no answer.
+
+        In usage mode its usage settles the charge.
+        """
+        reply = _json_or_none(data.lstrip())
+        if not isinstance(reply, dict):
+            raise ProxyError(502, "The model server sent an invalid response.", "upstream_error",
+                             "upstream_invalid_response")
+        if self.meter is not None:
+            self.dialect.read_reply(reply, self.meter)
+        return data
+
     @property
     def outcome(self) -> str:
         status = self.status
@@ -2056,6 +2128,51 @@ class Call:
         if status >= 500 or status == 499 or not status:
             return "error"
         return "rejected" if status >= 400 else "served"
+
+    def log_records(self, ip: str, method: str, path: str, with_record: bool) -> tuple[str, str]:
+        """The console line and (when wanted) the ACCESS_LOG record; names, never keys."""
+        if not self.status and self.gone.is_set():
+            self.status = 499
+        outcome, charge = self.outcome, self.charge
+        charged = charge.charged if charge is not None else 0
+        settled = charge.paid if charge is not None else 0
+        elapsed = (time.monotonic() - self.started) * 1000
+        now = time.time()
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)) + f",{int(now % 1 * 1000):03d}"
+        line = (f"{stamp} INFO {ip} {self.label} {method} {path} {self.status} {outcome} "
+                f"{elapsed:.1f}ms charged={charged} settled={settled}\n")
+        if not with_record:
+            return line, ""
+        arrived = self.arrived
+        record = json.dumps({
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(arrived))
+            + f".{int(arrived % 1 * 1000):03d}Z", "key": self.label, "ip": ip, "method": method,
+            "path": path, "model": self.model, "status": self.status, "stream": self.stream,
+            "tokens_charged": charged, "tokens_settled": settled, "duration_ms": round(elapsed, 1),
+            "upstream_ms": None if self.upstream_ms is None else round(self.upstream_ms, 1),
+            "outcome": outcome}, separators=(",", ":")) + "\n"
+        return line, record
+
+
+def limit_answer(dialect: Dialect, admission: Admission, model: str, stream: bool,
+                 as_error: bool) -> tuple[list[tuple[str, str]], bytes]:
+    """What a caller whose buckets cannot pay gets: headers and body of an assistant reply.
+
+    A 429 (or 400 when the request can never fit) is raised instead in ``error``
+    mode, and for APIs whose answers have no place for text (embeddings ...).
+    """
+    text = limit_message(admission)
+    headers = rate_limit_headers(admission)
+    if as_error or not dialect.answers_with_text:
+        too_large = admission.cost > admission.limit
+        raise ProxyError(400 if too_large else 429, text,
+                         "invalid_request_error" if too_large else "rate_limit_exceeded",
+                         "request_too_large" if too_large else "rate_limit_exceeded",
+                         headers=headers)
+    if stream:
+        return (headers + [("Content-Type", dialect.framing.content_type), NO_CACHE],
+                b"".join(dialect.reply_stream(model, [text], None)))
+    return headers + [JSON_TYPE], json_bytes(dialect.reply(model, text))
 
 
 # Ollama's native routes that are not metered: answered, refused or forwarded free.
@@ -2077,6 +2194,149 @@ def dialect_of(path: str) -> Dialect:
 
 
 # --------------------------------------------------------------------------
+# Relay: one call's trip upstream and back
+# --------------------------------------------------------------------------
+
+class Relay:
+    """Sends one call upstream through the fair gate and relays the answer as it arrives.
+
+    The handler lends it the request and its writing methods; the relay owns
+    the exchange with the upstream, the disconnect watch, and what the call
+    learns on the way (served, finished, usage), so that the charge is decided
+    from facts, in ``Call.close_charge``.
+    """
+
+    def __init__(self, client: ProxyHandler) -> None:
+        self.client = client
+        self.server = client.server
+        self.call = client.call
+
+    def forward(self, target: Target, body: bytes,
+                inspect: Callable[[bytes], bytes] | None = None) -> None:
+        """Relay one request upstream and its answer back, through the fair gate.
+
+        ``inspect`` sees a successful, non-streamed answer before the client does.
+        The client is watched from the moment it queues: one that leaves while
+        waiting is taken out of the queue and its request never sent.
+        """
+        server, call, client = self.server, self.call, self.client
+        headers = dict(copied_headers(client.headers.items(), NOT_FORWARDED_UPSTREAM))
+        if server.config.upstream_key:
+            headers["Authorization"] = "Bearer " + server.config.upstream_key
+        if body or client.command in ("POST", "PUT", "PATCH"):
+            headers["Content-Length"] = str(len(body))
+        path = target.upstream_path(server.upstream.target.base_path)
+        exchange = UpstreamExchange(server.upstream)
+        ticket = Ticket(call.identity, call.policy.max_concurrent)
+        client.unwatch = server.watcher.watch(client.connection,
+                                              lambda: self.client_left(ticket, exchange))
+        try:
+            with server.gate.slot(ticket):
+                started = time.monotonic()
+                try:
+                    response = exchange.send(client.command, path, headers, body or None)
+                    call.upstream_ms = (time.monotonic() - started) * 1000
+                    exchange.completed = self.relay(response, inspect)
+                except (OSError, http.client.HTTPException) as error:
+                    if call.gone.is_set():
+                        raise ClientGone() from None
+                    raise upstream_failure(error) from None
+        finally:
+            client.unwatch()
+            call.upstream_reached = exchange.sent
+            exchange.finish()
+
+    def client_left(self, ticket: Ticket, exchange: UpstreamExchange) -> None:
+        """Called by the disconnect watcher's thread when the client hangs up mid-request."""
+        self.call.gone.set()
+        self.server.gate.withdraw(ticket)
+        exchange.abort()
+
+    def relay(self, response: http.client.HTTPResponse,
+              inspect: Callable[[bytes], bytes] | None) -> bool:
+        """Pass the upstream's answer on; True when it was read to its end.
+
+        Streams, and bodies of unknown length that nothing needs to inspect,
+        are relayed as they arrive; everything else is read whole first, so that
+        ``inspect`` sees it however the upstream framed it.
+        """
+        headers = copied_headers(response.getheaders(), HOP_BY_HOP | PROXY_RESPONSE_HEADERS)
+        framing = framing_of(response.getheader("Content-Type", ""))
+        if framing is not None or (response.length is None and inspect is None
+                                   and not response.isclosed()):
+            return self.relay_stream(response, headers, framing)
+        data = read_whole(response, MAX_UPSTREAM_BODY)
+        call = self.call
+        if response.status < 400 and inspect is not None:
+            data = inspect(data)
+        call.served = call.finished = response.status < 400
+        call.close_charge(self.server.config.cost_mode == "usage")
+        self.client.send_bytes(response.status, headers + self.meter_headers(), data,
+                               reason=response.reason)
+        return True
+
+    def meter_headers(self) -> list[tuple[str, str]]:
+        charge = self.call.charge
+        return rate_limit_headers(charge.admission) if charge is not None else []
+
+    def relay_stream(self, response: http.client.HTTPResponse, headers: list[tuple[str, str]],
+                     framing: Framing | None) -> bool:
+        """Pass the body on as it arrives; stream events go out whole, one write each.
+
+        The charge is kept once anything reached the client; a stream that ends
+        before its first complete event counts as never served.
+        """
+        call = self.call
+        ok = response.status < 400
+        usage_mode = self.server.config.cost_mode == "usage"
+        call.stream = framing is not None
+        if not ok:
+            call.close_charge(usage_mode)
+        client = self.client
+        client.start_chunked(response.status, headers + self.meter_headers(), response.reason)
+        meter = call.meter if framing is not None and ok else None
+        pending = b""
+        try:
+            while True:
+                data = response.read1(65536)
+                whole_events = framing is not None
+                if not data:
+                    data, pending = pending, b""  # a last event without its end
+                    if not data:
+                        break
+                elif framing is not None and len(pending) + len(data) <= MAX_EVENT_BYTES:
+                    pending += data
+                    end = framing.end(pending)
+                    if not end:
+                        continue
+                    data, pending = pending[:end], pending[end:]
+                else:  # not events, or one too large to hold: pass on what there is
+                    data, pending, whole_events = pending + data, b"", False
+                if meter is not None and whole_events:
+                    data = meter.filter(framing.split(data), framing)  # type: ignore[union-attr]
+                    if not data:
+                        continue
+                client.write_chunk(data)
+                call.served = call.served or ok
+        except (OSError, http.client.HTTPException) as error:
+            if call.gone.is_set():
+                raise ClientGone() from None
+            log.warning("upstream stream to %s broke off: %s", call.label, type(error).__name__)
+            completed = False
+            if framing is not None:
+                client.write_chunk(call.dialect.stream_error(upstream_failure(error), framing))
+            else:  # no final chunk: the client must see the body as cut short
+                client.close_connection = True
+        else:
+            completed = True
+        call.finished = completed and ok
+        call.close_charge(usage_mode)
+        if completed or framing is not None:
+            client.end_chunked()
+        return completed
+
+
+# --------------------------------------------------------------------------
 # Handler
 # --------------------------------------------------------------------------
 
@@ -2091,9 +2351,7 @@ PREFLIGHT_HEADERS = [
     ("Access-Control-Allow-Headers", "Authorization, *"),
     ("Access-Control-Max-Age", "86400"),
 ]
-JSON_TYPE = ("Content-Type", "application/json")
 SERVER_HEADER = f"Server: llm_proxy/{__version__}"  # on every answer; the upstream's is dropped
-NO_CACHE = ("Cache-Control", "no-cache")
 ROOT_REPLY = {"name": "llm_proxy", "version": __version__, "health": "/health"}
 
 
@@ -2175,7 +2433,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 raise ProxyError(405, f"{target.path} takes POST", code="method_not_allowed")
             self.handle_metered(dialect, target)
         elif path == "/v1/quota" and method in ("GET", "HEAD"):
-            self.send_json(200, self.quota())
+            policy = self.call.policy
+            self.send_json(200, policy.quota(self.server.buckets.snapshot(self.call.identity,
+                                                                          policy.buckets)))
         elif path in ("/v1/models", "/api/tags") and method in ("GET", "HEAD"):
             self.handle_models(target, ollama=path == "/api/tags")
         elif path.startswith("/api/"):
@@ -2205,19 +2465,13 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def check_model(self, body: bytes) -> None:
         """Enforce the key's model list on any JSON request that names a model (embeddings ...)."""
-        if self.call.policy.models is None or not body.startswith(b"{"):
+        if self.call.policy.models is None:
             return
-        with suppress(ValueError, RecursionError):
-            model = json.loads(body).get("model")
-            if isinstance(model, str):
-                self.call.model = model
-                self.require_allowed_model()
-
-    def require_allowed_model(self) -> None:
-        model = self.call.model
-        if not self.call.policy.allows(model or ""):
-            raise ProxyError(403, f"The model '{model}' is not available to this key.",
-                             "permission_error", "model_not_allowed", "model")
+        payload = _json_or_none(body)
+        model = payload.get("model") if isinstance(payload, dict) else None
+        if isinstance(model, str):
+            self.call.model = model
+            self.call.policy.require(model)
 
     def parse_request(self) -> bool:
         """Parse the request line and headers; http.server's hook, made strict and cheap.
@@ -2271,7 +2525,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
                                  code="invalid_framing", close=True)
             raise ProxyError(411, "chunked request bodies are not supported; send Content-Length",
                              code="length_required", close=True)
-        self.call.body_length = self.declared_length(lengths) if lengths else 0
+        self.call.body_length = (content_length(lengths, self.server.config.max_body_bytes)
+                                 if lengths else 0)
 
     def authenticate(self) -> None:
         """Find whose buckets pay for this request, or raise 401."""
@@ -2298,20 +2553,6 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.server.request_arrived(self.connection)
         return body
 
-    def declared_length(self, lengths: list[str]) -> int:
-        if len(set(value.strip() for value in lengths)) > 1:
-            raise ProxyError(400, "conflicting Content-Length headers", code="invalid_framing",
-                             close=True)
-        text = lengths[0].strip()
-        if not text.isdigit() or not text.isascii():
-            raise ProxyError(400, "Content-Length must be a non-negative integer",
-                             code="invalid_framing", close=True)
-        length = int(text)
-        if length > self.server.config.max_body_bytes:
-            raise ProxyError(413, f"request body is larger than {self.server.config.max_body_bytes} "
-                             "bytes", code="request_too_large", close=True)
-        return length
-
     def handle_expect_100(self) -> bool:
         """Refuse a badly framed or oversized body, or an unknown key, before the body is sent."""
         try:
@@ -2324,23 +2565,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             return self.refuse_request(error)
         return super().handle_expect_100()
 
-    def parse_json_object(self, body: bytes) -> dict:
-        try:
-            payload = json.loads(body)
-        except (ValueError, RecursionError):
-            payload = None
-        if not isinstance(payload, dict):
-            raise ProxyError(400, "request body must be a JSON object", code="invalid_json")
-        return payload
-
     # -- local answers -------------------------------------------------------
-
-    def quota(self) -> dict:
-        policy = self.call.policy
-        return {"object": "quota", "name": policy.name or None,
-                "models": None if policy.models is None else list(policy.models),
-                "max_concurrent": policy.max_concurrent or None,
-                "buckets": self.server.buckets.snapshot(self.call.identity, policy.buckets)}
 
     def handle_models(self, target: Target, ollama: bool) -> None:
         """BASE_MODEL is answered here; otherwise the upstream's list, cut to the key's models."""
@@ -2357,205 +2582,39 @@ class ProxyHandler(BaseHTTPRequestHandler):
     # -- metered calls -------------------------------------------------------
 
     def handle_metered(self, dialect: Dialect, target: Target) -> None:
-        """Charge before forwarding, answer with a limit reply when the buckets cannot pay."""
+        """Charge before forwarding; a limit reply when the buckets cannot pay."""
         call, config = self.call, self.server.config
         call.dialect = dialect
         body = self.read_body()
-        payload = self.parse_json_object(body) if not dialect.flat_rate else None
+        payload = json_object(body) if not dialect.flat_rate else None
         if payload is None:  # a flat-rate call: forwarded as sent, its model still checked
             self.check_model(body)
         else:
             dialect.validate(payload)
             call.model = config.upstream_model or payload.get("model") or ""
-            self.require_allowed_model()
+            call.policy.require(call.model)
         policy = call.policy
         capacity = min(spec.capacity for spec in policy.buckets)
         cost, prompt = request_cost(dialect, payload or {}, config, capacity)
         admission = self.server.buckets.charge(call.identity, policy.buckets, cost)
         stream = payload is not None and dialect.is_stream(payload)
         if not admission.allowed:
-            self.send_limit_reply((payload or {}).get("model") or call.model or "", stream, admission)
+            call.limited, call.stream = True, stream
+            headers, answer = limit_answer(dialect, admission, (payload or {}).get("model") or call.model
+                                           or "", stream, config.limit_response == "error")
+            self.send_bytes(200, headers, answer)
             return
         if payload is not None:
-            body = self.upstream_body(body, payload, stream, prompt)
+            body = call.upstream_body(body, payload, stream, prompt, config)
         call.charge = Charge(self.server.buckets, call.identity, policy.buckets, admission)
         try:
-            self.forward(target, body, inspect=None if payload is None else self.checked_reply)
+            self.forward(target, body, inspect=None if payload is None else call.check_reply)
         finally:
             call.close_charge(config.cost_mode == "usage")
 
-    def upstream_body(self, body: bytes, payload: dict, stream: bool, prompt: int) -> bytes:
-        """The body to forward: the client's own bytes unless something had to change."""
-        config, call = self.server.config, self.call
-        changed = False
-        if config.upstream_model and payload.get("model") != config.upstream_model:
-            payload["model"] = config.upstream_model
-            changed = True
-        if config.cost_mode == "usage":
-            hide = call.dialect.ask_for_usage(payload) if stream else None
-            call.meter = Meter(call.dialect, prompt, hide_usage=bool(hide))
-            changed = changed or hide is True
-        return json_bytes(payload) if changed else body
-
-    def checked_reply(self, data: bytes) -> bytes:
-        """A successful, non-streamed answer must be a JSON object; else it was no answer.
-
-        In usage mode its usage settles the charge.
-        """
-        try:
-            reply = json.loads(data)
-        except (ValueError, RecursionError):
-            reply = None
-        if not isinstance(reply, dict):
-            raise ProxyError(502, "The model server sent an invalid response.", "upstream_error",
-                             "upstream_invalid_response")
-        if self.call.meter is not None:
-            self.call.dialect.read_reply(reply, self.call.meter)
-        return data
-
-    def send_limit_reply(self, model: str, stream: bool, admission: Admission) -> None:
-        """The caller's buckets cannot pay: an assistant reply saying so, or a 429."""
-        call = self.call
-        call.limited = True
-        text = limit_message(admission)
-        headers = rate_limit_headers(admission)
-        dialect = call.dialect
-        if self.server.config.limit_response == "error" or not dialect.answers_with_text:
-            too_large = admission.cost > admission.limit
-            raise ProxyError(400 if too_large else 429, text,
-                             "invalid_request_error" if too_large else "rate_limit_exceeded",
-                             "request_too_large" if too_large else "rate_limit_exceeded",
-                             headers=headers)
-        if stream:
-            call.stream = True
-            self.send_bytes(200, headers + [("Content-Type", dialect.framing.content_type), NO_CACHE],
-                            b"".join(dialect.reply_stream(model, [text], None)))
-        else:
-            self.send_json(200, dialect.reply(model, text), headers)
-
-    # -- forwarding ----------------------------------------------------------
-
     def forward(self, target: Target, body: bytes,
                 inspect: Callable[[bytes], bytes] | None = None) -> None:
-        """Relay one request upstream and its answer back, through the fair gate.
-
-        ``inspect`` sees a successful, non-streamed answer before the client does.
-        The client is watched from the moment it queues: one that leaves while
-        waiting is taken out of the queue and its request never sent.
-        """
-        server, call = self.server, self.call
-        headers = dict(copied_headers(self.headers.items(), NOT_FORWARDED_UPSTREAM))
-        if server.config.upstream_key:
-            headers["Authorization"] = "Bearer " + server.config.upstream_key
-        if body or self.command in ("POST", "PUT", "PATCH"):
-            headers["Content-Length"] = str(len(body))
-        path = target.upstream_path(server.upstream.target.base_path)
-        exchange = UpstreamExchange(server.upstream)
-        ticket = Ticket(call.identity, call.policy.max_concurrent)
-        self.unwatch = server.watcher.watch(self.connection,
-                                            lambda: self.client_left(ticket, exchange))
-        try:
-            with server.gate.slot(ticket):
-                started = time.monotonic()
-                try:
-                    response = exchange.send(self.command, path, headers, body or None)
-                    call.upstream_ms = (time.monotonic() - started) * 1000
-                    exchange.completed = self.relay(response, inspect)
-                except (OSError, http.client.HTTPException) as error:
-                    if call.gone.is_set():
-                        raise ClientGone() from None
-                    raise upstream_failure(error) from None
-        finally:
-            self.unwatch()
-            call.upstream_reached = exchange.sent
-            exchange.finish()
-
-    def client_left(self, ticket: Ticket, exchange: UpstreamExchange) -> None:
-        """Called by the disconnect watcher's thread when the client hangs up mid-request."""
-        self.call.gone.set()
-        self.server.gate.withdraw(ticket)
-        exchange.abort()
-
-    def relay(self, response: http.client.HTTPResponse,
-              inspect: Callable[[bytes], bytes] | None) -> bool:
-        """Pass the upstream's answer on; True when it was read to its end.
-
-        Streams, and bodies of unknown length that nothing needs to inspect,
-        are relayed as they arrive; everything else is read whole first, so that
-        ``inspect`` sees it however the upstream framed it.
-        """
-        headers = copied_headers(response.getheaders(), HOP_BY_HOP | PROXY_RESPONSE_HEADERS)
-        framing = framing_of(response.getheader("Content-Type", ""))
-        if framing is not None or (response.length is None and inspect is None
-                                   and not response.isclosed()):
-            return self.relay_stream(response, headers, framing)
-        data = read_whole(response, MAX_UPSTREAM_BODY)
-        call = self.call
-        if response.status < 400 and inspect is not None:
-            data = inspect(data)
-        call.served = call.finished = response.status < 400
-        call.close_charge(self.server.config.cost_mode == "usage")
-        self.send_bytes(response.status, headers + self.meter_headers(), data, reason=response.reason)
-        return True
-
-    def meter_headers(self) -> list[tuple[str, str]]:
-        charge = self.call.charge
-        return rate_limit_headers(charge.admission) if charge is not None else []
-
-    def relay_stream(self, response: http.client.HTTPResponse, headers: list[tuple[str, str]],
-                     framing: Framing | None) -> bool:
-        """Pass the body on as it arrives; stream events go out whole, one write each.
-
-        The charge is kept once anything reached the client; a stream that ends
-        before its first complete event counts as never served.
-        """
-        call = self.call
-        ok = response.status < 400
-        usage_mode = self.server.config.cost_mode == "usage"
-        call.stream = framing is not None
-        if not ok:
-            call.close_charge(usage_mode)
-        self.start_chunked(response.status, headers + self.meter_headers(), response.reason)
-        meter = call.meter if framing is not None and ok else None
-        pending = b""
-        try:
-            while True:
-                data = response.read1(65536)
-                whole_events = framing is not None
-                if not data:
-                    data, pending = pending, b""  # a last event without its end
-                    if not data:
-                        break
-                elif framing is not None and len(pending) + len(data) <= MAX_EVENT_BYTES:
-                    pending += data
-                    end = framing.end(pending)
-                    if not end:
-                        continue
-                    data, pending = pending[:end], pending[end:]
-                else:  # not events, or one too large to hold: pass on what there is
-                    data, pending, whole_events = pending + data, b"", False
-                if meter is not None and whole_events:
-                    data = meter.filter(framing.split(data), framing)  # type: ignore[union-attr]
-                    if not data:
-                        continue
-                self.write_chunk(data)
-                call.served = call.served or ok
-        except (OSError, http.client.HTTPException) as error:
-            if call.gone.is_set():
-                raise ClientGone() from None
-            log.warning("upstream stream to %s broke off: %s", call.label, type(error).__name__)
-            completed = False
-            if framing is not None:
-                self.write_chunk(call.dialect.stream_error(upstream_failure(error), framing))
-            else:  # no final chunk: the client must see the body as cut short
-                self.close_connection = True
-        else:
-            completed = True
-        call.finished = completed and ok
-        call.close_charge(usage_mode)
-        if completed or framing is not None:
-            self.end_chunked()
-        return completed
+        Relay(self).forward(target, body, inspect)
 
     # -- writing -------------------------------------------------------------
 
@@ -2631,30 +2690,13 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def log_outcome(self) -> None:
         """One line per request on the console, and one JSON record for ACCESS_LOG; never a key."""
-        call = self.call
-        if not call.status and call.gone.is_set():
-            call.status = 499
-        outcome = call.outcome
-        charge = call.charge
-        charged = charge.charged if charge is not None else 0
-        settled = charge.paid if charge is not None else 0
-        path = ascii(self.path.partition("?")[0][:200])[1:-1]
-        elapsed = (time.monotonic() - call.started) * 1000
-        now = time.time()
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)) + f",{int(now % 1 * 1000):03d}"
-        self.server.console.write(
-            f"{stamp} INFO {self.client_address[0]} {call.label} {self.command} {path} {call.status} "
-            f"{outcome} {elapsed:.1f}ms charged={charged} settled={settled}\n")
-        if self.server.access_log is not None:
-            arrived = call.arrived
-            self.server.access_log.write(json.dumps({
-                "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(arrived))
-                + f".{int(arrived % 1 * 1000):03d}Z", "key": call.label,
-                "ip": self.client_address[0], "method": self.command, "path": path,
-                "model": call.model, "status": call.status, "stream": call.stream,
-                "tokens_charged": charged, "tokens_settled": settled,
-                "duration_ms": round(elapsed, 1), "upstream_ms": None if call.upstream_ms is None
-                else round(call.upstream_ms, 1), "outcome": outcome}, separators=(",", ":")) + "\n")
+        access_log = self.server.access_log
+        line, record = self.call.log_records(self.client_address[0], self.command or "-",
+                                             ascii(self.path.partition("?")[0][:200])[1:-1],
+                                             access_log is not None)
+        self.server.console.write(line)
+        if access_log is not None:
+            access_log.write(record)
 
 
 def _nothing() -> None:

@@ -1483,9 +1483,13 @@ class AccessLogTests(ProxyTestCase):
         self.addCleanup(directory.cleanup)
         path = os.path.join(directory.name, "access.log")
         self.start_proxy(access_log=path, max_tokens=1, refill_tokens=1)
+        # each record is written just after its answer: wait for it, to keep the order
         self.chat(content="my secret prompt")
+        self.written(" served ")
         self.chat(content="my secret prompt")
+        self.written(" limited ")
         self.chat(key=None, model=5)
+        self.written(" rejected ")
         self.chat(headers={"X-Fake": "status-503"}, key=OTHER_KEY)
         self.stop(self.proxy)
         self.proxy = None
