@@ -17,6 +17,7 @@ Standard library only, Python 3.9 or newer.
 from __future__ import annotations
 
 import argparse
+import base64
 import hashlib
 import hmac
 import http.client
@@ -338,9 +339,17 @@ class BucketStore:
 
     def charge(self, identity: str, specs: Sequence[BucketSpec], cost: int) -> Admission:
         """Take ``cost`` from every bucket of ``identity``, or from none of them."""
+        return self.charge_all(((identity, specs),), cost)
+
+    def charge_all(self, payers: Sequence[tuple[str, Sequence[BucketSpec]]], cost: int) -> Admission:
+        """Take ``cost`` from every bucket of every payer (a user and its app), or from none."""
         with self._lock:
             now = self.clock()
-            buckets = self._current(identity, specs, now)
+            buckets: list[Bucket] = []
+            specs: list[BucketSpec] = []
+            for identity, payer_specs in payers:
+                buckets.extend(self._current(identity, payer_specs, now))
+                specs.extend(payer_specs)
             waits = [bucket.seconds_until(spec, cost, now) for bucket, spec in zip(buckets, specs)]
             allowed = max(waits) <= 0 and all(cost <= spec.capacity for spec in specs)
             if allowed:
@@ -436,15 +445,15 @@ class Charge:
     ``reserved`` when admitted; ``close`` makes it ``kept`` (served, nothing to
     settle), ``settled`` (served, replaced by what was really used: the rest
     refunded, or the extra taken as debt) or ``refunded`` (never served), once.
+    Every payer (a key, or a user and the app key above it) pays the same.
     """
 
-    __slots__ = ("store", "identity", "specs", "admission", "state", "used")
+    __slots__ = ("store", "payers", "admission", "state", "used")
 
-    def __init__(self, store: BucketStore, identity: str, specs: Sequence[BucketSpec],
+    def __init__(self, store: BucketStore, payers: Sequence[tuple[str, Sequence[BucketSpec]]],
                  admission: Admission) -> None:
         self.store = store
-        self.identity = identity
-        self.specs = specs
+        self.payers = payers
         self.admission = admission
         self.state = "reserved"
         self.used: int | None = None
@@ -455,14 +464,18 @@ class Charge:
         cost = self.admission.cost
         if not served:
             self.state = "refunded"
-            self.store.credit(self.identity, self.specs, cost)
+            self.credit(cost)
             self.admission = replace(self.admission, remaining=min(
                 self.admission.limit, self.admission.remaining + cost))
         elif used is None:
             self.state = "kept"
         else:
             self.state, self.used = "settled", used
-            self.store.credit(self.identity, self.specs, cost - used)
+            self.credit(cost - used)
+
+    def credit(self, amount: int) -> None:
+        for identity, specs in self.payers:
+            self.store.credit(identity, specs, amount)
 
     @property
     def charged(self) -> int:
@@ -487,6 +500,7 @@ class Policy:
     buckets: tuple[BucketSpec, ...]
     models: tuple[str, ...] | None = None  # None: every model
     max_concurrent: int = 0               # 0: no per-key limit
+    users: UserSpec | None = None         # an app key: each end user gets buckets of their own
 
     def allows(self, model: str) -> bool:
         return self.models is None or model in self.models
@@ -510,7 +524,11 @@ def key_digest(key: str) -> str:
 
 
 POLICY_FIELDS = {"name", "max_tokens", "refill_tokens", "refill_interval_seconds", "buckets",
-                 "models", "max_concurrent"}
+                 "models", "max_concurrent", "users"}
+USER_SOURCES = {"jwt": "X-OpenWebUI-User-Jwt", "header": None, "user_field": None}
+USERS_FIELDS = POLICY_FIELDS - {"name", "users"} | {
+    "from", "header", "secret_env", "issuer", "required", "overrides"}
+MAX_USER_LENGTH = 256  # longer identities are refused, not truncated into someone else's
 WINDOW_FIELDS = {"name", "max_tokens", "refill_tokens", "refill_interval_seconds"}
 
 
@@ -560,7 +578,136 @@ def _policy_from_entry(entry: dict, config: Config, where: str) -> Policy:
     limit = entry.get("max_concurrent", config.max_concurrent_per_key)
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
         raise ConfigError(f"{where}: max_concurrent must be a whole number, 0 for no limit")
-    return Policy(name, buckets, None if models is None else tuple(models), limit)
+    users = _users_from_entry(entry["users"], config, f"{where} users") if "users" in entry else None
+    return Policy(name, buckets, None if models is None else tuple(models), limit, users)
+
+
+@dataclass(frozen=True)
+class UserSpec:
+    """How an app key (a chat app used by many people) names its end user, and their limits.
+
+    ``jwt``: a signed HS256 token (Open WebUI's ``X-OpenWebUI-User-Jwt``), the
+    user being its ``email`` claim, else ``sub``; ``header``: a plain header,
+    safe only while the app key stays secret; ``user_field``: the request's
+    ``user`` field (Anthropic: ``metadata.user_id``).
+    """
+
+    source: str
+    header: str | None
+    secret: bytes | None = field(repr=False)
+    issuer: str | None
+    required: bool
+    default: Policy
+    overrides: dict[str, Policy]  # by user digest, so that saved buckets find their policy
+
+    def policy_for(self, digest: str) -> Policy:
+        return self.overrides.get(digest, self.default)
+
+
+def user_digest(user: str) -> str:
+    return hashlib.sha256(user.encode("utf-8", "surrogateescape")).hexdigest()[:24]
+
+
+def _b64url(text: str) -> bytes:
+    if not re.fullmatch(r"[A-Za-z0-9_-]*", text):
+        raise ValueError("not base64url")
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def verify_jwt(token: str, secret: bytes, now: float, issuer: str | None = None,
+               leeway: float = 30.0) -> dict:
+    """The claims of an HS256 JSON Web Token, or ValueError saying why it is refused.
+
+    Only HS256 is accepted, whatever the token's header claims (``none`` above
+    all), the signature is compared in constant time, and ``exp`` is required.
+    """
+    parts = token.strip().split(".")
+    if len(parts) != 3:
+        raise ValueError("malformed token")
+    try:
+        header = json.loads(_b64url(parts[0]))
+        signature = _b64url(parts[2])
+    except (ValueError, RecursionError):
+        raise ValueError("malformed token") from None
+    if not isinstance(header, dict) or header.get("alg") != "HS256":
+        raise ValueError("unsupported algorithm")
+    expected = hmac.new(secret, f"{parts[0]}.{parts[1]}".encode("ascii"), hashlib.sha256).digest()
+    if not hmac.compare_digest(expected, signature):
+        raise ValueError("bad signature")
+    try:
+        claims = json.loads(_b64url(parts[1]))
+    except (ValueError, RecursionError):
+        raise ValueError("malformed claims") from None
+    if not isinstance(claims, dict):
+        raise ValueError("malformed claims")
+    expires = claims.get("exp")
+    if isinstance(expires, bool) or not isinstance(expires, (int, float)) or now > expires + leeway:
+        raise ValueError("expired token")
+    not_before = claims.get("nbf")
+    if isinstance(not_before, (int, float)) and now + leeway < not_before:
+        raise ValueError("token not yet valid")
+    if issuer is not None and claims.get("iss") != issuer:
+        raise ValueError("wrong issuer")
+    return claims
+
+
+def end_user(spec: UserSpec, headers: Headers, payload: dict | None, dialect: Dialect,
+             now: float) -> str | None:
+    """The end user an app key's request is for; None if it names none, ValueError if invalid."""
+    if spec.source == "user_field":
+        user = dialect.user_of(payload) if payload is not None else None
+    else:
+        value = headers.get(spec.header or "")
+        if not value:
+            return None
+        if spec.source == "jwt":
+            assert spec.secret is not None
+            claims = verify_jwt(value, spec.secret, now, spec.issuer)
+            user = claims.get("email") or claims.get("sub")
+        else:
+            user = value.strip()
+    if user is None:
+        return None
+    if not isinstance(user, str) or not user.strip() or len(user) > MAX_USER_LENGTH:
+        raise ValueError("unusable user identity")
+    return user.strip()
+
+
+def _users_from_entry(spec: object, config: Config, where: str) -> UserSpec:
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{where}: must be an object")
+    unknown = set(spec) - USERS_FIELDS
+    if unknown:
+        raise ConfigError(f"{where}: unknown setting {sorted(unknown)[0]!r}")
+    source = spec.get("from")
+    if source not in USER_SOURCES:
+        raise ConfigError(f"{where}: 'from' must be one of {', '.join(sorted(USER_SOURCES))}")
+    header = spec.get("header", USER_SOURCES[source])
+    if source != "user_field" and not (isinstance(header, str) and _TOKEN.fullmatch(header)):
+        raise ConfigError(f"{where}: 'header' must name the header that carries the user")
+    secret = None
+    if source == "jwt":
+        variable = spec.get("secret_env")
+        if not isinstance(variable, str) or not variable:
+            raise ConfigError(f"{where}: 'secret_env' must name the environment variable that "
+                              "holds the JWT secret (never the secret itself)")
+        value = os.environ.get(variable, "")
+        if not value:
+            raise ConfigError(f"{where}: the environment variable {variable} is not set")
+        secret = value.encode("utf-8")
+    issuer = spec.get("issuer")
+    required = spec.get("required", True)
+    if issuer is not None and not isinstance(issuer, str) or not isinstance(required, bool):
+        raise ConfigError(f"{where}: 'issuer' must be a string and 'required' true or false")
+    limits = {k: v for k, v in spec.items() if k in POLICY_FIELDS}
+    default = _policy_from_entry(limits, config, where)
+    overrides = spec.get("overrides", {})
+    if not isinstance(overrides, dict) or not all(isinstance(v, dict) for v in overrides.values()):
+        raise ConfigError(f"{where}: 'overrides' must map each user to their settings")
+    by_user = {user_digest(user): _policy_from_entry(dict(limits, **entry), config, f"{where} {user}")
+               for user, entry in overrides.items()}
+    return UserSpec(source, header if source != "user_field" else None, secret,
+                    issuer, required, default, by_user)
 
 
 def _window(window: object, base: dict, where: str) -> BucketSpec:
@@ -640,8 +787,13 @@ class KeyRing:
         return len(self._policies)
 
     def policy_of(self, identity: str) -> Policy:
-        entry = self._policies.get(identity[len("key:"):]) if identity.startswith("key:") else None
-        return entry[1] if entry else self.default
+        """The policy whose buckets ``identity`` has: a key's, or a user's under an app key."""
+        key, _, user = identity.partition("/user:")
+        entry = self._policies.get(key[len("key:"):]) if key.startswith("key:") else None
+        policy = entry[1] if entry else self.default
+        if user and policy.users is not None:
+            return policy.users.policy_for(user)
+        return policy
 
     def reload(self) -> None:
         """Read KEYS_FILE now; raises ConfigError (keeping the old policies) when it is broken."""
@@ -913,6 +1065,10 @@ class Dialect:
             return value
         return None
 
+    def user_of(self, payload: dict) -> object:
+        """The end user a request names in its body (OpenAI's ``user`` field)."""
+        return payload.get("user")
+
     def ask_for_usage(self, payload: dict) -> bool | None:
         """Make a streamed request report its usage; True if the client would not expect it.
 
@@ -1157,6 +1313,10 @@ class AnthropicMessages(Dialect):
         super().validate(payload)
         if not isinstance(payload.get("messages"), list):
             raise ProxyError(400, "'messages' must be a list", param="messages", code="invalid_type")
+
+    def user_of(self, payload: dict) -> object:
+        metadata = payload.get("metadata")
+        return metadata.get("user_id") if isinstance(metadata, dict) else None
 
     def usage_of(self, fields: dict[str, int]) -> Usage | None:
         if "input_tokens" not in fields and "output_tokens" not in fields:
@@ -1759,13 +1919,20 @@ class UpstreamExchange:
 
 
 class Ticket:
-    """One request's place at the gate: queued, then granted, or withdrawn if its client left."""
+    """One request's place at the gate: queued, then granted, or withdrawn if its client left.
 
-    __slots__ = ("identity", "key_limit", "event", "granted", "withdrawn")
+    A user's request under an app key counts against the user's limit and the
+    app's (``group``); the queue takes turns by ``identity``.
+    """
 
-    def __init__(self, identity: str, key_limit: int) -> None:
+    __slots__ = ("identity", "key_limit", "group", "group_limit", "event", "granted", "withdrawn")
+
+    def __init__(self, identity: str, key_limit: int, group: str | None = None,
+                 group_limit: int = 0) -> None:
         self.identity = identity
         self.key_limit = key_limit
+        self.group = group
+        self.group_limit = group_limit
         self.event = threading.Event()
         self.granted = False
         self.withdrawn = False
@@ -1793,7 +1960,7 @@ class FairGate:
         try:
             yield
         finally:
-            self.release(ticket.identity)
+            self.release(ticket)
 
     def acquire(self, ticket: Ticket) -> None:
         """Wait for a slot; ClientGone if the ticket is withdrawn, a 503 after QUEUE_TIMEOUT."""
@@ -1801,7 +1968,7 @@ class FairGate:
         with self._lock:
             if ticket.withdrawn:
                 raise ClientGone()
-            if not self._queues and self._has_room(identity, ticket.key_limit):
+            if not self._queues and self._has_room(ticket):
                 self._grant(ticket)
                 return
             self._queues.setdefault(identity, deque()).append(ticket)
@@ -1835,27 +2002,34 @@ class FairGate:
             if not waiting:
                 del self._queues[ticket.identity]
 
-    def release(self, identity: str) -> None:
+    def release(self, ticket: Ticket) -> None:
         with self._lock:
             self.in_flight -= 1
-            remaining = self._per_key[identity] - 1
-            if remaining:
-                self._per_key[identity] = remaining
-            else:
-                del self._per_key[identity]
+            for identity in (ticket.identity, ticket.group):
+                if identity is None:
+                    continue
+                remaining = self._per_key[identity] - 1
+                if remaining:
+                    self._per_key[identity] = remaining
+                else:
+                    del self._per_key[identity]
             self._dispatch()
 
     @property
     def waiting(self) -> int:
         return sum(len(queue) for queue in self._queues.values())
 
-    def _has_room(self, identity: str, key_limit: int) -> bool:
+    def _has_room(self, ticket: Ticket) -> bool:
+        per_key = self._per_key
         return ((not self.limit or self.in_flight < self.limit)
-                and (not key_limit or self._per_key.get(identity, 0) < key_limit))
+                and (not ticket.key_limit or per_key.get(ticket.identity, 0) < ticket.key_limit)
+                and (not ticket.group_limit or per_key.get(ticket.group or "", 0) < ticket.group_limit))
 
     def _grant(self, ticket: Ticket) -> None:
         self.in_flight += 1
         self._per_key[ticket.identity] = self._per_key.get(ticket.identity, 0) + 1
+        if ticket.group is not None:
+            self._per_key[ticket.group] = self._per_key.get(ticket.group, 0) + 1
         ticket.granted = True
         ticket.event.set()
 
@@ -1863,7 +2037,7 @@ class FairGate:
         """Hand free slots to the first key in turn whose next request may go."""
         while self._queues and (not self.limit or self.in_flight < self.limit):
             for identity, waiting in self._queues.items():
-                if self._has_room(identity, waiting[0].key_limit):
+                if self._has_room(waiting[0]):
                     break
             else:
                 return  # everyone waiting is at their own key's limit
@@ -2057,8 +2231,10 @@ class Call:
     arrived: float                   # wall clock, for the access log's timeline
     dialect: Dialect = OPENAI        # the API spoken: error shapes, limit replies, usage
     label: str = "-"                 # who, for the logs: key name or fingerprint, never the key
-    identity: str = ""               # whose buckets pay
+    identity: str = ""               # whose buckets pay (a user's, under an app key)
     policy: Policy | None = None
+    user: str | None = None          # the end user behind an app key
+    app: tuple[str, Policy] | None = None  # the app key's identity and policy, which pay too
     model: str | None = None
     body_length: int = 0
     body_pending: bool = True        # until read: an unread body forces the connection closed
@@ -2089,6 +2265,28 @@ class Call:
         if usage_mode and served and self.meter is not None:
             used = self.meter.used(self.finished or not self.stream)
         charge.close(served, used)
+
+    def act_for_user(self, user: str) -> None:
+        """From now on the user pays, and the app key above them pays too."""
+        assert self.policy is not None and self.policy.users is not None
+        digest = user_digest(user)
+        self.app = (self.identity, self.policy)
+        self.user = user
+        self.identity = f"{self.identity}/user:{digest}"
+        self.policy = self.policy.users.policy_for(digest)
+
+    @property
+    def payers(self) -> tuple[tuple[str, Sequence[BucketSpec]], ...]:
+        assert self.policy is not None
+        mine = (self.identity, self.policy.buckets)
+        return (mine,) if self.app is None else (mine, (self.app[0], self.app[1].buckets))
+
+    def ticket(self) -> Ticket:
+        """A place in the fair queue: round-robin by user under an app key, else by key."""
+        assert self.policy is not None
+        if self.app is None:
+            return Ticket(self.identity, self.policy.max_concurrent)
+        return Ticket(self.identity, self.policy.max_concurrent, self.app[0], self.app[1].max_concurrent)
 
     def upstream_body(self, body: bytes, payload: dict, stream: bool, prompt: int,
                       config: Config) -> bytes:
@@ -2139,14 +2337,16 @@ class Call:
         elapsed = (time.monotonic() - self.started) * 1000
         now = time.time()
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)) + f",{int(now % 1 * 1000):03d}"
-        line = (f"{stamp} INFO {ip} {self.label} {method} {path} {self.status} {outcome} "
+        who = self.label if self.user is None else f"{self.label}/{self.user}"
+        line = (f"{stamp} INFO {ip} {who} {method} {path} {self.status} {outcome} "
                 f"{elapsed:.1f}ms charged={charged} settled={settled}\n")
         if not with_record:
             return line, ""
         arrived = self.arrived
         record = json.dumps({
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(arrived))
-            + f".{int(arrived % 1 * 1000):03d}Z", "key": self.label, "ip": ip, "method": method,
+            + f".{int(arrived % 1 * 1000):03d}Z", "key": self.label, "user": self.user,
+            "ip": ip, "method": method,
             "path": path, "model": self.model, "status": self.status, "stream": self.stream,
             "tokens_charged": charged, "tokens_settled": settled, "duration_ms": round(elapsed, 1),
             "upstream_ms": None if self.upstream_ms is None else round(self.upstream_ms, 1),
@@ -2227,7 +2427,7 @@ class Relay:
             headers["Content-Length"] = str(len(body))
         path = target.upstream_path(server.upstream.target.base_path)
         exchange = UpstreamExchange(server.upstream)
-        ticket = Ticket(call.identity, call.policy.max_concurrent)
+        ticket = call.ticket()
         client.unwatch = server.watcher.watch(client.connection,
                                               lambda: self.client_left(ticket, exchange))
         try:
@@ -2433,9 +2633,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 raise ProxyError(405, f"{target.path} takes POST", code="method_not_allowed")
             self.handle_metered(dialect, target)
         elif path == "/v1/quota" and method in ("GET", "HEAD"):
-            policy = self.call.policy
-            self.send_json(200, policy.quota(self.server.buckets.snapshot(self.call.identity,
-                                                                          policy.buckets)))
+            self.send_json(200, self.quota(target))
         elif path in ("/v1/models", "/api/tags") and method in ("GET", "HEAD"):
             self.handle_models(target, ollama=path == "/api/tags")
         elif path.startswith("/api/"):
@@ -2593,10 +2791,12 @@ class ProxyHandler(BaseHTTPRequestHandler):
             dialect.validate(payload)
             call.model = config.upstream_model or payload.get("model") or ""
             call.policy.require(call.model)
-        policy = call.policy
-        capacity = min(spec.capacity for spec in policy.buckets)
+        if self.identify_user(payload, required=True) and payload is not None:
+            call.policy.require(call.model)
+        payers = call.payers
+        capacity = min(spec.capacity for _, specs in payers for spec in specs)
         cost, prompt = request_cost(dialect, payload or {}, config, capacity)
-        admission = self.server.buckets.charge(call.identity, policy.buckets, cost)
+        admission = self.server.buckets.charge_all(payers, cost)
         stream = payload is not None and dialect.is_stream(payload)
         if not admission.allowed:
             call.limited, call.stream = True, stream
@@ -2606,11 +2806,45 @@ class ProxyHandler(BaseHTTPRequestHandler):
             return
         if payload is not None:
             body = call.upstream_body(body, payload, stream, prompt, config)
-        call.charge = Charge(self.server.buckets, call.identity, policy.buckets, admission)
+        call.charge = Charge(self.server.buckets, payers, admission)
         try:
             self.forward(target, body, inspect=None if payload is None else call.check_reply)
         finally:
             call.close_charge(config.cost_mode == "usage")
+
+    def identify_user(self, payload: dict | None, required: bool) -> bool:
+        """Under an app key, find the end user, who then pays alongside the app; True if found.
+
+        Keys without ``users`` never split: the same headers or fields change nothing.
+        """
+        call = self.call
+        users = call.policy.users
+        if users is None:
+            return False
+        try:
+            user = end_user(users, self.headers, payload, call.dialect, self.server.wall_clock())
+            reason = "none was sent"
+        except ValueError as error:
+            user, reason = None, str(error)
+        if user is None:
+            if required and users.required:
+                raise ProxyError(401, f"This key needs the end user's identity: {reason}.",
+                                 "authentication_error", "invalid_user")
+            return False
+        call.act_for_user(user)
+        return True
+
+    def quota(self, target: Target) -> dict:
+        """The caller's standing; an app key with a user's identity sees that user's."""
+        call, buckets = self.call, self.server.buckets
+        named = urllib.parse.parse_qs(target.query).get("user")
+        self.identify_user({"user": named[0]} if named else None, required=False)
+        quota = call.policy.quota(buckets.snapshot(call.identity, call.policy.buckets))
+        if call.app is not None:
+            app_identity, app = call.app
+            quota.update(user=call.user, app={"name": app.name or None,
+                                              "buckets": buckets.snapshot(app_identity, app.buckets)})
+        return quota
 
     def forward(self, target: Target, body: bytes,
                 inspect: Callable[[bytes], bytes] | None = None) -> None:

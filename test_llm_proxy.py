@@ -1504,7 +1504,7 @@ class AccessLogTests(ProxyTestCase):
         self.assertEqual((first["ip"], first["method"], first["path"], first["model"]),
                          ("127.0.0.1", "POST", "/v1/chat/completions", "client-model"))
         self.assertIsInstance(first["upstream_ms"], float)
-        self.assertEqual(set(first), {"time", "key", "ip", "method", "path", "model", "status",
+        self.assertEqual(set(first), {"time", "key", "user", "ip", "method", "path", "model", "status",
                                       "stream", "tokens_charged", "tokens_settled", "duration_ms",
                                       "upstream_ms", "outcome"})
         for secret in (CLIENT_KEY, OTHER_KEY, UPSTREAM_KEY, "my secret prompt"):
