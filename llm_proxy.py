@@ -1245,7 +1245,8 @@ class Responses(Dialect):
                 "store": False, "temperature": None, "text": {"format": {"type": "text"}},
                 "tool_choice": "auto", "tools": [], "top_p": None, "truncation": "disabled",
                 "usage": None if usage is None else {
-                    "input_tokens": usage.prompt, "input_tokens_details": {"cached_tokens": 0},
+                    "input_tokens": usage.prompt,
+                    "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
                     "output_tokens": usage.completion,
                     "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": usage.total},
                 "user": None, "metadata": {}}
@@ -1606,7 +1607,7 @@ HOP_BY_HOP = frozenset({
 # a cookie or second key meant for the proxy is none of the upstream's business.
 CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key", "proxy-authorization", "cookie")
 KEY_HEADERS = CREDENTIAL_HEADERS[:3]  # those that carry an API key, in order of preference
-NOT_FORWARDED_UPSTREAM = HOP_BY_HOP | set(CREDENTIAL_HEADERS) | {
+NOT_FORWARDED_UPSTREAM = HOP_BY_HOP | frozenset(CREDENTIAL_HEADERS) | {
     "host", "content-length", "expect", "accept-encoding"}
 # The upstream's Server header would tell callers what software and version the
 # model server runs (nginx drops it too); the proxy names itself instead.
@@ -2275,6 +2276,14 @@ class Call:
         self.identity = f"{self.identity}/user:{digest}"
         self.policy = self.policy.users.policy_for(digest)
 
+    def not_forwarded(self) -> frozenset:
+        """Request headers kept from the upstream; an app's signed user token is one of them."""
+        users = self.app[1].users if self.app is not None else (
+            self.policy.users if self.policy is not None else None)
+        if users is None or users.source != "jwt" or users.header is None:
+            return NOT_FORWARDED_UPSTREAM
+        return NOT_FORWARDED_UPSTREAM | {users.header.lower()}
+
     @property
     def payers(self) -> tuple[tuple[str, Sequence[BucketSpec]], ...]:
         assert self.policy is not None
@@ -2420,7 +2429,7 @@ class Relay:
         waiting is taken out of the queue and its request never sent.
         """
         server, call, client = self.server, self.call, self.client
-        headers = dict(copied_headers(client.headers.items(), NOT_FORWARDED_UPSTREAM))
+        headers = dict(copied_headers(client.headers.items(), call.not_forwarded()))
         if server.config.upstream_key:
             headers["Authorization"] = "Bearer " + server.config.upstream_key
         if body or client.command in ("POST", "PUT", "PATCH"):
