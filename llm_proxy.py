@@ -879,16 +879,21 @@ class Meter:
     """What one answer used, as far as the proxy can tell, read on its way through.
 
     The dialect reads each streamed event (or the whole non-streamed answer);
-    the meter keeps the usage the upstream reported and the characters of text
-    relayed, which are all a stream cut short leaves to go by.
+    the meter keeps the usage the upstream reported (for the owner's history, and
+    to settle in usage mode) and, in usage mode, the characters of text relayed,
+    which are all a stream cut short leaves to settle by.  Outside usage mode it
+    reads only the events that can carry usage, so a stream costs no parsing.
     """
 
-    __slots__ = ("dialect", "prompt_estimate", "hide_usage", "usage_fields", "characters")
+    __slots__ = ("dialect", "prompt_estimate", "hide_usage", "counts_text", "usage_fields",
+                 "characters")
 
-    def __init__(self, dialect: Dialect, prompt_estimate: int, hide_usage: bool = False) -> None:
+    def __init__(self, dialect: Dialect, prompt_estimate: int, hide_usage: bool = False,
+                 counts_text: bool = True) -> None:
         self.dialect = dialect
         self.prompt_estimate = prompt_estimate
         self.hide_usage = hide_usage   # the proxy asked for a usage event the client did not
+        self.counts_text = counts_text
         self.usage_fields: dict[str, int] = {}
         self.characters = 0
 
@@ -913,10 +918,17 @@ class Meter:
             return usage.total
         return None if finished else self.prompt_estimate + math.ceil(self.characters / 4)
 
-    def filter(self, frames: list[bytes], framing: Framing) -> bytes:
+    def filter(self, data: bytes, framing: Framing) -> bytes:
         """Observe complete frames; return those the client should see."""
+        if not self.counts_text:
+            if self.dialect.usage_marker in data:
+                for frame in framing.split(data):
+                    event = framing.json_of(frame)
+                    if isinstance(event, dict):
+                        self.dialect.observe(event, self)
+            return data
         kept = []
-        for frame in frames:
+        for frame in framing.split(data):
             event = framing.json_of(frame)
             if not isinstance(event, dict) or self.dialect.observe(event, self):
                 kept.append(frame)
@@ -1034,6 +1046,7 @@ class Dialect:
     stream_default = False
     allowance_fields: tuple[str, ...] = ()
     framing: Framing = SSE
+    usage_marker = b'"usage"'         # bytes every event that reports usage contains
     flat_rate = False               # charged REQUEST_TOKEN_COST whatever the cost mode
     usage_must_be_asked = False     # a stream reports usage only when asked to
     answers_with_text = True        # False: an empty bucket is a 429, not an assistant reply
@@ -1376,6 +1389,7 @@ class OllamaChat(Dialect):
     upstream_root = True
     stream_default = True
     framing = NDJSON
+    usage_marker = b'"eval_count"'
 
     def validate(self, payload: dict) -> None:
         super().validate(payload)
@@ -2301,17 +2315,17 @@ class Call:
                       config: Config) -> bytes:
         """The body to forward: the client's own bytes unless something had to change.
 
-        ``BASE_MODEL`` replaces the model; in usage mode a meter is attached, and a
+        ``BASE_MODEL`` replaces the model; a meter is attached, and in usage mode a
         stream that reports usage only when asked is asked (the client not told).
         """
         changed = False
         if config.upstream_model and payload.get("model") != config.upstream_model:
             payload["model"] = config.upstream_model
             changed = True
-        if config.cost_mode == "usage":
-            hide = self.dialect.ask_for_usage(payload) if stream else None
-            self.meter = Meter(self.dialect, prompt, hide_usage=bool(hide))
-            changed = changed or hide is True
+        usage_mode = config.cost_mode == "usage"
+        hide = self.dialect.ask_for_usage(payload) if stream and usage_mode else None
+        self.meter = Meter(self.dialect, prompt, hide_usage=bool(hide), counts_text=usage_mode)
+        changed = changed or hide is True
         return json_bytes(payload) if changed else body
 
     def check_reply(self, data: bytes) -> bytes:
@@ -2522,7 +2536,7 @@ class Relay:
                 else:  # not events, or one too large to hold: pass on what there is
                     data, pending, whole_events = pending + data, b"", False
                 if meter is not None and whole_events:
-                    data = meter.filter(framing.split(data), framing)  # type: ignore[union-attr]
+                    data = meter.filter(data, framing)  # type: ignore[arg-type]
                     if not data:
                         continue
                 client.write_chunk(data)
