@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import base64
+import bisect
+import copy
 import hashlib
 import hmac
 import http.client
@@ -164,6 +166,8 @@ SETTINGS: tuple[Setting, ...] = (
             "file where bucket levels survive restarts (saved every STATE_SAVE_SECONDS and at exit)"),
     Setting(("STATE_SAVE_SECONDS",), "state_save_interval", "seconds between state saves", _seconds),
     Setting(("ACCESS_LOG",), "access_log", "file that gets one JSON line per request (never prompts)"),
+    Setting(("ADMIN_KEY",), "admin_key",
+            "turns on /admin (dashboard), /admin/api/usage and /metrics, which need it as a Bearer key"),
     Setting(("OPEN_TIMEOUT",), "open_timeout", "seconds to connect to the upstream", _seconds),
     Setting(("READ_TIMEOUT",), "read_timeout", "seconds to wait on the upstream", _seconds),
     Setting(("MAX_BODY_BYTES",), "max_body_bytes", "largest request body accepted", _positive),
@@ -198,6 +202,7 @@ class Config:
     state_file: str | None = None
     state_save_interval: float = 5.0
     access_log: str | None = None
+    admin_key: str | None = None
     open_timeout: float = 10.0
     read_timeout: float = 120.0
     max_body_bytes: int = 10 * 1024 * 1024
@@ -375,12 +380,24 @@ class BucketStore:
     def snapshot(self, identity: str, specs: Sequence[BucketSpec]) -> list[dict]:
         """Each bucket's level and timing, for the quota endpoint; charges nothing."""
         with self._lock:
-            now = self.clock()
-            return [{"name": spec.name, "capacity": spec.capacity, "tokens": bucket.tokens,
-                     "refill_tokens": spec.refill_tokens, "refill_interval_seconds": spec.interval,
-                     "seconds_to_next_refill": round(bucket.step_at + spec.interval - now, 3),
-                     "seconds_to_full": round(bucket.seconds_until(spec, spec.capacity, now), 3)}
-                    for bucket, spec in zip(self._current(identity, specs, now), specs)]
+            return self._snapshot(identity, specs)
+
+    def _snapshot(self, identity: str, specs: Sequence[BucketSpec]) -> list[dict]:
+        now = self.clock()
+        return [{"name": spec.name, "capacity": spec.capacity, "tokens": bucket.tokens,
+                 "refill_tokens": spec.refill_tokens, "refill_interval_seconds": spec.interval,
+                 "seconds_to_next_refill": round(bucket.step_at + spec.interval - now, 3),
+                 "seconds_to_full": round(bucket.seconds_until(spec, spec.capacity, now), 3)}
+                for bucket, spec in zip(self._current(identity, specs, now), specs)]
+
+    def peek(self, identity: str, specs: Sequence[BucketSpec]) -> list[dict]:
+        """Like ``snapshot``, but a caller without buckets is shown full and nothing is stored."""
+        with self._lock:
+            if identity in self._buckets:
+                return self._snapshot(identity, specs)
+        return [{"name": spec.name, "capacity": spec.capacity, "tokens": spec.capacity,
+                 "refill_tokens": spec.refill_tokens, "refill_interval_seconds": spec.interval,
+                 "seconds_to_next_refill": 0.0, "seconds_to_full": 0.0} for spec in specs]
 
     def prune(self, specs_of: Callable[[str], Sequence[BucketSpec]], batch: int = 2000) -> int:
         """Forget buckets that are full again; the lock is taken per batch, not for the sweep."""
@@ -501,6 +518,8 @@ class Policy:
     models: tuple[str, ...] | None = None  # None: every model
     max_concurrent: int = 0               # 0: no per-key limit
     users: UserSpec | None = None         # an app key: each end user gets buckets of their own
+    enabled: bool = True
+    expires: str | None = None            # YYYY-MM-DD: the last local day the key works
 
     def allows(self, model: str) -> bool:
         return self.models is None or model in self.models
@@ -785,6 +804,10 @@ class KeyRing:
     @property
     def key_count(self) -> int:
         return len(self._policies)
+
+    def entries(self) -> list[tuple[str, Policy]]:
+        """Every accepted key's digest and policy, for the owner's view (never the key)."""
+        return [(digest, entry[1]) for digest, entry in self._policies.items()]
 
     def policy_of(self, identity: str) -> Policy:
         """The policy whose buckets ``identity`` has: a key's, or a user's under an app key."""
@@ -1737,6 +1760,12 @@ def bearer_token(authorization: str | None) -> str | None:
     return token if scheme.lower() == "bearer" and token else None
 
 
+def same_secret(presented: str, secret: str) -> bool:
+    """Compare in constant time; hashing first makes the time independent of the lengths too."""
+    return hmac.compare_digest(hashlib.sha256(presented.encode("utf-8", "surrogateescape")).digest(),
+                               hashlib.sha256(secret.encode("utf-8", "surrogateescape")).digest())
+
+
 def presented_key(headers: Headers) -> str | None:
     """The API key a client sent: ``Authorization: Bearer``, else ``x-api-key`` or ``api-key``.
 
@@ -2034,6 +2063,13 @@ class FairGate:
     def waiting(self) -> int:
         return sum(len(queue) for queue in self._queues.values())
 
+    def counts(self, identity: str) -> tuple[int, int]:
+        """Requests of ``identity`` in flight and waiting (a user's, or all of an app's)."""
+        with self._lock:
+            waiting = sum(1 for queue in self._queues.values() for ticket in queue
+                          if identity in (ticket.identity, ticket.group))
+            return self._per_key.get(identity, 0), waiting
+
     def _has_room(self, ticket: Ticket) -> bool:
         per_key = self._per_key
         return ((not self.limit or self.in_flight < self.limit)
@@ -2262,6 +2298,8 @@ class Call:
     finished: bool = False           # ... all of it
     upstream_reached: bool = False   # the request was sent: the upstream may be working on it
     upstream_ms: float | None = None
+    first_byte: float | None = None  # monotonic, when the answer's head went out
+    endpoint: str = "other"          # for the metrics: the API, or what kind of free call
     gone: threading.Event = field(default_factory=threading.Event)
 
     def close_charge(self, usage_mode: bool) -> None:
@@ -2459,11 +2497,15 @@ class Relay:
                 try:
                     response = exchange.send(client.command, path, headers, body or None)
                     call.upstream_ms = (time.monotonic() - started) * 1000
+                    server.upstream_state.answered()
                     exchange.completed = self.relay(response, inspect)
                 except (OSError, http.client.HTTPException) as error:
                     if call.gone.is_set():
                         raise ClientGone() from None
-                    raise upstream_failure(error) from None
+                    failure = upstream_failure(error)
+                    if not exchange.sent or call.upstream_ms is None:
+                        server.upstream_state.failed(failure)
+                    raise failure from None
         finally:
             client.unwatch()
             call.upstream_reached = exchange.sent
@@ -2576,6 +2618,8 @@ PREFLIGHT_HEADERS = [
 ]
 SERVER_HEADER = f"Server: llm_proxy/{__version__}"  # on every answer; the upstream's is dropped
 ROOT_REPLY = {"name": "llm_proxy", "version": __version__, "health": "/health"}
+ADMIN_PATHS = ("/admin", "/admin/api/usage", "/metrics")
+METRICS_TYPE = ("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
 
 
 class ProxyHandler(BaseHTTPRequestHandler):
@@ -2644,6 +2688,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if path in ("/", "/health"):
             self.send_json(200, ROOT_REPLY if path == "/" else {"status": "ok"})
             return
+        if path in ADMIN_PATHS:
+            self.handle_admin(path)
+            return
         self.call.dialect = dialect_of(path)
         if not (target.is_api or path.startswith("/api/")):
             raise ProxyError(404, f"Unknown path {target.path}; the API lives under /v1",
@@ -2656,8 +2703,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 raise ProxyError(405, f"{target.path} takes POST", code="method_not_allowed")
             self.handle_metered(dialect, target)
         elif path == "/v1/quota" and method in ("GET", "HEAD"):
+            self.call.endpoint = "quota"
             self.send_json(200, self.quota(target))
         elif path in ("/v1/models", "/api/tags") and method in ("GET", "HEAD"):
+            self.call.endpoint = "models"
             self.handle_models(target, ollama=path == "/api/tags")
         elif path.startswith("/api/"):
             self.handle_ollama_other(target, path)
@@ -2665,6 +2714,25 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.forward_free(target)
         else:  # any other call under /v1 that may make the model work: a flat cost
             self.handle_metered(OPENAI, target)
+
+    def handle_admin(self, path: str) -> None:
+        """The owner's routes: they exist only with ADMIN_KEY, and no client key opens them."""
+        admin_key = self.server.config.admin_key
+        if not admin_key:
+            raise ProxyError(404, f"Unknown path {path}", code="not_found")
+        if self.command not in ("GET", "HEAD"):
+            raise ProxyError(405, f"{path} takes GET", code="method_not_allowed")
+        if path == "/admin":  # the page holds no data: it asks for the key, then calls the API
+            self.send_bytes(200, DASHBOARD_HEADERS, DASHBOARD_HTML)
+            return
+        token = bearer_token(self.headers.get("Authorization"))
+        if token is None or not same_secret(token, admin_key):
+            raise ProxyError(401, "This needs the admin key.", "authentication_error",
+                             "invalid_admin_key")
+        if path == "/metrics":
+            self.send_bytes(200, [METRICS_TYPE], self.server.admin.metrics_text().encode("utf-8"))
+        else:
+            self.send_json(200, self.server.admin.usage_report())
 
     def handle_ollama_other(self, target: Target, path: str) -> None:
         """Ollama's free routes are forwarded; managing the owner's models is never allowed."""
@@ -2750,8 +2818,14 @@ class ProxyHandler(BaseHTTPRequestHandler):
                                  if lengths else 0)
 
     def authenticate(self) -> None:
-        """Find whose buckets pay for this request, or raise 401."""
-        found = self.server.keyring.identify(presented_key(self.headers), self.client_address[0])
+        """Find whose buckets pay for this request, or raise 401.
+
+        The admin key is not a client key, not even in open mode.
+        """
+        token = presented_key(self.headers)
+        admin_key = self.server.config.admin_key
+        is_admin = bool(admin_key and token is not None and same_secret(token, admin_key))
+        found = None if is_admin else self.server.keyring.identify(token, self.client_address[0])
         if found is None:
             raise ProxyError(401, "Missing or invalid proxy API key", "authentication_error",
                              "invalid_api_key")
@@ -2805,7 +2879,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def handle_metered(self, dialect: Dialect, target: Target) -> None:
         """Charge before forwarding; a limit reply when the buckets cannot pay."""
         call, config = self.call, self.server.config
-        call.dialect = dialect
+        call.dialect, call.endpoint = dialect, dialect.name
         body = self.read_body()
         payload = json_object(body) if not dialect.flat_rate else None
         if payload is None:  # a flat-rate call: forwarded as sent, its model still checked
@@ -2879,6 +2953,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
                       reason: str | None = None) -> list[str]:
         call = self.call
         call.status = status
+        if call.first_byte is None:
+            call.first_byte = time.monotonic()
         if call.body_pending and call.body_length:
             self.close_connection = True  # an unread body would be taken for the next request
         if reason is None or not _FIELD_VALUE.fullmatch(reason):  # an upstream's could carry a CR
@@ -2954,6 +3030,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.server.console.write(line)
         if access_log is not None:
             access_log.write(record)
+        self.server.admin.record(self.call)
 
 
 def _nothing() -> None:
@@ -2972,6 +3049,473 @@ def visible_models(data: bytes, policy: Policy, ollama: bool) -> bytes:
     except (ValueError, RecursionError, TypeError, KeyError, AttributeError):
         return json_bytes(ollama_tags([]) if ollama else model_list([]))
     return json_bytes(listing)
+
+
+# --------------------------------------------------------------------------
+# The owner's view: usage history, metrics, the admin API
+# --------------------------------------------------------------------------
+
+USAGE_FIELDS = ("requests", "served", "limited", "rejected", "error", "prompt_tokens",
+                "completion_tokens", "tokens_charged")
+OTHER = "_other"  # where identities without a name, or beyond the cap, are counted together
+
+
+class Ledger:
+    """One caller's history: counts per local day (the last ``keep_days``) and in all."""
+
+    __slots__ = ("key", "user", "days", "total", "last_seen")
+
+    def __init__(self, key: str, user: str | None) -> None:
+        self.key = key
+        self.user = user
+        self.days: dict[str, list[int]] = {}
+        self.total = [0] * len(USAGE_FIELDS)
+        self.last_seen: float | None = None
+
+    def add(self, day: str, counts: Sequence[int], keep_days: int) -> None:
+        today = self.days.get(day)
+        if today is None:
+            today = self.days[day] = [0] * len(USAGE_FIELDS)
+            if len(self.days) > keep_days:  # dates sort as text: drop the oldest
+                for old in sorted(self.days)[:len(self.days) - keep_days]:
+                    del self.days[old]
+        for index, count in enumerate(counts):
+            today[index] += count
+            self.total[index] += count
+
+    def summary(self, today: str, days: Sequence[str]) -> dict:
+        """Usage today, over the last 7 and 30 days and in all, and the daily series."""
+        def over(span: Sequence[str]) -> dict:
+            sums = [0] * len(USAGE_FIELDS)
+            for day in span:
+                for index, count in enumerate(self.days.get(day, ())):
+                    sums[index] += count
+            return dict(zip(USAGE_FIELDS, sums))
+        served, charged = USAGE_FIELDS.index("served"), USAGE_FIELDS.index("tokens_charged")
+        return {"usage": {"today": over([today]), "last_7_days": over(days[-7:]),
+                          "last_30_days": over(days), "all_time": dict(zip(USAGE_FIELDS, self.total))},
+                "daily": [{"date": day, "served": self.days.get(day, [0] * len(USAGE_FIELDS))[served],
+                           "tokens_charged": self.days.get(day, [0] * len(USAGE_FIELDS))[charged]} for day in days],
+                "last_seen": _iso_time(self.last_seen) if self.last_seen else None}
+
+
+class UsageBook:
+    """Who used what, per identity: kept in STATE_FILE, bounded in memory.
+
+    Identities are the buckets' (a key's digest, or a user's under an app key);
+    past ``max_ledgers`` new ones are counted together under ``_other``.
+    """
+
+    def __init__(self, keep_days: int = 90, max_ledgers: int = 10_000) -> None:
+        self.keep_days = keep_days
+        self.max_ledgers = max_ledgers
+        self._ledgers: dict[str, Ledger] = {}
+        self._lock = threading.Lock()
+
+    def record(self, identity: str, key: str, user: str | None, day: str, now: float,
+               counts: Sequence[int]) -> None:
+        with self._lock:
+            ledger = self._ledgers.get(identity)
+            if ledger is None:
+                if len(self._ledgers) >= self.max_ledgers:
+                    identity, key, user = OTHER, OTHER, None
+                    ledger = self._ledgers.get(OTHER)
+                if ledger is None:
+                    ledger = self._ledgers[identity] = Ledger(key, user)
+            ledger.key, ledger.user = key, user  # a key renamed in the file is shown renamed
+            ledger.add(day, counts, self.keep_days)
+            ledger.last_seen = now
+
+    def get(self, identity: str) -> Ledger | None:
+        return self._ledgers.get(identity)
+
+    def items(self) -> list[tuple[str, Ledger]]:
+        with self._lock:
+            return list(self._ledgers.items())
+
+    def dump(self) -> dict:
+        with self._lock:
+            return {identity: {"key": l.key, "user": l.user, "days": l.days, "total": l.total,
+                               "last_seen": l.last_seen} for identity, l in self._ledgers.items()}
+
+    def load(self, saved: dict) -> None:
+        restored = {}
+        for identity, entry in saved.items():
+            ledger = Ledger(str(entry["key"]), entry.get("user"))
+            ledger.days = {str(day): [int(c) for c in counts][:len(USAGE_FIELDS)]
+                           for day, counts in entry["days"].items()}
+            ledger.total = [int(c) for c in entry["total"]][:len(USAGE_FIELDS)]
+            seen = entry.get("last_seen")
+            ledger.last_seen = float(seen) if seen is not None else None
+            restored[str(identity)] = ledger
+        with self._lock:
+            self._ledgers.update(restored)
+
+
+def _iso_time(wall: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(wall)) + f".{int(wall % 1 * 1000):03d}Z"
+
+
+def local_day(wall: float) -> str:
+    """The calendar day in the proxy's local time zone (TZ), as YYYY-MM-DD."""
+    return time.strftime("%Y-%m-%d", time.localtime(wall))
+
+
+def last_days(wall: float, count: int) -> list[str]:
+    """The last ``count`` local days up to today's, oldest first."""
+    noon = time.mktime(time.localtime(wall)[:3] + (12, 0, 0, 0, 0, -1))
+    return [local_day(noon - 86400 * back) for back in range(count - 1, -1, -1)]
+
+
+class Histogram:
+    """A Prometheus histogram: cumulative counts per upper bound, a sum and a count."""
+
+    BOUNDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(self.BOUNDS) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.BOUNDS, value)] += 1
+        self.sum += value
+
+
+class Metrics:
+    """Counters for Prometheus, labelled by key name (never a key), user and endpoint."""
+
+    def __init__(self, max_series: int = 20_000) -> None:
+        self.max_series = max_series
+        self.requests: dict[tuple[str, str | None, str, str], int] = {}
+        self.tokens: dict[tuple[str, str | None, str], int] = {}
+        self.duration = Histogram()
+        self.first_byte = Histogram()
+        self._lock = threading.Lock()
+
+    def record(self, key: str, user: str | None, endpoint: str, outcome: str, prompt: int,
+               completion: int, charged: int, duration: float, first_byte: float | None) -> None:
+        with self._lock:
+            if len(self.requests) >= self.max_series and (key, user, endpoint, outcome) not in self.requests:
+                key, user = OTHER, None
+            series = (key, user, endpoint, outcome)
+            self.requests[series] = self.requests.get(series, 0) + 1
+            for kind, count in (("prompt", prompt), ("completion", completion), ("charged", charged)):
+                if count:
+                    self.tokens[(key, user, kind)] = self.tokens.get((key, user, kind), 0) + count
+            self.duration.observe(duration)
+            if first_byte is not None:
+                self.first_byte.observe(first_byte)
+
+
+def _label_value(value: str) -> str:
+    """A label value escaped as the text exposition format requires: backslash, quote, newline."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _labels(pairs: Sequence[tuple[str, str | None]]) -> str:
+    shown = [f'{name}="{_label_value(value)}"' for name, value in pairs if value is not None]
+    return "{" + ",".join(shown) + "}" if shown else ""
+
+
+def _family(name: str, kind: str, help_text: str, samples: Iterator[tuple[str, float]]) -> list[str]:
+    lines = [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+    lines.extend(f"{name}{labels} {_number(value)}" for labels, value in samples)
+    return lines
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+def _histogram(name: str, help_text: str, histogram: Histogram) -> list[str]:
+    lines = [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
+    cumulative = 0
+    for bound, count in zip(Histogram.BOUNDS + (math.inf,), histogram.counts):
+        cumulative += count
+        shown = "+Inf" if bound == math.inf else repr(bound)
+        lines.append(f'{name}_bucket{{le="{shown}"}} {cumulative}')
+    lines.append(f"{name}_sum {_number(histogram.sum)}")
+    lines.append(f"{name}_count {cumulative}")
+    return lines
+
+
+class AdminView:
+    """What the owner sees: the usage report (JSON) and the metrics (Prometheus text)."""
+
+    def __init__(self, server: ProxyServer) -> None:
+        self.server = server
+
+    def record(self, call: Call) -> None:
+        """Count one finished request in the history and the metrics."""
+        server = self.server
+        if not call.identity:  # refused before anyone was identified: nobody to count it for
+            return
+        usage = call.meter.reported if call.meter is not None else None
+        prompt, completion = (usage.prompt, usage.completion) if usage is not None else (0, 0)
+        charge = call.charge
+        charged = charge.paid if charge is not None else 0
+        outcome = call.outcome
+        counts = [1, outcome == "served", outcome == "limited", outcome == "rejected",
+                  outcome == "error", prompt, completion, charged]
+        now = server.wall_clock()
+        key = call.app[1] if call.app is not None else call.policy
+        named = key is not None and bool(key.name)
+        server.usage.record(call.identity, call.label, call.user, local_day(now), now,
+                            [int(count) for count in counts])
+        elapsed = time.monotonic() - call.started
+        first_byte = call.first_byte - call.started if call.first_byte is not None else None
+        server.metrics.record(call.label if named else OTHER, call.user if named else None,
+                              call.endpoint, outcome, prompt, completion, charged, elapsed, first_byte)
+
+    # -- the usage report ------------------------------------------------------
+
+    def usage_report(self) -> dict:
+        server = self.server
+        now = server.wall_clock()
+        today, days = local_day(now), last_days(now, 30)
+        keys = []
+        listed = set()
+        for digest, policy in server.keyring.entries():
+            identity = "key:" + digest
+            listed.add(identity)
+            keys.append(self.caller(identity, policy.name or digest[:12], policy, today, days))
+        for identity, ledger in server.usage.items():  # callers no longer (or never) in the file
+            if identity not in listed and "/user:" not in identity:
+                keys.append(self.caller(identity, ledger.key, server.keyring.policy_of(identity),
+                                        today, days))
+        upstream = server.upstream_state
+        return {"now": _iso_time(now),
+                "upstream": {"url": server.upstream.target.display, "up": upstream.up,
+                             "last_error": upstream.last_error},
+                "in_flight": server.gate.in_flight, "queued": server.gate.waiting, "keys": keys}
+
+    def caller(self, identity: str, name: str, policy: Policy, today: str, days: list[str],
+               with_users: bool = True) -> dict:
+        server = self.server
+        in_flight, queued = server.gate.counts(identity)
+        ledger = server.usage.get(identity) or Ledger(name, None)
+        entry = {"name": name, "enabled": policy.enabled, "expires": policy.expires,
+                 "models": None if policy.models is None else list(policy.models),
+                 "max_concurrent": policy.max_concurrent or None, "in_flight": in_flight,
+                 "queued": queued, "buckets": server.buckets.peek(identity, policy.buckets)}
+        entry.update(ledger.summary(today, days))
+        if with_users and policy.users is not None:
+            prefix = identity + "/user:"
+            entry["users"] = [
+                self.caller(user_id, ledger.user or "?", policy.users.policy_for(user_id[len(prefix):]),
+                            today, days, with_users=False)
+                for user_id, ledger in server.usage.items() if user_id.startswith(prefix)]
+        return entry
+
+    # -- Prometheus ------------------------------------------------------------
+
+    def metrics_text(self) -> str:
+        server, metrics = self.server, self.server.metrics
+        with metrics._lock:
+            requests = sorted(metrics.requests.items(), key=str)
+            tokens = sorted(metrics.tokens.items(), key=str)
+            duration, first_byte = copy.deepcopy(metrics.duration), copy.deepcopy(metrics.first_byte)
+        lines = _family("llm_proxy_requests_total", "counter", "Requests by key, endpoint and outcome.",
+                        ((_labels((("key", k), ("user", u), ("endpoint", e), ("outcome", o))), n)
+                         for (k, u, e, o), n in requests))
+        lines += _family("llm_proxy_tokens_total", "counter",
+                         "Tokens by key: prompt and completion as the upstream reported, charged after settling.",
+                         ((_labels((("key", k), ("user", u), ("type", t))), n) for (k, u, t), n in tokens))
+        lines += _family("llm_proxy_bucket_tokens", "gauge", "Tokens left in each named key's windows.",
+                         self.bucket_samples())
+        lines += _family("llm_proxy_in_flight", "gauge", "Requests at the upstream now.",
+                         iter([("", server.gate.in_flight)]))
+        lines += _family("llm_proxy_queued", "gauge", "Requests waiting for an upstream slot.",
+                         iter([("", server.gate.waiting)]))
+        lines += _family("llm_proxy_upstream_up", "gauge",
+                         "1 if the last exchange with the upstream worked, 0 if it failed.",
+                         iter([("", 0 if server.upstream_state.up is False else 1)]))
+        lines += _histogram("llm_proxy_request_duration_seconds",
+                            "From a request's arrival to its last byte sent.", duration)
+        lines += _histogram("llm_proxy_time_to_first_byte_seconds",
+                            "From a request's arrival to the first byte of its answer.", first_byte)
+        return "\n".join(lines) + "\n"
+
+    def bucket_samples(self) -> Iterator[tuple[str, float]]:
+        server = self.server
+        for digest, policy in server.keyring.entries():
+            if not policy.name:
+                continue
+            identity = "key:" + digest
+            for index, level in enumerate(server.buckets.peek(identity, policy.buckets)):
+                yield _labels((("key", policy.name), ("window", level["name"] or str(index)))), level["tokens"]
+            if policy.users is None:
+                continue
+            prefix = identity + "/user:"
+            for user_id, ledger in server.usage.items():
+                if user_id.startswith(prefix):
+                    specs = policy.users.policy_for(user_id[len(prefix):]).buckets
+                    for index, level in enumerate(server.buckets.peek(user_id, specs)):
+                        yield (_labels((("key", policy.name), ("user", ledger.user),
+                                        ("window", level["name"] or str(index)))), level["tokens"])
+
+
+@dataclass
+class UpstreamState:
+    """How the last exchange with the upstream went, for the dashboard and /metrics."""
+
+    up: bool | None = None  # None: not tried yet
+    last_error: str | None = None
+
+    def answered(self) -> None:
+        self.up = True
+
+    def failed(self, failure: ProxyError) -> None:
+        self.up = False
+        self.last_error = f"{failure.status} {failure.message}"  # never socket or host details
+
+
+# The dashboard: one page, inline style and script, allowed by hash in a strict
+# Content-Security-Policy; it loads nothing from anywhere and draws with the DOM
+# (never innerHTML), so a key or user name cannot inject markup.
+DASHBOARD_STYLE = """
+:root{--ink:#1d232b;--mute:#65707d;--line:#e3e7ec;--ok:#2f8f5b;--bad:#c0392b;--bar:#3a7bd5;--bg:#f6f8fa}
+[hidden]{display:none!important}*{box-sizing:border-box}body{margin:0;font:15px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;color:var(--ink);background:var(--bg)}
+header{padding:14px 18px;background:#fff;border-bottom:1px solid var(--line);display:flex;gap:12px;align-items:center;flex-wrap:wrap}
+h1{font-size:18px;margin:0 auto 0 0}main{padding:16px;max-width:1200px;margin:auto}
+.card{background:#fff;border:1px solid var(--line);border-radius:8px;padding:14px;margin-bottom:14px}
+.totals{display:grid;grid-template-columns:repeat(auto-fit,minmax(140px,1fr));gap:10px}
+.total b{display:block;font-size:22px}.total span{color:var(--mute);font-size:13px}
+.pill{padding:2px 8px;border-radius:10px;font-size:12px;color:#fff;background:var(--mute)}
+.up{background:var(--ok)}.down{background:var(--bad)}.off{background:var(--bad)}
+table{border-collapse:collapse;width:100%;min-width:760px}th,td{text-align:left;padding:7px 8px;border-bottom:1px solid var(--line);vertical-align:top}
+th{font-size:12px;color:var(--mute);font-weight:600}.scroll{overflow-x:auto}
+tr.user td:first-child{padding-left:26px;color:var(--mute)}
+.win{min-width:150px;margin-bottom:4px}.track{height:8px;background:var(--line);border-radius:4px;overflow:hidden}
+.fill{height:8px;background:var(--bar)}.small{font-size:12px;color:var(--mute)}
+form{display:flex;gap:8px;flex-wrap:wrap}input{font:inherit;padding:8px;border:1px solid var(--line);border-radius:6px;min-width:240px}
+button{font:inherit;padding:8px 14px;border:0;border-radius:6px;background:var(--bar);color:#fff}
+.error{color:var(--bad)}svg{width:100%;height:auto;display:block}svg text{font-size:10px;fill:var(--mute)}
+"""
+
+DASHBOARD_SCRIPT = """
+"use strict";
+const $ = (tag, attrs, ...kids) => { const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) e.setAttribute(k, v);
+  for (const k of kids) e.append(k instanceof Node ? k : document.createTextNode(String(k))); return e; };
+const SVG = "http://www.w3.org/2000/svg";
+const svg = (tag, attrs) => { const e = document.createElementNS(SVG, tag);
+  for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v); return e; };
+const fmt = n => Number(n).toLocaleString();
+const wait = s => s <= 0 ? "full" : s < 90 ? Math.ceil(s) + " s" : s < 5400 ? Math.ceil(s / 60) + " min" : (s / 3600).toFixed(1) + " h";
+const ago = t => { if (!t) return "never"; const s = (Date.now() - Date.parse(t)) / 1000;
+  return s < 60 ? "just now" : s < 3600 ? Math.floor(s / 60) + " min ago" : s < 86400 ? Math.floor(s / 3600) + " h ago" : Math.floor(s / 86400) + " d ago"; };
+let timer = null;
+
+function login(event) {
+  event.preventDefault();
+  const key = document.getElementById("key").value.trim();
+  if (!key) return;
+  sessionStorage.setItem("llm_proxy_admin", key);
+  document.getElementById("key").value = "";
+  refresh();
+}
+
+async function refresh() {
+  const key = sessionStorage.getItem("llm_proxy_admin");
+  document.getElementById("login").hidden = !!key;
+  if (!key) return;
+  try {
+    const answer = await fetch("/admin/api/usage", {headers: {"Authorization": "Bearer " + key}, cache: "no-store"});
+    if (answer.status === 401) { sessionStorage.removeItem("llm_proxy_admin");
+      document.getElementById("login").hidden = false;
+      document.getElementById("message").textContent = "That admin key was not accepted."; return; }
+    if (!answer.ok) throw new Error("HTTP " + answer.status);
+    render(await answer.json());
+    document.getElementById("message").textContent = "";
+  } catch (error) { document.getElementById("message").textContent = "Cannot reach the proxy: " + error.message; }
+  clearTimeout(timer); timer = setTimeout(refresh, 5000);
+}
+
+function windows(buckets) {
+  const cell = $("td");
+  for (const b of buckets) {
+    const share = b.capacity ? Math.max(0, Math.min(1, b.tokens / b.capacity)) : 0;
+    const fill = $("div", {class: "fill"}); fill.style.width = (share * 100).toFixed(1) + "%";
+    cell.append($("div", {class: "win"}, $("div", {class: "small"}, (b.name || "window") + ": " + fmt(b.tokens) + " / " + fmt(b.capacity) + (b.seconds_to_full > 0 ? " \\u00b7 full in " + wait(b.seconds_to_full) : "")),
+      $("div", {class: "track"}, fill)));
+  }
+  return cell;
+}
+
+function row(entry, isUser) {
+  const u = entry.usage, status = !entry.enabled ? "disabled" : entry.expires && entry.expires < new Date().toISOString().slice(0, 10) ? "expired" : "active";
+  return $("tr", {class: isUser ? "user" : "key"}, $("td", {}, entry.name), $("td", {}, $("span", {class: "pill " + (status === "active" ? "up" : "off")}, status)),
+    windows(entry.buckets), $("td", {}, entry.in_flight + " / " + entry.queued),
+    $("td", {}, fmt(u.today.requests) + " / " + fmt(u.last_7_days.requests) + " / " + fmt(u.last_30_days.requests)),
+    $("td", {}, fmt(u.today.tokens_charged) + " / " + fmt(u.last_7_days.tokens_charged) + " / " + fmt(u.last_30_days.tokens_charged)),
+    $("td", {title: entry.last_seen || ""}, ago(entry.last_seen)));
+}
+
+function chart(keys) {
+  const totals = new Map();
+  for (const k of keys) for (const d of k.daily) totals.set(d.date, (totals.get(d.date) || 0) + d.tokens_charged);
+  const days = [...totals.keys()].sort(), peak = Math.max(1, ...totals.values());
+  const box = svg("svg", {viewBox: "0 0 600 140", role: "img", "aria-label": "tokens charged per day, last 30 days"});
+  const width = 600 / Math.max(1, days.length);
+  days.forEach((day, i) => { const h = 110 * totals.get(day) / peak;
+    const bar = svg("rect", {x: (i * width + 1).toFixed(1), y: (115 - h).toFixed(1), width: Math.max(1, width - 2).toFixed(1), height: h.toFixed(1), fill: "#3a7bd5"});
+    const tip = svg("title", {}); tip.textContent = day + ": " + fmt(totals.get(day)) + " tokens"; bar.append(tip); box.append(bar); });
+  if (days.length) { for (const [i, anchor] of [[0, "start"], [days.length - 1, "end"]]) {
+    const t = svg("text", {x: anchor === "start" ? 0 : 600, y: 134, "text-anchor": anchor}); t.textContent = days[i]; box.append(t); } }
+  const top = svg("text", {x: 0, y: 10}); top.textContent = "peak " + fmt(peak) + " tokens/day"; box.append(top);
+  return box;
+}
+
+function render(data) {
+  const up = data.upstream.up;
+  const state = document.getElementById("upstream");
+  state.replaceChildren($("span", {class: "pill " + (up === false ? "down" : "up")}, up === false ? "upstream down" : up ? "upstream up" : "upstream not used yet"),
+    " ", $("span", {class: "small"}, data.upstream.url + (data.upstream.last_error ? " \\u2014 " + data.upstream.last_error : "")));
+  let today = 0, tokens = 0, month = 0;
+  for (const k of data.keys) { today += k.usage.today.requests; tokens += k.usage.today.tokens_charged; month += k.usage.last_30_days.tokens_charged; }
+  document.getElementById("totals").replaceChildren(...[["keys", data.keys.length], ["in flight", data.in_flight], ["queued", data.queued],
+    ["requests today", today], ["tokens today", tokens], ["tokens, 30 days", month]].map(([label, value]) => $("div", {class: "total"}, $("b", {}, fmt(value)), $("span", {}, label))));
+  document.getElementById("chart").replaceChildren(chart(data.keys));
+  const body = document.getElementById("rows"); body.replaceChildren();
+  for (const k of data.keys) { body.append(row(k, false)); for (const u of k.users || []) body.append(row(u, true)); }
+  document.getElementById("updated").textContent = "updated " + new Date(data.now).toLocaleTimeString();
+  document.getElementById("view").hidden = false;
+}
+
+document.getElementById("login").addEventListener("submit", login);
+document.getElementById("logout").addEventListener("click", () => { sessionStorage.removeItem("llm_proxy_admin"); location.reload(); });
+refresh();
+"""
+
+DASHBOARD_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>llm_proxy</title><style>{style}</style></head>
+<body><header><h1>llm_proxy</h1><span id="upstream"></span><span id="updated" class="small"></span>
+<button id="logout" type="button">Sign out</button></header>
+<main><form id="login" class="card" autocomplete="off"><input id="key" type="password" placeholder="Admin key" aria-label="Admin key" autofocus>
+<button type="submit">Open</button></form><p id="message" class="error" role="status"></p>
+<div id="view" hidden><section class="card"><div id="totals" class="totals"></div></section>
+<section class="card"><div class="small">Tokens charged per day, last 30 days</div><div id="chart"></div></section>
+<section class="card scroll"><table><thead><tr><th>key / user</th><th>status</th><th>windows</th><th>in flight / queued</th>
+<th>requests today / 7 d / 30 d</th><th>tokens today / 7 d / 30 d</th><th>last seen</th></tr></thead><tbody id="rows"></tbody></table></section></div>
+</main><script>{script}</script></body></html>
+"""
+
+
+def _csp_hash(text: str) -> str:
+    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode() + "'"
+
+
+DASHBOARD_HTML = DASHBOARD_PAGE.format(style=DASHBOARD_STYLE, script=DASHBOARD_SCRIPT).encode("utf-8")
+DASHBOARD_HEADERS = [
+    ("Content-Type", "text/html; charset=utf-8"),
+    ("Content-Security-Policy", f"default-src 'none'; script-src {_csp_hash(DASHBOARD_SCRIPT)}; "
+     f"style-src {_csp_hash(DASHBOARD_STYLE)}; connect-src 'self'; img-src 'self'; base-uri 'none'; "
+     "form-action 'none'; frame-ancestors 'none'"),
+    ("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", "no-referrer"),
+    ("Cache-Control", "no-store"),
+]
 
 
 # --------------------------------------------------------------------------
@@ -3157,6 +3701,10 @@ class ProxyServer(TrackedServer):
         self.wall_clock = wall_clock
         self.keyring = KeyRing(config)
         self.buckets = BucketStore(clock)
+        self.usage = UsageBook()
+        self.metrics = Metrics()
+        self.upstream_state = UpstreamState()
+        self.admin = AdminView(self)
         self.gate = FairGate(config.upstream_max_concurrent, config.queue_timeout)
         self.upstream = UpstreamPool(UpstreamTarget.parse(config.upstream_url),
                                      config.open_timeout, config.read_timeout)
@@ -3229,7 +3777,7 @@ class ProxyServer(TrackedServer):
         path = self.config.state_file
         assert path is not None
         state = {"version": 1, "saved_at": self.wall_clock(),
-                 "buckets": self.buckets.dump(self.wall_clock)}
+                 "buckets": self.buckets.dump(self.wall_clock), "usage": self.usage.dump()}
         try:
             write_atomically(path, json_bytes(state))
         except OSError as error:
@@ -3244,6 +3792,7 @@ class ProxyServer(TrackedServer):
             if state.get("version") != 1:
                 raise ValueError("unknown version")
             self.buckets.load(state["buckets"], self.wall_clock)
+            self.usage.load(state.get("usage", {}))
         except FileNotFoundError:
             log.info("STATE_FILE %s: not found; every bucket starts full", path)
         except (OSError, ValueError, ArithmeticError, RecursionError, KeyError, TypeError,
