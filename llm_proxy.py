@@ -687,7 +687,8 @@ def end_user(spec: UserSpec, headers: Headers, payload: dict | None, dialect: Di
             user = value.strip()
     if user is None:
         return None
-    if not isinstance(user, str) or not user.strip() or len(user) > MAX_USER_LENGTH:
+    if (not isinstance(user, str) or not user.strip() or len(user) > MAX_USER_LENGTH
+            or not user.isprintable()):
         raise ValueError("unusable user identity")
     return user.strip()
 
@@ -2399,6 +2400,7 @@ class Call:
         now = time.time()
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)) + f",{int(now % 1 * 1000):03d}"
         who = self.label if self.user is None else f"{self.label}/{self.user}"
+        who = ascii(who)[1:-1] if not who.isprintable() else who  # one request, one line
         line = (f"{stamp} INFO {ip} {who} {method} {path} {self.status} {outcome} "
                 f"{elapsed:.1f}ms charged={charged} settled={settled}\n")
         if not with_record:
@@ -3027,10 +3029,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
         line, record = self.call.log_records(self.client_address[0], self.command or "-",
                                              ascii(self.path.partition("?")[0][:200])[1:-1],
                                              access_log is not None)
+        self.server.admin.record(self.call)
         self.server.console.write(line)
         if access_log is not None:
             access_log.write(record)
-        self.server.admin.record(self.call)
 
 
 def _nothing() -> None:

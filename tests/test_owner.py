@@ -1,0 +1,212 @@
+"""The owner's view (issue 11): admin key, usage history, Prometheus metrics, over real sockets.
+
+Run by the README's command, ``python3 test_llm_proxy.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+
+import llm_proxy
+from test_llm_proxy import CLIENT_KEY, OTHER_KEY, ProxyTestCase
+
+ADMIN_KEY = "adm-9f3k-owner-secret"
+APP_KEY = "sk-app-family-1234"
+
+
+# --------------------------------------------------------------------------
+# A parser of the Prometheus text exposition format 0.0.4, from its rules
+# --------------------------------------------------------------------------
+
+_NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
+_SAMPLE = re.compile(rf"^({_NAME})(\{{(.*)\}})? (\S+)( -?\d+)?$")
+_LABEL = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\\n]|\\[\\"n])*)"\s*(,|$)')
+
+
+def unescape(value: str) -> str:
+    return re.sub(r'\\([\\"n])', lambda m: "\n" if m.group(1) == "n" else m.group(1), value)
+
+
+def parse_exposition(text: str) -> dict[str, dict]:
+    """Families by name: type, help, samples [(name, labels, value)]; AssertionError if malformed."""
+    assert text.endswith("\n"), "the exposition must end with a line feed"
+    families: dict[str, dict] = {}
+    for line in text.splitlines():
+        if not line:
+            continue
+        if line.startswith("#"):
+            parts = line.split(" ", 3)
+            if len(parts) >= 3 and parts[1] in ("HELP", "TYPE"):
+                family = families.setdefault(parts[2], {"type": None, "help": None, "samples": []})
+                if parts[1] == "TYPE":
+                    assert family["type"] is None and not family["samples"], f"late TYPE: {line}"
+                    assert parts[3] in ("counter", "gauge", "histogram", "summary", "untyped"), line
+                    family["type"] = parts[3]
+                else:
+                    family["help"] = parts[3] if len(parts) > 3 else ""
+            continue
+        match = _SAMPLE.match(line)
+        assert match, f"not a sample line: {line!r}"
+        name, _, label_text, value = match.group(1), match.group(2), match.group(3), match.group(4)
+        labels = {}
+        position = 0
+        while label_text and position < len(label_text):
+            label = _LABEL.match(label_text, position)
+            assert label, f"bad labels in {line!r}"
+            labels[label.group(1)] = unescape(label.group(2))
+            position = label.end()
+        float(value)  # a number, +Inf, -Inf or NaN
+        base = re.sub(r"_(bucket|sum|count)$", "", name) if name not in families else name
+        assert base in families and families[base]["type"], f"sample before its TYPE: {line!r}"
+        families[base]["samples"].append((name, labels, float(value)))
+    for name, family in families.items():
+        if family["type"] == "histogram":
+            buckets = [s for s in family["samples"] if s[0] == name + "_bucket"]
+            counts = [value for _, _, value in buckets]
+            assert counts == sorted(counts), f"{name}: buckets are not cumulative"
+            assert buckets[-1][1]["le"] == "+Inf", f"{name}: no +Inf bucket"
+            total = [value for sample, _, value in family["samples"] if sample == name + "_count"]
+            assert total == [counts[-1]], f"{name}: _count is not the +Inf bucket"
+    return families
+
+
+def sample(families: dict, name: str, **labels: str) -> float | None:
+    family = families.get(name) or families[re.sub(r"_(bucket|sum|count)$", "", name)]
+    for sample_name, sample_labels, value in family["samples"]:
+        if sample_name == name and sample_labels == labels:
+            return value
+    return None
+
+
+class OwnerTestCase(ProxyTestCase):
+    def setUp(self) -> None:
+        directory = tempfile.TemporaryDirectory()
+        self.addCleanup(directory.cleanup)
+        self.directory = directory.name
+        self.keys_path = os.path.join(self.directory, "keys.json")
+        with open(self.keys_path, "w") as file:
+            json.dump({CLIENT_KEY: {"name": "ada", "buckets": [
+                {"name": "hourly", "max_tokens": 5, "refill_tokens": 5, "refill_interval_seconds": 3600},
+                {"name": "daily", "max_tokens": 20, "refill_tokens": 20, "refill_interval_seconds": 86400}]},
+                OTHER_KEY: {"max_tokens": 3},
+                APP_KEY: {"name": "fam\"ily\\\n", "max_tokens": 50, "users": {
+                    "from": "user_field", "max_tokens": 2}}}, file)
+        self.config_overrides = {"admin_key": ADMIN_KEY, "keys_file": self.keys_path}
+        super().setUp()
+
+    def admin(self, path: str, key: str | None = ADMIN_KEY):
+        return self.request("GET", path, key=key)
+
+
+class AdminKeyTests(OwnerTestCase):
+    def test_routes_exist_only_with_an_admin_key(self) -> None:
+        self.start_proxy(keys_file=self.keys_path)
+        for path in ("/admin", "/admin/api/usage", "/metrics"):
+            with self.subTest(path):
+                self.assertEqual(self.admin(path).status, 404)
+
+    def test_client_keys_never_open_admin_routes_and_the_admin_key_is_no_client_key(self) -> None:
+        for key in (CLIENT_KEY, OTHER_KEY, None, ADMIN_KEY + "x"):
+            for path in ("/admin/api/usage", "/metrics"):
+                with self.subTest(key=key, path=path):
+                    self.assert_openai_error(self.admin(path, key), 401, "authentication_error")
+        self.assert_openai_error(self.chat(key=ADMIN_KEY), 401)
+        self.start_proxy(admin_key=ADMIN_KEY)  # open mode: any other key gets a bucket, not this one
+        self.assert_openai_error(self.chat(key=ADMIN_KEY), 401)
+        self.assertEqual(self.chat(key="anything-else").status, 200)
+        written = self.written()
+        self.assertNotIn(ADMIN_KEY, written)
+
+    def test_the_page_loads_nothing_from_elsewhere(self) -> None:
+        page = self.admin("/admin", key=None)
+        self.assertEqual(page.status, 200)
+        policy = page.headers["Content-Security-Policy"]
+        self.assertIn("default-src 'none'", policy)
+        self.assertIn("connect-src 'self'", policy)
+        self.assertNotIn("unsafe-inline", policy)
+        html = page.body.decode()
+        self.assertIsNone(re.search(r"(src|href)=\"?(https?:)?//", html))
+        self.assertNotIn(ADMIN_KEY, html)
+
+
+class UsageReportTests(OwnerTestCase):
+    def test_usage_per_key_and_user_with_outcomes_and_tokens(self) -> None:
+        for _ in range(6):  # 5 served, then the hourly window is empty
+            self.chat(headers={"X-Usage": "9"})
+        self.chat(model=5)  # rejected: 400
+        self.chat(key=APP_KEY, user="kid")
+        report = self.admin("/admin/api/usage").json()
+        self.assertEqual(set(report), {"now", "upstream", "in_flight", "queued", "keys"})
+        self.assertEqual(report["upstream"], {"url": self.upstream.url, "up": True, "last_error": None})
+        keys = {entry["name"]: entry for entry in report["keys"]}
+        ada = keys["ada"]
+        self.assertEqual(ada["usage"]["today"], {"requests": 7, "served": 5, "limited": 1, "rejected": 1,
+                                                 "error": 0, "prompt_tokens": 15, "completion_tokens": 30,
+                                                 "tokens_charged": 5})
+        self.assertEqual(ada["usage"]["all_time"]["requests"], 7)
+        self.assertEqual([b["tokens"] for b in ada["buckets"]], [0, 15])
+        self.assertEqual(len(ada["daily"]), 30)
+        self.assertEqual(ada["daily"][-1]["served"], 5)
+        self.assertTrue(ada["last_seen"].endswith("Z"))
+        self.assertEqual(ada["enabled"], True)
+        family = keys['fam"ily\\\n']
+        self.assertEqual([(u["name"], u["usage"]["today"]["served"]) for u in family["users"]], [("kid", 1)])
+        unnamed = keys[llm_proxy.key_digest(OTHER_KEY)[:12]]
+        self.assertEqual(unnamed["usage"]["today"]["requests"], 0)
+        for secret in (CLIENT_KEY, OTHER_KEY, APP_KEY, ADMIN_KEY):
+            self.assertNotIn(secret, json.dumps(report))
+
+    def test_history_survives_a_restart_and_counts_by_local_day(self) -> None:
+        state = os.path.join(self.directory, "state.json")
+        self.start_proxy(admin_key=ADMIN_KEY, keys_file=self.keys_path, state_file=state)
+        self.chat()
+        self.wall.advance(86400)
+        self.clock.advance(86400)
+        self.chat()
+        self.start_proxy(admin_key=ADMIN_KEY, keys_file=self.keys_path, state_file=state)
+        ada = {e["name"]: e for e in self.admin("/admin/api/usage").json()["keys"]}["ada"]
+        self.assertEqual(ada["usage"]["today"]["served"], 1)
+        self.assertEqual(ada["usage"]["last_7_days"]["served"], 2)
+        self.assertEqual([d["served"] for d in ada["daily"][-2:]], [1, 1])
+
+    def test_upstream_down_is_reported_without_details(self) -> None:
+        self.start_proxy(admin_key=ADMIN_KEY, keys_file=self.keys_path, upstream_url="http://127.0.0.1:9/v1")
+        self.chat()
+        upstream = self.admin("/admin/api/usage").json()["upstream"]
+        self.assertIs(upstream["up"], False)
+        self.assertTrue(upstream["last_error"].startswith("502"))
+        self.assertNotIn("Errno", upstream["last_error"])
+
+
+class MetricsTests(OwnerTestCase):
+    def test_families_parse_and_count(self) -> None:
+        self.chat(headers={"X-Usage": "9"})
+        self.chat(stream=True)
+        self.chat(key=OTHER_KEY)
+        self.chat(key=APP_KEY, user='ki"d')
+        self.written("/ki\"d ")  # counted before its log line is written
+        response = self.admin("/metrics")
+        self.assertEqual(response.headers["Content-Type"].split(";")[0:2], ["text/plain", " version=0.0.4"])
+        families = parse_exposition(response.body.decode())
+        self.assertEqual({name: f["type"] for name, f in families.items()}, {
+            "llm_proxy_requests_total": "counter", "llm_proxy_tokens_total": "counter",
+            "llm_proxy_bucket_tokens": "gauge", "llm_proxy_in_flight": "gauge",
+            "llm_proxy_queued": "gauge", "llm_proxy_upstream_up": "gauge",
+            "llm_proxy_request_duration_seconds": "histogram",
+            "llm_proxy_time_to_first_byte_seconds": "histogram"})
+        requests = "llm_proxy_requests_total"
+        self.assertEqual(sample(families, requests, key="ada", endpoint="chat", outcome="served"), 2)
+        self.assertEqual(sample(families, requests, key="_other", endpoint="chat", outcome="served"), 1)
+        self.assertEqual(sample(families, requests, key='fam"ily\\\n', user='ki"d', endpoint="chat",
+                                outcome="served"), 1)
+        self.assertEqual(sample(families, "llm_proxy_tokens_total", key="ada", type="prompt"), 3)
+        self.assertEqual(sample(families, "llm_proxy_tokens_total", key="ada", type="charged"), 2)
+        self.assertEqual(sample(families, "llm_proxy_bucket_tokens", key="ada", window="hourly"), 3)
+        self.assertEqual(sample(families, "llm_proxy_upstream_up"), 1)
+        self.assertEqual(sample(families, "llm_proxy_request_duration_seconds_count"), 4)
+        text = response.body.decode()
+        for secret in (CLIENT_KEY, OTHER_KEY, APP_KEY, ADMIN_KEY):
+            self.assertNotIn(secret, text)
