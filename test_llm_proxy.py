@@ -418,6 +418,14 @@ class ProxyTestCase(unittest.TestCase):
                 return text
             time.sleep(0.005)
 
+    def logged(self, count: int) -> None:
+        """Wait until ``count`` requests were logged (each is counted just after its answer)."""
+        deadline = time.monotonic() + WAIT
+        while self.console.getvalue().count("\n") < count and time.monotonic() < deadline:
+            if self.proxy is not None:
+                self.proxy.console.flush()
+            time.sleep(0.005)
+
     def assert_still_serving(self) -> None:
         self.assertEqual(self.request("GET", "/health").json(), {"status": "ok"})
 
@@ -1590,18 +1598,63 @@ class RestartTests(unittest.TestCase):
 # Runner
 # --------------------------------------------------------------------------
 
-def main() -> int:
-    """Run this module's tests and those under tests/, then print the closing tally."""
+def all_tests() -> list[unittest.TestCase]:
+    """This module's tests and those under tests/, flattened, in a stable order."""
     sys.modules.setdefault("test_llm_proxy", sys.modules[__name__])  # one copy of the fixtures
     loader = unittest.defaultTestLoader
     suite = unittest.TestSuite([loader.loadTestsFromModule(sys.modules[__name__]),
                                 loader.discover(os.path.join(HERE, "tests"), top_level_dir=HERE)])
-    result = unittest.TextTestRunner(verbosity=1).run(suite)
+    flat: list[unittest.TestCase] = []
+    pending: list = [suite]
+    while pending:
+        item = pending.pop(0)
+        if isinstance(item, unittest.TestSuite):
+            pending[:0] = list(item)
+        else:
+            flat.append(item)
+    return flat
+
+
+def run_shard(index: int, count: int) -> int:
+    """Run every ``count``-th test from ``index``; the last line is a JSON tally for the parent."""
+    tests = [test for position, test in enumerate(all_tests()) if position % count == index]
+    result = unittest.TextTestRunner(verbosity=1, stream=sys.stdout).run(unittest.TestSuite(tests))
     failed = len(result.failures) + len(result.errors) + len(result.unexpectedSuccesses)
-    passed = result.testsRun - failed - len(result.skipped)
-    skipped = f", {len(result.skipped)} skipped" if result.skipped else ""
-    print(f"{passed} passed, {failed} failed{skipped}")
+    print(json.dumps({"run": result.testsRun, "failed": failed, "skipped": len(result.skipped)}))
     return 0 if result.wasSuccessful() else 1
+
+
+def main() -> int:
+    """Run all tests in two processes at once (one per core), then print the closing tally.
+
+    Each test starts its own servers on port 0, so the halves share nothing.
+    ``--serial`` runs everything in this process instead.
+    """
+    if len(sys.argv) > 2 and sys.argv[1] == "--shard":
+        index, count = (int(n) for n in sys.argv[2].split("/"))
+        return run_shard(index, count)
+    if "--serial" in sys.argv:
+        return run_shard(0, 1)
+    count = 2
+    workers = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--shard", f"{i}/{count}"],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+               for i in range(count)]
+    run = failed = skipped = 0
+    for worker in workers:
+        output, _ = worker.communicate()
+        lines = output.rstrip("\n").split("\n")
+        try:
+            tally = json.loads(lines[-1])
+        except ValueError:  # the worker died before its tally: count it as a failure
+            tally = {"run": 0, "failed": 1, "skipped": 0}
+        else:
+            lines = lines[:-1]
+        print("\n".join(lines))
+        run, failed, skipped = run + tally["run"], failed + tally["failed"], skipped + tally["skipped"]
+    passed = run - failed - skipped
+    shown_skipped = f", {skipped} skipped" if skipped else ""
+    print(f"{passed} passed, {failed} failed{shown_skipped}")
+    return 0 if failed == 0 and all(w.returncode == 0 for w in workers) else 1
 
 
 if __name__ == "__main__":

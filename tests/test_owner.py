@@ -166,6 +166,7 @@ class UsageReportTests(OwnerTestCase):
         self.wall.advance(86400)
         self.clock.advance(86400)
         self.chat()
+        self.logged(2)
         self.start_proxy(admin_key=ADMIN_KEY, keys_file=self.keys_path, state_file=state)
         ada = {e["name"]: e for e in self.admin("/admin/api/usage").json()["keys"]}["ada"]
         self.assertEqual(ada["usage"]["today"]["served"], 1)
