@@ -2653,7 +2653,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def begin_request(self) -> None:
         """A fresh Call; the head and body must arrive within CLIENT_TIMEOUT."""
-        self.call = Call(time.monotonic(), time.time(), policy=self.server.keyring.default)
+        self.call = Call(time.monotonic(), self.server.wall_clock(), policy=self.server.keyring.default)
         self.path = ""
         self.unwatch = _nothing
         self.server.expect_request_by(self.connection,
@@ -3259,7 +3259,7 @@ class AdminView:
         outcome = call.outcome
         counts = [1, outcome == "served", outcome == "limited", outcome == "rejected",
                   outcome == "error", prompt, completion, charged]
-        now = server.wall_clock()
+        now = call.arrived  # a request counts on the day it arrived
         key = call.app[1] if call.app is not None else call.policy
         named = key is not None and bool(key.name)
         server.usage.record(call.identity, call.label, call.user, local_day(now), now,

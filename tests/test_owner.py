@@ -163,6 +163,7 @@ class UsageReportTests(OwnerTestCase):
         state = os.path.join(self.directory, "state.json")
         self.start_proxy(admin_key=ADMIN_KEY, keys_file=self.keys_path, state_file=state)
         self.chat()
+        self.logged(1)
         self.wall.advance(86400)
         self.clock.advance(86400)
         self.chat()
