@@ -543,12 +543,28 @@ def key_digest(key: str) -> str:
 
 
 POLICY_FIELDS = {"name", "max_tokens", "refill_tokens", "refill_interval_seconds", "buckets",
-                 "models", "max_concurrent", "users"}
+                 "models", "max_concurrent", "users", "enabled", "expires"}
 USER_SOURCES = {"jwt": "X-OpenWebUI-User-Jwt", "header": None, "user_field": None}
-USERS_FIELDS = POLICY_FIELDS - {"name", "users"} | {
+USERS_FIELDS = POLICY_FIELDS - {"name", "users", "enabled", "expires"} | {
     "from", "header", "secret_env", "issuer", "required", "overrides"}
 MAX_USER_LENGTH = 256  # longer identities are refused, not truncated into someone else's
 WINDOW_FIELDS = {"name", "max_tokens", "refill_tokens", "refill_interval_seconds"}
+
+
+def stored_secret(key: str) -> tuple[str, bytes]:
+    """A keys-file entry's lookup digest and the SHA-256 that a presented key must match.
+
+    An entry is a plain key, or ``sha256:<hex>`` (what ``keys add`` writes), so that
+    the file need not hold keys at all; both forms give the same digest, and a key
+    moved from one form to the other keeps its buckets.
+    """
+    if key.startswith("sha256:"):
+        text = key[len("sha256:"):].lower()
+        if not re.fullmatch(r"[0-9a-f]{64}", text):
+            raise ConfigError("a 'sha256:' entry needs the key's 64 hex digit SHA-256")
+        return text[:32], bytes.fromhex(text)
+    full = hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
+    return full.hex()[:32], full
 
 
 def parse_keys_file(text: str, config: Config) -> dict[str, tuple[bytes, Policy]]:
@@ -571,8 +587,11 @@ def parse_keys_file(text: str, config: Config) -> dict[str, tuple[bytes, Policy]
             where += f" ({entry['name']})"
         if not key.strip():
             raise ConfigError(f"{where}: the key is empty")
-        policies[key_digest(key)] = (key.encode("utf-8", "surrogateescape"),
-                                     _policy_from_entry(entry, config, where))
+        try:
+            digest, secret = stored_secret(key)
+        except ConfigError as error:
+            raise ConfigError(f"{where}: {error}") from None
+        policies[digest] = (secret, _policy_from_entry(entry, config, where))
     return policies
 
 
@@ -598,7 +617,21 @@ def _policy_from_entry(entry: dict, config: Config, where: str) -> Policy:
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
         raise ConfigError(f"{where}: max_concurrent must be a whole number, 0 for no limit")
     users = _users_from_entry(entry["users"], config, f"{where} users") if "users" in entry else None
-    return Policy(name, buckets, None if models is None else tuple(models), limit, users)
+    enabled, expires = entry.get("enabled", True), entry.get("expires")
+    if not isinstance(enabled, bool):
+        raise ConfigError(f"{where}: enabled must be true or false")
+    if expires is not None and not (isinstance(expires, str) and _is_date(expires)):
+        raise ConfigError(f"{where}: expires must be a date, YYYY-MM-DD")
+    return Policy(name, buckets, None if models is None else tuple(models), limit, users,
+                  enabled, expires)
+
+
+def _is_date(text: str) -> bool:
+    try:
+        time.strptime(text, "%Y-%m-%d")
+    except ValueError:
+        return False
+    return bool(re.fullmatch(r"\d{4}-\d\d-\d\d", text))
 
 
 @dataclass(frozen=True)
@@ -759,8 +792,8 @@ class KeyRing:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.default = Policy("", (config.bucket,), None, config.max_concurrent_per_key)
-        self._static = {key_digest(key): (key.encode("utf-8", "surrogateescape"), self.default)
-                        for key in config.client_keys}
+        self._static = {digest: (secret, self.default)
+                        for digest, secret in map(stored_secret, config.client_keys)}
         self._policies = dict(self._static)
         self._file_stamp: tuple | None = None
         if config.keys_file:
@@ -780,21 +813,28 @@ class KeyRing:
         the digest of what was sent, never on how much of a real key it matched;
         the final comparison is constant-time as well.
         """
-        presented = token.encode("utf-8", "surrogateescape")
-        digest = key_digest(token)
+        presented = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
+        digest = presented.hex()[:32]
         entry = self._policies.get(digest)
         if entry is None or not hmac.compare_digest(entry[0], presented):
             return digest, None
         return digest, entry[1]
 
-    def identify(self, token: str | None, address: str) -> tuple[str, str, Policy] | None:
+    def identify(self, token: str | None, address: str,
+                 today: str = "") -> tuple[str, str, Policy] | None:
         """Whose buckets pay, a name for the logs, and the policy; None when the key is refused.
 
         In open mode any key (or, without one, the caller's address) gets the
-        default policy and a bucket of its own.
+        default policy and a bucket of its own.  A disabled or expired key is a
+        401 that says so.
         """
         if token is not None:
             digest, policy = self.lookup(token)
+            if policy is not None and not policy.enabled:
+                raise ProxyError(401, "This key is disabled.", "authentication_error", "key_disabled")
+            if policy is not None and policy.expires is not None and today > policy.expires:
+                raise ProxyError(401, f"This key expired on {policy.expires}.",
+                                 "authentication_error", "key_expired")
             if policy is not None or self.is_open:
                 policy = policy or self.default
                 return "key:" + digest, policy.name or digest[:12], policy
@@ -2827,7 +2867,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         token = presented_key(self.headers)
         admin_key = self.server.config.admin_key
         is_admin = bool(admin_key and token is not None and same_secret(token, admin_key))
-        found = None if is_admin else self.server.keyring.identify(token, self.client_address[0])
+        found = None if is_admin else self.server.keyring.identify(
+            token, self.client_address[0], local_day(self.call.arrived))
         if found is None:
             raise ProxyError(401, "Missing or invalid proxy API key", "authentication_error",
                              "invalid_api_key")
@@ -3951,6 +3992,158 @@ def start_echo_model(word_delay: float = 0.05) -> TrackedServer:
 
 
 # --------------------------------------------------------------------------
+# Keys without hand-editing: the `keys` command
+# --------------------------------------------------------------------------
+
+def entry_spans(text: str) -> list[tuple[str, int, int, int]]:
+    """Each top-level entry of a keys file: its key, where its key starts, where its value starts and ends.
+
+    Edits splice text at these places, so the other entries keep their formatting.
+    """
+    decoder = json.JSONDecoder()
+    whitespace = re.compile(r"\s*")
+    position = whitespace.match(text, 0).end()
+    if text[position:position + 1] != "{":
+        raise ConfigError("must be a JSON object mapping each client key to its settings")
+    position = whitespace.match(text, position + 1).end()
+    spans = []
+    while text[position:position + 1] != "}":
+        if spans:
+            if text[position:position + 1] != ",":
+                raise ConfigError("not valid JSON (expected a comma between entries)")
+            position = whitespace.match(text, position + 1).end()
+        if text[position:position + 1] != '"':
+            raise ConfigError("not valid JSON (expected a key)")
+        key, after_key = json.decoder.scanstring(text, position + 1)  # type: ignore[attr-defined]
+        colon = whitespace.match(text, after_key).end()
+        if text[colon:colon + 1] != ":":
+            raise ConfigError("not valid JSON (expected a colon)")
+        value_start = whitespace.match(text, colon + 1).end()
+        _, value_end = decoder.raw_decode(text, value_start)
+        spans.append((key, position, value_start, value_end))
+        position = whitespace.match(text, value_end).end()
+    return spans
+
+
+class KeysFile:
+    """Edits KEYS_FILE in place: one entry changes, the rest stays as the owner wrote it.
+
+    Every write is atomic (a temporary file renamed over the old one), so the
+    running proxy, which re-reads the file within a second, never sees half of it.
+    """
+
+    def __init__(self, path: str, config: Config) -> None:
+        self.path = path
+        self.config = config
+        try:
+            with open(path, encoding="utf-8") as file:
+                self.text = file.read()
+        except FileNotFoundError:
+            self.text = "{\n}\n"
+        self.spans = entry_spans(self.text)
+        self.entries = json.loads(self.text) if self.spans else {}
+
+    def find(self, name: str) -> tuple[str, int, int, int]:
+        for span in self.spans:
+            if self.entries[span[0]].get("name") == name:
+                return span
+        raise ConfigError(f"no key named {name!r} in {self.path}")
+
+    def add(self, name: str, settings: dict) -> str:
+        """A new random key for ``name``; only its SHA-256 is stored.  Returns the key."""
+        if any(entry.get("name") == name for entry in self.entries.values()):
+            raise ConfigError(f"a key named {name!r} exists already in {self.path}")
+        key = "sk-" + secrets.token_urlsafe(24)
+        entry = dict({"name": name}, **settings)
+        _policy_from_entry(entry, self.config, f"key {name}")  # refuse what the proxy would refuse
+        stored = f'"sha256:{hashlib.sha256(key.encode()).hexdigest()}": {json.dumps(entry)}'
+        close = self.text.rindex("}")
+        if self.spans:
+            last_end = self.spans[-1][3]
+            indent = self._indent()
+            self.text = self.text[:last_end] + f",\n{indent}{stored}" + self.text[last_end:]
+        else:
+            self.text = self.text[:close].rstrip() + f"\n  {stored}\n" + self.text[close:]
+        self.save()
+        return key
+
+    def update(self, name: str, **changes: object) -> None:
+        key, _, start, end = self.find(name)
+        value = dict(self.entries[key], **changes)
+        self.text = self.text[:start] + json.dumps(value) + self.text[end:]
+        self.save()
+
+    def remove(self, name: str) -> None:
+        index = self.spans.index(self.find(name))
+        _, key_start, _, value_end = self.spans[index]
+        if index > 0:  # from the end of the previous entry, taking its comma
+            self.text = self.text[:self.spans[index - 1][3]] + self.text[value_end:]
+        elif len(self.spans) > 1:  # the first of several: up to the next entry's key
+            self.text = self.text[:key_start] + self.text[self.spans[1][1]:]
+        else:
+            self.text = self.text[:key_start].rstrip() + "\n" + self.text[value_end:].lstrip()
+        self.save()
+
+    def _indent(self) -> str:
+        line_start = self.text.rfind("\n", 0, self.spans[-1][1]) + 1
+        indent = self.text[line_start:self.spans[-1][1]]
+        return indent if not indent.strip() else "  "
+
+    def save(self) -> None:
+        parse_keys_file(self.text, self.config)  # never write a file the proxy would refuse
+        write_atomically(self.path, self.text.encode("utf-8"))
+
+
+def keys_command(args: argparse.Namespace, environ: dict[str, str]) -> int:
+    """``keys add|list|disable|enable|remove``: manage KEYS_FILE without editing JSON by hand."""
+    try:
+        config = Config.from_env(environ)
+        path = args.file or config.keys_file
+        if not path:
+            raise ConfigError("set KEYS_FILE (or pass --file) to say which keys file to edit")
+        keys = KeysFile(path, config)
+        if args.action == "add":
+            settings = {name: value for name, value in (
+                ("max_tokens", args.max_tokens), ("refill_tokens", args.refill_tokens),
+                ("refill_interval_seconds", args.refill_interval_seconds),
+                ("models", args.models.split(",") if args.models else None),
+                ("max_concurrent", args.max_concurrent), ("expires", args.expires)) if value is not None}
+            key = keys.add(args.name, settings)
+            print(f"added {args.name!r} to {path}; the key is shown once, here (only its SHA-256 is kept):")
+            print(key)
+        elif args.action == "list":
+            for stored, entry in keys.entries.items():
+                print(describe_entry(stored, entry, config))
+        elif args.action in ("disable", "enable"):
+            keys.update(args.name, enabled=args.action == "enable")
+            print(f"{args.name}: {args.action}d")
+        else:
+            keys.remove(args.name)
+            print(f"{args.name}: removed")
+    except (ConfigError, OSError, ValueError) as error:
+        print(f"llm_proxy keys: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def describe_entry(stored: str, entry: dict, config: Config) -> str:
+    """One line of ``keys list``: name and limits, never the key."""
+    policy = _policy_from_entry(entry, config, "entry")
+    windows = ", ".join(f"{spec.name + ' ' if spec.name else ''}{spec.capacity} "
+                        f"+{spec.refill_tokens}/{spec.interval:g}s" for spec in policy.buckets)
+    state = "enabled" if policy.enabled else "disabled"
+    parts = [policy.name or "(no name)", state, windows]
+    if policy.expires:
+        parts.append(f"expires {policy.expires}")
+    if policy.models is not None:
+        parts.append("models " + ",".join(policy.models))
+    if policy.max_concurrent:
+        parts.append(f"max {policy.max_concurrent} at once")
+    parts.append("stored as SHA-256" if stored.startswith("sha256:") else "stored in plain text")
+    return "  ".join(parts)
+
+
+# --------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------
 
@@ -3972,7 +4165,24 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
     parser.add_argument("--demo", action="store_true",
                         help="use a built-in echo model as the upstream (no model server needed)")
     parser.add_argument("--version", action="version", version=__version__)
+    commands = parser.add_subparsers(dest="command", metavar="keys ...")
+    keys = commands.add_parser("keys", help="add, list, disable, enable or remove client keys in KEYS_FILE")
+    keys.add_argument("--file", help="the keys file (default: KEYS_FILE)")
+    actions = keys.add_subparsers(dest="action", required=True)
+    add = actions.add_parser("add", help="create a key for NAME; prints it once, stores only its SHA-256")
+    add.add_argument("name")
+    add.add_argument("--max-tokens", type=int)
+    add.add_argument("--refill-tokens", type=int)
+    add.add_argument("--refill-interval-seconds", type=float)
+    add.add_argument("--models", help="comma-separated model names this key may use")
+    add.add_argument("--max-concurrent", type=int)
+    add.add_argument("--expires", help="last day the key works, YYYY-MM-DD")
+    actions.add_parser("list", help="names, limits, state and expiry (never keys)")
+    for action in ("disable", "enable", "remove"):
+        actions.add_parser(action, help=f"{action} the key named NAME").add_argument("name")
     args = parser.parse_args(argv)
+    if args.command == "keys":
+        return keys_command(args, dict(os.environ if environ is None else environ))
     console = logging.StreamHandler()
     console.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.setLevel(logging.INFO)

@@ -9,6 +9,7 @@ no thread left behind.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import http.client
 import json
 import os
@@ -605,24 +606,26 @@ class SecretTests(AdversarialTestCase):
     def test_keys_are_compared_in_constant_time(self) -> None:
         """The key a client presents is checked with hmac.compare_digest, and that check decides.
 
-        The table is indexed by SHA-256, so only a key whose digest is found is
-        compared.  To reach the comparison with a wrong key of the same length,
-        the digest function is made to map it onto the right key's digest (a
-        stand-in for a collision); the comparison alone must then refuse it.
+        The table is indexed by a prefix of SHA-256, so only a key whose prefix is
+        found is compared, as a whole SHA-256, with the stored one.  To reach the
+        comparison with a wrong key, the table is given the right key's entry under
+        the wrong key's prefix (a stand-in for a collision); the comparison alone
+        must then refuse it.
         """
         self.start_proxy(client_keys=(CLIENT_KEY,))
         wrong = CLIENT_KEY[:-1] + "X"
-        real_digest = llm_proxy.key_digest
-        colliding = mock.patch.object(llm_proxy, "key_digest", side_effect=lambda key: real_digest(
-            CLIENT_KEY if key == wrong else key))
+        right_hash = hashlib.sha256(CLIENT_KEY.encode()).digest()
+        wrong_hash = hashlib.sha256(wrong.encode()).digest()
         real_compare = llm_proxy.hmac.compare_digest
         with mock.patch("hmac.compare_digest", side_effect=real_compare) as compare:
             self.assertEqual(self.chat().status, 200)
-            self.assertIn(mock.call(CLIENT_KEY.encode(), CLIENT_KEY.encode()), compare.call_args_list)
+            self.assertIn(mock.call(right_hash, right_hash), compare.call_args_list)
             compare.reset_mock()
-            with colliding:
-                self.assert_openai_error(self.chat(key=wrong), 401, code="invalid_api_key")
-            self.assertIn(sorted([CLIENT_KEY.encode(), wrong.encode()]),
+            keyring = self.proxy.keyring
+            entry = keyring._policies[right_hash.hex()[:32]]
+            keyring._policies = dict(keyring._policies, **{wrong_hash.hex()[:32]: entry})
+            self.assert_openai_error(self.chat(key=wrong), 401, code="invalid_api_key")
+            self.assertIn(sorted([right_hash, wrong_hash]),
                           [sorted(call.args) for call in compare.call_args_list],
                           "a digest hit is confirmed with compare_digest (stored, presented), never ==")
         self.assertEqual(len(self.upstream.requests), 1, "the wrong key was never forwarded")

@@ -5,13 +5,17 @@ Run by the README's command, ``python3 test_llm_proxy.py``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import subprocess
+import sys
 import tempfile
+import time
 
 import llm_proxy
-from test_llm_proxy import CLIENT_KEY, OTHER_KEY, ProxyTestCase
+from test_llm_proxy import CLIENT_KEY, HERE, OTHER_KEY, WAIT, ProxyTestCase, clean_environment
 
 ADMIN_KEY = "adm-9f3k-owner-secret"
 APP_KEY = "sk-app-family-1234"
@@ -212,3 +216,77 @@ class MetricsTests(OwnerTestCase):
         text = response.body.decode()
         for secret in (CLIENT_KEY, OTHER_KEY, APP_KEY, ADMIN_KEY):
             self.assertNotIn(secret, text)
+
+
+class KeysCommandTests(ProxyTestCase):
+    """``python3 llm_proxy.py keys ...`` against a keys file a running proxy serves from."""
+
+    def setUp(self) -> None:
+        directory = tempfile.TemporaryDirectory()
+        self.addCleanup(directory.cleanup)
+        self.keys_path = os.path.join(directory.name, "keys.json")
+        self.original = ('{\n    "%s": {"name": "ada",  "max_tokens": 5},\n'
+                         '    "%s": {"name": "bob", "max_tokens": 2}\n}\n' % (CLIENT_KEY, OTHER_KEY))
+        with open(self.keys_path, "w") as file:
+            file.write(self.original)
+        self.config_overrides = {"keys_file": self.keys_path}
+        super().setUp()
+
+    def keys(self, *args: str) -> subprocess.CompletedProcess:
+        env = clean_environment()
+        env["KEYS_FILE"] = self.keys_path
+        return subprocess.run([sys.executable, os.path.join(HERE, "llm_proxy.py"), "keys", *args],
+                              env=env, capture_output=True, text=True, timeout=WAIT)
+
+    def wait_until(self, condition) -> None:
+        deadline = time.monotonic() + WAIT
+        while not condition():
+            self.assertLess(time.monotonic(), deadline, "the proxy never picked the change up")
+            time.sleep(0.02)
+
+    def test_add_prints_the_key_once_and_stores_only_its_digest(self) -> None:
+        added = self.keys("add", "carol", "--max-tokens", "3", "--models", "m1,m2", "--expires", "2099-12-31")
+        self.assertEqual(added.returncode, 0, added.stderr)
+        key = added.stdout.strip().splitlines()[-1]
+        self.assertRegex(key, r"^sk-[A-Za-z0-9_-]{32}$")
+        with open(self.keys_path) as file:
+            text = file.read()
+        self.assertNotIn(key, text)
+        self.assertIn("sha256:" + hashlib.sha256(key.encode()).hexdigest(), text)
+        self.assertTrue(text.startswith(self.original[:-3]), "the other entries kept their formatting")
+        started = time.monotonic()
+        self.wait_until(lambda: self.chat(key=key, model="m1").status == 200)  # no restart
+        self.assertLess(time.monotonic() - started, 2.5)
+        self.assertEqual(self.chat(key=key, model="other").status, 403)
+        listing = self.keys("list").stdout
+        self.assertIn("carol  enabled  3 ", listing)
+        self.assertIn("expires 2099-12-31", listing)
+        for secret in (key, CLIENT_KEY, OTHER_KEY):
+            self.assertNotIn(secret, listing)
+
+    def test_disable_enable_remove_and_expiry(self) -> None:
+        self.assertEqual(self.keys("disable", "bob").returncode, 0)
+        self.proxy.request_reload()
+        self.wait_until(lambda: self.chat(key=OTHER_KEY).status == 401)
+        error = self.chat(key=OTHER_KEY).json()["error"]
+        self.assertEqual((error["code"], error["message"]), ("key_disabled", "This key is disabled."))
+        self.assertEqual(self.keys("enable", "bob").returncode, 0)
+        self.proxy.request_reload()
+        self.wait_until(lambda: self.chat(key=OTHER_KEY).status == 200)
+        self.assertEqual(self.keys("remove", "bob").returncode, 0)
+        self.proxy.request_reload()
+        self.wait_until(lambda: self.chat(key=OTHER_KEY).status == 401)
+        self.assertEqual(self.chat(key=OTHER_KEY).json()["error"]["code"], "invalid_api_key")
+        with open(self.keys_path) as file:
+            self.assertEqual(json.load(file), {CLIENT_KEY: {"name": "ada", "max_tokens": 5}})
+        missing = self.keys("remove", "nobody")
+        self.assertEqual(missing.returncode, 2)
+        self.assertIn("no key named 'nobody'", missing.stderr)
+        day = llm_proxy.local_day(self.wall())  # the proxy's (injected) today
+        dora = self.keys("add", "dora", "--expires", day).stdout.strip().splitlines()[-1]
+        self.proxy.request_reload()
+        self.wait_until(lambda: self.chat(key=dora).status == 200)  # works through its last day
+        self.wall.advance(86400)
+        error = self.chat(key=dora).json()["error"]
+        self.assertEqual((error["code"], error["message"]), ("key_expired", f"This key expired on {day}."))
+        self.assertEqual(self.keys("add", "ada").returncode, 2)  # names are unique
