@@ -20,6 +20,7 @@ import argparse
 import base64
 import bisect
 import copy
+import datetime
 import hashlib
 import hmac
 import http.client
@@ -269,6 +270,31 @@ class BucketSpec:
     refill_tokens: int
     interval: float
     name: str = ""
+    unit: str = ""                         # "requests", "tokens", or "": the cost mode's own
+    period: str | None = None              # "day", "week", "month": full again at each start
+    models: tuple[str, ...] | None = None  # the window counts only requests for these models
+
+
+PERIOD_DAYS = {"day": 1, "week": 7, "month": 31}  # the longest length, for headers
+
+
+def period_bounds(wall: float, period: str) -> tuple[float, float]:
+    """The wall-clock start and end of the local calendar day, week (from Monday) or month."""
+    day = datetime.date.fromtimestamp(wall)
+    if period == "day":
+        start, end = day, day + datetime.timedelta(days=1)
+    elif period == "week":
+        start = day - datetime.timedelta(days=day.weekday())
+        end = start + datetime.timedelta(days=7)
+    else:
+        start = day.replace(day=1)
+        end = (start + datetime.timedelta(days=32)).replace(day=1)
+    return _midnight(start), _midnight(end)
+
+
+def _midnight(day: datetime.date) -> float:
+    """Local midnight at the start of ``day`` (TZ honoured, daylight saving included)."""
+    return time.mktime((day.year, day.month, day.day, 0, 0, 0, 0, 0, -1))
 
 
 class Bucket:
@@ -284,8 +310,19 @@ class Bucket:
         self.tokens = tokens
         self.step_at = step_at
 
-    def refill(self, spec: BucketSpec, now: float) -> None:
-        """Add one refill per whole interval elapsed; the step clock moves by whole steps only."""
+    def refill(self, spec: BucketSpec, now: float, offset: float = 0.0) -> None:
+        """Add one refill per whole interval elapsed; the step clock moves by whole steps only.
+
+        A calendar window is full again from the start of each period instead;
+        ``offset`` turns the store's monotonic clock into wall-clock time.
+        """
+        if spec.period is not None:
+            start = period_bounds(now + offset, spec.period)[0] - offset
+            if self.step_at < start:
+                self.tokens, self.step_at = spec.capacity, start
+            elif self.tokens > spec.capacity:
+                self.tokens = spec.capacity
+            return
         steps = int((now - self.step_at) // spec.interval)
         if steps > 0:
             self.tokens = min(spec.capacity, self.tokens + steps * spec.refill_tokens)
@@ -293,11 +330,13 @@ class Bucket:
         elif self.tokens > spec.capacity:  # the policy shrank
             self.tokens = spec.capacity
 
-    def seconds_until(self, spec: BucketSpec, tokens: int, now: float) -> float:
+    def seconds_until(self, spec: BucketSpec, tokens: int, now: float, offset: float = 0.0) -> float:
         """Seconds until the level reaches ``tokens`` (0 if it already has)."""
         missing = tokens - self.tokens
         if missing <= 0:
             return 0.0
+        if spec.period is not None:
+            return period_bounds(now + offset, spec.period)[1] - offset - now
         steps = math.ceil(missing / spec.refill_tokens)
         return self.step_at + steps * spec.interval - now
 
@@ -314,6 +353,7 @@ class Admission:
     refill_tokens: int
     refill_seconds: float
     window: str = ""
+    costs: tuple[tuple[int, ...], ...] = ()  # what each payer's each window was charged
 
 
 class BucketStore:
@@ -325,12 +365,15 @@ class BucketStore:
     number of recently active callers, not the number ever seen.
     """
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic,
+                 wall_clock: Callable[[], float] = time.time) -> None:
         self.clock = clock
+        self.wall_clock = wall_clock  # calendar windows start at local midnights
         self._lock = threading.Lock()
         self._buckets: dict[str, list[Bucket]] = {}
 
-    def _current(self, identity: str, specs: Sequence[BucketSpec], now: float) -> list[Bucket]:
+    def _current(self, identity: str, specs: Sequence[BucketSpec], now: float,
+                 offset: float = 0.0) -> list[Bucket]:
         buckets = self._buckets.get(identity)
         if buckets is None or len(buckets) != len(specs):
             # A new caller starts full; when a policy gains or loses windows, the
@@ -339,43 +382,62 @@ class BucketStore:
             buckets = kept[:len(specs)] + [Bucket(spec.capacity, now) for spec in specs[len(kept):]]
             self._buckets[identity] = buckets
         for bucket, spec in zip(buckets, specs):
-            bucket.refill(spec, now)
+            bucket.refill(spec, now, offset)
         return buckets
+
+    def _now(self) -> tuple[float, float]:
+        """The store's clock, and what turns it into wall-clock time (for calendar windows)."""
+        now = self.clock()
+        return now, self.wall_clock() - now
 
     def charge(self, identity: str, specs: Sequence[BucketSpec], cost: int) -> Admission:
         """Take ``cost`` from every bucket of ``identity``, or from none of them."""
         return self.charge_all(((identity, specs),), cost)
 
-    def charge_all(self, payers: Sequence[tuple[str, Sequence[BucketSpec]]], cost: int) -> Admission:
-        """Take ``cost`` from every bucket of every payer (a user and its app), or from none."""
+    def charge_all(self, payers: Sequence[tuple[str, Sequence[BucketSpec]]],
+                   cost: int | Callable[[BucketSpec], int]) -> Admission:
+        """Take each window's cost from every window of every payer (a user and its app), or none.
+
+        ``cost`` is one number for all windows, or each window's own (by its unit;
+        0 for a window that does not count this request's model).
+        """
+        cost_of = cost if callable(cost) else (lambda spec: cost)
         with self._lock:
-            now = self.clock()
+            now, offset = self._now()
             buckets: list[Bucket] = []
             specs: list[BucketSpec] = []
+            costs: list[tuple[int, ...]] = []
             for identity, payer_specs in payers:
-                buckets.extend(self._current(identity, payer_specs, now))
+                buckets.extend(self._current(identity, payer_specs, now, offset))
                 specs.extend(payer_specs)
-            waits = [bucket.seconds_until(spec, cost, now) for bucket, spec in zip(buckets, specs)]
-            allowed = max(waits) <= 0 and all(cost <= spec.capacity for spec in specs)
+                costs.append(tuple(cost_of(spec) for spec in payer_specs))
+            flat = [c for payer in costs for c in payer]
+            waits = [bucket.seconds_until(spec, c, now, offset)
+                     for bucket, spec, c in zip(buckets, specs, flat)]
+            allowed = max(waits) <= 0 and all(c <= spec.capacity for c, spec in zip(flat, specs))
             if allowed:
-                for bucket in buckets:
-                    bucket.tokens -= cost
-            # Report the tightest bucket: one too small, else the one blocking longest,
-            # else the one nearest empty.
+                for bucket, c in zip(buckets, flat):
+                    bucket.tokens -= c
+            # Report the tightest window: one too small, else the one blocking longest,
+            # else the one nearest empty (among those this request counts in).
             index = max(range(len(specs)), key=lambda i: (
-                cost > specs[i].capacity, waits[i], -buckets[i].tokens))
+                flat[i] > specs[i].capacity, waits[i], flat[i] > 0, -buckets[i].tokens))
             spec = specs[index]
-            return Admission(allowed, cost, spec.capacity, max(0, buckets[index].tokens),
+            return Admission(allowed, flat[index], spec.capacity, max(0, buckets[index].tokens),
                              0.0 if allowed else waits[index], spec.refill_tokens, spec.interval,
-                             spec.name)
+                             spec.name, tuple(costs))
 
-    def credit(self, identity: str, specs: Sequence[BucketSpec], amount: int) -> None:
-        """Give back ``amount`` (never above capacity) or, when negative, take it (debt allowed)."""
+    def credit(self, identity: str, specs: Sequence[BucketSpec], amount: int | Sequence[int]) -> None:
+        """Give back an amount (never above capacity) or, when negative, take it (debt allowed).
+
+        ``amount`` is one number for every window, or one per window.
+        """
+        amounts = [amount] * len(specs) if isinstance(amount, int) else amount
         with self._lock:
-            buckets = self._current(identity, specs, self.clock())
-            for bucket, spec in zip(buckets, specs):
-                bucket.tokens = min(spec.capacity, bucket.tokens + amount) if amount > 0 else (
-                    bucket.tokens + amount)
+            buckets = self._current(identity, specs, *self._now())
+            for bucket, spec, change in zip(buckets, specs, amounts):
+                bucket.tokens = min(spec.capacity, bucket.tokens + change) if change > 0 else (
+                    bucket.tokens + change)
 
     def snapshot(self, identity: str, specs: Sequence[BucketSpec]) -> list[dict]:
         """Each bucket's level and timing, for the quota endpoint; charges nothing."""
@@ -383,12 +445,16 @@ class BucketStore:
             return self._snapshot(identity, specs)
 
     def _snapshot(self, identity: str, specs: Sequence[BucketSpec]) -> list[dict]:
-        now = self.clock()
+        now, offset = self._now()
         return [{"name": spec.name, "capacity": spec.capacity, "tokens": bucket.tokens,
                  "refill_tokens": spec.refill_tokens, "refill_interval_seconds": spec.interval,
-                 "seconds_to_next_refill": round(bucket.step_at + spec.interval - now, 3),
-                 "seconds_to_full": round(bucket.seconds_until(spec, spec.capacity, now), 3)}
-                for bucket, spec in zip(self._current(identity, specs, now), specs)]
+                 "unit": spec.unit or None, "period": spec.period,
+                 "models": None if spec.models is None else list(spec.models),
+                 "seconds_to_next_refill": round(
+                     period_bounds(now + offset, spec.period)[1] - offset - now if spec.period
+                     else bucket.step_at + spec.interval - now, 3),
+                 "seconds_to_full": round(bucket.seconds_until(spec, spec.capacity, now, offset), 3)}
+                for bucket, spec in zip(self._current(identity, specs, now, offset), specs)]
 
     def peek(self, identity: str, specs: Sequence[BucketSpec]) -> list[dict]:
         """Like ``snapshot``, but a caller without buckets is shown full and nothing is stored."""
@@ -397,6 +463,8 @@ class BucketStore:
                 return self._snapshot(identity, specs)
         return [{"name": spec.name, "capacity": spec.capacity, "tokens": spec.capacity,
                  "refill_tokens": spec.refill_tokens, "refill_interval_seconds": spec.interval,
+                 "unit": spec.unit or None, "period": spec.period,
+                 "models": None if spec.models is None else list(spec.models),
                  "seconds_to_next_refill": 0.0, "seconds_to_full": 0.0} for spec in specs]
 
     def prune(self, specs_of: Callable[[str], Sequence[BucketSpec]], batch: int = 2000) -> int:
@@ -405,14 +473,14 @@ class BucketStore:
         identities = list(self._buckets)
         for start in range(0, len(identities), batch):
             with self._lock:
-                now = self.clock()
+                now, offset = self._now()
                 for identity in identities[start:start + batch]:
                     buckets = self._buckets.get(identity)
                     specs = specs_of(identity)
                     if buckets is None or len(buckets) != len(specs):
                         continue
                     for bucket, spec in zip(buckets, specs):
-                        bucket.refill(spec, now)
+                        bucket.refill(spec, now, offset)
                     if all(b.tokens >= s.capacity for b, s in zip(buckets, specs)):
                         del self._buckets[identity]
                         forgotten += 1
@@ -476,23 +544,27 @@ class Charge:
         self.used: int | None = None
 
     def close(self, served: bool, used: int | None = None) -> None:
+        """Settle ``used`` tokens in the token windows; request windows keep their one request."""
         if self.state != "reserved":
             return
         cost = self.admission.cost
         if not served:
             self.state = "refunded"
-            self.credit(cost)
+            self.credit(lambda spec, charged: charged)
             self.admission = replace(self.admission, remaining=min(
                 self.admission.limit, self.admission.remaining + cost))
         elif used is None:
             self.state = "kept"
         else:
             self.state, self.used = "settled", used
-            self.credit(cost - used)
+            self.credit(lambda spec, charged: charged - used
+                        if charged and spec.unit != "requests" else 0)
 
-    def credit(self, amount: int) -> None:
-        for identity, specs in self.payers:
-            self.store.credit(identity, specs, amount)
+    def credit(self, change: Callable[[BucketSpec, int], int]) -> None:
+        costs = self.admission.costs or tuple((self.admission.cost,) * len(specs)
+                                              for _, specs in self.payers)
+        for (identity, specs), charged in zip(self.payers, costs):
+            self.store.credit(identity, specs, [change(spec, c) for spec, c in zip(specs, charged)])
 
     @property
     def charged(self) -> int:
@@ -548,7 +620,8 @@ USER_SOURCES = {"jwt": "X-OpenWebUI-User-Jwt", "header": None, "user_field": Non
 USERS_FIELDS = POLICY_FIELDS - {"name", "users", "enabled", "expires"} | {
     "from", "header", "secret_env", "issuer", "required", "overrides"}
 MAX_USER_LENGTH = 256  # longer identities are refused, not truncated into someone else's
-WINDOW_FIELDS = {"name", "max_tokens", "refill_tokens", "refill_interval_seconds"}
+WINDOW_FIELDS = {"name", "max_tokens", "refill_tokens", "refill_interval_seconds", "unit", "period",
+                 "models"}
 
 
 def stored_secret(key: str) -> tuple[str, bytes]:
@@ -777,7 +850,20 @@ def _window(window: object, base: dict, where: str) -> BucketSpec:
     name = window.get("name", "")
     if not isinstance(name, str):
         raise ConfigError(f"{where}: name must be a string")
-    return BucketSpec(values["max_tokens"], values["refill_tokens"], float(interval), name)
+    unit, period, models = window.get("unit", ""), window.get("period"), window.get("models")
+    if unit not in ("", "requests", "tokens"):
+        raise ConfigError(f"{where}: unit must be \"requests\" or \"tokens\"")
+    if period is not None and period not in PERIOD_DAYS:
+        raise ConfigError(f"{where}: period must be \"day\", \"week\" or \"month\"")
+    if models is not None and not (isinstance(models, list) and models
+                                   and all(isinstance(m, str) for m in models)):
+        raise ConfigError(f"{where}: models must be a list of model names")
+    capacity = values["max_tokens"]
+    if period is not None:  # full again at each start: one refill of everything per period
+        return BucketSpec(capacity, capacity, PERIOD_DAYS[period] * 86400.0, name, unit, period,
+                          tuple(models) if models else None)
+    return BucketSpec(capacity, values["refill_tokens"], float(interval), name, unit, None,
+                      tuple(models) if models else None)
 
 
 class KeyRing:
@@ -1577,6 +1663,25 @@ def estimate_tokens(payload: dict, reserve: int, dialect: Dialect = CHAT) -> int
     """ceil(prompt characters / 4) plus the output allowance (or the reserve), at least 1."""
     allowance = dialect.output_allowance(payload)
     return max(1, prompt_tokens(payload) + (reserve if allowance is None else allowance))
+
+
+def window_costs(dialect: Dialect, payload: dict, config: Config, capacity: int,
+                 model: str) -> tuple[Callable[[BucketSpec], int], int]:
+    """What each window is charged before forwarding (by its unit and models), and the prompt.
+
+    A window in ``requests`` counts 1; in ``tokens``, the token estimate (the
+    reservation in usage mode); one without a unit, the cost mode's own cost.  A
+    window limited to other models counts nothing.
+    """
+    cost, prompt = request_cost(dialect, payload, config, capacity)
+    tokens = cost if config.cost_mode != "request" or dialect.flat_rate else (
+        estimate_tokens(payload, config.response_reserve, dialect))
+
+    def cost_of(spec: BucketSpec) -> int:
+        if spec.models is not None and model not in spec.models:
+            return 0
+        return 1 if spec.unit == "requests" else tokens if spec.unit == "tokens" else cost
+    return cost_of, prompt
 
 
 def request_cost(dialect: Dialect, payload: dict, config: Config, capacity: int) -> tuple[int, int]:
@@ -2934,9 +3039,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if self.identify_user(payload, required=True) and payload is not None:
             call.policy.require(call.model)
         payers = call.payers
-        capacity = min(spec.capacity for _, specs in payers for spec in specs)
-        cost, prompt = request_cost(dialect, payload or {}, config, capacity)
-        admission = self.server.buckets.charge_all(payers, cost)
+        capacity = min((spec.capacity for _, specs in payers for spec in specs
+                        if spec.unit != "requests"), default=1 << 62)  # what a reservation may fill
+        cost_of, prompt = window_costs(dialect, payload or {}, config, capacity, call.model or "")
+        admission = self.server.buckets.charge_all(payers, cost_of)
         stream = payload is not None and dialect.is_stream(payload)
         if not admission.allowed:
             call.limited, call.stream = True, stream
@@ -3743,7 +3849,7 @@ class ProxyServer(TrackedServer):
         self.max_connections = config.max_connections
         self.wall_clock = wall_clock
         self.keyring = KeyRing(config)
-        self.buckets = BucketStore(clock)
+        self.buckets = BucketStore(clock, wall_clock)
         self.usage = UsageBook()
         self.metrics = Metrics()
         self.upstream_state = UpstreamState()

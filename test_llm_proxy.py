@@ -1211,7 +1211,8 @@ class KeysFileTests(ProxyTestCase):
         quota = self.request("GET", "/v1/quota").json()
         self.assertEqual((quota["name"], quota["models"]), ("alice", ["small"]))
         self.assertEqual(quota["buckets"], [{"name": "", "capacity": 3, "tokens": 0, "refill_tokens": 1,
-                                             "refill_interval_seconds": 300.0,
+                                             "refill_interval_seconds": 300.0, "unit": None,
+                                             "period": None, "models": None,
                                              "seconds_to_next_refill": 300.0, "seconds_to_full": 900.0}])
 
     def test_the_longer_window_blocks_too_and_is_named(self) -> None:
