@@ -16,6 +16,7 @@ import threading
 import time
 import unittest
 import urllib.request
+from unittest import mock
 
 import llm_proxy
 from test_llm_proxy import (CLIENT_KEY, HERE, OTHER_KEY, UPSTREAM_KEY, WAIT, ProxyTestCase,
@@ -219,3 +220,20 @@ class ReadmeFilesTests(unittest.TestCase):
         missing = sorted(name for name in named
                          if name not in tracked and not any(t.startswith(name + "/") for t in tracked))
         self.assertEqual(missing, [], "named in the README or a script but not in the repository")
+
+    def test_every_keys_file_example_in_the_readme_is_accepted(self) -> None:
+        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as file:
+            blocks = re.findall(r"```json\n(.*?)```", file.read(), re.S)
+        config = llm_proxy.Config(upstream_url="http://127.0.0.1:9/v1")
+        examples = 0
+        with mock.patch.dict(os.environ, {"OPENWEBUI_JWT_SECRET": "s" * 32}):
+            for block in blocks:
+                try:
+                    data = json.loads(block)
+                except ValueError:
+                    continue  # a reply or a record shown with "...", not a keys file
+                if isinstance(data, dict) and data and all(
+                        isinstance(v, dict) and ("name" in v or "buckets" in v) for v in data.values()):
+                    self.assertEqual(len(llm_proxy.parse_keys_file(block, config)), len(data))
+                    examples += 1
+        self.assertGreaterEqual(examples, 3)
