@@ -907,7 +907,7 @@ class KeyRing:
         return digest, entry[1]
 
     def identify(self, token: str | None, address: str,
-                 today: str = "") -> tuple[str, str, Policy] | None:
+                 when: float = 0.0) -> tuple[str, str, Policy] | None:
         """Whose buckets pay, a name for the logs, and the policy; None when the key is refused.
 
         In open mode any key (or, without one, the caller's address) gets the
@@ -918,7 +918,7 @@ class KeyRing:
             digest, policy = self.lookup(token)
             if policy is not None and not policy.enabled:
                 raise ProxyError(401, "This key is disabled.", "authentication_error", "key_disabled")
-            if policy is not None and policy.expires is not None and today > policy.expires:
+            if policy is not None and policy.expires is not None and local_day(when) > policy.expires:
                 raise ProxyError(401, f"This key expired on {policy.expires}.",
                                  "authentication_error", "key_expired")
             if policy is not None or self.is_open:
@@ -1674,13 +1674,19 @@ def window_costs(dialect: Dialect, payload: dict, config: Config, capacity: int,
     window limited to other models counts nothing.
     """
     cost, prompt = request_cost(dialect, payload, config, capacity)
-    tokens = cost if config.cost_mode != "request" or dialect.flat_rate else (
-        estimate_tokens(payload, config.response_reserve, dialect))
+    estimate: list[int] = []  # a token window in request mode is charged the estimate, made once
+
+    def tokens() -> int:
+        if config.cost_mode != "request" or dialect.flat_rate:
+            return cost
+        if not estimate:
+            estimate.append(estimate_tokens(payload, config.response_reserve, dialect))
+        return estimate[0]
 
     def cost_of(spec: BucketSpec) -> int:
         if spec.models is not None and model not in spec.models:
             return 0
-        return 1 if spec.unit == "requests" else tokens if spec.unit == "tokens" else cost
+        return 1 if spec.unit == "requests" else tokens() if spec.unit == "tokens" else cost
     return cost_of, prompt
 
 
@@ -2123,7 +2129,7 @@ class Ticket:
         self.key_limit = key_limit
         self.group = group
         self.group_limit = group_limit
-        self.event = threading.Event()
+        self.event: threading.Event | None = None  # made only for a ticket that has to wait
         self.granted = False
         self.withdrawn = False
 
@@ -2161,6 +2167,7 @@ class FairGate:
             if not self._queues and self._has_room(ticket):
                 self._grant(ticket)
                 return
+            ticket.event = threading.Event()
             self._queues.setdefault(identity, deque()).append(ticket)
             self._dispatch()
         ticket.event.wait(self.timeout)
@@ -2183,7 +2190,8 @@ class FairGate:
             ticket.withdrawn = True
             if not ticket.granted:
                 self._dequeue(ticket)
-                ticket.event.set()
+                if ticket.event is not None:
+                    ticket.event.set()
 
     def _dequeue(self, ticket: Ticket) -> None:
         waiting = self._queues.get(ticket.identity)
@@ -2228,7 +2236,8 @@ class FairGate:
         if ticket.group is not None:
             self._per_key[ticket.group] = self._per_key.get(ticket.group, 0) + 1
         ticket.granted = True
-        ticket.event.set()
+        if ticket.event is not None:
+            ticket.event.set()
 
     def _dispatch(self) -> None:
         """Hand free slots to the first key in turn whose next request may go."""
@@ -2446,7 +2455,7 @@ class Call:
     upstream_ms: float | None = None
     first_byte: float | None = None  # monotonic, when the answer's head went out
     endpoint: str = "other"          # for the metrics: the API, or what kind of free call
-    gone: threading.Event = field(default_factory=threading.Event)
+    gone: bool = False               # the client hung up (set by the disconnect watcher's thread)
 
     def close_charge(self, usage_mode: bool) -> None:
         """Decide what the charge becomes; safe to call more than once (the first call decides).
@@ -2459,7 +2468,7 @@ class Call:
         charge = self.charge
         if charge is None:
             return
-        served = self.served or (self.gone.is_set() and self.upstream_reached)
+        served = self.served or (self.gone and self.upstream_reached)
         used = None
         if usage_mode and served and self.meter is not None:
             used = self.meter.used(self.finished or not self.stream)
@@ -2536,14 +2545,13 @@ class Call:
 
     def log_records(self, ip: str, method: str, path: str, with_record: bool) -> tuple[str, str]:
         """The console line and (when wanted) the ACCESS_LOG record; names, never keys."""
-        if not self.status and self.gone.is_set():
+        if not self.status and self.gone:
             self.status = 499
         outcome, charge = self.outcome, self.charge
         charged = charge.charged if charge is not None else 0
         settled = charge.paid if charge is not None else 0
         elapsed = (time.monotonic() - self.started) * 1000
-        now = time.time()
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)) + f",{int(now % 1 * 1000):03d}"
+        stamp = console_stamp(time.time())
         who = self.label if self.user is None else f"{self.label}/{self.user}"
         who = ascii(who)[1:-1] if not who.isprintable() else who  # one request, one line
         line = (f"{stamp} INFO {ip} {who} {method} {path} {self.status} {outcome} "
@@ -2647,7 +2655,7 @@ class Relay:
                     server.upstream_state.answered()
                     exchange.completed = self.relay(response, inspect)
                 except (OSError, http.client.HTTPException) as error:
-                    if call.gone.is_set():
+                    if call.gone:
                         raise ClientGone() from None
                     failure = upstream_failure(error)
                     if not exchange.sent or call.upstream_ms is None:
@@ -2660,7 +2668,7 @@ class Relay:
 
     def client_left(self, ticket: Ticket, exchange: UpstreamExchange) -> None:
         """Called by the disconnect watcher's thread when the client hangs up mid-request."""
-        self.call.gone.set()
+        self.call.gone = True
         self.server.gate.withdraw(ticket)
         exchange.abort()
 
@@ -2731,7 +2739,7 @@ class Relay:
                 client.write_chunk(data)
                 call.served = call.served or ok
         except (OSError, http.client.HTTPException) as error:
-            if call.gone.is_set():
+            if call.gone:
                 raise ClientGone() from None
             log.warning("upstream stream to %s broke off: %s", call.label, type(error).__name__)
             completed = False
@@ -2812,7 +2820,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 self.close_connection = True
             self.send_json(error.status, self.call.dialect.error_body(error), error.headers)
         except ClientGone:
-            self.call.gone.set()
+            self.call.gone = True
             self.close_connection = True
         except Exception:
             log.exception("internal error on %s %s", self.command, ascii(self.path.partition("?")[0]))
@@ -2973,7 +2981,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         admin_key = self.server.config.admin_key
         is_admin = bool(admin_key and token is not None and same_secret(token, admin_key))
         found = None if is_admin else self.server.keyring.identify(
-            token, self.client_address[0], local_day(self.call.arrived))
+            token, self.client_address[0], self.call.arrived)
         if found is None:
             raise ProxyError(401, "Missing or invalid proxy API key", "authentication_error",
                              "invalid_api_key")
@@ -3305,9 +3313,36 @@ def _iso_time(wall: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(wall)) + f".{int(wall % 1 * 1000):03d}Z"
 
 
+_day_cache: tuple[float, float, str, int] = (0.0, 0.0, "", 0)
+
+
 def local_day(wall: float) -> str:
-    """The calendar day in the proxy's local time zone (TZ), as YYYY-MM-DD."""
-    return time.strftime("%Y-%m-%d", time.localtime(wall))
+    """The calendar day in the proxy's local time zone (TZ), as YYYY-MM-DD.
+
+    Asked on every request, so the day's bounds are remembered until it ends
+    (or until TZ changes).
+    """
+    global _day_cache
+    start, end, text, zone = _day_cache
+    if start <= wall < end and zone == time.timezone:
+        return text
+    text = time.strftime("%Y-%m-%d", time.localtime(wall))
+    start, end = period_bounds(wall, "day")
+    _day_cache = (start, end, text, time.timezone)
+    return text
+
+
+_stamp_cache: tuple[int, str] = (-1, "")
+
+
+def console_stamp(wall: float) -> str:
+    """``YYYY-MM-DD HH:MM:SS,mmm`` in local time, as the logging module writes it."""
+    global _stamp_cache
+    second, text = _stamp_cache
+    if int(wall) != second:
+        second, text = int(wall), time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(wall))
+        _stamp_cache = (second, text)
+    return f"{text},{int(wall % 1 * 1000):03d}"
 
 
 def last_days(wall: float, count: int) -> list[str]:
