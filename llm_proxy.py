@@ -45,7 +45,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, fields, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from logging.handlers import QueueHandler, QueueListener
-from typing import BinaryIO, Callable, Iterator, Sequence, TextIO
+from typing import BinaryIO, Callable, Iterator, NamedTuple, Sequence, TextIO
 
 __version__ = "1.0.0"
 
@@ -341,9 +341,12 @@ class Bucket:
         return self.step_at + steps * spec.interval - now
 
 
-@dataclass(frozen=True)
-class Admission:
-    """The outcome of one charge: what the rate-limit headers and limit reply report."""
+class Admission(NamedTuple):
+    """The outcome of one charge: what the rate-limit headers and limit reply report.
+
+    A named tuple, not a frozen dataclass: one is made per request, and a frozen
+    dataclass sets each field through ``object.__setattr__``.
+    """
 
     allowed: bool
     cost: int
@@ -354,6 +357,13 @@ class Admission:
     refill_seconds: float
     window: str = ""
     costs: tuple[tuple[int, ...], ...] = ()  # what each payer's each window was charged
+
+
+def _tightness(row: tuple[Bucket, BucketSpec, int, float]) -> tuple:
+    """Which window a limit reply names: one too small, else the one blocking longest, else
+    the one nearest empty (among those this request counts in)."""
+    bucket, spec, amount, wait = row
+    return (amount > spec.capacity, wait, amount > 0, -bucket.tokens)
 
 
 class BucketStore:
@@ -401,30 +411,29 @@ class BucketStore:
         ``cost`` is one number for all windows, or each window's own (by its unit;
         0 for a window that does not count this request's model).
         """
-        cost_of = cost if callable(cost) else (lambda spec: cost)
+        cost_of = cost if callable(cost) else None
         with self._lock:
             now, offset = self._now()
-            buckets: list[Bucket] = []
-            specs: list[BucketSpec] = []
+            rows: list[tuple[Bucket, BucketSpec, int, float]] = []
             costs: list[tuple[int, ...]] = []
-            for identity, payer_specs in payers:
-                buckets.extend(self._current(identity, payer_specs, now, offset))
-                specs.extend(payer_specs)
-                costs.append(tuple(cost_of(spec) for spec in payer_specs))
-            flat = [c for payer in costs for c in payer]
-            waits = [bucket.seconds_until(spec, c, now, offset)
-                     for bucket, spec, c in zip(buckets, specs, flat)]
-            allowed = max(waits) <= 0 and all(c <= spec.capacity for c, spec in zip(flat, specs))
+            allowed = True
+            for identity, specs in payers:
+                charged = []
+                for bucket, spec in zip(self._current(identity, specs, now, offset), specs):
+                    amount = cost if cost_of is None else cost_of(spec)  # type: ignore[assignment]
+                    wait = 0.0 if bucket.tokens >= amount else bucket.seconds_until(
+                        spec, amount, now, offset)
+                    if wait > 0 or amount > spec.capacity:
+                        allowed = False
+                    charged.append(amount)
+                    rows.append((bucket, spec, amount, wait))
+                costs.append(tuple(charged))
             if allowed:
-                for bucket, c in zip(buckets, flat):
-                    bucket.tokens -= c
-            # Report the tightest window: one too small, else the one blocking longest,
-            # else the one nearest empty (among those this request counts in).
-            index = max(range(len(specs)), key=lambda i: (
-                flat[i] > specs[i].capacity, waits[i], flat[i] > 0, -buckets[i].tokens))
-            spec = specs[index]
-            return Admission(allowed, flat[index], spec.capacity, max(0, buckets[index].tokens),
-                             0.0 if allowed else waits[index], spec.refill_tokens, spec.interval,
+                for bucket, _, amount, _ in rows:
+                    bucket.tokens -= amount
+            bucket, spec, amount, wait = rows[0] if len(rows) == 1 else max(rows, key=_tightness)
+            return Admission(allowed, amount, spec.capacity, max(0, bucket.tokens),
+                             0.0 if allowed else wait, spec.refill_tokens, spec.interval,
                              spec.name, tuple(costs))
 
     def credit(self, identity: str, specs: Sequence[BucketSpec], amount: int | Sequence[int]) -> None:
@@ -551,7 +560,7 @@ class Charge:
         if not served:
             self.state = "refunded"
             self.credit(lambda spec, charged: charged)
-            self.admission = replace(self.admission, remaining=min(
+            self.admission = self.admission._replace(remaining=min(
                 self.admission.limit, self.admission.remaining + cost))
         elif used is None:
             self.state = "kept"
@@ -1010,8 +1019,7 @@ def _count(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
-@dataclass(frozen=True)
-class Usage:
+class Usage(NamedTuple):
     """Tokens an answer used, as its upstream reported them (prompt includes cached tokens)."""
 
     prompt: int
@@ -1657,6 +1665,7 @@ OLLAMA = OllamaChat()
 DIALECTS: tuple[Dialect, ...] = (CHAT, TextCompletions(), Responses(), ANTHROPIC, OLLAMA,
                                  OllamaGenerate(), Embeddings(), OllamaEmbed())
 METERED = {route: dialect for dialect in DIALECTS for route in dialect.routes}
+METERED_ENDPOINTS = frozenset(dialect.name for dialect in DIALECTS + (OPENAI,))
 
 
 def estimate_tokens(payload: dict, reserve: int, dialect: Dialect = CHAT) -> int:
@@ -2843,6 +2852,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if path in ("/", "/health"):
             self.send_json(200, ROOT_REPLY if path == "/" else {"status": "ok"})
             return
+        if path == "/favicon.ico":  # browsers ask; an empty answer keeps their consoles quiet
+            self.send_bytes(204, [], b"")
+            return
         if path in ADMIN_PATHS:
             self.handle_admin(path)
             return
@@ -3444,8 +3456,11 @@ class AdminView:
         now = call.arrived  # a request counts on the day it arrived
         key = call.app[1] if call.app is not None else call.policy
         named = key is not None and bool(key.name)
-        server.usage.record(call.identity, call.label, call.user, local_day(now), now,
-                            [int(count) for count in counts])
+        if call.endpoint in METERED_ENDPOINTS:  # the history counts calls to the model, not quota checks
+            day, counts = local_day(now), [int(count) for count in counts]
+            server.usage.record(call.identity, call.label, call.user, day, now, counts)
+            if call.app is not None:  # an app key's history includes all of its users'
+                server.usage.record(call.app[0], call.label, None, day, now, counts)
         elapsed = time.monotonic() - call.started
         first_byte = call.first_byte - call.started if call.first_byte is not None else None
         server.metrics.record(call.label if named else OTHER, call.user if named else None,
@@ -3574,7 +3589,7 @@ tr.user td:first-child{padding-left:26px;color:var(--mute)}
 .fill{height:8px;background:var(--bar)}.small{font-size:12px;color:var(--mute)}
 form{display:flex;gap:8px;flex-wrap:wrap}input{font:inherit;padding:8px;border:1px solid var(--line);border-radius:6px;min-width:240px}
 button{font:inherit;padding:8px 14px;border:0;border-radius:6px;background:var(--bar);color:#fff}
-.error{color:var(--bad)}svg{width:100%;height:auto;display:block}svg text{font-size:10px;fill:var(--mute)}
+.error{color:var(--bad)}svg{width:100%;height:120px;display:block}.axis{display:flex;justify-content:space-between;font-size:12px;color:var(--mute)}
 """
 
 DASHBOARD_SCRIPT = """
@@ -3639,16 +3654,14 @@ function row(entry, isUser) {
 function chart(keys) {
   const totals = new Map();
   for (const k of keys) for (const d of k.daily) totals.set(d.date, (totals.get(d.date) || 0) + d.tokens_charged);
-  const days = [...totals.keys()].sort(), peak = Math.max(1, ...totals.values());
-  const box = svg("svg", {viewBox: "0 0 600 140", role: "img", "aria-label": "tokens charged per day, last 30 days"});
+  const days = [...totals.keys()].sort(), peak = Math.max(0, ...totals.values());
+  const box = svg("svg", {viewBox: "0 0 600 120", preserveAspectRatio: "none", role: "img", "aria-label": "tokens charged per day, last 30 days"});
   const width = 600 / Math.max(1, days.length);
-  days.forEach((day, i) => { const h = 110 * totals.get(day) / peak;
-    const bar = svg("rect", {x: (i * width + 1).toFixed(1), y: (115 - h).toFixed(1), width: Math.max(1, width - 2).toFixed(1), height: h.toFixed(1), fill: "#3a7bd5"});
+  days.forEach((day, i) => { const h = peak ? 115 * totals.get(day) / peak : 0;
+    const bar = svg("rect", {x: (i * width + 1).toFixed(1), y: (120 - h).toFixed(1), width: Math.max(1, width - 2).toFixed(1), height: h.toFixed(1), fill: "#3a7bd5"});
     const tip = svg("title", {}); tip.textContent = day + ": " + fmt(totals.get(day)) + " tokens"; bar.append(tip); box.append(bar); });
-  if (days.length) { for (const [i, anchor] of [[0, "start"], [days.length - 1, "end"]]) {
-    const t = svg("text", {x: anchor === "start" ? 0 : 600, y: 134, "text-anchor": anchor}); t.textContent = days[i]; box.append(t); } }
-  const top = svg("text", {x: 0, y: 10}); top.textContent = "peak " + fmt(peak) + " tokens/day"; box.append(top);
-  return box;
+  const axis = $("div", {class: "axis"}, $("span", {}, days[0] || ""), $("span", {}, "peak " + fmt(peak) + " tokens/day"), $("span", {}, days[days.length - 1] || ""));
+  return [box, axis];
 }
 
 function render(data) {
@@ -3660,7 +3673,7 @@ function render(data) {
   for (const k of data.keys) { today += k.usage.today.requests; tokens += k.usage.today.tokens_charged; month += k.usage.last_30_days.tokens_charged; }
   document.getElementById("totals").replaceChildren(...[["keys", data.keys.length], ["in flight", data.in_flight], ["queued", data.queued],
     ["requests today", today], ["tokens today", tokens], ["tokens, 30 days", month]].map(([label, value]) => $("div", {class: "total"}, $("b", {}, fmt(value)), $("span", {}, label))));
-  document.getElementById("chart").replaceChildren(chart(data.keys));
+  document.getElementById("chart").replaceChildren(...chart(data.keys));
   const body = document.getElementById("rows"); body.replaceChildren();
   for (const k of data.keys) { body.append(row(k, false)); for (const u of k.users || []) body.append(row(u, true)); }
   document.getElementById("updated").textContent = "updated " + new Date(data.now).toLocaleTimeString();
@@ -3677,7 +3690,7 @@ DASHBOARD_PAGE = """<!doctype html>
 <title>llm_proxy</title><style>{style}</style></head>
 <body><header><h1>llm_proxy</h1><span id="upstream"></span><span id="updated" class="small"></span>
 <button id="logout" type="button">Sign out</button></header>
-<main><form id="login" class="card" autocomplete="off"><input id="key" type="password" placeholder="Admin key" aria-label="Admin key" autofocus>
+<main><form id="login" class="card" autocomplete="off"><input id="key" type="password" placeholder="Admin key" aria-label="Admin key" autocomplete="off" autofocus>
 <button type="submit">Open</button></form><p id="message" class="error" role="status"></p>
 <div id="view" hidden><section class="card"><div id="totals" class="totals"></div></section>
 <section class="card"><div class="small">Tokens charged per day, last 30 days</div><div id="chart"></div></section>
@@ -4296,7 +4309,7 @@ def describe(config: Config, server: ProxyServer) -> str:
             else f"{server.keyring.key_count} client keys")
     model = f" model {config.upstream_model}" if config.upstream_model else ""
     return (f"llm_proxy {__version__} listening on http://{host}:{port} -> "
-            f"{server.upstream.target.display}{model}; buckets: {limits}; {keys}")
+            f"{server.upstream.target.display}{model}; default buckets: {limits}; {keys}")
 
 
 def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> int:

@@ -142,6 +142,8 @@ class UsageReportTests(OwnerTestCase):
             self.chat(headers={"X-Usage": "9"})
         self.chat(model=5)  # rejected: 400
         self.chat(key=APP_KEY, user="kid")
+        self.request("GET", "/v1/quota")  # a quota check is no call to the model: not in the history
+        self.logged(9)
         report = self.admin("/admin/api/usage").json()
         self.assertEqual(set(report), {"now", "upstream", "in_flight", "queued", "keys"})
         self.assertEqual(report["upstream"], {"url": self.upstream.url, "up": True, "last_error": None})
@@ -158,6 +160,7 @@ class UsageReportTests(OwnerTestCase):
         self.assertEqual(ada["enabled"], True)
         family = keys['fam"ily\\\n']
         self.assertEqual([(u["name"], u["usage"]["today"]["served"]) for u in family["users"]], [("kid", 1)])
+        self.assertEqual(family["usage"]["today"]["served"], 1, "an app's history includes its users'")
         unnamed = keys[llm_proxy.key_digest(OTHER_KEY)[:12]]
         self.assertEqual(unnamed["usage"]["today"]["requests"], 0)
         for secret in (CLIENT_KEY, OTHER_KEY, APP_KEY, ADMIN_KEY):
