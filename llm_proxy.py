@@ -20,6 +20,10 @@ import argparse
 import base64
 import bisect
 import copy
+try:
+    import fcntl
+except ImportError:  # Windows: keys edits are not locked there
+    fcntl = None  # type: ignore[assignment]
 import datetime
 import hashlib
 import hmac
@@ -27,6 +31,7 @@ import http.client
 import json
 import logging
 import math
+import operator
 import queue
 import os
 import re
@@ -421,8 +426,8 @@ class BucketStore:
                 charged = []
                 for bucket, spec in zip(self._current(identity, specs, now, offset), specs):
                     amount = cost if cost_of is None else cost_of(spec)  # type: ignore[assignment]
-                    wait = 0.0 if bucket.tokens >= amount else bucket.seconds_until(
-                        spec, amount, now, offset)
+                    wait = 0.0 if amount == 0 or bucket.tokens >= amount else (
+                        bucket.seconds_until(spec, amount, now, offset))
                     if wait > 0 or amount > spec.capacity:
                         allowed = False
                     charged.append(amount)
@@ -577,8 +582,12 @@ class Charge:
 
     @property
     def charged(self) -> int:
-        """What was taken before forwarding and not given back."""
-        return 0 if self.state == "refunded" else self.admission.cost
+        """Tokens taken before forwarding and not given back (a request window's 1 is no token)."""
+        if self.state == "refunded":
+            return 0
+        amounts = [amount for (_, specs), costs in zip(self.payers, self.admission.costs)
+                   for spec, amount in zip(specs, costs) if spec.unit != "requests"]
+        return max(amounts, default=self.admission.cost)
 
     @property
     def paid(self) -> int:
@@ -649,7 +658,8 @@ def stored_secret(key: str) -> tuple[str, bytes]:
     return full.hex()[:32], full
 
 
-def parse_keys_file(text: str, config: Config) -> dict[str, tuple[bytes, Policy]]:
+def parse_keys_file(text: str, config: Config,
+                    require_secrets: bool = True) -> dict[str, tuple[bytes, Policy]]:
     """Policies by key digest from a keys file: ``{"<key>": {"name": ..., overrides...}}``.
 
     Errors name the entry by position and name, never by its key.
@@ -673,11 +683,12 @@ def parse_keys_file(text: str, config: Config) -> dict[str, tuple[bytes, Policy]
             digest, secret = stored_secret(key)
         except ConfigError as error:
             raise ConfigError(f"{where}: {error}") from None
-        policies[digest] = (secret, _policy_from_entry(entry, config, where))
+        policies[digest] = (secret, _policy_from_entry(entry, config, where, require_secrets))
     return policies
 
 
-def _policy_from_entry(entry: dict, config: Config, where: str) -> Policy:
+def _policy_from_entry(entry: dict, config: Config, where: str,
+                       require_secrets: bool = True) -> Policy:
     unknown = set(entry) - POLICY_FIELDS
     if unknown:
         raise ConfigError(f"{where}: unknown setting {sorted(unknown)[0]!r}")
@@ -698,7 +709,8 @@ def _policy_from_entry(entry: dict, config: Config, where: str) -> Policy:
     limit = entry.get("max_concurrent", config.max_concurrent_per_key)
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
         raise ConfigError(f"{where}: max_concurrent must be a whole number, 0 for no limit")
-    users = _users_from_entry(entry["users"], config, f"{where} users") if "users" in entry else None
+    users = (_users_from_entry(entry["users"], config, f"{where} users", require_secrets)
+             if "users" in entry else None)
     enabled, expires = entry.get("enabled", True), entry.get("expires")
     if not isinstance(enabled, bool):
         raise ConfigError(f"{where}: enabled must be true or false")
@@ -743,9 +755,13 @@ def user_digest(user: str) -> str:
 
 
 def _b64url(text: str) -> bytes:
+    """Strict base64url: one spelling per value, so a token has no equivalent variants."""
     if not re.fullmatch(r"[A-Za-z0-9_-]*", text):
         raise ValueError("not base64url")
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    if base64.urlsafe_b64encode(data).rstrip(b"=").decode() != text:
+        raise ValueError("not canonical base64url")
+    return data
 
 
 def verify_jwt(token: str, secret: bytes, now: float, issuer: str | None = None,
@@ -775,10 +791,12 @@ def verify_jwt(token: str, secret: bytes, now: float, issuer: str | None = None,
     if not isinstance(claims, dict):
         raise ValueError("malformed claims")
     expires = claims.get("exp")
-    if isinstance(expires, bool) or not isinstance(expires, (int, float)) or now > expires + leeway:
+    if (isinstance(expires, bool) or not isinstance(expires, (int, float))
+            or not math.isfinite(expires) or now > expires + leeway):
         raise ValueError("expired token")
     not_before = claims.get("nbf")
-    if isinstance(not_before, (int, float)) and now + leeway < not_before:
+    if isinstance(not_before, (int, float)) and (not math.isfinite(not_before)
+                                                  or now + leeway < not_before):
         raise ValueError("token not yet valid")
     if issuer is not None and claims.get("iss") != issuer:
         raise ValueError("wrong issuer")
@@ -808,7 +826,8 @@ def end_user(spec: UserSpec, headers: Headers, payload: dict | None, dialect: Di
     return user.strip()
 
 
-def _users_from_entry(spec: object, config: Config, where: str) -> UserSpec:
+def _users_from_entry(spec: object, config: Config, where: str,
+                      require_secrets: bool = True) -> UserSpec:
     if not isinstance(spec, dict):
         raise ConfigError(f"{where}: must be an object")
     unknown = set(spec) - USERS_FIELDS
@@ -827,7 +846,7 @@ def _users_from_entry(spec: object, config: Config, where: str) -> UserSpec:
             raise ConfigError(f"{where}: 'secret_env' must name the environment variable that "
                               "holds the JWT secret (never the secret itself)")
         value = os.environ.get(variable, "")
-        if not value:
+        if not value and require_secrets:
             raise ConfigError(f"{where}: the environment variable {variable} is not set")
         secret = value.encode("utf-8")
     issuer = spec.get("issuer")
@@ -1044,7 +1063,7 @@ class Meter:
     """
 
     __slots__ = ("dialect", "prompt_estimate", "hide_usage", "counts_text", "usage_fields",
-                 "characters")
+                 "characters", "final")
 
     def __init__(self, dialect: Dialect, prompt_estimate: int, hide_usage: bool = False,
                  counts_text: bool = True) -> None:
@@ -1054,8 +1073,9 @@ class Meter:
         self.counts_text = counts_text
         self.usage_fields: dict[str, int] = {}
         self.characters = 0
+        self.final = False  # the usage seen is the answer's last word (not, say, message_start's)
 
-    def report(self, **counts: object) -> None:
+    def report(self, counts: dict) -> None:
         """Record counts from the upstream; later reports of a field replace earlier ones."""
         for name, value in counts.items():
             count = _count(value)
@@ -1072,9 +1092,13 @@ class Meter:
         None means keep the reservation (a finished answer that reported nothing).
         """
         usage = self.reported
-        if usage is not None:
-            return usage.total
-        return None if finished else self.prompt_estimate + math.ceil(self.characters / 4)
+        if finished and (usage is None or self.final):
+            return None if usage is None else usage.total
+        # Cut short, or ended without its final usage: what was reported so far may be
+        # partial (Anthropic's message_start says output 0), so the streamed text counts too.
+        prompt = usage.prompt if usage is not None else self.prompt_estimate
+        counted = prompt + math.ceil(self.characters / 4)
+        return counted if usage is None else max(usage.total, counted)
 
     def filter(self, data: bytes, framing: Framing) -> bytes:
         """Observe complete frames; return those the client should see."""
@@ -1268,7 +1292,7 @@ class Dialect:
         """Take the usage from a whole, non-streamed answer."""
         usage = reply.get("usage")
         if isinstance(usage, dict):
-            meter.report(**usage)
+            meter.report(usage)
 
     def observe(self, event: dict, meter: Meter) -> bool:
         """Read one streamed event; False hides it from the client."""
@@ -1319,7 +1343,8 @@ class ChatCompletions(Dialect):
         usage = event.get("usage")
         if not isinstance(usage, dict):
             return True
-        meter.report(**usage)
+        meter.report(usage)
+        meter.final = True  # sent once, after the last choice
         return not (meter.hide_usage and not choices)
 
     @staticmethod
@@ -1401,6 +1426,7 @@ class Responses(Dialect):
             response = event.get("response")
             if isinstance(response, dict):
                 self.read_reply(response, meter)
+                meter.final = True
         return True
 
     def reply(self, model: str, text: str, usage: Usage = NO_USAGE) -> dict:
@@ -1509,6 +1535,7 @@ class AnthropicMessages(Dialect):
             self.read_reply(event["message"], meter)
         elif kind == "message_delta":
             self.read_reply(event, meter)  # its counts are cumulative: they replace the earlier
+            meter.final = True
         return True
 
     def reply(self, model: str, text: str, usage: Usage = NO_USAGE) -> dict:
@@ -1570,8 +1597,8 @@ class OllamaChat(Dialect):
         return Usage(fields.get("prompt_eval_count", 0), fields.get("eval_count", 0))
 
     def read_reply(self, reply: dict, meter: Meter) -> None:
-        meter.report(prompt_eval_count=reply.get("prompt_eval_count"),
-                     eval_count=reply.get("eval_count"))
+        meter.report({"prompt_eval_count": reply.get("prompt_eval_count"),
+                      "eval_count": reply.get("eval_count")})
 
     def observe(self, event: dict, meter: Meter) -> bool:
         text = self.text_of(event)
@@ -1579,6 +1606,7 @@ class OllamaChat(Dialect):
             meter.characters += len(text)
         if event.get("done") is True:
             self.read_reply(event, meter)
+            meter.final = True
         return True
 
     @staticmethod
@@ -1803,7 +1831,8 @@ HOP_BY_HOP = frozenset({
 # Every header a client may carry a credential in.  The same list finds the
 # caller's key and strips the request: the proxy key is the proxy's secret, and
 # a cookie or second key meant for the proxy is none of the upstream's business.
-CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key", "proxy-authorization", "cookie")
+CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key", "proxy-authorization", "cookie",
+                      "x-openwebui-user-jwt")
 KEY_HEADERS = CREDENTIAL_HEADERS[:3]  # those that carry an API key, in order of preference
 NOT_FORWARDED_UPSTREAM = HOP_BY_HOP | frozenset(CREDENTIAL_HEADERS) | {
     "host", "content-length", "expect", "accept-encoding"}
@@ -2463,7 +2492,7 @@ class Call:
     upstream_reached: bool = False   # the request was sent: the upstream may be working on it
     upstream_ms: float | None = None
     first_byte: float | None = None  # monotonic, when the answer's head went out
-    endpoint: str = "other"          # for the metrics: the API, or what kind of free call
+    endpoint: str = "local"          # for the metrics: the API, "free", or a local answer
     gone: bool = False               # the client hung up (set by the disconnect watcher's thread)
 
     def close_charge(self, usage_mode: bool) -> None:
@@ -2541,6 +2570,7 @@ class Call:
                              "upstream_invalid_response")
         if self.meter is not None:
             self.dialect.read_reply(reply, self.meter)
+            self.meter.final = True  # a whole answer's usage is all there is
         return data
 
     @property
@@ -2604,8 +2634,13 @@ def limit_answer(dialect: Dialect, admission: Admission, model: str, stream: boo
 OLLAMA_FREE = {"/api/version": ("GET", "HEAD"), "/api/ps": ("GET", "HEAD"), "/api/show": ("POST",)}
 OLLAMA_MANAGEMENT = ("/api/pull", "/api/push", "/api/create", "/api/copy", "/api/delete",
                      "/api/blobs")
-# Calls under /v1 that do no generation: reading or deleting a stored response, counting tokens.
-FREE_V1_PREFIXES = ("/v1/responses/", "/v1/messages/count_tokens")
+def is_free_call(method: str, path: str) -> bool:
+    """Calls under /v1 that make no generation: reading, listing or deleting (a stored
+    response, its input items, models ...), and counting a prompt's tokens.  Every other
+    call that sends a body (``POST /v1/responses/compact`` runs the model) is charged."""
+    if method in ("GET", "HEAD", "DELETE") and path.startswith("/v1/responses/"):
+        return True
+    return method in ("GET", "HEAD") or (method == "POST" and path == "/v1/messages/count_tokens")
 
 
 def dialect_of(path: str) -> Dialect:
@@ -2877,7 +2912,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.handle_models(target, ollama=path == "/api/tags")
         elif path.startswith("/api/"):
             self.handle_ollama_other(target, path)
-        elif method in ("GET", "HEAD") or path.startswith(FREE_V1_PREFIXES):
+        elif is_free_call(method, path):
             self.forward_free(target)
         else:  # any other call under /v1 that may make the model work: a flat cost
             self.handle_metered(OPENAI, target)
@@ -2914,6 +2949,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.forward_free(target)
 
     def forward_free(self, target: Target) -> None:
+        self.call.endpoint = "free"
         body = self.read_body()
         if body:
             self.check_model(body)
@@ -3248,9 +3284,8 @@ class Ledger:
             if len(self.days) > keep_days:  # dates sort as text: drop the oldest
                 for old in sorted(self.days)[:len(self.days) - keep_days]:
                     del self.days[old]
-        for index, count in enumerate(counts):
-            today[index] += count
-            self.total[index] += count
+        today[:] = map(operator.add, today, counts)  # per request: the loop runs in C
+        self.total[:] = map(operator.add, self.total, counts)
 
     def summary(self, today: str, days: Sequence[str]) -> dict:
         """Usage today, over the last 7 and 30 days and in all, and the daily series."""
@@ -3383,7 +3418,7 @@ class Metrics:
     def __init__(self, max_series: int = 20_000) -> None:
         self.max_series = max_series
         self.requests: dict[tuple[str, str | None, str, str], int] = {}
-        self.tokens: dict[tuple[str, str | None, str], int] = {}
+        self.tokens: dict[tuple[str, str | None], list[int]] = {}  # prompt, completion, charged
         self.duration = Histogram()
         self.first_byte = Histogram()
         self._lock = threading.Lock()
@@ -3395,9 +3430,13 @@ class Metrics:
                 key, user = OTHER, None
             series = (key, user, endpoint, outcome)
             self.requests[series] = self.requests.get(series, 0) + 1
-            for kind, count in (("prompt", prompt), ("completion", completion), ("charged", charged)):
-                if count:
-                    self.tokens[(key, user, kind)] = self.tokens.get((key, user, kind), 0) + count
+            if prompt or completion or charged:
+                tokens = self.tokens.get((key, user))
+                if tokens is None:
+                    tokens = self.tokens[(key, user)] = [0, 0, 0]
+                tokens[0] += prompt
+                tokens[1] += completion
+                tokens[2] += charged
             self.duration.observe(duration)
             if first_byte is not None:
                 self.first_byte.observe(first_byte)
@@ -3451,13 +3490,13 @@ class AdminView:
         charge = call.charge
         charged = charge.paid if charge is not None else 0
         outcome = call.outcome
-        counts = [1, outcome == "served", outcome == "limited", outcome == "rejected",
-                  outcome == "error", prompt, completion, charged]
+        counts = (1, int(outcome == "served"), int(outcome == "limited"), int(outcome == "rejected"),
+                  int(outcome == "error"), prompt, completion, charged)
         now = call.arrived  # a request counts on the day it arrived
         key = call.app[1] if call.app is not None else call.policy
         named = key is not None and bool(key.name)
         if call.endpoint in METERED_ENDPOINTS:  # the history counts calls to the model, not quota checks
-            day, counts = local_day(now), [int(count) for count in counts]
+            day = local_day(now)
             server.usage.record(call.identity, call.label, call.user, day, now, counts)
             if call.app is not None:  # an app key's history includes all of its users'
                 server.usage.record(call.app[0], call.label, None, day, now, counts)
@@ -3512,7 +3551,10 @@ class AdminView:
         server, metrics = self.server, self.server.metrics
         with metrics._lock:
             requests = sorted(metrics.requests.items(), key=str)
-            tokens = sorted(metrics.tokens.items(), key=str)
+            tokens = sorted(((k, u, kind), counts[index]) for (k, u), counts in metrics.tokens.items()
+                            for index, kind in enumerate(("prompt", "completion", "charged"))
+                            if counts[index])
+            tokens.sort(key=str)
             duration, first_byte = copy.deepcopy(metrics.duration), copy.deepcopy(metrics.first_byte)
         lines = _family("llm_proxy_requests_total", "counter", "Requests by key, endpoint and outcome.",
                         ((_labels((("key", k), ("user", u), ("endpoint", e), ("outcome", o))), n)
@@ -3860,14 +3902,23 @@ def open_access_log(path: str) -> LineWriter:
         raise ConfigError(f"ACCESS_LOG {path}: cannot open it ({error.strerror})") from None
 
 
-def write_atomically(path: str, data: bytes) -> None:
-    """Write a file so that a crash leaves either the old or the new version, never a mix."""
+def write_atomically(path: str, data: bytes, keep_owner: bool = False) -> None:
+    """Write a file so that a crash leaves either the old or the new version, never a mix.
+
+    With ``keep_owner`` the new version keeps the old one's mode and owner (a keys
+    file edited by root must stay readable by the proxy's user), and a symbolic
+    link is followed rather than replaced.
+    """
+    if keep_owner:
+        path = os.path.realpath(path)
     directory = os.path.dirname(os.path.abspath(path))
     descriptor, temporary = tempfile.mkstemp(prefix=".llm_proxy-", dir=directory)
     try:
         with os.fdopen(descriptor, "wb") as file:
             file.write(data)
             file.flush()
+            if keep_owner:
+                _copy_owner(path, file.fileno())
             os.fsync(file.fileno())
         os.replace(temporary, path)
     except BaseException:
@@ -4179,6 +4230,17 @@ def entry_spans(text: str) -> list[tuple[str, int, int, int]]:
     return spans
 
 
+def _copy_owner(path: str, descriptor: int) -> None:
+    try:
+        old = os.stat(path)
+    except FileNotFoundError:
+        return
+    os.fchmod(descriptor, old.st_mode & 0o7777)
+    if hasattr(os, "fchown"):
+        with suppress(PermissionError):  # only root may give a file away
+            os.fchown(descriptor, old.st_uid, old.st_gid)
+
+
 class KeysFile:
     """Edits KEYS_FILE in place: one entry changes, the rest stays as the owner wrote it.
 
@@ -4209,7 +4271,7 @@ class KeysFile:
             raise ConfigError(f"a key named {name!r} exists already in {self.path}")
         key = "sk-" + secrets.token_urlsafe(24)
         entry = dict({"name": name}, **settings)
-        _policy_from_entry(entry, self.config, f"key {name}")  # refuse what the proxy would refuse
+        _policy_from_entry(entry, self.config, f"key {name}", require_secrets=False)
         stored = f'"sha256:{hashlib.sha256(key.encode()).hexdigest()}": {json.dumps(entry)}'
         close = self.text.rindex("}")
         if self.spans:
@@ -4244,8 +4306,10 @@ class KeysFile:
         return indent if not indent.strip() else "  "
 
     def save(self) -> None:
-        parse_keys_file(self.text, self.config)  # never write a file the proxy would refuse
-        write_atomically(self.path, self.text.encode("utf-8"))
+        # Never write a file the proxy would refuse; the JWT secrets live in the proxy's
+        # environment, which need not be this shell's.
+        parse_keys_file(self.text, self.config, require_secrets=False)
+        write_atomically(self.path, self.text.encode("utf-8"), keep_owner=True)
 
 
 def keys_command(args: argparse.Namespace, environ: dict[str, str]) -> int:
@@ -4255,34 +4319,48 @@ def keys_command(args: argparse.Namespace, environ: dict[str, str]) -> int:
         path = args.file or config.keys_file
         if not path:
             raise ConfigError("set KEYS_FILE (or pass --file) to say which keys file to edit")
-        keys = KeysFile(path, config)
-        if args.action == "add":
-            settings = {name: value for name, value in (
-                ("max_tokens", args.max_tokens), ("refill_tokens", args.refill_tokens),
-                ("refill_interval_seconds", args.refill_interval_seconds),
-                ("models", args.models.split(",") if args.models else None),
-                ("max_concurrent", args.max_concurrent), ("expires", args.expires)) if value is not None}
-            key = keys.add(args.name, settings)
-            print(f"added {args.name!r} to {path}; the key is shown once, here (only its SHA-256 is kept):")
-            print(key)
-        elif args.action == "list":
-            for stored, entry in keys.entries.items():
-                print(describe_entry(stored, entry, config))
-        elif args.action in ("disable", "enable"):
-            keys.update(args.name, enabled=args.action == "enable")
-            print(f"{args.name}: {args.action}d")
-        else:
-            keys.remove(args.name)
-            print(f"{args.name}: removed")
+        with edit_lock(path):  # two edits at once would each write the file without the other's
+            return keys_action(args, path, config)
     except (ConfigError, OSError, ValueError) as error:
         print(f"llm_proxy keys: {error}", file=sys.stderr)
         return 2
+
+
+@contextmanager
+def edit_lock(path: str) -> Iterator[None]:
+    """An exclusive lock on ``path``'s sidecar ``.lock`` file, held for one read-change-write."""
+    with open(os.path.realpath(path) + ".lock", "a") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        yield
+
+
+def keys_action(args: argparse.Namespace, path: str, config: Config) -> int:
+    keys = KeysFile(path, config)
+    if args.action == "add":
+        settings = {name: value for name, value in (
+            ("max_tokens", args.max_tokens), ("refill_tokens", args.refill_tokens),
+            ("refill_interval_seconds", args.refill_interval_seconds),
+            ("models", args.models.split(",") if args.models else None),
+            ("max_concurrent", args.max_concurrent), ("expires", args.expires)) if value is not None}
+        key = keys.add(args.name, settings)
+        print(f"added {args.name!r} to {path}; the key is shown once, here (only its SHA-256 is kept):")
+        print(key)
+    elif args.action == "list":
+        for stored, entry in keys.entries.items():
+            print(describe_entry(stored, entry, config))
+    elif args.action in ("disable", "enable"):
+        keys.update(args.name, enabled=args.action == "enable")
+        print(f"{args.name}: {args.action}d")
+    else:
+        keys.remove(args.name)
+        print(f"{args.name}: removed")
     return 0
 
 
 def describe_entry(stored: str, entry: dict, config: Config) -> str:
     """One line of ``keys list``: name and limits, never the key."""
-    policy = _policy_from_entry(entry, config, "entry")
+    policy = _policy_from_entry(entry, config, "entry", require_secrets=False)
     windows = ", ".join(f"{spec.name + ' ' if spec.name else ''}{spec.capacity} "
                         f"+{spec.refill_tokens}/{spec.interval:g}s" for spec in policy.buckets)
     state = "enabled" if policy.enabled else "disabled"

@@ -165,6 +165,10 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
                 self.wfile.write(b"HTTP/1.1 200 OK\r\n" + b"X-Pad: " + b"p" * 1000 + b"\r\n")
                 for _ in range(10_000):  # 10 MB of headers
                     self.wfile.write(b"X-Pad: " + b"p" * 1000 + b"\r\n")
+        elif behaviour == "odd-usage":
+            reply = self.completion(payload)
+            reply["usage"] = dict(reply.get("usage") or {}, self=1, **{"": 2})
+            self.reply(200, reply)
         elif behaviour == "upstream-cors":
             self.reply(200, self.completion(payload), [("Access-Control-Allow-Origin", "https://x"),
                                                        ("X-RateLimit-Limit", "999")])

@@ -280,7 +280,8 @@ ROWS = [
 BY_PATH = {row.path: row for row in ROWS}
 
 
-WIRE_BEHAVIOURS = ("", "pause-after-first", "hold-until-closed", "break-after-first", "long-stream")
+WIRE_BEHAVIOURS = ("", "pause-after-first", "hold-until-closed", "break-after-first", "long-stream",
+                   "no-final-event")
 LONG_STREAM_EVENTS = 12_000  # as many as one of Codex's longest measured replies
 
 
@@ -321,6 +322,8 @@ class WireUpstreamHandler(FakeUpstreamHandler):
         events = row.stream(payload)
         if behaviour == "long-stream":  # the first piece repeated, between the same opening and end
             events = events[:3] + [events[3]] * LONG_STREAM_EVENTS + events[-1:]
+        elif behaviour == "no-final-event":  # ends cleanly, but before the usage that closes it
+            events = [e for e in events if b"message_delta" not in e and b"message_stop" not in e]
         try:
             for index, event in enumerate(events):
                 self.chunk(event)
@@ -565,6 +568,15 @@ class UsageModeTests(DialectTestCase):
         before = self.level()
         self.request("POST", "/v1/messages", ROWS[3].request(True), headers={"X-Fake": "break-after-first"})
         self.assertEqual(before - self.level(), 26)
+
+    def test_a_stream_ending_before_its_final_usage_pays_for_its_text(self) -> None:
+        """message_start says output 0; a stream that stops before message_delta is not free."""
+        before = self.level()
+        response = self.request("POST", "/v1/messages", ROWS[3].request(True),
+                                headers={"X-Fake": "no-final-event"})
+        self.assertEqual("".join(e["delta"]["text"] for name, e in sse_events(response.body)
+                                 if name == "content_block_delta"), TEXT)
+        self.assertEqual(before - self.level(), 26 + -(-len(TEXT) // 4))
 
     @staticmethod
     def streamed_tokens(row: Row) -> int:

@@ -237,3 +237,154 @@ class ReadmeFilesTests(unittest.TestCase):
                     self.assertEqual(len(llm_proxy.parse_keys_file(block, config)), len(data))
                     examples += 1
         self.assertGreaterEqual(examples, 3)
+
+
+# --------------------------------------------------------------------------
+# Found by an independent review of the dialects, users and owner's-view work
+# --------------------------------------------------------------------------
+
+class ReviewFindingTests(ProxyTestCase):
+    config_overrides = {"client_keys": (CLIENT_KEY,), "max_tokens": 1, "refill_tokens": 1}
+
+    def test_only_reading_and_counting_calls_are_free(self) -> None:
+        self.chat()  # the bucket is empty from here on
+        charged = [("POST", "/v1/responses/compact"), ("POST", "/v1/responses/resp_1/cancel"),
+                   ("PUT", "/v1/responses/x"), ("POST", "/v1/messages/count_tokens_x")]
+        for method, path in charged:
+            with self.subTest(path=path):
+                self.assertEqual(self.request(method, path, {"model": "m"}).status, 429)
+        free = [("GET", "/v1/responses/resp_1"), ("DELETE", "/v1/responses/resp_1"),
+                ("GET", "/v1/responses/resp_1/input_items"),
+                ("POST", "/v1/messages/count_tokens")]
+        for method, path in free:
+            with self.subTest(path=path):
+                self.assertLess(self.request(method, path, {"model": "m"} if method == "POST" else None
+                                             ).status, 429)
+        self.assertEqual(len(self.upstream.requests), 1 + len(free))
+
+    def test_the_open_webui_token_never_reaches_the_upstream(self) -> None:
+        for key in (CLIENT_KEY, None):
+            self.start_proxy(client_keys=(CLIENT_KEY,) if key else (), max_tokens=10)
+            self.chat(key=key, headers={"X-OpenWebUI-User-Jwt": "eyJhbGciOi.secret.token"})
+            self.assertNotIn("x-openwebui-user-jwt", {n.lower() for n in self.upstream.requests[-1]["headers"]})
+
+    def test_an_odd_usage_object_from_the_upstream_is_no_500(self) -> None:
+        self.start_proxy(client_keys=(CLIENT_KEY,), cost_mode="usage", max_tokens=1000)
+        # the fake's usage numbers, plus a key that no keyword argument may be called
+        response = self.chat(headers={"X-Fake": "odd-usage"})
+        self.assertEqual(response.status, 200)
+
+    def test_jwt_expiry_must_be_a_finite_number_and_signatures_canonical(self) -> None:
+        import base64
+        import hashlib
+        import hmac as hmac_module
+
+        def mint(claims: dict) -> str:
+            head = base64.urlsafe_b64encode(b'{"alg":"HS256","typ":"JWT"}').rstrip(b"=").decode()
+            body = base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=").decode()
+            mac = hmac_module.new(b"k", f"{head}.{body}".encode(), hashlib.sha256).digest()
+            return f"{head}.{body}.{base64.urlsafe_b64encode(mac).rstrip(b'=').decode()}"
+        for exp in ("NaN", "Infinity", "1e400"):
+            token = mint({"email": "a@x"}).split(".")
+            token[1] = base64.urlsafe_b64encode(('{"email": "a@x", "exp": %s}' % exp).encode()).rstrip(b"=").decode()
+            mac = hmac_module.new(b"k", f"{token[0]}.{token[1]}".encode(), hashlib.sha256).digest()
+            token[2] = base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
+            with self.assertRaises(ValueError, msg=exp):
+                llm_proxy.verify_jwt(".".join(token), b"k", 1000.0)
+        good = mint({"email": "a@x", "exp": 2000})
+        self.assertEqual(llm_proxy.verify_jwt(good, b"k", 1000.0)["email"], "a@x")
+        last = good[-1]
+        variants = [c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+                    if c != last]
+        for variant in variants:
+            forged = good[:-1] + variant
+            with self.assertRaises(ValueError):
+                llm_proxy.verify_jwt(forged, b"k", 1000.0)
+
+
+class ModelWindowDebtTests(ProxyTestCase):
+    def test_a_model_window_in_debt_does_not_block_other_models(self) -> None:
+        directory = tempfile.TemporaryDirectory()
+        self.addCleanup(directory.cleanup)
+        path = os.path.join(directory.name, "keys.json")
+        with open(path, "w") as file:
+            json.dump({CLIENT_KEY: {"name": "ada", "buckets": [
+                {"name": "big model", "max_tokens": 20, "refill_tokens": 20,
+                 "refill_interval_seconds": 3600, "models": ["big"]},
+                {"name": "all", "max_tokens": 1000, "refill_tokens": 1000,
+                 "refill_interval_seconds": 3600}]}}, file)
+        self.start_proxy(keys_file=path, cost_mode="usage")
+        self.chat(model="big", max_tokens=5, headers={"X-Usage": "90"})  # 90 used: the big window in debt
+        reply = self.chat(model="small", max_tokens=5).json()["choices"][0]["message"]["content"]
+        self.assertEqual(reply, "hi from upstream")
+
+
+class UnitChargeRecordTests(ProxyTestCase):
+    def test_tokens_charged_is_the_token_windows_charge(self) -> None:
+        directory = tempfile.TemporaryDirectory()
+        self.addCleanup(directory.cleanup)
+        path = os.path.join(directory.name, "keys.json")
+        log = os.path.join(directory.name, "access.log")
+        with open(path, "w") as file:
+            json.dump({CLIENT_KEY: {"name": "ada", "buckets": [
+                {"name": "rpm", "unit": "requests", "max_tokens": 10, "refill_tokens": 10,
+                 "refill_interval_seconds": 60},
+                {"name": "daily", "unit": "tokens", "max_tokens": 50000, "period": "day"}]}}, file)
+        self.start_proxy(keys_file=path, cost_mode="estimate", access_log=log, admin_key="adm")
+        payload = {"model": "m", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 40}
+        self.request("POST", "/v1/chat/completions", payload)
+        self.request("POST", "/v1/messages/count_tokens", {"model": "m", "messages": []})
+        self.logged(2)
+        estimate = llm_proxy.estimate_tokens(payload, 256)
+        report = self.request("GET", "/admin/api/usage", key="adm").json()
+        today = report["keys"][0]["usage"]["today"]
+        self.assertEqual((today["requests"], today["tokens_charged"]), (1, estimate))  # free call not counted
+        self.stop(self.proxy)
+        self.proxy = None
+        with open(log) as file:
+            self.assertEqual(json.loads(file.readline())["tokens_charged"], estimate)
+
+
+class KeysFileEditTests(unittest.TestCase):
+    def setUp(self) -> None:
+        directory = tempfile.TemporaryDirectory()
+        self.addCleanup(directory.cleanup)
+        self.directory = directory.name
+        self.path = os.path.join(directory.name, "keys.json")
+
+    def keys(self, *args: str, **env: str) -> subprocess.Popen:
+        full = clean_environment()
+        full.update(KEYS_FILE=self.path, **env)
+        return subprocess.Popen([sys.executable, os.path.join(HERE, "llm_proxy.py"), "keys", *args],
+                                env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def test_parallel_adds_all_land(self) -> None:
+        with open(self.path, "w") as file:
+            file.write("{}\n")
+        processes = [self.keys("add", f"user{n}") for n in range(8)]
+        for process in processes:
+            process.communicate(timeout=WAIT)
+            self.assertEqual(process.returncode, 0)
+        with open(self.path) as file:
+            names = sorted(entry["name"] for entry in json.load(file).values())
+        self.assertEqual(names, sorted(f"user{n}" for n in range(8)))
+
+    def test_an_edit_keeps_mode_and_follows_a_symlink(self) -> None:
+        real = os.path.join(self.directory, "real.json")
+        with open(real, "w") as file:
+            file.write('{"k1": {"name": "a"}}\n')
+        os.chmod(real, 0o644)
+        os.symlink(real, self.path)
+        process = self.keys("add", "b")
+        process.communicate(timeout=WAIT)
+        self.assertEqual(process.returncode, 0)
+        self.assertTrue(os.path.islink(self.path))
+        self.assertEqual(os.stat(real).st_mode & 0o777, 0o644)
+
+    def test_editing_needs_no_jwt_secret_in_this_shell(self) -> None:
+        with open(self.path, "w") as file:
+            json.dump({"app": {"name": "app", "users": {"from": "jwt", "secret_env": "SECRET_ELSEWHERE"}},
+                       "k2": {"name": "ada"}}, file)
+        process = self.keys("disable", "ada")
+        _, err = process.communicate(timeout=WAIT)
+        self.assertEqual(process.returncode, 0, err)
