@@ -40,6 +40,7 @@ import select
 import selectors
 import signal
 import socket
+import ssl
 import sys
 import tempfile
 import threading
@@ -2005,34 +2006,135 @@ class UpstreamTarget:
         return f"{self.scheme}://{host}:{self.port}{self.base_path}"
 
 
-class UpstreamResponse(http.client.HTTPResponse):
-    """http.client's response, its headers read by ``read_headers``.
+class UpstreamResponse:
+    """One upstream answer, read from its connection's buffered reader.
 
-    Only the header parsing differs from ``HTTPResponse.begin``: the email
-    parser it replaces was, after the request side's, the largest cost per
-    request, and it accepts folded lines that ``read_headers`` refuses.
+    http.client's response object did the same with more work per request: a new
+    buffered reader for every response, header copies, and an email parser this
+    proxy had already replaced by ``read_headers``.  This one reads the status
+    line and headers strictly, then the body by Content-Length, chunks, or until
+    the connection closes; ``read1`` hands over what has arrived, chunk framing
+    removed, so streams are relayed as they come.
     """
 
-    def begin(self) -> None:
-        version, status, reason = self._read_status()
-        while status == http.client.CONTINUE:  # skip interim responses
-            read_headers(self.fp)  # type: ignore[arg-type]
-            version, status, reason = self._read_status()
-        if not version.startswith("HTTP/1.") and version != "HTTP/0.9":
-            raise http.client.UnknownProtocol(version)
-        self.code = self.status = status
-        self.reason = reason.strip()
-        self.version = 11 if version.startswith("HTTP/1.") and version != "HTTP/1.0" else 10
-        self.headers = self.msg = read_headers(self.fp)  # type: ignore[arg-type,assignment]
-        self.chunked = (self.headers.get("Transfer-Encoding") or "").lower() == "chunked"
-        self.chunk_left = None
-        self.will_close = self._check_close()
-        length = self.headers.get("Content-Length") or ""
+    __slots__ = ("reader", "status", "reason", "headers", "length", "chunked", "chunk_left",
+                 "will_close", "done")
+
+    def __init__(self, reader: BinaryIO, method: str) -> None:
+        self.reader = reader
+        version, status, reason = self._status_line()
+        while 100 <= status < 200:  # interim answers (100 Continue ...) carry no body
+            read_headers(reader)
+            version, status, reason = self._status_line()
+        self.status, self.reason = status, reason
+        self.headers = headers = read_headers(reader)
+        connection = (headers.get("Connection") or "").lower()
+        self.chunked = (headers.get("Transfer-Encoding") or "").lower() == "chunked"
+        self.chunk_left = 0
+        length = headers.get("Content-Length") or ""
         self.length = int(length) if length.isascii() and length.isdigit() and not self.chunked else None
-        if status in (204, 304) or 100 <= status < 200 or self._method == "HEAD":
+        if status in (204, 304) or method == "HEAD":
             self.length = 0
-        if not self.will_close and not self.chunked and self.length is None:
+        self.will_close = "close" in connection or (version == "HTTP/1.0" and "keep-alive" not in connection)
+        if not self.chunked and self.length is None:
             self.will_close = True  # the body ends when the connection does
+        self.done = self.length == 0
+
+    def _status_line(self) -> tuple[str, int, str]:
+        line = self.reader.readline(MAX_LINE + 1)
+        if not line:
+            raise http.client.RemoteDisconnected("the upstream closed the connection")
+        version, _, rest = line.decode("iso-8859-1").rstrip("\r\n").partition(" ")
+        code, _, reason = rest.partition(" ")
+        if not version.startswith("HTTP/1.") or len(code) != 3 or not code.isdigit():
+            raise http.client.BadStatusLine(ascii(line[:80]))
+        return version, int(code), reason.strip()
+
+    def getheader(self, name: str, default: str = "") -> str:
+        return self.headers.get(name, default)  # type: ignore[return-value]
+
+    def getheaders(self) -> list[tuple[str, str]]:
+        return self.headers.items()
+
+    def isclosed(self) -> bool:
+        return self.done
+
+    def read(self) -> bytes:
+        """The rest of the body."""
+        if self.length is not None and not self.done:
+            data = self.reader.read(self.length)
+            if len(data) < self.length:
+                raise http.client.IncompleteRead(data, self.length - len(data))
+            self.length, self.done = 0, True
+            return data
+        parts = []
+        while True:
+            data = self.read1(65536)
+            if not data:
+                return b"".join(parts)
+            parts.append(data)
+
+    def read1(self, size: int) -> bytes:
+        """What has arrived of the body, up to ``size`` bytes (b"" at its end)."""
+        if self.done:
+            return b""
+        if self.chunked:
+            return self._chunk(size)
+        data = self.reader.read1(size if self.length is None else min(size, self.length))
+        if self.length is not None:
+            if not data:
+                raise http.client.IncompleteRead(b"", self.length)
+            self.length -= len(data)
+            self.done = self.length == 0
+        elif not data:
+            self.done = True  # the connection closed: that was the end
+        return data
+
+    def _chunk(self, size: int) -> bytes:
+        reader = self.reader
+        if self.chunk_left == 0:
+            line = reader.readline(MAX_LINE + 1)
+            text = line.split(b";", 1)[0].strip()
+            if not line.endswith(b"\n") or not text or text.strip(b"0123456789abcdefABCDEF"):
+                raise http.client.IncompleteRead(b"")
+            self.chunk_left = int(text, 16)
+            if self.chunk_left == 0:
+                read_headers(reader)  # trailers, up to the blank line that ends the body
+                self.done = True
+                return b""
+        data = reader.read1(min(size, self.chunk_left))
+        if not data:
+            raise http.client.IncompleteRead(b"", self.chunk_left)
+        self.chunk_left -= len(data)
+        if self.chunk_left == 0 and reader.read(2) not in (b"\r\n",):
+            raise http.client.IncompleteRead(data)
+        return data
+
+
+class UpstreamConnection:
+    """A socket to the upstream and the buffered reader that outlives each response."""
+
+    __slots__ = ("sock", "reader")
+
+    def __init__(self, target: UpstreamTarget, open_timeout: float, read_timeout: float) -> None:
+        sock = socket.create_connection((target.host, target.port), open_timeout)
+        try:
+            if target.scheme == "https":
+                context = ssl.create_default_context()
+                sock = context.wrap_socket(sock, server_hostname=target.host)
+            sock.settimeout(read_timeout)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+        self.reader = sock.makefile("rb")
+
+    def close(self) -> None:
+        with suppress(OSError):
+            self.reader.close()
+        with suppress(OSError):
+            self.sock.close()
 
 
 class UpstreamPool:
@@ -2049,36 +2151,28 @@ class UpstreamPool:
         self.open_timeout = open_timeout
         self.read_timeout = read_timeout
         self.max_idle = max_idle
-        self._idle: list[http.client.HTTPConnection] = []
+        host = f"[{target.host}]" if ":" in target.host else target.host
+        default_port = 443 if target.scheme == "https" else 80
+        self.host_header = host if target.port == default_port else f"{host}:{target.port}"
+        self._idle: list[UpstreamConnection] = []
         self._lock = threading.Lock()
 
-    def connect(self) -> http.client.HTTPConnection:
-        if self.target.scheme == "https":
-            conn: http.client.HTTPConnection = http.client.HTTPSConnection(
-                self.target.host, self.target.port, timeout=self.open_timeout)
-        else:
-            conn = http.client.HTTPConnection(self.target.host, self.target.port,
-                                              timeout=self.open_timeout)
-        conn.response_class = UpstreamResponse
-        conn.connect()
-        conn.sock.settimeout(self.read_timeout)
-        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return conn
+    def connect(self) -> UpstreamConnection:
+        return UpstreamConnection(self.target, self.open_timeout, self.read_timeout)
 
-    def take(self) -> tuple[http.client.HTTPConnection, bool]:
+    def take(self) -> tuple[UpstreamConnection, bool]:
         """An idle pooled connection (reused=True) or a new one."""
         with self._lock:
             if self._idle:
                 return self._idle.pop(), True
         return self.connect(), False
 
-    def release(self, conn: http.client.HTTPConnection) -> None:
-        """Keep a connection whose last response was read to the end, unless the upstream closed it."""
-        if conn.sock is not None:
-            with self._lock:
-                if len(self._idle) < self.max_idle:
-                    self._idle.append(conn)
-                    return
+    def release(self, conn: UpstreamConnection) -> None:
+        """Keep a connection whose last response was read to the end."""
+        with self._lock:
+            if len(self._idle) < self.max_idle:
+                self._idle.append(conn)
+                return
         conn.close()
 
     def close(self) -> None:
@@ -2093,40 +2187,44 @@ class UpstreamExchange:
 
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
-        self.conn: http.client.HTTPConnection | None = None
-        self.sock: socket.socket | None = None  # kept: http.client drops conn.sock on "close"
+        self.conn: UpstreamConnection | None = None
+        self.response: UpstreamResponse | None = None
         self.aborted = False
         self.sent = False       # the request reached the upstream, which may be working on it
         self.completed = False  # the response was read to its end, so the connection is reusable
         self._lock = threading.Lock()
 
-    def send(self, method: str, path: str, headers: dict[str, str],
-             body: bytes | None) -> http.client.HTTPResponse:
-        """Send the request and return the response head.
+    def send(self, method: str, path: str, headers: list[tuple[str, str]],
+             body: bytes) -> UpstreamResponse:
+        """Send the request (head and body in one write) and return the response head.
 
         A pooled connection that the upstream closed while idle fails before any
         response byte; only then is the request retried, once, on a fresh connection.
         """
+        lines = [f"{method} {path} HTTP/1.1", f"Host: {self.pool.host_header}",
+                 "Accept-Encoding: identity"]  # answers are read (usage, models): never compressed
+        lines.extend(f"{name}: {value}" for name, value in headers)
+        request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
         conn, reused = self.pool.take()
         try:
-            return self._send_on(conn, method, path, headers, body)
+            return self._send_on(conn, method, request)
         except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
             if not reused or self.aborted:
                 raise
-        return self._send_on(self.pool.connect(), method, path, headers, body)
+        return self._send_on(self.pool.connect(), method, request)
 
-    def _send_on(self, conn: http.client.HTTPConnection, method: str, path: str,
-                 headers: dict[str, str], body: bytes | None) -> http.client.HTTPResponse:
+    def _send_on(self, conn: UpstreamConnection, method: str, request: bytes) -> UpstreamResponse:
         with self._lock:
-            self.conn, self.sock = conn, conn.sock
+            self.conn = conn
             if self.aborted:
                 conn.close()
                 raise ConnectionAbortedError()
         self.sent = False
         try:
-            conn.request(method, path, body, headers)
+            conn.sock.sendall(request)
             self.sent = True
-            return conn.getresponse()
+            self.response = UpstreamResponse(conn.reader, method)
+            return self.response
         except BaseException:
             conn.close()
             raise
@@ -2135,21 +2233,22 @@ class UpstreamExchange:
         """Hang up on the upstream now, so that it stops generating an answer nobody will read."""
         with self._lock:
             self.aborted = True
-            if self.sock is not None:
+            if self.conn is not None:
                 with suppress(OSError):
-                    self.sock.shutdown(socket.SHUT_RDWR)
+                    self.conn.sock.shutdown(socket.SHUT_RDWR)
 
     def finish(self) -> None:
         """Return the connection to the pool if its response was read to the end, else close it."""
-        if self.conn is None:
+        conn = self.conn
+        if conn is None:
             return
-        if self.completed and not self.aborted:
-            self.pool.release(self.conn)
+        response = self.response
+        if self.completed and not self.aborted and response is not None and not response.will_close:
+            self.pool.release(conn)
             return
-        self.conn.close()
-        if self.sock is not None:  # a response that will close holds the socket, not conn
-            with suppress(OSError):
-                self.sock.shutdown(socket.SHUT_RDWR)
+        with suppress(OSError):
+            conn.sock.shutdown(socket.SHUT_RDWR)
+        conn.close()
 
 
 class Ticket:
@@ -2384,7 +2483,7 @@ class DisconnectWatcher:
         self._wake_writer.close()
 
 
-def read_whole(response: http.client.HTTPResponse, limit: int) -> bytes:
+def read_whole(response: UpstreamResponse, limit: int) -> bytes:
     """The whole body, however it is framed, refusing more than ``limit`` bytes.
 
     (``response.read(limit)`` would do, but Python 3.9 allocates ``limit`` bytes for it.)
@@ -2680,11 +2779,11 @@ class Relay:
         waiting is taken out of the queue and its request never sent.
         """
         server, call, client = self.server, self.call, self.client
-        headers = dict(copied_headers(client.headers.items(), call.not_forwarded()))
+        headers = copied_headers(client.headers.items(), call.not_forwarded())
         if server.config.upstream_key:
-            headers["Authorization"] = "Bearer " + server.config.upstream_key
+            headers.append(("Authorization", "Bearer " + server.config.upstream_key))
         if body or client.command in ("POST", "PUT", "PATCH"):
-            headers["Content-Length"] = str(len(body))
+            headers.append(("Content-Length", str(len(body))))
         path = target.upstream_path(server.upstream.target.base_path)
         exchange = UpstreamExchange(server.upstream)
         ticket = call.ticket()
@@ -2694,7 +2793,7 @@ class Relay:
             with server.gate.slot(ticket):
                 started = time.monotonic()
                 try:
-                    response = exchange.send(client.command, path, headers, body or None)
+                    response = exchange.send(client.command, path, headers, body)
                     call.upstream_ms = (time.monotonic() - started) * 1000
                     server.upstream_state.answered()
                     exchange.completed = self.relay(response, inspect)
@@ -2716,7 +2815,7 @@ class Relay:
         self.server.gate.withdraw(ticket)
         exchange.abort()
 
-    def relay(self, response: http.client.HTTPResponse,
+    def relay(self, response: UpstreamResponse,
               inspect: Callable[[bytes], bytes] | None) -> bool:
         """Pass the upstream's answer on; True when it was read to its end.
 
@@ -2743,7 +2842,7 @@ class Relay:
         charge = self.call.charge
         return rate_limit_headers(charge.admission) if charge is not None else []
 
-    def relay_stream(self, response: http.client.HTTPResponse, headers: list[tuple[str, str]],
+    def relay_stream(self, response: UpstreamResponse, headers: list[tuple[str, str]],
                      framing: Framing | None) -> bool:
         """Pass the body on as it arrives; stream events go out whole, one write each.
 
