@@ -586,6 +586,8 @@ class Charge:
         """Tokens taken before forwarding and not given back (a request window's 1 is no token)."""
         if self.state == "refunded":
             return 0
+        if len(self.admission.costs) == 1 and len(self.admission.costs[0]) == 1:
+            return self.admission.cost  # one window: what it was charged, in its unit
         amounts = [amount for (_, specs), costs in zip(self.payers, self.admission.costs)
                    for spec, amount in zip(specs, costs) if spec.unit != "requests"]
         return max(amounts, default=self.admission.cost)
@@ -1844,6 +1846,7 @@ PROXY_RESPONSE_HEADERS = frozenset({
     "x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-refill-tokens",
     "x-ratelimit-refill-seconds", "x-ratelimit-reset-seconds", "retry-after",
 })
+RELAYED_EXCLUDED = HOP_BY_HOP | PROXY_RESPONSE_HEADERS  # never copied from an upstream answer
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _FIELD_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
 
@@ -1857,13 +1860,14 @@ MAX_EVENT_BYTES = 1024 * 1024         # a streamed event is held back whole, up 
 class Headers:
     """A request's header fields in the order sent, looked up case-insensitively."""
 
-    __slots__ = ("_items", "_index")
+    __slots__ = ("_items", "_index", "lowered")
 
     def __init__(self, items: list[tuple[str, str]]) -> None:
         self._items = items
         self._index: dict[str, list[str]] = {}
-        for name, value in items:
-            self._index.setdefault(name.lower(), []).append(value)
+        self.lowered = [name.lower() for name, _ in items]  # made once; copies use it too
+        for lowered, (_, value) in zip(self.lowered, items):
+            self._index.setdefault(lowered, []).append(value)
 
     def get(self, name: str, default: str | None = None) -> str | None:
         values = self._index.get(name.lower())
@@ -1933,17 +1937,15 @@ def content_length(lengths: list[str], limit: int) -> int:
     return length
 
 
-def copied_headers(items: Sequence[tuple[str, str]], excluded: frozenset) -> list[tuple[str, str]]:
+def copied_headers(headers: Headers, excluded: frozenset) -> list[tuple[str, str]]:
     """Headers passed from one side to the other, minus hop-by-hop ones and any named in Connection.
 
     Both sides' headers were read by ``read_headers``, so every value is already safe to write.
     """
-    listed: set[str] = set()
-    for name, value in items:
-        if name.lower() == "connection":
-            listed.update(token.strip().lower() for token in value.split(","))
-    return [(name, value) for name, value in items
-            if name.lower() not in excluded and name.lower() not in listed]
+    listed = excluded
+    for value in headers.get_all("connection"):
+        listed = listed | {token.strip().lower() for token in value.split(",")}
+    return [item for lowered, item in zip(headers.lowered, headers.items()) if lowered not in listed]
 
 
 def bearer_token(authorization: str | None) -> str | None:
@@ -2053,9 +2055,6 @@ class UpstreamResponse:
 
     def getheader(self, name: str, default: str = "") -> str:
         return self.headers.get(name, default)  # type: ignore[return-value]
-
-    def getheaders(self) -> list[tuple[str, str]]:
-        return self.headers.items()
 
     def isclosed(self) -> bool:
         return self.done
@@ -2780,7 +2779,7 @@ class Relay:
         waiting is taken out of the queue and its request never sent.
         """
         server, call, client = self.server, self.call, self.client
-        headers = copied_headers(client.headers.items(), call.not_forwarded())
+        headers = copied_headers(client.headers, call.not_forwarded())
         if server.config.upstream_key:
             headers.append(("Authorization", "Bearer " + server.config.upstream_key))
         if body or client.command in ("POST", "PUT", "PATCH"):
@@ -2824,7 +2823,7 @@ class Relay:
         are relayed as they arrive; everything else is read whole first, so that
         ``inspect`` sees it however the upstream framed it.
         """
-        headers = copied_headers(response.getheaders(), HOP_BY_HOP | PROXY_RESPONSE_HEADERS)
+        headers = copied_headers(response.headers, RELAYED_EXCLUDED)
         framing = framing_of(response.getheader("Content-Type", ""))
         if framing is not None or (response.length is None and inspect is None
                                    and not response.isclosed()):
