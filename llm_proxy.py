@@ -2611,6 +2611,38 @@ class Call:
             used = self.meter.used(self.finished or not self.stream)
         charge.close(served, used)
 
+    def identify_user(self, headers: Headers, payload: dict | None, now: float,
+                      required: bool) -> bool:
+        """Under an app key, find the end user, who then pays alongside the app; True if found.
+
+        Keys without ``users`` never split: the same headers or fields change nothing.
+        """
+        users = self.policy.users if self.policy is not None else None
+        if users is None:
+            return False
+        try:
+            user = end_user(users, headers, payload, self.dialect, now)
+            reason = "none was sent"
+        except ValueError as error:
+            user, reason = None, str(error)
+        if user is None:
+            if required and users.required:
+                raise ProxyError(401, f"This key needs the end user's identity: {reason}.",
+                                 "authentication_error", "invalid_user")
+            return False
+        self.act_for_user(user)
+        return True
+
+    def quota(self, buckets: BucketStore) -> dict:
+        """What ``GET /v1/quota`` shows: the caller's windows, and an app's beside its user's."""
+        assert self.policy is not None
+        quota = self.policy.quota(buckets.snapshot(self.identity, self.policy.buckets))
+        if self.app is not None:
+            app_identity, app = self.app
+            quota.update(user=self.user, app={"name": app.name or None,
+                                              "buckets": buckets.snapshot(app_identity, app.buckets)})
+        return quota
+
     def act_for_user(self, user: str) -> None:
         """From now on the user pays, and the app key above them pays too."""
         assert self.policy is not None and self.policy.users is not None
@@ -2740,6 +2772,18 @@ def is_free_call(method: str, path: str) -> bool:
     if method in ("GET", "HEAD", "DELETE") and path.startswith("/v1/responses/"):
         return True
     return method in ("GET", "HEAD") or (method == "POST" and path == "/v1/messages/count_tokens")
+
+
+def check_ollama_route(method: str, path: str) -> None:
+    """Ollama's free routes pass; managing the owner's models never does, whoever asks."""
+    if path.startswith(OLLAMA_MANAGEMENT):
+        raise ProxyError(403, "Managing the server's models is not allowed through this proxy.",
+                         "permission_error", "model_management_forbidden")
+    methods = OLLAMA_FREE.get(path)
+    if methods is None:
+        raise ProxyError(404, f"Unknown path {path}", code="not_found")
+    if method not in methods:
+        raise ProxyError(405, f"{path} takes {methods[0]}", code="method_not_allowed")
 
 
 def dialect_of(path: str) -> Dialect:
@@ -2990,7 +3034,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.send_bytes(204, [], b"")
             return
         if path in ADMIN_PATHS:
-            self.handle_admin(path)
+            self.send_bytes(200, *self.server.admin.answer(path, self.command, self.headers))
             return
         self.call.dialect = dialect_of(path)
         if not (target.is_api or path.startswith("/api/")):
@@ -3005,47 +3049,20 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.handle_metered(dialect, target)
         elif path == "/v1/quota" and method in ("GET", "HEAD"):
             self.call.endpoint = "quota"
-            self.send_json(200, self.quota(target))
+            named = urllib.parse.parse_qs(target.query).get("user")
+            self.call.identify_user(self.headers, {"user": named[0]} if named else None,
+                                    self.server.wall_clock(), required=False)
+            self.send_json(200, self.call.quota(self.server.buckets))
         elif path in ("/v1/models", "/api/tags") and method in ("GET", "HEAD"):
             self.call.endpoint = "models"
             self.handle_models(target, ollama=path == "/api/tags")
         elif path.startswith("/api/"):
-            self.handle_ollama_other(target, path)
+            check_ollama_route(method, path)
+            self.forward_free(target)
         elif is_free_call(method, path):
             self.forward_free(target)
         else:  # any other call under /v1 that may make the model work: a flat cost
             self.handle_metered(OPENAI, target)
-
-    def handle_admin(self, path: str) -> None:
-        """The owner's routes: they exist only with ADMIN_KEY, and no client key opens them."""
-        admin_key = self.server.config.admin_key
-        if not admin_key:
-            raise ProxyError(404, f"Unknown path {path}", code="not_found")
-        if self.command not in ("GET", "HEAD"):
-            raise ProxyError(405, f"{path} takes GET", code="method_not_allowed")
-        if path == "/admin":  # the page holds no data: it asks for the key, then calls the API
-            self.send_bytes(200, DASHBOARD_HEADERS, DASHBOARD_HTML)
-            return
-        token = bearer_token(self.headers.get("Authorization"))
-        if token is None or not same_secret(token, admin_key):
-            raise ProxyError(401, "This needs the admin key.", "authentication_error",
-                             "invalid_admin_key")
-        if path == "/metrics":
-            self.send_bytes(200, [METRICS_TYPE], self.server.admin.metrics_text().encode("utf-8"))
-        else:
-            self.send_json(200, self.server.admin.usage_report())
-
-    def handle_ollama_other(self, target: Target, path: str) -> None:
-        """Ollama's free routes are forwarded; managing the owner's models is never allowed."""
-        if path.startswith(OLLAMA_MANAGEMENT):
-            raise ProxyError(403, "Managing the server's models is not allowed through this proxy.",
-                             "permission_error", "model_management_forbidden")
-        methods = OLLAMA_FREE.get(path)
-        if methods is None:
-            raise ProxyError(404, f"Unknown path {target.path}", code="not_found")
-        if self.command not in methods:
-            raise ProxyError(405, f"{target.path} takes {methods[0]}", code="method_not_allowed")
-        self.forward_free(target)
 
     def forward_free(self, target: Target) -> None:
         self.call.endpoint = "free"
@@ -3191,7 +3208,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
             dialect.validate(payload)
             call.model = config.upstream_model or payload.get("model") or ""
             call.policy.require(call.model)
-        if self.identify_user(payload, required=True) and payload is not None:
+        if call.identify_user(self.headers, payload, self.server.wall_clock(), required=True) \
+                and payload is not None:
             call.policy.require(call.model)
         payers = call.payers
         capacity = min((spec.capacity for _, specs in payers for spec in specs
@@ -3212,40 +3230,6 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.forward(target, body, inspect=None if payload is None else call.check_reply)
         finally:
             call.close_charge(config.cost_mode == "usage")
-
-    def identify_user(self, payload: dict | None, required: bool) -> bool:
-        """Under an app key, find the end user, who then pays alongside the app; True if found.
-
-        Keys without ``users`` never split: the same headers or fields change nothing.
-        """
-        call = self.call
-        users = call.policy.users
-        if users is None:
-            return False
-        try:
-            user = end_user(users, self.headers, payload, call.dialect, self.server.wall_clock())
-            reason = "none was sent"
-        except ValueError as error:
-            user, reason = None, str(error)
-        if user is None:
-            if required and users.required:
-                raise ProxyError(401, f"This key needs the end user's identity: {reason}.",
-                                 "authentication_error", "invalid_user")
-            return False
-        call.act_for_user(user)
-        return True
-
-    def quota(self, target: Target) -> dict:
-        """The caller's standing; an app key with a user's identity sees that user's."""
-        call, buckets = self.call, self.server.buckets
-        named = urllib.parse.parse_qs(target.query).get("user")
-        self.identify_user({"user": named[0]} if named else None, required=False)
-        quota = call.policy.quota(buckets.snapshot(call.identity, call.policy.buckets))
-        if call.app is not None:
-            app_identity, app = call.app
-            quota.update(user=call.user, app={"name": app.name or None,
-                                              "buckets": buckets.snapshot(app_identity, app.buckets)})
-        return quota
 
     def forward(self, target: Target, body: bytes,
                 inspect: Callable[[bytes], bytes] | None = None) -> None:
@@ -3603,6 +3587,23 @@ class AdminView:
         first_byte = call.first_byte - call.started if call.first_byte is not None else None
         server.metrics.record(call.label if named else OTHER, call.user if named else None,
                               call.endpoint, outcome, prompt, completion, charged, elapsed, first_byte)
+
+    def answer(self, path: str, method: str, headers: Headers) -> tuple[list[tuple[str, str]], bytes]:
+        """The owner's routes: they exist only with ADMIN_KEY, and no client key opens them."""
+        admin_key = self.server.config.admin_key
+        if not admin_key:
+            raise ProxyError(404, f"Unknown path {path}", code="not_found")
+        if method not in ("GET", "HEAD"):
+            raise ProxyError(405, f"{path} takes GET", code="method_not_allowed")
+        if path == "/admin":  # the page holds no data: it asks for the key, then calls the API
+            return DASHBOARD_HEADERS, DASHBOARD_HTML
+        token = bearer_token(headers.get("Authorization"))
+        if token is None or not same_secret(token, admin_key):
+            raise ProxyError(401, "This needs the admin key.", "authentication_error",
+                             "invalid_admin_key")
+        if path == "/metrics":
+            return [METRICS_TYPE], self.metrics_text().encode("utf-8")
+        return [JSON_TYPE], json_bytes(self.usage_report())
 
     # -- the usage report ------------------------------------------------------
 
