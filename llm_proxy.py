@@ -3393,7 +3393,7 @@ class UsageBook:
     past ``max_ledgers`` new ones are counted together under ``_other``.
     """
 
-    def __init__(self, keep_days: int = 90, max_ledgers: int = 10_000) -> None:
+    def __init__(self, keep_days: int = 90, max_ledgers: int = 2_000) -> None:
         self.keep_days = keep_days
         self.max_ledgers = max_ledgers
         self._ledgers: dict[str, Ledger] = {}
