@@ -40,6 +40,21 @@ COMPLETION = json.dumps({
     "choices": [{"index": 0, "message": {"role": "assistant", "content": "The quick brown fox."},
                  "finish_reason": "stop"}],
     "usage": {"prompt_tokens": 12, "completion_tokens": 5, "total_tokens": 17}}).encode()
+# The same answer in the Responses and Anthropic Messages APIs (shapes as llama.cpp's server sends).
+REPLIES = {
+    "/v1/chat/completions": COMPLETION,
+    "/v1/responses": json.dumps({
+        "id": "resp_bench", "object": "response", "status": "completed", "model": "bench",
+        "output": [{"type": "message", "id": "msg_bench", "role": "assistant", "status": "completed",
+                    "content": [{"type": "output_text", "text": "The quick brown fox.",
+                                 "annotations": []}]}],
+        "usage": {"input_tokens": 12, "output_tokens": 5, "total_tokens": 17}}).encode(),
+    "/v1/messages": json.dumps({
+        "id": "msg_bench", "type": "message", "role": "assistant", "model": "bench",
+        "content": [{"type": "text", "text": "The quick brown fox."}], "stop_reason": "end_turn",
+        "stop_sequence": None, "usage": {"input_tokens": 2, "cache_read_input_tokens": 10,
+                                         "output_tokens": 5}}).encode(),
+}
 
 
 class BenchUpstream(BaseHTTPRequestHandler):
@@ -59,11 +74,12 @@ class BenchUpstream(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         if not payload.get("stream"):
+            reply = REPLIES.get(self.path.partition("?")[0], COMPLETION)
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(COMPLETION)))
+            self.send_header("Content-Length", str(len(reply)))
             self.end_headers()
-            self.wfile.write(COMPLETION)
+            self.wfile.write(reply)
             return
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
@@ -140,11 +156,11 @@ def start_proxy(upstream_port: int, **env: str) -> tuple[Process, int]:
 # Clients
 # --------------------------------------------------------------------------
 
-def request_bytes(payload: dict, key: str = KEY) -> bytes:
+def request_bytes(payload: dict, key: str = KEY, path: str = "/v1/chat/completions") -> bytes:
     body = json.dumps(payload).encode()
-    return (b"POST /v1/chat/completions HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer %s\r\n"
+    return (b"POST %s HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer %s\r\n"
             b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-            % (key.encode(), len(body), body))
+            % (path.encode(), key.encode(), len(body), body))
 
 
 CHAT = {"model": "bench", "messages": [{"role": "user", "content": "Say something short."}]}
@@ -163,6 +179,13 @@ class KeepAliveClient:
         while b"\r\n\r\n" not in self.buffer:
             self.buffer += self.receive()
         head, _, rest = self.buffer.partition(b"\r\n\r\n")
+        if b"transfer-encoding: chunked" in head.lower():  # a stream: read to its last chunk
+            while not rest.endswith(b"0\r\n\r\n"):
+                rest += self.receive()
+            self.buffer = b""
+            if not head.startswith(b"HTTP/1.1 200"):
+                raise RuntimeError(head[:80].decode())
+            return rest
         length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
         while len(rest) < length:
             rest += self.receive()
