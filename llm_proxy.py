@@ -25,6 +25,7 @@ try:
 except ImportError:  # Windows: keys edits are not locked there
     fcntl = None  # type: ignore[assignment]
 import datetime
+import functools
 import hashlib
 import hmac
 import http.client
@@ -1805,8 +1806,13 @@ class Target:
         return f"{quoted}?{self.query}" if self.query else quoted
 
 
+@functools.lru_cache(maxsize=1024)
 def parse_target(raw: str) -> Target:
-    """Decode and vet a request target; anything ambiguous is a 400, never a guess."""
+    """Decode and vet a request target; anything ambiguous is a 400, never a guess.
+
+    Clients send the same few targets again and again, so answers are remembered
+    (a refusal raises, and is not); ``Target`` is immutable.
+    """
     path, _, query = raw.partition("?")
     if not path.startswith("/") or path.startswith("//") or _ENCODED_SEPARATOR.search(path):
         raise ProxyError(400, "request target must be a path such as /v1/chat/completions",
@@ -2395,13 +2401,22 @@ class FairGate:
 class _Watch:
     """One watched client: its callback runs at most once, and never after ``cancel``."""
 
-    __slots__ = ("client", "on_gone", "active", "lock")
+    __slots__ = ("client", "fd", "on_gone", "active", "lock", "watcher")
 
-    def __init__(self, client: socket.socket, on_gone: Callable[[], None]) -> None:
+    def __init__(self, client: socket.socket, on_gone: Callable[[], None],
+                 watcher: DisconnectWatcher) -> None:
         self.client = client
+        self.fd = client.fileno()
         self.on_gone = on_gone
         self.active = True
         self.lock = threading.Lock()
+        self.watcher = watcher
+
+    def cancel(self) -> None:
+        with self.lock:
+            if self.active:
+                self.active = False
+                self.watcher._forget(self)
 
 
 def _readable_now(sock: socket.socket) -> bool:
@@ -2424,33 +2439,53 @@ class DisconnectWatcher:
     """
 
     def __init__(self) -> None:
-        self._selector = selectors.DefaultSelector()
+        # epoll directly where there is one: registering through ``selectors`` costs a
+        # few microseconds of Python per request, and every request is watched.
+        self._epoll = select.epoll() if hasattr(select, "epoll") else None
+        self._selector = None if self._epoll is not None else selectors.DefaultSelector()
+        self._watches: dict[int, _Watch] = {}
         self._wake_reader, self._wake_writer = socket.socketpair()
-        self._selector.register(self._wake_reader, selectors.EVENT_READ)
+        if self._epoll is not None:
+            self._epoll.register(self._wake_reader.fileno(), select.EPOLLIN)
+        else:
+            self._selector.register(self._wake_reader, selectors.EVENT_READ)  # type: ignore[union-attr]
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name="disconnect-watcher", daemon=True)
         self._thread.start()
 
     def watch(self, client: socket.socket, on_gone: Callable[[], None]) -> Callable[[], None]:
-        watch = _Watch(client, on_gone)
-        self._selector.register(client, selectors.EVENT_READ, watch)
-
-        def cancel() -> None:
-            with watch.lock:
-                if watch.active:
-                    watch.active = False
-                    self._forget(watch)
-        return cancel
+        watch = _Watch(client, on_gone, self)
+        if self._epoll is not None:
+            self._watches[watch.fd] = watch
+            try:
+                self._epoll.register(watch.fd, select.EPOLLIN)
+            except FileExistsError:  # a descriptor reused before its old entry went
+                self._epoll.modify(watch.fd, select.EPOLLIN)
+        else:
+            self._selector.register(client, selectors.EVENT_READ, watch)  # type: ignore[union-attr]
+        return watch.cancel
 
     def _forget(self, watch: _Watch) -> None:
+        if self._epoll is not None:
+            if self._watches.get(watch.fd) is watch:
+                del self._watches[watch.fd]
+                with suppress(OSError, ValueError):
+                    self._epoll.unregister(watch.fd)
+            return
         with suppress(KeyError, ValueError, OSError):
-            self._selector.unregister(watch.client)
+            self._selector.unregister(watch.client)  # type: ignore[union-attr]
 
     def _run(self) -> None:
         # epoll and kqueue see sockets registered during a wait; the timeout bounds
         # the delay on platforms whose selectors do not.
         while not self._stopped:
-            for key, _ in self._selector.select(timeout=0.5):
+            if self._epoll is not None:
+                for fd, _ in self._epoll.poll(0.5):
+                    watch = self._watches.get(fd)
+                    if watch is not None:
+                        self._check(watch)
+                continue
+            for key, _ in self._selector.select(timeout=0.5):  # type: ignore[union-attr]
                 if key.data is not None:
                     self._check(key.data)
 
@@ -2478,7 +2513,7 @@ class DisconnectWatcher:
         self._stopped = True
         self._wake_writer.send(b"x")
         self._thread.join()
-        self._selector.close()
+        (self._epoll or self._selector).close()  # type: ignore[union-attr]
         self._wake_reader.close()
         self._wake_writer.close()
 
