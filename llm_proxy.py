@@ -2597,6 +2597,10 @@ def _whole_seconds(seconds: float) -> str:
 JSON_TYPE = ("Content-Type", "application/json")
 NO_CACHE = ("Cache-Control", "no-cache")
 
+
+def _nothing() -> None:
+    pass
+
 @dataclass(eq=False)
 class Call:
     """One request through the proxy: who pays, in which API, what it cost and how it went.
@@ -2627,6 +2631,7 @@ class Call:
     upstream_ms: float | None = None
     first_byte: float | None = None  # monotonic, when the answer's head went out
     endpoint: str = "local"          # for the metrics: the API, "free", or a local answer
+    unwatch: Callable[[], None] = _nothing  # stops the disconnect watch on this request
     gone: bool = False               # the client hung up (set by the disconnect watcher's thread)
 
     def close_charge(self, usage_mode: bool) -> None:
@@ -2866,7 +2871,7 @@ class Relay:
         path = target.upstream_path(server.upstream.target.base_path)
         exchange = UpstreamExchange(server.upstream)
         ticket = call.ticket()
-        client.unwatch = server.watcher.watch(client.connection,
+        call.unwatch = server.watcher.watch(client.connection,
                                               lambda: self.client_left(ticket, exchange))
         try:
             with server.gate.slot(ticket):
@@ -2884,7 +2889,7 @@ class Relay:
                         server.upstream_state.failed(failure)
                     raise failure from None
         finally:
-            client.unwatch()
+            call.unwatch()
             call.upstream_reached = exchange.sent
             exchange.finish()
 
@@ -3013,7 +3018,6 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         self.timeout = self.server.config.client_timeout  # idle clients must not hold a thread
-        self.unwatch: Callable[[], None] = _nothing
         self.call = Call(time.monotonic(), time.time())
         super().setup()
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -3030,7 +3034,6 @@ class ProxyHandler(BaseHTTPRequestHandler):
         """A fresh Call; the head and body must arrive within CLIENT_TIMEOUT."""
         self.call = Call(time.monotonic(), self.server.wall_clock(), policy=self.server.keyring.default)
         self.path = ""
-        self.unwatch = _nothing
         self.server.expect_request_by(self.connection,
                                       self.call.started + self.server.config.client_timeout)
 
@@ -3293,7 +3296,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def send_bytes(self, status: int, headers: Sequence[tuple[str, str]], body: bytes,
                    reason: str | None = None) -> None:
-        self.unwatch()  # once the client has its answer it may send the next request at once
+        self.call.unwatch()  # once the client has its answer it may send the next request at once
         lines = self.response_head(status, headers, reason)
         if status >= 200 and status not in (204, 304):
             lines.append(f"Content-Length: {len(body)}")
@@ -3318,7 +3321,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.write(b"%x\r\n%s\r\n" % (len(data), data) if self.chunked else data)
 
     def end_chunked(self) -> None:
-        self.unwatch()
+        self.call.unwatch()
         if self.chunked and self.command != "HEAD":
             self.write(b"0\r\n\r\n")
 
@@ -3354,10 +3357,6 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.server.console.write(line)
         if access_log is not None:
             access_log.write(record)
-
-
-def _nothing() -> None:
-    pass
 
 
 def visible_models(data: bytes, policy: Policy, ollama: bool) -> bytes:

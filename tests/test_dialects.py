@@ -653,6 +653,9 @@ class ClaudeCodePatternTests(DialectTestCase):
             side = threading.Thread(target=lambda: results.append(self.call(row, max_tokens=32_000)))
             side.start()
             self.assertTrue(self.upstream.first_event_sent.wait(WAIT))
+            received = b""
+            while b"message_start" not in received:  # relayed, so the proxy has read its usage
+                received += sock.recv(65536)
             side.join(WAIT)
             sock.close()
             self.assertTrue(self.upstream.closed_early.wait(WAIT))
