@@ -1096,8 +1096,10 @@ class Meter:
         None means keep the reservation (a finished answer that reported nothing).
         """
         usage = self.reported
-        if finished and (usage is None or self.final):
-            return None if usage is None else usage.total
+        if usage is not None and self.final:
+            return usage.total  # the answer's last word: a hang-up after it changes nothing
+        if finished and usage is None:
+            return None
         # Cut short, or ended without its final usage: what was reported so far may be
         # partial (Anthropic's message_start says output 0), so the streamed text counts too.
         prompt = usage.prompt if usage is not None else self.prompt_estimate
@@ -2781,7 +2783,7 @@ class Call:
 
 
 def limit_answer(dialect: Dialect, admission: Admission, model: str, stream: bool,
-                 as_error: bool) -> tuple[list[tuple[str, str]], bytes]:
+                 as_error: bool, usage_asked: bool = False) -> tuple[list[tuple[str, str]], bytes]:
     """What a caller whose buckets cannot pay gets: headers and body of an assistant reply.
 
     A 429 (or 400 when the request can never fit) is raised instead in ``error``
@@ -2795,9 +2797,10 @@ def limit_answer(dialect: Dialect, admission: Admission, model: str, stream: boo
                          "invalid_request_error" if too_large else "rate_limit_exceeded",
                          "request_too_large" if too_large else "rate_limit_exceeded",
                          headers=headers)
-    if stream:
+    if stream:  # a usage event only where the API always has one, or the client asked for it
+        usage = NO_USAGE if usage_asked or not dialect.usage_must_be_asked else None
         return (headers + [("Content-Type", dialect.framing.content_type), NO_CACHE],
-                b"".join(dialect.reply_stream(model, [text], None)))
+                b"".join(dialect.reply_stream(model, [text], usage)))
     return headers + [JSON_TYPE], json_bytes(dialect.reply(model, text))
 
 
@@ -3257,8 +3260,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
         stream = payload is not None and dialect.is_stream(payload)
         if not admission.allowed:
             call.limited, call.stream = True, stream
+            options = (payload or {}).get("stream_options")
             headers, answer = limit_answer(dialect, admission, (payload or {}).get("model") or call.model
-                                           or "", stream, config.limit_response == "error")
+                                           or "", stream, config.limit_response == "error",
+                                           isinstance(options, dict) and options.get("include_usage") is True)
             self.send_bytes(200, headers, answer)
             return
         if payload is not None:

@@ -242,6 +242,10 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
                 usage = {"prompt_tokens": 3, "completion_tokens": self.usage() - 3,
                          "total_tokens": self.usage()}
                 self.chunk(b"data: " + json.dumps({"choices": [], "usage": usage}).encode() + b"\n\n")
+            if behaviour == "hold-before-done":  # as llama-server can: the client leaves first
+                self.server.closed_early.set() if self.wait_for_hang_up() else None
+                self.close_connection = True
+                return
             self.chunk(b"data: [DONE]\n\n")
             self.chunk(b"")
         except OSError:

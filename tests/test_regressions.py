@@ -388,3 +388,31 @@ class KeysFileEditTests(unittest.TestCase):
         process = self.keys("disable", "ada")
         _, err = process.communicate(timeout=WAIT)
         self.assertEqual(process.returncode, 0, err)
+
+
+class FinalUsageTests(ProxyTestCase):
+    """Found with a real llama-server: the openai SDK closes a stream at [DONE] without reading on."""
+
+    config_overrides = {"client_keys": (CLIENT_KEY,), "cost_mode": "usage", "max_tokens": 1000}
+
+    def test_a_hang_up_after_the_final_usage_pays_that_usage(self) -> None:
+        body = json.dumps({"model": "m", "stream": True, "stream_options": {"include_usage": True},
+                           "messages": [{"role": "user", "content": "hello"}]}).encode()
+        with socket.create_connection(("127.0.0.1", self.port), timeout=WAIT) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                         + CLIENT_KEY.encode() + b"\r\nX-Fake: hold-before-done\r\nX-Usage: 4\r\n"
+                         b"Content-Length: %d\r\n\r\n" % len(body) + body)
+            received = b""
+            while b'"usage"' not in received:
+                received += sock.recv(65536)
+        self.assertTrue(self.upstream.closed_early.wait(WAIT))
+        self.logged(1)
+        self.assertEqual(self.level(), 1000 - 4)  # not the larger count of the streamed text
+
+    def test_a_streamed_limit_reply_reports_usage_when_asked(self) -> None:
+        self.start_proxy(client_keys=(CLIENT_KEY,), max_tokens=1, refill_tokens=1)
+        self.chat()
+        asked = self.chat(stream=True, stream_options={"include_usage": True})
+        chunks = [e for e in asked.events() if e != "[DONE]"]
+        self.assertEqual(chunks[-1]["usage"], {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0})
+        self.assertNotIn(b'"usage"', self.chat(stream=True).body)
