@@ -577,9 +577,7 @@ class Charge:
                         if charged and spec.unit != "requests" else 0)
 
     def credit(self, change: Callable[[BucketSpec, int], int]) -> None:
-        costs = self.admission.costs or tuple((self.admission.cost,) * len(specs)
-                                              for _, specs in self.payers)
-        for (identity, specs), charged in zip(self.payers, costs):
+        for (identity, specs), charged in zip(self.payers, self.admission.costs):
             self.store.credit(identity, specs, [change(spec, c) for spec, c in zip(specs, charged)])
 
     @property
@@ -1108,19 +1106,14 @@ class Meter:
 
     def filter(self, data: bytes, framing: Framing) -> bytes:
         """Observe complete frames; return those the client should see."""
-        if not self.counts_text:
-            if self.dialect.usage_marker in data:
-                for frame in framing.split(data):
-                    event = framing.json_of(frame)
-                    if isinstance(event, dict):
-                        self.dialect.observe(event, self)
-            return data
+        if not self.counts_text and self.dialect.usage_marker not in data:
+            return data  # nothing in it that this meter reads: relayed untouched
         kept = []
         for frame in framing.split(data):
             event = framing.json_of(frame)
             if not isinstance(event, dict) or self.dialect.observe(event, self):
                 kept.append(frame)
-        return b"".join(kept)
+        return b"".join(kept) if self.counts_text else data  # hides only what it asked for
 
 
 # --------------------------------------------------------------------------
@@ -1277,12 +1270,19 @@ class Dialect:
         """
         if not self.usage_must_be_asked:
             return None
-        options = payload.get("stream_options")
-        if isinstance(options, dict) and options.get("include_usage") is True:
+        if self.usage_in_stream(payload):
             return False
+        options = payload.get("stream_options")
         payload["stream_options"] = dict(options if isinstance(options, dict) else {},
                                          include_usage=True)
         return True
+
+    def usage_in_stream(self, payload: dict) -> bool:
+        """Whether a stream of this API shows its client usage: always, or when it asked."""
+        if not self.usage_must_be_asked:
+            return True
+        options = payload.get("stream_options")
+        return isinstance(options, dict) and options.get("include_usage") is True
 
     # -- answers -------------------------------------------------------------
 
@@ -1797,6 +1797,11 @@ class Target:
     @property
     def is_api(self) -> bool:
         return self.path.lower() == "/v1" or self.path.lower().startswith("/v1/")
+
+    @property
+    def is_served(self) -> bool:
+        """Under /v1, or Ollama's own /api: the paths that need a key."""
+        return self.is_api or self.path.lower().startswith("/api/")
 
     def upstream_path(self, base_path: str) -> str:
         """The path upstream: /v1/... under BASE_API_URL's path, Ollama's /api/... under its root."""
@@ -2783,7 +2788,7 @@ class Call:
 
 
 def limit_answer(dialect: Dialect, admission: Admission, model: str, stream: bool,
-                 as_error: bool, usage_asked: bool = False) -> tuple[list[tuple[str, str]], bytes]:
+                 as_error: bool, usage_shown: bool = True) -> tuple[list[tuple[str, str]], bytes]:
     """What a caller whose buckets cannot pay gets: headers and body of an assistant reply.
 
     A 429 (or 400 when the request can never fit) is raised instead in ``error``
@@ -2798,9 +2803,8 @@ def limit_answer(dialect: Dialect, admission: Admission, model: str, stream: boo
                          "request_too_large" if too_large else "rate_limit_exceeded",
                          headers=headers)
     if stream:  # a usage event only where the API always has one, or the client asked for it
-        usage = NO_USAGE if usage_asked or not dialect.usage_must_be_asked else None
         return (headers + [("Content-Type", dialect.framing.content_type), NO_CACHE],
-                b"".join(dialect.reply_stream(model, [text], usage)))
+                b"".join(dialect.reply_stream(model, [text], NO_USAGE if usage_shown else None)))
     return headers + [JSON_TYPE], json_bytes(dialect.reply(model, text))
 
 
@@ -3078,7 +3082,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.send_bytes(200, *self.server.admin.answer(path, self.command, self.headers))
             return
         self.call.dialect = dialect_of(path)
-        if not (target.is_api or path.startswith("/api/")):
+        if not target.is_served:
             raise ProxyError(404, f"Unknown path {target.path}; the API lives under /v1",
                              code="not_found")
         self.authenticate()
@@ -3215,7 +3219,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.check_framing()
             target = parse_target(self.path)
             self.call.dialect = dialect_of(target.path.lower())
-            if target.is_api or target.path.lower().startswith("/api/"):
+            if target.is_served:
                 self.authenticate()
         except ProxyError as error:
             return self.refuse_request(error)
@@ -3260,10 +3264,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
         stream = payload is not None and dialect.is_stream(payload)
         if not admission.allowed:
             call.limited, call.stream = True, stream
-            options = (payload or {}).get("stream_options")
             headers, answer = limit_answer(dialect, admission, (payload or {}).get("model") or call.model
                                            or "", stream, config.limit_response == "error",
-                                           isinstance(options, dict) and options.get("include_usage") is True)
+                                           dialect.usage_in_stream(payload or {}))
             self.send_bytes(200, headers, answer)
             return
         if payload is not None:
@@ -3411,17 +3414,19 @@ class Ledger:
 
     def summary(self, today: str, days: Sequence[str]) -> dict:
         """Usage today, over the last 7 and 30 days and in all, and the daily series."""
+        empty = [0] * len(USAGE_FIELDS)
+
         def over(span: Sequence[str]) -> dict:
-            sums = [0] * len(USAGE_FIELDS)
+            sums = empty
             for day in span:
-                for index, count in enumerate(self.days.get(day, ())):
-                    sums[index] += count
+                sums = list(map(operator.add, sums, self.days.get(day, empty)))
             return dict(zip(USAGE_FIELDS, sums))
         served, charged = USAGE_FIELDS.index("served"), USAGE_FIELDS.index("tokens_charged")
+        daily = [(day, self.days.get(day, empty)) for day in days]
         return {"usage": {"today": over([today]), "last_7_days": over(days[-7:]),
                           "last_30_days": over(days), "all_time": dict(zip(USAGE_FIELDS, self.total))},
-                "daily": [{"date": day, "served": self.days.get(day, [0] * len(USAGE_FIELDS))[served],
-                           "tokens_charged": self.days.get(day, [0] * len(USAGE_FIELDS))[charged]} for day in days],
+                "daily": [{"date": day, "served": counts[served], "tokens_charged": counts[charged]}
+                          for day, counts in daily],
                 "last_seen": _iso_time(self.last_seen) if self.last_seen else None}
 
 
@@ -3544,6 +3549,15 @@ class Metrics:
         self.duration = Histogram()
         self.first_byte = Histogram()
         self._lock = threading.Lock()
+
+    def snapshot(self) -> tuple[list, list, Histogram, Histogram]:
+        """Copies for one scrape, sorted: request series, token series and the two histograms."""
+        with self._lock:
+            requests = sorted(self.requests.items(), key=str)
+            tokens = sorted((((k, u, kind), counts[index]) for (k, u), counts in self.tokens.items()
+                             for index, kind in enumerate(("prompt", "completion", "charged"))
+                             if counts[index]), key=str)
+            return requests, tokens, copy.deepcopy(self.duration), copy.deepcopy(self.first_byte)
 
     def record(self, key: str, user: str | None, endpoint: str, outcome: str, prompt: int,
                completion: int, charged: int, duration: float, first_byte: float | None) -> None:
@@ -3688,13 +3702,7 @@ class AdminView:
 
     def metrics_text(self) -> str:
         server, metrics = self.server, self.server.metrics
-        with metrics._lock:
-            requests = sorted(metrics.requests.items(), key=str)
-            tokens = sorted(((k, u, kind), counts[index]) for (k, u), counts in metrics.tokens.items()
-                            for index, kind in enumerate(("prompt", "completion", "charged"))
-                            if counts[index])
-            tokens.sort(key=str)
-            duration, first_byte = copy.deepcopy(metrics.duration), copy.deepcopy(metrics.first_byte)
+        requests, tokens, duration, first_byte = metrics.snapshot()
         lines = _family("llm_proxy_requests_total", "counter", "Requests by key, endpoint and outcome.",
                         ((_labels((("key", k), ("user", u), ("endpoint", e), ("outcome", o))), n)
                          for (k, u, e, o), n in requests))
@@ -4260,9 +4268,7 @@ class EchoModelHandler(BaseHTTPRequestHandler):
         if not dialect.is_stream(payload):
             self.reply(dialect.reply(model, text, usage))
             return
-        options = payload.get("stream_options")
-        asked = isinstance(options, dict) and options.get("include_usage") is True
-        reported = usage if asked or not dialect.usage_must_be_asked else None
+        reported = usage if dialect.usage_in_stream(payload) else None
         self.send_response(200)
         self.send_header("Content-Type", dialect.framing.content_type)
         self.send_header("Transfer-Encoding", "chunked")

@@ -161,11 +161,16 @@ def read_response(body: bytes) -> str:
                    for part in item["content"] if part["type"] == "output_text")
 
 
-def read_response_stream(body: bytes) -> str:
+def typed_events(body: bytes) -> tuple[list[tuple[str | None, object]], list[str | None]]:
+    """Named events whose data's ``type`` repeats the name (Responses and Messages streams)."""
     events = sse_events(body)
-    names = [name for name, _ in events]
     for name, event in events:
         assert name == event["type"], (name, event)
+    return events, [name for name, _ in events]
+
+
+def read_response_stream(body: bytes) -> str:
+    events, names = typed_events(body)
     assert names[0] == "response.created" and names[-1] == "response.completed", names
     numbers = [event.get("sequence_number") for _, event in events]
     if None not in numbers:  # the proxy's own replies number their events
@@ -182,10 +187,7 @@ def read_message(body: bytes) -> str:
 
 def read_message_stream(body: bytes) -> str:
     """As the anthropic SDK's stream accumulator: named events, data.type equal to the name."""
-    events = sse_events(body)
-    names = [name for name, _ in events]
-    for name, event in events:
-        assert name == event["type"], (name, event)
+    events, names = typed_events(body)
     assert names[0] == "message_start" and names[-1] == "message_stop", names
     assert "content_block_start" in names and "message_delta" in names, names
     return "".join(e["delta"]["text"] for name, e in events if name == "content_block_delta")
