@@ -30,6 +30,7 @@ import hashlib
 import hmac
 import http.client
 import json
+import json.scanner
 import logging
 import math
 import operator
@@ -1165,10 +1166,31 @@ class JsonLines(Framing):
         return _json_or_none(frame.strip())
 
 
+# The C scanner that json.loads ends in, called directly: a request, an answer and
+# each usage event are parsed on the hot path, and json.loads spends more time in
+# its three Python layers (encoding detection, decode, raw_decode) than in C.
+_scan_json = json.scanner.make_scanner(json.JSONDecoder())  # type: ignore[attr-defined]
+_JSON_SPACE = " \t\n\r"
+
+
+def parse_json(data: bytes) -> object:
+    """``json.loads(data)``, the same values and errors, cheaper for UTF-8 objects."""
+    if data[:1] == b"{":  # no BOM, not UTF-16/32 (a NUL would be second): plain UTF-8
+        text = data.decode("utf-8", "surrogatepass")
+        try:
+            value, end = _scan_json(text, 0)
+        except StopIteration:
+            raise json.JSONDecodeError("Expecting value", text, 0) from None
+        if end == len(text) or not text[end:].strip(_JSON_SPACE):
+            return value
+        raise json.JSONDecodeError("Extra data", text, end)
+    return json.loads(data)
+
+
 def json_object(body: bytes) -> dict:
     """A request body that must be a JSON object; a 400 otherwise."""
     try:
-        payload = json.loads(body)
+        payload = parse_json(body)
     except (ValueError, RecursionError):
         payload = None
     if not isinstance(payload, dict):
@@ -1180,7 +1202,7 @@ def _json_or_none(data: bytes) -> object:
     if not data.startswith(b"{"):
         return None
     try:
-        return json.loads(data)
+        return parse_json(data)
     except (ValueError, RecursionError):
         return None
 
@@ -1871,23 +1893,35 @@ MAX_EVENT_BYTES = 1024 * 1024         # a streamed event is held back whole, up 
 
 
 class Headers:
-    """A request's header fields in the order sent, looked up case-insensitively."""
+    """A message's header fields in the order sent, looked up case-insensitively.
 
-    __slots__ = ("_items", "_index", "lowered")
+    Built once per message and read a dozen times, so the lookups are one dict
+    access each: ``_first`` holds the first value of every name (lowered), and
+    only a message that repeats a name keeps the lists that ``get_all`` needs.
+    """
+
+    __slots__ = ("_items", "_first", "_repeated", "lowered")
 
     def __init__(self, items: list[tuple[str, str]]) -> None:
         self._items = items
-        self._index: dict[str, list[str]] = {}
-        self.lowered = [name.lower() for name, _ in items]  # made once; copies use it too
-        for lowered, (_, value) in zip(self.lowered, items):
-            self._index.setdefault(lowered, []).append(value)
+        self.lowered = lowered = [name.lower() for name, _ in items]  # copies use it too
+        values = [value for _, value in items]
+        self._first = dict(zip(reversed(lowered), reversed(values)))  # the first value wins
+        self._repeated: dict[str, list[str]] | None = None
+        if len(self._first) != len(items):
+            self._repeated = {}
+            for name, value in zip(lowered, values):
+                self._repeated.setdefault(name, []).append(value)
 
     def get(self, name: str, default: str | None = None) -> str | None:
-        values = self._index.get(name.lower())
-        return values[0] if values else default
+        return self._first.get(name.lower(), default)
 
     def get_all(self, name: str) -> list[str]:
-        return self._index.get(name.lower(), [])
+        name = name.lower()
+        if self._repeated is not None:
+            return self._repeated.get(name, [])
+        value = self._first.get(name)
+        return [] if value is None else [value]
 
     def items(self) -> list[tuple[str, str]]:
         return self._items
@@ -1904,9 +1938,13 @@ class HeaderError(http.client.HTTPException):
 
 # One whole header line: a token, a colon, the value without the blanks around it, and the
 # line end; no control character anywhere (one match per line is the cheapest strict check).
-_HEADER_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*"
-                          rb"((?:[\x21-\x7e\x80-\xff](?:[\t\x20-\x7e\x80-\xff]*[\x21-\x7e\x80-\xff])?)?)"
-                          rb"[ \t]*\r?\n")
+_LINE = (r"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*"
+         r"((?:[\x21-\x7e\x80-\xff](?:[\t\x20-\x7e\x80-\xff]*[\x21-\x7e\x80-\xff])?)?)[ \t]*")
+_HEADER_LINE = re.compile(_LINE.encode("latin-1") + rb"\r?\n")
+# A whole block at once, for the usual case: every line ended by CRLF, the block
+# already buffered.  The same line grammar, so the two paths accept the same fields.
+_HEADER_BLOCK = re.compile(f"(?:{_LINE}\\r\\n)*\\r\\n")
+_HEADER_FIELD = re.compile(f"{_LINE}\\r\\n")
 
 
 def read_headers(rfile: BinaryIO) -> Headers:
@@ -1916,7 +1954,21 @@ def read_headers(rfile: BinaryIO) -> Headers:
     never reinterpreted: reinterpretation is how requests are smuggled past a
     proxy.  It also costs a fraction of the email parser that http.server and
     http.client use, which was the largest part of this proxy's work per request.
+
+    The block nearly always arrived with the line before it, so it is looked
+    for in what is buffered and checked by one match; anything else (a bare LF,
+    a block split across reads, an error) takes the line-by-line path, which
+    says what is wrong.
     """
+    buffered = rfile.peek()  # type: ignore[attr-defined]
+    end = buffered.find(b"\r\n\r\n") + 4
+    if end >= 4:
+        text = buffered[:end].decode("latin-1")
+        if _HEADER_BLOCK.fullmatch(text):
+            fields = _HEADER_FIELD.findall(text)
+            if len(fields) <= MAX_HEADERS:
+                rfile.read(end)
+                return Headers(fields)
     items = []
     while True:
         line = rfile.readline(MAX_LINE + 1)
