@@ -1900,15 +1900,15 @@ class Headers:
     only a message that repeats a name keeps the lists that ``get_all`` needs.
     """
 
-    __slots__ = ("_items", "_first", "_repeated", "lowered")
+    __slots__ = ("names", "values", "lowered", "_first", "_repeated")
 
-    def __init__(self, items: list[tuple[str, str]]) -> None:
-        self._items = items
-        self.lowered = lowered = [name.lower() for name, _ in items]  # copies use it too
-        values = [value for _, value in items]
+    def __init__(self, names: list[str], values: list[str]) -> None:
+        self.names, self.values = names, values
+        # Lowered once (in C: names are tokens, never a newline); copies use it too.
+        self.lowered = lowered = "\n".join(names).lower().split("\n") if names else []
         self._first = dict(zip(reversed(lowered), reversed(values)))  # the first value wins
         self._repeated: dict[str, list[str]] | None = None
-        if len(self._first) != len(items):
+        if len(self._first) != len(names):
             self._repeated = {}
             for name, value in zip(lowered, values):
                 self._repeated.setdefault(name, []).append(value)
@@ -1924,7 +1924,7 @@ class Headers:
         return [] if value is None else [value]
 
     def items(self) -> list[tuple[str, str]]:
-        return self._items
+        return list(zip(self.names, self.values))
 
 
 class HeaderError(http.client.HTTPException):
@@ -1943,7 +1943,6 @@ _LINE = (r"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*"
 _HEADER_LINE = re.compile(_LINE.encode("latin-1") + rb"\r?\n")
 # A whole block at once, for the usual case: every line ended by CRLF, the block
 # already buffered.  The same line grammar, so the two paths accept the same fields.
-_HEADER_BLOCK = re.compile(f"(?:{_LINE}\\r\\n)*\\r\\n")
 _HEADER_FIELD = re.compile(f"{_LINE}\\r\\n")
 
 
@@ -1958,32 +1957,35 @@ def read_headers(rfile: BinaryIO) -> Headers:
     The block nearly always arrived with the line before it, so it is looked
     for in what is buffered and checked by one match; anything else (a bare LF,
     a block split across reads, an error) takes the line-by-line path, which
-    says what is wrong.
+    says what is wrong.  The split has no empty line to match, so the block
+    ends at the first CRLF CRLF, exactly where the line-by-line path ends it.
     """
     buffered = rfile.peek()  # type: ignore[attr-defined]
     end = buffered.find(b"\r\n\r\n") + 4
     if end >= 4:
-        text = buffered[:end].decode("latin-1")
-        if _HEADER_BLOCK.fullmatch(text):
-            fields = _HEADER_FIELD.findall(text)
-            if len(fields) <= MAX_HEADERS:
-                rfile.read(end)
-                return Headers(fields)
-    items = []
+        # Split by the line grammar, a block is ['', name, value, '', name, value, ..., CRLF];
+        # anything between two lines that is not a line shows up as a non-empty string.
+        parts = _HEADER_FIELD.split(buffered[:end].decode("latin-1"))
+        if parts[-1] == "\r\n" and not any(parts[0:-1:3]) and len(parts) <= 3 * MAX_HEADERS + 1:
+            rfile.read(end)
+            return Headers(parts[1::3], parts[2::3])
+    names: list[str] = []
+    values: list[str] = []
     while True:
         line = rfile.readline(MAX_LINE + 1)
         if len(line) > MAX_LINE:
             raise HeaderError(431, "header line too long")
         if line in (b"\r\n", b"\n"):
-            return Headers(items)
+            return Headers(names, values)
         if not line.endswith(b"\n"):
             raise HeaderError(400, "the message ended inside its headers")
-        if len(items) == MAX_HEADERS:
+        if len(names) == MAX_HEADERS:
             raise HeaderError(431, f"more than {MAX_HEADERS} headers")
         match = _HEADER_LINE.fullmatch(line)
         if match is None:
             raise HeaderError(400, "malformed header line")
-        items.append((match.group(1).decode("ascii"), match.group(2).decode("iso-8859-1")))
+        names.append(match.group(1).decode("ascii"))
+        values.append(match.group(2).decode("iso-8859-1"))
 
 
 def content_length(lengths: list[str], limit: int) -> int:
@@ -2010,7 +2012,8 @@ def copied_headers(headers: Headers, excluded: frozenset) -> list[tuple[str, str
     listed = excluded
     for value in headers.get_all("connection"):
         listed = listed | {token.strip().lower() for token in value.split(",")}
-    return [item for lowered, item in zip(headers.lowered, headers.items()) if lowered not in listed]
+    return [(name, value) for lowered, name, value in zip(headers.lowered, headers.names, headers.values)
+            if lowered not in listed]
 
 
 def bearer_token(authorization: str | None) -> str | None:

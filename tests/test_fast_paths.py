@@ -1,0 +1,124 @@
+"""The hot path's shortcuts answer exactly as the general code they stand in for (issue 12).
+
+Each shortcut (a header block read in one match, JSON handed to the C scanner
+directly ...) is checked against the slower path it skips, over inputs chosen to
+sit on the edges: whatever one accepts the other accepts, with the same result,
+and whatever one refuses the other refuses.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import unittest
+
+import llm_proxy
+
+
+class NoPeek(io.BufferedReader):
+    """A reader with nothing buffered in advance: read_headers must go line by line."""
+
+    def peek(self, size: int = 0) -> bytes:
+        return b""
+
+
+def headers_both_ways(block: bytes) -> list[tuple[object, bytes]]:
+    """What each path makes of ``block`` followed by a body: fields (or the error), and what is left."""
+    results = []
+    for reader_class in (io.BufferedReader, NoPeek):
+        reader = reader_class(io.BytesIO(block + b"BODY\r\n\r\nX: y\r\n\r\n"))
+        try:
+            headers = llm_proxy.read_headers(reader)
+            outcome: object = (headers.items(), headers.lowered)
+        except llm_proxy.HeaderError as error:
+            outcome = ("error", error.status)
+        results.append((outcome, reader.read()))
+    return results
+
+
+HEADER_BLOCKS = [
+    b"\r\n",
+    b"Host: a\r\n\r\n",
+    b"Host: a\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n",
+    b"X-Blank:\r\n\r\n",
+    b"X-Spaces:   padded value \t \r\n\r\n",
+    b"X-Inner: a  b\tc\r\n\r\n",
+    b"X-Latin: caf\xe9\r\n\r\n",
+    b"X-Dup: 1\r\nx-dup: 2\r\nX-DUP: 3\r\n\r\n",
+    b"Host: a\n\n",                         # bare LF endings
+    b"Host: a\r\nX: b\n\r\n",                # mixed endings
+    b"Host: a\r\n\nX: b\r\n\r\n",            # a bare LF blank line ends the block early
+    b"Host a\r\n\r\n",                       # no colon
+    b"Host : a\r\n\r\n",                     # blank before the colon
+    b" Host: a\r\n\r\n",                     # folded (obs-fold) first line
+    b"Host: a\r\n continued\r\n\r\n",        # folded line
+    b"Host: a\rb\r\n\r\n",                   # a bare CR in a value
+    b"Host: a\x00b\r\n\r\n",                 # a control character
+    b"Host: a\x7f\r\n\r\n",
+    b"H\xe9st: a\r\n\r\n",                   # a non-token name
+    b":\r\n\r\n",
+    b"Host: a\r\n",                          # ends inside the headers (no blank line)
+    b"".join(b"X-%d: v\r\n" % i for i in range(100)) + b"\r\n",
+    b"".join(b"X-%d: v\r\n" % i for i in range(101)) + b"\r\n",
+]
+
+
+class HeaderBlockTests(unittest.TestCase):
+    def test_the_one_match_path_agrees_with_the_line_by_line_path(self) -> None:
+        for block in HEADER_BLOCKS:
+            with self.subTest(block=block[:60]):
+                fast, slow = headers_both_ways(block)
+                self.assertEqual(fast, slow)
+
+    def test_what_the_paths_make_of_a_block(self) -> None:
+        (outcome, rest), _ = headers_both_ways(b"X-Dup: 1\r\nContent-Type:  json \r\nx-dup: 2\r\n\r\n")
+        self.assertEqual(outcome, ([("X-Dup", "1"), ("Content-Type", "json"), ("x-dup", "2")],
+                                   ["x-dup", "content-type", "x-dup"]))
+        self.assertEqual(rest, b"BODY\r\n\r\nX: y\r\n\r\n")  # the body is left where it was
+        for block, status in ((b"Host a\r\n\r\n", 400),
+                              (b"".join(b"X-%d: v\r\n" % i for i in range(101)) + b"\r\n", 431)):
+            (outcome, _), _ = headers_both_ways(block)
+            self.assertEqual(outcome, ("error", status))
+
+    def test_lookups_with_and_without_repeated_names(self) -> None:
+        reader = io.BufferedReader(io.BytesIO(b"Connection: a\r\nHost: h\r\nconnection: b\r\n\r\n"))
+        headers = llm_proxy.read_headers(reader)
+        self.assertEqual(headers.get("CONNECTION"), "a")
+        self.assertEqual(headers.get_all("Connection"), ["a", "b"])
+        self.assertEqual(headers.get_all("host"), ["h"])
+        self.assertEqual(headers.get_all("x-none"), [])
+        self.assertIsNone(headers.get("x-none"))
+        single = llm_proxy.read_headers(io.BufferedReader(io.BytesIO(b"Host: h\r\n\r\n")))
+        self.assertEqual(single.get_all("HOST"), ["h"])
+        self.assertEqual(single.get_all("x-none"), [])
+
+
+JSON_INPUTS = [
+    b'{"a": 1}', b'{"a": 1}  \r\n\t', b'{"a": 1} x', b'{"a": 1}{}', b"{", b"{}", b"{ }",
+    b' {"a": 1}', b'\xef\xbb\xbf{"a": 1}', b'{"a": "caf\xc3\xa9"}', b'{"a": "\xff"}',
+    b'{"a": "\\ud800"}', b'{"a": NaN, "b": -Infinity}', b'{"a": 1e400}', b'{"a": [1, 2.5, null]}',
+    b"[1]", b'"s"', b"", b"   ", b'{"a": "\x01"}', b'{"a": 1,}', b"{" * 100_000,
+    '{"a": "x"}'.encode("utf-16"),
+]
+
+
+class JsonTests(unittest.TestCase):
+    def test_parse_json_is_json_loads(self) -> None:
+        for data in JSON_INPUTS:
+            with self.subTest(data=data[:40]):
+                expected = outcome(json.loads, data)
+                got = outcome(llm_proxy.parse_json, data)
+                self.assertEqual(repr(got), repr(expected))
+
+
+def outcome(parse, data: bytes) -> object:
+    try:
+        return parse(data)
+    except RecursionError:
+        return "RecursionError"
+    except ValueError as error:
+        return type(error).__name__
+
+
+if __name__ == "__main__":
+    unittest.main()
