@@ -2343,8 +2343,8 @@ class FairGate:
     """Admission to the upstream: a global cap, a per-key cap, and a fair queue.
 
     Waiting requests are served round-robin by key, so a key with twenty queued
-    requests does not delay a key with one.  Every slot taken is given back by
-    ``slot``'s context manager, whatever happens inside it.
+    requests does not delay a key with one.  Every slot ``acquire`` grants is
+    given back by ``release``, which the relay calls in a ``finally``.
     """
 
     def __init__(self, limit: int, timeout: float) -> None:
@@ -2354,14 +2354,6 @@ class FairGate:
         self._per_key: dict[str, int] = {}
         self._queues: OrderedDict[str, deque[Ticket]] = OrderedDict()
         self._lock = threading.Lock()
-
-    @contextmanager
-    def slot(self, ticket: Ticket) -> Iterator[None]:
-        self.acquire(ticket)
-        try:
-            yield
-        finally:
-            self.release(ticket)
 
     def acquire(self, ticket: Ticket) -> None:
         """Wait for a slot; ClientGone if the ticket is withdrawn, a 503 after QUEUE_TIMEOUT."""
@@ -2936,20 +2928,22 @@ class Relay:
         call.unwatch = server.watcher.watch(client.connection,
                                               lambda: self.client_left(ticket, exchange))
         try:
-            with server.gate.slot(ticket):
+            server.gate.acquire(ticket)  # (not a context manager: this runs on every request)
+            try:
                 started = time.monotonic()
-                try:
-                    response = exchange.send(client.command, path, headers, body)
-                    call.upstream_ms = (time.monotonic() - started) * 1000
-                    server.upstream_state.answered()
-                    exchange.completed = self.relay(response, inspect)
-                except (OSError, http.client.HTTPException) as error:
-                    if call.gone:
-                        raise ClientGone() from None
-                    failure = upstream_failure(error)
-                    if not exchange.sent or call.upstream_ms is None:
-                        server.upstream_state.failed(failure)
-                    raise failure from None
+                response = exchange.send(client.command, path, headers, body)
+                call.upstream_ms = (time.monotonic() - started) * 1000
+                server.upstream_state.answered()
+                exchange.completed = self.relay(response, inspect)
+            except (OSError, http.client.HTTPException) as error:
+                if call.gone:
+                    raise ClientGone() from None
+                failure = upstream_failure(error)
+                if not exchange.sent or call.upstream_ms is None:
+                    server.upstream_state.failed(failure)
+                raise failure from None
+            finally:
+                server.gate.release(ticket)
         finally:
             call.unwatch()
             call.upstream_reached = exchange.sent
@@ -3442,6 +3436,9 @@ def visible_models(data: bytes, policy: Policy, ollama: bool) -> bytes:
 
 USAGE_FIELDS = ("requests", "served", "limited", "rejected", "error", "prompt_tokens",
                 "completion_tokens", "tokens_charged")
+OUTCOME_COLUMNS = {outcome: USAGE_FIELDS.index(outcome)
+                   for outcome in ("served", "limited", "rejected", "error")}
+NO_TOKENS = (0, 0, 0)
 OTHER = "_other"  # where identities without a name, or beyond the cap, are counted together
 
 
@@ -3457,15 +3454,19 @@ class Ledger:
         self.total = [0] * len(USAGE_FIELDS)
         self.last_seen: float | None = None
 
-    def add(self, day: str, counts: Sequence[int], keep_days: int) -> None:
+    def add(self, day: str, outcome: int, tokens: tuple[int, int, int], keep_days: int) -> None:
+        """Count one request: ``outcome`` is its column in USAGE_FIELDS, ``tokens`` the last three."""
         today = self.days.get(day)
         if today is None:
             today = self.days[day] = [0] * len(USAGE_FIELDS)
             if len(self.days) > keep_days:  # dates sort as text: drop the oldest
                 for old in sorted(self.days)[:len(self.days) - keep_days]:
                     del self.days[old]
-        today[:] = map(operator.add, today, counts)  # per request: the loop runs in C
-        self.total[:] = map(operator.add, self.total, counts)
+        for counts in (today, self.total):  # in place: this runs on every request
+            counts[0] += 1
+            counts[outcome] += 1
+            if tokens != NO_TOKENS:
+                counts[5:8] = map(operator.add, counts[5:8], tokens)
 
     def summary(self, today: str, days: Sequence[str]) -> dict:
         """Usage today, over the last 7 and 30 days and in all, and the daily series."""
@@ -3499,7 +3500,7 @@ class UsageBook:
         self._lock = threading.Lock()
 
     def record(self, identity: str, key: str, user: str | None, day: str, now: float,
-               counts: Sequence[int]) -> None:
+               outcome: int, tokens: tuple[int, int, int]) -> None:
         with self._lock:
             ledger = self._ledgers.get(identity)
             if ledger is None:
@@ -3509,7 +3510,7 @@ class UsageBook:
                 if ledger is None:
                     ledger = self._ledgers[identity] = Ledger(key, user)
             ledger.key, ledger.user = key, user  # a key renamed in the file is shown renamed
-            ledger.add(day, counts, self.keep_days)
+            ledger.add(day, outcome, tokens, self.keep_days)
             ledger.last_seen = now
 
     def get(self, identity: str) -> Ledger | None:
@@ -3681,16 +3682,16 @@ class AdminView:
         charge = call.charge
         charged = charge.paid if charge is not None else 0
         outcome = call.outcome
-        counts = (1, int(outcome == "served"), int(outcome == "limited"), int(outcome == "rejected"),
-                  int(outcome == "error"), prompt, completion, charged)
+        tokens = (prompt, completion, charged)
         now = call.arrived  # a request counts on the day it arrived
         key = call.app[1] if call.app is not None else call.policy
         named = key is not None and bool(key.name)
         if call.endpoint in METERED_ENDPOINTS:  # the history counts calls to the model, not quota checks
             day = local_day(now)
-            server.usage.record(call.identity, call.label, call.user, day, now, counts)
+            column = OUTCOME_COLUMNS[outcome]
+            server.usage.record(call.identity, call.label, call.user, day, now, column, tokens)
             if call.app is not None:  # an app key's history includes all of its users'
-                server.usage.record(call.app[0], call.label, None, day, now, counts)
+                server.usage.record(call.app[0], call.label, None, day, now, column, tokens)
         elapsed = time.monotonic() - call.started
         first_byte = call.first_byte - call.started if call.first_byte is not None else None
         server.metrics.record(call.label if named else OTHER, call.user if named else None,
