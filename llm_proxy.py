@@ -1825,6 +1825,7 @@ class Target:
         """Under /v1, or Ollama's own /api: the paths that need a key."""
         return self.is_api or self.path.lower().startswith("/api/")
 
+    @functools.lru_cache(maxsize=1024)  # noqa: B019 (targets are few, immutable and cached too)
     def upstream_path(self, base_path: str) -> str:
         """The path upstream: /v1/... under BASE_API_URL's path, Ollama's /api/... under its root."""
         if self.is_api:
@@ -1990,7 +1991,7 @@ def read_headers(rfile: BinaryIO) -> Headers:
 
 def content_length(lengths: list[str], limit: int) -> int:
     """The body length the headers declare; ambiguity is refused, never guessed at."""
-    if len(set(value.strip() for value in lengths)) > 1:
+    if len(lengths) > 1 and len(set(value.strip() for value in lengths)) > 1:
         raise ProxyError(400, "conflicting Content-Length headers", code="invalid_framing",
                          close=True)
     text = lengths[0].strip()
@@ -2628,20 +2629,17 @@ def ollama_tags(names: Sequence[str]) -> dict:
 
 
 def rate_limit_headers(admission: Admission) -> list[tuple[str, str]]:
+    """The tightest window's state; seconds rounded up, so that waiting that long is enough."""
     headers = [
         ("X-RateLimit-Limit", str(admission.limit)),
         ("X-RateLimit-Remaining", str(admission.remaining)),
         ("X-RateLimit-Refill-Tokens", str(admission.refill_tokens)),
-        ("X-RateLimit-Refill-Seconds", _whole_seconds(admission.refill_seconds)),
-        ("X-RateLimit-Reset-Seconds", _whole_seconds(admission.wait_seconds)),
+        ("X-RateLimit-Refill-Seconds", str(math.ceil(admission.refill_seconds))),
+        ("X-RateLimit-Reset-Seconds", str(math.ceil(admission.wait_seconds))),
     ]
     if not admission.allowed and admission.cost <= admission.limit:
-        headers.append(("Retry-After", _whole_seconds(max(1.0, admission.wait_seconds))))
+        headers.append(("Retry-After", str(math.ceil(max(1.0, admission.wait_seconds)))))
     return headers
-
-
-def _whole_seconds(seconds: float) -> str:
-    return str(math.ceil(seconds))
 
 
 # --------------------------------------------------------------------------
@@ -3055,6 +3053,7 @@ PREFLIGHT_HEADERS = [
     ("Access-Control-Max-Age", "86400"),
 ]
 SERVER_HEADER = f"Server: llm_proxy/{__version__}"  # on every answer; the upstream's is dropped
+EVERY_ANSWER = "\r\n".join([SERVER_HEADER, *(f"{name}: {value}" for name, value in CORS_HEADERS)])
 ROOT_REPLY = {"name": "llm_proxy", "version": __version__, "health": "/health"}
 ADMIN_PATHS = ("/admin", "/admin/api/usage", "/metrics")
 METRICS_TYPE = ("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
@@ -3202,10 +3201,15 @@ class ProxyHandler(BaseHTTPRequestHandler):
         except socket.timeout:
             return self.refuse_request(ProxyError(408, "timed out waiting for the request headers",
                                                   code="timeout"))
-        connection = {token.strip().lower() for token in self.headers.get("Connection", "").split(",")}
-        self.close_connection = "close" in connection or (
-            version == "HTTP/1.0" and "keep-alive" not in connection)
-        if self.headers.get("Expect", "").lower() == "100-continue" and version == "HTTP/1.1":
+        connection = self.headers.get("connection")
+        if connection is None:  # the usual case: HTTP/1.1 keeps the connection, 1.0 closes it
+            self.close_connection = version == "HTTP/1.0"
+        else:
+            tokens = {token.strip().lower() for token in connection.split(",")}
+            self.close_connection = "close" in tokens or (
+                version == "HTTP/1.0" and "keep-alive" not in tokens)
+        expect = self.headers.get("expect")
+        if expect is not None and expect.lower() == "100-continue" and version == "HTTP/1.1":
             return self.handle_expect_100()
         return True
 
@@ -3342,9 +3346,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.close_connection = True  # an unread body would be taken for the next request
         if reason is None or not _FIELD_VALUE.fullmatch(reason):  # an upstream's could carry a CR
             reason = self.responses.get(status, ("",))[0]
-        lines = [f"{self.protocol_version} {status} {reason}", SERVER_HEADER]
-        lines.extend(f"{name}: {value}" for name, value in headers)
-        lines.extend(f"{name}: {value}" for name, value in CORS_HEADERS)
+        lines = [f"{self.protocol_version} {status} {reason}", EVERY_ANSWER]
+        lines.extend([f"{name}: {value}" for name, value in headers])
         if self.close_connection:
             lines.append("Connection: close")
         elif self.request_version == "HTTP/1.0":
