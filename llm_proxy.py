@@ -3386,8 +3386,12 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.write(b"0\r\n\r\n")
 
     def write(self, data: bytes) -> None:
+        """One ``sendall`` per write: the head and body go together, each stream event alone.
+
+        (``wfile`` is unbuffered and would make the same call through a Python layer.)
+        """
         try:
-            self.wfile.write(data)
+            self.connection.sendall(data)
         except OSError:
             raise ClientGone() from None
 
