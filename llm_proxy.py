@@ -2685,6 +2685,11 @@ class Call:
     endpoint: str = "local"          # for the metrics: the API, "free", or a local answer
     unwatch: Callable[[], None] = _nothing  # stops the disconnect watch on this request
     gone: bool = False               # the client hung up (set by the disconnect watcher's thread)
+    # Set once by ``conclude``, for the log line, the history and the metrics alike:
+    result: str = ""                 # served, limited, rejected or error
+    tokens_charged: int = 0          # taken before forwarding and kept (0 if refunded)
+    tokens_paid: int = 0             # what it cost in the end
+    seconds: float = 0.0             # from arrival to the end of the answer
 
     def close_charge(self, usage_mode: bool) -> None:
         """Decide what the charge becomes; safe to call more than once (the first call decides).
@@ -2796,23 +2801,27 @@ class Call:
             self.meter.final = True  # a whole answer's usage is all there is
         return data
 
-    @property
-    def outcome(self) -> str:
+    def conclude(self) -> None:
+        """Fix how the request ended, once, for everything that records it."""
         status = self.status
+        if not status and self.gone:
+            self.status = status = 499
         if self.limited:
-            return "limited"
-        if status >= 500 or status == 499 or not status:
-            return "error"
-        return "rejected" if status >= 400 else "served"
+            self.result = "limited"
+        elif status >= 500 or status == 499 or not status:
+            self.result = "error"
+        else:
+            self.result = "rejected" if status >= 400 else "served"
+        charge = self.charge
+        if charge is not None:
+            self.tokens_charged = charge.charged
+            self.tokens_paid = self.tokens_charged if charge.used is None else charge.used
+        self.seconds = time.monotonic() - self.started
 
     def log_records(self, ip: str, method: str, path: str, with_record: bool) -> tuple[str, str]:
         """The console line and (when wanted) the ACCESS_LOG record; names, never keys."""
-        if not self.status and self.gone:
-            self.status = 499
-        outcome, charge = self.outcome, self.charge
-        charged = charge.charged if charge is not None else 0
-        settled = charge.paid if charge is not None else 0
-        elapsed = (time.monotonic() - self.started) * 1000
+        outcome, charged, settled = self.result, self.tokens_charged, self.tokens_paid
+        elapsed = self.seconds * 1000
         stamp = console_stamp(time.time())
         who = self.label if self.user is None else f"{self.label}/{self.user}"
         who = ascii(who)[1:-1] if not who.isprintable() else who  # one request, one line
@@ -3414,6 +3423,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def log_outcome(self) -> None:
         """One line per request on the console, and one JSON record for ACCESS_LOG; never a key."""
         access_log = self.server.access_log
+        self.call.conclude()
         line, record = self.call.log_records(self.client_address[0], self.command or "-",
                                              ascii(self.path.partition("?")[0][:200])[1:-1],
                                              access_log is not None)
@@ -3469,11 +3479,19 @@ class Ledger:
             if len(self.days) > keep_days:  # dates sort as text: drop the oldest
                 for old in sorted(self.days)[:len(self.days) - keep_days]:
                     del self.days[old]
-        for counts in (today, self.total):  # in place: this runs on every request
-            counts[0] += 1
-            counts[outcome] += 1
-            if tokens != NO_TOKENS:
-                counts[5:8] = map(operator.add, counts[5:8], tokens)
+        total = self.total  # in place and unrolled: this runs on every request
+        today[0] += 1
+        total[0] += 1
+        today[outcome] += 1
+        total[outcome] += 1
+        if tokens != NO_TOKENS:
+            prompt, completion, charged = tokens
+            today[5] += prompt
+            total[5] += prompt
+            today[6] += completion
+            total[6] += completion
+            today[7] += charged
+            total[7] += charged
 
     def summary(self, today: str, days: Sequence[str]) -> dict:
         """Usage today, over the last 7 and 30 days and in all, and the daily series."""
@@ -3686,9 +3704,7 @@ class AdminView:
             return
         usage = call.meter.reported if call.meter is not None else None
         prompt, completion = (usage.prompt, usage.completion) if usage is not None else (0, 0)
-        charge = call.charge
-        charged = charge.paid if charge is not None else 0
-        outcome = call.outcome
+        charged, outcome = call.tokens_paid, call.result
         tokens = (prompt, completion, charged)
         now = call.arrived  # a request counts on the day it arrived
         key = call.app[1] if call.app is not None else call.policy
@@ -3699,10 +3715,10 @@ class AdminView:
             server.usage.record(call.identity, call.label, call.user, day, now, column, tokens)
             if call.app is not None:  # an app key's history includes all of its users'
                 server.usage.record(call.app[0], call.label, None, day, now, column, tokens)
-        elapsed = time.monotonic() - call.started
         first_byte = call.first_byte - call.started if call.first_byte is not None else None
         server.metrics.record(call.label if named else OTHER, call.user if named else None,
-                              call.endpoint, outcome, prompt, completion, charged, elapsed, first_byte)
+                              call.endpoint, outcome, prompt, completion, charged, call.seconds,
+                              first_byte)
 
     def answer(self, path: str, method: str, headers: Headers) -> tuple[list[tuple[str, str]], bytes]:
         """The owner's routes: they exist only with ADMIN_KEY, and no client key opens them."""
