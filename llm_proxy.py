@@ -2454,16 +2454,19 @@ class FairGate:
 
 
 class _Watch:
-    """One watched client: its callback runs at most once, and never after ``cancel``."""
+    """One client connection's watch, armed for each of its requests in turn.
+
+    Its callback runs at most once per arming, and never after ``cancel``; made
+    once per connection, not per request.
+    """
 
     __slots__ = ("client", "fd", "on_gone", "active", "lock", "watcher")
 
-    def __init__(self, client: socket.socket, on_gone: Callable[[], None],
-                 watcher: DisconnectWatcher) -> None:
+    def __init__(self, client: socket.socket, watcher: DisconnectWatcher) -> None:
         self.client = client
         self.fd = client.fileno()
-        self.on_gone = on_gone
-        self.active = True
+        self.on_gone: Callable[[], None] = _nothing
+        self.active = False
         self.lock = threading.Lock()
         self.watcher = watcher
 
@@ -2508,8 +2511,16 @@ class DisconnectWatcher:
         self._thread = threading.Thread(target=self._run, name="disconnect-watcher", daemon=True)
         self._thread.start()
 
-    def watch(self, client: socket.socket, on_gone: Callable[[], None]) -> Callable[[], None]:
-        watch = _Watch(client, on_gone, self)
+    def watch(self, client: socket.socket, on_gone: Callable[[], None],
+              watch: _Watch | None = None) -> _Watch:
+        """Call ``on_gone`` if ``client`` hangs up before ``cancel``; ``watch`` is reused if given.
+
+        A connection's requests come one at a time, so one ``_Watch`` serves them all.
+        """
+        if watch is None:
+            watch = _Watch(client, self)
+        watch.on_gone = on_gone
+        watch.active = True
         if self._epoll is not None:
             self._watches[watch.fd] = watch
             try:
@@ -2518,7 +2529,7 @@ class DisconnectWatcher:
                 self._epoll.modify(watch.fd, select.EPOLLIN)
         else:
             self._selector.register(client, selectors.EVENT_READ, watch)  # type: ignore[union-attr]
-        return watch.cancel
+        return watch
 
     def _forget(self, watch: _Watch) -> None:
         if self._epoll is not None:
@@ -2932,8 +2943,9 @@ class Relay:
         path = target.upstream_path(server.upstream.target.base_path)
         exchange = UpstreamExchange(server.upstream)
         ticket = call.ticket()
-        call.unwatch = server.watcher.watch(client.connection,
-                                              lambda: self.client_left(ticket, exchange))
+        client.watch = server.watcher.watch(client.connection,
+                                            lambda: self.client_left(ticket, exchange), client.watch)
+        call.unwatch = client.watch.cancel
         try:
             server.gate.acquire(ticket)  # (not a context manager: this runs on every request)
             try:
@@ -3079,6 +3091,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
     server_version = "llm_proxy/" + __version__
     server: ProxyServer
     call: Call
+    watch: _Watch | None = None  # the disconnect watch, made at the connection's first forward
 
     def setup(self) -> None:
         self.timeout = self.server.config.client_timeout  # idle clients must not hold a thread

@@ -337,6 +337,13 @@ class ProxyTestCase(unittest.TestCase):
         serve(self.proxy)
         return self.proxy
 
+    def wait_for(self, condition: Callable[[], bool]) -> None:
+        """Poll for something another thread does (the clock is injected; this is no refill)."""
+        deadline = time.monotonic() + WAIT
+        while not condition():
+            self.assertLess(time.monotonic(), deadline, "condition not reached")
+            time.sleep(0.005)
+
     @staticmethod
     def stop(server: TrackedServer) -> None:
         server.shutdown()
@@ -1339,12 +1346,6 @@ class FairQueueTests(ProxyTestCase):
             thread.join(WAIT)
             self.assertFalse(thread.is_alive(), f"background request {kwargs} never completed")
             self.assertEqual(outcome, [expected_status], f"background request {kwargs}")
-
-    def wait_for(self, condition: Callable[[], bool]) -> None:
-        deadline = time.monotonic() + WAIT
-        while not condition():
-            self.assertLess(time.monotonic(), deadline, "condition not reached")
-            time.sleep(0.005)
 
     def test_queue_serves_keys_round_robin(self) -> None:
         gate = self.proxy.gate

@@ -15,7 +15,6 @@ import os
 import socket
 import tempfile
 import threading
-import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -388,12 +387,6 @@ class DialectTestCase(ProxyTestCase):
         with open(path, "w") as file:
             json.dump(entries, file)
         self.start_proxy(client_keys=(), keys_file=path)
-
-    def wait_for(self, condition: Callable[[], bool]) -> None:
-        deadline = time.monotonic() + WAIT
-        while not condition():
-            self.assertLess(time.monotonic(), deadline, "condition never became true")
-            time.sleep(0.005)
 
 
 class ServedTests(DialectTestCase):

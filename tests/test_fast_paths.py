@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import io
 import json
+import socket
 import unittest
 
 import llm_proxy
+from test_llm_proxy import WAIT, ProxyTestCase
 
 
 class NoPeek(io.BufferedReader):
@@ -109,6 +111,25 @@ class JsonTests(unittest.TestCase):
                 expected = outcome(json.loads, data)
                 got = outcome(llm_proxy.parse_json, data)
                 self.assertEqual(repr(got), repr(expected))
+
+
+class ReusedWatchTests(ProxyTestCase):
+    """A connection's disconnect watch is made once and armed for each request in turn."""
+
+    def test_a_later_request_on_a_kept_connection_is_still_watched(self) -> None:
+        body = json.dumps({"messages": []}).encode()
+        request = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n%sContent-Length: %d\r\n\r\n%s")
+        with socket.create_connection(("127.0.0.1", self.port), timeout=WAIT) as sock:
+            for _ in range(2):  # answered: the watch is armed, then cancelled, twice
+                sock.sendall(request % (b"", len(body), body))
+                reply = b""
+                while b"\r\n\r\n" not in reply or not reply.endswith(b"}"):
+                    reply += sock.recv(65536)
+                self.assertTrue(reply.startswith(b"HTTP/1.1 200 "), reply[:40])
+            sock.sendall(request % (b"X-Fake: hold-until-closed\r\n", len(body), body))
+            self.wait_for(lambda: len(self.upstream.requests) == 3)
+        self.assertTrue(self.upstream.closed_early.wait(1.0), "upstream kept generating for nobody")
+        self.wait_for(lambda: self.proxy.gate.in_flight == 0)
 
 
 def outcome(parse, data: bytes) -> object:

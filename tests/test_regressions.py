@@ -71,12 +71,6 @@ class QueuedLeaverTests(ProxyTestCase):
 
     config_overrides = {"client_keys": (CLIENT_KEY, OTHER_KEY), "upstream_max_concurrent": 1}
 
-    def wait_for(self, condition) -> None:
-        deadline = time.monotonic() + WAIT
-        while not condition():
-            self.assertLess(time.monotonic(), deadline, "condition never became true")
-            time.sleep(0.005)
-
     def test_leaver_is_withdrawn_at_once_never_sent_and_not_charged(self) -> None:
         results = []
         holder = threading.Thread(target=lambda: results.append(self.chat(headers={"X-Fake": "hold"})))
