@@ -1141,6 +1141,8 @@ class ServerSentEvents(Framing):
     content_type = "text/event-stream; charset=utf-8"
 
     def end(self, buffer: bytes) -> int:
+        if buffer.endswith(b"\n\n"):  # the usual case: whole events arrived
+            return len(buffer)
         lf = buffer.rfind(b"\n\n")
         crlf = buffer.rfind(b"\r\n\r\n")
         return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
@@ -3017,6 +3019,7 @@ class Relay:
         client = self.client
         client.start_chunked(response.status, headers + self.meter_headers(), response.reason)
         meter = call.meter if framing is not None and ok else None
+        marker = call.dialect.usage_marker  # outside usage mode only events with it are read
         pending = b""
         try:
             while True:
@@ -3034,7 +3037,7 @@ class Relay:
                     data, pending = pending[:end], pending[end:]
                 else:  # not events, or one too large to hold: pass on what there is
                     data, pending, whole_events = pending + data, b"", False
-                if meter is not None and whole_events:
+                if meter is not None and whole_events and (meter.counts_text or marker in data):
                     data = meter.filter(data, framing)  # type: ignore[arg-type]
                     if not data:
                         continue
