@@ -24,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import suppress
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -108,6 +109,31 @@ def serve_upstream() -> None:
     server.serve_forever()
 
 
+def serve_byte_relay(upstream_port: int) -> None:
+    """The floor for any proxy written in Python: bytes copied both ways, nothing parsed.
+
+    A thread per direction per connection, as ``socket`` makes it; what llm_proxy
+    adds on top of this is the work it does (parsing, keys, buckets, records).
+    """
+    def copy(source: socket.socket, sink: socket.socket) -> None:
+        with suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        for end in (source, sink):
+            with suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+
+    listener = socket.create_server(("127.0.0.1", 0), backlog=1024)
+    print(listener.getsockname()[1], flush=True)
+    while True:
+        client, _ = listener.accept()
+        upstream = socket.create_connection(("127.0.0.1", upstream_port))
+        for end in (client, upstream):
+            end.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        threading.Thread(target=copy, args=(client, upstream), daemon=True).start()
+        threading.Thread(target=copy, args=(upstream, client), daemon=True).start()
+
+
 # --------------------------------------------------------------------------
 # Processes
 # --------------------------------------------------------------------------
@@ -130,6 +156,12 @@ class Process:
     def stop(self) -> None:
         self.popen.terminate()
         self.popen.wait(10)
+
+
+def start_byte_relay(upstream_port: int) -> tuple[Process, int]:
+    process = Process([sys.executable, os.path.abspath(__file__), "--serve-byte-relay",
+                       str(upstream_port)])
+    return process, int(process.first_line)
 
 
 def start_upstream() -> tuple[Process, int]:
@@ -362,6 +394,18 @@ def median_of(rounds: list[dict], field: str) -> float:
     return statistics.median(r[field] for r in rounds)
 
 
+def ratio_spread(direct: list[dict], proxied: list[dict], field: str) -> str:
+    """Each round's proxy/direct ratio, lowest to highest (rounds are paired: they ran in turn)."""
+    ratios = sorted(p[field] / d[field] for d, p in zip(direct, proxied))
+    return f"rounds {ratios[0]:.2f}-{ratios[-1]:.2f}x"
+
+
+def added_spread(direct: list[dict], proxied: list[dict], field: str) -> str:
+    """Each round's proxy minus direct, lowest to highest."""
+    added = sorted(p[field] - d[field] for d, p in zip(direct, proxied))
+    return f"rounds +{added[0]:.3f} to +{added[-1]:.3f}"
+
+
 def alternate(rounds: int, direct: callable, proxied: callable) -> tuple[list, list]:
     """Run direct and proxied measurements in turn, so drift hits both alike."""
     direct_results, proxy_results = [], []
@@ -375,9 +419,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a small, fast version (CI)")
     parser.add_argument("--serve-upstream", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--serve-byte-relay", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_upstream:
         serve_upstream()
+        return
+    if args.serve_byte_relay:
+        serve_byte_relay(args.serve_byte_relay)
         return
     quick = args.quick
     rounds = 3 if quick else 5
@@ -400,18 +448,32 @@ def main() -> None:
                                         lambda: throughput(proxy_port, clients, seconds))
             d_rps, p_rps = median_of(direct, "rps"), median_of(proxied, "rps")
             row(f"non-streaming, {clients} client(s): requests/s", p_rps, d_rps, "req/s",
-                f"{p_rps / d_rps:.2f}x direct")
+                f"{p_rps / d_rps:.2f}x direct ({ratio_spread(direct, proxied, 'rps')})")
             for field in ("p50_ms", "p99_ms"):
                 d, p = median_of(direct, field), median_of(proxied, field)
                 row(f"non-streaming, {clients} client(s): {field[:3]} latency", p, d, "ms",
-                    f"+{p - d:.3f} ms")
+                    f"+{p - d:.3f} ms ({added_spread(direct, proxied, field)})")
+
+        byte_relay, relay_port = start_byte_relay(upstream_port)  # the floor, for scale
+        try:
+            for clients in (1, 32):
+                direct, relayed = alternate(rounds, lambda: throughput(upstream_port, clients, seconds),
+                                            lambda: throughput(relay_port, clients, seconds))
+                d_rps, r_rps = median_of(direct, "rps"), median_of(relayed, "rps")
+                row(f"for scale, a byte relay in Python (nothing parsed), {clients} client(s): "
+                    "requests/s", r_rps, d_rps, "req/s", f"{r_rps / d_rps:.2f}x direct")
+                d, r = median_of(direct, "p50_ms"), median_of(relayed, "p50_ms")
+                row(f"for scale, a byte relay in Python, {clients} client(s): p50 latency", r, d, "ms",
+                    f"+{r - d:.3f} ms")
+        finally:
+            byte_relay.stop()
 
         events = 20 if quick else 50
         direct, proxied = alternate(rounds, lambda: stream_delays(upstream_port, events, 10),
                                     lambda: stream_delays(proxy_port, events, 10))
         d_first, p_first = median_of(direct, "first_ms"), median_of(proxied, "first_ms")
         row(f"streaming, {events} events 10 ms apart: time to first event", p_first, d_first, "ms",
-            f"+{p_first - d_first:.3f} ms")
+            f"+{p_first - d_first:.3f} ms ({added_spread(direct, proxied, 'first_ms')})")
         d_delay = [d for r in direct for d in r["delays_ms"]]
         p_delay = [d for r in proxied for d in r["delays_ms"]]
         for name, fraction in (("p50", 0.5), ("p99", 0.99)):
@@ -434,7 +496,7 @@ def main() -> None:
                                         lambda: throughput(limited_port, 32, seconds))
             d_rps, p_rps = median_of(direct, "rps"), median_of(proxied, "rps")
             row("limit replies only, 32 clients: requests/s", p_rps, d_rps, "req/s",
-                f"{p_rps / d_rps:.2f}x direct")
+                f"{p_rps / d_rps:.2f}x direct ({ratio_spread(direct, proxied, 'rps')})")
         finally:
             limited_proxy.stop()
 
