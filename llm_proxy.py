@@ -1177,7 +1177,7 @@ _JSON_SPACE = " \t\n\r"
 
 def parse_json(data: bytes) -> object:
     """``json.loads(data)``, the same values and errors, cheaper for UTF-8 objects."""
-    if data[:1] == b"{":  # no BOM, not UTF-16/32 (a NUL would be second): plain UTF-8
+    if data[:1] == b"{" and data[1:2] != b"\x00":  # no BOM, not UTF-16/32-LE: plain UTF-8
         text = data.decode("utf-8", "surrogatepass")
         try:
             value, end = _scan_json(text, 0)
@@ -1965,7 +1965,7 @@ def read_headers(rfile: BinaryIO) -> Headers:
     """
     buffered = rfile.peek()  # type: ignore[attr-defined]
     end = buffered.find(b"\r\n\r\n") + 4
-    if end >= 4:
+    if 4 <= end <= MAX_LINE:  # (a longer block goes line by line, where MAX_LINE is checked)
         # Split by the line grammar, a block is ['', name, value, '', name, value, ..., CRLF];
         # anything between two lines that is not a line shows up as a non-empty string.
         parts = _HEADER_FIELD.split(buffered[:end].decode("latin-1"))
@@ -2521,6 +2521,10 @@ class DisconnectWatcher:
         """
         if watch is None:
             watch = _Watch(client, self)
+        # Without the lock: a reused watch was cancelled (under the lock) before its
+        # connection's next request, so no check of it is running or can start yet.
+        # Its ``cancel`` stops whichever request armed it last: each request's own,
+        # since a connection's requests run one after another on one thread.
         watch.on_gone = on_gone
         watch.active = True
         if self._epoll is not None:
@@ -3077,7 +3081,7 @@ PREFLIGHT_HEADERS = [
     ("Access-Control-Max-Age", "86400"),
 ]
 SERVER_HEADER = f"Server: llm_proxy/{__version__}"  # on every answer; the upstream's is dropped
-EVERY_ANSWER = "\r\n".join([SERVER_HEADER, *(f"{name}: {value}" for name, value in CORS_HEADERS)])
+CORS_LINES = "\r\n".join(f"{name}: {value}" for name, value in CORS_HEADERS)  # joined once
 ROOT_REPLY = {"name": "llm_proxy", "version": __version__, "health": "/health"}
 ADMIN_PATHS = ("/admin", "/admin/api/usage", "/metrics")
 METRICS_TYPE = ("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
@@ -3371,8 +3375,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.close_connection = True  # an unread body would be taken for the next request
         if reason is None or not _FIELD_VALUE.fullmatch(reason):  # an upstream's could carry a CR
             reason = self.responses.get(status, ("",))[0]
-        lines = [f"{self.protocol_version} {status} {reason}", EVERY_ANSWER]
+        lines = [f"{self.protocol_version} {status} {reason}", SERVER_HEADER]
         lines.extend([f"{name}: {value}" for name, value in headers])
+        lines.append(CORS_LINES)
         if self.close_connection:
             lines.append("Connection: close")
         elif self.request_version == "HTTP/1.0":

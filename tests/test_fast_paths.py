@@ -27,8 +27,8 @@ class NoPeek(io.BufferedReader):
 def headers_both_ways(block: bytes) -> list[tuple[object, bytes]]:
     """What each path makes of ``block`` followed by a body: fields (or the error), and what is left."""
     results = []
-    for reader_class in (io.BufferedReader, NoPeek):
-        reader = reader_class(io.BytesIO(block + b"BODY\r\n\r\nX: y\r\n\r\n"))
+    for reader_class in (io.BufferedReader, NoPeek):  # the first with room for any block
+        reader = reader_class(io.BytesIO(block + b"BODY\r\n\r\nX: y\r\n\r\n"), 1 << 20)
         try:
             headers = llm_proxy.read_headers(reader)
             outcome: object = (headers.items(), headers.lowered)
@@ -62,6 +62,8 @@ HEADER_BLOCKS = [
     b"Host: a\r\n",                          # ends inside the headers (no blank line)
     b"".join(b"X-%d: v\r\n" % i for i in range(100)) + b"\r\n",
     b"".join(b"X-%d: v\r\n" % i for i in range(101)) + b"\r\n",
+    b"X-Long: " + b"a" * 70_000 + b"\r\n\r\n",   # one line over MAX_LINE
+    b"".join(b"X-%d: %s\r\n" % (i, b"a" * 1000) for i in range(80)) + b"\r\n",  # a long block
 ]
 
 
@@ -100,7 +102,8 @@ JSON_INPUTS = [
     b' {"a": 1}', b'\xef\xbb\xbf{"a": 1}', b'{"a": "caf\xc3\xa9"}', b'{"a": "\xff"}',
     b'{"a": "\\ud800"}', b'{"a": NaN, "b": -Infinity}', b'{"a": 1e400}', b'{"a": [1, 2.5, null]}',
     b"[1]", b'"s"', b"", b"   ", b'{"a": "\x01"}', b'{"a": 1,}', b"{" * 100_000,
-    '{"a": "x"}'.encode("utf-16"),
+    '{"a": "x"}'.encode("utf-16"), '{"a": "x"}'.encode("utf-16-le"), '{"a": "x"}'.encode("utf-32-le"),
+    '{"a": "x"}'.encode("utf-16-be"),
 ]
 
 
