@@ -11,7 +11,10 @@ from __future__ import annotations
 import io
 import json
 import socket
+import struct
+import threading
 import unittest
+from unittest import mock
 
 import llm_proxy
 from test_llm_proxy import WAIT, ProxyTestCase
@@ -117,22 +120,73 @@ class JsonTests(unittest.TestCase):
 
 
 class ReusedWatchTests(ProxyTestCase):
-    """A connection's disconnect watch is made once and armed for each request in turn."""
+    """A connection's disconnect watch is made once and armed for each request in turn.
+
+    With epoll the connection is registered once, for the client closing its side
+    (or resetting); elsewhere each request registers through ``selectors``.  Every
+    test runs with both.
+    """
+
+    REQUEST = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n%sContent-Length: %d\r\n\r\n%s"
+    BODY = json.dumps({"messages": []}).encode()
+
+    def each_mechanism(self) -> list[str]:
+        names = ["epoll"] if llm_proxy._EPOLL_HANG_UP else []
+        return names + ["selectors"]
+
+    def use(self, mechanism: str) -> None:
+        if mechanism == "selectors":
+            patch = mock.patch.object(llm_proxy, "_EPOLL_HANG_UP", 0)
+            patch.start()
+            self.addCleanup(patch.stop)
+        self.start_proxy()
+        self.upstream.closed_early.clear()
+        self.assertEqual(self.proxy.watcher._epoll is None, mechanism == "selectors")
+
+    def answered(self, sock: socket.socket) -> None:
+        sock.sendall(self.REQUEST % (b"", len(self.BODY), self.BODY))
+        reply = b""
+        while b"\r\n\r\n" not in reply or not reply.endswith(b"}"):
+            reply += sock.recv(65536)
+        self.assertTrue(reply.startswith(b"HTTP/1.1 200 "), reply[:40])
+
+    def held(self, sock: socket.socket, requests_before: int) -> None:
+        sock.sendall(self.REQUEST % (b"X-Fake: hold-until-closed\r\n", len(self.BODY), self.BODY))
+        self.wait_for(lambda: len(self.upstream.requests) == requests_before + 1)
 
     def test_a_later_request_on_a_kept_connection_is_still_watched(self) -> None:
-        body = json.dumps({"messages": []}).encode()
-        request = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n%sContent-Length: %d\r\n\r\n%s")
-        with socket.create_connection(("127.0.0.1", self.port), timeout=WAIT) as sock:
-            for _ in range(2):  # answered: the watch is armed, then cancelled, twice
-                sock.sendall(request % (b"", len(body), body))
-                reply = b""
-                while b"\r\n\r\n" not in reply or not reply.endswith(b"}"):
-                    reply += sock.recv(65536)
-                self.assertTrue(reply.startswith(b"HTTP/1.1 200 "), reply[:40])
-            sock.sendall(request % (b"X-Fake: hold-until-closed\r\n", len(body), body))
-            self.wait_for(lambda: len(self.upstream.requests) == 3)
-        self.assertTrue(self.upstream.closed_early.wait(1.0), "upstream kept generating for nobody")
-        self.wait_for(lambda: self.proxy.gate.in_flight == 0)
+        for mechanism in self.each_mechanism():
+            with self.subTest(mechanism):
+                self.use(mechanism)
+                before = len(self.upstream.requests)
+                with socket.create_connection(("127.0.0.1", self.port), timeout=WAIT) as sock:
+                    for _ in range(2):  # answered: the watch is armed, then cancelled, twice
+                        self.answered(sock)
+                    self.held(sock, before + 2)
+                self.assertTrue(self.upstream.closed_early.wait(1.0), "upstream kept generating")
+                self.wait_for(lambda: self.proxy.gate.in_flight == 0)
+
+    def test_a_client_that_resets_is_noticed(self) -> None:
+        for mechanism in self.each_mechanism():
+            with self.subTest(mechanism):
+                self.use(mechanism)
+                sock = socket.create_connection(("127.0.0.1", self.port), timeout=WAIT)
+                self.answered(sock)
+                self.held(sock, len(self.upstream.requests))
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.close()  # a reset, not a FIN
+                self.assertTrue(self.upstream.closed_early.wait(1.0), "upstream kept generating")
+                self.wait_for(lambda: self.proxy.gate.in_flight == 0)
+
+    def test_a_connection_that_ends_leaves_no_watch_behind(self) -> None:
+        for mechanism in self.each_mechanism():
+            with self.subTest(mechanism):
+                self.use(mechanism)
+                for _ in range(20):
+                    with socket.create_connection(("127.0.0.1", self.port), timeout=WAIT) as sock:
+                        self.answered(sock)
+                self.wait_for(lambda: not self.proxy.watcher._watches
+                              and threading.active_count() <= self.baseline_threads + 8)
 
 
 def outcome(parse, data: bytes) -> object:
