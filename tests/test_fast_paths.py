@@ -8,11 +8,13 @@ and whatever one refuses the other refuses.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import socket
 import struct
 import threading
+import time
 import unittest
 from unittest import mock
 
@@ -187,6 +189,65 @@ class ReusedWatchTests(ProxyTestCase):
                         self.answered(sock)
                 self.wait_for(lambda: not self.proxy.watcher._watches
                               and threading.active_count() <= self.baseline_threads + 8)
+
+
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        near = socket.create_connection(listener.getsockname())
+        far, _ = listener.accept()
+    return near, far
+
+
+@unittest.skipUnless(llm_proxy.KERNEL_TIMEOUTS, "kernel socket timeouts are used on Linux only")
+class TimedSocketTests(unittest.TestCase):
+    """Timeouts kept by the kernel behave as Python's own: socket.timeout, whole writes bounded."""
+
+    def pair(self, seconds: float) -> tuple[socket.socket, socket.socket]:
+        near, far = tcp_pair()
+        near.settimeout(5.0)  # made non-blocking by a Python timeout, as create_connection does
+        timed = llm_proxy.TimedSocket.adopt(near, seconds)
+        self.addCleanup(timed.close)
+        self.addCleanup(far.close)
+        return timed, far
+
+    def test_adopted_socket_blocks_and_the_kernel_keeps_the_timeout(self) -> None:
+        timed, far = self.pair(0.25)
+        self.assertIsInstance(timed, llm_proxy.TimedSocket)
+        self.assertIsNone(timed.gettimeout())
+        far.sendall(b"ping")
+        self.assertEqual(timed.recv(4), b"ping")  # blocking: waits for data, no EAGAIN
+        buffer = bytearray(4)
+        far.sendall(b"pong")
+        self.assertEqual(timed.recv_into(buffer), 4)
+
+    def test_a_silent_peer_is_a_socket_timeout(self) -> None:
+        timed, _ = self.pair(0.2)
+        began = time.monotonic()
+        with self.assertRaises(socket.timeout):
+            timed.recv(10)
+        with self.assertRaises(socket.timeout):
+            timed.recv_into(bytearray(10))
+        self.assertLess(time.monotonic() - began, 2.0)
+
+    def test_a_trickling_reader_cannot_hold_a_write_open(self) -> None:
+        timed, far = self.pair(0.3)
+        timed.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # small buffers both ends:
+        far.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)    # each read frees room at once
+        stop = threading.Event()
+
+        def trickle() -> None:  # a little now and then: every kernel send makes some progress
+            with contextlib.suppress(OSError):
+                while not stop.wait(0.01):
+                    far.recv(2048)
+
+        reader = threading.Thread(target=trickle)
+        reader.start()
+        self.addCleanup(reader.join)
+        self.addCleanup(stop.set)
+        began = time.monotonic()
+        with self.assertRaises(socket.timeout):
+            timed.sendall(b"x" * (8 << 20))
+        self.assertLess(time.monotonic() - began, 2.0)  # not the 40 s the reader would take
 
 
 def outcome(parse, data: bytes) -> object:
