@@ -2075,16 +2075,20 @@ class TimedSocket(socket.socket):
 
     @classmethod
     def adopt(cls, sock: socket.socket, seconds: float) -> socket.socket:
-        """``sock`` with ``seconds`` to every read and write: as a TimedSocket on Linux."""
-        if not KERNEL_TIMEOUTS or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        """``sock`` with ``seconds`` to every read and write: as a TimedSocket on Linux.
+
+        (A timeval of zero would mean no timeout at all, and one beyond a year is
+        nobody's intent: such values keep Python's timeout, as elsewhere.)
+        """
+        if (not KERNEL_TIMEOUTS or sock.family not in (socket.AF_INET, socket.AF_INET6)
+                or not 0.001 <= seconds <= 366 * 86400):
             sock.settimeout(seconds)
             return sock
         timed = cls(sock.family, sock.type, sock.proto, fileno=sock.detach())
         timed.setblocking(True)  # the descriptor may still be non-blocking from a Python timeout
         timed._seconds = seconds
-        interval = struct.pack("ll", int(seconds), int(seconds % 1 * 1_000_000))
-        timed.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, interval)
-        timed.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, interval)
+        timed.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(seconds))
+        timed.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(seconds))
         return timed
 
     def recv(self, size: int, flags: int = 0) -> bytes:
@@ -2100,18 +2104,28 @@ class TimedSocket(socket.socket):
             raise socket.timeout("timed out") from None
 
     def sendall(self, data: bytes, flags: int = 0) -> None:  # type: ignore[override]
+        """All of ``data`` within the timeout, as Python's ``sendall`` (not the timeout per send)."""
+        deadline = time.monotonic() + self._seconds
         try:
             sent = self.send(data, flags)  # a blocking send takes all of it, unless it times out
             if sent == len(data):
                 return
-            deadline = time.monotonic() + self._seconds
             view = memoryview(data)[sent:]
-            while view:
-                if time.monotonic() > deadline:
-                    raise socket.timeout("timed out")
-                view = view[self.send(view, flags):]
+            try:  # a reader that slow: each further send may wait only for what is left
+                while view:
+                    left = deadline - time.monotonic()
+                    if left < 0.001:
+                        raise socket.timeout("timed out")
+                    self.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(left))
+                    view = view[self.send(view, flags):]
+            finally:
+                self.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(self._seconds))
         except BlockingIOError:
             raise socket.timeout("timed out") from None
+
+
+def _timeval(seconds: float) -> bytes:
+    return struct.pack("ll", int(seconds), int(seconds % 1 * 1_000_000))
 
 
 # --------------------------------------------------------------------------
@@ -2531,7 +2545,7 @@ class _Watch:
     once per connection, not per request.
     """
 
-    __slots__ = ("client", "fd", "on_gone", "active", "registered", "lock", "watcher")
+    __slots__ = ("client", "fd", "on_gone", "active", "registered", "spent", "lock", "watcher")
 
     def __init__(self, client: socket.socket, watcher: DisconnectWatcher) -> None:
         self.client = client
@@ -2539,6 +2553,7 @@ class _Watch:
         self.on_gone: Callable[[], None] = _nothing
         self.active = False
         self.registered = False  # with epoll: once, for the connection's life
+        self.spent = False       # its one shot fired and was not for a request: re-arm it
         self.lock = threading.Lock()
         self.watcher = watcher
 
@@ -2606,18 +2621,29 @@ class DisconnectWatcher:
         # Its ``cancel`` stops whichever request armed it last: each request's own,
         # since a connection's requests run one after another on one thread.
         watch.on_gone = on_gone
-        watch.active = True
         if self._epoll is None:
+            watch.active = True
             self._selector.register(client, selectors.EVENT_READ, watch)  # type: ignore[union-attr]
-        elif not watch.registered:
-            watch.registered = True
-            self._watches[watch.fd] = watch
-            events = _EPOLL_HANG_UP | select.EPOLLONESHOT
-            try:
-                self._epoll.register(watch.fd, events)
-            except FileExistsError:  # a descriptor reused before its old entry went
-                self._epoll.modify(watch.fd, events)
+            return watch
+        with watch.lock:  # against a check that is just now finding the watch disarmed
+            watch.active = True
+            if not watch.registered:
+                watch.registered = True
+                self._watches[watch.fd] = watch
+                events = _EPOLL_HANG_UP | select.EPOLLONESHOT
+                try:
+                    self._epoll.register(watch.fd, events)
+                except FileExistsError:  # a descriptor reused before its old entry went
+                    self._epoll.modify(watch.fd, events)
+            elif watch.spent:  # the client closed its side, or sent ahead, between requests
+                watch.spent = False
+                self._renew(watch)
         return watch
+
+    def _renew(self, watch: _Watch) -> None:
+        if self._epoll is not None:
+            with suppress(OSError):
+                self._epoll.modify(watch.fd, _EPOLL_HANG_UP | select.EPOLLONESHOT)
 
     def release(self, watch: _Watch) -> None:
         """The connection is ending: its watch goes (before its descriptor can be reused)."""
@@ -2652,16 +2678,25 @@ class DisconnectWatcher:
     def _check(self, watch: _Watch) -> None:
         # Under the watch's lock: the handler cannot cancel, read the socket or close
         # it meanwhile, so the peek cannot block and the descriptor cannot be reused.
+        # With epoll the watch's one shot is used up by now: it is renewed here for a
+        # request still watched, or by the next arming (renewing it while the client's
+        # side stays closed would only fire again at once).
         with watch.lock:
-            if not watch.active or not _readable_now(watch.client):  # a stale event: the socket
-                return                                                # may be registered anew
+            if not watch.active:
+                watch.spent = True
+                return
+            if not _readable_now(watch.client):  # a stale event: the socket may be new
+                self._renew(watch)
+                return
             try:
                 gone = watch.client.recv(1, socket.MSG_PEEK) == b""
             except (BlockingIOError, socket.timeout):
+                self._renew(watch)
                 return
             except OSError:
                 gone = True
             watch.active = False
+            watch.spent = True
             if self._selector is not None:
                 self._forget(watch)  # pipelined data or gone: either way, stop watching
             if gone:

@@ -168,6 +168,27 @@ class ReusedWatchTests(ProxyTestCase):
                 self.assertTrue(self.upstream.closed_early.wait(1.0), "upstream kept generating")
                 self.wait_for(lambda: self.proxy.gate.in_flight == 0)
 
+    def test_a_client_that_closes_its_side_after_its_next_request_is_noticed(self) -> None:
+        # The close can arrive before that request is armed: the watch must be renewed.
+        # Noticed early, the request is never sent; later, the upstream is hung up on.
+        for mechanism in self.each_mechanism():
+            for trial in range(3):
+                with self.subTest(mechanism, trial=trial):
+                    self.use(mechanism)
+                    self.proxy.console.flush()
+                    lines = self.console.getvalue().count("\n")
+                    with socket.create_connection(("127.0.0.1", self.port), timeout=WAIT) as sock:
+                        self.answered(sock)
+                        before = len(self.upstream.requests)
+                        sock.sendall(self.REQUEST % (b"X-Fake: hold-until-closed\r\n", len(self.BODY),
+                                                     self.BODY))
+                        sock.shutdown(socket.SHUT_WR)
+                        self.logged(lines + 2)
+                    self.assertIn(" 499 error ", self.console.getvalue().splitlines()[-1])
+                    if len(self.upstream.requests) > before:
+                        self.assertTrue(self.upstream.closed_early.wait(WAIT), "upstream kept generating")
+                    self.wait_for(lambda: self.proxy.gate.in_flight == 0)
+
     def test_a_client_that_resets_is_noticed(self) -> None:
         for mechanism in self.each_mechanism():
             with self.subTest(mechanism):
@@ -228,6 +249,13 @@ class TimedSocketTests(unittest.TestCase):
         with self.assertRaises(socket.timeout):
             timed.recv_into(bytearray(10))
         self.assertLess(time.monotonic() - began, 2.0)
+
+    def test_a_write_nobody_reads_ends_within_the_timeout(self) -> None:
+        timed, _ = self.pair(0.5)
+        began = time.monotonic()
+        with self.assertRaises(socket.timeout):
+            timed.sendall(b"x" * (64 << 20))
+        self.assertLess(time.monotonic() - began, 0.9)  # the whole write: not a timeout per send
 
     def test_a_trickling_reader_cannot_hold_a_write_open(self) -> None:
         timed, far = self.pair(0.3)
