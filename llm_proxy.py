@@ -2091,15 +2091,16 @@ class TimedSocket(socket.socket):
         timed.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(seconds))
         return timed
 
+    # (The base methods called directly, not through super(): these run on every read.)
     def recv(self, size: int, flags: int = 0) -> bytes:
         try:
-            return super().recv(size, flags)
+            return _recv(self, size, flags)
         except BlockingIOError:
             raise socket.timeout("timed out") from None
 
     def recv_into(self, buffer: object, size: int = 0, flags: int = 0) -> int:
         try:
-            return super().recv_into(buffer, size, flags)  # type: ignore[arg-type]
+            return _recv_into(self, buffer, size, flags)  # type: ignore[arg-type]
         except BlockingIOError:
             raise socket.timeout("timed out") from None
 
@@ -2122,6 +2123,9 @@ class TimedSocket(socket.socket):
                 self.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(self._seconds))
         except BlockingIOError:
             raise socket.timeout("timed out") from None
+
+
+_recv, _recv_into = socket.socket.recv, socket.socket.recv_into
 
 
 def _timeval(seconds: float) -> bytes:
