@@ -3,6 +3,7 @@
 
     python3 bench/bench_llm_proxy.py            # the full run; its table is in the README
     python3 bench/bench_llm_proxy.py --quick    # a small version, as CI runs it
+    python3 bench/bench_llm_proxy.py --compare ../other-checkout   # this proxy against another's
 
 Three processes on loopback: a fast fake upstream (stdlib http.server), the
 proxy (``llm_proxy.py``, started as a user would), and this script as the
@@ -169,7 +170,7 @@ def start_upstream() -> tuple[Process, int]:
     return process, int(process.first_line)
 
 
-def start_proxy(upstream_port: int, **env: str) -> tuple[Process, int]:
+def start_proxy(upstream_port: int, root: str = ROOT, **env: str) -> tuple[Process, int]:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -178,7 +179,7 @@ def start_proxy(upstream_port: int, **env: str) -> tuple[Process, int]:
     settings.update(env)
     environment = {k: os.environ[k] for k in ("PATH", "HOME", "LANG") if k in os.environ}
     environment.update(settings)
-    process = Process([sys.executable, os.path.join(ROOT, "llm_proxy.py")], environment)
+    process = Process([sys.executable, os.path.join(root, "llm_proxy.py")], environment)
     if "listening" not in process.first_line:
         raise SystemExit(f"proxy did not start: {process.first_line!r}")
     return process, port
@@ -415,9 +416,37 @@ def alternate(rounds: int, direct: callable, proxied: callable) -> tuple[list, l
     return direct_results, proxy_results
 
 
+def compare(other: str, rounds: int, seconds: float) -> None:
+    """Two checkouts' proxies and the upstream alone, measured in turn: what a change did."""
+    upstream, upstream_port = start_upstream()
+    proxies = {"this checkout": start_proxy(upstream_port), other: start_proxy(upstream_port, root=other)}
+    try:
+        for clients in (1, 32):
+            direct: list[dict] = []
+            results: dict[str, list[dict]] = {name: [] for name in proxies}
+            for _ in range(rounds):
+                direct.append(throughput(upstream_port, clients, seconds))
+                for name, (_, port) in proxies.items():
+                    results[name].append(throughput(port, clients, seconds))
+            d_rps, d_p50 = median_of(direct, "rps"), median_of(direct, "p50_ms")
+            print(f"{clients} client(s), direct: {shown(d_rps)} req/s, p50 {d_p50:.3f} ms", flush=True)
+            for name, rounds_of in results.items():
+                rps, p50 = median_of(rounds_of, "rps"), median_of(rounds_of, "p50_ms")
+                print(f"  {name}: {rps / d_rps:.2f}x direct ({ratio_spread(direct, rounds_of, 'rps')}), "
+                      f"added p50 +{p50 - d_p50:.3f} ms ({added_spread(direct, rounds_of, 'p50_ms')})",
+                      flush=True)
+    finally:
+        for process, _ in proxies.values():
+            process.stop()
+        upstream.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a small, fast version (CI)")
+    parser.add_argument("--compare", metavar="CHECKOUT",
+                        help="only throughput and latency, this checkout's proxy against another's "
+                             "(e.g. a `git worktree` of an older commit), both against one upstream")
     parser.add_argument("--serve-upstream", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--serve-byte-relay", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -426,6 +455,9 @@ def main() -> None:
         return
     if args.serve_byte_relay:
         serve_byte_relay(args.serve_byte_relay)
+        return
+    if args.compare:
+        compare(args.compare, 3 if args.quick else 5, 0.5 if args.quick else 2.0)
         return
     quick = args.quick
     rounds = 3 if quick else 5
