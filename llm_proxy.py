@@ -1107,9 +1107,12 @@ class Meter:
         return counted if usage is None else max(usage.total, counted)
 
     def filter(self, data: bytes, framing: Framing) -> bytes:
-        """Observe complete frames; return those the client should see."""
-        if not self.counts_text and self.dialect.usage_marker not in data:
-            return data  # nothing in it that this meter reads: relayed untouched
+        """Observe complete frames; return those the client should see.
+
+        Outside usage mode (``counts_text`` false) only events that contain the
+        dialect's ``usage_marker`` are worth reading; the relay passes the others
+        on without calling this, since it runs for every event.
+        """
         kept = []
         for frame in framing.split(data):
             event = framing.json_of(frame)
@@ -3151,7 +3154,8 @@ class Relay:
         client = self.client
         client.start_chunked(response.status, headers + self.meter_headers(), response.reason)
         meter = call.meter if framing is not None and ok else None
-        marker = call.dialect.usage_marker  # outside usage mode only events with it are read
+        counts_text = meter is not None and meter.counts_text  # else only events with the marker
+        marker = call.dialect.usage_marker                    # are read (see Meter.filter)
         pending = b""
         try:
             while True:
@@ -3169,7 +3173,7 @@ class Relay:
                     data, pending = pending[:end], pending[end:]
                 else:  # not events, or one too large to hold: pass on what there is
                     data, pending, whole_events = pending + data, b"", False
-                if meter is not None and whole_events and (meter.counts_text or marker in data):
+                if meter is not None and whole_events and (counts_text or marker in data):
                     data = meter.filter(data, framing)  # type: ignore[arg-type]
                     if not data:
                         continue
