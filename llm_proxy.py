@@ -2582,6 +2582,7 @@ def _readable_now(sock: socket.socket) -> bool:
 
 
 _EPOLL_HANG_UP = getattr(select, "EPOLLRDHUP", 0)  # Linux: the peer closed its side
+_DONT_WAIT = getattr(socket, "MSG_DONTWAIT", 0)
 
 
 class DisconnectWatcher:
@@ -2623,12 +2624,11 @@ class DisconnectWatcher:
         """
         if watch is None:
             watch = _Watch(client, self)
-        # Without the lock: a reused watch was cancelled (under the lock) before its
-        # connection's next request, so no check of it is running or can start yet.
-        # Its ``cancel`` stops whichever request armed it last: each request's own,
-        # since a connection's requests run one after another on one thread.
+        # A reused watch was cancelled before its connection's next request; its
+        # ``cancel`` stops whichever request armed it last: each request's own, since
+        # a connection's requests run one after another on one thread.
         watch.on_gone = on_gone
-        if self._epoll is None:
+        if self._epoll is None:  # unregistered when cancelled: no check can be running
             watch.active = True
             self._selector.register(client, selectors.EVENT_READ, watch)  # type: ignore[union-attr]
             return watch
@@ -2695,8 +2695,8 @@ class DisconnectWatcher:
             if not _readable_now(watch.client):  # a stale event: the socket may be new
                 self._renew(watch)
                 return
-            try:
-                gone = watch.client.recv(1, socket.MSG_PEEK) == b""
+            try:  # (never waits, whatever the socket's timeout)
+                gone = watch.client.recv(1, socket.MSG_PEEK | _DONT_WAIT) == b""
             except (BlockingIOError, socket.timeout):
                 self._renew(watch)
                 return
