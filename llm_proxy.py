@@ -2364,7 +2364,7 @@ class UpstreamExchange:
         """
         lines = [f"{method} {path} HTTP/1.1", f"Host: {self.pool.host_header}",
                  "Accept-Encoding: identity"]  # answers are read (usage, models): never compressed
-        lines.extend(f"{name}: {value}" for name, value in headers)
+        lines.extend([f"{name}: {value}" for name, value in headers])
         request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
         conn, reused = self.pool.take()
         try:
@@ -2963,7 +2963,7 @@ class Call:
         charge = self.charge
         if charge is not None:
             self.tokens_charged = charge.charged
-            self.tokens_paid = self.tokens_charged if charge.used is None else charge.used
+            self.tokens_paid = charge.paid
         self.seconds = time.monotonic() - self.started
 
     def log_records(self, ip: str, method: str, path: str, with_record: bool) -> tuple[str, str]:
@@ -3613,6 +3613,8 @@ USAGE_FIELDS = ("requests", "served", "limited", "rejected", "error", "prompt_to
                 "completion_tokens", "tokens_charged")
 OUTCOME_COLUMNS = {outcome: USAGE_FIELDS.index(outcome)
                    for outcome in ("served", "limited", "rejected", "error")}
+PROMPT, COMPLETION, CHARGED = (USAGE_FIELDS.index(name) for name in
+                               ("prompt_tokens", "completion_tokens", "tokens_charged"))
 NO_TOKENS = (0, 0, 0)
 OTHER = "_other"  # where identities without a name, or beyond the cap, are counted together
 
@@ -3638,18 +3640,18 @@ class Ledger:
                 for old in sorted(self.days)[:len(self.days) - keep_days]:
                     del self.days[old]
         total = self.total  # in place and unrolled: this runs on every request
-        today[0] += 1
+        today[0] += 1  # requests
         total[0] += 1
         today[outcome] += 1
         total[outcome] += 1
         if tokens != NO_TOKENS:
             prompt, completion, charged = tokens
-            today[5] += prompt
-            total[5] += prompt
-            today[6] += completion
-            total[6] += completion
-            today[7] += charged
-            total[7] += charged
+            today[PROMPT] += prompt
+            total[PROMPT] += prompt
+            today[COMPLETION] += completion
+            total[COMPLETION] += completion
+            today[CHARGED] += charged
+            total[CHARGED] += charged
 
     def summary(self, today: str, days: Sequence[str]) -> dict:
         """Usage today, over the last 7 and 30 days and in all, and the daily series."""
