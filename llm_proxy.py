@@ -2135,6 +2135,123 @@ def _timeval(seconds: float) -> bytes:
     return struct.pack("ll", int(seconds), int(seconds % 1 * 1_000_000))
 
 
+class _SocketWriter:
+    """What http.server writes its own answers with (100 Continue): straight to the socket."""
+
+    __slots__ = ("sock",)
+    closed = False
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def write(self, data: bytes) -> int:
+        self.sock.sendall(data)
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
+class NeedMore(Exception):
+    """A reader fed by the connection loop has not yet got the bytes asked for."""
+
+
+class SocketReader:
+    """The buffered reading http.server and the upstream client need, with its buffer in view.
+
+    ``makefile``'s BufferedReader hides what it holds, and asking it (``peek``)
+    reads the socket, waiting if nothing came.  Handing a connection to the
+    connection loop needs the answer without waiting: a connection whose next
+    request is already buffered has work now; one with nothing buffered can
+    wait in the loop without a thread.  Nothing is allocated ahead: the buffer
+    holds what arrived, so a parked reader costs nothing.
+
+    A reader whose ``sock`` is None is fed by the loop (``feed``) and raises
+    ``NeedMore`` instead of reading, having consumed nothing, so a parser can
+    be called again with the same state when more has arrived.
+    """
+
+    __slots__ = ("sock", "buffer", "eof")
+    chunk = 8192  # what a read asks the socket for when it only needs a little (as makefile's)
+
+    def __init__(self, sock: socket.socket | None) -> None:
+        self.sock = sock
+        self.buffer = b""
+        self.eof = False
+
+    def _fill(self, size: int = 0) -> bool:
+        """More bytes into the buffer; False at the end of the stream."""
+        if self.eof:
+            return False
+        if self.sock is None:
+            raise NeedMore()
+        data = self.sock.recv(max(size, self.chunk))
+        if not data:
+            self.eof = True
+            return False
+        self.buffer += data
+        return True
+
+    def feed(self, data: bytes) -> None:
+        """What the loop read from the socket (b"" for its end)."""
+        if data:
+            self.buffer += data
+        else:
+            self.eof = True
+
+    def peek(self, size: int = 0) -> bytes:
+        if not self.buffer:
+            self._fill()
+        return self.buffer
+
+    def readline(self, limit: int = -1) -> bytes:
+        buffer, searched = self.buffer, 0
+        while True:
+            end = buffer.find(b"\n", searched) + 1
+            if end or 0 <= limit <= len(buffer):
+                if not end or 0 <= limit < end:
+                    end = limit
+                self.buffer = buffer[end:]
+                return buffer[:end]
+            searched = len(buffer)
+            if not self._fill():
+                self.buffer = b""
+                return buffer
+            buffer = self.buffer
+
+    def read(self, size: int) -> bytes:
+        """Exactly ``size`` bytes, or fewer at the end of the stream."""
+        buffer = self.buffer
+        if len(buffer) >= size:
+            self.buffer = buffer[size:]
+            return buffer[:size]
+        if self.sock is None and not self.eof:
+            raise NeedMore()
+        parts, have = [buffer], len(buffer)  # a long body: gathered, not copied again per read
+        self.buffer = b""
+        while have < size and self._fill(size - have):
+            parts.append(self.buffer)
+            have += len(self.buffer)
+            self.buffer = b""
+        data = b"".join(parts)
+        self.buffer = data[size:]
+        return data[:size]
+
+    def read1(self, size: int) -> bytes:
+        """What is buffered, or one read's worth; b"" only at the end of the stream."""
+        if not self.buffer and not self._fill(size):
+            return b""
+        buffer = self.buffer
+        if len(buffer) <= size:
+            self.buffer = b""
+            return buffer
+        self.buffer = buffer[size:]
+        return buffer[:size]
+
+    def close(self) -> None:
+        """The socket is the connection's, closed by whoever owns the connection."""
+
+
 # --------------------------------------------------------------------------
 # Upstream
 # --------------------------------------------------------------------------
@@ -2250,24 +2367,62 @@ class UpstreamResponse:
         return data
 
     def _chunk(self, size: int) -> bytes:
+        """The chunk data buffered now, framing removed, or one read more if there is none.
+
+        Every chunk already buffered is taken in one call (a stream's events
+        usually come one chunk each, several per read when the relay is busy),
+        and the state is kept between calls, so a reader fed by the connection
+        loop can stop at any byte (``NeedMore``) and go on when more arrives.
+        """
         reader = self.reader
-        if self.chunk_left == 0:
-            line = reader.readline(MAX_LINE + 1)
-            text = line.split(b";", 1)[0].strip()
-            if not line.endswith(b"\n") or not text or text.strip(b"0123456789abcdefABCDEF"):
-                raise http.client.IncompleteRead(b"")
-            self.chunk_left = int(text, 16)
-            if self.chunk_left == 0:
-                read_headers(reader)  # trailers, up to the blank line that ends the body
-                self.done = True
-                return b""
-        data = reader.read1(min(size, self.chunk_left))
-        if not data:
-            raise http.client.IncompleteRead(b"", self.chunk_left)
-        self.chunk_left -= len(data)
-        if self.chunk_left == 0 and reader.read(2) not in (b"\r\n",):
-            raise http.client.IncompleteRead(data)
-        return data
+        while True:
+            data = self._buffered_chunks(size)
+            if data or self.done:
+                return data
+            if not reader._fill():
+                raise http.client.IncompleteRead(b"", self.chunk_left)
+
+    def _buffered_chunks(self, size: int) -> bytes:
+        reader = self.reader
+        buffer, at, parts, taken = reader.buffer, 0, [], 0
+        while at < len(buffer) and taken < size:
+            left = self.chunk_left
+            if left > 0:  # inside a chunk's data
+                piece = buffer[at:at + min(left, size - taken)]
+                parts.append(piece)
+                at += len(piece)
+                taken += len(piece)
+                self.chunk_left = left - len(piece) or -1  # -1: its CRLF is next
+            elif left < 0:  # the CRLF after a chunk's data
+                if len(buffer) - at < 2:
+                    break
+                if buffer[at:at + 2] != b"\r\n":
+                    raise http.client.IncompleteRead(b"".join(parts))
+                at += 2
+                self.chunk_left = 0
+            else:  # a chunk-size line
+                end = buffer.find(b"\n", at, at + MAX_LINE) + 1
+                if not end:
+                    if len(buffer) - at >= MAX_LINE:
+                        raise http.client.IncompleteRead(b"".join(parts))
+                    break
+                text = buffer[at:end].split(b";", 1)[0].strip()
+                if not text or text.strip(b"0123456789abcdefABCDEF"):
+                    raise http.client.IncompleteRead(b"".join(parts))
+                length = int(text, 16)
+                if length == 0:  # the last chunk: trailers, up to the blank line that ends the body
+                    rest = buffer[end:]
+                    if not (rest.startswith(b"\r\n") or rest.startswith(b"\n")
+                            or b"\n\r\n" in rest or b"\n\n" in rest):
+                        break  # the trailers are still coming: read the size line again then
+                    reader.buffer = rest
+                    read_headers(reader)  # (all buffered: never reads)
+                    self.done = True
+                    return b"".join(parts)
+                at = end
+                self.chunk_left = length
+        reader.buffer = buffer[at:]
+        return b"".join(parts)
 
 
 class UpstreamConnection:
@@ -2289,11 +2444,9 @@ class UpstreamConnection:
             sock.close()
             raise
         self.sock = sock
-        self.reader = sock.makefile("rb")
+        self.reader = SocketReader(sock)
 
     def close(self) -> None:
-        with suppress(OSError):
-            self.reader.close()
         with suppress(OSError):
             self.sock.close()
 
@@ -3233,15 +3386,19 @@ class ProxyHandler(BaseHTTPRequestHandler):
     watch: _Watch | None = None  # the disconnect watch, made at the connection's first forward
 
     def setup(self) -> None:
-        self.timeout = None  # the server's get_request gave the socket CLIENT_TIMEOUT already
+        """Reads through a ``SocketReader``, writes go straight to the socket (``write``).
+
+        (The server's get_request gave the socket CLIENT_TIMEOUT already.)
+        """
         self.call = Call(time.monotonic(), time.time())
-        super().setup()
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.connection = connection = self.request
+        connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.rfile = SocketReader(connection)  # type: ignore[assignment]
+        self.wfile = _SocketWriter(connection)
 
     def finish(self) -> None:
         if self.watch is not None:
             self.server.watcher.release(self.watch)
-        super().finish()
 
     # Every method goes through one dispatcher; http.server answers 501 for others.
     def do_GET(self) -> None:
