@@ -2166,26 +2166,35 @@ class SocketReader:
     wait in the loop without a thread.  Nothing is allocated ahead: the buffer
     holds what arrived, so a parked reader costs nothing.
 
-    A reader whose ``sock`` is None is fed by the loop (``feed``) and raises
-    ``NeedMore`` instead of reading, having consumed nothing, so a parser can
-    be called again with the same state when more has arrived.
+    A reader that must not wait (``nowait``: a stream the connection loop may
+    relay) raises ``NeedMore`` when nothing more has arrived, having consumed
+    nothing, so a parser can be called again with the same state later.  (One
+    whose ``sock`` is None is fed by hand, ``feed``, as the tests do.)
     """
 
-    __slots__ = ("sock", "buffer", "eof")
+    __slots__ = ("sock", "buffer", "eof", "nowait")
     chunk = 8192  # what a read asks the socket for when it only needs a little (as makefile's)
 
     def __init__(self, sock: socket.socket | None) -> None:
         self.sock = sock
         self.buffer = b""
         self.eof = False
+        self.nowait = False
 
     def _fill(self, size: int = 0) -> bool:
         """More bytes into the buffer; False at the end of the stream."""
         if self.eof:
             return False
-        if self.sock is None:
+        sock = self.sock
+        if sock is None:
             raise NeedMore()
-        data = self.sock.recv(max(size, self.chunk))
+        if self.nowait:
+            try:
+                data = _recv(sock, max(size, self.chunk), _DONT_WAIT)
+            except BlockingIOError:
+                raise NeedMore() from None
+        else:
+            data = sock.recv(max(size, self.chunk))
         if not data:
             self.eof = True
             return False
@@ -2225,8 +2234,12 @@ class SocketReader:
         if len(buffer) >= size:
             self.buffer = buffer[size:]
             return buffer[:size]
-        if self.sock is None and not self.eof:
-            raise NeedMore()
+        if self.sock is None or self.nowait:  # gathered in the buffer, which NeedMore leaves intact
+            while len(self.buffer) < size and self._fill(size - len(self.buffer)):
+                pass
+            buffer = self.buffer
+            self.buffer = buffer[size:]
+            return buffer[:size]
         parts, have = [buffer], len(buffer)  # a long body: gathered, not copied again per read
         self.buffer = b""
         while have < size and self._fill(size - have):
@@ -2874,6 +2887,375 @@ class DisconnectWatcher:
         self._wake_writer.close()
 
 
+# --------------------------------------------------------------------------
+# Connection loop: connections nobody is working on, and streams being relayed
+# --------------------------------------------------------------------------
+
+_send = socket.socket.send
+
+
+class Workers:
+    """Threads that outlive their connection's work, so the next connection's needs no new thread.
+
+    Starting a thread costs more than handling a small request; with streams
+    relayed by the loop, a kept-alive connection needs a thread again for each
+    request after a stream.  Up to ``max_idle`` threads wait ``idle_seconds``
+    for such work, then end (an idle thread holds about 16 KiB).
+    """
+
+    def __init__(self, max_idle: int = 32, idle_seconds: float = 10.0) -> None:
+        self.max_idle, self.idle_seconds = max_idle, idle_seconds
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._idle = 0
+        self._lock = threading.Lock()
+        self._stopped = False
+
+    def submit(self, work: Callable[..., None], *args: object) -> None:
+        with self._lock:
+            if self._idle:
+                self._idle -= 1  # that worker is counted out here, under the lock it checks too
+                self._jobs.put((work, args))
+                return
+        threading.Thread(target=self._work, args=(work, args), daemon=True).start()
+
+    def _work(self, work: Callable[..., None], args: tuple) -> None:
+        while True:
+            work(*args)
+            with self._lock:
+                if self._stopped or self._idle >= self.max_idle:
+                    return
+                self._idle += 1
+            try:
+                job = self._jobs.get(timeout=self.idle_seconds)
+            except queue.Empty:
+                with self._lock:
+                    if self._jobs.empty():
+                        self._idle -= 1
+                        return
+                job = self._jobs.get_nowait()  # given to this worker as it timed out
+            if job is None:
+                return
+            work, args = job
+
+    def close(self) -> None:
+        """Idle workers end now; busy ones when their work does."""
+        with self._lock:
+            self._stopped = True
+            idle, self._idle = self._idle, 0
+        for _ in range(idle):
+            self._jobs.put(None)
+
+
+class ConnectionLoop:
+    """One thread for every connection that only waits: idle ones, and relayed streams.
+
+    A thread per connection is the simplest fast way to handle a request, but
+    a thread that only waits still costs its stack, its frames and buffers:
+    measured, 25 KiB per idle connection and 40 KiB per stream, so 1000
+    streams held 72 MiB.  So a connection gets a thread only while it has
+    something to read: a new connection, and one whose stream ended, wait here
+    until their next request arrives (or CLIENT_TIMEOUT passes); and a stream
+    is relayed from here once its head went out, event by event, with the same
+    ``EventPump`` a thread uses.  A thread that has just answered keeps its
+    connection for the next request: handing it over after every answer would
+    cost the hot path a wake-up and a new thread per request.
+
+    Other threads hand work in through ``park`` and ``relay`` (a queue and a
+    wake-up byte), so only this thread touches the selector and its maps.
+    """
+
+    HIGH_WATER = 64 * 1024  # bytes waiting for a slow client before the upstream is read no more
+
+    def __init__(self, server: ProxyServer) -> None:
+        self.server = server
+        config = server.config
+        self.idle_timeout = config.client_timeout
+        self.read_timeout, self.write_timeout = config.read_timeout, config.client_timeout
+        # Stream deadlines are checked in a sweep, often enough for the shortest timeout.
+        self.sweep_every = max(0.01, min(1.0, self.read_timeout / 4, self.write_timeout / 4))
+        self.selector = selectors.DefaultSelector()
+        self._inbox: deque = deque()
+        self._wake_reader, self._wake_writer = socket.socketpair()
+        for end in (self._wake_reader, self._wake_writer):
+            end.setblocking(False)
+        self.selector.register(self._wake_reader, selectors.EVENT_READ, None)
+        self._parked: dict[socket.socket, tuple] = {}  # (address, handler, deadline), in deadline order
+        self._watched: dict[int, int] = {}  # a stream's sockets: descriptor -> events
+        self.streams: set[RelayedStream] = set()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="connection-loop", daemon=True)
+        self._thread.start()
+
+    # -- from other threads ----------------------------------------------------
+
+    def park(self, connection: socket.socket, address: tuple) -> None:
+        """Keep ``connection`` without a thread until its next request arrives."""
+        self._post(self._park, connection, address, None)
+
+    def relay(self, stream: RelayedStream) -> None:
+        """Relay ``stream`` from here on; its handler's thread has unwound."""
+        self._post(stream.start)
+
+    @staticmethod
+    def can_relay(client: ProxyHandler, exchange: UpstreamExchange | None,
+                  response: UpstreamResponse) -> bool:
+        """Streams between sockets the loop can use without waiting: plain TCP with kernel timeouts.
+
+        (An https upstream's reads can need writes, and a Python timeout polls
+        before each call: those streams stay with their thread.)
+        """
+        return (not response.done and exchange is not None and exchange.conn is not None
+                and type(exchange.conn.sock) is TimedSocket and type(client.connection) is TimedSocket)
+
+    def _post(self, action: Callable[..., None], *args: object) -> None:
+        if self._stopped:  # the server is closing: nothing waits any more
+            if action == self._park:
+                self._end(args[0], None)  # type: ignore[arg-type]
+            else:
+                action.__self__.client_gone()  # type: ignore[attr-defined]
+            return
+        self._inbox.append((action, args))
+        with suppress(OSError):  # a full wake-up pipe already wakes the loop
+            self._wake_writer.send(b"\0")
+
+    # -- the loop --------------------------------------------------------------
+
+    def _run(self) -> None:
+        next_sweep = time.monotonic() + self.sweep_every
+        while not self._stopped:
+            timeout = None  # nothing to time: sleep until something happens
+            if self.streams:
+                timeout = max(0.0, next_sweep - time.monotonic())
+            if self._parked:
+                deadline = next(iter(self._parked.values()))[2]
+                timeout = max(0.0, min(deadline - time.monotonic(), timeout or math.inf))
+            for key, mask in self.selector.select(timeout):
+                if key.data is None:
+                    self._take_inbox()
+                else:
+                    self._dispatch(key.data, mask)
+            now = time.monotonic()
+            self._expire_parked(now)
+            if now >= next_sweep:
+                for stream in list(self.streams):
+                    stream.check_deadlines(now)
+                next_sweep = now + self.sweep_every
+
+    def _dispatch(self, handler: Callable[[int], None], mask: int) -> None:
+        try:
+            handler(mask)
+        except Exception:  # this thread serves every waiting connection: it must not die
+            log.exception("connection loop")
+
+    def _take_inbox(self) -> None:
+        with suppress(OSError):
+            while self._wake_reader.recv(4096):
+                pass
+        while self._inbox:
+            action, args = self._inbox.popleft()
+            self._dispatch(lambda _: action(*args), 0)
+
+    def _park(self, connection: socket.socket, address: tuple,
+              handler: ProxyHandler | None) -> None:
+        """Wait for ``connection``'s next request; ``handler`` is its own, after a relayed stream."""
+        if self._stopped:
+            self._end(connection, handler)
+            return
+        self._parked[connection] = (address, handler, time.monotonic() + self.idle_timeout)
+        self.selector.register(connection, selectors.EVENT_READ,
+                               lambda mask: self._wake(connection))
+
+    def _wake(self, connection: socket.socket) -> None:
+        """The parked connection has something to read (a request, or its end): a thread takes it."""
+        self.selector.unregister(connection)
+        address, handler, _ = self._parked.pop(connection)
+        self.server.serve_in_thread(connection, address, handler)
+
+    def _end(self, connection: socket.socket, handler: ProxyHandler | None) -> None:
+        if handler is not None:
+            handler.finish()
+        self.server.shutdown_request(connection)
+
+    def _expire_parked(self, now: float) -> None:
+        while self._parked:
+            connection, (address, handler, deadline) = next(iter(self._parked.items()))
+            if deadline > now:
+                return
+            del self._parked[connection]
+            self.selector.unregister(connection)
+            log.info("%s idle connection closed after %g s", address[0], self.idle_timeout)
+            self._end(connection, handler)
+
+    def watch(self, sock: socket.socket, events: int, handler: Callable[[int], None]) -> None:
+        """(Re)register ``sock`` for ``events``; 0 stops watching it.
+
+        What is registered is kept here: asking the selector about a socket it
+        does not have costs a KeyError whose message formats the socket.
+        """
+        watched, fd = self._watched, sock.fileno()
+        now = watched.get(fd, 0)
+        if events == now or self._stopped and self._thread is not threading.current_thread():
+            return
+        if not events:
+            del watched[fd]
+            self.selector.unregister(sock)
+            return
+        watched[fd] = events
+        if now:
+            self.selector.modify(sock, events, handler)
+        else:
+            self.selector.register(sock, events, handler)
+
+    def close(self) -> None:
+        """Stop; parked connections close, relayed streams end as if their clients had left."""
+        self._stopped = True
+        with suppress(OSError):
+            self._wake_writer.send(b"\0")
+        self._thread.join()
+        self._take_inbox()  # parks and streams handed in meanwhile: closed and ended below
+        for stream in list(self.streams):
+            stream.client_gone()
+        for connection, (_, handler, _) in list(self._parked.items()):
+            self.selector.unregister(connection)
+            self._end(connection, handler)
+        self._parked.clear()
+        self.selector.close()
+        self._wake_reader.close()
+        self._wake_writer.close()
+
+
+class RelayedStream:
+    """A stream the connection loop relays: upstream reads as they come, client writes buffered.
+
+    Reads of the upstream stop while more than ``HIGH_WATER`` bytes wait for
+    the client, which is the backpressure a thread's blocking write gave.  The
+    deadlines are the thread's socket timeouts: READ_TIMEOUT since the
+    upstream last sent something, CLIENT_TIMEOUT for pending bytes to drain.
+    When the stream ends, what the handler's unwinding deferred runs (``Call.
+    run_deferred``), then the connection waits for its next request, or goes
+    back to a thread if that request is already buffered, or closes.
+    """
+
+    __slots__ = ("loop", "relay", "pump", "handler", "call", "upstream", "client", "out",
+                 "ended", "upstream_deadline", "client_deadline", "__weakref__")
+
+    def __init__(self, loop: ConnectionLoop, relay: Relay, pump: EventPump) -> None:
+        self.loop, self.relay, self.pump = loop, relay, pump
+        self.handler, self.call = relay.client, relay.call
+        self.upstream = relay.exchange.conn.sock  # type: ignore[union-attr]
+        self.client = self.handler.connection
+        self.out = bytearray()
+        self.ended = False
+        self.upstream_deadline = 0.0
+        self.client_deadline: float | None = None
+        self.handler.write = self.send  # type: ignore[method-assign]  # the handler's writes, buffered
+
+    def start(self) -> None:
+        self.loop.streams.add(self)
+        self.upstream_deadline = time.monotonic() + self.loop.read_timeout
+        self.pump_events()  # what arrived since the handler's thread stopped reading
+
+    def send(self, data: bytes) -> None:
+        self.out += data
+
+    # -- upstream --------------------------------------------------------------
+
+    def on_upstream(self, mask: int) -> None:
+        self.upstream_deadline = time.monotonic() + self.loop.read_timeout
+        self.pump_events()  # (its reader does not wait: NeedMore when all that came is relayed)
+
+    def pump_events(self) -> None:
+        call, ok = self.call, self.pump.response.status < 400
+        try:
+            while len(self.out) < self.loop.HIGH_WATER:
+                data = self.pump.next()
+                if data is None:
+                    self.finish(None)
+                    return
+                self.handler.write_chunk(data)
+                call.served = call.served or ok
+        except NeedMore:
+            pass
+        except (OSError, http.client.HTTPException) as error:
+            self.finish(error)
+            return
+        self.flush()
+
+    def finish(self, error: BaseException | None) -> None:
+        """The upstream's part is over: end the body (an error event if it broke off), then drain."""
+        if self.ended:
+            return
+        self.ended = True
+        self.loop.watch(self.upstream, 0, self.on_upstream)
+        if error is not None and self.call.gone:
+            self.client_gone()
+            return
+        self.relay.exchange.completed = self.relay.end_stream(self.pump, error)  # type: ignore[union-attr]
+        self.flush()
+
+    # -- client ----------------------------------------------------------------
+
+    def on_client(self, mask: int) -> None:
+        self.flush()
+
+    def flush(self) -> None:
+        out = self.out
+        while out:
+            try:
+                sent = _send(self.client, out, _DONT_WAIT)
+            except BlockingIOError:
+                if self.client_deadline is None:
+                    self.client_deadline = time.monotonic() + self.loop.write_timeout
+                self.loop.watch(self.client, selectors.EVENT_WRITE, self.on_client)
+                self.loop.watch(self.upstream, 0, self.on_upstream)  # backpressure
+                return
+            except OSError:
+                self.client_gone()
+                return
+            del out[:sent]
+        self.client_deadline = None
+        self.loop.watch(self.client, 0, self.on_client)
+        if self.ended:
+            self.close()
+        else:
+            self.loop.watch(self.upstream, selectors.EVENT_READ, self.on_upstream)
+            if self.pump.response.reader.buffer or self.pump.pending:
+                self.pump_events()  # read while paused: events may be waiting already
+
+    def client_gone(self) -> None:
+        """The client left or stopped reading: as a thread's failed write (``ClientGone``)."""
+        self.call.gone = True
+        self.handler.close_connection = True
+        self.out.clear()
+        self.ended = True
+        self.close()
+
+    def check_deadlines(self, now: float) -> None:
+        if self.client_deadline is not None and now > self.client_deadline:
+            self.client_gone()
+        elif not self.ended and self.client_deadline is None and now > self.upstream_deadline:
+            self.finish(socket.timeout("timed out"))
+
+    def close(self) -> None:
+        """Everything the handler left for the stream's end, then the connection's next step."""
+        loop, handler = self.loop, self.handler
+        if self not in loop.streams:
+            return
+        loop.streams.discard(self)
+        for sock in (self.upstream, self.client):
+            loop.watch(sock, 0, self.on_upstream)
+        del handler.write  # the class's method again: sent at once
+        handler.relayed = None
+        self.call.run_deferred()
+        connection = self.client
+        if handler.close_connection:
+            loop._end(connection, handler)
+        elif handler.rfile.buffer:  # the next request came during the stream: a thread for it
+            loop.server.serve_in_thread(connection, handler.client_address, handler)
+        else:  # the handler waits with it: its watch stays registered, nothing is set up again
+            loop._park(connection, handler.client_address, handler)
+
+
 def read_whole(response: UpstreamResponse, limit: int) -> bytes:
     """The whole body, however it is framed, refusing more than ``limit`` bytes.
 
@@ -2986,11 +3368,34 @@ class Call:
     endpoint: str = "local"          # for the metrics: the API, "free", or a local answer
     unwatch: Callable[[], None] = _nothing  # stops the disconnect watch on this request
     gone: bool = False               # the client hung up (set by the disconnect watcher's thread)
+    handed_off: bool = False         # its stream is relayed by the connection loop, not the handler
+    deferred: list | None = None     # what the handler's unwinding left for the stream's end
     # Set once by ``conclude``, for the log line, the history and the metrics alike:
     result: str = ""                 # served, limited, rejected or error
     tokens_charged: int = 0          # taken before forwarding and kept (0 if refunded)
     tokens_paid: int = 0             # what it cost in the end
     seconds: float = 0.0             # from arrival to the end of the answer
+
+    def after_answer(self, action: Callable[..., None], *args: object) -> None:
+        """Do ``action`` now, or, for a stream handed to the connection loop, when it ends.
+
+        The handler's ``finally`` clauses (release the gate slot, settle the
+        charge, write the log line ...) run as its thread unwinds; a stream the
+        loop relays is not over by then, so they wait for it, in the same order.
+        """
+        if self.handed_off:
+            self.deferred.append((action, args))  # type: ignore[union-attr]
+        else:
+            action(*args)
+
+    def run_deferred(self) -> None:
+        """The stream handed off has ended: what the handler's unwinding left, in order."""
+        deferred, self.deferred, self.handed_off = self.deferred or [], None, False
+        for action, args in deferred:
+            try:
+                action(*args)
+            except Exception:  # one failing step must not keep the others from running
+                log.exception("ending a relayed stream of %s", self.label)
 
     def close_charge(self, usage_mode: bool) -> None:
         """Decide what the charge becomes; safe to call more than once (the first call decides).
@@ -3215,6 +3620,7 @@ class Relay:
         self.client = client
         self.server = client.server
         self.call = client.call
+        self.exchange: UpstreamExchange | None = None
 
     def forward(self, target: Target, body: bytes,
                 inspect: Callable[[bytes], bytes] | None = None) -> None:
@@ -3243,6 +3649,7 @@ class Relay:
                 response = exchange.send(client.command, path, headers, body)
                 call.upstream_ms = (time.monotonic() - started) * 1000
                 server.upstream_state.answered()
+                self.exchange = exchange
                 exchange.completed = self.relay(response, inspect)
             except (OSError, http.client.HTTPException) as error:
                 if call.gone:
@@ -3251,12 +3658,23 @@ class Relay:
                 if not exchange.sent or call.upstream_ms is None:
                     server.upstream_state.failed(failure)
                 raise failure from None
-            finally:
-                server.gate.release(ticket)
+            finally:  # (each ``finally`` here calls directly unless handed off: the hot path)
+                if call.handed_off:
+                    call.after_answer(server.gate.release, ticket)
+                else:
+                    server.gate.release(ticket)
         finally:
-            call.unwatch()
-            call.upstream_reached = exchange.sent
-            exchange.finish()
+            if call.handed_off:
+                call.after_answer(self.let_go, exchange)
+            else:
+                self.let_go(exchange)
+
+    def let_go(self, exchange: UpstreamExchange) -> None:
+        """The answer is over: stop watching the client, and pool or close the upstream connection."""
+        call = self.call
+        call.unwatch()
+        call.upstream_reached = exchange.sent
+        exchange.finish()
 
     def client_left(self, ticket: Ticket, exchange: UpstreamExchange) -> None:
         """Called by the disconnect watcher's thread when the client hangs up mid-request."""
@@ -3296,58 +3714,109 @@ class Relay:
         """Pass the body on as it arrives; stream events go out whole, one write each.
 
         The charge is kept once anything reached the client; a stream that ends
-        before its first complete event counts as never served.
+        before its first complete event counts as never served.  Where the
+        connection loop can relay it (see ``ConnectionLoop.can_relay``), this
+        thread relays what has arrived and hands the stream to the loop the
+        first time the upstream would make it wait (a stream that never waits
+        costs nothing more), then goes.
         """
         call = self.call
         ok = response.status < 400
-        usage_mode = self.server.config.cost_mode == "usage"
         call.stream = framing is not None
         if not ok:
-            call.close_charge(usage_mode)
+            call.close_charge(self.server.config.cost_mode == "usage")
         client = self.client
         client.start_chunked(response.status, headers + self.meter_headers(), response.reason)
         meter = call.meter if framing is not None and ok else None
-        counts_text = meter is not None and meter.counts_text  # else only events with the marker
-        marker = call.dialect.usage_marker                    # are read (see Meter.filter)
-        pending = b""
+        pump = EventPump(response, framing, meter, call.dialect.usage_marker)
+        loop = self.server.loop
+        response.reader.nowait = loop is not None and loop.can_relay(client, self.exchange, response)
         try:
             while True:
-                data = response.read1(65536)
-                whole_events = framing is not None
-                if not data:
-                    data, pending = pending, b""  # a last event without its end
-                    if not data:
-                        break
-                elif framing is not None and len(pending) + len(data) <= MAX_EVENT_BYTES:
-                    pending += data
-                    end = framing.end(pending)
-                    if not end:
-                        continue
-                    data, pending = pending[:end], pending[end:]
-                else:  # not events, or one too large to hold: pass on what there is
-                    data, pending, whole_events = pending + data, b"", False
-                if meter is not None and whole_events and (counts_text or marker in data):
-                    data = meter.filter(data, framing)  # type: ignore[arg-type]
-                    if not data:
-                        continue
+                try:
+                    data = pump.next()
+                except NeedMore:  # the upstream makes us wait: the loop waits instead of this thread
+                    client.relayed = RelayedStream(loop, self, pump)  # type: ignore[arg-type]
+                    call.handed_off, call.deferred = True, []
+                    raise HandedOff() from None
+                if data is None:
+                    break
                 client.write_chunk(data)
                 call.served = call.served or ok
         except (OSError, http.client.HTTPException) as error:
             if call.gone:
                 raise ClientGone() from None
+            return self.end_stream(pump, error)
+        return self.end_stream(pump, None)
+
+    def end_stream(self, pump: EventPump, error: BaseException | None) -> bool:
+        """Settle the charge and end the body; True if the whole stream was relayed.
+
+        A stream the upstream broke off ends with an error event in the
+        client's dialect, or, not being events, without the final chunk, so the
+        client sees the body as cut short.
+        """
+        call, client, framing = self.call, self.client, pump.framing
+        pump.response.reader.nowait = False  # the connection may go back to the pool
+        if error is not None:
             log.warning("upstream stream to %s broke off: %s", call.label, type(error).__name__)
-            completed = False
             if framing is not None:
                 client.write_chunk(call.dialect.stream_error(upstream_failure(error), framing))
-            else:  # no final chunk: the client must see the body as cut short
+            else:
                 client.close_connection = True
-        else:
-            completed = True
-        call.finished = completed and ok
-        call.close_charge(usage_mode)
+        completed = error is None
+        call.finished = completed and pump.response.status < 400
+        call.close_charge(self.server.config.cost_mode == "usage")
         if completed or framing is not None:
             client.end_chunked()
         return completed
+
+
+class HandedOff(Exception):
+    """Unwinds a handler whose stream the connection loop relays from here on."""
+
+
+class EventPump:
+    """One stream on its way: the upstream's body in, whole events (metered) out.
+
+    Events go out whole so that a usage count is never split, and an event
+    that carries only what the client did not ask for (``stream_options``
+    usage) is dropped.  The same pump serves a handler's thread, whose reads
+    wait, and the connection loop, whose reads raise ``NeedMore``.
+    """
+
+    __slots__ = ("response", "framing", "meter", "marker", "counts_text", "pending")
+
+    def __init__(self, response: UpstreamResponse, framing: Framing | None,
+                 meter: Meter | None, marker: bytes) -> None:
+        self.response, self.framing, self.meter, self.marker = response, framing, meter, marker
+        self.counts_text = meter is not None and meter.counts_text  # else only events with the
+        self.pending = b""                                          # marker are read (Meter.filter)
+
+    def next(self) -> bytes | None:
+        """The next bytes for the client; None at the end of the body."""
+        response, framing, meter = self.response, self.framing, self.meter
+        while True:
+            data = response.read1(65536)
+            whole_events = framing is not None
+            if not data:
+                data, self.pending = self.pending, b""  # a last event without its end
+                if not data:
+                    return None
+            elif framing is not None and len(self.pending) + len(data) <= MAX_EVENT_BYTES:
+                pending = self.pending + data
+                end = framing.end(pending)
+                if not end:
+                    self.pending = pending
+                    continue
+                data, self.pending = pending[:end], pending[end:]
+            else:  # not events, or one too large to hold: pass on what there is
+                data, self.pending, whole_events = self.pending + data, b"", False
+            if meter is not None and whole_events and (self.counts_text or self.marker in data):
+                data = meter.filter(data, framing)  # type: ignore[arg-type]
+                if not data:
+                    continue
+            return data
 
 
 # --------------------------------------------------------------------------
@@ -3384,6 +3853,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
     server: ProxyServer
     call: Call
     watch: _Watch | None = None  # the disconnect watch, made at the connection's first forward
+    relayed: RelayedStream | None = None  # the stream the connection loop takes over
 
     def setup(self) -> None:
         """Reads through a ``SocketReader``, writes go straight to the socket (``write``).
@@ -3392,13 +3862,34 @@ class ProxyHandler(BaseHTTPRequestHandler):
         """
         self.call = Call(time.monotonic(), time.time())
         self.connection = connection = self.request
-        connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.rfile = SocketReader(connection)  # type: ignore[assignment]
         self.wfile = _SocketWriter(connection)
 
+    def handle(self) -> None:
+        """Requests one after another, until the connection closes or the loop takes its stream.
+
+        (http.server's loop, with the one way out it lacks.)
+        """
+        self.close_connection = True
+        while True:
+            self.handle_one_request()
+            if self.close_connection or self.relayed is not None:
+                return
+
+    def resume(self) -> None:
+        """Go on with the connection after the loop relayed its stream (the next request is buffered)."""
+        try:
+            self.handle()
+        finally:
+            self.finish()
+
     def finish(self) -> None:
+        """The connection's thread is done with it; a relayed stream's is done by the loop later."""
+        if self.relayed is not None:
+            return
         if self.watch is not None:
             self.server.watcher.release(self.watch)
+            self.watch = None
 
     # Every method goes through one dispatcher; http.server answers 501 for others.
     def do_GET(self) -> None:
@@ -3418,6 +3909,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def handle_request(self) -> None:
         try:
             self.route()
+        except HandedOff:
+            pass  # the connection loop relays the rest of the stream, then ends the request
         except ProxyError as error:
             if error.close:
                 self.close_connection = True
@@ -3432,8 +3925,14 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 self.send_json(500, self.call.dialect.error_body(
                     ProxyError(500, "Internal proxy error.", "server_error")))
         finally:
-            self.server.request_arrived(self.connection)
-            self.log_outcome()
+            if self.call.handed_off:
+                self.call.after_answer(self.end_request)
+            else:
+                self.end_request()
+
+    def end_request(self) -> None:
+        self.server.request_arrived(self.connection)
+        self.log_outcome()
 
     def route(self) -> None:
         """Send each path where it belongs; nothing that generates text goes unmetered."""
@@ -3651,7 +4150,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
         try:
             self.forward(target, body, inspect=None if payload is None else call.check_reply)
         finally:
-            call.close_charge(config.cost_mode == "usage")
+            if call.handed_off:
+                call.after_answer(call.close_charge, config.cost_mode == "usage")
+            else:
+                call.close_charge(config.cost_mode == "usage")
 
     def forward(self, target: Target, body: bytes,
                 inspect: Callable[[bytes], bytes] | None = None) -> None:
@@ -4327,9 +4829,13 @@ class TrackedServer(ThreadingHTTPServer):
             if admitted:
                 self._connections.add(request)
         if admitted:
-            super().process_request(request, client_address)
+            self.start_connection(request, client_address)
         else:
             self.refuse(request)
+
+    def start_connection(self, request: socket.socket, client_address: tuple) -> None:
+        """A thread for the new connection; the proxy's waits for its first request without one."""
+        super().process_request(request, client_address)
 
     def refuse(self, request: socket.socket) -> None:
         body = json_bytes(error_body("Too many connections; try again shortly.", "server_error",
@@ -4485,7 +4991,39 @@ class ProxyServer(TrackedServer):
     def get_request(self) -> tuple[socket.socket, tuple]:
         """Each client connection gets CLIENT_TIMEOUT on every read and write, kept by the kernel."""
         sock, address = super().get_request()
-        return TimedSocket.adopt(sock, self.config.client_timeout), address
+        sock = TimedSocket.adopt(sock, self.config.client_timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # once, not per handler
+        return sock, address
+
+    def start_connection(self, request: socket.socket, client_address: tuple) -> None:
+        """A connection whose request is not here yet waits in the connection loop, not a thread."""
+        if _readable_now(request):
+            self.serve_in_thread(request, client_address)
+        else:
+            self.loop.park(request, client_address)
+
+    def serve_in_thread(self, connection: socket.socket, address: tuple,
+                        handler: ProxyHandler | None = None) -> None:
+        """A thread for ``connection``; ``handler`` goes on with a connection whose stream ended."""
+        self.workers.submit(self.process_request_thread, connection, address, handler)
+
+    def process_request_thread(self, request: socket.socket, client_address: tuple,
+                               handler: ProxyHandler | None = None) -> None:
+        """socketserver's, except that the connection may live on in the loop with its stream."""
+        relayed = None
+        try:
+            if handler is None:
+                handler = self.RequestHandlerClass(request, client_address, self)
+            else:
+                handler.resume()
+            relayed = handler.relayed
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            if relayed is not None:
+                self.loop.relay(relayed)
+            else:
+                self.shutdown_request(request)
 
     def __init__(self, config: Config, clock: Callable[[], float] = time.monotonic,
                  wall_clock: Callable[[], float] = time.time, console: TextIO | None = None) -> None:
@@ -4515,6 +5053,8 @@ class ProxyServer(TrackedServer):
             raise
         self.console = LineWriter(sys.stderr if console is None else console)
         self.watcher = DisconnectWatcher()
+        self.workers = Workers()
+        self.loop = ConnectionLoop(self)
         self._reading: dict[socket.socket, float] = {}  # connection -> when its request must be in
         self._wake = threading.Event()
         self._closing = False
@@ -4603,7 +5143,9 @@ class ProxyServer(TrackedServer):
         self._closing = True
         self._wake.set()
         self._housekeeper.join()
+        self.loop.close()
         super().server_close()
+        self.workers.close()
         self.watcher.close()
         self.upstream.close()
         if self.config.state_file:
