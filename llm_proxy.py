@@ -3137,7 +3137,7 @@ class RelayedStream:
     """
 
     __slots__ = ("loop", "relay", "pump", "handler", "call", "upstream", "client", "out",
-                 "ended", "upstream_deadline", "client_deadline", "__weakref__")
+                 "ended", "held_back", "upstream_deadline", "client_deadline", "__weakref__")
 
     def __init__(self, loop: ConnectionLoop, relay: Relay, pump: EventPump) -> None:
         self.loop, self.relay, self.pump = loop, relay, pump
@@ -3146,6 +3146,7 @@ class RelayedStream:
         self.client = self.handler.connection
         self.out = bytearray()
         self.ended = False
+        self.held_back = False  # the pump stopped at HIGH_WATER: it may hold more without a read
         self.upstream_deadline = 0.0
         self.client_deadline: float | None = None
         self.handler.write = self.send  # type: ignore[method-assign]  # the handler's writes, buffered
@@ -3166,8 +3167,12 @@ class RelayedStream:
 
     def pump_events(self) -> None:
         call, ok = self.call, self.pump.response.status < 400
+        self.held_back = False
         try:
-            while len(self.out) < self.loop.HIGH_WATER:
+            while True:
+                if len(self.out) >= self.loop.HIGH_WATER:
+                    self.held_back = True
+                    break
                 data = self.pump.next()
                 if data is None:
                     self.finish(None)
@@ -3219,8 +3224,8 @@ class RelayedStream:
             self.close()
         else:
             self.loop.watch(self.upstream, selectors.EVENT_READ, self.on_upstream)
-            if self.pump.response.reader.buffer or self.pump.pending:
-                self.pump_events()  # read while paused: events may be waiting already
+            if self.held_back:  # what was read already (even the body's end) goes out first
+                self.pump_events()
 
     def client_gone(self) -> None:
         """The client left or stopped reading: as a thread's failed write (``ClientGone``)."""

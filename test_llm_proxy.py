@@ -215,7 +215,7 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
             self.send_header("Connection", "close")
             self.close_connection = True
         self.end_headers()
-        count, filler = (200, "x" * 10_000) if behaviour == "big-stream" else (5, "")
+        count, filler = (200, "x" * 10_000) if behaviour in ("big-stream", "pause-then-big") else (5, "")
         events = [{"choices": [{"index": 0, "delta": {"content": f"w{i}{filler}"}, "finish_reason": None}]}
                   for i in range(count)]
         try:
@@ -223,7 +223,7 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
                 self.chunk(b"data: " + json.dumps(event).encode() + b"\n\n")
                 if index == 0:
                     self.server.first_event_sent.set()
-                    if behaviour == "pause-after-first":
+                    if behaviour in ("pause-after-first", "pause-then-big"):
                         self.server.release.wait(WAIT)
                     elif behaviour == "break-after-first":
                         self.chunk(b'data: {"choices": [{"ind')  # half an event, then hang up
