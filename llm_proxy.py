@@ -2139,7 +2139,6 @@ class _SocketWriter:
     """What http.server writes its own answers with (100 Continue): straight to the socket."""
 
     __slots__ = ("sock",)
-    closed = False
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -2153,7 +2152,7 @@ class _SocketWriter:
 
 
 class NeedMore(Exception):
-    """A reader fed by the connection loop has not yet got the bytes asked for."""
+    """A reader that must not wait has not yet got the bytes asked for."""
 
 
 class SocketReader:
@@ -2168,14 +2167,13 @@ class SocketReader:
 
     A reader that must not wait (``nowait``: a stream the connection loop may
     relay) raises ``NeedMore`` when nothing more has arrived, having consumed
-    nothing, so a parser can be called again with the same state later.  (One
-    whose ``sock`` is None is fed by hand, ``feed``, as the tests do.)
+    nothing, so a parser can be called again with the same state later.
     """
 
     __slots__ = ("sock", "buffer", "eof", "nowait")
     chunk = 8192  # what a read asks the socket for when it only needs a little (as makefile's)
 
-    def __init__(self, sock: socket.socket | None) -> None:
+    def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.buffer = b""
         self.eof = False
@@ -2186,8 +2184,6 @@ class SocketReader:
         if self.eof:
             return False
         sock = self.sock
-        if sock is None:
-            raise NeedMore()
         if self.nowait:
             try:
                 data = _recv(sock, max(size, self.chunk), _DONT_WAIT)
@@ -2200,13 +2196,6 @@ class SocketReader:
             return False
         self.buffer += data
         return True
-
-    def feed(self, data: bytes) -> None:
-        """What the loop read from the socket (b"" for its end)."""
-        if data:
-            self.buffer += data
-        else:
-            self.eof = True
 
     def peek(self, size: int = 0) -> bytes:
         if not self.buffer:
@@ -2234,7 +2223,7 @@ class SocketReader:
         if len(buffer) >= size:
             self.buffer = buffer[size:]
             return buffer[:size]
-        if self.sock is None or self.nowait:  # gathered in the buffer, which NeedMore leaves intact
+        if self.nowait:  # gathered in the buffer, which NeedMore leaves intact
             while len(self.buffer) < size and self._fill(size - len(self.buffer)):
                 pass
             buffer = self.buffer
@@ -2260,9 +2249,6 @@ class SocketReader:
             return buffer
         self.buffer = buffer[size:]
         return buffer[:size]
-
-    def close(self) -> None:
-        """The socket is the connection's, closed by whoever owns the connection."""
 
 
 # --------------------------------------------------------------------------
@@ -2997,15 +2983,15 @@ class ConnectionLoop:
         self._post(stream.start)
 
     @staticmethod
-    def can_relay(client: ProxyHandler, exchange: UpstreamExchange | None,
+    def can_relay(client: ProxyHandler, exchange: UpstreamExchange,
                   response: UpstreamResponse) -> bool:
         """Streams between sockets the loop can use without waiting: plain TCP with kernel timeouts.
 
         (An https upstream's reads can need writes, and a Python timeout polls
         before each call: those streams stay with their thread.)
         """
-        return (not response.done and exchange is not None and exchange.conn is not None
-                and type(exchange.conn.sock) is TimedSocket and type(client.connection) is TimedSocket)
+        return (not response.done and type(exchange.conn.sock) is TimedSocket  # type: ignore[union-attr]
+                and type(client.connection) is TimedSocket)
 
     def _post(self, action: Callable[..., None], *args: object) -> None:
         if self._stopped:  # the server is closing: nothing waits any more
@@ -3373,29 +3359,27 @@ class Call:
     endpoint: str = "local"          # for the metrics: the API, "free", or a local answer
     unwatch: Callable[[], None] = _nothing  # stops the disconnect watch on this request
     gone: bool = False               # the client hung up (set by the disconnect watcher's thread)
-    handed_off: bool = False         # its stream is relayed by the connection loop, not the handler
-    deferred: list | None = None     # what the handler's unwinding left for the stream's end
+    deferred: list | None = None     # handed to the connection loop: what waits for its stream's end
     # Set once by ``conclude``, for the log line, the history and the metrics alike:
     result: str = ""                 # served, limited, rejected or error
     tokens_charged: int = 0          # taken before forwarding and kept (0 if refunded)
     tokens_paid: int = 0             # what it cost in the end
     seconds: float = 0.0             # from arrival to the end of the answer
 
-    def after_answer(self, action: Callable[..., None], *args: object) -> None:
-        """Do ``action`` now, or, for a stream handed to the connection loop, when it ends.
+    def defer(self, action: Callable[..., None], *args: object) -> None:
+        """Keep ``action`` for the end of the stream the connection loop relays.
 
         The handler's ``finally`` clauses (release the gate slot, settle the
         charge, write the log line ...) run as its thread unwinds; a stream the
         loop relays is not over by then, so they wait for it, in the same order.
+        Each clause checks ``deferred`` itself and calls directly otherwise: it
+        runs on every request.
         """
-        if self.handed_off:
-            self.deferred.append((action, args))  # type: ignore[union-attr]
-        else:
-            action(*args)
+        self.deferred.append((action, args))  # type: ignore[union-attr]
 
     def run_deferred(self) -> None:
         """The stream handed off has ended: what the handler's unwinding left, in order."""
-        deferred, self.deferred, self.handed_off = self.deferred or [], None, False
+        deferred, self.deferred = self.deferred or [], None
         for action, args in deferred:
             try:
                 action(*args)
@@ -3663,16 +3647,16 @@ class Relay:
                 if not exchange.sent or call.upstream_ms is None:
                     server.upstream_state.failed(failure)
                 raise failure from None
-            finally:  # (each ``finally`` here calls directly unless handed off: the hot path)
-                if call.handed_off:
-                    call.after_answer(server.gate.release, ticket)
-                else:
+            finally:  # (unless the loop relays the stream: then at its end, Call.defer)
+                if call.deferred is None:
                     server.gate.release(ticket)
+                else:
+                    call.defer(server.gate.release, ticket)
         finally:
-            if call.handed_off:
-                call.after_answer(self.let_go, exchange)
-            else:
+            if call.deferred is None:
                 self.let_go(exchange)
+            else:
+                call.defer(self.let_go, exchange)
 
     def let_go(self, exchange: UpstreamExchange) -> None:
         """The answer is over: stop watching the client, and pool or close the upstream connection."""
@@ -3716,7 +3700,7 @@ class Relay:
 
     def relay_stream(self, response: UpstreamResponse, headers: list[tuple[str, str]],
                      framing: Framing | None) -> bool:
-        """Pass the body on as it arrives; stream events go out whole, one write each.
+        """Pass the body on as it arrives; stream events go out whole, one write each from a thread.
 
         The charge is kept once anything reached the client; a stream that ends
         before its first complete event counts as never served.  Where the
@@ -3735,14 +3719,14 @@ class Relay:
         meter = call.meter if framing is not None and ok else None
         pump = EventPump(response, framing, meter, call.dialect.usage_marker)
         loop = self.server.loop
-        response.reader.nowait = loop is not None and loop.can_relay(client, self.exchange, response)
+        response.reader.nowait = loop.can_relay(client, self.exchange, response)  # type: ignore[arg-type]
         try:
             while True:
                 try:
                     data = pump.next()
                 except NeedMore:  # the upstream makes us wait: the loop waits instead of this thread
-                    client.relayed = RelayedStream(loop, self, pump)  # type: ignore[arg-type]
-                    call.handed_off, call.deferred = True, []
+                    client.relayed = RelayedStream(loop, self, pump)
+                    call.deferred = []
                     raise HandedOff() from None
                 if data is None:
                     break
@@ -3930,10 +3914,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 self.send_json(500, self.call.dialect.error_body(
                     ProxyError(500, "Internal proxy error.", "server_error")))
         finally:
-            if self.call.handed_off:
-                self.call.after_answer(self.end_request)
-            else:
+            if self.call.deferred is None:
                 self.end_request()
+            else:
+                self.call.defer(self.end_request)
 
     def end_request(self) -> None:
         self.server.request_arrived(self.connection)
@@ -4155,10 +4139,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
         try:
             self.forward(target, body, inspect=None if payload is None else call.check_reply)
         finally:
-            if call.handed_off:
-                call.after_answer(call.close_charge, config.cost_mode == "usage")
-            else:
+            if call.deferred is None:
                 call.close_charge(config.cost_mode == "usage")
+            else:
+                call.defer(call.close_charge, config.cost_mode == "usage")
 
     def forward(self, target: Target, body: bytes,
                 inspect: Callable[[bytes], bytes] | None = None) -> None:

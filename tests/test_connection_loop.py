@@ -168,20 +168,26 @@ class ResumableChunkDecoderTests(unittest.TestCase):
         ("extension", [b"abc"], b"0;ext=1\r\n\r\n"),
     ]
 
+    def setUp(self) -> None:
+        self.upstream, self.proxy_end = socket.socketpair()
+        self.addCleanup(self.upstream.close)
+        self.addCleanup(self.proxy_end.close)
+        self.upstream.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        self.reader = llm_proxy.SocketReader(self.proxy_end)
+        self.response = llm_proxy.UpstreamResponse(self.reader, "POST")
+        self.reader.nowait = True  # as when the connection loop may relay the stream
+
     def decode(self, raw: bytes, rng: random.Random) -> bytes:
-        reader = llm_proxy.SocketReader(None)
-        reader.feed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
-        response = llm_proxy.UpstreamResponse(reader, "POST")
         body, at = b"", 0
-        while not response.done:
+        while not self.response.done:
             try:
-                body += response.read1(rng.choice([1, 5, 65536]))
+                body += self.response.read1(rng.choice([1, 5, 65536]))
             except llm_proxy.NeedMore:
                 self.assertLess(at, len(raw), "asked for more after the whole body")
                 step = rng.randint(1, 9)
-                reader.feed(raw[at:at + step])
+                self.upstream.sendall(raw[at:at + step])
                 at += step
-        self.assertEqual(reader.buffer, b"")
+        self.assertEqual(self.reader.buffer, b"")
         return body
 
     def test_every_split_decodes_to_the_same_body(self) -> None:
@@ -190,24 +196,25 @@ class ResumableChunkDecoderTests(unittest.TestCase):
                            b"%x\r\n%s\r\n" % (len(c), c) for c in chunks) + end
             for seed in range(200):
                 with self.subTest(name, seed=seed):
+                    self.response.done, self.response.chunk_left = False, 0  # the next body
                     self.assertEqual(self.decode(raw, random.Random(seed)), b"".join(chunks))
 
     def test_a_chunk_without_its_crlf_is_refused(self) -> None:
-        reader = llm_proxy.SocketReader(None)
-        reader.feed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcXY0\r\n\r\n")
-        response = llm_proxy.UpstreamResponse(reader, "POST")
+        self.upstream.sendall(b"3\r\nabcXY0\r\n\r\n")
         with self.assertRaises(http.client.IncompleteRead):
-            while not response.done:
-                response.read1(65536)
+            while not self.response.done:
+                self.response.read1(65536)
 
     def test_readline_and_read_match_a_buffered_reader(self) -> None:
         import io
         data = b"line one\r\nline two is longer\nno end"
         for limit in (-1, 1, 5, 9, 10, 11, 100):
             with self.subTest(limit=limit):
-                ours = llm_proxy.SocketReader(None)
-                ours.feed(data)
-                ours.feed(b"")
+                sender, receiver = socket.socketpair()
+                self.addCleanup(receiver.close)
+                with sender:
+                    sender.sendall(data)
+                ours = llm_proxy.SocketReader(receiver)
                 theirs = io.BufferedReader(io.BytesIO(data))
                 for _ in range(4):
                     self.assertEqual(ours.readline(limit), theirs.readline(limit))
