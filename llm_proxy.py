@@ -5563,5 +5563,59 @@ Add "stream": true to see tokens arrive; repeat {server.config.max_tokens + 1} t
 """, flush=True)
 
 
+# Run as a script, CPython keeps the script's whole syntax tree until the script's last line
+# has run: pyrun_file frees the parser's arena only after run_mod returns, and run_mod is where
+# main() serves for days. For this module that tree is about 11 MiB, a third of the idle
+# process. An imported module's tree is freed as soon as it is compiled, so the script hands
+# over to a fresh interpreter that imports this file: same PID (signals, systemd, shell jobs
+# are unaffected), same interpreter flags, arguments and environment. This small program is
+# all that interpreter compiles as its script; it loads the file under the name llm_proxy
+# whatever the file is called, gives back what compiling it freed, and runs main().
+_IMPORT_AND_RUN = """\
+import importlib.util, sys
+path = sys.argv.pop(1)
+del sys.argv[0]
+spec = importlib.util.spec_from_file_location("llm_proxy", path)
+module = sys.modules["llm_proxy"] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+module.return_freed_memory()
+sys.exit(module.main())
+"""
+
+
+def run_as_imported_module() -> None:
+    """Replace this process with one that imports this file and calls main() (see above).
+
+    Returns only where that cannot be done or would surprise, and then the caller runs main()
+    itself: outside CPython (no such arena), on Windows (os.execv there starts a new process
+    and the shell's child exits at once), under a debugger or coverage tool (a trace function
+    is set, and would not survive the exec), with ``python -i``, or when the exec fails.
+    """
+    if (sys.implementation.name != "cpython" or os.name != "posix" or not sys.executable
+            or sys.gettrace() is not None or sys.flags.inspect):
+        return
+    import subprocess  # for its flags helper; this process is replaced a moment later
+    flags = subprocess._args_from_interpreter_flags()  # -O, -X dev, -W ..., -I, -B as given
+    with suppress(OSError):
+        os.execv(sys.executable, [sys.executable, *flags, "-c", _IMPORT_AND_RUN,
+                                  os.path.abspath(__file__), *sys.argv])
+
+
+def return_freed_memory() -> None:
+    """Give the pages compiling this module used and freed back to the system (glibc only).
+
+    Without a cached .pyc (first start, a read-only install, PYTHONDONTWRITEBYTECODE) the
+    compiler's freed memory, about 8 MiB, sits between live objects where glibc's automatic
+    trim (top of the heap only) cannot return it; malloc_trim returns every free page.
+    Elsewhere (musl, macOS) there is no malloc_trim and nothing is done.
+    """
+    try:
+        import ctypes
+        ctypes.CDLL(None).malloc_trim(0)
+    except (ImportError, OSError, AttributeError):
+        pass
+
+
 if __name__ == "__main__":
+    run_as_imported_module()
     sys.exit(main())

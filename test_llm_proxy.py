@@ -27,6 +27,7 @@ import tempfile
 import threading
 import time
 import unittest
+from unittest import mock
 from typing import Callable
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler
@@ -555,6 +556,51 @@ class CommandLineTests(unittest.TestCase):
         self.assertIn("http://127.0.0.1:9/v1", line)
         self.assertIn("10 tokens, +2 every 300s", line)
         self.assertNotIn(UPSTREAM_KEY, line + err)
+
+    @unittest.skipUnless(os.path.exists("/proc/self/cmdline") and os.name == "posix", "Linux /proc")
+    def test_the_script_serves_as_an_imported_module_with_its_flags(self) -> None:
+        """The script hands over to an interpreter that imports it (its syntax tree freed), same PID."""
+        script = os.path.join(HERE, "llm_proxy.py")
+        full_env = clean_environment()
+        full_env.update(BASE_API_URL="http://127.0.0.1:9/v1", HOST="127.0.0.1", PORT=str(free_port()))
+        process = subprocess.Popen([sys.executable, "-X", "utf8", "-W", "error::ResourceWarning", script],
+                                   env=full_env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        try:
+            self.assertIn("listening", process.stdout.readline())
+            with open(f"/proc/{process.pid}/cmdline", "rb") as file:
+                argv = file.read().decode().split("\0")[:-1]
+            conn = http.client.HTTPConnection("127.0.0.1", int(full_env["PORT"]), timeout=WAIT)
+            conn.request("GET", "/health")
+            self.assertEqual(conn.getresponse().status, 200)
+            conn.close()
+        finally:
+            process.terminate()
+            process.communicate(timeout=WAIT)
+        self.assertEqual(argv[argv.index("-c") + 1], llm_proxy._IMPORT_AND_RUN)
+        self.assertEqual(argv[-2:], [os.path.abspath(script), script], "the file, then the original argv")
+        self.assertIn("-Xutf8", "".join(argv[1:argv.index("-c")]))
+        self.assertIn("-Werror::ResourceWarning", "".join(argv[1:argv.index("-c")]))
+
+    def test_arguments_and_program_name_survive_the_hand_over(self) -> None:
+        process = subprocess.run([sys.executable, os.path.join(HERE, "llm_proxy.py"), "--no-such-flag"],
+                                 env=clean_environment(), capture_output=True, text=True, timeout=WAIT)
+        self.assertEqual(process.returncode, 2)
+        self.assertTrue(process.stderr.startswith("usage: llm_proxy.py "), process.stderr)
+        self.assertIn("--no-such-flag", process.stderr)
+
+    @unittest.skipUnless(os.name == "posix", "the hand-over is POSIX only")
+    def test_when_the_hand_over_fails_the_script_serves_itself(self) -> None:
+        """An exec that fails returns to the caller, which then runs main() in this process."""
+        tried = []
+
+        def refuse(executable: str, argv: list) -> None:
+            tried.append((executable, argv))
+            raise PermissionError("exec refused")
+        with mock.patch.object(llm_proxy.os, "execv", refuse):
+            self.assertIsNone(llm_proxy.run_as_imported_module())
+        self.assertEqual(len(tried), 1)
+        self.assertEqual(tried[0][0], sys.executable)
+        self.assertIn(llm_proxy._IMPORT_AND_RUN, tried[0][1])
 
     def test_demo_mode_serves_a_reply_and_a_stream(self) -> None:
         port = free_port()
