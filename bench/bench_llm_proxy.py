@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import selectors
 import socket
 import statistics
@@ -135,6 +136,53 @@ def serve_byte_relay(upstream_port: int) -> None:
         threading.Thread(target=copy, args=(upstream, client), daemon=True).start()
 
 
+_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d+)", re.IGNORECASE)
+
+
+def serve_http_forwarder(upstream_port: int) -> None:
+    """The floor for a Python proxy that reads HTTP messages, which any accounting needs.
+
+    Each request and response is read whole (head to the blank line, body by
+    Content-Length) and passed on, over one keep-alive upstream connection per client
+    and one thread per connection; nothing is checked, counted or logged.  What
+    llm_proxy adds on top of this is its work: the strict parser, keys, buckets, JSON,
+    usage, records.
+    """
+    def read_message(sock: socket.socket, buffer: bytearray) -> bytes:
+        while (end := buffer.find(b"\r\n\r\n")) < 0:
+            data = sock.recv(65536)
+            if not data:
+                raise ConnectionError
+            buffer += data
+        end += 4
+        length = _LENGTH.search(buffer, 0, end)
+        end += int(length.group(1)) if length else 0
+        while len(buffer) < end:
+            data = sock.recv(65536)
+            if not data:
+                raise ConnectionError
+            buffer += data
+        message = bytes(buffer[:end])
+        del buffer[:end]
+        return message
+
+    def forward(client: socket.socket) -> None:
+        upstream = socket.create_connection(("127.0.0.1", upstream_port))
+        upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        from_client, from_upstream = bytearray(), bytearray()
+        with suppress(OSError), client, upstream:
+            while True:
+                upstream.sendall(read_message(client, from_client))
+                client.sendall(read_message(upstream, from_upstream))
+
+    listener = socket.create_server(("127.0.0.1", 0), backlog=1024)
+    print(listener.getsockname()[1], flush=True)
+    while True:
+        client, _ = listener.accept()
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        threading.Thread(target=forward, args=(client,), daemon=True).start()
+
+
 # --------------------------------------------------------------------------
 # Processes
 # --------------------------------------------------------------------------
@@ -161,6 +209,12 @@ class Process:
 
 def start_byte_relay(upstream_port: int) -> tuple[Process, int]:
     process = Process([sys.executable, os.path.abspath(__file__), "--serve-byte-relay",
+                       str(upstream_port)])
+    return process, int(process.first_line)
+
+
+def start_http_forwarder(upstream_port: int) -> tuple[Process, int]:
+    process = Process([sys.executable, os.path.abspath(__file__), "--serve-http-forwarder",
                        str(upstream_port)])
     return process, int(process.first_line)
 
@@ -449,12 +503,16 @@ def main() -> None:
                              "(e.g. a `git worktree` of an older commit), both against one upstream")
     parser.add_argument("--serve-upstream", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--serve-byte-relay", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--serve-http-forwarder", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_upstream:
         serve_upstream()
         return
     if args.serve_byte_relay:
         serve_byte_relay(args.serve_byte_relay)
+        return
+    if args.serve_http_forwarder:
+        serve_http_forwarder(args.serve_http_forwarder)
         return
     if args.compare:
         compare(args.compare, 3 if args.quick else 5, 0.5 if args.quick else 2.0)
@@ -499,6 +557,15 @@ def main() -> None:
                     f"+{r - d:.3f} ms")
         finally:
             byte_relay.stop()
+        forwarder, forwarder_port = start_http_forwarder(upstream_port)
+        try:
+            direct, forwarded = alternate(rounds, lambda: throughput(upstream_port, 1, seconds),
+                                          lambda: throughput(forwarder_port, 1, seconds))
+            d, f = median_of(direct, "p50_ms"), median_of(forwarded, "p50_ms")
+            row("for scale, a minimal HTTP forwarder in Python (messages read whole, nothing else), "
+                "1 client: p50 latency", f, d, "ms", f"+{f - d:.3f} ms")
+        finally:
+            forwarder.stop()
 
         events = 20 if quick else 50
         direct, proxied = alternate(rounds, lambda: stream_delays(upstream_port, events, 10),
