@@ -4810,7 +4810,16 @@ class TrackedServer(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], handler: type) -> None:
         self._connections: set[socket.socket] = set()
         self._connections_lock = threading.Lock()
-        super().__init__(address, handler)
+        super().__init__(address, handler, bind_and_activate=False)
+        # socketserver would call server_close() when binding fails (a port in use), and a
+        # subclass's server_close stops what its __init__ has not started yet: only the
+        # listening socket exists to be closed here.
+        try:
+            self.server_bind()
+            self.server_activate()
+        except BaseException:
+            self.socket.close()
+            raise
 
     def process_request(self, request: socket.socket, client_address: tuple) -> None:
         with self._connections_lock:

@@ -544,6 +544,19 @@ class CommandLineTests(unittest.TestCase):
         self.assertEqual(len(err.strip().splitlines()), 1)
         self.assertIn("PORT", err)
 
+    def test_a_port_in_use_stops_startup_with_one_line(self) -> None:
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            process = self.run_proxy({"BASE_API_URL": "http://127.0.0.1:9/v1", "HOST": "127.0.0.1",
+                                      "PORT": str(port)})
+            out, err = process.communicate(timeout=WAIT)
+        self.assertEqual(process.returncode, 2, err)
+        self.assertEqual(err.strip().splitlines(), [f"llm_proxy: cannot listen on 127.0.0.1:{port}: "
+                                                    "Address already in use"])
+        self.assertEqual(out, "")
+
     def test_startup_line_names_upstream_without_its_key(self) -> None:
         process = self.run_proxy({"BASE_API_URL": "http://127.0.0.1:9/v1", "BASE_API_KEY": UPSTREAM_KEY,
                                   "HOST": "127.0.0.1", "PORT": str(free_port())})
