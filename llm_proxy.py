@@ -1934,6 +1934,9 @@ class Headers:
         return list(zip(self.names, self.values))
 
 
+NO_HEADERS = Headers([], [])  # a waiting connection's, between its requests
+
+
 class HeaderError(http.client.HTTPException):
     """A header block that ``read_headers`` refuses; ``status`` is what a client is told."""
 
@@ -3009,23 +3012,32 @@ class ConnectionLoop:
     def _run(self) -> None:
         next_sweep = time.monotonic() + self.sweep_every
         while not self._stopped:
-            timeout = None  # nothing to time: sleep until something happens
-            if self.streams:
-                timeout = max(0.0, next_sweep - time.monotonic())
-            if self._parked:
-                deadline = next(iter(self._parked.values()))[2]
-                timeout = max(0.0, min(deadline - time.monotonic(), timeout or math.inf))
-            for key, mask in self.selector.select(timeout):
-                if key.data is None:
-                    self._take_inbox()
-                else:
-                    self._dispatch(key.data, mask)
-            now = time.monotonic()
-            self._expire_parked(now)
-            if now >= next_sweep:
-                for stream in list(self.streams):
-                    stream.check_deadlines(now)
-                next_sweep = now + self.sweep_every
+            next_sweep = self._turn(next_sweep)
+
+    def _turn(self, next_sweep: float) -> float:
+        """One wait and what it found; the next sweep's time.
+
+        A function of its own so that its locals end with it: the last event's key
+        would otherwise keep its (finished) stream alive while the loop sleeps.
+        """
+        timeout = None  # nothing to time: sleep until something happens
+        if self.streams:
+            timeout = max(0.0, next_sweep - time.monotonic())
+        if self._parked:
+            deadline = next(iter(self._parked.values()))[2]
+            timeout = max(0.0, min(deadline - time.monotonic(), timeout or math.inf))
+        for key, mask in self.selector.select(timeout):
+            if key.data is None:
+                self._take_inbox()
+            else:
+                self._dispatch(key.data, mask)
+        now = time.monotonic()
+        self._expire_parked(now)
+        if now >= next_sweep:
+            for stream in list(self.streams):
+                stream.check_deadlines(now)
+            next_sweep = now + self.sweep_every
+        return next_sweep
 
     def _dispatch(self, handler: Callable[[int], None], mask: int) -> None:
         try:
@@ -3244,6 +3256,7 @@ class RelayedStream:
         elif handler.rfile.buffer:  # the next request came during the stream: a thread for it
             loop.server.serve_in_thread(connection, handler.client_address, handler)
         else:  # the handler waits with it: its watch stays registered, nothing is set up again
+            handler.forget_request()
             loop._park(connection, handler.client_address, handler)
 
 
@@ -3887,6 +3900,20 @@ class ProxyHandler(BaseHTTPRequestHandler):
     do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = do_GET
 
     # -- request handling --------------------------------------------------
+
+    def forget_request(self) -> None:
+        """Let go of the request just ended while the connection waits for its next one.
+
+        A waiting connection would otherwise hold its last request's headers, its Call
+        (charge, meter, payload) and, through the watch's callback, the relay and the
+        upstream's response: about 6 KiB, 6 MiB for a thousand idle keep-alive clients.
+        The watch itself stays, cancelled, to be armed again by the next request.
+        """
+        self.call = Call(time.monotonic(), 0.0)  # as setup() leaves it; begin_request makes the next
+        self.headers = NO_HEADERS  # type: ignore[assignment]
+        self.raw_requestline, self.requestline, self.command, self.path = b"", "", "", ""
+        if self.watch is not None:
+            self.watch.on_gone = _nothing
 
     def begin_request(self) -> None:
         """A fresh Call; the head and body must arrive within CLIENT_TIMEOUT."""
