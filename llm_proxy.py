@@ -5606,8 +5606,10 @@ Add "stream": true to see tokens arrive; repeat {server.config.max_tokens + 1} t
 # over to a fresh interpreter that imports this file: same PID (signals, systemd, shell jobs
 # are unaffected), same interpreter flags, arguments and environment. This small program is
 # all that interpreter compiles as its script; it loads the file under the name llm_proxy
-# whatever the file is called, gives back what compiling it freed, and runs main().
+# whatever the file is called, gives back what compiling it freed, and runs main(). Its first
+# line is what `ps` shows after the interpreter's name.
 _IMPORT_AND_RUN = """\
+# llm_proxy, imported (see run_as_imported_module)
 import importlib.util, sys
 path = sys.argv.pop(1)
 del sys.argv[0]
