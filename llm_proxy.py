@@ -5610,9 +5610,12 @@ Add "stream": true to see tokens arrive; repeat {server.config.max_tokens + 1} t
 # line is what `ps` shows after the interpreter's name.
 _IMPORT_AND_RUN = """\
 # llm_proxy, imported (see run_as_imported_module)
-import importlib.util, sys
+import sys
 path = sys.argv.pop(1)
 del sys.argv[0]
+if sys.path[:1] == [""]:  # -c put the working directory first; a script has its own folder there
+    sys.path[0] = path.rpartition("/")[0] or "/"
+import importlib.util
 spec = importlib.util.spec_from_file_location("llm_proxy", path)
 module = sys.modules["llm_proxy"] = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module)

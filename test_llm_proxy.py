@@ -601,6 +601,18 @@ class CommandLineTests(unittest.TestCase):
         self.assertTrue(process.stderr.startswith("usage: llm_proxy.py "), process.stderr)
         self.assertIn("--no-such-flag", process.stderr)
 
+    def test_modules_in_the_working_directory_are_not_imported(self) -> None:
+        """As a script: its own folder comes first on sys.path, not the directory it was started in."""
+        with tempfile.TemporaryDirectory() as folder:
+            for name in ("json", "socket", "importlib"):
+                with open(os.path.join(folder, name + ".py"), "w") as file:
+                    file.write(f"raise SystemExit('{name}.py from the working directory was imported')\n")
+            process = subprocess.run([sys.executable, os.path.join(HERE, "llm_proxy.py"), "--version"],
+                                     cwd=folder, env=clean_environment(), capture_output=True,
+                                     text=True, timeout=WAIT)
+        self.assertEqual((process.returncode, process.stdout.strip(), process.stderr),
+                         (0, llm_proxy.__version__, ""))
+
     @unittest.skipUnless(os.name == "posix", "the hand-over is POSIX only")
     def test_when_the_hand_over_fails_the_script_serves_itself(self) -> None:
         """An exec that fails returns to the caller, which then runs main() in this process."""
