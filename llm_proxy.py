@@ -5606,10 +5606,8 @@ Add "stream": true to see tokens arrive; repeat {server.config.max_tokens + 1} t
 # over to a fresh interpreter that imports this file: same PID (signals, systemd, shell jobs
 # are unaffected), same interpreter flags, arguments and environment. This small program is
 # all that interpreter compiles as its script; it loads the file under the name llm_proxy
-# whatever the file is called, gives back what compiling it freed, and runs main(). Its first
-# line is what `ps` shows after the interpreter's name.
+# whatever the file is called, gives back what compiling it freed, and runs main().
 _IMPORT_AND_RUN = """\
-# llm_proxy, imported (see run_as_imported_module)
 import sys
 path = sys.argv.pop(1)
 del sys.argv[0]
@@ -5638,8 +5636,21 @@ def run_as_imported_module() -> None:
     import subprocess  # for its flags helper; this process is replaced a moment later
     flags = subprocess._args_from_interpreter_flags()  # -O, -X dev, -W ..., -I, -B as given
     with suppress(OSError):
-        os.execv(sys.executable, [sys.executable, *flags, "-c", _IMPORT_AND_RUN,
+        os.execv(sys.executable, [sys.executable, *flags, "-c", handed_over_program(),
                                   os.path.abspath(__file__), *sys.argv])
+
+
+def handed_over_program() -> str:
+    """``_IMPORT_AND_RUN`` under a comment that repeats the command as typed.
+
+    ``ps`` shows a process's arguments in order, and a terminal's width of them: so the
+    program's first line is the original command (``sys.orig_argv``, Python 3.10+), and
+    ``ps`` reads ``python3 -c # python3 llm_proxy.py --demo`` where it read ``python3
+    llm_proxy.py --demo``, and ``pgrep -f`` on the old command line still finds it. A line
+    break in an argument would end the comment, so none gets into it.
+    """
+    command = " ".join(getattr(sys, "orig_argv", [os.path.basename(sys.executable), *sys.argv]))
+    return f"# {command.translate({10: 32, 13: 32})}\n{_IMPORT_AND_RUN}"
 
 
 def return_freed_memory() -> None:

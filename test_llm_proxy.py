@@ -589,7 +589,10 @@ class CommandLineTests(unittest.TestCase):
         finally:
             process.terminate()
             process.communicate(timeout=WAIT)
-        self.assertEqual(argv[argv.index("-c") + 1], llm_proxy._IMPORT_AND_RUN)
+        comment, program = argv[argv.index("-c") + 1].split("\n", 1)
+        self.assertEqual(program, llm_proxy._IMPORT_AND_RUN)
+        if sys.version_info >= (3, 10):  # the command as typed, first in what ps shows
+            self.assertEqual(comment, f"# {sys.executable} -X utf8 -W error::ResourceWarning {script}")
         self.assertEqual(argv[-2:], [os.path.abspath(script), script], "the file, then the original argv")
         self.assertIn("-Xutf8", "".join(argv[1:argv.index("-c")]))
         self.assertIn("-Werror::ResourceWarning", "".join(argv[1:argv.index("-c")]))
@@ -625,7 +628,19 @@ class CommandLineTests(unittest.TestCase):
             self.assertIsNone(llm_proxy.run_as_imported_module())
         self.assertEqual(len(tried), 1)
         self.assertEqual(tried[0][0], sys.executable)
-        self.assertIn(llm_proxy._IMPORT_AND_RUN, tried[0][1])
+        program = tried[0][1][tried[0][1].index("-c") + 1]
+        self.assertTrue(program.startswith("# ") and program.endswith(llm_proxy._IMPORT_AND_RUN))
+
+    def test_an_argument_cannot_end_the_comment_that_names_the_command(self) -> None:
+        typed = ["llm_proxy.py", "x\nraise SystemExit(9)\r"]
+        with mock.patch.object(llm_proxy.sys, "argv", typed), \
+                mock.patch.object(llm_proxy.sys, "orig_argv", ["python3", *typed], create=True):
+            program = llm_proxy.handed_over_program()
+        comment, rest = program.split("\n", 1)
+        self.assertEqual(rest, llm_proxy._IMPORT_AND_RUN)
+        self.assertIn("x raise SystemExit(9)", comment)
+        self.assertNotIn("\r", comment)
+        compile(program, "<handed over>", "exec")  # and it is still a program
 
     def test_demo_mode_serves_a_reply_and_a_stream(self) -> None:
         port = free_port()
