@@ -67,7 +67,7 @@ def main() -> None:
     """Each row: the bare upstream, then the proxy (request mode, a client key configured)."""
     if not shutil.which("valgrind"):
         raise SystemExit("valgrind is not installed (apt-get install valgrind)")
-    only = sys.argv[1:]  # optional: names of rows to run, e.g. "non-streamed chat"
+    only = sys.argv[1:]  # optional: names of rows to run, e.g. "non-streamed chat", or "forwarder"
     upstream, upstream_port = bench.start_upstream()
     try:
         with socket.socket() as probe:
@@ -86,6 +86,11 @@ def main() -> None:
                                   lambda line: port, request)
             print(f"{name:34} {direct / 1000:>14,.0f}k {proxied / 1000:>10,.0f}k  "
                   f"{proxied / direct:.2f}x", flush=True)
+        if not only or "forwarder" in only:  # the floor: a Python forwarder that only reads messages
+            forwarded = per_request([sys.executable, bench.__file__, "--serve-http-forwarder",
+                                     str(upstream_port)], None, int, bench.request_bytes(bench.CHAT))
+            print(f"{'for scale: the minimal HTTP forwarder, non-streamed chat':60} "
+                  f"{forwarded / 1000:,.0f}k", flush=True)
     finally:
         upstream.stop()
 
