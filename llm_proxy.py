@@ -5611,7 +5611,7 @@ _IMPORT_AND_RUN = """\
 import sys
 path = sys.argv.pop(1)
 del sys.argv[0]
-if sys.path[:1] == [""]:  # -c put the working directory first; a script has its own folder there
+if sys.path[:1] == [""]:  # -c put the working directory first; a script has its real folder there
     sys.path[0] = path.rpartition("/")[0] or "/"
 import importlib.util
 spec = importlib.util.spec_from_file_location("llm_proxy", path)
@@ -5637,7 +5637,7 @@ def run_as_imported_module() -> None:
     flags = subprocess._args_from_interpreter_flags()  # -O, -X dev, -W ..., -I, -B as given
     with suppress(OSError):
         os.execv(sys.executable, [sys.executable, *flags, "-c", handed_over_program(),
-                                  os.path.abspath(__file__), *sys.argv])
+                                  os.path.realpath(__file__), *sys.argv])
 
 
 def handed_over_program() -> str:
@@ -5647,9 +5647,13 @@ def handed_over_program() -> str:
     program's first line is the original command (``sys.orig_argv``, Python 3.10+), and
     ``ps`` reads ``python3 -c # python3 llm_proxy.py --demo`` where it read ``python3
     llm_proxy.py --demo``, and ``pgrep -f`` on the old command line still finds it. A line
-    break in an argument would end the comment, so none gets into it.
+    break in an argument would end the comment, so none gets into it; nor does a byte the
+    file system's encoding cannot decode (a path that is not UTF-8), which would make the
+    program text undecodable: it is written as an escape.
     """
     command = " ".join(getattr(sys, "orig_argv", [os.path.basename(sys.executable), *sys.argv]))
+    encoding = sys.getfilesystemencoding()
+    command = command.encode(encoding, "backslashreplace").decode(encoding)
     return f"# {command.translate({10: 32, 13: 32})}\n{_IMPORT_AND_RUN}"
 
 

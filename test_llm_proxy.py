@@ -20,6 +20,7 @@ import os
 import re
 import select
 import signal
+import shutil
 import socket
 import subprocess
 import sys
@@ -593,7 +594,7 @@ class CommandLineTests(unittest.TestCase):
         self.assertEqual(program, llm_proxy._IMPORT_AND_RUN)
         if sys.version_info >= (3, 10):  # the command as typed, first in what ps shows
             self.assertEqual(comment, f"# {sys.executable} -X utf8 -W error::ResourceWarning {script}")
-        self.assertEqual(argv[-2:], [os.path.abspath(script), script], "the file, then the original argv")
+        self.assertEqual(argv[-2:], [os.path.realpath(script), script], "the file, then the original argv")
         self.assertIn("-Xutf8", "".join(argv[1:argv.index("-c")]))
         self.assertIn("-Werror::ResourceWarning", "".join(argv[1:argv.index("-c")]))
 
@@ -613,6 +614,31 @@ class CommandLineTests(unittest.TestCase):
             process = subprocess.run([sys.executable, os.path.join(HERE, "llm_proxy.py"), "--version"],
                                      cwd=folder, env=clean_environment(), capture_output=True,
                                      text=True, timeout=WAIT)
+        self.assertEqual((process.returncode, process.stdout.strip(), process.stderr),
+                         (0, llm_proxy.__version__, ""))
+
+    @unittest.skipUnless(hasattr(os, "symlink") and os.name == "posix", "symbolic links")
+    def test_a_linked_script_looks_beside_the_file_not_the_link(self) -> None:
+        """As a script: sys.path[0] is the folder of the file the link points to."""
+        with tempfile.TemporaryDirectory() as folder:
+            with open(os.path.join(folder, "json.py"), "w") as file:
+                file.write("raise SystemExit('json.py beside the link was imported')\n")
+            link = os.path.join(folder, "proxy.py")
+            os.symlink(os.path.join(HERE, "llm_proxy.py"), link)
+            process = subprocess.run([sys.executable, link, "--version"], env=clean_environment(),
+                                     capture_output=True, text=True, timeout=WAIT)
+        self.assertEqual((process.returncode, process.stdout.strip(), process.stderr),
+                         (0, llm_proxy.__version__, ""))
+
+    @unittest.skipUnless(sys.platform.startswith("linux"), "a file name that is not UTF-8")
+    def test_a_script_whose_path_is_not_utf8_starts(self) -> None:
+        with tempfile.TemporaryDirectory() as folder:
+            odd = os.path.join(folder, os.fsdecode(b"caf\xe9"))
+            os.mkdir(odd)
+            shutil.copy(os.path.join(HERE, "llm_proxy.py"), odd)
+            process = subprocess.run([sys.executable, os.path.join(odd, "llm_proxy.py"), "--version"],
+                                     env=clean_environment(), capture_output=True, text=True,
+                                     timeout=WAIT)
         self.assertEqual((process.returncode, process.stdout.strip(), process.stderr),
                          (0, llm_proxy.__version__, ""))
 
