@@ -20,7 +20,6 @@ import os
 import re
 import select
 import signal
-import shutil
 import socket
 import subprocess
 import sys
@@ -28,7 +27,6 @@ import tempfile
 import threading
 import time
 import unittest
-from unittest import mock
 from typing import Callable
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler
@@ -570,103 +568,6 @@ class CommandLineTests(unittest.TestCase):
         self.assertIn("http://127.0.0.1:9/v1", line)
         self.assertIn("10 tokens, +2 every 300s", line)
         self.assertNotIn(UPSTREAM_KEY, line + err)
-
-    @unittest.skipUnless(os.path.exists("/proc/self/cmdline") and os.name == "posix", "Linux /proc")
-    def test_the_script_serves_as_an_imported_module_with_its_flags(self) -> None:
-        """The script hands over to an interpreter that imports it (its syntax tree freed), same PID."""
-        script = os.path.join(HERE, "llm_proxy.py")
-        full_env = clean_environment()
-        full_env.update(BASE_API_URL="http://127.0.0.1:9/v1", HOST="127.0.0.1", PORT=str(free_port()))
-        process = subprocess.Popen([sys.executable, "-X", "utf8", "-W", "error::ResourceWarning", script],
-                                   env=full_env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        try:
-            self.assertIn("listening", process.stdout.readline())
-            with open(f"/proc/{process.pid}/cmdline", "rb") as file:
-                argv = file.read().decode().split("\0")[:-1]
-            conn = http.client.HTTPConnection("127.0.0.1", int(full_env["PORT"]), timeout=WAIT)
-            conn.request("GET", "/health")
-            self.assertEqual(conn.getresponse().status, 200)
-            conn.close()
-        finally:
-            process.terminate()
-            process.communicate(timeout=WAIT)
-        comment, program = argv[argv.index("-c") + 1].split("\n", 1)
-        self.assertEqual(program, llm_proxy._IMPORT_AND_RUN)
-        if sys.version_info >= (3, 10):  # the command as typed, first in what ps shows
-            self.assertEqual(comment, f"# {sys.executable} -X utf8 -W error::ResourceWarning {script}")
-        self.assertEqual(argv[-2:], [os.path.realpath(script), script], "the file, then the original argv")
-        self.assertIn("-Xutf8", "".join(argv[1:argv.index("-c")]))
-        self.assertIn("-Werror::ResourceWarning", "".join(argv[1:argv.index("-c")]))
-
-    def test_arguments_and_program_name_survive_the_hand_over(self) -> None:
-        process = subprocess.run([sys.executable, os.path.join(HERE, "llm_proxy.py"), "--no-such-flag"],
-                                 env=clean_environment(), capture_output=True, text=True, timeout=WAIT)
-        self.assertEqual(process.returncode, 2)
-        self.assertTrue(process.stderr.startswith("usage: llm_proxy.py "), process.stderr)
-        self.assertIn("--no-such-flag", process.stderr)
-
-    def test_modules_in_the_working_directory_are_not_imported(self) -> None:
-        """As a script: its own folder comes first on sys.path, not the directory it was started in."""
-        with tempfile.TemporaryDirectory() as folder:
-            for name in ("json", "socket", "importlib"):
-                with open(os.path.join(folder, name + ".py"), "w") as file:
-                    file.write(f"raise SystemExit('{name}.py from the working directory was imported')\n")
-            process = subprocess.run([sys.executable, os.path.join(HERE, "llm_proxy.py"), "--version"],
-                                     cwd=folder, env=clean_environment(), capture_output=True,
-                                     text=True, timeout=WAIT)
-        self.assertEqual((process.returncode, process.stdout.strip(), process.stderr),
-                         (0, llm_proxy.__version__, ""))
-
-    @unittest.skipUnless(hasattr(os, "symlink") and os.name == "posix", "symbolic links")
-    def test_a_linked_script_looks_beside_the_file_not_the_link(self) -> None:
-        """As a script: sys.path[0] is the folder of the file the link points to."""
-        with tempfile.TemporaryDirectory() as folder:
-            with open(os.path.join(folder, "json.py"), "w") as file:
-                file.write("raise SystemExit('json.py beside the link was imported')\n")
-            link = os.path.join(folder, "proxy.py")
-            os.symlink(os.path.join(HERE, "llm_proxy.py"), link)
-            process = subprocess.run([sys.executable, link, "--version"], env=clean_environment(),
-                                     capture_output=True, text=True, timeout=WAIT)
-        self.assertEqual((process.returncode, process.stdout.strip(), process.stderr),
-                         (0, llm_proxy.__version__, ""))
-
-    @unittest.skipUnless(sys.platform.startswith("linux"), "a file name that is not UTF-8")
-    def test_a_script_whose_path_is_not_utf8_starts(self) -> None:
-        with tempfile.TemporaryDirectory() as folder:
-            odd = os.path.join(folder, os.fsdecode(b"caf\xe9"))
-            os.mkdir(odd)
-            shutil.copy(os.path.join(HERE, "llm_proxy.py"), odd)
-            process = subprocess.run([sys.executable, os.path.join(odd, "llm_proxy.py"), "--version"],
-                                     env=clean_environment(), capture_output=True, text=True,
-                                     timeout=WAIT)
-        self.assertEqual((process.returncode, process.stdout.strip(), process.stderr),
-                         (0, llm_proxy.__version__, ""))
-
-    @unittest.skipUnless(os.name == "posix", "the hand-over is POSIX only")
-    def test_when_the_hand_over_fails_the_script_serves_itself(self) -> None:
-        """An exec that fails returns to the caller, which then runs main() in this process."""
-        tried = []
-
-        def refuse(executable: str, argv: list) -> None:
-            tried.append((executable, argv))
-            raise PermissionError("exec refused")
-        with mock.patch.object(llm_proxy.os, "execv", refuse):
-            self.assertIsNone(llm_proxy.run_as_imported_module())
-        self.assertEqual(len(tried), 1)
-        self.assertEqual(tried[0][0], sys.executable)
-        program = tried[0][1][tried[0][1].index("-c") + 1]
-        self.assertTrue(program.startswith("# ") and program.endswith(llm_proxy._IMPORT_AND_RUN))
-
-    def test_an_argument_cannot_end_the_comment_that_names_the_command(self) -> None:
-        typed = ["llm_proxy.py", "x\nraise SystemExit(9)\r"]
-        with mock.patch.object(llm_proxy.sys, "argv", typed), \
-                mock.patch.object(llm_proxy.sys, "orig_argv", ["python3", *typed], create=True):
-            program = llm_proxy.handed_over_program()
-        comment, rest = program.split("\n", 1)
-        self.assertEqual(rest, llm_proxy._IMPORT_AND_RUN)
-        self.assertIn("x raise SystemExit(9)", comment)
-        self.assertNotIn("\r", comment)
-        compile(program, "<handed over>", "exec")  # and it is still a program
 
     def test_demo_mode_serves_a_reply_and_a_stream(self) -> None:
         port = free_port()
