@@ -306,6 +306,11 @@ class UpstreamFaultTests(AdversarialTestCase):
         finally:
             conn.close()
         self.assertEqual(len(self.upstream.peers), 1, "sequential requests share one pooled connection")
+        # (The stalled handler may still be ending: the wait above is met by it alone when no
+        # connection was pooled, and the requests then opened one.)
+        deadline = time.monotonic() + WAIT
+        while self.upstream.connection_count > 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
         self.assertLessEqual(self.upstream.connection_count, 1)
         deadline = time.monotonic() + WAIT
         while self.proxy.connection_count and time.monotonic() < deadline:
