@@ -1019,22 +1019,28 @@ def _file_stamp(info: os.stat_result) -> tuple:
 # Cost
 # --------------------------------------------------------------------------
 
-def _text_strings(value: object) -> Iterator[str]:
-    """Every string in a JSON value except under ``model`` keys, iteratively (no recursion limit)."""
-    stack = [value]
+def prompt_tokens(payload: dict) -> int:
+    """Every string in the request but the model at 4 characters a token, and every whole
+    number in a list as one token: a prompt may be sent as token ids.
+
+    Iterative, so that no nesting depth can exhaust the stack.
+    """
+    characters = strings = token_ids = 0
+    stack: list = [payload]
     while stack:
         item = stack.pop()
         if isinstance(item, str):
-            yield item
+            characters += len(item)
+            strings += 1
         elif isinstance(item, dict):
             stack.extend(v for k, v in item.items() if k != "model")
         elif isinstance(item, list):
-            stack.extend(item)
-
-
-def prompt_tokens(payload: dict) -> int:
-    """Every string in the request but the model, at 4 characters a token."""
-    return math.ceil(len(" ".join(_text_strings(payload))) / 4)
+            for element in item:
+                if type(element) is int:  # (not bool)
+                    token_ids += 1
+                else:
+                    stack.append(element)
+    return math.ceil((characters + max(0, strings - 1)) / 4) + token_ids  # strings joined by spaces
 
 
 def _count(value: object) -> int | None:
@@ -1193,17 +1199,6 @@ def parse_json(data: bytes) -> object:
     return json.loads(data)
 
 
-def json_object(body: bytes) -> dict:
-    """A request body that must be a JSON object; a 400 otherwise."""
-    try:
-        payload = parse_json(body)
-    except (ValueError, RecursionError):
-        payload = None
-    if not isinstance(payload, dict):
-        raise ProxyError(400, "request body must be a JSON object", code="invalid_json")
-    return payload
-
-
 def _json_or_none(data: bytes) -> object:
     if not data.startswith(b"{"):
         return None
@@ -1236,6 +1231,218 @@ SSE_DONE = b"data: [DONE]\n\n"
 
 
 # --------------------------------------------------------------------------
+# Request bodies: read once, checked, and forwarded as checked
+# --------------------------------------------------------------------------
+# A proxy that charges by one reading of a body and forwards bytes that the model server
+# reads another way can be made to charge for one request and serve another.  Parsers
+# disagree exactly where JSON is loose: Go's encoding/json (Ollama) matches keys without
+# regard to case ("MODEL" is "model", and so are the Kelvin sign and the long s), and of
+# two equal keys every parser keeps a different one.  So a body is parsed once, strictly:
+# valid UTF-8, no key twice in one object, no number JSON has no words for, and no other
+# spelling of a field the proxy reads; what is forwarded is that parse, serialised again.
+
+# Fields the proxy reads at the top of a body, and inside the objects named.
+READ_FIELDS = frozenset({
+    "model", "stream", "stream_options", "messages", "prompt", "input", "user", "metadata",
+    "options", "max_tokens", "max_completion_tokens", "max_output_tokens", "n_predict", "n",
+    "n_cmpl", "best_of", "background"})
+NESTED_READ_FIELDS = {"options": frozenset({"num_predict"}),
+                      "stream_options": frozenset({"include_usage"}),
+                      "metadata": frozenset({"user_id"})}
+
+
+def _folded(names: frozenset) -> dict[str, str]:
+    return {name.casefold(): name for name in names}
+
+
+_READ_FOLDED = _folded(READ_FIELDS)
+_NESTED_FOLDED = {name: _folded(inner) for name, inner in NESTED_READ_FIELDS.items()}
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """An object whose keys are all different; a key sent twice is refused, not resolved."""
+    value = dict(pairs)
+    if len(value) != len(pairs):
+        seen: set[str] = set()
+        twice = next(key for key, _ in pairs if key in seen or seen.add(key))  # type: ignore[func-returns-value]
+        raise ProxyError(400, f"the key '{twice[:100]}' appears twice in one object",
+                         param=twice[:100], code="duplicate_key")
+    return value
+
+
+def _finite_number(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ProxyError(400, "a number in the request body is too large", code="invalid_json")
+    return value
+
+
+def _no_constant(name: str) -> object:
+    raise ProxyError(400, f"'{name}' is not a JSON value", code="invalid_json")
+
+
+_STRICT_JSON = json.JSONDecoder(object_pairs_hook=_unique_keys, parse_float=_finite_number,
+                                parse_constant=_no_constant)
+
+
+def parse_body(body: bytes) -> object:
+    """A request body's JSON value, read strictly (see above); a 400 for anything else."""
+    try:
+        return _STRICT_JSON.decode(body.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ProxyError(400, "request body is not valid UTF-8", code="invalid_json") from None
+    except (ValueError, RecursionError):
+        raise ProxyError(400, "request body is not valid JSON", code="invalid_json") from None
+
+
+def check_spellings(payload: dict) -> None:
+    """Refuse a key that a case-blind parser would take for a field the proxy reads."""
+    _check_object(payload, _READ_FOLDED)
+    for name, folded in _NESTED_FOLDED.items():
+        inner = payload.get(name)
+        if isinstance(inner, dict):
+            _check_object(inner, folded)
+
+
+def _check_object(value: dict, folded: dict[str, str]) -> None:
+    for key in value:
+        field_name = folded.get(key.casefold())
+        if field_name is not None and field_name != key:
+            raise ProxyError(400, f"'{key[:100]}' is another spelling of '{field_name}'; send "
+                             f"'{field_name}' alone", param=key[:100], code="ambiguous_field")
+
+
+def request_object(body: bytes) -> dict:
+    """A body that must be a JSON object, read strictly; a 400 otherwise."""
+    payload = parse_body(body)
+    if not isinstance(payload, dict):
+        raise ProxyError(400, "request body must be a JSON object", code="invalid_json")
+    check_spellings(payload)
+    return payload
+
+
+def body_bytes(payload: object) -> bytes:
+    """The bytes forwarded for a checked body: the proxy's own parse, serialised again.
+
+    JSON may escape half of a surrogate pair (``"\\ud800"``), which is no text and cannot
+    be encoded as UTF-8; such a body is refused here, before anything is charged.
+    """
+    try:
+        return json_bytes(payload)
+    except UnicodeEncodeError:
+        raise ProxyError(400, "request body contains an unpaired surrogate escape, which is not text",
+                         code="invalid_json") from None
+
+
+def form_fields(body: bytes, content_type: str) -> list[tuple[str, str]] | None:
+    """The text fields of a form body (multipart or URL-encoded); None when it is not a form.
+
+    Only what is certain is returned: a part whose name cannot be read one way only
+    (an RFC 2231 ``name*``, odd quoting) is refused, since another parser could read it
+    as the model.
+    """
+    media, _, parameters = content_type.partition(";")
+    media = media.strip().lower()
+    if media == "application/x-www-form-urlencoded":
+        try:
+            return urllib.parse.parse_qsl(body.decode("ascii"), keep_blank_values=True,
+                                          strict_parsing=bool(body), errors="strict")
+        except (UnicodeDecodeError, ValueError):
+            raise ProxyError(400, "the form body cannot be read", code="invalid_form") from None
+    if media != "multipart/form-data":
+        return None
+    match = re.search(r'(?:^|;)\s*boundary=(?:"([^"]{1,70})"|([^\s;"]{1,70}))', parameters, re.IGNORECASE)
+    if match is None:
+        raise ProxyError(400, "a multipart body needs its boundary", code="invalid_form")
+    delimiter = b"--" + (match.group(1) or match.group(2)).encode("latin-1")
+    parts = body.split(b"\r\n" + delimiter)
+    if not parts[0].startswith(delimiter) or not parts[-1].startswith(b"--"):
+        raise ProxyError(400, "the multipart body is not complete", code="invalid_form")
+    fields = []
+    for index, part in enumerate(parts[:-1]):
+        part = part[len(delimiter):] if index == 0 else part
+        head, separator, value = part.partition(b"\r\n\r\n")
+        if not head.startswith(b"\r\n") or not separator:
+            raise ProxyError(400, "a part of the multipart body is malformed", code="invalid_form")
+        fields.append((_part_name(head.decode("latin-1")), value.decode("utf-8", "replace")))
+    return fields
+
+
+_PARAMETER = re.compile(r';\s*([!#$%&\'*+.^_`|~0-9A-Za-z-]+)\s*=\s*("[^"]*"|[^;\s"]*)\s*')
+
+
+def _part_name(head: str) -> str:
+    """The name in a form part's one Content-Disposition, which must be plain and said once."""
+    dispositions = [line.partition(":")[2] for line in head.split("\r\n")
+                    if line.lower().startswith("content-disposition:")]
+    if len(dispositions) != 1:
+        raise ProxyError(400, "a form part needs one Content-Disposition", code="invalid_form")
+    kind, _, parameters = dispositions[0].strip().partition(";")
+    found = _PARAMETER.findall(";" + parameters)
+    names = [value for key, value in found if key.lower() == "name"]
+    if (kind.strip().lower() != "form-data" or len(names) != 1 or "\\" in names[0]
+            or any(key.lower() == "name*" for key, _ in found)
+            or _PARAMETER.sub("", ";" + parameters).strip()):
+        raise ProxyError(400, "a form part's name cannot be read one way only", code="invalid_form")
+    return names[0].strip('"')
+
+
+def named_model(fields: Sequence[tuple[str, object]],
+                names: tuple[str, ...] = ("model",)) -> str | None:
+    """The model a body's fields name (once, spelled exactly), or None if they name none.
+
+    ``names`` are the fields a model may be named in: Ollama's older routes take ``name`` too.
+    """
+    named = [(key, value) for key, value in fields
+             if isinstance(key, str) and key.casefold() in names]
+    if not named:
+        return None
+    key, value = named[0]
+    if len(named) > 1 or key not in names or not isinstance(value, str):
+        raise ProxyError(400, "the request must name its model once, as 'model'", param="model",
+                         code="ambiguous_field")
+    return value
+
+
+class CheckedBody(NamedTuple):
+    """A request body as the proxy read it, and the bytes that go upstream in its place."""
+
+    forwarded: bytes        # a JSON body's parse serialised again; a form or other body as sent
+    payload: object = None  # the JSON value, when the body is JSON
+    model: str | None = None  # the model it names, if any
+
+
+NO_BODY = CheckedBody(b"")
+
+
+def check_body(body: bytes, content_type: str, model_fields: tuple[str, ...],
+               must_name_known: bool) -> CheckedBody:
+    """Read a body that is not a metered API's JSON object: JSON, a form, or anything else.
+
+    JSON is recognised by its media type or its first character, as model servers that
+    ignore Content-Type (llama.cpp) would read it.  A body that is neither JSON nor a
+    form cannot say which model it is for: with ``must_name_known`` (a key limited to
+    some models) it is refused, since the model server might still find a model in it.
+    """
+    if not body:
+        return NO_BODY
+    media = content_type.partition(";")[0].strip().lower()
+    fields = form_fields(body, content_type)
+    if fields is not None:
+        return CheckedBody(body, None, named_model(fields, model_fields))
+    if media == "application/json" or media.endswith("+json") or body.lstrip()[:1] in (b"{", b"["):
+        value = parse_body(body)
+        if isinstance(value, dict):
+            check_spellings(value)
+            return CheckedBody(body_bytes(value), value, named_model(list(value.items()), model_fields))
+        return CheckedBody(body_bytes(value), value, None)
+    if must_name_known:
+        raise ProxyError(415, f"This key may use only some models, and a {media or 'untyped'} "
+                         "body cannot show which one it asks for.", code="unsupported_media_type")
+    return CheckedBody(body)
+
+
+# --------------------------------------------------------------------------
 # Dialects: one class per API the model servers speak
 # --------------------------------------------------------------------------
 
@@ -1253,7 +1460,12 @@ class Dialect:
     routes: tuple[str, ...] = ()
     upstream_root = False           # forwarded under the upstream's root, not its /v1 base
     stream_default = False
+    # Fields that cap one answer's output, in any server of this API; the bounding one is
+    # obeyed by every server (see ``output_allowance``).
     allowance_fields: tuple[str, ...] = ()
+    bounding_field: str | None = None
+    # Fields that ask for several answers to one request (llama.cpp's n_cmpl, OpenAI's n ...).
+    answer_fields: tuple[str, ...] = ("n", "n_cmpl", "best_of")
     framing: Framing = SSE
     usage_marker = b'"usage"'         # bytes every event that reports usage contains
     flat_rate = False               # charged REQUEST_TOKEN_COST whatever the cost mode
@@ -1271,21 +1483,52 @@ class Dialect:
             raise ProxyError(400, "'stream' must be true or false", param="stream",
                              code="invalid_type")
         self.output_allowance(payload)  # a bad value is a 400 in every cost mode
+        self.answers(payload)
 
     def is_stream(self, payload: dict) -> bool:
         return payload.get("stream", self.stream_default) is True
 
     def output_allowance(self, payload: dict) -> int | None:
-        """The client's cap on output tokens, validated: a negative cap must not become a discount."""
+        """The most output tokens one answer may take, as any model server could read the request.
+
+        None means no bound: charged as RESPONSE_TOKEN_RESERVE.  Servers disagree on
+        which field caps the output (llama.cpp's ``n_predict`` overrides ``max_tokens``;
+        OpenAI and vLLM prefer ``max_completion_tokens``, which Ollama's OpenAI API does
+        not know), so the largest field set counts, and without the bounding field, which
+        every server obeys, the request may have no bound at all.  A negative cap is
+        llama.cpp's "no limit" where it means one (``n_predict``), a 400 elsewhere: never
+        a discount.
+        """
+        largest: int | None = None
         for name in self.allowance_fields:
             value = payload.get(name)
             if value is None:
                 continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            unbounded_below = -2 if name == "n_predict" else 0
+            if isinstance(value, bool) or not isinstance(value, int) or value < unbounded_below:
                 raise ProxyError(400, f"'{name}' must be a non-negative integer", param=name,
                                  code="invalid_value")
-            return value
-        return None
+            if value < 0:
+                return None
+            largest = value if largest is None else max(largest, value)
+        return largest if self.bounding_field in payload else None
+
+    def answers(self, payload: dict) -> int:
+        """How many answers one request asks for: each may take the whole output allowance."""
+        count = 1
+        for name in self.answer_fields:
+            value = payload.get(name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ProxyError(400, f"'{name}' must be a positive integer", param=name,
+                                 code="invalid_value")
+            count = max(count, value)
+        return count * self.prompts(payload)
+
+    def prompts(self, payload: dict) -> int:
+        """How many prompts the request carries (a batch answers each)."""
+        return 1
 
     def user_of(self, payload: dict) -> object:
         """The end user a request names in its body (OpenAI's ``user`` field)."""
@@ -1358,7 +1601,8 @@ class Dialect:
 class ChatCompletions(Dialect):
     name = "chat"
     routes = ("/v1/chat/completions",)
-    allowance_fields = ("max_completion_tokens", "max_tokens")
+    allowance_fields = ("max_completion_tokens", "max_tokens", "n_predict")
+    bounding_field = "max_tokens"
     usage_must_be_asked = True
     opens_with_role = True
     object_name, chunk_object, id_prefix = "chat.completion", "chat.completion.chunk", "chatcmpl-"
@@ -1419,13 +1663,20 @@ class ChatCompletions(Dialect):
 class TextCompletions(ChatCompletions):
     name = "text"
     routes = ("/v1/completions",)
-    allowance_fields = ("max_tokens",)
+    allowance_fields = ("max_tokens", "n_predict")
     object_name = chunk_object = "text_completion"
     id_prefix = "cmpl-"
     opens_with_role = False
 
     def validate(self, payload: dict) -> None:
         Dialect.validate(self, payload)
+
+    def prompts(self, payload: dict) -> int:
+        """A list of prompts is a batch, one answer each; a list of token ids is one prompt."""
+        prompt = payload.get("prompt")
+        if not isinstance(prompt, list):
+            return 1
+        return max(1, sum(1 for item in prompt if isinstance(item, (str, list))))
 
     @staticmethod
     def choice_text(choice: dict, chunk: bool) -> object:
@@ -1445,7 +1696,17 @@ class Responses(Dialect):
 
     name = "responses"
     routes = ("/v1/responses",)
-    allowance_fields = ("max_output_tokens",)
+    allowance_fields = ("max_output_tokens", "n_predict")
+    bounding_field = "max_output_tokens"
+
+    def validate(self, payload: dict) -> None:
+        """A background response answers "queued" and is fetched later, by a free GET, with
+        its usage: nothing of it could be metered, so it is refused."""
+        super().validate(payload)
+        if payload.get("background") not in (None, False):
+            raise ProxyError(400, "background responses are not available through this proxy; "
+                             "send the request without 'background'", param="background",
+                             code="unsupported_parameter")
 
     def usage_of(self, fields: dict[str, int]) -> Usage | None:
         if "input_tokens" not in fields and "output_tokens" not in fields:
@@ -1536,7 +1797,8 @@ class AnthropicMessages(Dialect):
     name = "messages"
     routes = ("/v1/messages",)
     error_event = "error"
-    allowance_fields = ("max_tokens",)
+    allowance_fields = ("max_tokens", "n_predict")
+    bounding_field = "max_tokens"
     ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
                    403: "permission_error", 404: "not_found_error", 413: "request_too_large",
                    429: "rate_limit_error", 503: "overloaded_error"}
@@ -1609,6 +1871,7 @@ class OllamaChat(Dialect):
     stream_default = True
     framing = NDJSON
     usage_marker = b'"eval_count"'
+    answer_fields = ()  # Go's decoder drops fields the API does not have
 
     def validate(self, payload: dict) -> None:
         super().validate(payload)
@@ -1623,7 +1886,8 @@ class OllamaChat(Dialect):
         if isinstance(value, bool) or not isinstance(value, int) or value < -2:
             raise ProxyError(400, "'options.num_predict' must be an integer", param="num_predict",
                              code="invalid_value")
-        return value if value >= 0 else None  # -1: no limit, -2: fill the context
+        return value if value > 0 else None  # -1: no limit, -2: fill the context, 0: older
+                                             # runners' "no limit"
 
     def usage_of(self, fields: dict[str, int]) -> Usage | None:
         if "eval_count" not in fields and "prompt_eval_count" not in fields:
@@ -1731,9 +1995,11 @@ METERED_ENDPOINTS = frozenset(dialect.name for dialect in DIALECTS + (OPENAI,))
 
 
 def estimate_tokens(payload: dict, reserve: int, dialect: Dialect = CHAT) -> int:
-    """ceil(prompt characters / 4) plus the output allowance (or the reserve), at least 1."""
+    """ceil(prompt characters / 4) plus the output allowance (or the reserve) for each answer
+    asked for, at least 1."""
     allowance = dialect.output_allowance(payload)
-    return max(1, prompt_tokens(payload) + (reserve if allowance is None else allowance))
+    per_answer = reserve if allowance is None else allowance
+    return max(1, prompt_tokens(payload) + per_answer * dialect.answers(payload))
 
 
 def window_costs(dialect: Dialect, payload: dict, config: Config, capacity: int,
@@ -1773,11 +2039,11 @@ def request_cost(dialect: Dialect, payload: dict, config: Config, capacity: int)
     if dialect.flat_rate or config.cost_mode == "request":
         return config.request_cost, 0
     prompt = prompt_tokens(payload)
-    allowance = dialect.output_allowance(payload)
     if config.cost_mode == "estimate":
-        return max(1, prompt + (config.response_reserve if allowance is None else allowance)), prompt
+        return estimate_tokens(payload, config.response_reserve, dialect), prompt
+    allowance = dialect.output_allowance(payload)
     reserve = config.response_reserve if allowance is None else min(allowance, config.response_reserve)
-    cost = max(1, prompt + reserve)
+    cost = max(1, prompt + reserve * dialect.answers(payload))
     return (cost if prompt > capacity else min(cost, capacity)), prompt
 
 
@@ -1881,6 +2147,9 @@ CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key", "proxy-authorizat
 KEY_HEADERS = CREDENTIAL_HEADERS[:3]  # those that carry an API key, in order of preference
 NOT_FORWARDED_UPSTREAM = HOP_BY_HOP | frozenset(CREDENTIAL_HEADERS) | {
     "host", "content-length", "expect", "accept-encoding"}
+# Open WebUI can send who its user is (X-OpenWebUI-User-Name, -Email, -Id, -Role, and the
+# chat's id): the proxy may read them, the model server (perhaps a paid API) has no need to.
+PERSONAL_HEADER_PREFIXES = ("x-openwebui-",)
 # The upstream's Server header would tell callers what software and version the
 # model server runs (nginx drops it too); the proxy names itself instead.
 PROXY_RESPONSE_HEADERS = frozenset({
@@ -2014,7 +2283,8 @@ def content_length(lengths: list[str], limit: int) -> int:
     return length
 
 
-def copied_headers(headers: Headers, excluded: frozenset) -> list[tuple[str, str]]:
+def copied_headers(headers: Headers, excluded: frozenset,
+                   excluded_prefixes: tuple[str, ...] = ()) -> list[tuple[str, str]]:
     """Headers passed from one side to the other, minus hop-by-hop ones and any named in Connection.
 
     Both sides' headers were read by ``read_headers``, so every value is already safe to write.
@@ -2023,7 +2293,7 @@ def copied_headers(headers: Headers, excluded: frozenset) -> list[tuple[str, str
     for value in headers.get_all("connection"):
         listed = listed | {token.strip().lower() for token in value.split(",")}
     return [(name, value) for lowered, name, value in zip(headers.lowered, headers.names, headers.values)
-            if lowered not in listed]
+            if lowered not in listed and not lowered.startswith(excluded_prefixes)]
 
 
 def bearer_token(authorization: str | None) -> str | None:
@@ -3474,22 +3744,18 @@ class Call:
             return Ticket(self.identity, self.policy.max_concurrent)
         return Ticket(self.identity, self.policy.max_concurrent, self.app[0], self.app[1].max_concurrent)
 
-    def upstream_body(self, body: bytes, payload: dict, stream: bool, prompt: int,
-                      config: Config) -> bytes:
-        """The body to forward: the client's own bytes unless something had to change.
+    def upstream_body(self, payload: dict, stream: bool, prompt: int, config: Config) -> bytes:
+        """The body to forward: the payload the proxy checked, serialised again.
 
         ``BASE_MODEL`` replaces the model; a meter is attached, and in usage mode a
         stream that reports usage only when asked is asked (the client not told).
         """
-        changed = False
-        if config.upstream_model and payload.get("model") != config.upstream_model:
+        if config.upstream_model:
             payload["model"] = config.upstream_model
-            changed = True
         usage_mode = config.cost_mode == "usage"
         hide = self.dialect.ask_for_usage(payload) if stream and usage_mode else None
         self.meter = Meter(self.dialect, prompt, hide_usage=bool(hide), counts_text=usage_mode)
-        changed = changed or hide is True
-        return json_bytes(payload) if changed else body
+        return body_bytes(payload)
 
     def check_reply(self, data: bytes) -> bytes:
         """A successful, non-streamed answer must be a JSON object; else it was no answer.
@@ -3570,6 +3836,14 @@ def limit_answer(dialect: Dialect, admission: Admission, model: str, stream: boo
 OLLAMA_FREE = {"/api/version": ("GET", "HEAD"), "/api/ps": ("GET", "HEAD"), "/api/show": ("POST",)}
 OLLAMA_MANAGEMENT = ("/api/pull", "/api/push", "/api/create", "/api/copy", "/api/delete",
                      "/api/blobs")
+OLLAMA_MODEL_FIELDS = ("model", "name")  # Ollama's older routes name the model "name"
+BODILESS_METHODS = ("GET", "HEAD", "DELETE")  # a body sent with these is read, never forwarded
+
+
+def model_fields(target: Target) -> tuple[str, ...]:
+    """The fields a request to ``target`` may name its model in."""
+    return OLLAMA_MODEL_FIELDS if target.path.lower().startswith("/api/") else ("model",)
+
 def is_free_call(method: str, path: str) -> bool:
     """Calls under /v1 that make no generation: reading, listing or deleting (a stored
     response, its input items, models ...), and counting a prompt's tokens.  Every other
@@ -3629,7 +3903,7 @@ class Relay:
         waiting is taken out of the queue and its request never sent.
         """
         server, call, client = self.server, self.call, self.client
-        headers = copied_headers(client.headers, call.not_forwarded())
+        headers = copied_headers(client.headers, call.not_forwarded(), PERSONAL_HEADER_PREFIXES)
         if server.config.upstream_key:
             headers.append(("Authorization", "Bearer " + server.config.upstream_key))
         if body or client.command in ("POST", "PUT", "PATCH"):
@@ -3980,9 +4254,12 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.call.identify_user(self.headers, {"user": named[0]} if named else None,
                                     self.server.wall_clock(), required=False)
             self.send_json(200, self.call.quota(self.server.buckets))
-        elif path in ("/v1/models", "/api/tags") and method in ("GET", "HEAD"):
+        elif path in ("/v1/models", "/api/tags", "/api/ps") and method in ("GET", "HEAD"):
             self.call.endpoint = "models"
-            self.handle_models(target, ollama=path == "/api/tags")
+            self.handle_models(target, ollama=path != "/v1/models")
+        elif path.startswith("/v1/models/") and method in ("GET", "HEAD"):
+            self.call.endpoint = "models"
+            self.handle_model(target, target.path[len("/v1/models/"):])
         elif path.startswith("/api/"):
             check_ollama_route(method, path)
             self.forward_free(target)
@@ -3992,21 +4269,40 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.handle_metered(OPENAI, target)
 
     def forward_free(self, target: Target) -> None:
+        """Forward a call that makes no generation, its body checked like any other.
+
+        A GET, HEAD or DELETE forwards no body: a model server that reads none on those
+        methods would take it for the next request on the pooled connection.
+        """
         self.call.endpoint = "free"
         body = self.read_body()
-        if body:
-            self.check_model(body)
-        self.forward(target, body)
+        checked = NO_BODY if self.command in BODILESS_METHODS else self.check_body(body, target)
+        self.require_models(checked.model, target)
+        self.forward(target, checked.forwarded)
 
-    def check_model(self, body: bytes) -> None:
-        """Enforce the key's model list on any JSON request that names a model (embeddings ...)."""
-        if self.call.policy.models is None:
+    def check_body(self, body: bytes, target: Target) -> CheckedBody:
+        """A body that is not a metered API's JSON object, read in whatever framing it has."""
+        policy = self.call.policy
+        checked = check_body(body, self.headers.get("Content-Type") or "", model_fields(target),
+                             policy.models is not None or policy.users is not None)
+        self.call.model = checked.model
+        return checked
+
+    def require_models(self, model: str | None, target: Target) -> None:
+        """Every model a request names, in its body or its query, must be on the caller's list.
+
+        (Go's form reading, Ollama's, takes a model from the query string too.)
+        """
+        policy = self.call.policy
+        if policy.models is None:
             return
-        payload = _json_or_none(body)
-        model = payload.get("model") if isinstance(payload, dict) else None
-        if isinstance(model, str):
-            self.call.model = model
-            self.call.policy.require(model)
+        if model is not None:
+            policy.require(model)
+        if target.query:
+            named = named_model(urllib.parse.parse_qsl(target.query, keep_blank_values=True),
+                                model_fields(target))
+            if named is not None:
+                policy.require(named)
 
     def parse_request(self) -> bool:
         """Parse the request line and headers; http.server's hook, made strict and cheap.
@@ -4115,52 +4411,66 @@ class ProxyHandler(BaseHTTPRequestHandler):
     # -- local answers -------------------------------------------------------
 
     def handle_models(self, target: Target, ollama: bool) -> None:
-        """BASE_MODEL is answered here; otherwise the upstream's list, cut to the key's models."""
+        """BASE_MODEL is answered here; otherwise the upstream's list (Ollama's installed or
+        running models), cut to the key's models."""
         base_model, policy = self.server.config.upstream_model, self.call.policy
-        if base_model:
+        self.read_body()  # (a body on a GET is never forwarded)
+        if base_model and target.path.lower() != "/api/ps":
             shown = [base_model] if policy.allows(base_model) else []
             self.send_json(200, ollama_tags(shown) if ollama else model_list(shown))
         elif policy.models is None:
-            self.forward(target, self.read_body())
+            self.forward(target, b"")
         else:
-            self.forward(target, self.read_body(),
-                         inspect=lambda data: visible_models(data, policy, ollama))
+            self.forward(target, b"", inspect=lambda data: visible_models(data, policy, ollama))
+
+    def handle_model(self, target: Target, model: str) -> None:
+        """One model's card: a model off the key's list does not exist for this key."""
+        self.read_body()
+        if not self.call.policy.allows(model):
+            raise ProxyError(404, f"The model '{model[:200]}' does not exist", code="model_not_found",
+                             param="model")
+        self.forward(target, b"")
 
     # -- metered calls -------------------------------------------------------
 
     def handle_metered(self, dialect: Dialect, target: Target) -> None:
-        """Charge before forwarding; a limit reply when the buckets cannot pay."""
+        """Charge before forwarding; a limit reply when the buckets cannot pay.
+
+        The body is read once: what is charged, checked and forwarded is the same parse.
+        """
         call, config = self.call, self.server.config
         call.dialect, call.endpoint = dialect, dialect.name
         body = self.read_body()
-        payload = json_object(body) if not dialect.flat_rate else None
-        if payload is None:  # a flat-rate call: forwarded as sent, its model still checked
-            self.check_model(body)
+        if dialect.flat_rate:  # forwarded as sent (a JSON body as parsed), its model still checked
+            checked = self.check_body(body, target)
+            payload = checked.payload if isinstance(checked.payload, dict) else None
         else:
+            payload = request_object(body)
             dialect.validate(payload)
             call.model = config.upstream_model or payload.get("model") or ""
-            call.policy.require(call.model)
-        if call.identify_user(self.headers, payload, self.server.wall_clock(), required=True) \
-                and payload is not None:
-            call.policy.require(call.model)
+        self.require_models(call.model if payload is not None else checked.model, target)
+        if call.identify_user(self.headers, payload, self.server.wall_clock(), required=True):
+            self.require_models(call.model if payload is not None else checked.model, target)
         payers = call.payers
         capacity = min((spec.capacity for _, specs in payers for spec in specs
                         if spec.unit != "requests"), default=1 << 62)  # what a reservation may fill
-        cost_of, prompt = window_costs(dialect, payload or {}, config, capacity, call.model or "")
+        metered = payload if not dialect.flat_rate else None
+        cost_of, prompt = window_costs(dialect, metered or {}, config, capacity, call.model or "")
+        stream = metered is not None and dialect.is_stream(metered)
+        forwarded = (checked.forwarded if metered is None
+                     else call.upstream_body(metered, stream, prompt, config))
         admission = self.server.buckets.charge_all(payers, cost_of)
-        stream = payload is not None and dialect.is_stream(payload)
-        if not admission.allowed:
+        if admission.allowed:  # from here on, whatever happens, the charge is closed (or refunded)
+            call.charge = Charge(self.server.buckets, payers, admission)
+        else:
             call.limited, call.stream = True, stream
-            headers, answer = limit_answer(dialect, admission, (payload or {}).get("model") or call.model
+            headers, answer = limit_answer(dialect, admission, (metered or {}).get("model") or call.model
                                            or "", stream, config.limit_response == "error",
-                                           dialect.usage_in_stream(payload or {}))
+                                           dialect.usage_in_stream(metered or {}))
             self.send_bytes(200, headers, answer)
             return
-        if payload is not None:
-            body = call.upstream_body(body, payload, stream, prompt, config)
-        call.charge = Charge(self.server.buckets, payers, admission)
         try:
-            self.forward(target, body, inspect=None if payload is None else call.check_reply)
+            self.forward(target, forwarded, inspect=None if metered is None else call.check_reply)
         finally:
             if call.deferred is None:
                 call.close_charge(config.cost_mode == "usage")
