@@ -1,0 +1,291 @@
+"""The forwarded body is the one the proxy checked (issue 18), over real sockets.
+
+A body is parsed once, strictly; what is charged, checked against the key's models
+and forwarded is that parse.  Every test here was an attack that worked: a field
+spelled so that the model server reads it and the proxy does not, an allowance
+the server reads in another field, a batch charged as one answer, a model named in
+a form, a body smuggled on a GET.  Run by ``python3 test_llm_proxy.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from unittest import mock
+
+import llm_proxy
+from test_llm_proxy import CLIENT_KEY, OTHER_KEY, FakeUpstreamHandler, ProxyTestCase, Response
+
+LIMITED = CLIENT_KEY  # may use the model "small" only
+OPEN = OTHER_KEY      # any model
+APP_KEY = "sk-app-with-users-0123456789"
+KEYS = {
+    LIMITED: {"name": "limited", "max_tokens": 100_000, "refill_tokens": 1, "models": ["small"]},
+    OPEN: {"name": "open", "max_tokens": 100_000, "refill_tokens": 1},
+    APP_KEY: {"name": "app", "max_tokens": 100_000, "refill_tokens": 1,
+              "users": {"from": "header", "header": "X-App-User", "max_tokens": 100_000,
+                        "overrides": {"kid": {"models": ["small"]}}}},
+}
+CHAT = {"model": "small", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def error_shape(path: str, body: dict) -> str:
+    """Which API's error envelope ``body`` is: each dialect answers in its own."""
+    if path.startswith("/v1/messages"):
+        return "anthropic" if body.get("type") == "error" and set(body["error"]) == {"type", "message"} else "?"
+    if path.startswith("/api/"):
+        return "ollama" if set(body) == {"error"} and isinstance(body["error"], str) else "?"
+    return "openai" if set(body.get("error", {})) == {"message", "type", "param", "code"} else "?"
+
+
+class OllamaUpstreamHandler(FakeUpstreamHandler):
+    """The fake upstream, with Ollama's list of running models."""
+
+    def do_GET(self) -> None:
+        if self.path == "/api/ps":
+            self.record(b"")
+            self.reply(200, {"models": [{"name": name, "model": name, "size": 1}
+                                        for name in ("small", "big")]})
+        else:
+            super().do_GET()
+
+
+class BodyTestCase(ProxyTestCase):
+    config_overrides = {"cost_mode": "estimate", "response_reserve": 256}
+    upstream_handler = OllamaUpstreamHandler
+
+    def setUp(self) -> None:
+        directory = tempfile.TemporaryDirectory()
+        self.addCleanup(directory.cleanup)
+        self.keys_path = os.path.join(directory.name, "keys.json")
+        with open(self.keys_path, "w") as file:
+            json.dump(KEYS, file)
+        self.config_overrides = dict(self.config_overrides, keys_file=self.keys_path)
+        super().setUp()
+
+    def post(self, path: str, body: bytes | dict, key: str = OPEN,
+             content_type: str = "application/json", headers: dict | None = None) -> Response:
+        data = json.dumps(body).encode() if isinstance(body, dict) else body
+        return self.request("POST", path, data, key=key,
+                            headers=dict(headers or {}, **{"Content-Type": content_type}))
+
+    def tokens_left(self, key: str = OPEN) -> int:
+        return self.request("GET", "/v1/quota", key=key).json()["buckets"][0]["tokens"]
+
+    def assert_refused(self, response: Response, path: str, status: int, key: str = OPEN,
+                       before: int = 100_000) -> None:
+        """Refused in the API's own shape, free, and never forwarded."""
+        self.assertEqual(response.status, status, response.body)
+        expected = "anthropic" if path.startswith("/v1/messages") else (
+            "ollama" if path.startswith("/api/") else "openai")
+        self.assertEqual(error_shape(path, response.json()), expected, response.body)
+        self.assertNotIn(b"Traceback", response.body)
+        self.assertEqual(self.upstream.requests, [])
+        self.assertEqual(self.tokens_left(key), before)
+
+
+class SpellingTests(BodyTestCase):
+    """Go's encoding/json (Ollama) reads keys without regard to case, Kelvin sign and long s
+    included; of two equal keys each parser keeps a different one.  Both are refused."""
+
+    ROUTES = {  # a valid body per API
+        "/v1/chat/completions": CHAT,
+        "/v1/messages": dict(CHAT, max_tokens=10),
+        "/api/chat": CHAT,
+        "/v1/completions": {"model": "small", "prompt": "hi"},
+        "/v1/responses": {"model": "small", "input": "hi"},
+    }
+    SPELLINGS = [  # (what is added to the body as raw JSON text, the field it hides)
+        ('"MODEL": "big"', "model"),
+        ('"Model": "big"', "model"),
+        ('"model": "big"', "model"),  # the same key twice
+        ('"max_to\\u212aens": 100000', "max_tokens"),  # Kelvin sign: Go folds it to "k"
+        ('"\\u017ftream": false', "stream"),             # long s: Go folds it to "s"
+        ('"STREAM_OPTIONS": {"include_usage": false}', "stream_options"),
+        ('"OPTIONS": {"num_predict": 100000}', "options"),
+        ('"options": {"num_predict": 5, "NUM_PREDICT": -1}', "num_predict"),
+        ('"N": 64', "n"),
+        ('"metadata": {"user_id": "a", "USER_ID": "b"}', "user_id"),
+    ]
+
+    def test_other_spellings_of_read_fields_are_refused_in_each_apis_shape(self) -> None:
+        for path, body in self.ROUTES.items():
+            for added, field_name in self.SPELLINGS:
+                with self.subTest(path=path, added=added):
+                    text = json.dumps(body)[:-1] + ", " + added + "}"
+                    response = self.post(path, text.encode(), key=LIMITED)
+                    self.assert_refused(response, path, 400, key=LIMITED)
+
+    def test_a_key_twice_anywhere_is_refused(self) -> None:
+        body = b'{"model": "small", "messages": [{"role": "user", "content": "a", "content": "b"}]}'
+        response = self.post("/v1/chat/completions", body)
+        self.assert_refused(response, "/v1/chat/completions", 400)
+        self.assertEqual(response.json()["error"]["code"], "duplicate_key")
+
+    def test_what_json_has_no_words_for_is_refused(self) -> None:
+        for body in (b'{"messages": [], "temperature": NaN}', b'{"messages": [], "top_p": 1e400}',
+                     b'{"messages": [{"role": "user", "content": "\\ud800"}]}',  # half a surrogate pair
+                     b'{"messages": [{"role": "user", "content": "\xed\xa0\x80"}]}',  # encoded as bytes
+                     b'\xef\xbb\xbf{"messages": []}'):
+            with self.subTest(body=body):
+                response = self.post("/v1/chat/completions", body)
+                self.assert_refused(response, "/v1/chat/completions", 400)
+        self.assert_still_serving()
+
+    def test_the_upstream_receives_exactly_what_was_checked(self) -> None:
+        self.post("/api/chat", b'  {"model": "small", "messages": [], "keep_alive": "5m",'
+                               b' "options": {"temperature": 0.5}}\n', key=LIMITED)
+        forwarded = self.upstream.requests[-1]["body"]
+        self.assertEqual(forwarded, b'{"model":"small","messages":[],"keep_alive":"5m",'
+                                    b'"options":{"temperature":0.5}}')
+
+
+class AllowanceTests(BodyTestCase):
+    """Every field that caps or multiplies the work is charged, in every dialect."""
+
+    CASES = [  # (path, extra fields, answers x allowance each, or None for the reserve)
+        ("/v1/chat/completions", {"max_tokens": 10}, 10),
+        ("/v1/chat/completions", {"max_tokens": 10, "n_predict": 900}, 900),  # llama.cpp's wins
+        ("/v1/chat/completions", {"max_tokens": 10, "n_predict": -1}, None),  # "no limit"
+        ("/v1/chat/completions", {"max_tokens": 10, "max_completion_tokens": 30}, 30),
+        ("/v1/chat/completions", {"max_completion_tokens": 10}, None),  # Ollama ignores it
+        ("/v1/chat/completions", {"max_tokens": 10, "n": 4}, 40),
+        ("/v1/chat/completions", {"max_tokens": 10, "n_cmpl": 6}, 60),
+        ("/v1/completions", {"max_tokens": 10, "best_of": 5, "n": 2}, 50),
+        ("/v1/completions", {"max_tokens": 10, "prompt": ["a", "b", "c"]}, 30),  # a batch
+        ("/v1/completions", {"max_tokens": 10, "prompt": [[1, 2], [3, 4]]}, 20),
+        ("/v1/responses", {"max_output_tokens": 10, "n_predict": 70}, 70),
+        ("/v1/messages", {"max_tokens": 10, "n_predict": 80}, 80),
+        ("/api/chat", {"options": {"num_predict": 10}}, 10),
+        ("/api/chat", {"options": {"num_predict": 0}}, None),  # older runners: no limit
+        ("/api/chat", {"options": {"num_predict": -2}}, None),
+    ]
+
+    def test_every_allowance_and_multiplier_is_charged(self) -> None:
+        for path, extra, output in self.CASES:
+            with self.subTest(path=path, extra=extra):
+                body = dict(CHAT, **extra)
+                if path in ("/v1/completions", "/v1/responses"):
+                    body = {"model": "small", "prompt": "hi", **extra} if path == "/v1/completions" \
+                        else {"model": "small", "input": "hi", **extra}
+                before = self.tokens_left()
+                response = self.post(path, body)
+                self.assertEqual(response.status, 200, response.body)
+                expected = llm_proxy.prompt_tokens(body) + (256 if output is None else output)
+                self.assertEqual(before - self.tokens_left(), expected)
+
+    def test_a_token_id_is_a_token(self) -> None:
+        body = {"model": "small", "prompt": list(range(8000)), "max_tokens": 1}
+        before = self.tokens_left()
+        self.post("/v1/completions", body)
+        self.assertEqual(before - self.tokens_left(), 8000 + 1)
+
+    def test_bad_multipliers_are_refused(self) -> None:
+        for value in (0, -1, 1.5, "2", True):
+            with self.subTest(value=value):
+                self.assert_refused(self.post("/v1/chat/completions", dict(CHAT, n=value)),
+                                    "/v1/chat/completions", 400)
+
+    def test_background_responses_are_refused(self) -> None:
+        response = self.post("/v1/responses", {"model": "small", "input": "hi", "background": True})
+        self.assert_refused(response, "/v1/responses", 400)
+        self.assertEqual(response.json()["error"]["param"], "background")
+
+
+MULTIPART = (b'--XyZ\r\nContent-Disposition: form-data; name="model"\r\n\r\n%s\r\n'
+             b'--XyZ\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n'
+             b'Content-Type: audio/wav\r\n\r\nRIFF\x00\x01\r\n--XyZ--\r\n')
+FORM = "multipart/form-data; boundary=XyZ"
+
+
+class ModelListTests(BodyTestCase):
+    """A key's model list holds for every body it sends, whatever its framing."""
+
+    def test_a_model_off_the_list_is_refused_in_any_framing(self) -> None:
+        cases = [
+            ("/v1/audio/transcriptions", MULTIPART % b"big", FORM),
+            ("/v1/audio/transcriptions", MULTIPART.replace(b'name="model"', b'name=model') % b"big", FORM),
+            ("/v1/images/generations", b' \n{"model": "big", "prompt": "a cat"}', "application/json"),
+            ("/v1/images/generations", b'{"model": "big"}', "text/plain"),  # llama.cpp reads it anyway
+            ("/v1/rerank", b"model=big&query=x", "application/x-www-form-urlencoded"),
+            ("/v1/messages/count_tokens", b'{"model": "big", "messages": []}', "application/json"),
+            ("/api/show", b'{"name": "big"}', "application/json"),
+            ("/v1/audio/transcriptions?model=big", MULTIPART % b"small", FORM),  # Go's FormValue
+        ]
+        for path, body, content_type in cases:
+            with self.subTest(path=path, body=body[:40]):
+                response = self.post(path, body, key=LIMITED, content_type=content_type)
+                self.assert_refused(response, path, 403, key=LIMITED)
+
+    def test_a_body_that_names_its_model_two_ways_or_cannot_show_it_is_refused(self) -> None:
+        cases = [
+            (MULTIPART.replace(b'name="model"', b'name="MODEL"') % b"big", FORM, 400),
+            (MULTIPART.replace(b'name="file"', b'name="model"') % b"small", FORM, 400),
+            (MULTIPART.replace(b'name="model"', b"name*=utf-8''model") % b"big", FORM, 400),
+            (MULTIPART % b"small", "multipart/form-data", 400),  # no boundary
+            (b"RIFF\x00\x01 raw audio", "audio/wav", 415),
+        ]
+        for body, content_type, status in cases:
+            with self.subTest(body=body[:50], content_type=content_type):
+                response = self.post("/v1/audio/transcriptions", body, key=LIMITED,
+                                     content_type=content_type)
+                self.assert_refused(response, "/v1/audio/transcriptions", status, key=LIMITED)
+
+    def test_allowed_forms_are_forwarded_as_sent(self) -> None:
+        body = MULTIPART % b"small"
+        response = self.post("/v1/audio/transcriptions", body, key=LIMITED, content_type=FORM)
+        self.assertEqual(response.status, 200, response.body)
+        self.assertEqual(self.upstream.requests[-1]["body"], body)
+        raw = b"RIFF\x00\x01 raw audio"  # a key without a model list: nothing to check
+        self.post("/v1/audio/transcriptions", raw, key=OPEN, content_type="audio/wav")
+        self.assertEqual(self.upstream.requests[-1]["body"], raw)
+
+    def test_a_users_own_model_list_holds_on_flat_rate_calls(self) -> None:
+        response = self.post("/v1/images/generations", {"model": "big", "prompt": "a cat"},
+                             key=APP_KEY, headers={"X-App-User": "kid"})
+        self.assertEqual(response.status, 403, response.body)
+        self.assertEqual(self.upstream.requests, [])
+        response = self.post("/v1/images/generations", {"model": "big", "prompt": "a cat"},
+                             key=APP_KEY, headers={"X-App-User": "parent"})
+        self.assertEqual(response.status, 200, response.body)
+
+    def test_model_cards_and_running_models_are_cut_to_the_list(self) -> None:
+        missing = self.request("GET", "/v1/models/big", key=LIMITED)
+        self.assertEqual(missing.status, 404)
+        self.assertEqual(missing.json()["error"]["code"], "model_not_found")
+        self.assertEqual(self.upstream.requests, [])
+        self.request("GET", "/v1/models/small", key=LIMITED)
+        self.assertEqual(self.upstream.requests[-1]["path"], "/v1/models/small")
+        running = self.request("GET", "/api/ps", key=LIMITED)
+        self.assertEqual(running.status, 200)
+        self.assertEqual([model["name"] for model in running.json()["models"]], ["small"])
+        everything = self.request("GET", "/api/ps", key=OPEN)
+        self.assertEqual([model["name"] for model in everything.json()["models"]], ["small", "big"])
+
+
+class ForwardingTests(BodyTestCase):
+    def test_a_body_on_a_get_is_never_forwarded(self) -> None:
+        smuggled = json.dumps(dict(CHAT, model="big")).encode()
+        request = (b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + OPEN.encode()
+                   + b"\r\nContent-Length: %d\r\n\r\n" % len(smuggled) + smuggled)
+        answer = self.raw(request + b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        self.assertEqual(answer.count(b"HTTP/1.1 200"), 2, answer[:300])
+        self.assertEqual([(r["method"], r["body"]) for r in self.upstream.requests], [("GET", b"")])
+        self.assertNotIn("Content-Length", self.upstream.requests[0]["headers"])
+
+    def test_open_webui_personal_headers_stay_here(self) -> None:
+        self.post("/v1/chat/completions", CHAT, headers={
+            "X-OpenWebUI-User-Email": "kid@home.lan", "X-OpenWebUI-User-Name": "Kid",
+            "X-OpenWebUI-Chat-Id": "c1", "X-Other": "kept"})
+        sent = {name.lower() for name in self.upstream.requests[-1]["headers"]}
+        self.assertFalse({name for name in sent if name.startswith("x-openwebui-")})
+        self.assertIn("x-other", sent)
+
+    def test_an_internal_error_after_the_charge_refunds_it(self) -> None:
+        with mock.patch.object(llm_proxy.UpstreamExchange, "send", side_effect=RuntimeError("bug")):
+            response = self.post("/v1/chat/completions", CHAT)
+        self.assertEqual(response.status, 500)
+        self.assertNotIn(b"Traceback", response.body)
+        self.assertEqual(self.tokens_left(), 100_000)
+        self.assert_still_serving()
