@@ -1015,6 +1015,44 @@ def _file_stamp(info: os.stat_result) -> tuple:
     return (info.st_ino, info.st_size, info.st_mtime_ns)
 
 
+class StoredAnswers:
+    """Which key made each stored answer the proxy relayed, so that only it may read it again.
+
+    A server that stores answers (OpenAI keeps responses by default) serves them to
+    anyone with the upstream key and the id: through the proxy, that is every key.  So a
+    stored answer, or a conversation continued from one (``previous_response_id``), is
+    found only by the key whose request made it; an id the proxy never relayed (made
+    elsewhere, or forgotten after ``limit`` newer ones) is found by nobody.  Users of one
+    app key share its answers: the app, not the proxy, keeps them apart.
+    """
+
+    def __init__(self, limit: int = 20_000) -> None:
+        self.limit = limit
+        self._owners: OrderedDict[str, str] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def record(self, answer_id: str, owner: str) -> None:
+        with self._lock:
+            self._owners[answer_id] = owner
+            self._owners.move_to_end(answer_id)
+            while len(self._owners) > self.limit:
+                self._owners.popitem(last=False)
+
+    def owned_by(self, answer_id: str, owner: str) -> bool:
+        with self._lock:
+            return self._owners.get(answer_id) == owner
+
+    def dump(self) -> dict[str, str]:
+        with self._lock:
+            return dict(self._owners)
+
+    def load(self, saved: dict) -> None:
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in saved.items()):
+            raise ValueError("unexpected stored-answer entry")
+        for answer_id, owner in saved.items():
+            self.record(answer_id, owner)
+
+
 # --------------------------------------------------------------------------
 # Cost
 # --------------------------------------------------------------------------
@@ -1073,7 +1111,7 @@ class Meter:
     """
 
     __slots__ = ("dialect", "prompt_estimate", "hide_usage", "counts_text", "usage_fields",
-                 "characters", "final")
+                 "characters", "final", "object_id")
 
     def __init__(self, dialect: Dialect, prompt_estimate: int, hide_usage: bool = False,
                  counts_text: bool = True) -> None:
@@ -1084,6 +1122,7 @@ class Meter:
         self.usage_fields: dict[str, int] = {}
         self.characters = 0
         self.final = False  # the usage seen is the answer's last word (not, say, message_start's)
+        self.object_id: str | None = None  # a stored answer's id (a response, a completion)
 
     def report(self, counts: dict) -> None:
         """Record counts from the upstream; later reports of a field replace earlier ones."""
@@ -1245,7 +1284,7 @@ SSE_DONE = b"data: [DONE]\n\n"
 READ_FIELDS = frozenset({
     "model", "stream", "stream_options", "messages", "prompt", "input", "user", "metadata",
     "options", "max_tokens", "max_completion_tokens", "max_output_tokens", "n_predict", "n",
-    "n_cmpl", "best_of", "background"})
+    "n_cmpl", "best_of", "background", "previous_response_id"})
 NESTED_READ_FIELDS = {"options": frozenset({"num_predict"}),
                       "stream_options": frozenset({"include_usage"}),
                       "metadata": frozenset({"user_id"})}
@@ -1466,6 +1505,9 @@ class Dialect:
     bounding_field: str | None = None
     # Fields that ask for several answers to one request (llama.cpp's n_cmpl, OpenAI's n ...).
     answer_fields: tuple[str, ...] = ("n", "n_cmpl", "best_of")
+    # Where a server that stores this API's answers (OpenAI does) serves them again by id:
+    # GET /v1/responses/{id}.  Only the key that made an answer may ask for it.
+    stored_under: str | None = None
     framing: Framing = SSE
     usage_marker = b'"usage"'         # bytes every event that reports usage contains
     flat_rate = False               # charged REQUEST_TOKEN_COST whatever the cost mode
@@ -1566,10 +1608,12 @@ class Dialect:
         return Usage(min(prompt, total), total - min(prompt, total))
 
     def read_reply(self, reply: dict, meter: Meter) -> None:
-        """Take the usage from a whole, non-streamed answer."""
+        """Take the usage from a whole, non-streamed answer, and the id it may be stored under."""
         usage = reply.get("usage")
         if isinstance(usage, dict):
             meter.report(usage)
+        if self.stored_under is not None and isinstance(reply.get("id"), str):
+            meter.object_id = reply["id"]
 
     def observe(self, event: dict, meter: Meter) -> bool:
         """Read one streamed event; False hides it from the client."""
@@ -1604,6 +1648,7 @@ class ChatCompletions(Dialect):
     allowance_fields = ("max_completion_tokens", "max_tokens", "n_predict")
     bounding_field = "max_tokens"
     usage_must_be_asked = True
+    stored_under = "/v1/chat/completions/"
     opens_with_role = True
     object_name, chunk_object, id_prefix = "chat.completion", "chat.completion.chunk", "chatcmpl-"
 
@@ -1623,6 +1668,8 @@ class ChatCompletions(Dialect):
             return True
         meter.report(usage)
         meter.final = True  # sent once, after the last choice
+        if self.stored_under is not None and isinstance(event.get("id"), str):
+            meter.object_id = event["id"]
         return not (meter.hide_usage and not choices)
 
     @staticmethod
@@ -1667,6 +1714,7 @@ class TextCompletions(ChatCompletions):
     object_name = chunk_object = "text_completion"
     id_prefix = "cmpl-"
     opens_with_role = False
+    stored_under = None
 
     def validate(self, payload: dict) -> None:
         Dialect.validate(self, payload)
@@ -1698,6 +1746,7 @@ class Responses(Dialect):
     routes = ("/v1/responses",)
     allowance_fields = ("max_output_tokens", "n_predict")
     bounding_field = "max_output_tokens"
+    stored_under = "/v1/responses/"
 
     def validate(self, payload: dict) -> None:
         """A background response answers "queued" and is fetched later, by a free GET, with
@@ -3732,6 +3781,11 @@ class Call:
         return NOT_FORWARDED_UPSTREAM | {users.header.lower()}
 
     @property
+    def owner(self) -> str:
+        """The key the request came with (an app's, for its users): what owns stored answers."""
+        return self.app[0] if self.app is not None else self.identity
+
+    @property
     def payers(self) -> tuple[tuple[str, Sequence[BucketSpec]], ...]:
         assert self.policy is not None
         mine = (self.identity, self.policy.buckets)
@@ -3838,6 +3892,20 @@ OLLAMA_MANAGEMENT = ("/api/pull", "/api/push", "/api/create", "/api/copy", "/api
                      "/api/blobs")
 OLLAMA_MODEL_FIELDS = ("model", "name")  # Ollama's older routes name the model "name"
 BODILESS_METHODS = ("GET", "HEAD", "DELETE")  # a body sent with these is read, never forwarded
+
+
+STORED_ANSWER_PATHS = tuple(d.stored_under for d in DIALECTS if d.stored_under is not None)
+NOT_ANSWER_IDS = ("compact", "input_tokens")  # POST /v1/responses/compact runs the model
+
+
+def stored_answer_id(target: Target) -> str | None:
+    """The id of the stored answer a path asks for (/v1/responses/{id}/...), or None."""
+    lowered = target.path.lower()
+    for prefix in STORED_ANSWER_PATHS:
+        if lowered.startswith(prefix):
+            answer_id = target.path[len(prefix):].partition("/")[0]
+            return None if answer_id.lower() in NOT_ANSWER_IDS else answer_id
+    return None
 
 
 def model_fields(target: Target) -> tuple[str, ...]:
@@ -4218,6 +4286,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def end_request(self) -> None:
         self.server.request_arrived(self.connection)
+        meter = self.call.meter
+        if meter is not None and meter.object_id is not None and self.call.served:
+            self.server.stored.record(meter.object_id, self.call.owner)
         self.log_outcome()
 
     def route(self) -> None:
@@ -4242,6 +4313,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
             raise ProxyError(404, f"Unknown path {target.path}; the API lives under /v1",
                              code="not_found")
         self.authenticate()
+        answer_id = stored_answer_id(target)
+        if answer_id is not None:
+            self.require_own_answer(answer_id)
         method = self.command
         dialect = METERED.get(path)
         if dialect is not None:
@@ -4287,6 +4361,12 @@ class ProxyHandler(BaseHTTPRequestHandler):
                              policy.models is not None or policy.users is not None)
         self.call.model = checked.model
         return checked
+
+    def require_own_answer(self, answer_id: object) -> None:
+        """A stored answer exists for the key that made it alone (see ``StoredAnswers``)."""
+        if not (isinstance(answer_id, str) and self.server.stored.owned_by(answer_id, self.call.owner)):
+            raise ProxyError(404, f"No stored answer with the id '{str(answer_id)[:100]}' was made "
+                             "with this key.", code="not_found")
 
     def require_models(self, model: str | None, target: Target) -> None:
         """Every model a request names, in its body or its query, must be on the caller's list.
@@ -4447,6 +4527,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         else:
             payload = request_object(body)
             dialect.validate(payload)
+            if payload.get("previous_response_id") is not None:  # a conversation goes on from it
+                self.require_own_answer(payload["previous_response_id"])
             call.model = config.upstream_model or payload.get("model") or ""
         self.require_models(call.model if payload is not None else checked.model, target)
         if call.identify_user(self.headers, payload, self.server.wall_clock(), required=True):
@@ -5330,6 +5412,7 @@ class ProxyServer(TrackedServer):
         self.keyring = KeyRing(config)
         self.buckets = BucketStore(clock, wall_clock)
         self.usage = UsageBook()
+        self.stored = StoredAnswers()
         self.metrics = Metrics()
         self.upstream_state = UpstreamState()
         self.admin = AdminView(self)
@@ -5446,7 +5529,8 @@ class ProxyServer(TrackedServer):
         path = self.config.state_file
         assert path is not None
         state = {"version": 1, "saved_at": self.wall_clock(),
-                 "buckets": self.buckets.dump(self.wall_clock), "usage": self.usage.dump()}
+                 "buckets": self.buckets.dump(self.wall_clock), "usage": self.usage.dump(),
+                 "stored_answers": self.stored.dump()}
         try:
             write_atomically(path, json_bytes(state))
         except OSError as error:
@@ -5462,6 +5546,7 @@ class ProxyServer(TrackedServer):
                 raise ValueError("unknown version")
             self.buckets.load(state["buckets"], self.wall_clock)
             self.usage.load(state.get("usage", {}))
+            self.stored.load(state.get("stored_answers", {}))
         except FileNotFoundError:
             log.info("STATE_FILE %s: not found; every bucket starts full", path)
         except (OSError, ValueError, ArithmeticError, RecursionError, KeyError, TypeError,

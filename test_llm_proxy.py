@@ -241,7 +241,8 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
             if options.get("include_usage") and self.usage() is not None:
                 usage = {"prompt_tokens": 3, "completion_tokens": self.usage() - 3,
                          "total_tokens": self.usage()}
-                self.chunk(b"data: " + json.dumps({"choices": [], "usage": usage}).encode() + b"\n\n")
+                self.chunk(b"data: " + json.dumps({"id": "chatcmpl-up", "choices": [], "usage": usage}
+                                                  ).encode() + b"\n\n")
             if behaviour == "hold-before-done":  # as llama-server can: the client leaves first
                 self.server.closed_early.set() if self.wait_for_hang_up() else None
                 self.close_connection = True
@@ -1187,7 +1188,7 @@ class UsageModeTests(ProxyTestCase):
         response = self.chat(max_tokens=20, stream=True, stream_options={"include_usage": True},
                              headers={"X-Usage": "12"})
         usage_events = [e for e in response.events()[:-1] if "usage" in e]
-        self.assertEqual(usage_events, [{"choices": [], "usage": {
+        self.assertEqual(usage_events, [{"id": "chatcmpl-up", "choices": [], "usage": {
             "prompt_tokens": 3, "completion_tokens": 9, "total_tokens": 12}}])
 
     def test_client_leaving_mid_stream_pays_for_what_was_generated(self) -> None:

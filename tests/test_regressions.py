@@ -241,14 +241,16 @@ class ReviewFindingTests(ProxyTestCase):
     config_overrides = {"client_keys": (CLIENT_KEY,), "max_tokens": 1, "refill_tokens": 1}
 
     def test_only_reading_and_counting_calls_are_free(self) -> None:
-        self.chat()  # the bucket is empty from here on
-        charged = [("POST", "/v1/responses/compact"), ("POST", "/v1/responses/resp_1/cancel"),
-                   ("PUT", "/v1/responses/x"), ("POST", "/v1/messages/count_tokens_x")]
+        # A stored response of this key's (the fake answers every POST with id "chatcmpl-up");
+        # the bucket is empty from here on
+        self.request("POST", "/v1/responses", {"model": "m", "input": "x"})
+        stored = "/v1/responses/chatcmpl-up"
+        charged = [("POST", "/v1/responses/compact"), ("POST", stored + "/cancel"),
+                   ("PUT", stored), ("POST", "/v1/messages/count_tokens_x")]
         for method, path in charged:
             with self.subTest(path=path):
                 self.assertEqual(self.request(method, path, {"model": "m"}).status, 429)
-        free = [("GET", "/v1/responses/resp_1"), ("DELETE", "/v1/responses/resp_1"),
-                ("GET", "/v1/responses/resp_1/input_items"),
+        free = [("GET", stored), ("DELETE", stored), ("GET", stored + "/input_items"),
                 ("POST", "/v1/messages/count_tokens")]
         for method, path in free:
             with self.subTest(path=path):

@@ -289,3 +289,47 @@ class ForwardingTests(BodyTestCase):
         self.assertNotIn(b"Traceback", response.body)
         self.assertEqual(self.tokens_left(), 100_000)
         self.assert_still_serving()
+
+
+class StoredAnswerTests(BodyTestCase):
+    """A stored answer (OpenAI keeps responses) is read, continued or deleted only by its key."""
+
+    STORED = "/v1/responses/chatcmpl-up"  # the fake upstream's answer id
+
+    def forwarded_paths(self) -> list[str]:
+        return [request["path"] for request in self.upstream.requests]
+
+    def test_only_the_key_that_made_an_answer_reaches_it(self) -> None:
+        self.post("/v1/responses", {"model": "small", "input": "hi"}, key=OPEN)
+        for method in ("GET", "DELETE"):
+            with self.subTest(method=method):
+                refused = self.request(method, self.STORED, key=LIMITED)
+                self.assertEqual(refused.status, 404)
+                self.assertEqual(refused.json()["error"]["code"], "not_found")
+        continued = self.post("/v1/responses", {"model": "small", "input": "go on",
+                                                 "previous_response_id": "chatcmpl-up"}, key=LIMITED)
+        self.assertEqual(continued.status, 404)
+        self.assertEqual(self.forwarded_paths(), ["/v1/responses"])
+        self.assertEqual(self.tokens_left(LIMITED), 100_000)
+        self.request("GET", self.STORED + "/input_items", key=OPEN)
+        self.post("/v1/responses", {"model": "small", "input": "go on",
+                                    "previous_response_id": "chatcmpl-up"}, key=OPEN)
+        self.assertEqual(self.forwarded_paths()[1:], [self.STORED + "/input_items", "/v1/responses"])
+
+    def test_an_id_the_proxy_never_relayed_is_found_by_nobody(self) -> None:
+        self.assertEqual(self.request("GET", "/v1/responses/resp_elsewhere", key=OPEN).status, 404)
+        self.assertEqual(self.request("GET", "/v1/chat/completions/chatcmpl-x", key=OPEN).status, 404)
+        self.assertEqual(self.upstream.requests, [])
+
+    def test_a_streamed_completion_is_stored_for_its_key_and_survives_a_restart(self) -> None:
+        directory = tempfile.TemporaryDirectory()
+        self.addCleanup(directory.cleanup)
+        state = os.path.join(directory.name, "state.json")
+        self.start_proxy(**dict(self.config_overrides, state_file=state))
+        response = self.post("/v1/chat/completions", dict(CHAT, stream=True,
+                                                          stream_options={"include_usage": True}))
+        answer_id = response.events()[-2]["id"]  # the usage event's, as every chunk's
+        self.start_proxy(**dict(self.config_overrides, state_file=state))  # saves, then restores
+        self.assertEqual(self.request("GET", f"/v1/chat/completions/{answer_id}", key=LIMITED).status, 404)
+        self.request("GET", f"/v1/chat/completions/{answer_id}", key=OPEN)
+        self.assertEqual(self.forwarded_paths()[-1], f"/v1/chat/completions/{answer_id}")
