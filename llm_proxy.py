@@ -1138,12 +1138,14 @@ class Meter:
     def used(self, finished: bool) -> int | None:
         """What to settle to: the reported usage, else for a cut-short answer prompt + text / 4.
 
-        None means keep the reservation (a finished answer that reported nothing).
+        None means keep the reservation (a finished answer that reported nothing and
+        whose text was not counted).  A stream that ended without its usage (a server
+        that ignores ``stream_options``) settles by its text, however long it was.
         """
         usage = self.reported
         if usage is not None and self.final:
             return usage.total  # the answer's last word: a hang-up after it changes nothing
-        if finished and usage is None:
+        if finished and usage is None and not self.characters:
             return None
         # Cut short, or ended without its final usage: what was reported so far may be
         # partial (Anthropic's message_start says output 0), so the streamed text counts too.

@@ -187,6 +187,15 @@ class AllowanceTests(BodyTestCase):
                 self.assert_refused(self.post("/v1/chat/completions", dict(CHAT, n=value)),
                                     "/v1/chat/completions", 400)
 
+    def test_a_stream_that_ends_without_its_usage_pays_for_its_text(self) -> None:
+        """A server that ignores stream_options reports nothing: the text relayed is the measure,
+        not the small reservation."""
+        self.start_proxy(**dict(self.config_overrides, cost_mode="usage"))
+        body = dict(CHAT, stream=True, max_tokens=10)
+        response = self.post("/v1/chat/completions", body, headers={"X-Usage": "none", "X-Fake": "big-stream"})
+        text = "".join(event["choices"][0]["delta"]["content"] for event in response.events()[:-1])
+        self.assertEqual(100_000 - self.tokens_left(), llm_proxy.prompt_tokens(body) + -(-len(text) // 4))
+
     def test_background_responses_are_refused(self) -> None:
         response = self.post("/v1/responses", {"model": "small", "input": "hi", "background": True})
         self.assert_refused(response, "/v1/responses", 400)
