@@ -1070,14 +1070,12 @@ def prompt_tokens(payload: dict) -> int:
         if isinstance(item, str):
             characters += len(item)
             strings += 1
-        elif isinstance(item, dict):
-            stack.extend(v for k, v in item.items() if k != "model")
+        elif isinstance(item, dict):  # (its numbers are settings, not token ids)
+            stack.extend(v for k, v in item.items() if k != "model" and type(v) is not int)
         elif isinstance(item, list):
-            for element in item:
-                if type(element) is int:  # (not bool)
-                    token_ids += 1
-                else:
-                    stack.append(element)
+            stack.extend(item)
+        elif type(item) is int:  # a whole number from a list (not a bool): a token id
+            token_ids += 1
     return math.ceil((characters + max(0, strings - 1)) / 4) + token_ids  # strings joined by spaces
 
 
@@ -1338,17 +1336,19 @@ def parse_body(body: bytes) -> object:
 
 def check_spellings(payload: dict) -> None:
     """Refuse a key that a case-blind parser would take for a field the proxy reads."""
-    _check_object(payload, _READ_FOLDED)
+    _check_object(payload, READ_FIELDS, _READ_FOLDED)
     for name, folded in _NESTED_FOLDED.items():
         inner = payload.get(name)
         if isinstance(inner, dict):
-            _check_object(inner, folded)
+            _check_object(inner, NESTED_READ_FIELDS[name], folded)
 
 
-def _check_object(value: dict, folded: dict[str, str]) -> None:
-    for key in value:
+def _check_object(value: dict, names: frozenset, folded: dict[str, str]) -> None:
+    for key in value.keys() - names:  # a field spelled as the proxy reads it is fine
+        if key.isascii() and key.islower():  # folds to itself, and is no field
+            continue
         field_name = folded.get(key.casefold())
-        if field_name is not None and field_name != key:
+        if field_name is not None:
             raise ProxyError(400, f"'{key[:100]}' is another spelling of '{field_name}'; send "
                              f"'{field_name}' alone", param=key[:100], code="ambiguous_field")
 
@@ -3608,8 +3608,11 @@ def upstream_failure(error: BaseException) -> ProxyError:
 # Replies
 # --------------------------------------------------------------------------
 
+_COMPACT_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)  # made once, not per call
+
+
 def json_bytes(value: object) -> bytes:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return _COMPACT_JSON.encode(value).encode("utf-8")
 
 
 def limit_message(admission: Admission) -> str:
@@ -3900,6 +3903,7 @@ STORED_ANSWER_PATHS = tuple(d.stored_under for d in DIALECTS if d.stored_under i
 NOT_ANSWER_IDS = ("compact", "input_tokens")  # POST /v1/responses/compact runs the model
 
 
+@functools.lru_cache(maxsize=1024)  # (targets are few and immutable; asked on every request)
 def stored_answer_id(target: Target) -> str | None:
     """The id of the stored answer a path asks for (/v1/responses/{id}/...), or None."""
     lowered = target.path.lower()
