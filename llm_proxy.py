@@ -1487,6 +1487,11 @@ def check_body(body: bytes, content_type: str, model_fields: tuple[str, ...],
 # Dialects: one class per API the model servers speak
 # --------------------------------------------------------------------------
 
+# The largest count a request may give (a cap, a number of answers): servers keep them in
+# 32 bits, where a larger one wraps around, perhaps to "no limit", while Python charges it whole.
+MAX_COUNT = 2**31 - 1
+
+
 class Dialect:
     """One API: its routes, what it may cost, how to read its usage and how to answer in it.
 
@@ -1549,7 +1554,8 @@ class Dialect:
             if value is None:
                 continue
             unbounded_below = -2 if name == "n_predict" else 0
-            if isinstance(value, bool) or not isinstance(value, int) or value < unbounded_below:
+            if (isinstance(value, bool) or not isinstance(value, int) or value < unbounded_below
+                    or value > MAX_COUNT):
                 raise ProxyError(400, f"'{name}' must be a non-negative integer", param=name,
                                  code="invalid_value")
             if value < 0:
@@ -1564,7 +1570,7 @@ class Dialect:
             value = payload.get(name)
             if value is None:
                 continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_COUNT:
                 raise ProxyError(400, f"'{name}' must be a positive integer", param=name,
                                  code="invalid_value")
             count = max(count, value)
@@ -1934,7 +1940,7 @@ class OllamaChat(Dialect):
         value = options.get("num_predict") if isinstance(options, dict) else None
         if value is None:
             return None
-        if isinstance(value, bool) or not isinstance(value, int) or value < -2:
+        if isinstance(value, bool) or not isinstance(value, int) or not -2 <= value <= MAX_COUNT:
             raise ProxyError(400, "'options.num_predict' must be an integer", param="num_predict",
                              code="invalid_value")
         return value if value > 0 else None  # -1: no limit, -2: fill the context, 0: older

@@ -181,11 +181,15 @@ class AllowanceTests(BodyTestCase):
         self.post("/v1/completions", body)
         self.assertEqual(before - self.tokens_left(), 8000 + 1)
 
-    def test_bad_multipliers_are_refused(self) -> None:
-        for value in (0, -1, 1.5, "2", True):
-            with self.subTest(value=value):
-                self.assert_refused(self.post("/v1/chat/completions", dict(CHAT, n=value)),
-                                    "/v1/chat/completions", 400)
+    def test_bad_multipliers_and_caps_are_refused(self) -> None:
+        """Not numbers, or numbers a server keeps in 32 bits, where they wrap around."""
+        cases = [("/v1/chat/completions", {"n": value}) for value in (0, -1, 1.5, "2", True, 2**31)]
+        cases += [("/v1/chat/completions", {"max_tokens": 2**64 + 1}),
+                  ("/v1/chat/completions", {"n_predict": -3}),
+                  ("/api/chat", {"options": {"num_predict": 2**32}})]
+        for path, extra in cases:
+            with self.subTest(path=path, extra=extra):
+                self.assert_refused(self.post(path, dict(CHAT, **extra)), path, 400)
 
     def test_a_stream_that_ends_without_its_usage_pays_for_its_text(self) -> None:
         """A server that ignores stream_options reports nothing: the text relayed is the measure,
