@@ -3874,6 +3874,36 @@ class ProxyHandler(BaseHTTPRequestHandler):
             if self.close_connection or self.relayed is not None:
                 return
 
+    def handle_one_request(self) -> None:
+        """http.server's, except that CLIENT_TIMEOUT starts at the request's first byte.
+
+        That deadline bounds the whole request, where the socket's timeout bounds one
+        read: started only once the request line was in, a client sending that line a
+        byte at a time held its thread and its connection slot for ever. The wait for
+        the first byte is idle waiting, bounded by the socket's timeout alone.
+        """
+        try:
+            if not self.rfile.peek():  # the client closed the connection between requests
+                self.close_connection = True
+                return
+            self.begin_request()
+            self.raw_requestline = self.rfile.readline(MAX_LINE + 1)
+            if len(self.raw_requestline) > MAX_LINE:
+                self.requestline = self.request_version = self.command = ""
+                self.send_error(414)
+                return
+            if not self.parse_request():
+                return  # refused, and answered
+            handler = getattr(self, "do_" + self.command, None)
+            if handler is None:
+                self.send_error(501, f"Unsupported method ({self.command!r})")
+                return
+            handler()
+        except socket.timeout as error:  # a read or write timed out: the connection is done
+            self.log_error("Request timed out: %r", error)
+            self.close_connection = True
+            self.server.request_arrived(self.connection)  # no deadline outlives its connection
+
     def resume(self) -> None:
         """Go on with the connection after the loop relayed its stream (the next request is buffered)."""
         try:
@@ -4015,7 +4045,6 @@ class ProxyHandler(BaseHTTPRequestHandler):
         folded and colon-less lines and was over a third of this proxy's work per
         request; ``read_headers`` refuses both, at a fraction of the cost.
         """
-        self.begin_request()
         self.command = None
         self.request_version = "HTTP/1.0"
         self.close_connection = True
@@ -4236,9 +4265,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
     # -- http.server hooks ---------------------------------------------------
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        """http.server's own refusals (a request line over 64 KiB, an unknown method) as JSON errors."""
-        if not self.command:  # refused before parse_request ran
-            self.begin_request()
+        """The refusals of ``handle_one_request`` (a request line over 64 KiB, an unknown method)."""
         kind = "server_error" if code >= 500 else "invalid_request_error"
         self.refuse_request(ProxyError(code, message or self.responses.get(code, ("",))[0], kind))
 
