@@ -3601,6 +3601,18 @@ def dialect_of(path: str) -> Dialect:
     return OLLAMA if path.startswith("/api/") else OPENAI
 
 
+def dialect_of_target(raw: str) -> Dialect:
+    """The API a raw request target belongs to; never raises (a target that does not parse: OpenAI's).
+
+    Known from the request line, so that whatever refuses the request next (its
+    headers, its framing, its size) answers in the shape its client reads.
+    """
+    try:
+        return dialect_of(parse_target(raw).path.lower())
+    except ProxyError:
+        return OPENAI
+
+
 # --------------------------------------------------------------------------
 # Relay: one call's trip upstream and back
 # --------------------------------------------------------------------------
@@ -3993,7 +4005,6 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if path in ADMIN_PATHS:
             self.send_bytes(200, *self.server.admin.answer(path, self.command, self.headers))
             return
-        self.call.dialect = dialect_of(path)
         if not target.is_served:
             raise ProxyError(404, f"Unknown path {target.path}; the API lives under /v1",
                              code="not_found")
@@ -4053,6 +4064,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if len(words) != 3 or not words[2].startswith("HTTP/"):
             return self.refuse_request(ProxyError(400, "Bad request syntax", code="invalid_request"))
         command, path, version = words
+        # From here on every refusal (version, headers, framing, size) is in the path's API's shape.
+        self.call.dialect = dialect_of_target(path)
         if version not in ("HTTP/1.0", "HTTP/1.1"):
             return self.refuse_request(ProxyError(505, "Only HTTP/1.0 and HTTP/1.1 are supported",
                                                   "server_error", "http_version_not_supported"))
@@ -4134,7 +4147,6 @@ class ProxyHandler(BaseHTTPRequestHandler):
         try:
             self.check_framing()
             target = parse_target(self.path)
-            self.call.dialect = dialect_of(target.path.lower())
             if target.is_served:
                 self.authenticate()
         except ProxyError as error:

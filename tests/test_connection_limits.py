@@ -11,11 +11,32 @@ Each test here failed before its fix.  Run by the README's command,
 
 from __future__ import annotations
 
+import contextlib
+import json
 import select
 import socket
 import time
 
 from test_llm_proxy import WAIT, ProxyTestCase
+
+
+def exchange(port: int, data: bytes) -> bytes:
+    """Send raw bytes and read until the proxy closes (it closes after every refusal here)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as sock:
+        sock.sendall(data)
+        chunks = []
+        with contextlib.suppress(ConnectionResetError):
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def status_and_body(answer: bytes) -> tuple[int, bytes]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
 
 
 def drip(sock: socket.socket, data: bytes, every: float) -> float | None:
@@ -44,3 +65,51 @@ class RequestLineDeadlineTests(ProxyTestCase):
         self.assertLess(held, 2.0)
         self.assert_still_serving()
         self.assertEqual(self.chat().status, 200)
+
+
+# --------------------------------------------------------------------------
+# Errors in the API's own shape, whichever stage refuses the request
+# --------------------------------------------------------------------------
+
+def is_openai_error(body: dict) -> bool:
+    return set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+
+
+def is_anthropic_error(body: dict) -> bool:
+    return (set(body) == {"type", "error"} and body["type"] == "error"
+            and set(body["error"]) == {"type", "message"})
+
+
+def is_ollama_error(body: dict) -> bool:
+    return set(body) == {"error"} and isinstance(body["error"], str)
+
+
+SHAPES = {"/v1/chat/completions": is_openai_error, "/v1/messages": is_anthropic_error,
+          "/api/chat": is_ollama_error}
+TOO_MANY_HEADERS = b"".join(b"X-H%d: v\r\n" % i for i in range(101))
+# What each refusal adds to a POST's head, the status it gets, and the stage that refuses it.
+REFUSALS = {
+    "413 body too large": (b"Content-Length: 2000\r\n", 413),                 # route: framing
+    "411 chunked body": (b"Transfer-Encoding: chunked\r\n", 411),             # route: framing
+    "431 too many headers": (TOO_MANY_HEADERS, 431),                           # parse_request
+    "413 before 100 Continue": (b"Expect: 100-continue\r\nContent-Length: 2000\r\n", 413),
+}
+
+
+class ErrorShapeTests(ProxyTestCase):
+    """An Anthropic or Ollama client cannot read an OpenAI-shaped error, whatever refused it."""
+
+    config_overrides = {"max_body_bytes": 1000}
+
+    def test_every_early_refusal_is_in_the_shape_of_the_paths_api(self) -> None:
+        for path, is_its_shape in SHAPES.items():
+            for refusal, (headers, status) in REFUSALS.items():
+                with self.subTest(path=path, refusal=refusal):
+                    answer = exchange(self.port, b"POST %s HTTP/1.1\r\nHost: x\r\n%s\r\n"
+                                      % (path.encode(), headers))
+                    self.assertEqual(status_and_body(answer)[0], status, answer[:300])
+                    self.assertNotIn(b"100 Continue", answer)
+                    body = json.loads(status_and_body(answer)[1])
+                    self.assertTrue(is_its_shape(body), body)
+        self.assertEqual(self.upstream.requests, [])
+        self.assert_still_serving()
