@@ -1895,6 +1895,7 @@ _FIELD_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
 
 MAX_LINE = 65536
 MAX_HEADERS = 100
+MAX_METHOD = 32  # longer than any method in IANA's registry: a longer one is a 501, never logged
 MAX_UPSTREAM_BODY = 64 * 1024 * 1024  # a non-streamed answer is read whole, up to this
 MAX_EVENT_BYTES = 1024 * 1024         # a streamed event is held back whole, up to this
 
@@ -3336,6 +3337,28 @@ NO_CACHE = ("Cache-Control", "no-cache")
 def _nothing() -> None:
     pass
 
+
+LOGGED_LENGTH = 200  # characters of one value that a log line or record shows
+
+
+def loggable(value: str, limit: int = LOGGED_LENGTH) -> str:
+    """``value`` as the logs show it: escaped unless printable, and cut after ``limit`` characters.
+
+    Methods, paths, models and names come from clients (or the keys file). Raw,
+    a control character rewrites the terminal the console is read on, a line
+    break forges a log line, and a 9 MiB model name is written whole into the
+    record of every request that sends it. A value with anything unprintable is
+    shown as ascii() shows it (backslashes escaped too, so no escape can be
+    forged); past ``limit`` characters, the rest is replaced by a count of it.
+    """
+    if len(value) <= limit and value.isprintable():
+        return value  # nearly always: two calls in C
+    shown = value[:limit]
+    if not shown.isprintable():
+        shown = ascii(shown)[1:-1]
+    return shown if len(value) <= limit else f"{shown}...[{len(value) - limit} more characters]"
+
+
 @dataclass(eq=False)
 class Call:
     """One request through the proxy: who pays, in which API, what it cost and how it went.
@@ -3523,22 +3546,28 @@ class Call:
         self.seconds = time.monotonic() - self.started
 
     def log_records(self, ip: str, method: str, path: str, with_record: bool) -> tuple[str, str]:
-        """The console line and (when wanted) the ACCESS_LOG record; names, never keys."""
+        """The console line and (when wanted) the ACCESS_LOG record; names, never keys.
+
+        Every value a client or the keys file chose is ``loggable``: one request, one
+        line of bounded length, with no control character in either.
+        """
         outcome, charged, settled = self.result, self.tokens_charged, self.tokens_paid
         elapsed = self.seconds * 1000
         stamp = console_stamp(time.time())
-        who = self.label if self.user is None else f"{self.label}/{self.user}"
-        who = ascii(who)[1:-1] if not who.isprintable() else who  # one request, one line
+        label, method, path = loggable(self.label), loggable(method), loggable(path)
+        user = None if self.user is None else loggable(self.user, MAX_USER_LENGTH)  # (longer: refused)
+        who = label if user is None else f"{label}/{user}"
         line = (f"{stamp} INFO {ip} {who} {method} {path} {self.status} {outcome} "
                 f"{elapsed:.1f}ms charged={charged} settled={settled}\n")
         if not with_record:
             return line, ""
         arrived = self.arrived
+        model = None if self.model is None else loggable(self.model)
         record = json.dumps({
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(arrived))
-            + f".{int(arrived % 1 * 1000):03d}Z", "key": self.label, "user": self.user,
+            + f".{int(arrived % 1 * 1000):03d}Z", "key": label, "user": user,
             "ip": ip, "method": method,
-            "path": path, "model": self.model, "status": self.status, "stream": self.stream,
+            "path": path, "model": model, "status": self.status, "stream": self.stream,
             "tokens_charged": charged, "tokens_settled": settled, "duration_ms": round(elapsed, 1),
             "upstream_ms": None if self.upstream_ms is None else round(self.upstream_ms, 1),
             "outcome": outcome}, separators=(",", ":")) + "\n"
@@ -3973,7 +4002,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.call.gone = True
             self.close_connection = True
         except Exception:
-            log.exception("internal error on %s %s", self.command, ascii(self.path.partition("?")[0]))
+            log.exception("internal error on %s %s", loggable(self.command),
+                          loggable(self.path.partition("?")[0]))
             self.close_connection = True
             if not self.call.status:
                 self.send_json(500, self.call.dialect.error_body(
@@ -4069,6 +4099,14 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if version not in ("HTTP/1.0", "HTTP/1.1"):
             return self.refuse_request(ProxyError(505, "Only HTTP/1.0 and HTTP/1.1 are supported",
                                                   "server_error", "http_version_not_supported"))
+        # A method is a token (RFC 9110 9.1), and one longer than any implemented is a 501
+        # (RFC 9112 3). Refused here, before it is ``command``, it never reaches a log.
+        if len(command) > MAX_METHOD:
+            return self.refuse_request(ProxyError(501, "Unsupported method", "server_error",
+                                                  "method_not_implemented"))
+        if not _TOKEN.fullmatch(command):
+            return self.refuse_request(ProxyError(400, "the request method is not a token",
+                                                  code="invalid_method"))
         self.command, self.path, self.request_version = command, path, version
         try:
             self.headers = read_headers(self.rfile)  # type: ignore[assignment]
@@ -4282,8 +4320,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.refuse_request(ProxyError(code, message or self.responses.get(code, ("",))[0], kind))
 
     def log_message(self, format: str, *args: object) -> None:
-        """http.server's own notes (timeouts, bad requests); they never include a key."""
-        log.info("%s %s", self.client_address[0], format % args)
+        """http.server's own notes (a timeout); they never include a key, and are ``loggable``."""
+        log.info("%s %s", self.client_address[0], loggable(format % args))
 
     def log_request(self, code: object = "-", size: object = "-") -> None:
         pass  # one line per request is written by log_outcome instead
@@ -4293,8 +4331,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         access_log = self.server.access_log
         self.call.conclude()
         line, record = self.call.log_records(self.client_address[0], self.command or "-",
-                                             ascii(self.path.partition("?")[0][:200])[1:-1],
-                                             access_log is not None)
+                                             self.path.partition("?")[0], access_log is not None)
         self.server.admin.record(self.call)
         self.server.console.write(line)
         if access_log is not None:

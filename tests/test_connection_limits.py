@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import select
 import socket
+import tempfile
 import time
 
-from test_llm_proxy import WAIT, ProxyTestCase
+from test_llm_proxy import CLIENT_KEY, WAIT, ProxyTestCase
 
 
 def exchange(port: int, data: bytes) -> bytes:
@@ -113,3 +115,61 @@ class ErrorShapeTests(ProxyTestCase):
                     self.assertTrue(is_its_shape(body), body)
         self.assertEqual(self.upstream.requests, [])
         self.assert_still_serving()
+
+
+# --------------------------------------------------------------------------
+# Logs: what a client sends is shown escaped and bounded, never raw
+# --------------------------------------------------------------------------
+
+LINE_BOUND = 3000  # a request's line or record, with every value at its longest once escaped
+
+
+class LoggedValueTests(ProxyTestCase):
+    """A method, model or name is written to the console and ACCESS_LOG escaped and cut."""
+
+    def assert_logs_bounded_and_printable(self, *extra: str) -> None:
+        """Every console line, log record and ``extra`` line: short, without a control character."""
+        self.proxy.console.flush()
+        lines = self.console.getvalue().splitlines() + self.log.lines + list(extra)
+        self.assertTrue(lines)
+        for line in lines:
+            self.assertLess(len(line), LINE_BOUND, line[:300])
+            self.assertTrue(line.isprintable(), ascii(line[:300]))
+
+    def test_a_method_that_is_no_token_is_refused_and_never_logged_raw(self) -> None:
+        answer = exchange(self.port, b"\x1b[2J\x1b]0;owned\x07GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, body = status_and_body(answer)
+        self.assertEqual(status, 400, answer[:300])
+        self.assertEqual(json.loads(body)["error"]["code"], "invalid_method")
+        self.logged(1)
+        self.assert_logs_bounded_and_printable()
+
+    def test_a_10_kb_method_is_refused_and_never_logged_whole(self) -> None:
+        answer = exchange(self.port, b"A" * 10_000 + b" /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual(status_and_body(answer)[0], 501, answer[:300])
+        self.assertLess(len(answer), 2000, "the answer repeats the method")
+        self.logged(1)
+        self.assert_logs_bounded_and_printable()
+
+    def test_a_huge_model_and_a_key_name_with_escapes_are_logged_escaped_and_cut(self) -> None:
+        folder = tempfile.TemporaryDirectory()
+        self.addCleanup(folder.cleanup)
+        keys, access_log = os.path.join(folder.name, "keys.json"), os.path.join(folder.name, "access.log")
+        name = "ops\x1b[2J" + "n" * 5000
+        with open(keys, "w") as file:
+            json.dump({CLIENT_KEY: {"name": name}}, file)
+        self.start_proxy(keys_file=keys, access_log=access_log)
+        model = "\x1b]0;owned\x07" + "m" * 1_000_000
+        self.assertEqual(self.chat(model=model).status, 200)
+        self.logged(1)
+        self.proxy.access_log.flush()
+        with open(access_log, encoding="utf-8") as file:
+            written = file.read()
+        self.assertEqual(written.count("\n"), 1)
+        record = json.loads(written)
+        for field in ("model", "key"):  # the values, as a reader of the JSON gets them back
+            self.assertLess(len(record[field]), LINE_BOUND, field)
+            self.assertTrue(record[field].isprintable(), field)
+        self.assertTrue(record["model"].startswith("\\x1b]0;owned\\x07mmm"), record["model"][:50])
+        self.assertIn("more characters", record["model"])
+        self.assert_logs_bounded_and_printable(written.rstrip("\n"))
