@@ -37,6 +37,10 @@ import operator
 import queue
 import os
 import re
+try:
+    import resource
+except ImportError:  # Windows: no limit on descriptors to read or raise
+    resource = None  # type: ignore[assignment]
 import secrets
 import select
 import selectors
@@ -4973,6 +4977,28 @@ class TrackedServer(ThreadingHTTPServer):
                 pass
 
 
+def raise_descriptor_limit(wanted: int) -> int | None:
+    """How many files this process may open, after raising its soft limit as far as it may.
+
+    The soft limit (often 1024, a default kept for programs that wait with select())
+    is the process's own to raise, up to the hard limit the system's owner set; this
+    proxy waits with poll, epoll or kqueue, so it takes all it may. A hard limit
+    that is unlimited (macOS) is no value for the soft one: then it asks ``wanted``.
+    None where there is no such limit (Windows), or no finite one.
+    """
+    if resource is None:
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = max(soft, wanted) if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass  # the soft limit stays; the connections are fitted to it
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
 class BackgroundLog:
     """Hands a logger's records to a thread of its own, which does the writing.
 
@@ -5124,6 +5150,31 @@ class ProxyServer(TrackedServer):
         self._housekeeper.start()
 
     # -- connections -----------------------------------------------------------
+
+    spare_descriptors = 32  # listening socket, selectors and their wake-ups, stdio, logs, state, keys
+
+    def descriptors_needed(self, connections: int) -> int:
+        """Descriptors open at most with ``connections`` clients: each may hold an upstream one too."""
+        return 2 * connections + self.upstream.max_idle + self.spare_descriptors
+
+    def fit_to_descriptor_limit(self) -> list[str]:
+        """Raise the open-file limit, and lower max_connections to fit it; a warning if it had to.
+
+        Past the limit, accept() fails, and a connection admitted under the cap may find
+        no descriptor for its upstream. Fitting the cap to the limit keeps the promise
+        MAX_CONNECTIONS makes: a client over it gets a fast 503, every other one is served.
+        """
+        wanted = self.max_connections
+        limit = raise_descriptor_limit(self.descriptors_needed(wanted))
+        if limit is None or limit >= self.descriptors_needed(wanted):
+            return []
+        fitting = max(1, (limit - self.descriptors_needed(0)) // 2)
+        self.max_connections = fitting
+        return [f"MAX_CONNECTIONS lowered from {wanted} to {fitting}: this process may open "
+                f"{limit} files (RLIMIT_NOFILE), and each connection may need two (its own and "
+                f"its upstream's) besides {self.descriptors_needed(0)} kept for the upstream pool "
+                "and the proxy itself; raise the limit (ulimit -n, systemd's LimitNOFILE) to "
+                "allow more"]
 
     def get_request(self) -> tuple[socket.socket, tuple]:
         """Each client connection gets CLIENT_TIMEOUT on every read and write, kept by the kernel."""
@@ -5628,7 +5679,7 @@ def run(args: argparse.Namespace, environ: dict[str, str] | None) -> int:
         print(f"llm_proxy: cannot listen on {config.host}:{config.port}: {error.strerror}",
               file=sys.stderr)
         return 2
-    for warning in startup_warnings(config):
+    for warning in startup_warnings(config) + server.fit_to_descriptor_limit():
         log.warning("%s", warning)
     print(describe(config, server), flush=True)
     if args.demo:

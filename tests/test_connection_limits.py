@@ -16,10 +16,18 @@ import json
 import os
 import select
 import socket
+import subprocess
+import sys
 import tempfile
 import time
+import unittest
 
-from test_llm_proxy import CLIENT_KEY, WAIT, ProxyTestCase
+try:
+    import resource
+except ImportError:  # Windows
+    resource = None  # type: ignore[assignment]
+
+from test_llm_proxy import CLIENT_KEY, HERE, WAIT, ProxyTestCase, clean_environment, free_port
 
 
 def exchange(port: int, data: bytes) -> bytes:
@@ -173,3 +181,90 @@ class LoggedValueTests(ProxyTestCase):
         self.assertTrue(record["model"].startswith("\\x1b]0;owned\\x07mmm"), record["model"][:50])
         self.assertIn("more characters", record["model"])
         self.assert_logs_bounded_and_printable(written.rstrip("\n"))
+
+
+# --------------------------------------------------------------------------
+# File descriptors: the proxy as started, with a low limit on them
+# --------------------------------------------------------------------------
+
+SCRIPT = os.path.join(HERE, "llm_proxy.py")
+# Starts the script with RLIMIT_NOFILE at argv[1] (soft and hard), by exec: the same process.
+WITH_FILE_LIMIT = ("import os, resource, sys\n"
+                   "resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[1]),) * 2)\n"
+                   "os.execv(sys.executable, [sys.executable, *sys.argv[2:]])\n")
+HEALTH = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"  # answered, and the connection kept
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system time a process has used so far (Linux: /proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as file:
+        fields = file.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def answer_status(sock: socket.socket) -> int:
+    """The status of the next answer on ``sock``; its body read if kept alive, 0 if none came."""
+    data = b""
+    try:
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        if data.startswith(b"HTTP/1.1 200 "):
+            while not data.endswith(b'{"status":"ok"}'):
+                data += sock.recv(65536)
+    except OSError:  # no answer in time, or reset
+        pass
+    return status_and_body(data)[0] if data.startswith(b"HTTP/1.1 ") else 0
+
+
+@unittest.skipUnless(sys.platform.startswith("linux") and resource is not None,
+                     "reads /proc and sets descriptor limits (Linux)")
+class DescriptorLimitTests(unittest.TestCase):
+    """Out of file descriptors, a client still gets its fast 503, and the proxy does not spin."""
+
+    def start(self, file_limit: int | None = None) -> subprocess.Popen:
+        """The proxy as a user starts it, listening once this returns; stopped after the test."""
+        env = clean_environment()
+        env.update(BASE_API_URL="http://127.0.0.1:9/v1", HOST="127.0.0.1", PORT=str(free_port()))
+        command = [sys.executable, SCRIPT] if file_limit is None else \
+            [sys.executable, "-c", WITH_FILE_LIMIT, str(file_limit), SCRIPT]
+        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True)
+        self.addCleanup(self.stop, process)
+        self.assertIn("listening", process.stdout.readline())
+        self.port = int(env["PORT"])
+        return process
+
+    def stop(self, process: subprocess.Popen) -> None:
+        if process.returncode is None:
+            process.terminate()
+            self.stderr = process.communicate(timeout=WAIT)[1]
+
+    def connect(self) -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=2.0)
+        self.addCleanup(sock.close)
+        return sock
+
+    def fill(self, attempts: int) -> int:
+        """Hold kept-alive connections until one is refused (fast); how many were served before."""
+        for held in range(attempts):
+            sock = self.connect()
+            sock.sendall(HEALTH)
+            started = time.monotonic()
+            status = answer_status(sock)
+            if status == 503:
+                self.assertLess(time.monotonic() - started, 1.0, "the 503 is fast")
+                return held
+            self.assertEqual(status, 200, f"connection {held + 1} got no answer")
+        self.fail(f"{attempts} connections and none refused")
+
+    def test_max_connections_is_lowered_to_fit_the_descriptor_limit(self) -> None:
+        process = self.start(file_limit=128)
+        served = self.fill(attempts=200)
+        self.stop(process)
+        warnings = [line for line in self.stderr.splitlines() if "MAX_CONNECTIONS lowered" in line]
+        self.assertEqual(len(warnings), 1, self.stderr)
+        self.assertIn(f"MAX_CONNECTIONS lowered from 1024 to {served}: ", warnings[0])
+        self.assertIn("128 files (RLIMIT_NOFILE)", warnings[0])
