@@ -25,6 +25,7 @@ try:
 except ImportError:  # Windows: keys edits are not locked there
     fcntl = None  # type: ignore[assignment]
 import datetime
+import errno
 import functools
 import hashlib
 import hmac
@@ -4903,16 +4904,20 @@ class TrackedServer(ThreadingHTTPServer):
 
     Counting them lets a flood get a fast 503 instead of an unbounded number of
     threads, and lets ``server_close`` end keep-alive connections instead of
-    leaving their threads behind.
+    leaving their threads behind. A flood that finds no file descriptor left gets
+    the same 503.
     """
 
     daemon_threads = True
     request_queue_size = 1024  # a burst of connects waits in the backlog instead of being refused
     max_connections = 1024
+    accept_pause = 0.02  # seconds the accept loop rests after finding no descriptor left
+    out_of_descriptors_quiet = 60.0  # seconds without that which end an episode: one warning each
 
     def __init__(self, address: tuple[str, int], handler: type) -> None:
         self._connections: set[socket.socket] = set()
         self._connections_lock = threading.Lock()
+        self._out_of_descriptors_at = -math.inf  # when accept() last failed for want of one
         super().__init__(address, handler, bind_and_activate=False)
         # socketserver would call server_close() when binding fails (a port in use), and a
         # subclass's server_close stops what its __init__ has not started yet: only the
@@ -4923,6 +4928,40 @@ class TrackedServer(ThreadingHTTPServer):
         except BaseException:
             self.socket.close()
             raise
+        self._reserve = reserve_descriptor()
+
+    def get_request(self) -> tuple[socket.socket, tuple]:
+        """socketserver's accept(), which out of descriptors still answers its client a 503."""
+        try:
+            return self.socket.accept()
+        except OSError as error:
+            if error.errno in (errno.EMFILE, errno.ENFILE):
+                self.refuse_without_descriptors(error)
+            raise  # to socketserver, a failed accept is nothing to do
+
+    def refuse_without_descriptors(self, error: OSError) -> None:
+        """Answer the connection that found no descriptor left the 503 of a full server, then rest.
+
+        accept() that fails leaves its connection queued: the listening socket stays
+        readable, socketserver's loop spins at full speed, and the client waits for an
+        answer that never comes. A descriptor kept in reserve for this makes room to
+        accept it, answer it as ``refuse`` does and close it; the reserve is then taken
+        back, and the loop rests a moment so that it never spins. Said once an episode.
+        """
+        now = time.monotonic()
+        if now - self._out_of_descriptors_at > self.out_of_descriptors_quiet:
+            log.warning("out of file descriptors (%s): new connections get a 503 until some "
+                        "close; raise the limit (ulimit -n) or lower MAX_CONNECTIONS",
+                        errno.errorcode[error.errno])
+        self._out_of_descriptors_at = now
+        if self._reserve is not None:
+            os.close(self._reserve)
+            self._reserve = None
+            with suppress(OSError):  # another thread may have taken the freed descriptor first
+                request, _ = self.socket.accept()
+                self.refuse(request)
+        self._reserve = reserve_descriptor()  # (or, if none could be had before, another try)
+        time.sleep(self.accept_pause)
 
     def process_request(self, request: socket.socket, client_address: tuple) -> None:
         with self._connections_lock:
@@ -4968,6 +5007,9 @@ class TrackedServer(ThreadingHTTPServer):
     def server_close(self) -> None:
         """Stop listening and end every open connection, so no handler thread outlives us."""
         super().server_close()
+        if self._reserve is not None:
+            os.close(self._reserve)
+            self._reserve = None
         with self._connections_lock:
             connections = list(self._connections)
         for connection in connections:
@@ -4997,6 +5039,14 @@ def raise_descriptor_limit(wanted: int) -> int | None:
         except (ValueError, OSError):
             pass  # the soft limit stays; the connections are fitted to it
     return None if soft == resource.RLIM_INFINITY else soft
+
+
+def reserve_descriptor() -> int | None:
+    """A descriptor to close when none is left, so that one more can be opened (None: none left)."""
+    try:
+        return os.open(os.devnull, os.O_RDONLY)
+    except OSError:
+        return None
 
 
 class BackgroundLog:
@@ -5160,9 +5210,10 @@ class ProxyServer(TrackedServer):
     def fit_to_descriptor_limit(self) -> list[str]:
         """Raise the open-file limit, and lower max_connections to fit it; a warning if it had to.
 
-        Past the limit, accept() fails, and a connection admitted under the cap may find
-        no descriptor for its upstream. Fitting the cap to the limit keeps the promise
-        MAX_CONNECTIONS makes: a client over it gets a fast 503, every other one is served.
+        Past the limit, accept() fails: the client that finds it so gets a 503 all the
+        same (``refuse_without_descriptors``), but a connection admitted under the cap
+        may still find no descriptor for its upstream. Fitting the cap to the limit
+        keeps the promise MAX_CONNECTIONS makes: every admitted client can be served.
         """
         wanted = self.max_connections
         limit = raise_descriptor_limit(self.descriptors_needed(wanted))

@@ -268,3 +268,22 @@ class DescriptorLimitTests(unittest.TestCase):
         self.assertEqual(len(warnings), 1, self.stderr)
         self.assertIn(f"MAX_CONNECTIONS lowered from 1024 to {served}: ", warnings[0])
         self.assertIn("128 files (RLIMIT_NOFILE)", warnings[0])
+
+    def test_out_of_descriptors_the_next_client_gets_a_503_and_the_proxy_rests(self) -> None:
+        process = self.start()
+        # Room for four more descriptors, set from outside once the proxy has fitted its
+        # connections to a roomy limit: the cap never refuses, accept() is what runs out.
+        highest = max(int(name) for name in os.listdir(f"/proc/{process.pid}/fd"))
+        hard = resource.prlimit(process.pid, resource.RLIMIT_NOFILE)[1]
+        resource.prlimit(process.pid, resource.RLIMIT_NOFILE, (highest + 1 + 4, hard))
+        self.assertLessEqual(self.fill(attempts=20), 4)
+        waiting = [self.connect() for _ in range(3)]
+        used = cpu_seconds(process.pid)
+        time.sleep(0.5)  # the clients wait: a loop spinning on accept() would use all of this
+        self.assertLess(cpu_seconds(process.pid) - used, 0.2, "the accept loop spins")
+        for sock in waiting:
+            self.assertEqual(answer_status(sock), 503)
+        self.stop(process)
+        warnings = [line for line in self.stderr.splitlines() if "out of file descriptors" in line]
+        self.assertEqual(len(warnings), 1, self.stderr)
+        self.assertIn("(EMFILE)", warnings[0])
