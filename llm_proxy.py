@@ -3353,8 +3353,8 @@ def loggable(value: str, limit: int = LOGGED_LENGTH) -> str:
     a control character rewrites the terminal the console is read on, a line
     break forges a log line, and a 9 MiB model name is written whole into the
     record of every request that sends it. A value with anything unprintable is
-    shown as ascii() shows it (backslashes escaped too, so no escape can be
-    forged); past ``limit`` characters, the rest is replaced by a count of it.
+    shown as ascii() shows it; past ``limit`` characters, the rest is replaced by
+    a count of it. A printable value, the usual one, is shown as it is.
     """
     if len(value) <= limit and value.isprintable():
         return value  # nearly always: two calls in C

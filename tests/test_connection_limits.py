@@ -97,12 +97,13 @@ def is_ollama_error(body: dict) -> bool:
 SHAPES = {"/v1/chat/completions": is_openai_error, "/v1/messages": is_anthropic_error,
           "/api/chat": is_ollama_error}
 TOO_MANY_HEADERS = b"".join(b"X-H%d: v\r\n" % i for i in range(101))
-# What each refusal adds to a POST's head, the status it gets, and the stage that refuses it.
+# What each refusal adds to a POST's head, its status, and what refuses it: route's framing check,
+# parse_request's header reading, handle_expect_100 before the body is asked for.
 REFUSALS = {
-    "413 body too large": (b"Content-Length: 2000\r\n", 413),                 # route: framing
-    "411 chunked body": (b"Transfer-Encoding: chunked\r\n", 411),             # route: framing
-    "431 too many headers": (TOO_MANY_HEADERS, 431),                           # parse_request
-    "413 before 100 Continue": (b"Expect: 100-continue\r\nContent-Length: 2000\r\n", 413),
+    "413 body too large": (b"Content-Length: 2000\r\n", 413),                               # route
+    "411 chunked body": (b"Transfer-Encoding: chunked\r\n", 411),                           # route
+    "431 too many headers": (TOO_MANY_HEADERS, 431),                                         # headers
+    "413 before 100 Continue": (b"Expect: 100-continue\r\nContent-Length: 2000\r\n", 413),  # expect
 }
 
 
