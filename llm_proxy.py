@@ -25,6 +25,7 @@ try:
 except ImportError:  # Windows: keys edits are not locked there
     fcntl = None  # type: ignore[assignment]
 import datetime
+import errno
 import functools
 import hashlib
 import hmac
@@ -37,6 +38,10 @@ import operator
 import queue
 import os
 import re
+try:
+    import resource
+except ImportError:  # Windows: no limit on descriptors to read or raise
+    resource = None  # type: ignore[assignment]
 import secrets
 import select
 import selectors
@@ -2221,6 +2226,7 @@ _FIELD_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
 
 MAX_LINE = 65536
 MAX_HEADERS = 100
+MAX_METHOD = 32  # longer than any method in IANA's registry: a longer one is a 501, never logged
 MAX_UPSTREAM_BODY = 64 * 1024 * 1024  # a non-streamed answer is read whole, up to this
 MAX_EVENT_BYTES = 1024 * 1024         # a streamed event is held back whole, up to this
 
@@ -3666,6 +3672,28 @@ NO_CACHE = ("Cache-Control", "no-cache")
 def _nothing() -> None:
     pass
 
+
+LOGGED_LENGTH = 200  # characters of one value that a log line or record shows
+
+
+def loggable(value: str, limit: int = LOGGED_LENGTH) -> str:
+    """``value`` as the logs show it: escaped unless printable, and cut after ``limit`` characters.
+
+    Methods, paths, models and names come from clients (or the keys file). Raw,
+    a control character rewrites the terminal the console is read on, a line
+    break forges a log line, and a 9 MiB model name is written whole into the
+    record of every request that sends it. A value with anything unprintable is
+    shown as ascii() shows it; past ``limit`` characters, the rest is replaced by
+    a count of it. A printable value, the usual one, is shown as it is.
+    """
+    if len(value) <= limit and value.isprintable():
+        return value  # nearly always: two calls in C
+    shown = value[:limit]
+    if not shown.isprintable():
+        shown = ascii(shown)[1:-1]
+    return shown if len(value) <= limit else f"{shown}...[{len(value) - limit} more characters]"
+
+
 @dataclass(eq=False)
 class Call:
     """One request through the proxy: who pays, in which API, what it cost and how it went.
@@ -3854,22 +3882,28 @@ class Call:
         self.seconds = time.monotonic() - self.started
 
     def log_records(self, ip: str, method: str, path: str, with_record: bool) -> tuple[str, str]:
-        """The console line and (when wanted) the ACCESS_LOG record; names, never keys."""
+        """The console line and (when wanted) the ACCESS_LOG record; names, never keys.
+
+        Every value a client or the keys file chose is ``loggable``: one request, one
+        line of bounded length, with no control character in either.
+        """
         outcome, charged, settled = self.result, self.tokens_charged, self.tokens_paid
         elapsed = self.seconds * 1000
         stamp = console_stamp(time.time())
-        who = self.label if self.user is None else f"{self.label}/{self.user}"
-        who = ascii(who)[1:-1] if not who.isprintable() else who  # one request, one line
+        label, method, path = loggable(self.label), loggable(method), loggable(path)
+        user = None if self.user is None else loggable(self.user, MAX_USER_LENGTH)  # (longer: refused)
+        who = label if user is None else f"{label}/{user}"
         line = (f"{stamp} INFO {ip} {who} {method} {path} {self.status} {outcome} "
                 f"{elapsed:.1f}ms charged={charged} settled={settled}\n")
         if not with_record:
             return line, ""
         arrived = self.arrived
+        model = None if self.model is None else loggable(self.model)
         record = json.dumps({
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(arrived))
-            + f".{int(arrived % 1 * 1000):03d}Z", "key": self.label, "user": self.user,
+            + f".{int(arrived % 1 * 1000):03d}Z", "key": label, "user": user,
             "ip": ip, "method": method,
-            "path": path, "model": self.model, "status": self.status, "stream": self.stream,
+            "path": path, "model": model, "status": self.status, "stream": self.stream,
             "tokens_charged": charged, "tokens_settled": settled, "duration_ms": round(elapsed, 1),
             "upstream_ms": None if self.upstream_ms is None else round(self.upstream_ms, 1),
             "outcome": outcome}, separators=(",", ":")) + "\n"
@@ -3953,6 +3987,18 @@ def dialect_of(path: str) -> Dialect:
     if path.startswith("/v1/messages"):
         return ANTHROPIC
     return OLLAMA if path.startswith("/api/") else OPENAI
+
+
+def dialect_of_target(raw: str) -> Dialect:
+    """The API a raw request target belongs to; never raises (a target that does not parse: OpenAI's).
+
+    Known from the request line, so that whatever refuses the request next (its
+    headers, its framing, its size) answers in the shape its client reads.
+    """
+    try:
+        return dialect_of(parse_target(raw).path.lower())
+    except ProxyError:
+        return OPENAI
 
 
 # --------------------------------------------------------------------------
@@ -4228,6 +4274,36 @@ class ProxyHandler(BaseHTTPRequestHandler):
             if self.close_connection or self.relayed is not None:
                 return
 
+    def handle_one_request(self) -> None:
+        """http.server's, except that CLIENT_TIMEOUT starts at the request's first byte.
+
+        That deadline bounds the whole request, where the socket's timeout bounds one
+        read: started only once the request line was in, a client sending that line a
+        byte at a time held its thread and its connection slot for ever. The wait for
+        the first byte is idle waiting, bounded by the socket's timeout alone.
+        """
+        try:
+            if not self.rfile.peek():  # the client closed the connection between requests
+                self.close_connection = True
+                return
+            self.begin_request()
+            self.raw_requestline = self.rfile.readline(MAX_LINE + 1)
+            if len(self.raw_requestline) > MAX_LINE:
+                self.requestline = self.request_version = self.command = ""
+                self.send_error(414)
+                return
+            if not self.parse_request():
+                return  # refused, and answered
+            handler = getattr(self, "do_" + self.command, None)
+            if handler is None:
+                self.send_error(501, f"Unsupported method ({self.command!r})")
+                return
+            handler()
+        except socket.timeout as error:  # a read or write timed out: the connection is done
+            self.log_error("Request timed out: %r", error)
+            self.close_connection = True
+            self.server.request_arrived(self.connection)  # no deadline outlives its connection
+
     def resume(self) -> None:
         """Go on with the connection after the loop relayed its stream (the next request is buffered)."""
         try:
@@ -4285,7 +4361,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.call.gone = True
             self.close_connection = True
         except Exception:
-            log.exception("internal error on %s %s", self.command, ascii(self.path.partition("?")[0]))
+            log.exception("internal error on %s %s", loggable(self.command),
+                          loggable(self.path.partition("?")[0]))
             self.close_connection = True
             if not self.call.status:
                 self.send_json(500, self.call.dialect.error_body(
@@ -4320,7 +4397,6 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if path in ADMIN_PATHS:
             self.send_bytes(200, *self.server.admin.answer(path, self.command, self.headers))
             return
-        self.call.dialect = dialect_of(path)
         if not target.is_served:
             raise ProxyError(404, f"Unknown path {target.path}; the API lives under /v1",
                              code="not_found")
@@ -4403,7 +4479,6 @@ class ProxyHandler(BaseHTTPRequestHandler):
         folded and colon-less lines and was over a third of this proxy's work per
         request; ``read_headers`` refuses both, at a fraction of the cost.
         """
-        self.begin_request()
         self.command = None
         self.request_version = "HTTP/1.0"
         self.close_connection = True
@@ -4412,9 +4487,19 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if len(words) != 3 or not words[2].startswith("HTTP/"):
             return self.refuse_request(ProxyError(400, "Bad request syntax", code="invalid_request"))
         command, path, version = words
+        # From here on every refusal (version, headers, framing, size) is in the path's API's shape.
+        self.call.dialect = dialect_of_target(path)
         if version not in ("HTTP/1.0", "HTTP/1.1"):
             return self.refuse_request(ProxyError(505, "Only HTTP/1.0 and HTTP/1.1 are supported",
                                                   "server_error", "http_version_not_supported"))
+        # A method is a token (RFC 9110 9.1), and one longer than any implemented is a 501
+        # (RFC 9112 3). Refused here, before it is ``command``, it never reaches a log.
+        if len(command) > MAX_METHOD:
+            return self.refuse_request(ProxyError(501, "Unsupported method", "server_error",
+                                                  "method_not_implemented"))
+        if not _TOKEN.fullmatch(command):
+            return self.refuse_request(ProxyError(400, "the request method is not a token",
+                                                  code="invalid_method"))
         self.command, self.path, self.request_version = command, path, version
         try:
             self.headers = read_headers(self.rfile)  # type: ignore[assignment]
@@ -4493,7 +4578,6 @@ class ProxyHandler(BaseHTTPRequestHandler):
         try:
             self.check_framing()
             target = parse_target(self.path)
-            self.call.dialect = dialect_of(target.path.lower())
             if target.is_served:
                 self.authenticate()
         except ProxyError as error:
@@ -4640,15 +4724,13 @@ class ProxyHandler(BaseHTTPRequestHandler):
     # -- http.server hooks ---------------------------------------------------
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        """http.server's own refusals (a request line over 64 KiB, an unknown method) as JSON errors."""
-        if not self.command:  # refused before parse_request ran
-            self.begin_request()
+        """The refusals of ``handle_one_request`` (a request line over 64 KiB, an unknown method)."""
         kind = "server_error" if code >= 500 else "invalid_request_error"
         self.refuse_request(ProxyError(code, message or self.responses.get(code, ("",))[0], kind))
 
     def log_message(self, format: str, *args: object) -> None:
-        """http.server's own notes (timeouts, bad requests); they never include a key."""
-        log.info("%s %s", self.client_address[0], format % args)
+        """http.server's own notes (a timeout); they never include a key, and are ``loggable``."""
+        log.info("%s %s", self.client_address[0], loggable(format % args))
 
     def log_request(self, code: object = "-", size: object = "-") -> None:
         pass  # one line per request is written by log_outcome instead
@@ -4658,8 +4740,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         access_log = self.server.access_log
         self.call.conclude()
         line, record = self.call.log_records(self.client_address[0], self.command or "-",
-                                             ascii(self.path.partition("?")[0][:200])[1:-1],
-                                             access_log is not None)
+                                             self.path.partition("?")[0], access_log is not None)
         self.server.admin.record(self.call)
         self.server.console.write(line)
         if access_log is not None:
@@ -5227,16 +5308,20 @@ class TrackedServer(ThreadingHTTPServer):
 
     Counting them lets a flood get a fast 503 instead of an unbounded number of
     threads, and lets ``server_close`` end keep-alive connections instead of
-    leaving their threads behind.
+    leaving their threads behind. A flood that finds no file descriptor left gets
+    the same 503.
     """
 
     daemon_threads = True
     request_queue_size = 1024  # a burst of connects waits in the backlog instead of being refused
     max_connections = 1024
+    accept_pause = 0.02  # seconds the accept loop rests after finding no descriptor left
+    out_of_descriptors_quiet = 60.0  # seconds without that which end an episode: one warning each
 
     def __init__(self, address: tuple[str, int], handler: type) -> None:
         self._connections: set[socket.socket] = set()
         self._connections_lock = threading.Lock()
+        self._out_of_descriptors_at = -math.inf  # when accept() last failed for want of one
         super().__init__(address, handler, bind_and_activate=False)
         # socketserver would call server_close() when binding fails (a port in use), and a
         # subclass's server_close stops what its __init__ has not started yet: only the
@@ -5247,6 +5332,40 @@ class TrackedServer(ThreadingHTTPServer):
         except BaseException:
             self.socket.close()
             raise
+        self._reserve = reserve_descriptor()
+
+    def get_request(self) -> tuple[socket.socket, tuple]:
+        """socketserver's accept(), which out of descriptors still answers its client a 503."""
+        try:
+            return self.socket.accept()
+        except OSError as error:
+            if error.errno in (errno.EMFILE, errno.ENFILE):
+                self.refuse_without_descriptors(error)
+            raise  # to socketserver, a failed accept is nothing to do
+
+    def refuse_without_descriptors(self, error: OSError) -> None:
+        """Answer the connection that found no descriptor left the 503 of a full server, then rest.
+
+        accept() that fails leaves its connection queued: the listening socket stays
+        readable, socketserver's loop spins at full speed, and the client waits for an
+        answer that never comes. A descriptor kept in reserve for this makes room to
+        accept it, answer it as ``refuse`` does and close it; the reserve is then taken
+        back, and the loop rests a moment so that it never spins. Said once an episode.
+        """
+        now = time.monotonic()
+        if now - self._out_of_descriptors_at > self.out_of_descriptors_quiet:
+            log.warning("out of file descriptors (%s): new connections get a 503 until some "
+                        "close; raise the limit (ulimit -n) or lower MAX_CONNECTIONS",
+                        errno.errorcode[error.errno])
+        self._out_of_descriptors_at = now
+        if self._reserve is not None:
+            os.close(self._reserve)
+            self._reserve = None
+            with suppress(OSError):  # another thread may have taken the freed descriptor first
+                request, _ = self.socket.accept()
+                self.refuse(request)
+        self._reserve = reserve_descriptor()  # (or, if none could be had before, another try)
+        time.sleep(self.accept_pause)
 
     def process_request(self, request: socket.socket, client_address: tuple) -> None:
         with self._connections_lock:
@@ -5292,6 +5411,9 @@ class TrackedServer(ThreadingHTTPServer):
     def server_close(self) -> None:
         """Stop listening and end every open connection, so no handler thread outlives us."""
         super().server_close()
+        if self._reserve is not None:
+            os.close(self._reserve)
+            self._reserve = None
         with self._connections_lock:
             connections = list(self._connections)
         for connection in connections:
@@ -5299,6 +5421,36 @@ class TrackedServer(ThreadingHTTPServer):
                 connection.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+
+def raise_descriptor_limit(wanted: int) -> int | None:
+    """How many files this process may open, after raising its soft limit as far as it may.
+
+    The soft limit (often 1024, a default kept for programs that wait with select())
+    is the process's own to raise, up to the hard limit the system's owner set; this
+    proxy waits with poll, epoll or kqueue, so it takes all it may. A hard limit
+    that is unlimited (macOS) is no value for the soft one: then it asks ``wanted``.
+    None where there is no such limit (Windows), or no finite one.
+    """
+    if resource is None:
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = max(soft, wanted) if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass  # the soft limit stays; the connections are fitted to it
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def reserve_descriptor() -> int | None:
+    """A descriptor to close when none is left, so that one more can be opened (None: none left)."""
+    try:
+        return os.open(os.devnull, os.O_RDONLY)
+    except OSError:
+        return None
 
 
 class BackgroundLog:
@@ -5453,6 +5605,32 @@ class ProxyServer(TrackedServer):
         self._housekeeper.start()
 
     # -- connections -----------------------------------------------------------
+
+    spare_descriptors = 32  # listening socket, selectors and their wake-ups, stdio, logs, state, keys
+
+    def descriptors_needed(self, connections: int) -> int:
+        """Descriptors open at most with ``connections`` clients: each may hold an upstream one too."""
+        return 2 * connections + self.upstream.max_idle + self.spare_descriptors
+
+    def fit_to_descriptor_limit(self) -> list[str]:
+        """Raise the open-file limit, and lower max_connections to fit it; a warning if it had to.
+
+        Past the limit, accept() fails: the client that finds it so gets a 503 all the
+        same (``refuse_without_descriptors``), but a connection admitted under the cap
+        may still find no descriptor for its upstream. Fitting the cap to the limit
+        keeps the promise MAX_CONNECTIONS makes: every admitted client can be served.
+        """
+        wanted = self.max_connections
+        limit = raise_descriptor_limit(self.descriptors_needed(wanted))
+        if limit is None or limit >= self.descriptors_needed(wanted):
+            return []
+        fitting = max(1, (limit - self.descriptors_needed(0)) // 2)
+        self.max_connections = fitting
+        return [f"MAX_CONNECTIONS lowered from {wanted} to {fitting}: this process may open "
+                f"{limit} files (RLIMIT_NOFILE), and each connection may need two (its own and "
+                f"its upstream's) besides {self.descriptors_needed(0)} kept for the upstream pool "
+                "and the proxy itself; raise the limit (ulimit -n, systemd's LimitNOFILE) to "
+                "allow more"]
 
     def get_request(self) -> tuple[socket.socket, tuple]:
         """Each client connection gets CLIENT_TIMEOUT on every read and write, kept by the kernel."""
@@ -5959,7 +6137,7 @@ def run(args: argparse.Namespace, environ: dict[str, str] | None) -> int:
         print(f"llm_proxy: cannot listen on {config.host}:{config.port}: {error.strerror}",
               file=sys.stderr)
         return 2
-    for warning in startup_warnings(config):
+    for warning in startup_warnings(config) + server.fit_to_descriptor_limit():
         log.warning("%s", warning)
     print(describe(config, server), flush=True)
     if args.demo:
