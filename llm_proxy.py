@@ -626,7 +626,7 @@ class Policy:
     def require(self, model: str | None) -> None:
         """A 403, free, for a model off the key's list."""
         if not self.allows(model or ""):
-            raise ProxyError(403, f"The model '{model}' is not available to this key.",
+            raise ProxyError(403, f"The model '{str(model)[:200]}' is not available to this key.",
                              "permission_error", "model_not_allowed", "model")
 
     def quota(self, levels: list[dict]) -> dict:
@@ -4157,7 +4157,7 @@ class Relay:
         call, client, framing = self.call, self.client, pump.framing
         pump.response.reader.nowait = False  # the connection may go back to the pool
         if error is not None:
-            log.warning("upstream stream to %s broke off: %s", call.label, type(error).__name__)
+            log.warning("upstream stream to %s broke off: %s", loggable(call.label), type(error).__name__)
             if framing is not None:
                 client.write_chunk(call.dialect.stream_error(upstream_failure(error), framing))
             else:
