@@ -642,6 +642,9 @@ USER_SOURCES = {"jwt": "X-OpenWebUI-User-Jwt", "header": None, "user_field": Non
 USERS_FIELDS = POLICY_FIELDS - {"name", "users", "enabled", "expires"} | {
     "from", "header", "secret_env", "issuer", "required", "overrides"}
 MAX_USER_LENGTH = 256  # longer identities are refused, not truncated into someone else's
+MAX_WINDOW_TOKENS = 10 ** 15  # counts stay exact through the refill arithmetic's floats (2**53)
+MIN_REFILL_SECONDS = 0.001     # shorter means nothing, and the tiniest overflow the count of steps
+MAX_REFILL_SECONDS = 100 * 366 * 86400.0  # a century: "never refills", with the sums still finite
 WINDOW_FIELDS = {"name", "max_tokens", "refill_tokens", "refill_interval_seconds", "unit", "period",
                  "models"}
 
@@ -668,10 +671,7 @@ def parse_keys_file(text: str, config: Config,
 
     Errors name the entry by position and name, never by its key.
     """
-    try:
-        entries = json.loads(text)
-    except ValueError as error:
-        raise ConfigError(f"not valid JSON ({error})") from None
+    entries = keys_document(text)
     if not isinstance(entries, dict):
         raise ConfigError("must be a JSON object mapping each client key to its settings")
     policies = {}
@@ -689,6 +689,27 @@ def parse_keys_file(text: str, config: Config,
             raise ConfigError(f"{where}: {error}") from None
         policies[digest] = (secret, _policy_from_entry(entry, config, where, require_secrets))
     return policies
+
+
+def keys_document(text: str) -> object:
+    """The JSON value of a keys file, or ConfigError: any text at all is either one or the other.
+
+    The file is re-read by the housekeeping thread, which expects ConfigError
+    alone; ``json.loads`` also raises RecursionError (deep nesting, which is no
+    ValueError), and takes ``\\ud800``-style escapes of lone surrogates, text
+    no UTF-8 encoder accepts when the key is hashed or the name logged.
+    """
+    try:
+        document = json.loads(text)
+        json.dumps(document, ensure_ascii=False).encode("utf-8")  # finds any lone surrogate
+    except RecursionError:
+        raise ConfigError("not valid JSON (nested too deeply)") from None
+    except UnicodeEncodeError:  # a ValueError too: caught first
+        raise ConfigError("not valid JSON (a \\u escape stands for half a character, "
+                          "a lone surrogate)") from None
+    except ValueError as error:
+        raise ConfigError(f"not valid JSON ({error})") from None
+    return document
 
 
 def _policy_from_entry(entry: dict, config: Config, where: str,
@@ -838,7 +859,7 @@ def _users_from_entry(spec: object, config: Config, where: str,
     if unknown:
         raise ConfigError(f"{where}: unknown setting {sorted(unknown)[0]!r}")
     source = spec.get("from")
-    if source not in USER_SOURCES:
+    if not isinstance(source, str) or source not in USER_SOURCES:  # (a list: TypeError, unhashable)
         raise ConfigError(f"{where}: 'from' must be one of {', '.join(sorted(USER_SOURCES))}")
     header = spec.get("header", USER_SOURCES[source])
     if source != "user_field" and not (isinstance(header, str) and _TOKEN.fullmatch(header)):
@@ -874,18 +895,23 @@ def _window(window: object, base: dict, where: str) -> BucketSpec:
     values = dict(base, **{k: v for k, v in window.items() if k != "name"})
     for field_name in ("max_tokens", "refill_tokens"):
         value = values[field_name]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{where}: {field_name} must be a whole number of at least 1")
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WINDOW_TOKENS:
+            raise ConfigError(f"{where}: {field_name} must be a whole number from 1 to "
+                              f"{MAX_WINDOW_TOKENS:,}")
     interval = values["refill_interval_seconds"]
-    if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not interval > 0:
-        raise ConfigError(f"{where}: refill_interval_seconds must be a positive number")
+    # Compared before float() sees it: an int too large for a float raises OverflowError
+    # there, and infinity (1e400 in JSON) or NaN would pass a mere "> 0".
+    if (isinstance(interval, bool) or not isinstance(interval, (int, float))
+            or not MIN_REFILL_SECONDS <= interval <= MAX_REFILL_SECONDS):
+        raise ConfigError(f"{where}: refill_interval_seconds must be a number of seconds from "
+                          f"{MIN_REFILL_SECONDS:g} to {MAX_REFILL_SECONDS:.0f} (a century)")
     name = window.get("name", "")
     if not isinstance(name, str):
         raise ConfigError(f"{where}: name must be a string")
     unit, period, models = window.get("unit", ""), window.get("period"), window.get("models")
     if unit not in ("", "requests", "tokens"):
         raise ConfigError(f"{where}: unit must be \"requests\" or \"tokens\"")
-    if period is not None and period not in PERIOD_DAYS:
+    if period is not None and (not isinstance(period, str) or period not in PERIOD_DAYS):  # as above
         raise ConfigError(f"{where}: period must be \"day\", \"week\" or \"month\"")
     if models is not None and not (isinstance(models, list) and models
                                    and all(isinstance(m, str) for m in models)):
@@ -5367,8 +5393,8 @@ class KeysFile:
                 self.text = file.read()
         except FileNotFoundError:
             self.text = "{\n}\n"
-        self.spans = entry_spans(self.text)
-        self.entries = json.loads(self.text) if self.spans else {}
+        self.entries = keys_document(self.text)  # first: malformed text is a ConfigError, said plainly
+        self.spans = entry_spans(self.text)  # and anything but an object is refused here
 
     def find(self, name: str) -> tuple[str, int, int, int]:
         for span in self.spans:
