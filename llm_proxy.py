@@ -48,6 +48,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 import urllib.parse
 from collections import OrderedDict, deque
 from contextlib import contextmanager, suppress
@@ -2794,6 +2795,7 @@ class DisconnectWatcher:
         else:
             self._selector.register(self._wake_reader, selectors.EVENT_READ)  # type: ignore[union-attr]
         self._stopped = False
+        self._guard = LoopGuard("disconnect watcher")  # used by its thread alone
         self._thread = threading.Thread(target=self._run, name="disconnect-watcher", daemon=True)
         self._thread.start()
 
@@ -2850,18 +2852,20 @@ class DisconnectWatcher:
             self._selector.unregister(watch.client)  # type: ignore[union-attr]
 
     def _run(self) -> None:
+        while not self._stopped:
+            if not self._guard.run("waiting for clients to hang up", self._wait_and_check):
+                time.sleep(0.5)  # a wait that fails at once must not spin
+
+    def _wait_and_check(self) -> None:
         # epoll and kqueue see sockets registered during a wait; the timeout bounds
         # the delay on platforms whose selectors do not.
-        while not self._stopped:
-            if self._epoll is not None:
-                for fd, _ in self._epoll.poll(0.5):
-                    watch = self._watches.get(fd)
-                    if watch is not None:
-                        self._check(watch)
-                continue
-            for key, _ in self._selector.select(timeout=0.5):  # type: ignore[union-attr]
-                if key.data is not None:
-                    self._check(key.data)
+        if self._epoll is not None:
+            ready = [self._watches.get(fd) for fd, _ in self._epoll.poll(0.5)]
+        else:
+            ready = [key.data for key, _ in self._selector.select(timeout=0.5)]  # type: ignore[union-attr]
+        for watch in ready:
+            if watch is not None:  # (the wake-up socket's)
+                self._guard.run("checking a client that may have hung up", self._check, watch)
 
     def _check(self, watch: _Watch) -> None:
         # Under the watch's lock: the handler cannot cancel, read the socket or close
@@ -4923,6 +4927,41 @@ class TrackedServer(ThreadingHTTPServer):
                 pass
 
 
+class LoopGuard:
+    """Runs the steps of a background thread's loop so that no exception ends the thread.
+
+    These threads work for the whole process (re-reading KEYS_FILE, saving
+    STATE_FILE, noticing clients that hang up, writing the request log), and one
+    that dies does so without a word: its work just stops, for good.  A failing
+    step is logged with its traceback the first time it fails in a given way
+    (type and place), not on every later round while it keeps failing so; once
+    the step works again, a new failure is logged anew.  One guard per thread.
+    """
+
+    def __init__(self, thread: str) -> None:
+        self.thread = thread
+        self._reported: dict[str, set[tuple[str, str, int | None]]] = {}
+
+    def run(self, step: str, action: Callable[..., object], *args: object) -> bool:
+        """``action(*args)``; False if it raised, the failure being logged (once, as above)."""
+        try:
+            action(*args)
+        except Exception as error:
+            self._report(step, error)
+            return False
+        self._reported.pop(step, None)
+        return True
+
+    def _report(self, step: str, error: Exception) -> None:
+        place = traceback.extract_tb(error.__traceback__)[-1]
+        failure = (type(error).__name__, place.filename, place.lineno)
+        reported = self._reported.setdefault(step, set())
+        if failure not in reported:
+            reported.add(failure)
+            log.error("%s thread: %s failed; the thread goes on (this failure is not logged "
+                      "again until the step has worked)", self.thread, step, exc_info=error)
+
+
 class BackgroundLog:
     """Hands a logger's records to a thread of its own, which does the writing.
 
@@ -4968,8 +5007,9 @@ class LineWriter:
         self._lines.append(line)
 
     def _run(self) -> None:
+        guard = LoopGuard("line writer")
         while not self._stopped.wait(self._interval):
-            self.flush()
+            guard.run("writing the request log", self.flush)
 
     def flush(self) -> None:
         batch = []
@@ -5139,6 +5179,8 @@ class ProxyServer(TrackedServer):
         self._wake.set()
 
     def _housekeeping(self) -> None:
+        """Each task on its own: one that fails must not stop the others, or itself next time."""
+        guard = LoopGuard("housekeeping")
         next_tidy = time.monotonic() + self.config.state_save_interval
         while True:
             self._wake.wait(min(1.0, self.config.state_save_interval))
@@ -5146,10 +5188,10 @@ class ProxyServer(TrackedServer):
             if self._closing:
                 return
             forced, self._reload_requested = self._reload_requested, False
-            self.keyring.reload_if_changed(force=forced)
-            self.drop_slow_requests()
+            guard.run("re-reading KEYS_FILE", self.keyring.reload_if_changed, forced)
+            guard.run("ending requests that arrive too slowly", self.drop_slow_requests)
             if time.monotonic() >= next_tidy:
-                self.tidy()
+                guard.run("forgetting full buckets and saving STATE_FILE", self.tidy)
                 next_tidy = time.monotonic() + self.config.state_save_interval
 
     def tidy(self) -> None:

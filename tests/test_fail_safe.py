@@ -7,13 +7,18 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
+import socket
 import tempfile
+import threading
+import time
 import unittest
+from typing import Callable
 from unittest import mock
 
 import llm_proxy
-from test_llm_proxy import CLIENT_KEY, OTHER_KEY, ProxyTestCase
+from test_llm_proxy import CLIENT_KEY, OTHER_KEY, WAIT, CapturingLog, ProxyTestCase
 
 CONFIG = llm_proxy.Config(upstream_url="http://127.0.0.1:9/v1")
 DEEP = "[" * 100_000 + "]" * 100_000
@@ -40,8 +45,29 @@ MALFORMED_KEYS = {
 }
 
 
+def capture_log(test: unittest.TestCase) -> CapturingLog:
+    """The proxy's log records, for one test that starts no proxy (ProxyTestCase has its own)."""
+    capture = CapturingLog()
+    logger = logging.getLogger("llm_proxy")
+    saved = logger.level, logger.propagate
+    logger.addHandler(capture)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    test.addCleanup(logger.removeHandler, capture)
+    test.addCleanup(lambda: (logger.setLevel(saved[0]), setattr(logger, "propagate", saved[1])))
+    return capture
+
+
+def loopback_pair() -> tuple[socket.socket, socket.socket]:
+    """Both ends of a fresh TCP connection on 127.0.0.1."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname(), timeout=WAIT)
+        server, _ = listener.accept()
+    return server, client
+
+
 # --------------------------------------------------------------------------
-# 1. A malformed keys file must not end the housekeeping thread
+# 1. A malformed keys file, or any failing task, must not end a background thread
 # --------------------------------------------------------------------------
 
 class MalformedKeysTests(unittest.TestCase):
@@ -105,6 +131,106 @@ class HousekeepingTests(ProxyTestCase):
                 self.assertEqual(self.chat(key=OTHER_KEY).status, 200)
         self.disable_bob_and_see_it_applied()
         self.assertNotIn("Traceback", self.written())
+
+    def test_a_failing_task_is_logged_once_and_the_loop_goes_on(self) -> None:
+        calls: list[int] = []
+        failing = threading.Event()
+        failing.set()
+
+        def drop_slow_requests() -> None:
+            calls.append(1)
+            if failing.is_set():
+                raise RuntimeError("made to fail")
+
+        def failures() -> list[str]:
+            return [line for line in self.log.lines if "ending requests that arrive too slowly" in line]
+
+        def rounds(count: int) -> None:
+            """``count`` more housekeeping rounds, each finished (the next one has begun)."""
+            target = len(calls) + count + 1
+            while len(calls) < target:
+                before = len(calls)
+                self.proxy.request_reload()
+                self.wait_for(lambda: len(calls) > before)
+
+        self.proxy.drop_slow_requests = drop_slow_requests
+        rounds(3)
+        self.assertEqual(len(failures()), 1, self.log.lines)
+        self.assertIn("housekeeping thread: ending requests that arrive too slowly failed; the "
+                      "thread goes on", failures()[0])
+        self.assertIn("Traceback (most recent call last)", failures()[0])
+        self.assertIn("RuntimeError: made to fail", failures()[0])
+        self.disable_bob_and_see_it_applied()  # the other tasks still run, round after round
+        failing.clear()
+        rounds(1)  # the task works again: a new failure is news
+        failing.set()
+        rounds(2)
+        self.assertEqual(len(failures()), 2, self.log.lines)
+
+
+class BackgroundThreadTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.log = capture_log(self)
+
+    def wait_for(self, condition: Callable[[], bool], failure: str) -> None:
+        """Poll for what another thread does, as ProxyTestCase.wait_for (no refill waits here)."""
+        deadline = time.monotonic() + WAIT
+        while not condition():
+            self.assertLess(time.monotonic(), deadline, failure)
+            time.sleep(0.005)
+
+    def logged(self, text: str) -> list[str]:
+        self.wait_for(lambda: any(text in line for line in self.log.lines), f"never logged: {text!r}")
+        return [line for line in self.log.lines if text in line]
+
+    def test_the_line_writer_survives_a_failing_write(self) -> None:
+        class FlakyStream(io.StringIO):
+            failures = 1
+
+            def write(self, text: str) -> int:
+                if self.failures:
+                    self.failures -= 1
+                    raise RuntimeError("made to fail")
+                return super().write(text)
+
+        stream = FlakyStream()
+        writer = llm_proxy.LineWriter(stream, interval=0.01)
+        self.addCleanup(writer.close)
+        writer.write("lost with the failing write\n")
+        self.wait_for(lambda: stream.failures == 0, "never written")
+        writer.write("written after it\n")
+        self.wait_for(lambda: "written after it" in stream.getvalue(), "the line writer stopped")
+        self.assertEqual(stream.getvalue(), "written after it\n")
+        failure = self.logged("line writer thread: writing the request log failed")
+        self.assertIn("RuntimeError: made to fail", failure[0])
+
+    def test_the_disconnect_watcher_survives_a_failing_check(self) -> None:
+        real_readable_now = llm_proxy._readable_now
+        failures = [RuntimeError("made to fail")]
+
+        def readable_now(sock: socket.socket) -> bool:
+            if failures:
+                raise failures.pop()
+            return real_readable_now(sock)
+
+        watcher = llm_proxy.DisconnectWatcher()
+        self.addCleanup(watcher.close)
+        with mock.patch.object(llm_proxy, "_readable_now", readable_now):
+            self.hang_up_under(watcher)
+            self.wait_for(lambda: not failures, "never checked")
+            noticed = self.hang_up_under(watcher)
+            self.assertTrue(noticed.wait(WAIT), "the watcher stopped watching")
+        failure = self.logged("disconnect watcher thread: checking a client that may have hung up failed")
+        self.assertIn("RuntimeError: made to fail", failure[0])
+
+    def hang_up_under(self, watcher: llm_proxy.DisconnectWatcher) -> threading.Event:
+        """A connection ``watcher`` watches, whose client hangs up; the event is set when noticed."""
+        server, client = loopback_pair()
+        self.addCleanup(server.close)
+        noticed = threading.Event()
+        watcher.watch(server, noticed.set)
+        client.close()
+        return noticed
 
 
 if __name__ == "__main__":
