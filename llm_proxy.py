@@ -4318,6 +4318,7 @@ PROMPT, COMPLETION, CHARGED = (USAGE_FIELDS.index(name) for name in
                                ("prompt_tokens", "completion_tokens", "tokens_charged"))
 NO_TOKENS = (0, 0, 0)
 OTHER = "_other"  # where identities without a name, or beyond the cap, are counted together
+MAX_IDENTITIES = 2_000  # callers the usage history and /metrics each tell apart; the rest are OTHER
 
 
 class Ledger:
@@ -4376,12 +4377,12 @@ class UsageBook:
     """Who used what, per identity: kept in STATE_FILE, bounded in memory.
 
     Identities are the buckets' (a key's digest, or a user's under an app key);
-    past ``max_ledgers`` new ones are counted together under ``_other``.
+    past ``max_identities`` new ones are counted together under ``_other``.
     """
 
-    def __init__(self, keep_days: int = 90, max_ledgers: int = 2_000) -> None:
+    def __init__(self, keep_days: int = 90, max_identities: int = MAX_IDENTITIES) -> None:
         self.keep_days = keep_days
-        self.max_ledgers = max_ledgers
+        self.max_identities = max_identities
         self._ledgers: dict[str, Ledger] = {}
         self._lock = threading.Lock()
 
@@ -4390,7 +4391,7 @@ class UsageBook:
         with self._lock:
             ledger = self._ledgers.get(identity)
             if ledger is None:
-                if len(self._ledgers) >= self.max_ledgers:
+                if len(self._ledgers) >= self.max_identities:
                     identity, key, user = OTHER, OTHER, None
                     ledger = self._ledgers.get(OTHER)
                 if ledger is None:
@@ -4482,10 +4483,16 @@ class Histogram:
 
 
 class Metrics:
-    """Counters for Prometheus, labelled by key name (never a key), user and endpoint."""
+    """Counters for Prometheus, labelled by key name (never a key), user and endpoint.
 
-    def __init__(self, max_series: int = 20_000) -> None:
-        self.max_series = max_series
+    The cap is on callers, as in the usage history, not on series: every caller
+    has a few series (endpoints and outcomes), and a cap on series let one app key
+    with thousands of users fill a scrape with them.  Callers past it are ``_other``.
+    """
+
+    def __init__(self, max_identities: int = MAX_IDENTITIES) -> None:
+        self.max_identities = max_identities
+        self._identities: set[tuple[str, str | None]] = set()  # the (key, user) labels counted apart
         self.requests: dict[tuple[str, str | None, str, str], int] = {}
         self.tokens: dict[tuple[str, str | None], list[int]] = {}  # prompt, completion, charged
         self.duration = Histogram()
@@ -4504,8 +4511,7 @@ class Metrics:
     def record(self, key: str, user: str | None, endpoint: str, outcome: str, prompt: int,
                completion: int, charged: int, duration: float, first_byte: float | None) -> None:
         with self._lock:
-            if len(self.requests) >= self.max_series and (key, user, endpoint, outcome) not in self.requests:
-                key, user = OTHER, None
+            key, user = self._counted_as(key, user)
             series = (key, user, endpoint, outcome)
             self.requests[series] = self.requests.get(series, 0) + 1
             if prompt or completion or charged:
@@ -4518,6 +4524,15 @@ class Metrics:
             self.duration.observe(duration)
             if first_byte is not None:
                 self.first_byte.observe(first_byte)
+
+    def _counted_as(self, key: str, user: str | None) -> tuple[str, str | None]:
+        """The labels a caller's requests are counted under: its own, or OTHER's past the cap."""
+        identity = (key, user)
+        if identity not in self._identities:
+            if len(self._identities) >= self.max_identities:
+                return OTHER, None
+            self._identities.add(identity)
+        return identity
 
 
 def _label_value(value: str) -> str:

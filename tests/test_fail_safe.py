@@ -18,9 +18,11 @@ from typing import Callable
 from unittest import mock
 
 import llm_proxy
-from test_llm_proxy import CLIENT_KEY, OTHER_KEY, WAIT, CapturingLog, ProxyTestCase
+from test_llm_proxy import CLIENT_KEY, OTHER_KEY, WAIT, CapturingLog, ProxyTestCase, Response
+from tests.test_owner import ADMIN_KEY, parse_exposition
 
 CONFIG = llm_proxy.Config(upstream_url="http://127.0.0.1:9/v1")
+APP_KEY = "sk-app-of-many-users-5309"
 DEEP = "[" * 100_000 + "]" * 100_000
 
 # Keys files the owner could write by mistake (or an attacker on purpose), each with the start
@@ -231,6 +233,57 @@ class BackgroundThreadTests(unittest.TestCase):
         watcher.watch(server, noticed.set)
         client.close()
         return noticed
+
+
+# --------------------------------------------------------------------------
+# 2. /metrics tells apart as many callers as the usage history, then counts the rest as _other
+# --------------------------------------------------------------------------
+
+class AppKeyTestCase(ProxyTestCase):
+    """An app key whose end users name themselves in the request's ``user`` field."""
+
+    users: dict = {"from": "user_field", "required": True, "max_tokens": 1, "refill_tokens": 1,
+                   "refill_interval_seconds": 86400}
+
+    def setUp(self) -> None:
+        directory = tempfile.TemporaryDirectory()
+        self.addCleanup(directory.cleanup)
+        self.keys_path = os.path.join(directory.name, "keys.json")
+        with open(self.keys_path, "w") as file:
+            json.dump({APP_KEY: {"name": "webui", "max_tokens": 1000, "refill_tokens": 1000,
+                                 "refill_interval_seconds": 86400, "users": self.users}}, file)
+        self.config_overrides = {"keys_file": self.keys_path, "admin_key": ADMIN_KEY}
+        super().setUp()
+
+    def reply_text(self, response: Response) -> str:
+        return response.json()["choices"][0]["message"]["content"]
+
+    def admin(self, path: str) -> Response:
+        return self.request("GET", path, key=ADMIN_KEY)
+
+
+class IdentityCapTests(AppKeyTestCase):
+    def test_metrics_and_history_count_the_same_number_of_callers_apart(self) -> None:
+        self.proxy.usage = llm_proxy.UsageBook(max_identities=3)
+        self.proxy.metrics = llm_proxy.Metrics(max_identities=3)
+        users = [f"user{n}@home.lan" for n in range(6)]
+        for user in users:  # two series each: one request served, one limited
+            self.assertEqual(self.reply_text(self.chat(key=APP_KEY, user=user)), "hi from upstream")
+            self.assertIn("limit reached", self.reply_text(self.chat(key=APP_KEY, user=user)))
+        self.logged(12)  # (a request is counted just before its line is written)
+
+        samples = parse_exposition(self.admin("/metrics").body.decode())["llm_proxy_requests_total"]["samples"]
+        counted: dict = {}
+        for _, labels, value in samples:
+            caller = (labels["key"], labels.get("user"))
+            counted[caller] = counted.get(caller, 0) + value
+        self.assertEqual(counted, {("webui", users[0]): 2, ("webui", users[1]): 2,
+                                   ("webui", users[2]): 2, ("_other", None): 6})
+        self.assertEqual(len(samples), 8)  # served and limited for each of the four
+
+        history = {ledger.user or identity: ledger.total[0] for identity, ledger in self.proxy.usage.items()}
+        app = "key:" + llm_proxy.key_digest(APP_KEY)  # the app's own ledger is one of the three
+        self.assertEqual(history, {users[0]: 2, app: 12, users[1]: 2, "_other": 8})
 
 
 if __name__ == "__main__":
