@@ -50,7 +50,7 @@ import threading
 import time
 import traceback
 import urllib.parse
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, fields, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -5453,15 +5453,22 @@ class KeysFile:
         self.entries = keys_document(self.text)  # first: malformed text is a ConfigError, said plainly
         self.spans = entry_spans(self.text)  # and anything but an object is refused here
 
-    def find(self, name: str) -> tuple[str, int, int, int]:
-        for span in self.spans:
-            if self.entries[span[0]].get("name") == name:
-                return span
-        raise ConfigError(f"no key named {name!r} in {self.path}")
+    def name_of(self, stored: str) -> str | None:
+        """The name of the entry stored under ``stored``, if it has one that is a string."""
+        entry = self.entries[stored]
+        name = entry.get("name") if isinstance(entry, dict) else None
+        return name if isinstance(name, str) else None
+
+    def find(self, name: str) -> list[tuple[str, int, int, int]]:
+        """Every entry called ``name``, in file order: ``add`` refuses a second, but a hand edit may not."""
+        found = [span for span in self.spans if self.name_of(span[0]) == name]
+        if not found:
+            raise ConfigError(f"no key named {name!r} in {self.path}")
+        return found
 
     def add(self, name: str, settings: dict) -> str:
         """A new random key for ``name``; only its SHA-256 is stored.  Returns the key."""
-        if any(entry.get("name") == name for entry in self.entries.values()):
+        if any(self.name_of(stored) == name for stored in self.entries):
             raise ConfigError(f"a key named {name!r} exists already in {self.path}")
         key = "sk-" + secrets.token_urlsafe(24)
         entry = dict({"name": name}, **settings)
@@ -5477,14 +5484,27 @@ class KeysFile:
         self.save()
         return key
 
-    def update(self, name: str, **changes: object) -> None:
-        key, _, start, end = self.find(name)
-        value = dict(self.entries[key], **changes)
-        self.text = self.text[:start] + json.dumps(value) + self.text[end:]
+    def update(self, name: str, **changes: object) -> int:
+        """Change every entry called ``name`` (disabling one of two "bob"s would leave a bob
+        working); returns how many there were."""
+        found = self.find(name)
+        for key, _, start, end in reversed(found):  # from the last: earlier offsets stay valid
+            value = dict(self.entries[key], **changes)
+            self.text = self.text[:start] + json.dumps(value) + self.text[end:]
         self.save()
+        return len(found)
 
-    def remove(self, name: str) -> None:
-        index = self.spans.index(self.find(name))
+    def remove(self, name: str) -> int:
+        """Remove every entry called ``name``; returns how many there were."""
+        count = len(self.find(name))
+        for _ in range(count):
+            self._cut(self.spans.index(self.find(name)[0]))
+            self.spans = entry_spans(self.text)  # the cut moved every entry after it
+        self.save()
+        return count
+
+    def _cut(self, index: int) -> None:
+        """Take entry ``index`` out of the text, with the comma that separated it."""
         _, key_start, _, value_end = self.spans[index]
         if index > 0:  # from the end of the previous entry, taking its comma
             self.text = self.text[:self.spans[index - 1][3]] + self.text[value_end:]
@@ -5492,7 +5512,6 @@ class KeysFile:
             self.text = self.text[:key_start] + self.text[self.spans[1][1]:]
         else:
             self.text = self.text[:key_start].rstrip() + "\n" + self.text[value_end:].lstrip()
-        self.save()
 
     def _indent(self) -> str:
         line_start = self.text.rfind("\n", 0, self.spans[-1][1]) + 1
@@ -5541,15 +5560,24 @@ def keys_action(args: argparse.Namespace, path: str, config: Config) -> int:
         print(f"added {args.name!r} to {path}; the key is shown once, here (only its SHA-256 is kept):")
         print(key)
     elif args.action == "list":
+        sharing = Counter(keys.name_of(stored) for stored in keys.entries)
         for stored, entry in keys.entries.items():
-            print(describe_entry(stored, entry, config))
+            line, name = describe_entry(stored, entry, config), keys.name_of(stored)
+            if name and sharing[name] > 1:  # what disable, enable and remove then act on
+                line += f"  one of {sharing[name]} keys named {name!r}"
+            print(line)
     elif args.action in ("disable", "enable"):
-        keys.update(args.name, enabled=args.action == "enable")
-        print(f"{args.name}: {args.action}d")
+        count = keys.update(args.name, enabled=args.action == "enable")
+        print(f"{args.name}: {args.action}d{_how_many(count)}")
     else:
-        keys.remove(args.name)
-        print(f"{args.name}: removed")
+        count = keys.remove(args.name)
+        print(f"{args.name}: removed{_how_many(count)}")
     return 0
+
+
+def _how_many(count: int) -> str:
+    """Said after an edit of several entries with one name, so that none goes unnoticed."""
+    return f" ({count} keys)" if count > 1 else ""
 
 
 def describe_entry(stored: str, entry: dict, config: Config) -> str:

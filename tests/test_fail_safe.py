@@ -5,6 +5,7 @@ Each test failed before its fix.  Run by the README's command, ``python3 test_ll
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -284,6 +285,52 @@ class IdentityCapTests(AppKeyTestCase):
         history = {ledger.user or identity: ledger.total[0] for identity, ledger in self.proxy.usage.items()}
         app = "key:" + llm_proxy.key_digest(APP_KEY)  # the app's own ledger is one of the three
         self.assertEqual(history, {users[0]: 2, app: 12, users[1]: 2, "_other": 8})
+
+
+# --------------------------------------------------------------------------
+# 3. `keys disable NAME` acts on every entry of that name, and says how many
+# --------------------------------------------------------------------------
+
+class DuplicateNameTests(unittest.TestCase):
+    TEXT = ('{\n  "%s": {"name": "bob", "max_tokens": 5},\n  "sk-ada-0000000001": {"name": "ada"},\n'
+            '  "%s": {"name": "bob", "max_tokens": 7}\n}\n' % (CLIENT_KEY, OTHER_KEY))
+
+    def setUp(self) -> None:
+        directory = tempfile.TemporaryDirectory()
+        self.addCleanup(directory.cleanup)
+        self.path = os.path.join(directory.name, "keys.json")
+        with open(self.path, "w") as file:
+            file.write(self.TEXT)
+
+    def keys(self, *args: str) -> tuple[int, str]:
+        """``llm_proxy keys ARGS``: its exit status and what it printed."""
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+            status = llm_proxy.main(["keys", *args], {"KEYS_FILE": self.path})
+        return status, printed.getvalue()
+
+    def enabled(self) -> dict:
+        with open(self.path) as file:
+            return {entry["name"] + str(entry.get("max_tokens", "")): entry.get("enabled", True)
+                    for entry in json.load(file).values()}
+
+    def test_disable_enable_and_remove_act_on_every_key_of_the_name(self) -> None:
+        status, listing = self.keys("list")
+        self.assertEqual(status, 0)
+        bobs = [line for line in listing.splitlines() if line.startswith("bob ")]
+        self.assertEqual(len(bobs), 2)
+        for line in bobs:
+            self.assertTrue(line.endswith("  one of 2 keys named 'bob'"), line)
+        self.assertNotIn("one of", [line for line in listing.splitlines() if line.startswith("ada ")][0])
+
+        self.assertEqual(self.keys("disable", "bob"), (0, "bob: disabled (2 keys)\n"))
+        self.assertEqual(self.enabled(), {"bob5": False, "ada": True, "bob7": False})
+        self.assertEqual(self.keys("enable", "bob"), (0, "bob: enabled (2 keys)\n"))
+        self.assertEqual(self.enabled(), {"bob5": True, "ada": True, "bob7": True})
+        self.assertEqual(self.keys("disable", "ada"), (0, "ada: disabled\n"))  # one: said as before
+        self.assertEqual(self.keys("remove", "bob"), (0, "bob: removed (2 keys)\n"))
+        with open(self.path) as file:
+            self.assertEqual(file.read(), '{\n  "sk-ada-0000000001": {"name": "ada", "enabled": false}\n}\n')
 
 
 if __name__ == "__main__":
