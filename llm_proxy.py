@@ -776,8 +776,17 @@ class UserSpec:
         return self.overrides.get(digest, self.default)
 
 
+def user_key(user: str) -> str:
+    """What tells end users apart: KID@Home.LAN is kid@home.lan, as mail and people see it.
+
+    Otherwise a user escapes their override, and gets fresh buckets, by capitalising.
+    """
+    return user.strip().casefold()
+
+
 def user_digest(user: str) -> str:
-    return hashlib.sha256(user.encode("utf-8", "surrogateescape")).hexdigest()[:24]
+    """The name under which a user's buckets (and override) are kept, the same for any case."""
+    return hashlib.sha256(user_key(user).encode("utf-8", "surrogateescape")).hexdigest()[:24]
 
 
 def _b64url(text: str) -> bytes:
@@ -884,8 +893,15 @@ def _users_from_entry(spec: object, config: Config, where: str,
     overrides = spec.get("overrides", {})
     if not isinstance(overrides, dict) or not all(isinstance(v, dict) for v in overrides.values()):
         raise ConfigError(f"{where}: 'overrides' must map each user to their settings")
-    by_user = {user_digest(user): _policy_from_entry(dict(limits, **entry), config, f"{where} {user}")
-               for user, entry in overrides.items()}
+    by_user: dict[str, Policy] = {}
+    spelled: dict[str, str] = {}  # each user as written first, to name both of two in one message
+    for user, entry in overrides.items():
+        digest = user_digest(user)
+        if digest in by_user:
+            raise ConfigError(f"{where}: overrides {spelled[digest]!r} and {user!r} are one user "
+                              "(case is ignored)")
+        spelled[digest] = user
+        by_user[digest] = _policy_from_entry(dict(limits, **entry), config, f"{where} {user}")
     return UserSpec(source, header if source != "user_field" else None, secret,
                     issuer, required, default, by_user)
 
@@ -4396,7 +4412,7 @@ class UsageBook:
                     ledger = self._ledgers.get(OTHER)
                 if ledger is None:
                     ledger = self._ledgers[identity] = Ledger(key, user)
-            ledger.key, ledger.user = key, user  # a key renamed in the file is shown renamed
+            ledger.key = key  # a key renamed in the file is shown renamed; a user as first sent
             ledger.add(day, outcome, tokens, self.keep_days)
             ledger.last_seen = now
 
@@ -4492,7 +4508,7 @@ class Metrics:
 
     def __init__(self, max_identities: int = MAX_IDENTITIES) -> None:
         self.max_identities = max_identities
-        self._identities: set[tuple[str, str | None]] = set()  # the (key, user) labels counted apart
+        self._labels: dict[tuple[str, str | None], tuple[str, str | None]] = {}  # see _counted_as
         self.requests: dict[tuple[str, str | None, str, str], int] = {}
         self.tokens: dict[tuple[str, str | None], list[int]] = {}  # prompt, completion, charged
         self.duration = Histogram()
@@ -4526,13 +4542,17 @@ class Metrics:
                 self.first_byte.observe(first_byte)
 
     def _counted_as(self, key: str, user: str | None) -> tuple[str, str | None]:
-        """The labels a caller's requests are counted under: its own, or OTHER's past the cap."""
-        identity = (key, user)
-        if identity not in self._identities:
-            if len(self._identities) >= self.max_identities:
+        """The labels a caller's requests are counted under: its own, or OTHER's past the cap.
+
+        A user's are as first sent, whatever the case of later requests: one person, one series.
+        """
+        identity = (key, None if user is None else user_key(user))
+        labels = self._labels.get(identity)
+        if labels is None:
+            if len(self._labels) >= self.max_identities:
                 return OTHER, None
-            self._identities.add(identity)
-        return identity
+            labels = self._labels[identity] = (key, user)
+        return labels
 
 
 def _label_value(value: str) -> str:

@@ -333,5 +333,35 @@ class DuplicateNameTests(unittest.TestCase):
             self.assertEqual(file.read(), '{\n  "sk-ada-0000000001": {"name": "ada", "enabled": false}\n}\n')
 
 
+# --------------------------------------------------------------------------
+# 4. An end user is one person however they capitalise
+# --------------------------------------------------------------------------
+
+class UserCaseTests(AppKeyTestCase):
+    users = dict(AppKeyTestCase.users, max_tokens=2, refill_tokens=2,
+                 overrides={"kid@home.lan": {"max_tokens": 1}})
+
+    def test_an_override_applies_in_any_case_and_the_spellings_share_one_bucket(self) -> None:
+        self.assertEqual(self.reply_text(self.chat(key=APP_KEY, user="KID@Home.LAN")), "hi from upstream")
+        self.assertIn("limit reached", self.reply_text(self.chat(key=APP_KEY, user=" kid@home.lan")))
+        quota = self.request("GET", "/v1/quota?user=Kid@home.lan", key=APP_KEY).json()
+        self.assertEqual([(b["capacity"], b["tokens"]) for b in quota["buckets"]], [(1, 0)])
+        self.assertEqual(quota["user"], "Kid@home.lan")  # what this request sent
+        self.logged(3)
+
+        webui = self.admin("/admin/api/usage").json()["keys"][0]
+        self.assertEqual([(user["name"], user["usage"]["all_time"]["requests"]) for user in webui["users"]],
+                         [("KID@Home.LAN", 2)])  # shown as first sent
+        samples = parse_exposition(self.admin("/metrics").body.decode())["llm_proxy_requests_total"]["samples"]
+        self.assertEqual({labels["user"] for _, labels, _ in samples}, {"KID@Home.LAN"})
+
+    def test_two_overrides_for_one_user_are_refused(self) -> None:
+        users = dict(self.users, overrides={"Kid@home.lan": {}, "kid@HOME.lan": {"max_tokens": 2}})
+        with self.assertRaises(llm_proxy.ConfigError) as raised:
+            llm_proxy.parse_keys_file(json.dumps({APP_KEY: {"name": "webui", "users": users}}), CONFIG)
+        self.assertEqual(str(raised.exception), "entry 1 (webui) users: overrides 'Kid@home.lan' and "
+                                                "'kid@HOME.lan' are one user (case is ignored)")
+
+
 if __name__ == "__main__":
     unittest.main()
