@@ -643,6 +643,7 @@ USER_SOURCES = {"jwt": "X-OpenWebUI-User-Jwt", "header": None, "user_field": Non
 USERS_FIELDS = POLICY_FIELDS - {"name", "users", "enabled", "expires"} | {
     "from", "header", "secret_env", "issuer", "required", "overrides"}
 MAX_USER_LENGTH = 256  # longer identities are refused, not truncated into someone else's
+MIN_JWT_SECRET_BYTES = 32  # HS256 wants a key as long as its hash (RFC 7518, 3.2); shorter can be guessed
 MAX_WINDOW_TOKENS = 10 ** 15  # counts stay exact through the refill arithmetic's floats (2**53)
 MIN_REFILL_SECONDS = 0.001     # shorter means nothing, and the tiniest overflow the count of steps
 MAX_REFILL_SECONDS = 100 * 366 * 86400.0  # a century: "never refills", with the sums still finite
@@ -880,10 +881,12 @@ def _users_from_entry(spec: object, config: Config, where: str,
         if not isinstance(variable, str) or not variable:
             raise ConfigError(f"{where}: 'secret_env' must name the environment variable that "
                               "holds the JWT secret (never the secret itself)")
-        value = os.environ.get(variable, "")
-        if not value and require_secrets:
+        secret = os.environ.get(variable, "").encode("utf-8", "surrogateescape")  # its bytes, as set
+        if not secret and require_secrets:
             raise ConfigError(f"{where}: the environment variable {variable} is not set")
-        secret = value.encode("utf-8")
+        if len(secret) < MIN_JWT_SECRET_BYTES and require_secrets:  # never the value, in any message
+            raise ConfigError(f"{where}: the JWT secret in {variable} is shorter than "
+                              f"{MIN_JWT_SECRET_BYTES} bytes (make one with: openssl rand -hex 32)")
     issuer = spec.get("issuer")
     required = spec.get("required", True)
     if issuer is not None and not isinstance(issuer, str) or not isinstance(required, bool):

@@ -363,5 +363,39 @@ class UserCaseTests(AppKeyTestCase):
                                                 "'kid@HOME.lan' are one user (case is ignored)")
 
 
+# --------------------------------------------------------------------------
+# 5. The JWT secret is at least 32 bytes long
+# --------------------------------------------------------------------------
+
+class JwtSecretTests(unittest.TestCase):
+    VARIABLE = "ISSUE_18_JWT_SECRET"
+    KEYS = json.dumps({APP_KEY: {"name": "webui", "users": {"from": "jwt", "secret_env": VARIABLE}}})
+
+    def parse(self, secret: str, require_secrets: bool = True) -> dict:
+        with mock.patch.dict(os.environ, {self.VARIABLE: secret}):
+            return llm_proxy.parse_keys_file(self.KEYS, CONFIG, require_secrets)
+
+    def test_a_shorter_secret_is_refused_naming_its_variable_not_its_value(self) -> None:
+        for short in ("shared-secret-of-31-bytes-12345", "é" * 15):  # 31 bytes; 15 characters, 30 bytes
+            with self.subTest(short=short):
+                with self.assertRaises(llm_proxy.ConfigError) as raised:
+                    self.parse(short)
+                self.assertEqual(str(raised.exception),
+                                 f"entry 1 (webui) users: the JWT secret in {self.VARIABLE} is shorter "
+                                 "than 32 bytes (make one with: openssl rand -hex 32)")
+                self.assertEqual(len(self.parse(short, require_secrets=False)), 1)  # as `keys` reads it
+        for enough in ("shared-secret-of-32-bytes-123456", "é" * 16):
+            self.assertEqual(len(self.parse(enough)), 1)
+
+    def test_the_keys_command_still_edits_a_file_whose_secret_it_cannot_see(self) -> None:
+        with tempfile.TemporaryDirectory() as directory:
+            path = os.path.join(directory, "keys.json")
+            with open(path, "w") as file:
+                file.write(self.KEYS)
+            printed = io.StringIO()
+            with mock.patch.dict(os.environ, {self.VARIABLE: "short"}), contextlib.redirect_stdout(printed):
+                self.assertEqual(llm_proxy.main(["keys", "disable", "webui"], {"KEYS_FILE": path}), 0)
+        self.assertEqual(printed.getvalue(), "webui: disabled\n")
+
 if __name__ == "__main__":
     unittest.main()
