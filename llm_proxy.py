@@ -5106,6 +5106,11 @@ def write_atomically(path: str, data: bytes, keep_owner: bool = False) -> None:
         os.close(directory_descriptor)
 
 
+# What a state file's content can raise, however it was damaged (a JSON value of any shape).
+BROKEN_STATE = (OSError, ValueError, ArithmeticError, RecursionError, KeyError, TypeError,
+                AttributeError)
+
+
 class ProxyServer(TrackedServer):
     """The proxy: keys, buckets, the fair gate and the upstream pool, plus housekeeping.
 
@@ -5249,23 +5254,42 @@ class ProxyServer(TrackedServer):
             log.error("STATE_FILE %s: cannot save (%s)", path, error.strerror)
 
     def load_state(self) -> None:
-        """Restore saved buckets; a missing or broken file means starting clean, said once."""
+        """Restore saved buckets and usage history; a missing or broken file means starting clean.
+
+        The two sections are restored each on its own, and each says how it went:
+        a broken history must neither cost the buckets nor be reported as if it had.
+        """
         path = self.config.state_file
         try:
             with open(path, "rb") as file:
                 state = json.loads(file.read())
             if state.get("version") != 1:
                 raise ValueError("unknown version")
-            self.buckets.load(state["buckets"], self.wall_clock)
-            self.usage.load(state.get("usage", {}))
         except FileNotFoundError:
             log.info("STATE_FILE %s: not found; every bucket starts full", path)
-        except (OSError, ValueError, ArithmeticError, RecursionError, KeyError, TypeError,
-                AttributeError) as error:
+            return
+        except BROKEN_STATE as error:
             log.error("STATE_FILE %s: unreadable (%s); every bucket starts full",
+                      path, type(error).__name__)
+            return
+        self._restore_buckets(path, state)
+        self._restore_usage(path, state)
+
+    def _restore_buckets(self, path: str, state: dict) -> None:
+        try:
+            self.buckets.load(state["buckets"], self.wall_clock)
+        except BROKEN_STATE as error:
+            log.error("STATE_FILE %s: buckets unreadable (%s); every bucket starts full",
                       path, type(error).__name__)
         else:
             log.info("STATE_FILE %s: restored %d callers' buckets", path, len(self.buckets))
+
+    def _restore_usage(self, path: str, state: dict) -> None:
+        try:
+            self.usage.load(state.get("usage", {}))
+        except BROKEN_STATE as error:
+            log.error("STATE_FILE %s: usage history unreadable (%s); starting empty",
+                      path, type(error).__name__)
 
     def server_close(self) -> None:
         """Stop everything, then save the buckets a last time."""

@@ -397,5 +397,40 @@ class JwtSecretTests(unittest.TestCase):
                 self.assertEqual(llm_proxy.main(["keys", "disable", "webui"], {"KEYS_FILE": path}), 0)
         self.assertEqual(printed.getvalue(), "webui: disabled\n")
 
+
+# --------------------------------------------------------------------------
+# 6. A state file's two sections are restored, and reported, each on its own
+# --------------------------------------------------------------------------
+
+class StateSectionTests(ProxyTestCase):
+    def setUp(self) -> None:
+        directory = tempfile.TemporaryDirectory()
+        self.addCleanup(directory.cleanup)
+        self.state_path = os.path.join(directory.name, "state.json")
+        self.config_overrides = {"client_keys": (CLIENT_KEY,), "state_file": self.state_path}
+        super().setUp()
+
+    def test_a_broken_usage_section_costs_the_buckets_nothing_and_the_log_says_so(self) -> None:
+        for _ in range(3):
+            self.chat()
+        self.logged(3)
+        self.stop(self.proxy)  # saves
+        self.proxy = None
+        with open(self.state_path) as file:
+            state = json.load(file)
+        ledger = state["usage"]["key:" + llm_proxy.key_digest(CLIENT_KEY)]
+        ledger["total"][0] = "three"  # one count damaged
+        with open(self.state_path, "w") as file:
+            json.dump(state, file)
+
+        self.log.lines.clear()
+        self.start_proxy(**self.config_overrides)
+        self.assertEqual(self.level(), 7)
+        self.assertEqual(self.proxy.usage.items(), [])
+        self.assertEqual([line for line in self.log.lines if "STATE_FILE" in line], [
+            f"STATE_FILE {self.state_path}: restored 1 callers' buckets",
+            f"STATE_FILE {self.state_path}: usage history unreadable (ValueError); starting empty"])
+
+
 if __name__ == "__main__":
     unittest.main()
