@@ -4511,7 +4511,7 @@ class Metrics:
 
     def __init__(self, max_identities: int = MAX_IDENTITIES) -> None:
         self.max_identities = max_identities
-        self._labels: dict[tuple[str, str | None], tuple[str, str | None]] = {}  # see _counted_as
+        self._callers: dict[tuple[str, str | None], tuple[str, str | None]] = {}  # see _counted_as
         self.requests: dict[tuple[str, str | None, str, str], int] = {}
         self.tokens: dict[tuple[str, str | None], list[int]] = {}  # prompt, completion, charged
         self.duration = Histogram()
@@ -4550,11 +4550,11 @@ class Metrics:
         A user's are as first sent, whatever the case of later requests: one person, one series.
         """
         identity = (key, None if user is None else user_key(user))
-        labels = self._labels.get(identity)
+        labels = self._callers.get(identity)
         if labels is None:
-            if len(self._labels) >= self.max_identities:
+            if len(self._callers) >= self.max_identities:
                 return OTHER, None
-            labels = self._labels[identity] = (key, user)
+            labels = self._callers[identity] = (key, user)
         return labels
 
 

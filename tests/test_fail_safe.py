@@ -52,12 +52,12 @@ def capture_log(test: unittest.TestCase) -> CapturingLog:
     """The proxy's log records, for one test that starts no proxy (ProxyTestCase has its own)."""
     capture = CapturingLog()
     logger = logging.getLogger("llm_proxy")
-    saved = logger.level, logger.propagate
+    test.addCleanup(setattr, logger, "propagate", logger.propagate)
+    test.addCleanup(logger.setLevel, logger.level)
+    test.addCleanup(logger.removeHandler, capture)
     logger.addHandler(capture)
     logger.setLevel(logging.INFO)
     logger.propagate = False
-    test.addCleanup(logger.removeHandler, capture)
-    test.addCleanup(lambda: (logger.setLevel(saved[0]), setattr(logger, "propagate", saved[1])))
     return capture
 
 
