@@ -53,8 +53,9 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 import urllib.parse
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, fields, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -647,6 +648,10 @@ USER_SOURCES = {"jwt": "X-OpenWebUI-User-Jwt", "header": None, "user_field": Non
 USERS_FIELDS = POLICY_FIELDS - {"name", "users", "enabled", "expires"} | {
     "from", "header", "secret_env", "issuer", "required", "overrides"}
 MAX_USER_LENGTH = 256  # longer identities are refused, not truncated into someone else's
+MIN_JWT_SECRET_BYTES = 32  # HS256 wants a key as long as its hash (RFC 7518, 3.2); shorter can be guessed
+MAX_WINDOW_TOKENS = 10 ** 15  # counts stay exact through the refill arithmetic's floats (2**53)
+MIN_REFILL_SECONDS = 0.001     # shorter means nothing, and the tiniest overflow the count of steps
+MAX_REFILL_SECONDS = 100 * 366 * 86400.0  # a century: "never refills", with the sums still finite
 WINDOW_FIELDS = {"name", "max_tokens", "refill_tokens", "refill_interval_seconds", "unit", "period",
                  "models"}
 
@@ -673,10 +678,7 @@ def parse_keys_file(text: str, config: Config,
 
     Errors name the entry by position and name, never by its key.
     """
-    try:
-        entries = json.loads(text)
-    except ValueError as error:
-        raise ConfigError(f"not valid JSON ({error})") from None
+    entries = keys_document(text)
     if not isinstance(entries, dict):
         raise ConfigError("must be a JSON object mapping each client key to its settings")
     policies = {}
@@ -694,6 +696,27 @@ def parse_keys_file(text: str, config: Config,
             raise ConfigError(f"{where}: {error}") from None
         policies[digest] = (secret, _policy_from_entry(entry, config, where, require_secrets))
     return policies
+
+
+def keys_document(text: str) -> object:
+    """The JSON value of a keys file, or ConfigError: any text at all is either one or the other.
+
+    The file is re-read by the housekeeping thread, which expects ConfigError
+    alone; ``json.loads`` also raises RecursionError (deep nesting, which is no
+    ValueError), and takes ``\\ud800``-style escapes of lone surrogates, text
+    no UTF-8 encoder accepts when the key is hashed or the name logged.
+    """
+    try:
+        document = json.loads(text)
+        json.dumps(document, ensure_ascii=False).encode("utf-8")  # finds any lone surrogate
+    except RecursionError:
+        raise ConfigError("not valid JSON (nested too deeply)") from None
+    except UnicodeEncodeError:  # a ValueError too: caught first
+        raise ConfigError("not valid JSON (a \\u escape stands for half a character, "
+                          "a lone surrogate)") from None
+    except ValueError as error:
+        raise ConfigError(f"not valid JSON ({error})") from None
+    return document
 
 
 def _policy_from_entry(entry: dict, config: Config, where: str,
@@ -759,8 +782,17 @@ class UserSpec:
         return self.overrides.get(digest, self.default)
 
 
+def user_key(user: str) -> str:
+    """What tells end users apart: KID@Home.LAN is kid@home.lan, as mail and people see it.
+
+    Otherwise a user escapes their override, and gets fresh buckets, by capitalising.
+    """
+    return user.strip().casefold()
+
+
 def user_digest(user: str) -> str:
-    return hashlib.sha256(user.encode("utf-8", "surrogateescape")).hexdigest()[:24]
+    """The name under which a user's buckets (and override) are kept, the same for any case."""
+    return hashlib.sha256(user_key(user).encode("utf-8", "surrogateescape")).hexdigest()[:24]
 
 
 def _b64url(text: str) -> bytes:
@@ -843,7 +875,7 @@ def _users_from_entry(spec: object, config: Config, where: str,
     if unknown:
         raise ConfigError(f"{where}: unknown setting {sorted(unknown)[0]!r}")
     source = spec.get("from")
-    if source not in USER_SOURCES:
+    if not isinstance(source, str) or source not in USER_SOURCES:  # (a list: TypeError, unhashable)
         raise ConfigError(f"{where}: 'from' must be one of {', '.join(sorted(USER_SOURCES))}")
     header = spec.get("header", USER_SOURCES[source])
     if source != "user_field" and not (isinstance(header, str) and _TOKEN.fullmatch(header)):
@@ -854,10 +886,12 @@ def _users_from_entry(spec: object, config: Config, where: str,
         if not isinstance(variable, str) or not variable:
             raise ConfigError(f"{where}: 'secret_env' must name the environment variable that "
                               "holds the JWT secret (never the secret itself)")
-        value = os.environ.get(variable, "")
-        if not value and require_secrets:
+        secret = os.environ.get(variable, "").encode("utf-8", "surrogateescape")  # its bytes, as set
+        if not secret and require_secrets:
             raise ConfigError(f"{where}: the environment variable {variable} is not set")
-        secret = value.encode("utf-8")
+        if len(secret) < MIN_JWT_SECRET_BYTES and require_secrets:  # never the value, in any message
+            raise ConfigError(f"{where}: the JWT secret in {variable} is shorter than "
+                              f"{MIN_JWT_SECRET_BYTES} bytes (make one with: openssl rand -hex 32)")
     issuer = spec.get("issuer")
     required = spec.get("required", True)
     if issuer is not None and not isinstance(issuer, str) or not isinstance(required, bool):
@@ -867,8 +901,15 @@ def _users_from_entry(spec: object, config: Config, where: str,
     overrides = spec.get("overrides", {})
     if not isinstance(overrides, dict) or not all(isinstance(v, dict) for v in overrides.values()):
         raise ConfigError(f"{where}: 'overrides' must map each user to their settings")
-    by_user = {user_digest(user): _policy_from_entry(dict(limits, **entry), config, f"{where} {user}")
-               for user, entry in overrides.items()}
+    by_user: dict[str, Policy] = {}
+    spelled: dict[str, str] = {}  # each user as written first, to name both of two in one message
+    for user, entry in overrides.items():
+        digest = user_digest(user)
+        if digest in by_user:
+            raise ConfigError(f"{where}: overrides {spelled[digest]!r} and {user!r} are one user "
+                              "(case is ignored)")
+        spelled[digest] = user
+        by_user[digest] = _policy_from_entry(dict(limits, **entry), config, f"{where} {user}")
     return UserSpec(source, header if source != "user_field" else None, secret,
                     issuer, required, default, by_user)
 
@@ -879,18 +920,23 @@ def _window(window: object, base: dict, where: str) -> BucketSpec:
     values = dict(base, **{k: v for k, v in window.items() if k != "name"})
     for field_name in ("max_tokens", "refill_tokens"):
         value = values[field_name]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{where}: {field_name} must be a whole number of at least 1")
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WINDOW_TOKENS:
+            raise ConfigError(f"{where}: {field_name} must be a whole number from 1 to "
+                              f"{MAX_WINDOW_TOKENS:,}")
     interval = values["refill_interval_seconds"]
-    if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not interval > 0:
-        raise ConfigError(f"{where}: refill_interval_seconds must be a positive number")
+    # Compared before float() sees it: an int too large for a float raises OverflowError
+    # there, and infinity (1e400 in JSON) or NaN would pass a mere "> 0".
+    if (isinstance(interval, bool) or not isinstance(interval, (int, float))
+            or not MIN_REFILL_SECONDS <= interval <= MAX_REFILL_SECONDS):
+        raise ConfigError(f"{where}: refill_interval_seconds must be a number of seconds from "
+                          f"{MIN_REFILL_SECONDS:g} to {MAX_REFILL_SECONDS:.0f} (a century)")
     name = window.get("name", "")
     if not isinstance(name, str):
         raise ConfigError(f"{where}: name must be a string")
     unit, period, models = window.get("unit", ""), window.get("period"), window.get("models")
     if unit not in ("", "requests", "tokens"):
         raise ConfigError(f"{where}: unit must be \"requests\" or \"tokens\"")
-    if period is not None and period not in PERIOD_DAYS:
+    if period is not None and (not isinstance(period, str) or period not in PERIOD_DAYS):  # as above
         raise ConfigError(f"{where}: period must be \"day\", \"week\" or \"month\"")
     if models is not None and not (isinstance(models, list) and models
                                    and all(isinstance(m, str) for m in models)):
@@ -3101,6 +3147,7 @@ class DisconnectWatcher:
         else:
             self._selector.register(self._wake_reader, selectors.EVENT_READ)  # type: ignore[union-attr]
         self._stopped = False
+        self._guard = LoopGuard("disconnect watcher")  # used by its thread alone
         self._thread = threading.Thread(target=self._run, name="disconnect-watcher", daemon=True)
         self._thread.start()
 
@@ -3157,18 +3204,20 @@ class DisconnectWatcher:
             self._selector.unregister(watch.client)  # type: ignore[union-attr]
 
     def _run(self) -> None:
+        while not self._stopped:
+            if not self._guard.run("waiting for clients to hang up", self._wait_and_check):
+                time.sleep(0.5)  # a wait that fails at once must not spin
+
+    def _wait_and_check(self) -> None:
         # epoll and kqueue see sockets registered during a wait; the timeout bounds
         # the delay on platforms whose selectors do not.
-        while not self._stopped:
-            if self._epoll is not None:
-                for fd, _ in self._epoll.poll(0.5):
-                    watch = self._watches.get(fd)
-                    if watch is not None:
-                        self._check(watch)
-                continue
-            for key, _ in self._selector.select(timeout=0.5):  # type: ignore[union-attr]
-                if key.data is not None:
-                    self._check(key.data)
+        if self._epoll is not None:
+            ready = [self._watches.get(fd) for fd, _ in self._epoll.poll(0.5)]
+        else:
+            ready = [key.data for key, _ in self._selector.select(timeout=0.5)]  # type: ignore[union-attr]
+        for watch in ready:
+            if watch is not None:  # (the wake-up socket's)
+                self._guard.run("checking a client that may have hung up", self._check, watch)
 
     def _check(self, watch: _Watch) -> None:
         # Under the watch's lock: the handler cannot cancel, read the socket or close
@@ -4773,6 +4822,7 @@ PROMPT, COMPLETION, CHARGED = (USAGE_FIELDS.index(name) for name in
                                ("prompt_tokens", "completion_tokens", "tokens_charged"))
 NO_TOKENS = (0, 0, 0)
 OTHER = "_other"  # where identities without a name, or beyond the cap, are counted together
+MAX_IDENTITIES = 2_000  # callers the usage history and /metrics each tell apart; the rest are OTHER
 
 
 class Ledger:
@@ -4831,12 +4881,12 @@ class UsageBook:
     """Who used what, per identity: kept in STATE_FILE, bounded in memory.
 
     Identities are the buckets' (a key's digest, or a user's under an app key);
-    past ``max_ledgers`` new ones are counted together under ``_other``.
+    past ``max_identities`` new ones are counted together under ``_other``.
     """
 
-    def __init__(self, keep_days: int = 90, max_ledgers: int = 2_000) -> None:
+    def __init__(self, keep_days: int = 90, max_identities: int = MAX_IDENTITIES) -> None:
         self.keep_days = keep_days
-        self.max_ledgers = max_ledgers
+        self.max_identities = max_identities
         self._ledgers: dict[str, Ledger] = {}
         self._lock = threading.Lock()
 
@@ -4845,12 +4895,12 @@ class UsageBook:
         with self._lock:
             ledger = self._ledgers.get(identity)
             if ledger is None:
-                if len(self._ledgers) >= self.max_ledgers:
+                if len(self._ledgers) >= self.max_identities:
                     identity, key, user = OTHER, OTHER, None
                     ledger = self._ledgers.get(OTHER)
                 if ledger is None:
                     ledger = self._ledgers[identity] = Ledger(key, user)
-            ledger.key, ledger.user = key, user  # a key renamed in the file is shown renamed
+            ledger.key = key  # a key renamed in the file is shown renamed; a user as first sent
             ledger.add(day, outcome, tokens, self.keep_days)
             ledger.last_seen = now
 
@@ -4937,10 +4987,16 @@ class Histogram:
 
 
 class Metrics:
-    """Counters for Prometheus, labelled by key name (never a key), user and endpoint."""
+    """Counters for Prometheus, labelled by key name (never a key), user and endpoint.
 
-    def __init__(self, max_series: int = 20_000) -> None:
-        self.max_series = max_series
+    The cap is on callers, as in the usage history, not on series: every caller
+    has a few series (endpoints and outcomes), and a cap on series let one app key
+    with thousands of users fill a scrape with them.  Callers past it are ``_other``.
+    """
+
+    def __init__(self, max_identities: int = MAX_IDENTITIES) -> None:
+        self.max_identities = max_identities
+        self._callers: dict[tuple[str, str | None], tuple[str, str | None]] = {}  # see _counted_as
         self.requests: dict[tuple[str, str | None, str, str], int] = {}
         self.tokens: dict[tuple[str, str | None], list[int]] = {}  # prompt, completion, charged
         self.duration = Histogram()
@@ -4959,8 +5015,7 @@ class Metrics:
     def record(self, key: str, user: str | None, endpoint: str, outcome: str, prompt: int,
                completion: int, charged: int, duration: float, first_byte: float | None) -> None:
         with self._lock:
-            if len(self.requests) >= self.max_series and (key, user, endpoint, outcome) not in self.requests:
-                key, user = OTHER, None
+            key, user = self._counted_as(key, user)
             series = (key, user, endpoint, outcome)
             self.requests[series] = self.requests.get(series, 0) + 1
             if prompt or completion or charged:
@@ -4973,6 +5028,19 @@ class Metrics:
             self.duration.observe(duration)
             if first_byte is not None:
                 self.first_byte.observe(first_byte)
+
+    def _counted_as(self, key: str, user: str | None) -> tuple[str, str | None]:
+        """The labels a caller's requests are counted under: its own, or OTHER's past the cap.
+
+        A user's are as first sent, whatever the case of later requests: one person, one series.
+        """
+        identity = (key, None if user is None else user_key(user))
+        labels = self._callers.get(identity)
+        if labels is None:
+            if len(self._callers) >= self.max_identities:
+                return OTHER, None
+            labels = self._callers[identity] = (key, user)
+        return labels
 
 
 def _label_value(value: str) -> str:
@@ -5453,6 +5521,41 @@ def reserve_descriptor() -> int | None:
         return None
 
 
+class LoopGuard:
+    """Runs the steps of a background thread's loop so that no exception ends the thread.
+
+    These threads work for the whole process (re-reading KEYS_FILE, saving
+    STATE_FILE, noticing clients that hang up, writing the request log), and one
+    that dies does so without a word: its work just stops, for good.  A failing
+    step is logged with its traceback the first time it fails in a given way
+    (type and place), not on every later round while it keeps failing so; once
+    the step works again, a new failure is logged anew.  One guard per thread.
+    """
+
+    def __init__(self, thread: str) -> None:
+        self.thread = thread
+        self._reported: dict[str, set[tuple[str, str, int | None]]] = {}
+
+    def run(self, step: str, action: Callable[..., object], *args: object) -> bool:
+        """``action(*args)``; False if it raised, the failure being logged (once, as above)."""
+        try:
+            action(*args)
+        except Exception as error:
+            self._report(step, error)
+            return False
+        self._reported.pop(step, None)
+        return True
+
+    def _report(self, step: str, error: Exception) -> None:
+        place = traceback.extract_tb(error.__traceback__)[-1]
+        failure = (type(error).__name__, place.filename, place.lineno)
+        reported = self._reported.setdefault(step, set())
+        if failure not in reported:
+            reported.add(failure)
+            log.error("%s thread: %s failed; the thread goes on (this failure is not logged "
+                      "again until the step has worked)", self.thread, step, exc_info=error)
+
+
 class BackgroundLog:
     """Hands a logger's records to a thread of its own, which does the writing.
 
@@ -5498,8 +5601,9 @@ class LineWriter:
         self._lines.append(line)
 
     def _run(self) -> None:
+        guard = LoopGuard("line writer")
         while not self._stopped.wait(self._interval):
-            self.flush()
+            guard.run("writing the request log", self.flush)
 
     def flush(self) -> None:
         batch = []
@@ -5556,6 +5660,11 @@ def write_atomically(path: str, data: bytes, keep_owner: bool = False) -> None:
         os.fsync(directory_descriptor)  # make the rename itself durable
     finally:
         os.close(directory_descriptor)
+
+
+# What a state file's content can raise, however it was damaged (a JSON value of any shape).
+BROKEN_STATE = (OSError, ValueError, ArithmeticError, RecursionError, KeyError, TypeError,
+                AttributeError)
 
 
 class ProxyServer(TrackedServer):
@@ -5696,6 +5805,8 @@ class ProxyServer(TrackedServer):
         self._wake.set()
 
     def _housekeeping(self) -> None:
+        """Each task on its own: one that fails must not stop the others, or itself next time."""
+        guard = LoopGuard("housekeeping")
         next_tidy = time.monotonic() + self.config.state_save_interval
         while True:
             self._wake.wait(min(1.0, self.config.state_save_interval))
@@ -5703,10 +5814,10 @@ class ProxyServer(TrackedServer):
             if self._closing:
                 return
             forced, self._reload_requested = self._reload_requested, False
-            self.keyring.reload_if_changed(force=forced)
-            self.drop_slow_requests()
+            guard.run("re-reading KEYS_FILE", self.keyring.reload_if_changed, forced)
+            guard.run("ending requests that arrive too slowly", self.drop_slow_requests)
             if time.monotonic() >= next_tidy:
-                self.tidy()
+                guard.run("forgetting full buckets and saving STATE_FILE", self.tidy)
                 next_tidy = time.monotonic() + self.config.state_save_interval
 
     def tidy(self) -> None:
@@ -5727,24 +5838,50 @@ class ProxyServer(TrackedServer):
             log.error("STATE_FILE %s: cannot save (%s)", path, error.strerror)
 
     def load_state(self) -> None:
-        """Restore saved buckets; a missing or broken file means starting clean, said once."""
+        """Restore saved buckets and usage history; a missing or broken file means starting clean.
+
+        The two sections are restored each on its own, and each says how it went:
+        a broken history must neither cost the buckets nor be reported as if it had.
+        """
         path = self.config.state_file
         try:
             with open(path, "rb") as file:
                 state = json.loads(file.read())
             if state.get("version") != 1:
                 raise ValueError("unknown version")
-            self.buckets.load(state["buckets"], self.wall_clock)
-            self.usage.load(state.get("usage", {}))
-            self.stored.load(state.get("stored_answers", {}))
         except FileNotFoundError:
             log.info("STATE_FILE %s: not found; every bucket starts full", path)
-        except (OSError, ValueError, ArithmeticError, RecursionError, KeyError, TypeError,
-                AttributeError) as error:
+            return
+        except BROKEN_STATE as error:
             log.error("STATE_FILE %s: unreadable (%s); every bucket starts full",
+                      path, type(error).__name__)
+            return
+        self._restore_buckets(path, state)
+        self._restore_usage(path, state)
+        self._restore_stored_answers(path, state)
+
+    def _restore_buckets(self, path: str, state: dict) -> None:
+        try:
+            self.buckets.load(state["buckets"], self.wall_clock)
+        except BROKEN_STATE as error:
+            log.error("STATE_FILE %s: buckets unreadable (%s); every bucket starts full",
                       path, type(error).__name__)
         else:
             log.info("STATE_FILE %s: restored %d callers' buckets", path, len(self.buckets))
+
+    def _restore_usage(self, path: str, state: dict) -> None:
+        try:
+            self.usage.load(state.get("usage", {}))
+        except BROKEN_STATE as error:
+            log.error("STATE_FILE %s: usage history unreadable (%s); starting empty",
+                      path, type(error).__name__)
+
+    def _restore_stored_answers(self, path: str, state: dict) -> None:
+        try:
+            self.stored.load(state.get("stored_answers", {}))
+        except BROKEN_STATE as error:
+            log.error("STATE_FILE %s: stored answers' owners unreadable (%s); each key's stored "
+                      "answers are found again only once it makes new ones", path, type(error).__name__)
 
     def server_close(self) -> None:
         """Stop everything, then save the buckets a last time."""
@@ -5952,18 +6089,25 @@ class KeysFile:
                 self.text = file.read()
         except FileNotFoundError:
             self.text = "{\n}\n"
-        self.spans = entry_spans(self.text)
-        self.entries = json.loads(self.text) if self.spans else {}
+        self.entries = keys_document(self.text)  # first: malformed text is a ConfigError, said plainly
+        self.spans = entry_spans(self.text)  # and anything but an object is refused here
 
-    def find(self, name: str) -> tuple[str, int, int, int]:
-        for span in self.spans:
-            if self.entries[span[0]].get("name") == name:
-                return span
-        raise ConfigError(f"no key named {name!r} in {self.path}")
+    def name_of(self, stored: str) -> str | None:
+        """The name of the entry stored under ``stored``, if it has one that is a string."""
+        entry = self.entries[stored]
+        name = entry.get("name") if isinstance(entry, dict) else None
+        return name if isinstance(name, str) else None
+
+    def find(self, name: str) -> list[tuple[str, int, int, int]]:
+        """Every entry called ``name``, in file order: ``add`` refuses a second, but a hand edit may not."""
+        found = [span for span in self.spans if self.name_of(span[0]) == name]
+        if not found:
+            raise ConfigError(f"no key named {name!r} in {self.path}")
+        return found
 
     def add(self, name: str, settings: dict) -> str:
         """A new random key for ``name``; only its SHA-256 is stored.  Returns the key."""
-        if any(entry.get("name") == name for entry in self.entries.values()):
+        if any(self.name_of(stored) == name for stored in self.entries):
             raise ConfigError(f"a key named {name!r} exists already in {self.path}")
         key = "sk-" + secrets.token_urlsafe(24)
         entry = dict({"name": name}, **settings)
@@ -5979,14 +6123,27 @@ class KeysFile:
         self.save()
         return key
 
-    def update(self, name: str, **changes: object) -> None:
-        key, _, start, end = self.find(name)
-        value = dict(self.entries[key], **changes)
-        self.text = self.text[:start] + json.dumps(value) + self.text[end:]
+    def update(self, name: str, **changes: object) -> int:
+        """Change every entry called ``name`` (disabling one of two "bob"s would leave a bob
+        working); returns how many there were."""
+        found = self.find(name)
+        for key, _, start, end in reversed(found):  # from the last: earlier offsets stay valid
+            value = dict(self.entries[key], **changes)
+            self.text = self.text[:start] + json.dumps(value) + self.text[end:]
         self.save()
+        return len(found)
 
-    def remove(self, name: str) -> None:
-        index = self.spans.index(self.find(name))
+    def remove(self, name: str) -> int:
+        """Remove every entry called ``name``; returns how many there were."""
+        count = len(self.find(name))
+        for _ in range(count):
+            self._cut(self.spans.index(self.find(name)[0]))
+            self.spans = entry_spans(self.text)  # the cut moved every entry after it
+        self.save()
+        return count
+
+    def _cut(self, index: int) -> None:
+        """Take entry ``index`` out of the text, with the comma that separated it."""
         _, key_start, _, value_end = self.spans[index]
         if index > 0:  # from the end of the previous entry, taking its comma
             self.text = self.text[:self.spans[index - 1][3]] + self.text[value_end:]
@@ -5994,7 +6151,6 @@ class KeysFile:
             self.text = self.text[:key_start] + self.text[self.spans[1][1]:]
         else:
             self.text = self.text[:key_start].rstrip() + "\n" + self.text[value_end:].lstrip()
-        self.save()
 
     def _indent(self) -> str:
         line_start = self.text.rfind("\n", 0, self.spans[-1][1]) + 1
@@ -6043,15 +6199,24 @@ def keys_action(args: argparse.Namespace, path: str, config: Config) -> int:
         print(f"added {args.name!r} to {path}; the key is shown once, here (only its SHA-256 is kept):")
         print(key)
     elif args.action == "list":
+        sharing = Counter(keys.name_of(stored) for stored in keys.entries)
         for stored, entry in keys.entries.items():
-            print(describe_entry(stored, entry, config))
+            line, name = describe_entry(stored, entry, config), keys.name_of(stored)
+            if name and sharing[name] > 1:  # what disable, enable and remove then act on
+                line += f"  one of {sharing[name]} keys named {name!r}"
+            print(line)
     elif args.action in ("disable", "enable"):
-        keys.update(args.name, enabled=args.action == "enable")
-        print(f"{args.name}: {args.action}d")
+        count = keys.update(args.name, enabled=args.action == "enable")
+        print(f"{args.name}: {args.action}d{_how_many(count)}")
     else:
-        keys.remove(args.name)
-        print(f"{args.name}: removed")
+        count = keys.remove(args.name)
+        print(f"{args.name}: removed{_how_many(count)}")
     return 0
+
+
+def _how_many(count: int) -> str:
+    """Said after an edit of several entries with one name, so that none goes unnoticed."""
+    return f" ({count} keys)" if count > 1 else ""
 
 
 def describe_entry(stored: str, entry: dict, config: Config) -> str:
