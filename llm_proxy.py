@@ -75,7 +75,12 @@ class ConfigError(ValueError):
     """A setting is invalid; the message names the variable, for one clear line."""
 
 
-def _integer(name: str, text: str, minimum: int = 0, maximum: int | None = None) -> int:
+MAX_WINDOW_TOKENS = 10 ** 15  # counts stay exact through the refill arithmetic's floats (2**53)
+MIN_REFILL_SECONDS = 0.001     # shorter means nothing, and the tiniest overflow the count of steps
+MAX_REFILL_SECONDS = 100 * 366 * 86400.0  # a century: "never refills", with the sums still finite
+
+
+def _integer(name: str, text: str, minimum: int = 0, maximum: int | None = MAX_WINDOW_TOKENS) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -91,8 +96,9 @@ def _seconds(name: str, text: str) -> float:
         value = float(text)
     except ValueError:
         raise ConfigError(f"{name} must be a number of seconds, got {text!r}") from None
-    if not value > 0 or math.isinf(value):
-        raise ConfigError(f"{name} must be a positive number of seconds, got {text!r}")
+    if not MIN_REFILL_SECONDS <= value <= MAX_REFILL_SECONDS:  # (NaN is neither)
+        raise ConfigError(f"{name} must be a number of seconds from {MIN_REFILL_SECONDS:g} to "
+                          f"{MAX_REFILL_SECONDS:.0f} (a century), got {text!r}")
     return value
 
 
@@ -649,9 +655,6 @@ USERS_FIELDS = POLICY_FIELDS - {"name", "users", "enabled", "expires"} | {
     "from", "header", "secret_env", "issuer", "required", "overrides"}
 MAX_USER_LENGTH = 256  # longer identities are refused, not truncated into someone else's
 MIN_JWT_SECRET_BYTES = 32  # HS256 wants a key as long as its hash (RFC 7518, 3.2); shorter can be guessed
-MAX_WINDOW_TOKENS = 10 ** 15  # counts stay exact through the refill arithmetic's floats (2**53)
-MIN_REFILL_SECONDS = 0.001     # shorter means nothing, and the tiniest overflow the count of steps
-MAX_REFILL_SECONDS = 100 * 366 * 86400.0  # a century: "never refills", with the sums still finite
 WINDOW_FIELDS = {"name", "max_tokens", "refill_tokens", "refill_interval_seconds", "unit", "period",
                  "models"}
 

@@ -483,6 +483,15 @@ class ConfigurationTests(unittest.TestCase):
                 Config.from_env({name: value})
             self.assertIn(name, str(raised.exception))
 
+    def test_absurd_numbers_are_refused_at_startup_not_at_the_first_request(self) -> None:
+        """A refill step of 1e-320 s overflowed the count of steps on every request (a 500)."""
+        cases = [("REFILL_INTERVAL_SECONDS", "1e-320"), ("REFILL_INTERVAL_SECONDS", "1e300"),
+                 ("READ_TIMEOUT", "inf"), ("MAX_TOKENS", str(10**16)), ("REQUEST_TOKEN_COST", "9" * 400)]
+        for name, value in cases:
+            with self.subTest(name=name, value=value), self.assertRaises(ConfigError) as raised:
+                Config.from_env({name: value})
+            self.assertIn(name, str(raised.exception))
+
     def test_bad_upstream_url_is_refused(self) -> None:
         for url in ("ftp://h/v1", "http://user:pw@h/v1", "not a url"):
             with self.subTest(url=url), self.assertRaises(ConfigError):
