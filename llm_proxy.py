@@ -3278,11 +3278,14 @@ class Workers:
         self.max_idle, self.idle_seconds = max_idle, idle_seconds
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._idle = 0
+        self._busy = 0  # work submitted and not yet done
         self._lock = threading.Lock()
+        self._all_done = threading.Condition(self._lock)
         self._stopped = False
 
     def submit(self, work: Callable[..., None], *args: object) -> None:
         with self._lock:
+            self._busy += 1
             if self._idle:
                 self._idle -= 1  # that worker is counted out here, under the lock it checks too
                 self._jobs.put((work, args))
@@ -3291,7 +3294,13 @@ class Workers:
 
     def _work(self, work: Callable[..., None], args: tuple) -> None:
         while True:
-            work(*args)
+            try:
+                work(*args)
+            finally:
+                with self._lock:
+                    self._busy -= 1
+                    if not self._busy:
+                        self._all_done.notify_all()
             with self._lock:
                 if self._stopped or self._idle >= self.max_idle:
                     return
@@ -3315,6 +3324,11 @@ class Workers:
             idle, self._idle = self._idle, 0
         for _ in range(idle):
             self._jobs.put(None)
+
+    def wait(self, timeout: float) -> bool:
+        """Wait until no work is left, at most ``timeout`` seconds; True if none is."""
+        with self._all_done:
+            return self._all_done.wait_for(lambda: not self._busy, timeout)
 
 
 class ConnectionLoop:
@@ -5677,6 +5691,8 @@ class ProxyServer(TrackedServer):
     buckets and saves the rest to STATE_FILE every STATE_SAVE_SECONDS.
     """
 
+    SHUTDOWN_GRACE = 5.0  # seconds the requests running at shutdown have to end before the last save
+
     def __init__(self, config: Config, clock: Callable[[], float] = time.monotonic,
                  wall_clock: Callable[[], float] = time.time, console: TextIO | None = None) -> None:
         if not config.upstream_url:
@@ -5894,6 +5910,11 @@ class ProxyServer(TrackedServer):
         self.loop.close()
         super().server_close()
         self.workers.close()
+        # The connections are shut: requests still running end now, settling their charges
+        # and counting in the history, which the last save below must hold (the watcher,
+        # still running, aborts what waits on the upstream).
+        if not self.workers.wait(self.SHUTDOWN_GRACE):
+            log.warning("stopping with requests still running; their settlement is not saved")
         self.watcher.close()
         self.upstream.close()
         if self.config.state_file:

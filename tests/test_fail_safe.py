@@ -431,6 +431,23 @@ class StateSectionTests(ProxyTestCase):
             f"STATE_FILE {self.state_path}: restored 1 callers' buckets",
             f"STATE_FILE {self.state_path}: usage history unreadable (ValueError); starting empty"])
 
+    def test_a_request_still_ending_at_shutdown_is_in_the_last_save(self) -> None:
+        """Stopping waited for no running request: one still recording its outcome (here made
+        slow) was missing from the state saved at exit, its spending forgotten by the restart."""
+        original = llm_proxy.AdminView.record
+
+        def slow_record(view: llm_proxy.AdminView, call: llm_proxy.Call) -> None:
+            time.sleep(0.3)  # (not a refill: a request slow to end, as under load)
+            original(view, call)
+
+        with mock.patch.object(llm_proxy.AdminView, "record", slow_record):
+            self.assertEqual(self.chat().status, 200)  # answered; its handler is still ending
+            self.stop(self.proxy)
+        self.proxy = None
+        with open(self.state_path) as file:
+            ledger = json.load(file)["usage"]["key:" + llm_proxy.key_digest(CLIENT_KEY)]
+        self.assertEqual(ledger["total"][0], 1)
+
 
 if __name__ == "__main__":
     unittest.main()
