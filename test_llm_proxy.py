@@ -305,6 +305,21 @@ class Response:
         return parsed
 
 
+def send_raw(port: int, data: bytes, read_until_close: bool = True) -> bytes:
+    """Send raw bytes to 127.0.0.1:``port`` and return all that comes back before it closes
+    (a reset after the answer, as a refusing server may send, ends it too)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as sock:
+        sock.sendall(data)
+        chunks = []
+        with contextlib.suppress(ConnectionResetError):
+            while read_until_close:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+        return b"".join(chunks)
+
+
 class ProxyTestCase(unittest.TestCase):
     """Starts a fake upstream and a proxy per test; everything is torn down afterwards."""
 
@@ -393,15 +408,7 @@ class ProxyTestCase(unittest.TestCase):
 
     def raw(self, data: bytes, read_until_close: bool = True) -> bytes:
         """Send raw bytes and return everything the proxy answers before closing."""
-        with socket.create_connection(("127.0.0.1", self.port), timeout=WAIT) as sock:
-            sock.sendall(data)
-            chunks = []
-            while read_until_close:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-            return b"".join(chunks)
+        return send_raw(self.port, data, read_until_close)
 
     def level(self, key: str = CLIENT_KEY) -> int:
         return levels(self.proxy.buckets, "key:" + llm_proxy.key_digest(key), (self.config.bucket,))[0]

@@ -11,7 +11,6 @@ Each test here failed before its fix.  Run by the README's command,
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import select
@@ -27,21 +26,11 @@ try:
 except ImportError:  # Windows
     resource = None  # type: ignore[assignment]
 
-from test_llm_proxy import CLIENT_KEY, HERE, WAIT, ProxyTestCase, clean_environment, free_port
+from test_llm_proxy import (CLIENT_KEY, HERE, WAIT, ProxyTestCase, clean_environment, free_port,
+                            send_raw)
 
 
-def exchange(port: int, data: bytes) -> bytes:
-    """Send raw bytes and read until the proxy closes (it closes after every refusal here)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as sock:
-        sock.sendall(data)
-        chunks = []
-        with contextlib.suppress(ConnectionResetError):
-            while True:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-        return b"".join(chunks)
+exchange = send_raw  # the proxy closes after every refusal here
 
 
 def status_and_body(answer: bytes) -> tuple[int, bytes]:
