@@ -630,6 +630,14 @@ class Policy:
     def allows(self, model: str) -> bool:
         return self.models is None or model in self.models
 
+    @property
+    def limits_models(self) -> bool:
+        """Whether this key, or any end user under it, may use only some models."""
+        users = self.users
+        return self.models is not None or (users is not None and (
+            users.default.models is not None
+            or any(policy.models is not None for policy in users.overrides.values())))
+
     def require(self, model: str | None) -> None:
         """A 403, free, for a model off the key's list."""
         if not self.allows(model or ""):
@@ -789,8 +797,10 @@ def user_key(user: str) -> str:
     """What tells end users apart: KID@Home.LAN is kid@home.lan, as mail and people see it.
 
     Otherwise a user escapes their override, and gets fresh buckets, by capitalising.
+    ``lower()``, as Open WebUI keeps its accounts' emails, not ``casefold()``, which
+    would make boß@home.lan (another account there) the same user as boss@home.lan.
     """
-    return user.strip().casefold()
+    return user.strip().lower()
 
 
 def user_digest(user: str) -> str:
@@ -1292,6 +1302,26 @@ def parse_json(data: bytes) -> object:
     return json.loads(data)
 
 
+def _json_list_or_none(data: bytes) -> list | None:
+    try:
+        value = json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+    return value if isinstance(value, list) else None
+
+
+def added_usage(answers: list[dict]) -> dict[str, int]:
+    """The usage of several answers to one request (a batch), each count added up."""
+    total: dict[str, int] = {}
+    for answer in answers:
+        usage = answer.get("usage")
+        for name, value in (usage.items() if isinstance(usage, dict) else ()):
+            count = _count(value)
+            if count is not None:
+                total[name] = total.get(name, 0) + count
+    return total
+
+
 def _json_or_none(data: bytes) -> object:
     if not data.startswith(b"{"):
         return None
@@ -1338,7 +1368,7 @@ SSE_DONE = b"data: [DONE]\n\n"
 READ_FIELDS = frozenset({
     "model", "stream", "stream_options", "messages", "prompt", "input", "user", "metadata",
     "options", "max_tokens", "max_completion_tokens", "max_output_tokens", "n_predict", "n",
-    "n_cmpl", "best_of", "background", "previous_response_id"})
+    "n_cmpl", "best_of", "background", "previous_response_id", "conversation"})
 NESTED_READ_FIELDS = {"options": frozenset({"num_predict"}),
                       "stream_options": frozenset({"include_usage"}),
                       "metadata": frozenset({"user_id"})}
@@ -1451,7 +1481,9 @@ def form_fields(body: bytes, content_type: str) -> list[tuple[str, str]] | None:
         raise ProxyError(400, "a multipart body needs its boundary", code="invalid_form")
     delimiter = b"--" + (match.group(1) or match.group(2)).encode("latin-1")
     parts = body.split(b"\r\n" + delimiter)
-    if not parts[0].startswith(delimiter) or not parts[-1].startswith(b"--"):
+    if body.count(b"\n" + delimiter) != len(parts) - 1:  # a bare LF before a delimiter: Go's
+        raise ProxyError(400, "a multipart body's lines must end in CRLF", code="invalid_form")  # reader takes it
+    if len(parts) < 2 or not parts[0].startswith(delimiter) or not parts[-1].startswith(b"--"):
         raise ProxyError(400, "the multipart body is not complete", code="invalid_form")
     fields = []
     for index, part in enumerate(parts[:-1]):
@@ -1511,30 +1543,38 @@ NO_BODY = CheckedBody(b"")
 
 
 def check_body(body: bytes, content_type: str, model_fields: tuple[str, ...],
-               must_name_known: bool) -> CheckedBody:
+               must_name_model: bool) -> CheckedBody:
     """Read a body that is not a metered API's JSON object: JSON, a form, or anything else.
 
-    JSON is recognised by its media type or its first character, as model servers that
-    ignore Content-Type (llama.cpp) would read it.  A body that is neither JSON nor a
-    form cannot say which model it is for: with ``must_name_known`` (a key limited to
-    some models) it is refused, since the model server might still find a model in it.
+    JSON is known by its first character as well as its media type: llama.cpp and
+    Ollama read a body as JSON whatever its Content-Type says, so a JSON body sent as
+    a form is JSON here too.  With ``must_name_model`` (a key, or a user under it,
+    limited to some models) the body must name its model: one that names none is
+    served the model server's default model, and one that is neither JSON nor a form
+    cannot show which it asks for.
     """
     if not body:
         return NO_BODY
     media = content_type.partition(";")[0].strip().lower()
-    fields = form_fields(body, content_type)
-    if fields is not None:
-        return CheckedBody(body, None, named_model(fields, model_fields))
     if media == "application/json" or media.endswith("+json") or body.lstrip()[:1] in (b"{", b"["):
         value = parse_body(body)
+        model = None
         if isinstance(value, dict):
             check_spellings(value)
-            return CheckedBody(body_bytes(value), value, named_model(list(value.items()), model_fields))
-        return CheckedBody(body_bytes(value), value, None)
-    if must_name_known:
-        raise ProxyError(415, f"This key may use only some models, and a {media or 'untyped'} "
-                         "body cannot show which one it asks for.", code="unsupported_media_type")
-    return CheckedBody(body)
+            model = named_model(list(value.items()), model_fields)
+        checked = CheckedBody(body_bytes(value), value, model)
+    else:
+        fields = form_fields(body, content_type)
+        if fields is None:
+            if must_name_model:
+                raise ProxyError(415, f"This key may use only some models, and a {media or 'untyped'} "
+                                 "body cannot show which one it asks for.", code="unsupported_media_type")
+            return CheckedBody(body)
+        checked = CheckedBody(body, None, named_model(fields, model_fields))
+    if must_name_model and checked.model is None:
+        raise ProxyError(403, "This key may use only some models: the request must name one.",
+                         "permission_error", "model_not_allowed", "model")
+    return checked
 
 
 # --------------------------------------------------------------------------
@@ -1560,9 +1600,12 @@ class Dialect:
     routes: tuple[str, ...] = ()
     upstream_root = False           # forwarded under the upstream's root, not its /v1 base
     stream_default = False
-    # Fields that cap one answer's output, in any server of this API; the bounding one is
-    # obeyed by every server (see ``output_allowance``).
-    allowance_fields: tuple[str, ...] = ()
+    # Fields that cap one answer's output in some server: llama.cpp reads n_predict, else
+    # max_completion_tokens, else max_tokens on every route (Responses and Messages are turned
+    # into chat with the body's other fields kept). The bounding one is obeyed by every server
+    # of this API (see ``output_allowance``).
+    allowance_fields: tuple[str, ...] = ("max_tokens", "max_completion_tokens", "max_output_tokens",
+                                         "n_predict")
     bounding_field: str | None = None
     # Fields that ask for several answers to one request (llama.cpp's n_cmpl, OpenAI's n ...).
     answer_fields: tuple[str, ...] = ("n", "n_cmpl", "best_of")
@@ -1707,7 +1750,6 @@ class Dialect:
 class ChatCompletions(Dialect):
     name = "chat"
     routes = ("/v1/chat/completions",)
-    allowance_fields = ("max_completion_tokens", "max_tokens", "n_predict")
     bounding_field = "max_tokens"
     usage_must_be_asked = True
     stored_under = "/v1/chat/completions/"
@@ -1772,7 +1814,6 @@ class ChatCompletions(Dialect):
 class TextCompletions(ChatCompletions):
     name = "text"
     routes = ("/v1/completions",)
-    allowance_fields = ("max_tokens", "n_predict")
     object_name = chunk_object = "text_completion"
     id_prefix = "cmpl-"
     opens_with_role = False
@@ -1782,11 +1823,12 @@ class TextCompletions(ChatCompletions):
         Dialect.validate(self, payload)
 
     def prompts(self, payload: dict) -> int:
-        """A list of prompts is a batch, one answer each; a list of token ids is one prompt."""
+        """A list of prompts is a batch, one answer each (strings, token lists, or llama.cpp's
+        objects with a ``prompt_string``); a list of token ids alone is one prompt."""
         prompt = payload.get("prompt")
         if not isinstance(prompt, list):
             return 1
-        return max(1, sum(1 for item in prompt if isinstance(item, (str, list))))
+        return max(1, sum(1 for item in prompt if type(item) is not int))
 
     @staticmethod
     def choice_text(choice: dict, chunk: bool) -> object:
@@ -1806,7 +1848,6 @@ class Responses(Dialect):
 
     name = "responses"
     routes = ("/v1/responses",)
-    allowance_fields = ("max_output_tokens", "n_predict")
     bounding_field = "max_output_tokens"
     stored_under = "/v1/responses/"
 
@@ -1908,7 +1949,6 @@ class AnthropicMessages(Dialect):
     name = "messages"
     routes = ("/v1/messages",)
     error_event = "error"
-    allowance_fields = ("max_tokens", "n_predict")
     bounding_field = "max_tokens"
     ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
                    403: "permission_error", 404: "not_found_error", 413: "request_too_large",
@@ -3917,11 +3957,16 @@ class Call:
         return body_bytes(payload)
 
     def check_reply(self, data: bytes) -> bytes:
-        """A successful, non-streamed answer must be a JSON object; else it was no answer.
+        """A successful, non-streamed answer must be a JSON object, or a list of them (llama.cpp's
+        answer to a batch of prompts); else it was no answer.
 
-        In usage mode its usage settles the charge.
+        In usage mode its usage settles the charge: a list's, added up.
         """
-        reply = _json_or_none(data.lstrip())
+        text = data.lstrip()
+        reply = _json_or_none(text) if text[:1] != b"[" else _json_list_or_none(text)
+        if isinstance(reply, list):
+            reply = {"usage": added_usage(reply)} if reply and all(
+                isinstance(answer, dict) for answer in reply) else None
         if not isinstance(reply, dict):
             raise ProxyError(502, "The model server sent an invalid response.", "upstream_error",
                              "upstream_invalid_response")
@@ -4003,6 +4048,21 @@ OLLAMA_MANAGEMENT = ("/api/pull", "/api/push", "/api/create", "/api/copy", "/api
                      "/api/blobs")
 OLLAMA_MODEL_FIELDS = ("model", "name")  # Ollama's older routes name the model "name"
 BODILESS_METHODS = ("GET", "HEAD", "DELETE")  # a body sent with these is read, never forwarded
+
+
+# Account APIs of paid providers, and a model server's own management: through them a key
+# would start work that is never metered (a batch runs later), receive a credential for the
+# upstream itself (realtime client secrets), see every caller's files and jobs, or change the
+# server's adapters.  Closed to every key.
+CLOSED_UNDER_V1 = frozenset({
+    "files", "uploads", "batches", "fine_tuning", "vector_stores", "assistants", "threads",
+    "organization", "realtime", "conversations", "containers", "evals", "load_lora_adapter",
+    "unload_lora_adapter"})
+
+
+def is_closed_path(path: str) -> bool:
+    """Whether a (lower-cased) path lies under one of ``CLOSED_UNDER_V1``."""
+    return path.startswith("/v1/") and path[4:].partition("/")[0] in CLOSED_UNDER_V1
 
 
 STORED_ANSWER_PATHS = tuple(d.stored_under for d in DIALECTS if d.stored_under is not None)
@@ -4467,6 +4527,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
             raise ProxyError(404, f"Unknown path {target.path}; the API lives under /v1",
                              code="not_found")
         self.authenticate()
+        if is_closed_path(path):
+            raise ProxyError(403, "This endpoint is not available through this proxy.",
+                             "permission_error", "endpoint_not_allowed")
         answer_id = stored_answer_id(target)
         if answer_id is not None:
             self.require_own_answer(answer_id)
@@ -4512,9 +4575,24 @@ class ProxyHandler(BaseHTTPRequestHandler):
         """A body that is not a metered API's JSON object, read in whatever framing it has."""
         policy = self.call.policy
         checked = check_body(body, self.headers.get("Content-Type") or "", model_fields(target),
-                             policy.models is not None or policy.users is not None)
+                             policy.limits_models)
+        if isinstance(checked.payload, dict):
+            self.check_references(checked.payload)
         self.call.model = checked.model
         return checked
+
+    def check_references(self, payload: dict) -> None:
+        """What a body refers to must be the caller's own (see ``StoredAnswers``).
+
+        A stored conversation (``conversation``, OpenAI's Conversations API) is not
+        recorded by the proxy, so no key may continue one.
+        """
+        if payload.get("previous_response_id") is not None:  # a conversation goes on from it
+            self.require_own_answer(payload["previous_response_id"])
+        if payload.get("conversation") is not None:
+            raise ProxyError(400, "stored conversations are not available through this proxy; "
+                             "send the request without 'conversation'", param="conversation",
+                             code="unsupported_parameter")
 
     def require_own_answer(self, answer_id: object) -> None:
         """A stored answer exists for the key that made it alone (see ``StoredAnswers``)."""
@@ -4684,13 +4762,12 @@ class ProxyHandler(BaseHTTPRequestHandler):
         call.dialect, call.endpoint = dialect, dialect.name
         body = self.read_body()
         if dialect.flat_rate:  # forwarded as sent (a JSON body as parsed), its model still checked
-            checked = self.check_body(body, target)
+            checked = NO_BODY if self.command in BODILESS_METHODS else self.check_body(body, target)
             payload = checked.payload if isinstance(checked.payload, dict) else None
         else:
             payload = request_object(body)
             dialect.validate(payload)
-            if payload.get("previous_response_id") is not None:  # a conversation goes on from it
-                self.require_own_answer(payload["previous_response_id"])
+            self.check_references(payload)
             call.model = config.upstream_model or payload.get("model") or ""
         self.require_models(call.model if payload is not None else checked.model, target)
         if call.identify_user(self.headers, payload, self.server.wall_clock(), required=True):

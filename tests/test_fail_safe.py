@@ -15,6 +15,7 @@ import tempfile
 import threading
 import time
 import unittest
+import urllib.parse
 from typing import Callable
 from unittest import mock
 
@@ -361,6 +362,25 @@ class UserCaseTests(AppKeyTestCase):
             llm_proxy.parse_keys_file(json.dumps({APP_KEY: {"name": "webui", "users": users}}), CONFIG)
         self.assertEqual(str(raised.exception), "entry 1 (webui) users: overrides 'Kid@home.lan' and "
                                                 "'kid@HOME.lan' are one user (case is ignored)")
+
+
+class UserFoldingTests(AppKeyTestCase):
+    """Open WebUI lowers emails: boß@home.lan and boſs@home.lan are other accounts than
+    boss@home.lan, which casefold() would merge with it (a red team's finding)."""
+
+    users = dict(AppKeyTestCase.users, max_tokens=1, refill_tokens=1,
+                 overrides={"boss@home.lan": {"max_tokens": 5, "refill_tokens": 5}})
+
+    def capacity_and_level(self, user: str) -> list[tuple[int, int]]:
+        quota = self.request("GET", f"/v1/quota?user={urllib.parse.quote(user)}", key=APP_KEY).json()
+        return [(bucket["capacity"], bucket["tokens"]) for bucket in quota["buckets"]]
+
+    def test_only_case_is_ignored_not_other_foldings(self) -> None:
+        for other in ("boß@home.lan", "bo\u017fs@home.lan"):
+            with self.subTest(user=other):
+                self.assertEqual(self.reply_text(self.chat(key=APP_KEY, user=other)), "hi from upstream")
+                self.assertEqual(self.capacity_and_level(other), [(1, 0)])  # the default, spent
+        self.assertEqual(self.capacity_and_level("BOSS@home.lan"), [(5, 5)])  # untouched
 
 
 # --------------------------------------------------------------------------

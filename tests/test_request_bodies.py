@@ -39,8 +39,19 @@ def error_shape(path: str, body: dict) -> str:
     return "openai" if set(body.get("error", {})) == {"message", "type", "param", "code"} else "?"
 
 
-class OllamaUpstreamHandler(FakeUpstreamHandler):
-    """The fake upstream, with Ollama's list of running models."""
+class BodyUpstreamHandler(FakeUpstreamHandler):
+    """The fake upstream, with Ollama's list of running models, and llama.cpp's answer to a batch
+    of prompts: a JSON list of completions."""
+
+    def do_POST(self) -> None:
+        if self.headers.get("X-Fake") != "batch-array":
+            super().do_POST()
+            return
+        self.record(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+        usage = {"prompt_tokens": 2, "completion_tokens": 1000, "total_tokens": 1002}
+        self.reply(200, [{"id": f"cmpl-{n}", "object": "text_completion", "usage": usage,
+                          "choices": [{"index": 0, "text": "x", "finish_reason": "length"}]}
+                         for n in range(3)])
 
     def do_GET(self) -> None:
         if self.path == "/api/ps":
@@ -53,7 +64,7 @@ class OllamaUpstreamHandler(FakeUpstreamHandler):
 
 class BodyTestCase(ProxyTestCase):
     config_overrides = {"cost_mode": "estimate", "response_reserve": 256}
-    upstream_handler = OllamaUpstreamHandler
+    upstream_handler = BodyUpstreamHandler
 
     def setUp(self) -> None:
         directory = tempfile.TemporaryDirectory()
@@ -152,9 +163,15 @@ class AllowanceTests(BodyTestCase):
         ("/v1/chat/completions", {"max_completion_tokens": 10}, None),  # Ollama ignores it
         ("/v1/chat/completions", {"max_tokens": 10, "n": 4}, 40),
         ("/v1/chat/completions", {"max_tokens": 10, "n_cmpl": 6}, 60),
+        ("/v1/chat/completions", {"max_tokens": 10, "max_output_tokens": 90}, 90),
+        # llama.cpp reads max_completion_tokens on every route (a red team's finding)
+        ("/v1/completions", {"max_tokens": 1, "max_completion_tokens": 500}, 500),
+        ("/v1/responses", {"max_output_tokens": 1, "max_completion_tokens": 500}, 500),
+        ("/v1/messages", {"max_tokens": 1, "max_completion_tokens": 600}, 600),
         ("/v1/completions", {"max_tokens": 10, "best_of": 5, "n": 2}, 50),
         ("/v1/completions", {"max_tokens": 10, "prompt": ["a", "b", "c"]}, 30),  # a batch
         ("/v1/completions", {"max_tokens": 10, "prompt": [[1, 2], [3, 4]]}, 20),
+        ("/v1/completions", {"max_tokens": 10, "prompt": [{"prompt_string": "a"}] * 5}, 50),
         ("/v1/responses", {"max_output_tokens": 10, "n_predict": 70}, 70),
         ("/v1/messages", {"max_tokens": 10, "n_predict": 80}, 80),
         ("/api/chat", {"options": {"num_predict": 10}}, 10),
@@ -174,6 +191,16 @@ class AllowanceTests(BodyTestCase):
                 self.assertEqual(response.status, 200, response.body)
                 expected = llm_proxy.prompt_tokens(body) + (256 if output is None else output)
                 self.assertEqual(before - self.tokens_left(), expected)
+
+    def test_a_batch_answered_as_a_list_is_settled_to_its_added_usage(self) -> None:
+        """llama.cpp answers a batch with a JSON list: once refused as no answer and refunded,
+        so a batch of any size was free."""
+        self.start_proxy(**dict(self.config_overrides, cost_mode="usage"))
+        body = {"model": "small", "prompt": ["a", "b", "c"], "max_tokens": 1000}
+        response = self.post("/v1/completions", body, headers={"X-Fake": "batch-array"})
+        self.assertEqual(response.status, 200, response.body)
+        self.assertEqual(len(response.json()), 3)
+        self.assertEqual(100_000 - self.tokens_left(), 3 * 1002)
 
     def test_a_token_id_is_a_token(self) -> None:
         body = {"model": "small", "prompt": list(range(8000)), "max_tokens": 1}
@@ -225,6 +252,12 @@ class ModelListTests(BodyTestCase):
             ("/v1/messages/count_tokens", b'{"model": "big", "messages": []}', "application/json"),
             ("/api/show", b'{"name": "big"}', "application/json"),
             ("/v1/audio/transcriptions?model=big", MULTIPART % b"small", FORM),  # Go's FormValue
+            # JSON is JSON whatever its Content-Type says: llama.cpp and Ollama read it so
+            ("/v1/rerank", b'{"model": "big", "x": "="}', "application/x-www-form-urlencoded"),
+            ("/v1/rerank", b'{"model": "big"}', FORM),
+            # a body that names no model gets the server's default one
+            ("/v1/rerank", b'{"query": "x", "documents": ["a"]}', "application/json"),
+            ("/v1/audio/transcriptions", MULTIPART.replace(b'name="model"', b'name="language"') % b"en", FORM),
         ]
         for path, body, content_type in cases:
             with self.subTest(path=path, body=body[:40]):
@@ -237,6 +270,7 @@ class ModelListTests(BodyTestCase):
             (MULTIPART.replace(b'name="file"', b'name="model"') % b"small", FORM, 400),
             (MULTIPART.replace(b'name="model"', b"name*=utf-8''model") % b"big", FORM, 400),
             (MULTIPART % b"small", "multipart/form-data", 400),  # no boundary
+            (MULTIPART.replace(b"\r\n", b"\n") % b"big", FORM, 400),  # Go's reader takes bare LFs
             (b"RIFF\x00\x01 raw audio", "audio/wav", 415),
         ]
         for body, content_type, status in cases:
@@ -253,6 +287,8 @@ class ModelListTests(BodyTestCase):
         raw = b"RIFF\x00\x01 raw audio"  # a key without a model list: nothing to check
         self.post("/v1/audio/transcriptions", raw, key=OPEN, content_type="audio/wav")
         self.assertEqual(self.upstream.requests[-1]["body"], raw)
+        self.post("/v1/rerank", {"query": "x", "documents": ["a"]}, key=OPEN)  # nor a model to name
+        self.assertEqual(self.upstream.requests[-1]["path"], "/v1/rerank")
 
     def test_a_users_own_model_list_holds_on_flat_rate_calls(self) -> None:
         response = self.post("/v1/images/generations", {"model": "big", "prompt": "a cat"},
@@ -286,6 +322,28 @@ class ForwardingTests(BodyTestCase):
         self.assertEqual(answer.count(b"HTTP/1.1 200"), 2, answer[:300])
         self.assertEqual([(r["method"], r["body"]) for r in self.upstream.requests], [("GET", b"")])
         self.assertNotIn("Content-Length", self.upstream.requests[0]["headers"])
+
+    def test_no_body_is_forwarded_on_a_delete_either(self) -> None:
+        self.request("DELETE", "/v1/models/ft-1", json.dumps(dict(CHAT, model="big")).encode(), key=OPEN)
+        self.assertEqual([r["method"] for r in self.upstream.requests], ["DELETE"])
+        self.assertNotIn("Content-Length", self.upstream.requests[0]["headers"])  # (the fake reads none)
+
+    def test_account_apis_and_server_management_are_closed(self) -> None:
+        """A batch runs unmetered later, realtime hands out a credential for the upstream itself,
+        files and jobs are every caller's, adapters are the owner's (a red team's finding)."""
+        cases = [("POST", "/v1/batches"), ("GET", "/v1/files"), ("POST", "/v1/files"),
+                 ("POST", "/v1/realtime/client_secrets"), ("POST", "/v1/realtime/sessions"),
+                 ("GET", "/v1/conversations/conv_1/items"), ("POST", "/v1/fine_tuning/jobs"),
+                 ("GET", "/v1/vector_stores"), ("POST", "/v1/Assistants"), ("POST", "/v1/threads/runs"),
+                 ("GET", "/v1/organization/usage/completions"), ("POST", "/v1/uploads"),
+                 ("POST", "/v1/load_lora_adapter"), ("POST", "/v1/evals"), ("POST", "/v1/containers")]
+        for method, path in cases:
+            with self.subTest(method=method, path=path):
+                response = self.request(method, path, {"model": "small"} if method == "POST" else None)
+                self.assertEqual(response.status, 403, response.body)
+                self.assertEqual(response.json()["error"]["code"], "endpoint_not_allowed")
+        self.assertEqual(self.upstream.requests, [])
+        self.assertEqual(self.tokens_left(), 100_000)
 
     def test_open_webui_personal_headers_stay_here(self) -> None:
         self.post("/v1/chat/completions", CHAT, headers={
@@ -328,6 +386,17 @@ class StoredAnswerTests(BodyTestCase):
         self.post("/v1/responses", {"model": "small", "input": "go on",
                                     "previous_response_id": "chatcmpl-up"}, key=OPEN)
         self.assertEqual(self.forwarded_paths()[1:], [self.STORED + "/input_items", "/v1/responses"])
+
+    def test_other_calls_cannot_refer_to_anothers_answer_or_to_stored_conversations(self) -> None:
+        self.post("/v1/responses", {"model": "small", "input": "hi"}, key=OPEN)
+        for path in ("/v1/responses/compact", "/v1/responses/input_tokens"):
+            with self.subTest(path=path):
+                response = self.post(path, {"model": "small", "previous_response_id": "chatcmpl-up"},
+                                     key=LIMITED)
+                self.assertEqual(response.status, 404, response.body)
+        response = self.post("/v1/responses", {"model": "small", "input": "hi", "conversation": "conv_1"})
+        self.assertEqual((response.status, response.json()["error"]["param"]), (400, "conversation"))
+        self.assertEqual(self.forwarded_paths(), ["/v1/responses"])
 
     def test_an_id_the_proxy_never_relayed_is_found_by_nobody(self) -> None:
         self.assertEqual(self.request("GET", "/v1/responses/resp_elsewhere", key=OPEN).status, 404)
