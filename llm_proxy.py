@@ -1609,11 +1609,12 @@ class Dialect:
     bounding_field: str | None = None
     # Fields that ask for several answers to one request (llama.cpp's n_cmpl, OpenAI's n ...).
     answer_fields: tuple[str, ...] = ("n", "n_cmpl", "best_of")
-    # Where a server that stores this API's answers (OpenAI does) serves them again by id:
-    # GET /v1/responses/{id}.  Only the key that made an answer may ask for it.
-    stored_under: str | None = None
+    # A server may store this API's answers (OpenAI does) and serve them again by id (the
+    # route table says where); the proxy keeps the ids, so that only their key reaches them.
+    stores_answers = False
     framing: Framing = SSE
     usage_marker = b'"usage"'         # bytes every event that reports usage contains
+    model_fields: tuple[str, ...] = ("model",)  # where a body names its model
     flat_rate = False               # charged REQUEST_TOKEN_COST whatever the cost mode
     usage_must_be_asked = False     # a stream reports usage only when asked to
     answers_with_text = True        # False: an empty bucket is a 429, not an assistant reply
@@ -1717,7 +1718,7 @@ class Dialect:
         usage = reply.get("usage")
         if isinstance(usage, dict):
             meter.report(usage)
-        if self.stored_under is not None and isinstance(reply.get("id"), str):
+        if self.stores_answers and isinstance(reply.get("id"), str):
             meter.object_id = reply["id"]
 
     def observe(self, event: dict, meter: Meter) -> bool:
@@ -1752,7 +1753,7 @@ class ChatCompletions(Dialect):
     routes = ("/v1/chat/completions",)
     bounding_field = "max_tokens"
     usage_must_be_asked = True
-    stored_under = "/v1/chat/completions/"
+    stores_answers = True
     opens_with_role = True
     object_name, chunk_object, id_prefix = "chat.completion", "chat.completion.chunk", "chatcmpl-"
 
@@ -1772,7 +1773,7 @@ class ChatCompletions(Dialect):
             return True
         meter.report(usage)
         meter.final = True  # sent once, after the last choice
-        if self.stored_under is not None and isinstance(event.get("id"), str):
+        if self.stores_answers and isinstance(event.get("id"), str):
             meter.object_id = event["id"]
         return not (meter.hide_usage and not choices)
 
@@ -1817,7 +1818,7 @@ class TextCompletions(ChatCompletions):
     object_name = chunk_object = "text_completion"
     id_prefix = "cmpl-"
     opens_with_role = False
-    stored_under = None
+    stores_answers = False
 
     def validate(self, payload: dict) -> None:
         Dialect.validate(self, payload)
@@ -1849,7 +1850,7 @@ class Responses(Dialect):
     name = "responses"
     routes = ("/v1/responses",)
     bounding_field = "max_output_tokens"
-    stored_under = "/v1/responses/"
+    stores_answers = True
 
     def validate(self, payload: dict) -> None:
         """A background response answers "queued" and is fetched later, by a free GET, with
@@ -2023,6 +2024,7 @@ class OllamaChat(Dialect):
     framing = NDJSON
     usage_marker = b'"eval_count"'
     answer_fields = ()  # Go's decoder drops fields the API does not have
+    model_fields = ("model", "name")  # Ollama's older routes name the model "name"
 
     def validate(self, payload: dict) -> None:
         super().validate(payload)
@@ -2120,14 +2122,24 @@ class OllamaEmbed(OllamaChat):
 
 
 class FlatRate(Dialect):
-    """Any other call under /v1 that does work (rerank, audio, images ...): one request's cost."""
+    """Any other call under /v1 that does work (rerank, audio, images ...): one request's cost.
+
+    Its errors are in the shape of the API it lies under (``shape``: Anthropic's for
+    /v1/messages/batches), OpenAI's by default.
+    """
 
     name = "other"
     flat_rate = True
     answers_with_text = False
 
+    def __init__(self, shape: Dialect | None = None) -> None:
+        self.shape = shape
+
     def validate(self, payload: dict) -> None:
         pass  # not ours to judge: forwarded as sent
+
+    def error_body(self, error: ProxyError) -> dict:
+        return self.shape.error_body(error) if self.shape is not None else super().error_body(error)
 
 
 def _rfc3339_now() -> str:
@@ -2139,10 +2151,119 @@ CHAT = ChatCompletions()
 OPENAI = FlatRate()
 ANTHROPIC = AnthropicMessages()
 OLLAMA = OllamaChat()
-DIALECTS: tuple[Dialect, ...] = (CHAT, TextCompletions(), Responses(), ANTHROPIC, OLLAMA,
+RESPONSES = Responses()
+DIALECTS: tuple[Dialect, ...] = (CHAT, TextCompletions(), RESPONSES, ANTHROPIC, OLLAMA,
                                  OllamaGenerate(), Embeddings(), OllamaEmbed())
-METERED = {route: dialect for dialect in DIALECTS for route in dialect.routes}
 METERED_ENDPOINTS = frozenset(dialect.name for dialect in DIALECTS + (OPENAI,))
+
+
+# --------------------------------------------------------------------------
+# Routes: every path the proxy knows, in one table
+# --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Route:
+    """One row of the route table: the requests it takes, and what answers them.
+
+    ``path`` (lower case) matches itself, and with ``subtree`` every path under it.
+    ``methods`` are those the row takes (None: any); a request with another method
+    goes on to the next row that matches, or with ``strict`` gets a 405.  ``answer``
+    names the ``ProxyHandler`` method that answers (``answer_<name>``); ``dialect``
+    is the API spoken (its error shape from the request line on; for a metered row,
+    what is charged); ``endpoint`` names the row in the metrics.  With
+    ``names_answer`` the path's next segment is a stored answer's id.
+    """
+
+    path: str
+    answer: str
+    dialect: Dialect = OPENAI
+    methods: tuple[str, ...] | None = None
+    subtree: bool = False
+    strict: bool = False
+    needs_key: bool = True
+    endpoint: str = "free"
+    names_answer: bool = False
+
+    def matches(self, path: str) -> bool:
+        return path == self.path or (self.subtree and path.startswith(self.path + "/"))
+
+
+READING = ("GET", "HEAD")
+# Account APIs of paid providers, and a model server's own management: through them a key
+# would start work that is never metered (a batch runs later), receive a credential for the
+# upstream itself (realtime client secrets), see every caller's files and jobs, or change the
+# server's adapters.  Closed to every key.
+CLOSED_UNDER_V1 = ("files", "uploads", "batches", "fine_tuning", "vector_stores", "assistants",
+                   "threads", "organization", "realtime", "conversations", "containers", "evals",
+                   "load_lora_adapter", "unload_lora_adapter")
+# Ollama's routes that change the owner's models: never, whoever asks.
+OLLAMA_MANAGEMENT = ("pull", "push", "create", "copy", "delete", "blobs")
+
+# The first row that matches a request's path and method answers it.
+ROUTES: tuple[Route, ...] = (
+    # Without a key: what clients probe, and the owner's pages (which check the admin key).
+    Route("/", "root", needs_key=False, endpoint="local"),
+    Route("/health", "health", needs_key=False, endpoint="local"),
+    Route("/favicon.ico", "favicon", needs_key=False, endpoint="local"),
+    Route("/admin", "admin", needs_key=False, endpoint="local"),
+    Route("/admin/api/usage", "admin", needs_key=False, endpoint="local"),
+    Route("/metrics", "admin", needs_key=False, endpoint="local"),
+    # The APIs that generate: charged before forwarding, POST only.
+    *(Route(path, "metered", dialect, ("POST",), strict=True, endpoint=dialect.name)
+      for dialect in DIALECTS for path in dialect.routes),
+    # Answered here, or forwarded free.
+    Route("/v1/quota", "quota", methods=READING, endpoint="quota"),
+    Route("/v1/models", "models", methods=READING, endpoint="models"),
+    Route("/v1/models", "model_card", methods=READING, subtree=True, endpoint="models"),
+    Route("/api/tags", "models", OLLAMA, READING, endpoint="models"),
+    Route("/api/ps", "running_models", OLLAMA, READING, strict=True, endpoint="models"),
+    Route("/api/version", "free", OLLAMA, READING, strict=True),
+    Route("/api/show", "free", OLLAMA, ("POST",), strict=True),
+    Route("/v1/messages/count_tokens", "free", ANTHROPIC, ("POST",)),
+    # Stored answers, for the key that made them: read and deleted free; anything else
+    # (cancel ...) and the Responses calls that run the model pay the flat cost.
+    Route("/v1/responses/compact", "metered", subtree=True, endpoint=OPENAI.name),
+    Route("/v1/responses/input_tokens", "metered", subtree=True, endpoint=OPENAI.name),
+    Route("/v1/responses", "free", RESPONSES, ("GET", "HEAD", "DELETE"), subtree=True, names_answer=True),
+    Route("/v1/responses", "metered", subtree=True, names_answer=True, endpoint=OPENAI.name),
+    Route("/v1/chat/completions", "free", CHAT, READING, subtree=True, names_answer=True),
+    Route("/v1/chat/completions", "metered", subtree=True, names_answer=True, endpoint=OPENAI.name),
+    # Never through this proxy.
+    *(Route("/v1/" + name, "closed", subtree=True) for name in CLOSED_UNDER_V1),
+    *(Route("/api/" + name, "management", OLLAMA, subtree=True) for name in OLLAMA_MANAGEMENT),
+    Route("/api", "not_found", OLLAMA, subtree=True),
+    # Anything else under /v1: reading is free, everything else may make the model work.
+    Route("/v1/messages", "free", ANTHROPIC, READING, subtree=True),
+    Route("/v1/messages", "metered", FlatRate(ANTHROPIC), subtree=True, endpoint=OPENAI.name),
+    Route("/v1", "free", methods=READING, subtree=True),
+    Route("/v1", "metered", subtree=True, endpoint=OPENAI.name),
+)
+UNKNOWN = Route("", "unknown", needs_key=False, endpoint="local")  # no row: a 404, no key asked
+
+
+@functools.lru_cache(maxsize=4096)  # (clients send the same few paths; a miss reads the table)
+def route_for(path: str, method: str) -> Route:
+    """The row that answers ``method`` on ``path`` (lower case, as ``Target`` has it)."""
+    for route in ROUTES:
+        if route.matches(path):
+            if route.methods is None or method in route.methods:
+                return route
+            if route.strict:
+                return replace(route, answer="method_not_allowed")
+    return UNKNOWN
+
+
+def dialect_of_target(raw: str) -> Dialect:
+    """The API a raw request target belongs to, whatever its method; never raises (a target
+    that does not parse: OpenAI's).
+
+    Known from the request line, so that whatever refuses the request next (its
+    headers, its framing, its size) answers in the shape its client reads.
+    """
+    try:
+        return route_for(parse_target(raw).path.lower(), "").dialect
+    except ProxyError:
+        return OPENAI
 
 
 def estimate_tokens(payload: dict, reserve: int, dialect: Dialect = CHAT) -> int:
@@ -2239,19 +2360,11 @@ class Target:
     path: str   # decoded, no trailing slash, e.g. /v1/chat/completions
     query: str  # raw query string, checked for control characters
 
-    @property
-    def is_api(self) -> bool:
-        return self.path.lower() == "/v1" or self.path.lower().startswith("/v1/")
-
-    @property
-    def is_served(self) -> bool:
-        """Under /v1, or Ollama's own /api: the paths that need a key."""
-        return self.is_api or self.path.lower().startswith("/api/")
-
     @functools.lru_cache(maxsize=1024)  # noqa: B019 (targets are few, immutable and cached too)
-    def upstream_path(self, base_path: str) -> str:
-        """The path upstream: /v1/... under BASE_API_URL's path, Ollama's /api/... under its root."""
-        if self.is_api:
+    def upstream_path(self, base_path: str, from_root: bool) -> str:
+        """The path upstream: a /v1/... path under BASE_API_URL's path, or (``from_root``:
+        Ollama's /api/...) under its root."""
+        if not from_root:
             joined = base_path + self.path[len("/v1"):]
         else:
             joined = (base_path[:-len("/v1")] if base_path.endswith("/v1") else base_path) + self.path
@@ -4042,89 +4155,7 @@ def limit_answer(dialect: Dialect, admission: Admission, model: str, stream: boo
     return headers + [JSON_TYPE], json_bytes(dialect.reply(model, text))
 
 
-# Ollama's native routes that are not metered: answered, refused or forwarded free.
-OLLAMA_FREE = {"/api/version": ("GET", "HEAD"), "/api/ps": ("GET", "HEAD"), "/api/show": ("POST",)}
-OLLAMA_MANAGEMENT = ("/api/pull", "/api/push", "/api/create", "/api/copy", "/api/delete",
-                     "/api/blobs")
-OLLAMA_MODEL_FIELDS = ("model", "name")  # Ollama's older routes name the model "name"
 BODILESS_METHODS = ("GET", "HEAD", "DELETE")  # a body sent with these is read, never forwarded
-
-
-# Account APIs of paid providers, and a model server's own management: through them a key
-# would start work that is never metered (a batch runs later), receive a credential for the
-# upstream itself (realtime client secrets), see every caller's files and jobs, or change the
-# server's adapters.  Closed to every key.
-CLOSED_UNDER_V1 = frozenset({
-    "files", "uploads", "batches", "fine_tuning", "vector_stores", "assistants", "threads",
-    "organization", "realtime", "conversations", "containers", "evals", "load_lora_adapter",
-    "unload_lora_adapter"})
-
-
-def is_closed_path(path: str) -> bool:
-    """Whether a (lower-cased) path lies under one of ``CLOSED_UNDER_V1``."""
-    return path.startswith("/v1/") and path[4:].partition("/")[0] in CLOSED_UNDER_V1
-
-
-STORED_ANSWER_PATHS = tuple(d.stored_under for d in DIALECTS if d.stored_under is not None)
-NOT_ANSWER_IDS = ("compact", "input_tokens")  # POST /v1/responses/compact runs the model
-
-
-@functools.lru_cache(maxsize=1024)  # (targets are few and immutable; asked on every request)
-def stored_answer_id(target: Target) -> str | None:
-    """The id of the stored answer a path asks for (/v1/responses/{id}/...), or None."""
-    lowered = target.path.lower()
-    for prefix in STORED_ANSWER_PATHS:
-        if lowered.startswith(prefix):
-            answer_id = target.path[len(prefix):].partition("/")[0]
-            return None if answer_id.lower() in NOT_ANSWER_IDS else answer_id
-    return None
-
-
-def model_fields(target: Target) -> tuple[str, ...]:
-    """The fields a request to ``target`` may name its model in."""
-    return OLLAMA_MODEL_FIELDS if target.path.lower().startswith("/api/") else ("model",)
-
-def is_free_call(method: str, path: str) -> bool:
-    """Calls under /v1 that make no generation: reading, listing or deleting (a stored
-    response, its input items, models ...), and counting a prompt's tokens.  Every other
-    call that sends a body (``POST /v1/responses/compact`` runs the model) is charged."""
-    if method in ("GET", "HEAD", "DELETE") and path.startswith("/v1/responses/"):
-        return True
-    return method in ("GET", "HEAD") or (method == "POST" and path == "/v1/messages/count_tokens")
-
-
-def check_ollama_route(method: str, path: str) -> None:
-    """Ollama's free routes pass; managing the owner's models never does, whoever asks."""
-    if path.startswith(OLLAMA_MANAGEMENT):
-        raise ProxyError(403, "Managing the server's models is not allowed through this proxy.",
-                         "permission_error", "model_management_forbidden")
-    methods = OLLAMA_FREE.get(path)
-    if methods is None:
-        raise ProxyError(404, f"Unknown path {path}", code="not_found")
-    if method not in methods:
-        raise ProxyError(405, f"{path} takes {methods[0]}", code="method_not_allowed")
-
-
-def dialect_of(path: str) -> Dialect:
-    """The API a path belongs to, for its error shape even before the caller is known."""
-    dialect = METERED.get(path)
-    if dialect is not None:
-        return dialect
-    if path.startswith("/v1/messages"):
-        return ANTHROPIC
-    return OLLAMA if path.startswith("/api/") else OPENAI
-
-
-def dialect_of_target(raw: str) -> Dialect:
-    """The API a raw request target belongs to; never raises (a target that does not parse: OpenAI's).
-
-    Known from the request line, so that whatever refuses the request next (its
-    headers, its framing, its size) answers in the shape its client reads.
-    """
-    try:
-        return dialect_of(parse_target(raw).path.lower())
-    except ProxyError:
-        return OPENAI
 
 
 # --------------------------------------------------------------------------
@@ -4160,7 +4191,7 @@ class Relay:
             headers.append(("Authorization", "Bearer " + server.config.upstream_key))
         if body or client.command in ("POST", "PUT", "PATCH"):
             headers.append(("Content-Length", str(len(body))))
-        path = target.upstream_path(server.upstream.target.base_path)
+        path = target.upstream_path(server.upstream.target.base_path, call.dialect.upstream_root)
         exchange = UpstreamExchange(server.upstream)
         ticket = call.ticket()
         client.watch = server.watcher.watch(client.connection,
@@ -4507,57 +4538,97 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.log_outcome()
 
     def route(self) -> None:
-        """Send each path where it belongs; nothing that generates text goes unmetered."""
+        """Answer by the route table's row for the path and method (see ``ROUTES``)."""
         self.check_framing()
-        if self.command == "OPTIONS":
+        if self.command == "OPTIONS":  # a browser's preflight, for any path
             self.send_bytes(204, PREFLIGHT_HEADERS, b"")
             return
         target = parse_target(self.path)
-        path = target.path.lower()
-        if path in ("/", "/health"):
-            self.send_json(200, ROOT_REPLY if path == "/" else {"status": "ok"})
-            return
-        if path == "/favicon.ico":  # browsers ask; an empty answer keeps their consoles quiet
-            self.send_bytes(204, [], b"")
-            return
-        if path in ADMIN_PATHS:
-            self.send_bytes(200, *self.server.admin.answer(path, self.command, self.headers))
-            return
-        if not target.is_served:
-            raise ProxyError(404, f"Unknown path {target.path}; the API lives under /v1",
-                             code="not_found")
-        self.authenticate()
-        if is_closed_path(path):
-            raise ProxyError(403, "This endpoint is not available through this proxy.",
-                             "permission_error", "endpoint_not_allowed")
-        answer_id = stored_answer_id(target)
-        if answer_id is not None:
-            self.require_own_answer(answer_id)
-        method = self.command
-        dialect = METERED.get(path)
-        if dialect is not None:
-            if method != "POST":
-                raise ProxyError(405, f"{target.path} takes POST", code="method_not_allowed")
-            self.handle_metered(dialect, target)
-        elif path == "/v1/quota" and method in ("GET", "HEAD"):
-            self.call.endpoint = "quota"
-            named = urllib.parse.parse_qs(target.query).get("user")
-            self.call.identify_user(self.headers, {"user": named[0]} if named else None,
-                                    self.server.wall_clock(), required=False)
-            self.send_json(200, self.call.quota(self.server.buckets))
-        elif path in ("/v1/models", "/api/tags", "/api/ps") and method in ("GET", "HEAD"):
-            self.call.endpoint = "models"
-            self.handle_models(target, ollama=path != "/v1/models")
-        elif path.startswith("/v1/models/") and method in ("GET", "HEAD"):
-            self.call.endpoint = "models"
-            self.handle_model(target, target.path[len("/v1/models/"):])
-        elif path.startswith("/api/"):
-            check_ollama_route(method, path)
-            self.forward_free(target)
-        elif is_free_call(method, path):
-            self.forward_free(target)
-        else:  # any other call under /v1 that may make the model work: a flat cost
-            self.handle_metered(OPENAI, target)
+        route = route_for(target.path.lower(), self.command)
+        call = self.call
+        call.dialect, call.endpoint = route.dialect, route.endpoint
+        if route.needs_key:
+            self.authenticate()
+        if route.names_answer:
+            answer_id = target.path[len(route.path) + 1:].partition("/")[0]
+            if answer_id:
+                self.require_own_answer(answer_id)
+        getattr(self, "answer_" + route.answer)(route, target)
+
+    # -- what answers each row ---------------------------------------------------
+
+    def answer_root(self, route: Route, target: Target) -> None:
+        self.send_json(200, ROOT_REPLY)
+
+    def answer_health(self, route: Route, target: Target) -> None:
+        self.send_json(200, {"status": "ok"})
+
+    def answer_favicon(self, route: Route, target: Target) -> None:
+        self.send_bytes(204, [], b"")  # browsers ask; an empty answer keeps their consoles quiet
+
+    def answer_admin(self, route: Route, target: Target) -> None:
+        self.send_bytes(200, *self.server.admin.answer(route.path, self.command, self.headers))
+
+    def answer_unknown(self, route: Route, target: Target) -> None:
+        raise ProxyError(404, f"Unknown path {target.path}; the API lives under /v1", code="not_found")
+
+    def answer_not_found(self, route: Route, target: Target) -> None:
+        raise ProxyError(404, f"Unknown path {target.path}", code="not_found")
+
+    def answer_method_not_allowed(self, route: Route, target: Target) -> None:
+        methods = route.methods or ("GET",)
+        raise ProxyError(405, f"{target.path} takes {methods[0]}", code="method_not_allowed")
+
+    def answer_closed(self, route: Route, target: Target) -> None:
+        raise ProxyError(403, "This endpoint is not available through this proxy.",
+                         "permission_error", "endpoint_not_allowed")
+
+    def answer_management(self, route: Route, target: Target) -> None:
+        raise ProxyError(403, "Managing the server's models is not allowed through this proxy.",
+                         "permission_error", "model_management_forbidden")
+
+    def answer_metered(self, route: Route, target: Target) -> None:
+        self.handle_metered(route.dialect, target)
+
+    def answer_free(self, route: Route, target: Target) -> None:
+        self.forward_free(target)
+
+    def answer_quota(self, route: Route, target: Target) -> None:
+        named = urllib.parse.parse_qs(target.query).get("user")
+        self.call.identify_user(self.headers, {"user": named[0]} if named else None,
+                                self.server.wall_clock(), required=False)
+        self.send_json(200, self.call.quota(self.server.buckets))
+
+    def answer_models(self, route: Route, target: Target) -> None:
+        """BASE_MODEL is answered here; otherwise the upstream's list, cut to the key's models."""
+        base_model, ollama = self.server.config.upstream_model, route.dialect is OLLAMA
+        self.read_body()  # (a body on a GET is never forwarded)
+        if base_model:
+            shown = [base_model] if self.call.policy.allows(base_model) else []
+            self.send_json(200, ollama_tags(shown) if ollama else model_list(shown))
+        else:
+            self.forward_listing(target, ollama)
+
+    def answer_running_models(self, route: Route, target: Target) -> None:
+        """Ollama's loaded models: the upstream's, whatever BASE_MODEL says, cut to the key's."""
+        self.read_body()
+        self.forward_listing(target, ollama=True)
+
+    def forward_listing(self, target: Target, ollama: bool) -> None:
+        policy = self.call.policy
+        if policy.models is None:
+            self.forward(target, b"")
+        else:
+            self.forward(target, b"", inspect=lambda data: visible_models(data, policy, ollama))
+
+    def answer_model_card(self, route: Route, target: Target) -> None:
+        """One model's card: a model off the key's list does not exist for this key."""
+        model = target.path[len(route.path) + 1:]
+        self.read_body()
+        if not self.call.policy.allows(model):
+            raise ProxyError(404, f"The model '{model[:200]}' does not exist", code="model_not_found",
+                             param="model")
+        self.forward(target, b"")
 
     def forward_free(self, target: Target) -> None:
         """Forward a call that makes no generation, its body checked like any other.
@@ -4574,8 +4645,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def check_body(self, body: bytes, target: Target) -> CheckedBody:
         """A body that is not a metered API's JSON object, read in whatever framing it has."""
         policy = self.call.policy
-        checked = check_body(body, self.headers.get("Content-Type") or "", model_fields(target),
-                             policy.limits_models)
+        checked = check_body(body, self.headers.get("Content-Type") or "",
+                             self.call.dialect.model_fields, policy.limits_models)
         if isinstance(checked.payload, dict):
             self.check_references(checked.payload)
         self.call.model = checked.model
@@ -4612,7 +4683,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             policy.require(model)
         if target.query:
             named = named_model(urllib.parse.parse_qsl(target.query, keep_blank_values=True),
-                                model_fields(target))
+                                self.call.dialect.model_fields)
             if named is not None:
                 policy.require(named)
 
@@ -4722,34 +4793,13 @@ class ProxyHandler(BaseHTTPRequestHandler):
         try:
             self.check_framing()
             target = parse_target(self.path)
-            if target.is_served:
+            if route_for(target.path.lower(), self.command).needs_key:
                 self.authenticate()
         except ProxyError as error:
             return self.refuse_request(error)
         return super().handle_expect_100()
 
     # -- local answers -------------------------------------------------------
-
-    def handle_models(self, target: Target, ollama: bool) -> None:
-        """BASE_MODEL is answered here; otherwise the upstream's list (Ollama's installed or
-        running models), cut to the key's models."""
-        base_model, policy = self.server.config.upstream_model, self.call.policy
-        self.read_body()  # (a body on a GET is never forwarded)
-        if base_model and target.path.lower() != "/api/ps":
-            shown = [base_model] if policy.allows(base_model) else []
-            self.send_json(200, ollama_tags(shown) if ollama else model_list(shown))
-        elif policy.models is None:
-            self.forward(target, b"")
-        else:
-            self.forward(target, b"", inspect=lambda data: visible_models(data, policy, ollama))
-
-    def handle_model(self, target: Target, model: str) -> None:
-        """One model's card: a model off the key's list does not exist for this key."""
-        self.read_body()
-        if not self.call.policy.allows(model):
-            raise ProxyError(404, f"The model '{model[:200]}' does not exist", code="model_not_found",
-                             param="model")
-        self.forward(target, b"")
 
     # -- metered calls -------------------------------------------------------
 
@@ -6046,8 +6096,8 @@ class EchoModelHandler(BaseHTTPRequestHandler):
             self.reply({"input_tokens": math.ceil(len(prompt) / 4)})
         elif path in ECHO_EMBEDDINGS:
             self.reply(ECHO_EMBEDDINGS[path](model, math.ceil(len(prompt) / 4)))
-        elif path in METERED:
-            self.answer(METERED[path], model, prompt, payload)
+        elif (dialect := route_for(path.lower(), "POST").dialect) in DIALECTS:  # a metered API
+            self.answer(dialect, model, prompt, payload)
         else:
             self.reply(OPENAI.error_body(ProxyError(404, "not found")), 404)
 

@@ -758,10 +758,12 @@ class CostTests(unittest.TestCase):
 
 class TargetTests(unittest.TestCase):
     def test_metered_spellings(self) -> None:
-        for raw in ("/v1/chat/completions", "/v1/chat/completions/", "/v1/chat/completions?x=1",
-                    "/V1/Chat/Completions", "/v1/%63hat/completions", "/v1/completions//"):
+        for raw, name in (("/v1/chat/completions", "chat"), ("/v1/chat/completions/", "chat"),
+                          ("/v1/chat/completions?x=1", "chat"), ("/V1/Chat/Completions", "chat"),
+                          ("/v1/%63hat/completions", "chat"), ("/v1/completions//", "text")):
             with self.subTest(raw=raw):
-                self.assertIsNotNone(llm_proxy.METERED.get(parse_target(raw).path.lower()))
+                route = llm_proxy.route_for(parse_target(raw).path.lower(), "POST")
+                self.assertEqual((route.answer, route.dialect.name), ("metered", name))
 
     def test_rejected_targets(self) -> None:
         for raw in ("http://evil.example/v1/chat/completions", "//evil.example/v1/x", "/v1/../admin",
@@ -771,8 +773,9 @@ class TargetTests(unittest.TestCase):
                 parse_target(raw)
 
     def test_upstream_path_stays_under_the_base(self) -> None:
-        self.assertEqual(parse_target("/v1/chat/completions/?a=b").upstream_path("/base/v1"),
+        self.assertEqual(parse_target("/v1/chat/completions/?a=b").upstream_path("/base/v1", False),
                          "/base/v1/chat/completions?a=b")
+        self.assertEqual(parse_target("/api/chat").upstream_path("/base/v1", True), "/base/api/chat")
 
 
 # --------------------------------------------------------------------------

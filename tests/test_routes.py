@@ -1,0 +1,125 @@
+"""The route table: every path the proxy knows, and what answers it (issue 19).
+
+One table (``llm_proxy.ROUTES``) decides, for a path and a method, whether a key is
+needed, which API's shape errors take, and what answers: a metered call, a free one,
+a local answer or a refusal.  These rows pin what the routing did before it was one
+table; the second test sends each through a real proxy.  Run by ``python3 test_llm_proxy.py``.
+"""
+
+from __future__ import annotations
+
+import unittest
+
+import llm_proxy
+from test_llm_proxy import CLIENT_KEY, ProxyTestCase
+
+# (method, path, answer, endpoint, shape of its errors)
+ROWS = [
+    ("GET", "/", "root", "local", "openai"),
+    ("GET", "/health", "health", "local", "openai"),
+    ("GET", "/favicon.ico", "favicon", "local", "openai"),
+    ("GET", "/admin", "admin", "local", "openai"),
+    ("GET", "/metrics", "admin", "local", "openai"),
+    ("POST", "/v1/chat/completions", "metered", "chat", "openai"),
+    ("GET", "/v1/chat/completions", "method_not_allowed", "chat", "openai"),
+    ("POST", "/v1/completions", "metered", "text", "openai"),
+    ("POST", "/v1/responses", "metered", "responses", "openai"),
+    ("POST", "/v1/messages", "metered", "messages", "anthropic"),
+    ("PUT", "/v1/messages", "method_not_allowed", "messages", "anthropic"),
+    ("POST", "/v1/embeddings", "metered", "embeddings", "openai"),
+    ("POST", "/api/chat", "metered", "ollama", "ollama"),
+    ("POST", "/api/generate", "metered", "ollama", "ollama"),
+    ("POST", "/api/embed", "metered", "ollama", "ollama"),
+    ("POST", "/api/embeddings", "metered", "ollama", "ollama"),
+    ("GET", "/v1/quota", "quota", "quota", "openai"),
+    ("POST", "/v1/quota", "metered", "other", "openai"),
+    ("GET", "/v1/models", "models", "models", "openai"),
+    ("GET", "/v1/models/qwen", "model_card", "models", "openai"),
+    ("DELETE", "/v1/models/ft-1", "metered", "other", "openai"),
+    ("GET", "/api/tags", "models", "models", "ollama"),
+    ("GET", "/api/ps", "running_models", "models", "ollama"),
+    ("POST", "/api/ps", "method_not_allowed", "models", "ollama"),
+    ("GET", "/api/version", "free", "free", "ollama"),
+    ("POST", "/api/show", "free", "free", "ollama"),
+    ("GET", "/api/show", "method_not_allowed", "free", "ollama"),
+    ("POST", "/api/pull", "management", "free", "ollama"),
+    ("DELETE", "/api/delete", "management", "free", "ollama"),
+    ("POST", "/api/blobs/sha256:00", "management", "free", "ollama"),
+    ("POST", "/api/unknown", "not_found", "free", "ollama"),
+    ("POST", "/v1/messages/count_tokens", "free", "free", "anthropic"),
+    ("POST", "/v1/messages/batches", "metered", "other", "anthropic"),
+    ("GET", "/v1/messages/batches/b1", "free", "free", "anthropic"),
+    ("GET", "/v1/responses/resp_1", "free", "free", "openai"),
+    ("DELETE", "/v1/responses/resp_1", "free", "free", "openai"),
+    ("GET", "/v1/responses/resp_1/input_items", "free", "free", "openai"),
+    ("POST", "/v1/responses/resp_1/cancel", "metered", "other", "openai"),
+    ("POST", "/v1/responses/compact", "metered", "other", "openai"),
+    ("GET", "/v1/chat/completions/chatcmpl-1", "free", "free", "openai"),
+    ("POST", "/v1/batches", "closed", "free", "openai"),
+    ("GET", "/v1/files/file-1/content", "closed", "free", "openai"),
+    ("POST", "/v1/realtime/client_secrets", "closed", "free", "openai"),
+    ("GET", "/v1/rerank", "free", "free", "openai"),
+    ("POST", "/v1/rerank", "metered", "other", "openai"),
+    ("POST", "/v1/audio/transcriptions", "metered", "other", "openai"),
+    ("GET", "/v1", "free", "free", "openai"),
+    ("GET", "/elsewhere", "unknown", "local", "openai"),
+    ("POST", "/v2/chat/completions", "unknown", "local", "openai"),
+]
+
+
+def shape(dialect: llm_proxy.Dialect) -> str:
+    body = dialect.error_body(llm_proxy.ProxyError(400, "x"))
+    return "anthropic" if body.get("type") == "error" else "ollama" if body == {"error": "x"} else "openai"
+
+
+class RouteTableTests(unittest.TestCase):
+    def test_each_path_and_method_has_its_row(self) -> None:
+        for method, path, answer, endpoint, error_shape in ROWS:
+            with self.subTest(method=method, path=path):
+                route = llm_proxy.route_for(path, method)
+                self.assertEqual((route.answer, route.endpoint, shape(route.dialect)),
+                                 (answer, endpoint, error_shape))
+
+    def test_every_answer_has_its_handler_method(self) -> None:
+        answers = {route.answer for route in llm_proxy.ROUTES} | {"method_not_allowed", "unknown"}
+        for answer in answers:
+            self.assertTrue(callable(getattr(llm_proxy.ProxyHandler, "answer_" + answer, None)), answer)
+
+    def test_only_local_answers_need_no_key(self) -> None:
+        keyless = {route.path for route in llm_proxy.ROUTES if not route.needs_key}
+        self.assertEqual(keyless, {"/", "/health", "/favicon.ico", "/admin", "/admin/api/usage", "/metrics"})
+
+
+class RoutesOverSocketsTests(ProxyTestCase):
+    """Each row answered by a real proxy: status, and whether the upstream saw the request."""
+
+    config_overrides = {"client_keys": (CLIENT_KEY,), "max_tokens": 100}
+
+    def test_each_row_answers_as_its_table_says(self) -> None:
+        expected = {"metered": (None, True), "free": (None, True), "models": (None, True),
+                    "model_card": (None, True), "running_models": (None, True), "quota": (200, False),
+                    "method_not_allowed": (405, False), "management": (403, False),
+                    "closed": (403, False), "not_found": (404, False), "unknown": (404, False),
+                    "root": (200, False), "health": (200, False), "favicon": (204, False),
+                    "admin": (404, False)}  # (no ADMIN_KEY: the owner's pages do not exist)
+        for method, path, answer, _, error_shape in ROWS:
+            if path.startswith(("/v1/responses/", "/v1/chat/completions/")):
+                continue  # stored answers: tests/test_request_bodies.py
+            with self.subTest(method=method, path=path):
+                before = len(self.upstream.requests)
+                body = {"model": "m", "messages": [], "prompt": "x", "input": "x", "max_tokens": 1} \
+                    if method in ("POST", "PUT") else None
+                response = self.request(method, path, body)
+                status, forwarded = expected[answer]  # (a forwarded one has the fake's status)
+                if status is not None:
+                    self.assertEqual(response.status, status, response.body[:200])
+                self.assertEqual(len(self.upstream.requests) - before, int(forwarded), response.body[:200])
+                if status is not None and status >= 400:
+                    self.assertEqual(shape_of(response.json()), error_shape, response.body[:200])
+
+
+def shape_of(body: dict) -> str:
+    """Which API's error envelope an answer is."""
+    if body.get("type") == "error":
+        return "anthropic"
+    return "ollama" if isinstance(body.get("error"), str) else "openai"
