@@ -240,6 +240,11 @@ class Config:
     def bucket(self) -> BucketSpec:
         return BucketSpec(self.max_tokens, self.refill_tokens, self.refill_interval)
 
+    @functools.cached_property
+    def mode(self) -> CostMode:
+        """TOKEN_COST_MODE as objects: the one place its name is read."""
+        return cost_mode(self)
+
 
 def settings_help() -> str:
     defaults = {f.name: f.default for f in fields(Config)}
@@ -256,13 +261,12 @@ def settings_help() -> str:
 def startup_warnings(config: Config) -> list[str]:
     """Problems that do not stop the proxy but would surprise its owner."""
     warnings = []
-    smallest = config.request_cost if config.cost_mode == "request" else config.response_reserve
-    if smallest > config.max_tokens:
-        variable = "REQUEST_TOKEN_COST" if config.cost_mode == "request" else "RESPONSE_TOKEN_RESERVE"
+    mode = config.mode
+    if mode.least > config.max_tokens:
         warnings.append(
-            f"a request without max_tokens costs at least {smallest} tokens but MAX_TOKENS is "
+            f"a request without max_tokens costs at least {mode.least} tokens but MAX_TOKENS is "
             f"{config.max_tokens}: such requests can never be served; raise MAX_TOKENS "
-            f"(or lower {variable})")
+            f"(or lower {mode.least_setting})")
     if not (config.client_keys or config.keys_file) and not _is_loopback(config.host):
         warnings.append(
             f"no PROXY_API_KEYS or KEYS_FILE and listening on {config.host}: anyone who can reach this port can "
@@ -560,21 +564,23 @@ class Charge:
     ``reserved`` when admitted; ``close`` makes it ``kept`` (served, nothing to
     settle), ``settled`` (served, replaced by what was really used: the rest
     refunded, or the extra taken as debt) or ``refunded`` (never served), once.
-    Every payer (a key, or a user and the app key above it) pays the same.
+    Every payer (a key, or a user and the app key above it) pays the same; each
+    window settles as its unit says (``mode``).
     """
 
-    __slots__ = ("store", "payers", "admission", "state", "used")
+    __slots__ = ("store", "payers", "admission", "mode", "state", "used")
 
     def __init__(self, store: BucketStore, payers: Sequence[tuple[str, Sequence[BucketSpec]]],
-                 admission: Admission) -> None:
+                 admission: Admission, mode: CostMode) -> None:
         self.store = store
         self.payers = payers
         self.admission = admission
+        self.mode = mode
         self.state = "reserved"
         self.used: int | None = None
 
-    def close(self, served: bool, used: int | None = None) -> None:
-        """Settle ``used`` tokens in the token windows; request windows keep their one request."""
+    def close(self, served: bool, used: Usage | None = None) -> None:
+        """Refund, keep, or settle each window to what its unit makes of ``used``."""
         if self.state != "reserved":
             return
         cost = self.admission.cost
@@ -583,12 +589,15 @@ class Charge:
             self.credit(lambda spec, charged: charged)
             self.admission = self.admission._replace(remaining=min(
                 self.admission.limit, self.admission.remaining + cost))
-        elif used is None:
+            return
+        settled = {} if used is None else {
+            spec: final for _, specs in self.payers for spec in specs
+            if (final := self.mode.unit_of(spec).settle(used)) is not None}
+        if not settled:
             self.state = "kept"
-        else:
-            self.state, self.used = "settled", used
-            self.credit(lambda spec, charged: charged - used
-                        if charged and spec.unit != "requests" else 0)
+            return
+        self.state, self.used = "settled", max(settled.values())
+        self.credit(lambda spec, charged: charged - settled[spec] if charged and spec in settled else 0)
 
     def credit(self, change: Callable[[BucketSpec, int], int]) -> None:
         for (identity, specs), charged in zip(self.payers, self.admission.costs):
@@ -602,7 +611,7 @@ class Charge:
         if len(self.admission.costs) == 1 and len(self.admission.costs[0]) == 1:
             return self.admission.cost  # one window: what it was charged, in its unit
         amounts = [amount for (_, specs), costs in zip(self.payers, self.admission.costs)
-                   for spec, amount in zip(specs, costs) if spec.unit != "requests"]
+                   for spec, amount in zip(specs, costs) if self.mode.unit_of(spec).counts_tokens]
         return max(amounts, default=self.admission.cost)
 
     @property
@@ -947,7 +956,7 @@ def _window(window: object, base: dict, where: str) -> BucketSpec:
     if not isinstance(name, str):
         raise ConfigError(f"{where}: name must be a string")
     unit, period, models = window.get("unit", ""), window.get("period"), window.get("models")
-    if unit not in ("", "requests", "tokens"):
+    if not isinstance(unit, str) or unit not in WINDOW_UNITS:
         raise ConfigError(f"{where}: unit must be \"requests\" or \"tokens\"")
     if period is not None and (not isinstance(period, str) or period not in PERIOD_DAYS):  # as above
         raise ConfigError(f"{where}: period must be \"day\", \"week\" or \"month\"")
@@ -1149,14 +1158,20 @@ def _count(value: object) -> int | None:
 
 
 class Usage(NamedTuple):
-    """Tokens an answer used, as its upstream reported them (prompt includes cached tokens)."""
+    """Tokens an answer used, as its upstream reported them, in the parts a price tells apart.
 
-    prompt: int
-    completion: int
+    ``input`` includes the cached and cache-written parts, ``output`` the reasoning.
+    """
+
+    input: int
+    output: int
+    cached_input: int = 0
+    cache_write: int = 0
+    reasoning: int = 0
 
     @property
     def total(self) -> int:
-        return self.prompt + self.completion
+        return self.input + self.output
 
 
 NO_USAGE = Usage(0, 0)
@@ -1187,17 +1202,26 @@ class Meter:
         self.object_id: str | None = None  # a stored answer's id (a response, a completion)
 
     def report(self, counts: dict) -> None:
-        """Record counts from the upstream; later reports of a field replace earlier ones."""
+        """Record counts from the upstream; later reports of a field replace earlier ones.
+
+        A count inside a details object is kept under both names joined by a dot
+        (``prompt_tokens_details.cached_tokens``).
+        """
         for name, value in counts.items():
             count = _count(value)
             if count is not None:
                 self.usage_fields[name] = count
+            elif isinstance(value, dict):
+                for part, inner in value.items():
+                    count = _count(inner)
+                    if count is not None:
+                        self.usage_fields[f"{name}.{part}"] = count
 
     @property
     def reported(self) -> Usage | None:
         return self.dialect.usage_of(self.usage_fields) if self.usage_fields else None
 
-    def used(self, finished: bool) -> int | None:
+    def used(self, finished: bool) -> Usage | None:
         """What to settle to: the reported usage, else for a cut-short answer prompt + text / 4.
 
         None means keep the reservation (a finished answer that reported nothing and
@@ -1206,14 +1230,15 @@ class Meter:
         """
         usage = self.reported
         if usage is not None and self.final:
-            return usage.total  # the answer's last word: a hang-up after it changes nothing
+            return usage  # the answer's last word: a hang-up after it changes nothing
         if finished and usage is None and not self.characters:
             return None
         # Cut short, or ended without its final usage: what was reported so far may be
         # partial (Anthropic's message_start says output 0), so the streamed text counts too.
-        prompt = usage.prompt if usage is not None else self.prompt_estimate
-        counted = prompt + math.ceil(self.characters / 4)
-        return counted if usage is None else max(usage.total, counted)
+        streamed = math.ceil(self.characters / 4)
+        if usage is None:
+            return Usage(self.prompt_estimate, streamed)
+        return usage._replace(output=max(usage.output, streamed))
 
     def filter(self, data: bytes, framing: Framing) -> bytes:
         """Observe complete frames; return those the client should see.
@@ -1706,12 +1731,14 @@ class Dialect:
     # -- answers -------------------------------------------------------------
 
     def usage_of(self, fields: dict[str, int]) -> Usage | None:
-        """Usage from the counts a meter collected (named as in this API)."""
+        """Usage from the counts a meter collected (named as in this API: OpenAI's here)."""
         total = fields.get("total_tokens")
         if total is None:
             return None
-        prompt = fields.get("prompt_tokens", 0)
-        return Usage(min(prompt, total), total - min(prompt, total))
+        prompt = min(fields.get("prompt_tokens", 0), total)
+        output = total - prompt
+        return Usage(prompt, output, min(fields.get("prompt_tokens_details.cached_tokens", 0), prompt),
+                     0, min(fields.get("completion_tokens_details.reasoning_tokens", 0), output))
 
     def read_reply(self, reply: dict, meter: Meter) -> None:
         """Take the usage from a whole, non-streamed answer, and the id it may be stored under."""
@@ -1840,7 +1867,7 @@ class TextCompletions(ChatCompletions):
 
 
 def openai_usage(usage: Usage) -> dict:
-    return {"prompt_tokens": usage.prompt, "completion_tokens": usage.completion,
+    return {"prompt_tokens": usage.input, "completion_tokens": usage.output,
             "total_tokens": usage.total}
 
 
@@ -1864,7 +1891,9 @@ class Responses(Dialect):
     def usage_of(self, fields: dict[str, int]) -> Usage | None:
         if "input_tokens" not in fields and "output_tokens" not in fields:
             return None
-        return Usage(fields.get("input_tokens", 0), fields.get("output_tokens", 0))
+        given, output = fields.get("input_tokens", 0), fields.get("output_tokens", 0)
+        return Usage(given, output, min(fields.get("input_tokens_details.cached_tokens", 0), given),
+                     0, min(fields.get("output_tokens_details.reasoning_tokens", 0), output))
 
     def observe(self, event: dict, meter: Meter) -> bool:
         kind = event.get("type")
@@ -1890,9 +1919,9 @@ class Responses(Dialect):
                 "store": False, "temperature": None, "text": {"format": {"type": "text"}},
                 "tool_choice": "auto", "tools": [], "top_p": None, "truncation": "disabled",
                 "usage": None if usage is None else {
-                    "input_tokens": usage.prompt,
+                    "input_tokens": usage.input,
                     "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
-                    "output_tokens": usage.completion,
+                    "output_tokens": usage.output,
                     "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": usage.total},
                 "user": None, "metadata": {}}
 
@@ -1967,9 +1996,9 @@ class AnthropicMessages(Dialect):
     def usage_of(self, fields: dict[str, int]) -> Usage | None:
         if "input_tokens" not in fields and "output_tokens" not in fields:
             return None
-        prompt = sum(fields.get(name, 0) for name in (
-            "input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens"))
-        return Usage(prompt, fields.get("output_tokens", 0))
+        cached, written = fields.get("cache_read_input_tokens", 0), fields.get("cache_creation_input_tokens", 0)
+        return Usage(fields.get("input_tokens", 0) + cached + written, fields.get("output_tokens", 0),
+                     cached, written)
 
     def observe(self, event: dict, meter: Meter) -> bool:
         kind = event.get("type")
@@ -1990,12 +2019,12 @@ class AnthropicMessages(Dialect):
         return {"id": f"msg_{secrets.token_hex(12)}", "type": "message", "role": "assistant",
                 "model": model, "content": [{"type": "text", "text": text}],
                 "stop_reason": "end_turn", "stop_sequence": None,
-                "usage": {"input_tokens": usage.prompt, "output_tokens": usage.completion}}
+                "usage": {"input_tokens": usage.input, "output_tokens": usage.output}}
 
     def reply_stream(self, model: str, pieces: Sequence[str], usage: Usage | None = NO_USAGE,
                      ) -> Iterator[bytes]:
         usage = usage or NO_USAGE
-        start = dict(self.reply(model, "", Usage(usage.prompt, 0)), content=[], stop_reason=None)
+        start = dict(self.reply(model, "", Usage(usage.input, 0)), content=[], stop_reason=None)
         yield sse_event({"type": "message_start", "message": start}, "message_start")
         yield sse_event({"type": "content_block_start", "index": 0,
                          "content_block": {"type": "text", "text": ""}}, "content_block_start")
@@ -2005,7 +2034,7 @@ class AnthropicMessages(Dialect):
         yield sse_event({"type": "content_block_stop", "index": 0}, "content_block_stop")
         yield sse_event({"type": "message_delta", "delta": {"stop_reason": "end_turn",
                                                             "stop_sequence": None},
-                         "usage": {"output_tokens": usage.completion}}, "message_delta")
+                         "usage": {"output_tokens": usage.output}}, "message_delta")
         yield sse_event({"type": "message_stop"}, "message_stop")
 
     def error_body(self, error: ProxyError) -> dict:
@@ -2070,8 +2099,8 @@ class OllamaChat(Dialect):
                       "message": {"role": "assistant", "content": text}, "done": done}
         if done:
             line.update(done_reason="stop", total_duration=0, load_duration=0,
-                        prompt_eval_count=usage.prompt, prompt_eval_duration=0,
-                        eval_count=usage.completion, eval_duration=0)
+                        prompt_eval_count=usage.input, prompt_eval_duration=0,
+                        eval_count=usage.output, eval_duration=0)
         return line
 
     def reply(self, model: str, text: str, usage: Usage = NO_USAGE) -> dict:
@@ -2266,57 +2295,160 @@ def dialect_of_target(raw: str) -> Dialect:
         return OPENAI
 
 
-def estimate_tokens(payload: dict, reserve: int, dialect: Dialect = CHAT) -> int:
+def estimate_tokens(payload: dict, reserve: int, dialect: Dialect = CHAT,
+                    prompt: int | None = None) -> int:
     """ceil(prompt characters / 4) plus the output allowance (or the reserve) for each answer
     asked for, at least 1."""
     allowance = dialect.output_allowance(payload)
     per_answer = reserve if allowance is None else allowance
-    return max(1, prompt_tokens(payload) + per_answer * dialect.answers(payload))
+    prompt = prompt_tokens(payload) if prompt is None else prompt
+    return max(1, prompt + per_answer * dialect.answers(payload))
 
 
-def window_costs(dialect: Dialect, payload: dict, config: Config, capacity: int,
-                 model: str) -> tuple[Callable[[BucketSpec], int], int]:
-    """What each window is charged before forwarding (by its unit and models), and the prompt.
+class CallCost:
+    """What one call may cost in tokens, worked out once, and only as far as a window asks.
 
-    A window in ``requests`` counts 1; in ``tokens``, the token estimate (the
-    reservation in usage mode); one without a unit, the cost mode's own cost.  A
-    window limited to other models counts nothing.
+    ``estimate``: the prompt plus each answer's allowance (or the reserve).
+    ``reservation`` (usage mode): the prompt plus at most RESPONSE_TOKEN_RESERVE an
+    answer, never more than ``capacity`` unless the prompt alone is, so that agents
+    that allow themselves 32,000 output tokens are not refused before they used them.
+    A flat-rate call costs REQUEST_TOKEN_COST tokens whatever it says.
     """
-    cost, prompt = request_cost(dialect, payload, config, capacity)
-    estimate: list[int] = []  # a token window in request mode is charged the estimate, made once
 
-    def tokens() -> int:
-        if config.cost_mode != "request" or dialect.flat_rate:
-            return cost
-        if not estimate:
-            estimate.append(estimate_tokens(payload, config.response_reserve, dialect))
-        return estimate[0]
+    __slots__ = ("dialect", "payload", "config", "capacity", "_prompt")
 
-    def cost_of(spec: BucketSpec) -> int:
-        if spec.models is not None and model not in spec.models:
-            return 0
-        return 1 if spec.unit == "requests" else tokens() if spec.unit == "tokens" else cost
-    return cost_of, prompt
+    def __init__(self, dialect: Dialect, payload: dict, config: Config, capacity: int) -> None:
+        self.dialect, self.payload, self.config, self.capacity = dialect, payload, config, capacity
+        self._prompt: int | None = None
+
+    @property
+    def flat(self) -> bool:
+        return self.dialect.flat_rate
+
+    @property
+    def prompt(self) -> int:
+        if self._prompt is None:
+            self._prompt = 0 if self.flat else prompt_tokens(self.payload)
+        return self._prompt
+
+    @property
+    def estimate(self) -> int:
+        if self.flat:
+            return self.config.request_cost
+        return estimate_tokens(self.payload, self.config.response_reserve, self.dialect, self.prompt)
+
+    @property
+    def reservation(self) -> int:
+        if self.flat:
+            return self.config.request_cost
+        allowance = self.dialect.output_allowance(self.payload)
+        reserve = self.config.response_reserve
+        cost = max(1, self.prompt + (reserve if allowance is None else min(allowance, reserve))
+                   * self.dialect.answers(self.payload))
+        return cost if self.prompt > self.capacity else min(cost, self.capacity)
 
 
-def request_cost(dialect: Dialect, payload: dict, config: Config, capacity: int) -> tuple[int, int]:
-    """What to charge before forwarding, and the prompt's estimate.
+# --------------------------------------------------------------------------
+# Units: what a window counts
+# --------------------------------------------------------------------------
 
-    ``request`` mode: a fixed cost.  ``estimate``: the prompt plus the output
-    allowance (or the reserve).  ``usage``: a reservation, settled later to the
-    real usage, so agents that allow themselves 32,000 output tokens are not
-    refused: the prompt plus at most RESPONSE_TOKEN_RESERVE, and never more than
-    the capacity unless the prompt alone is.
+class Unit:
+    """What a window counts, and so what a call costs it: before it is forwarded
+    (``estimate``) and once its answer is in (``settle``: None, what was charged stands).
+
+    A new unit is one subclass; ``CostMode`` says which unit a window's ``unit`` names.
     """
-    if dialect.flat_rate or config.cost_mode == "request":
-        return config.request_cost, 0
-    prompt = prompt_tokens(payload)
+
+    name = ""
+    counts_tokens = True  # False: the window counts something else (requests)
+
+    def estimate(self, call: CallCost) -> int:
+        raise NotImplementedError
+
+    def settle(self, used: Usage) -> int | None:
+        return None
+
+
+class RequestCount(Unit):
+    """One request, whatever it asked for: ``"unit": "requests"``."""
+
+    name = "requests"
+    counts_tokens = False
+
+    def estimate(self, call: CallCost) -> int:
+        return 1
+
+
+class FixedTokens(Unit):
+    """A fixed number of tokens a call (REQUEST_TOKEN_COST): ``request`` mode's own unit."""
+
+    def __init__(self, tokens: int) -> None:
+        self.tokens = tokens
+
+    def estimate(self, call: CallCost) -> int:
+        return self.tokens
+
+
+class EstimatedTokens(Unit):
+    """The prompt's estimate plus the output asked for, charged before and kept."""
+
+    name = "tokens"
+
+    def estimate(self, call: CallCost) -> int:
+        return call.estimate
+
+
+class ReportedTokens(Unit):
+    """A reservation, then the tokens the upstream reported (or the text streamed)."""
+
+    name = "tokens"
+
+    def estimate(self, call: CallCost) -> int:
+        return call.reservation
+
+    def settle(self, used: Usage) -> int | None:
+        return used.total
+
+
+class CostMode:
+    """TOKEN_COST_MODE, parsed: the unit of a window that names none, and what "tokens" means.
+
+    ``least`` is what the cheapest request (one without an allowance) costs in the
+    mode's own unit, and ``least_setting`` the variable that sets it.
+    """
+
+    def __init__(self, name: str, own: Unit, tokens: Unit, least: int, least_setting: str) -> None:
+        self.name = name
+        self.units = {"": own, RequestCount.name: REQUESTS, "tokens": tokens}
+        self.least, self.least_setting = least, least_setting
+        self.settles = any(type(unit).settle is not Unit.settle for unit in self.units.values())
+
+    def unit_of(self, spec: BucketSpec) -> Unit:
+        return self.units[spec.unit]
+
+
+REQUESTS = RequestCount()
+WINDOW_UNITS = ("", RequestCount.name, "tokens")  # what a window's "unit" may name ("": the mode's)
+
+
+def cost_mode(config: Config) -> CostMode:
+    """The cost mode a configuration names, as objects (made once per Config)."""
+    reserve = config.response_reserve
+    if config.cost_mode == "request":
+        return CostMode("request", FixedTokens(config.request_cost), EstimatedTokens(),
+                        config.request_cost, "REQUEST_TOKEN_COST")
     if config.cost_mode == "estimate":
-        return estimate_tokens(payload, config.response_reserve, dialect), prompt
-    allowance = dialect.output_allowance(payload)
-    reserve = config.response_reserve if allowance is None else min(allowance, config.response_reserve)
-    cost = max(1, prompt + reserve * dialect.answers(payload))
-    return (cost if prompt > capacity else min(cost, capacity)), prompt
+        return CostMode("estimate", EstimatedTokens(), EstimatedTokens(), reserve, "RESPONSE_TOKEN_RESERVE")
+    return CostMode("usage", ReportedTokens(), ReportedTokens(), reserve, "RESPONSE_TOKEN_RESERVE")
+
+
+def window_costs(call: CallCost, mode: CostMode, model: str,
+                 payers: Sequence[tuple[str, Sequence[BucketSpec]]]) -> Callable[[BucketSpec], int]:
+    """What each window is charged before forwarding: by its unit, and nothing at all if it
+    counts only other models.  Worked out here, so that the bucket lock is held for sums only."""
+    costs = {spec: 0 if spec.models is not None and model not in spec.models
+             else mode.unit_of(spec).estimate(call) for _, specs in payers for spec in specs}
+    return costs.__getitem__
 
 
 # --------------------------------------------------------------------------
@@ -3972,20 +4104,21 @@ class Call:
             except Exception:  # one failing step must not keep the others from running
                 log.exception("ending a relayed stream of %s", self.label)
 
-    def close_charge(self, usage_mode: bool) -> None:
+    def close_charge(self) -> None:
         """Decide what the charge becomes; safe to call more than once (the first call decides).
 
         A client that hangs up after its request reached the upstream pays for
-        what it asked for; one that leaves while still queued pays nothing.  In
-        usage mode the charge settles to the reported usage, and a stream cut
-        short from either end to the prompt plus what was streamed.
+        what it asked for; one that leaves while still queued pays nothing.  A
+        window whose unit settles (usage mode's tokens) settles to the reported
+        usage, or for a stream cut short from either end to the prompt plus what
+        was streamed.
         """
         charge = self.charge
         if charge is None:
             return
         served = self.served or (self.gone and self.upstream_reached)
         used = None
-        if usage_mode and served and self.meter is not None:
+        if served and charge.mode.settles and self.meter is not None:
             used = self.meter.used(self.finished or not self.stream)
         charge.close(served, used)
 
@@ -4064,9 +4197,9 @@ class Call:
         """
         if config.upstream_model:
             payload["model"] = config.upstream_model
-        usage_mode = config.cost_mode == "usage"
-        hide = self.dialect.ask_for_usage(payload) if stream and usage_mode else None
-        self.meter = Meter(self.dialect, prompt, hide_usage=bool(hide), counts_text=usage_mode)
+        settles = config.mode.settles
+        hide = self.dialect.ask_for_usage(payload) if stream and settles else None
+        self.meter = Meter(self.dialect, prompt, hide_usage=bool(hide), counts_text=settles)
         return body_bytes(payload)
 
     def check_reply(self, data: bytes) -> bytes:
@@ -4255,7 +4388,7 @@ class Relay:
         if response.status < 400 and inspect is not None:
             data = inspect(data)
         call.served = call.finished = response.status < 400
-        call.close_charge(self.server.config.cost_mode == "usage")
+        call.close_charge()
         self.client.send_bytes(response.status, headers + self.meter_headers(), data,
                                reason=response.reason)
         return True
@@ -4279,7 +4412,7 @@ class Relay:
         ok = response.status < 400
         call.stream = framing is not None
         if not ok:
-            call.close_charge(self.server.config.cost_mode == "usage")
+            call.close_charge()
         client = self.client
         client.start_chunked(response.status, headers + self.meter_headers(), response.reason)
         meter = call.meter if framing is not None and ok else None
@@ -4321,7 +4454,7 @@ class Relay:
                 client.close_connection = True
         completed = error is None
         call.finished = completed and pump.response.status < 400
-        call.close_charge(self.server.config.cost_mode == "usage")
+        call.close_charge()
         if completed or framing is not None:
             client.end_chunked()
         return completed
@@ -4822,17 +4955,18 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.require_models(call.model if payload is not None else checked.model, target)
         if call.identify_user(self.headers, payload, self.server.wall_clock(), required=True):
             self.require_models(call.model if payload is not None else checked.model, target)
-        payers = call.payers
+        payers, mode = call.payers, config.mode
         capacity = min((spec.capacity for _, specs in payers for spec in specs
-                        if spec.unit != "requests"), default=1 << 62)  # what a reservation may fill
+                        if mode.unit_of(spec).counts_tokens), default=1 << 62)  # a reservation's room
         metered = payload if not dialect.flat_rate else None
-        cost_of, prompt = window_costs(dialect, metered or {}, config, capacity, call.model or "")
+        cost = CallCost(dialect, metered or {}, config, capacity)
+        cost_of = window_costs(cost, mode, call.model or "", payers)
         stream = metered is not None and dialect.is_stream(metered)
         forwarded = (checked.forwarded if metered is None
-                     else call.upstream_body(metered, stream, prompt, config))
+                     else call.upstream_body(metered, stream, cost.prompt if mode.settles else 0, config))
         admission = self.server.buckets.charge_all(payers, cost_of)
         if admission.allowed:  # from here on, whatever happens, the charge is closed (or refunded)
-            call.charge = Charge(self.server.buckets, payers, admission)
+            call.charge = Charge(self.server.buckets, payers, admission, mode)
         else:
             call.limited, call.stream = True, stream
             headers, answer = limit_answer(dialect, admission, (metered or {}).get("model") or call.model
@@ -4844,9 +4978,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.forward(target, forwarded, inspect=None if metered is None else call.check_reply)
         finally:
             if call.deferred is None:
-                call.close_charge(config.cost_mode == "usage")
+                call.close_charge()
             else:
-                call.defer(call.close_charge, config.cost_mode == "usage")
+                call.defer(call.close_charge)
 
     def forward(self, target: Target, body: bytes,
                 inspect: Callable[[bytes], bytes] | None = None) -> None:
@@ -5231,7 +5365,7 @@ class AdminView:
         if not call.identity:  # refused before anyone was identified: nobody to count it for
             return
         usage = call.meter.reported if call.meter is not None else None
-        prompt, completion = (usage.prompt, usage.completion) if usage is not None else (0, 0)
+        prompt, completion = (usage.input, usage.output) if usage is not None else (0, 0)
         charged, outcome = call.tokens_paid, call.result
         tokens = (prompt, completion, charged)
         now = call.arrived  # a request counts on the day it arrived
