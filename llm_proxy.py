@@ -5425,7 +5425,9 @@ class TrackedServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 1024  # a burst of connects waits in the backlog instead of being refused
     max_connections = 1024
-    max_connections_per_client: int | None = None  # None: half of max_connections; 0: no cap
+    # None: half of max_connections; 0: no cap, as a server whose one client is this proxy needs
+    # (the demo's echo model). ProxyServer takes MAX_CONNECTIONS_PER_CLIENT.
+    max_connections_per_client: int | None = 0
     accept_pause = 0.02  # seconds the accept loop rests after finding no descriptor left
     out_of_descriptors_quiet = 60.0  # seconds without that which end an episode: one warning each
 
@@ -5521,9 +5523,9 @@ class TrackedServer(ThreadingHTTPServer):
         fills its share anew earns a line per round, that is per cap + 1
         connections it opened.
         """
-        log.warning("client %s holds %d connections, its MAX_CONNECTIONS_PER_CLIENT: more from it "
-                    "get a 503 until some close (behind a reverse proxy, whose address every "
-                    "caller has, raise it or set 0 for no cap)", client, held)
+        log.warning("client %s holds %d connections, as many as MAX_CONNECTIONS_PER_CLIENT allows "
+                    "one address: more from it get a 503 until some close (behind a reverse proxy "
+                    "every caller has its address: raise the cap, or 0 for none)", client, held)
 
     def start_connection(self, request: socket.socket, client_address: tuple) -> None:
         """A thread for the new connection; the proxy's waits for its first request without one."""

@@ -208,6 +208,9 @@ class ConnectionFairnessTests(ProxyTestCase):
                 self.start_proxy(max_connections=max_connections,
                                  max_connections_per_client=per_client)
                 self.assertEqual(self.proxy.connections_per_client_cap, cap)
+        # A TrackedServer that is not the proxy (the demo's echo model, this fake upstream) has one
+        # client, the proxy, which may need every connection.
+        self.assertEqual(self.upstream.connections_per_client_cap, 0)
 
     def test_the_default_follows_max_connections_lowered_to_fit_the_descriptor_limit(self) -> None:
         self.start_proxy()  # MAX_CONNECTIONS 1024, the default
