@@ -30,6 +30,7 @@ import functools
 import hashlib
 import hmac
 import http.client
+import ipaddress
 import json
 import json.scanner
 import logging
@@ -197,6 +198,10 @@ SETTINGS: tuple[Setting, ...] = (
             _seconds),
     Setting(("MAX_CONNECTIONS",), "max_connections",
             "simultaneous client connections; more get a fast 503", _positive),
+    Setting(("MAX_CONNECTIONS_PER_CLIENT",), "max_connections_per_client",
+            "simultaneous connections from one client address; more get the same fast 503; "
+            "unset = half of MAX_CONNECTIONS, 0 = no cap per address (behind a reverse proxy "
+            "every caller comes from its address: raise or disable it there)", _non_negative),
 )
 
 
@@ -230,6 +235,7 @@ class Config:
     max_body_bytes: int = 10 * 1024 * 1024
     client_timeout: float = 60.0
     max_connections: int = 1024
+    max_connections_per_client: int | None = None  # None: half of max_connections, as fitted
 
     @classmethod
     def from_env(cls, environ: dict[str, str]) -> Config:
@@ -5649,23 +5655,47 @@ DASHBOARD_HEADERS = [
 # Server
 # --------------------------------------------------------------------------
 
+def client_host(client_address: tuple) -> str:
+    """The address a client's connections are counted under.
+
+    A dual-stack socket reports an IPv4 client as ``::ffff:a.b.c.d``; it is the
+    same client as ``a.b.c.d`` and must share its count, or it could hold twice
+    its share by connecting both ways. Anything that is no IP address is counted
+    under its own text.
+    """
+    host = str(client_address[0]) if client_address else ""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
+    return str(address if mapped is None else mapped)
+
+
 class TrackedServer(ThreadingHTTPServer):
-    """A threading HTTP server that knows its open connections.
+    """A threading HTTP server that knows its open connections and which client holds each.
 
     Counting them lets a flood get a fast 503 instead of an unbounded number of
     threads, and lets ``server_close`` end keep-alive connections instead of
     leaving their threads behind. A flood that finds no file descriptor left gets
-    the same 503.
+    the same 503. Counting them per client address keeps one client, which need
+    not even send a request, from holding every connection and so refusing
+    everyone else: past its share it gets the 503 itself.
     """
 
     daemon_threads = True
     request_queue_size = 1024  # a burst of connects waits in the backlog instead of being refused
     max_connections = 1024
+    # None: half of max_connections; 0: no cap, as a server whose one client is this proxy needs
+    # (the demo's echo model). ProxyServer takes MAX_CONNECTIONS_PER_CLIENT.
+    max_connections_per_client: int | None = 0
     accept_pause = 0.02  # seconds the accept loop rests after finding no descriptor left
     out_of_descriptors_quiet = 60.0  # seconds without that which end an episode: one warning each
 
     def __init__(self, address: tuple[str, int], handler: type) -> None:
-        self._connections: set[socket.socket] = set()
+        self._connections: dict[socket.socket, str] = {}  # connection -> its client_host
+        self._client_connections: dict[str, int] = {}  # client_host -> its open connections, > 0
+        self._clients_told: set[str] = set()  # capped clients logged since they last held none
         self._connections_lock = threading.Lock()
         self._out_of_descriptors_at = -math.inf  # when accept() last failed for want of one
         super().__init__(address, handler, bind_and_activate=False)
@@ -5713,15 +5743,50 @@ class TrackedServer(ThreadingHTTPServer):
         self._reserve = reserve_descriptor()  # (or, if none could be had before, another try)
         time.sleep(self.accept_pause)
 
+    @property
+    def connections_per_client_cap(self) -> int:
+        """Connections one client address may hold at once; 0 for no cap.
+
+        Unset, it is half of max_connections, read when each connection comes, so it
+        follows the cap ``fit_to_descriptor_limit`` may lower at startup: one client
+        never holds every connection, while one that legitimately keeps a few
+        (a browser, an app's pool) is far from its share.
+        """
+        if self.max_connections_per_client is not None:
+            return self.max_connections_per_client
+        return max(1, self.max_connections // 2)
+
     def process_request(self, request: socket.socket, client_address: tuple) -> None:
+        client = client_host(client_address)
         with self._connections_lock:
-            admitted = len(self._connections) < self.max_connections
+            held = self._client_connections.get(client, 0)
+            cap = self.connections_per_client_cap
+            over_its_share = cap != 0 and held >= cap
+            admitted = not over_its_share and len(self._connections) < self.max_connections
             if admitted:
-                self._connections.add(request)
+                self._connections[request] = client
+                self._client_connections[client] = held + 1
+            tell = over_its_share and client not in self._clients_told
+            if tell:
+                self._clients_told.add(client)
         if admitted:
             self.start_connection(request, client_address)
-        else:
-            self.refuse(request)
+            return
+        if tell:
+            self.log_client_capped(client, held)
+        self.refuse(request)
+
+    def log_client_capped(self, client: str, held: int) -> None:
+        """Say once an episode, not once a connection, that a client met its cap.
+
+        The episode lasts until the client holds no connection again, so a client
+        kept at its cap cannot fill the log; one that lets go of everything and
+        fills its share anew earns a line per round, that is per cap + 1
+        connections it opened.
+        """
+        log.warning("client %s holds %d connections, as many as MAX_CONNECTIONS_PER_CLIENT allows "
+                    "one address: more from it get a 503 until some close (behind a reverse proxy "
+                    "every caller has its address: raise the cap, or 0 for none)", client, held)
 
     def start_connection(self, request: socket.socket, client_address: tuple) -> None:
         """A thread for the new connection; the proxy's waits for its first request without one."""
@@ -5742,12 +5807,34 @@ class TrackedServer(ThreadingHTTPServer):
 
     def shutdown_request(self, request: socket.socket) -> None:
         with self._connections_lock:
-            self._connections.discard(request)
+            client = self._connections.pop(request, None)  # None: refused, or already ended
+            if client is not None:
+                self.release_client_connection(client)
         super().shutdown_request(request)
+
+    def release_client_connection(self, client: str) -> None:
+        """One connection of ``client`` fewer; a client with none left is forgotten.
+
+        Only clients holding connections are kept, so however many addresses come and
+        go, this map is never larger than the connections themselves. Call with the
+        connections' lock held.
+        """
+        held = self._client_connections[client] - 1
+        if held:
+            self._client_connections[client] = held
+        else:
+            del self._client_connections[client]
+            self._clients_told.discard(client)  # its episode is over
 
     @property
     def connection_count(self) -> int:
         return len(self._connections)
+
+    @property
+    def connections_by_client(self) -> dict[str, int]:
+        """Open connections per client address, for those holding any (a copy)."""
+        with self._connections_lock:
+            return dict(self._client_connections)
 
     def handle_error(self, request: socket.socket, client_address: tuple) -> None:
         """A connection that broke outside a request (a reset while idle, say): one line, no trace."""
@@ -5961,6 +6048,7 @@ class ProxyServer(TrackedServer):
                               "e.g. http://127.0.0.1:8080/v1 (or run with --demo)")
         self.config = config
         self.max_connections = config.max_connections
+        self.max_connections_per_client = config.max_connections_per_client
         self.wall_clock = wall_clock
         self.keyring = KeyRing(config)
         self.buckets = BucketStore(clock, wall_clock)

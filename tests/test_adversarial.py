@@ -529,7 +529,7 @@ class ExactAdmissionTests(AdversarialTestCase):
 
 class BoundedResourceTests(AdversarialTestCase):
     def test_connection_cap_answers_a_fast_503(self) -> None:
-        self.start_proxy(max_connections=5)
+        self.start_proxy(max_connections=5, max_connections_per_client=0)  # the whole pool, from here
         held = [socket.create_connection(("127.0.0.1", self.port), timeout=WAIT) for _ in range(5)]
         try:
             deadline = time.monotonic() + WAIT

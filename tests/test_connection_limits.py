@@ -217,7 +217,8 @@ class DescriptorLimitTests(unittest.TestCase):
     def start(self, file_limit: int | None = None) -> subprocess.Popen:
         """The proxy as a user starts it, listening once this returns; stopped after the test."""
         env = clean_environment()
-        env.update(BASE_API_URL="http://127.0.0.1:9/v1", HOST="127.0.0.1", PORT=str(free_port()))
+        env.update(BASE_API_URL="http://127.0.0.1:9/v1", HOST="127.0.0.1", PORT=str(free_port()),
+                   MAX_CONNECTIONS_PER_CLIENT="0")  # the whole pool, from this one address
         command = [sys.executable, SCRIPT] if file_limit is None else \
             [sys.executable, "-c", WITH_FILE_LIMIT, str(file_limit), SCRIPT]
         process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
