@@ -3373,6 +3373,100 @@ class FairGate:
             self._grant(ticket)
 
 
+@dataclass
+class UpstreamState:
+    """How the last exchange with the upstream went, for the dashboard and /metrics."""
+
+    up: bool | None = None  # None: not tried yet
+    last_error: str | None = None
+
+    def answered(self) -> None:
+        self.up = True
+
+    def failed(self, failure: ProxyError) -> None:
+        self.up = False
+        self.last_error = f"{failure.status} {failure.message}"  # never socket or host details
+
+
+@dataclass
+class Upstream:
+    """One model server, and everything that talks to it.
+
+    ``model`` is the name the server is asked for whatever the caller named (BASE_MODEL),
+    or None; ``key`` is sent only to it, never shown.
+    """
+
+    name: str
+    pool: UpstreamPool
+    gate: FairGate
+    key: str | None = field(default=None, repr=False)
+    model: str | None = None
+    state: UpstreamState = field(default_factory=UpstreamState)
+
+    @property
+    def target(self) -> UpstreamTarget:
+        return self.pool.target
+
+    def credentials(self) -> list[tuple[str, str]]:
+        """The header that authenticates the proxy to this server (none without a key)."""
+        return [("Authorization", "Bearer " + self.key)] if self.key else []
+
+
+class UpstreamRegistry:
+    """The model servers behind the proxy, and which one answers a call for a model.
+
+    Today it holds one, BASE_API_URL's; what forwards a call asks ``for_model`` and
+    knows nothing of how many there are, so another server is one more entry here.
+    """
+
+    def __init__(self, upstreams: Sequence[Upstream]) -> None:
+        self.upstreams = tuple(upstreams)
+        self.default = self.upstreams[0]
+
+    @classmethod
+    def from_config(cls, config: Config) -> UpstreamRegistry:
+        assert config.upstream_url is not None
+        pool = UpstreamPool(UpstreamTarget.parse(config.upstream_url), config.open_timeout,
+                            config.read_timeout)
+        gate = FairGate(config.upstream_max_concurrent, config.queue_timeout)
+        return cls([Upstream("default", pool, gate, config.upstream_key, config.upstream_model)])
+
+    def for_model(self, model: str | None) -> Upstream:
+        """The server a call for ``model`` goes to (None: a call that names no model)."""
+        return self.default
+
+    def fixed_models(self) -> list[str] | None:
+        """The models callers can have when every server serves one whatever they ask
+        (BASE_MODEL), listed by the proxy itself; None: the servers' own lists."""
+        models = [upstream.model for upstream in self.upstreams]
+        return None if None in models else list(dict.fromkeys(models))  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[Upstream]:
+        return iter(self.upstreams)
+
+    @property
+    def in_flight(self) -> int:
+        return sum(upstream.gate.in_flight for upstream in self.upstreams)
+
+    @property
+    def waiting(self) -> int:
+        return sum(upstream.gate.waiting for upstream in self.upstreams)
+
+    def counts(self, identity: str) -> tuple[int, int]:
+        """Requests of ``identity`` in flight and waiting, at every server."""
+        pairs = [upstream.gate.counts(identity) for upstream in self.upstreams]
+        return sum(pair[0] for pair in pairs), sum(pair[1] for pair in pairs)
+
+    @property
+    def idle_connections(self) -> int:
+        """The most connections the pools may keep open while idle."""
+        return sum(upstream.pool.max_idle for upstream in self.upstreams)
+
+    def close(self) -> None:
+        for upstream in self.upstreams:
+            upstream.pool.close()
+
+
 class _Watch:
     """One client connection's watch, armed for each of its requests in turn.
 
@@ -4072,6 +4166,7 @@ class Call:
     body_pending: bool = True        # until read: an unread body forces the connection closed
     charge: Charge | None = None
     meter: Meter | None = None
+    upstream: Upstream | None = None  # the model server that answers it, once known
     status: int = 0
     limited: bool = False
     stream: bool = False             # the answer went out as a stream of events
@@ -4198,11 +4293,13 @@ class Call:
     def upstream_body(self, payload: dict, stream: bool, prompt: int, config: Config) -> bytes:
         """The body to forward: the payload the proxy checked, serialised again.
 
-        ``BASE_MODEL`` replaces the model; a meter is attached, and in usage mode a
-        stream that reports usage only when asked is asked (the client not told).
+        The server's own model name (``BASE_MODEL``) replaces the model; a meter is
+        attached, and in usage mode a stream that reports usage only when asked is
+        asked (the client not told).
         """
-        if config.upstream_model:
-            payload["model"] = config.upstream_model
+        assert self.upstream is not None
+        if self.upstream.model:
+            payload["model"] = self.upstream.model
         settles = config.mode.settles
         hide = self.dialect.ask_for_usage(payload) if stream and settles else None
         self.meter = Meter(self.dialect, prompt, hide_usage=bool(hide), counts_text=settles)
@@ -4325,24 +4422,24 @@ class Relay:
         waiting is taken out of the queue and its request never sent.
         """
         server, call, client = self.server, self.call, self.client
+        upstream = call.upstream = call.upstream or server.upstreams.for_model(call.model)
         headers = copied_headers(client.headers, call.not_forwarded(), PERSONAL_HEADER_PREFIXES)
-        if server.config.upstream_key:
-            headers.append(("Authorization", "Bearer " + server.config.upstream_key))
+        headers.extend(upstream.credentials())
         if body or client.command in ("POST", "PUT", "PATCH"):
             headers.append(("Content-Length", str(len(body))))
-        path = target.upstream_path(server.upstream.target.base_path, call.dialect.upstream_root)
-        exchange = UpstreamExchange(server.upstream)
-        ticket = call.ticket()
+        path = target.upstream_path(upstream.target.base_path, call.dialect.upstream_root)
+        exchange = UpstreamExchange(upstream.pool)
+        ticket, gate = call.ticket(), upstream.gate
         client.watch = server.watcher.watch(client.connection,
-                                            lambda: self.client_left(ticket, exchange), client.watch)
+                                            lambda: self.client_left(gate, ticket, exchange), client.watch)
         call.unwatch = client.watch.cancel
         try:
-            server.gate.acquire(ticket)  # (not a context manager: this runs on every request)
+            gate.acquire(ticket)  # (not a context manager: this runs on every request)
             try:
                 started = time.monotonic()
                 response = exchange.send(client.command, path, headers, body)
                 call.upstream_ms = (time.monotonic() - started) * 1000
-                server.upstream_state.answered()
+                upstream.state.answered()
                 self.exchange = exchange
                 exchange.completed = self.relay(response, inspect)
             except (OSError, http.client.HTTPException) as error:
@@ -4350,13 +4447,13 @@ class Relay:
                     raise ClientGone() from None
                 failure = upstream_failure(error)
                 if not exchange.sent or call.upstream_ms is None:
-                    server.upstream_state.failed(failure)
+                    upstream.state.failed(failure)
                 raise failure from None
             finally:  # (unless the loop relays the stream: then at its end, Call.defer)
                 if call.deferred is None:
-                    server.gate.release(ticket)
+                    gate.release(ticket)
                 else:
-                    call.defer(server.gate.release, ticket)
+                    call.defer(gate.release, ticket)
         finally:
             if call.deferred is None:
                 self.let_go(exchange)
@@ -4370,10 +4467,10 @@ class Relay:
         call.upstream_reached = exchange.sent
         exchange.finish()
 
-    def client_left(self, ticket: Ticket, exchange: UpstreamExchange) -> None:
+    def client_left(self, gate: FairGate, ticket: Ticket, exchange: UpstreamExchange) -> None:
         """Called by the disconnect watcher's thread when the client hangs up mid-request."""
         self.call.gone = True
-        self.server.gate.withdraw(ticket)
+        gate.withdraw(ticket)
         exchange.abort()
 
     def relay(self, response: UpstreamResponse,
@@ -4740,10 +4837,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def answer_models(self, route: Route, target: Target) -> None:
         """BASE_MODEL is answered here; otherwise the upstream's list, cut to the key's models."""
-        base_model, ollama = self.server.config.upstream_model, route.dialect is OLLAMA
+        fixed, ollama = self.server.upstreams.fixed_models(), route.dialect is OLLAMA
         self.read_body()  # (a body on a GET is never forwarded)
-        if base_model:
-            shown = [base_model] if self.call.policy.allows(base_model) else []
+        if fixed is not None:
+            shown = [model for model in fixed if self.call.policy.allows(model)]
             self.send_json(200, ollama_tags(shown) if ollama else model_list(shown))
         else:
             self.forward_listing(target, ollama)
@@ -4957,7 +5054,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
             payload = request_object(body)
             dialect.validate(payload)
             self.check_references(payload)
-            call.model = config.upstream_model or payload.get("model") or ""
+            call.upstream = self.server.upstreams.for_model(payload.get("model"))
+            call.model = call.upstream.model or payload.get("model") or ""
         self.require_models(call.model if payload is not None else checked.model, target)
         if call.identify_user(self.headers, payload, self.server.wall_clock(), required=True):
             self.require_models(call.model if payload is not None else checked.model, target)
@@ -5421,16 +5519,17 @@ class AdminView:
             if identity not in listed and "/user:" not in identity:
                 keys.append(self.caller(identity, ledger.key, server.keyring.policy_of(identity),
                                         today, days))
-        upstream = server.upstream_state
+        upstream = server.upstreams.default
         return {"now": _iso_time(now),
-                "upstream": {"url": server.upstream.target.display, "up": upstream.up,
-                             "last_error": upstream.last_error},
-                "in_flight": server.gate.in_flight, "queued": server.gate.waiting, "keys": keys}
+                "upstream": {"url": upstream.target.display, "up": upstream.state.up,
+                             "last_error": upstream.state.last_error},
+                "in_flight": server.upstreams.in_flight, "queued": server.upstreams.waiting,
+                "keys": keys}
 
     def caller(self, identity: str, name: str, policy: Policy, today: str, days: list[str],
                with_users: bool = True) -> dict:
         server = self.server
-        in_flight, queued = server.gate.counts(identity)
+        in_flight, queued = server.upstreams.counts(identity)
         ledger = server.usage.get(identity) or Ledger(name, None)
         entry = {"name": name, "enabled": policy.enabled, "expires": policy.expires,
                  "models": None if policy.models is None else list(policy.models),
@@ -5459,12 +5558,12 @@ class AdminView:
         lines += _family("llm_proxy_bucket_tokens", "gauge", "Tokens left in each named key's windows.",
                          self.bucket_samples())
         lines += _family("llm_proxy_in_flight", "gauge", "Requests at the upstream now.",
-                         iter([("", server.gate.in_flight)]))
+                         iter([("", server.upstreams.in_flight)]))
         lines += _family("llm_proxy_queued", "gauge", "Requests waiting for an upstream slot.",
-                         iter([("", server.gate.waiting)]))
+                         iter([("", server.upstreams.waiting)]))
         lines += _family("llm_proxy_upstream_up", "gauge",
                          "1 if the last exchange with the upstream worked, 0 if it failed.",
-                         iter([("", 0 if server.upstream_state.up is False else 1)]))
+                         iter([("", 0 if server.upstreams.default.state.up is False else 1)]))
         lines += _histogram("llm_proxy_request_duration_seconds",
                             "From a request's arrival to its last byte sent.", duration)
         lines += _histogram("llm_proxy_time_to_first_byte_seconds",
@@ -5488,21 +5587,6 @@ class AdminView:
                     for index, level in enumerate(server.buckets.peek(user_id, specs)):
                         yield (_labels((("key", policy.name), ("user", ledger.user),
                                         ("window", level["name"] or str(index)))), level["tokens"])
-
-
-@dataclass
-class UpstreamState:
-    """How the last exchange with the upstream went, for the dashboard and /metrics."""
-
-    up: bool | None = None  # None: not tried yet
-    last_error: str | None = None
-
-    def answered(self) -> None:
-        self.up = True
-
-    def failed(self, failure: ProxyError) -> None:
-        self.up = False
-        self.last_error = f"{failure.status} {failure.message}"  # never socket or host details
 
 
 # The dashboard: one page, inline style and script, allowed by hash in a strict
@@ -6055,11 +6139,8 @@ class ProxyServer(TrackedServer):
         self.usage = UsageBook()
         self.stored = StoredAnswers()
         self.metrics = Metrics()
-        self.upstream_state = UpstreamState()
         self.admin = AdminView(self)
-        self.gate = FairGate(config.upstream_max_concurrent, config.queue_timeout)
-        self.upstream = UpstreamPool(UpstreamTarget.parse(config.upstream_url),
-                                     config.open_timeout, config.read_timeout)
+        self.upstreams = UpstreamRegistry.from_config(config)
         if config.state_file:
             self.load_state()
         self.access_log = open_access_log(config.access_log) if config.access_log else None
@@ -6087,7 +6168,7 @@ class ProxyServer(TrackedServer):
 
     def descriptors_needed(self, connections: int) -> int:
         """Descriptors open at most with ``connections`` clients: each may hold an upstream one too."""
-        return 2 * connections + self.upstream.max_idle + self.spare_descriptors
+        return 2 * connections + self.upstreams.idle_connections + self.spare_descriptors
 
     def fit_to_descriptor_limit(self) -> list[str]:
         """Raise the open-file limit, and lower max_connections to fit it; a warning if it had to.
@@ -6265,7 +6346,7 @@ class ProxyServer(TrackedServer):
         if not self.workers.wait(self.SHUTDOWN_GRACE):
             log.warning("stopping with requests still running; their settlement is not saved")
         self.watcher.close()
-        self.upstream.close()
+        self.upstreams.close()
         if self.config.state_file:
             self.tidy()
         self.console.close()
@@ -6619,9 +6700,10 @@ def describe(config: Config, server: ProxyServer) -> str:
               f"{config.refill_interval:g}s, cost mode {config.cost_mode}")
     keys = ("open (no client keys)" if server.keyring.is_open
             else f"{server.keyring.key_count} client keys")
-    model = f" model {config.upstream_model}" if config.upstream_model else ""
+    upstreams = ", ".join(upstream.target.display + (f" model {upstream.model}" if upstream.model else "")
+                          for upstream in server.upstreams)  # (never a key)
     return (f"llm_proxy {__version__} listening on http://{host}:{port} -> "
-            f"{server.upstream.target.display}{model}; default buckets: {limits}; {keys}")
+            f"{upstreams}; default buckets: {limits}; {keys}")
 
 
 def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> int:

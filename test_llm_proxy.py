@@ -1387,7 +1387,7 @@ class FairQueueTests(ProxyTestCase):
             self.assertEqual(outcome, [expected_status], f"background request {kwargs}")
 
     def test_queue_serves_keys_round_robin(self) -> None:
-        gate = self.proxy.gate
+        gate = self.proxy.upstreams.default.gate
         self.background(headers={"X-Fake": "hold", "X-Tag": "hold"})
         self.wait_for(lambda: gate.in_flight == 1 and len(self.upstream.requests) == 1)
         for index in range(3):
@@ -1402,14 +1402,14 @@ class FairQueueTests(ProxyTestCase):
     def test_queue_timeout_is_a_refunded_503(self) -> None:
         self.start_proxy(upstream_max_concurrent=1, queue_timeout=0.1, max_tokens=100)
         self.background(key=OTHER_KEY, headers={"X-Fake": "hold"})
-        self.wait_for(lambda: self.proxy.gate.in_flight == 1)
+        self.wait_for(lambda: self.proxy.upstreams.in_flight == 1)
         self.assert_openai_error(self.chat(), 503, "server_error", "queue_timeout")
         self.assertEqual(self.level(), 100)
         self.finish()  # the held request is still answered 200
 
     def test_per_key_limit_holds_one_key_back_but_not_others(self) -> None:
         self.start_proxy(max_concurrent_per_key=1, max_tokens=100)
-        gate = self.proxy.gate
+        gate = self.proxy.upstreams.default.gate
         self.background(headers={"X-Fake": "hold"})
         self.wait_for(lambda: gate.in_flight == 1)
         self.background()
@@ -1426,7 +1426,7 @@ class FairQueueTests(ProxyTestCase):
                          b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
             self.wait_for(lambda: len(self.upstream.requests) == 1)
         self.assertTrue(self.upstream.closed_early.wait(1.0), "upstream kept generating for nobody")
-        self.wait_for(lambda: self.proxy.gate.in_flight == 0)
+        self.wait_for(lambda: self.proxy.upstreams.in_flight == 0)
 
     def test_no_slot_leaks_after_200_mixed_failing_requests(self) -> None:
         self.start_proxy(upstream_max_concurrent=3, max_concurrent_per_key=2, read_timeout=0.1,
@@ -1451,7 +1451,7 @@ class FairQueueTests(ProxyTestCase):
             thread.start()
         for thread in threads:
             thread.join(WAIT * 3)
-        gate = self.proxy.gate
+        gate = self.proxy.upstreams.default.gate
         self.wait_for(lambda: gate.in_flight == 0)
         self.assertEqual((gate.in_flight, gate.waiting), (0, 0))
         for key in (CLIENT_KEY, OTHER_KEY, "sk-third", None):  # None: the IP identity of the leavers

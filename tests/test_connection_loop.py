@@ -91,7 +91,7 @@ class ConnectionLoopTests(ProxyTestCase):
             self.assertTrue(self.upstream.first_event_sent.wait(WAIT))
             self.wait_for(lambda: self.relayed() == 1)  # the handler's thread has let go of it
             self.wait_for(lambda: self.proxy.workers._idle == 1)  # its thread waits for other work
-            self.assertEqual(self.proxy.gate.in_flight, 1, "its gate slot is held while it streams")
+            self.assertEqual(self.proxy.upstreams.in_flight, 1, "its gate slot is held while it streams")
             self.upstream.release.set()
             head, body, rest = read_answer(sock)
             self.assertTrue(head.startswith(b"HTTP/1.1 200"))
@@ -106,7 +106,7 @@ class ConnectionLoopTests(ProxyTestCase):
             sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")  # the same connection again
             head, body, _ = read_answer(sock, rest)
             self.assertEqual(json.loads(body), {"status": "ok"})
-        self.assertEqual(self.proxy.gate.in_flight, 0, "and given back when it ended")
+        self.assertEqual(self.proxy.upstreams.in_flight, 0, "and given back when it ended")
         self.logged(2)
 
     def test_a_connection_waiting_after_a_stream_holds_nothing_of_it(self) -> None:

@@ -611,7 +611,7 @@ class LiveStreamTests(DialectTestCase):
                     self.assertTrue(self.upstream.first_event_sent.wait(WAIT))
                     sock.recv(1)
                 self.assertTrue(self.upstream.closed_early.wait(WAIT), "the upstream kept generating")
-        self.wait_for(lambda: self.proxy.gate.in_flight == 0)
+        self.wait_for(lambda: self.proxy.upstreams.in_flight == 0)
 
 
 class LongStreamTests(DialectTestCase):
@@ -654,7 +654,7 @@ class ClaudeCodePatternTests(DialectTestCase):
             side.join(WAIT)
             sock.close()
             self.assertTrue(self.upstream.closed_early.wait(WAIT))
-        self.wait_for(lambda: (self.proxy.gate.in_flight, self.proxy.gate.waiting) == (0, 0))
+        self.wait_for(lambda: (self.proxy.upstreams.in_flight, self.proxy.upstreams.waiting) == (0, 0))
         self.assertEqual([read_message(r.body) for r in results], [TEXT] * 3)
         # each non-streamed call paid its usage (28); each cancelled stream what it reported (26 in)
         self.wait_for(lambda: self.level() == 20_000 - 3 * 28 - 3 * 26)

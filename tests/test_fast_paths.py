@@ -169,7 +169,7 @@ class ReusedWatchTests(ProxyTestCase):
                         self.answered(sock)
                     self.held(sock, before + 2)
                 self.assertTrue(self.upstream.closed_early.wait(1.0), "upstream kept generating")
-                self.wait_for(lambda: self.proxy.gate.in_flight == 0)
+                self.wait_for(lambda: self.proxy.upstreams.in_flight == 0)
 
     def test_a_client_that_closes_its_side_after_its_next_request_is_noticed(self) -> None:
         # The close can arrive before that request is armed: the watch must be renewed.
@@ -190,7 +190,7 @@ class ReusedWatchTests(ProxyTestCase):
                     self.assertIn(" 499 error ", self.console.getvalue().splitlines()[-1])
                     if len(self.upstream.requests) > before:
                         self.assertTrue(self.upstream.closed_early.wait(WAIT), "upstream kept generating")
-                    self.wait_for(lambda: self.proxy.gate.in_flight == 0)
+                    self.wait_for(lambda: self.proxy.upstreams.in_flight == 0)
 
     def test_a_client_that_resets_is_noticed(self) -> None:
         for mechanism in self.each_mechanism():
@@ -202,7 +202,7 @@ class ReusedWatchTests(ProxyTestCase):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 sock.close()  # a reset, not a FIN
                 self.assertTrue(self.upstream.closed_early.wait(1.0), "upstream kept generating")
-                self.wait_for(lambda: self.proxy.gate.in_flight == 0)
+                self.wait_for(lambda: self.proxy.upstreams.in_flight == 0)
 
     def test_a_connection_that_ends_leaves_no_watch_behind(self) -> None:
         for mechanism in self.each_mechanism():

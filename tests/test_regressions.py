@@ -75,7 +75,7 @@ class QueuedLeaverTests(ProxyTestCase):
         results = []
         holder = threading.Thread(target=lambda: results.append(self.chat(headers={"X-Fake": "hold"})))
         holder.start()
-        gate = self.proxy.gate
+        gate = self.proxy.upstreams.default.gate
         self.wait_for(lambda: len(self.upstream.requests) == 1)
         body = json.dumps({"messages": [{"role": "user", "content": "queued"}]}).encode()
         leaver = socket.create_connection(("127.0.0.1", self.port), timeout=WAIT)

@@ -195,7 +195,7 @@ class JwtUserTests(UserTestCase):
                                                         ("a@x", "a3", ""), ("b@x", "b1", ""))):
             threads.append(threading.Thread(target=send, args=(email, content, fake)))
             threads[-1].start()
-            while (len(self.upstream.requests) + self.proxy.gate.waiting < index + 1
+            while (len(self.upstream.requests) + self.proxy.upstreams.waiting < index + 1
                    and time.monotonic() < deadline):
                 time.sleep(0.005)
         self.upstream.release.set()
