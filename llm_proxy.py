@@ -20,6 +20,7 @@ import argparse
 import base64
 import bisect
 import copy
+import difflib
 try:
     import fcntl
 except ImportError:  # Windows: keys edits are not locked there
@@ -236,11 +237,13 @@ class Config:
     client_timeout: float = 60.0
     max_connections: int = 1024
     max_connections_per_client: int | None = None  # None: half of max_connections, as fitted
+    near_misses: tuple[tuple[str, str], ...] = ()  # (variable set, setting meant): names, never values
 
     @classmethod
     def from_env(cls, environ: dict[str, str]) -> Config:
         values = {setting.attribute: setting.read(environ) for setting in SETTINGS}
-        return cls(**{name: value for name, value in values.items() if value is not None})
+        return cls(**{name: value for name, value in values.items() if value is not None},
+                   near_misses=near_miss_settings(environ))
 
     @property
     def bucket(self) -> BucketSpec:
@@ -250,6 +253,34 @@ class Config:
     def mode(self) -> CostMode:
         """TOKEN_COST_MODE as objects: the one place its name is read."""
         return cost_mode(self)
+
+
+SETTING_NAMES = frozenset(name for setting in SETTINGS for name in setting.names)
+# Each setting's name in upper case -> that name as read (BASE_API_URL, not base_api_url)
+SETTINGS_BY_UPPER = {name.upper(): name for name in sorted(SETTING_NAMES, reverse=True)}
+NEAR_MISS_CUTOFF = 0.8  # difflib's ratio: MAX_TOKEN/MAX_TOKENS 0.95, ADMIN_API_KEY/ADMIN_KEY 0.82
+
+
+def near_miss_settings(environ: dict[str, str]) -> tuple[tuple[str, str], ...]:
+    """Variables that are set, are not settings, and look like one: (variable, setting), sorted.
+
+    Why: a misspelt setting is silently ignored, so ``ADMIN_API_KEY=...`` leaves the
+    dashboard off and ``MAX_TOKEN=20000`` leaves every bucket at 10, with nothing in the
+    log to say why.  A name counts when difflib's ratio to a setting's name, compared in
+    upper case (``max_tokens`` is not read either), is at least ``NEAR_MISS_CUTOFF``;
+    that cutoff keeps clear of the variables a shell, systemd or Docker set (``HOME``,
+    ``PATH``, ``HOSTNAME``, ``KUBERNETES_PORT`` ... all score 0.67 or less).  An empty
+    value counts as unset, as it does for the settings.  Only names are kept: the value
+    may be a key.
+    """
+    found = []
+    for variable, value in environ.items():
+        if variable in SETTING_NAMES or not value.strip():
+            continue
+        close = difflib.get_close_matches(variable.upper(), SETTINGS_BY_UPPER, n=1, cutoff=NEAR_MISS_CUTOFF)
+        if close:
+            found.append((variable, SETTINGS_BY_UPPER[close[0]]))
+    return tuple(sorted(found))
 
 
 def settings_help() -> str:
@@ -265,7 +296,11 @@ def settings_help() -> str:
 
 
 def startup_warnings(config: Config) -> list[str]:
-    """Problems that do not stop the proxy but would surprise its owner."""
+    """Problems that do not stop the proxy but would surprise its owner.
+
+    Among them, one line per variable that looks like a misspelt setting
+    (``near_miss_settings``), naming it and the setting it probably means, never its value.
+    """
     warnings = []
     mode = config.mode
     if mode.least > config.max_tokens:
@@ -278,6 +313,9 @@ def startup_warnings(config: Config) -> list[str]:
             f"no PROXY_API_KEYS or KEYS_FILE and listening on {config.host}: anyone who can reach this port can "
             "use the model, and per-key or per-IP buckets are the only limit (a caller picks "
             "its own bucket by picking a key)")
+    for variable, setting in config.near_misses:
+        warnings.append(f"{variable} is set, but llm_proxy reads no such variable: "
+                        f"did you mean {setting}? (see --help)")
     return warnings
 
 
