@@ -1,17 +1,58 @@
 #!/usr/bin/env python3
-"""llm_proxy: share one OpenAI-compatible model server, fairly and safely.
+"""llm_proxy: share one local model server (or a paid API) fairly and safely.
 
-Every caller's API key (or, without one, its IP address) gets a refillable
-token bucket.  While the bucket can pay, requests are forwarded to the
-upstream (llama.cpp server, Ollama, vLLM, LM Studio ...); when it cannot, the
-caller gets an ordinary assistant reply saying "limit reached, wait N min", so
-any chat UI simply shows the message.
+Every caller (an API key, or a person behind a shared chat app) has refillable
+windows of tokens or requests; while they can pay, requests go to the upstream
+(llama.cpp server, Ollama, vLLM, LM Studio ...); when they cannot, the caller gets
+an ordinary assistant reply, "limit reached, wait N min", in its API's own shape.
+Settings come from environment variables (``python3 llm_proxy.py --help``);
+``python3 llm_proxy.py --demo`` runs without a model server.  Standard library
+only, Python 3.9 or newer.
 
-Configuration is read from environment variables, like the Ruby prototype this
-replaces; run ``python3 llm_proxy.py --help`` for the list, or
-``python3 llm_proxy.py --demo`` to try it without a model server.
+The map: one request through the sections, in the order they appear.
 
-Standard library only, Python 3.9 or newer.
+Configuration   ``SETTINGS`` and ``Config``: what the environment says, checked once.
+Buckets         ``BucketSpec`` (a window), ``BucketStore`` (every caller's levels, one
+                short lock), ``Charge`` (one request's payment: reserved, then kept,
+                settled or refunded).
+Keys and        ``KeyRing`` finds the caller's ``Policy`` (models, windows, an app's
+policies        end users, ``UserSpec``); ``StoredAnswers`` keeps whose answer is whose.
+Cost            ``prompt_tokens``, ``Usage`` (in the parts a price needs) and ``Meter``
+                (what an answer used, read on its way through).
+Stream framings Server-sent events and JSON lines, cut into whole events.
+Request bodies  ``request_object`` and ``check_body``: a body parsed once, strictly;
+                what is forwarded is that parse (``body_bytes``).
+Dialects        One ``Dialect`` per API (chat, completions, Responses, Messages,
+                Ollama, embeddings): validation, allowance, usage, replies, errors.
+Routes          ``ROUTES`` and ``route_for``: every path, whether it needs a key, its
+                dialect and which handler method answers it.
+Units           ``Unit`` (what a window counts), ``CostMode`` (TOKEN_COST_MODE),
+                ``CallCost`` and ``window_costs``: what a call costs each window.
+Errors, paths,  ``ProxyError``, ``parse_target``, the strict header reader and the
+headers         lists of headers never forwarded.
+Sockets         ``TimedSocket`` and ``SocketReader``: timeouts the kernel keeps, a
+                buffer in view.
+Upstream        ``UpstreamRegistry`` names the ``Upstream`` that answers a model (its
+                pool, fair gate, state); ``FairGate`` takes turns by key and user;
+                ``DisconnectWatcher`` notices callers that hang up.
+Connection loop ``ConnectionLoop`` holds idle connections and relays streams without
+                a thread (``RelayedStream``); ``Workers`` keeps threads for reuse.
+Replies, Calls  ``limit_answer`` and the rate-limit headers; ``Call``, one request's
+                state, from its arrival to its log line.
+Relay           ``Relay`` sends a call through its upstream's gate and relays the
+                answer, whole or event by event (``EventPump``).
+Handler         ``ProxyHandler``: HTTP/1.1 framing, then ``route`` and the
+                ``answer_<name>`` methods, ``handle_metered`` (charge, forward,
+                settle) and the writing of answers.
+Owner's view    ``UsageBook`` (history), ``Metrics`` (Prometheus), ``AdminView``
+                (the admin API) and the dashboard page.
+Server          ``TrackedServer`` (connection caps) and ``ProxyServer``, which builds
+                the rest and keeps house (keys file, state file, slow requests).
+Demo model      An echo server that speaks every API, for ``--demo`` and the tests.
+Keys command    ``llm_proxy.py keys ...``: edit KEYS_FILE without touching its JSON.
+Main            ``main`` and ``run``: parse, start, serve until a signal.
+
+``docs/ARCHITECTURE.md`` says how to add an API, a unit or a model server.
 """
 
 from __future__ import annotations
