@@ -6448,87 +6448,6 @@ Add "stream": true to see tokens arrive; repeat {server.config.max_tokens + 1} t
 """, flush=True)
 
 
-# --------------------------------------------------------------------------
-# Started as a script: the hand-over
-# --------------------------------------------------------------------------
-# Run as a script, CPython keeps the script's whole syntax tree until the script's last line
-# has run: pyrun_file frees the parser's arena only after run_mod returns, and run_mod is where
-# main() serves for days. For this module that tree is about 11 MiB, a third of the idle
-# process, while a tree made by compile() is freed as soon as compile returns. So the script
-# hands over to a fresh interpreter (same PID: signals, systemd and shell jobs are unaffected;
-# same interpreter options, arguments and environment) whose script is the small program
-# below. It compiles this file's source, as running the script did (never a cached .pyc, which
-# anyone able to write beside the file could plant), runs it as the module llm_proxy, gives
-# back what compiling freed, and calls main(); sys.path[0] is what the script run had there.
-_COMPILE_AND_RUN = """\
-import sys
-path, first = sys.argv.pop(1), sys.argv.pop(1)
-del sys.argv[0]
-if sys.path[:1] == [""]:  # what -c put first; the script run had `first` there, or nothing
-    sys.path[0:1] = [first] if first else []
-module = sys.modules["llm_proxy"] = type(sys)("llm_proxy")
-module.__file__ = path
-with open(path, "rb") as source:
-    exec(compile(source.read(), path, "exec"), module.__dict__)
-module.return_freed_memory()
-sys.exit(module.main())
-"""
-
-
-def hand_over() -> None:
-    """Replace this process with ``_COMPILE_AND_RUN`` (see above); return where it should not.
-
-    That is outside CPython (no such arena), on Windows (os.execv there starts a new process
-    and the shell's child exits at once), when the code did not come from a file (stdin, a
-    pipe: it cannot be read twice), under a debugger, profiler or coverage tool (what they
-    set would not survive the exec), with ``python -i``, and when the exec fails. The caller
-    then runs main() in this process.
-    """
-    path = os.path.realpath(__file__)
-    if (sys.implementation.name != "cpython" or os.name != "posix" or not sys.executable
-            or not os.path.isfile(path) or sys.flags.inspect or _being_watched()):
-        return
-    safe_path = sys.flags.isolated or getattr(sys.flags, "safe_path", False)  # -I, -P: no path[0]
-    first = "" if safe_path or not sys.path else sys.path[0]
-    with suppress(OSError):
-        os.execv(sys.executable, [sys.executable, *_interpreter_options(), "-c",
-                                  handed_over_program(), path, first, *sys.argv])
-
-
-def _being_watched() -> bool:
-    """A debugger, profiler or coverage tool is attached (3.12's sys.monitoring included)."""
-    monitoring = getattr(sys, "monitoring", None)
-    return (sys.gettrace() is not None or sys.getprofile() is not None
-            or (monitoring is not None and any(monitoring.get_tool(tool) for tool in range(6))))
-
-
-def _interpreter_options() -> list[str]:
-    """The options this interpreter was started with: as typed (3.10+), else as its flags say.
-
-    (The flags helper of 3.9 knows no ``-u`` and only some ``-X`` options.)
-    """
-    typed, argv = getattr(sys, "orig_argv", None), sys.argv
-    if typed is not None and len(typed) > len(argv) and typed[len(typed) - len(argv):] == argv:
-        return typed[1:len(typed) - len(argv)]
-    import subprocess  # this process is replaced a moment later
-    return subprocess._args_from_interpreter_flags()
-
-
-def handed_over_program() -> str:
-    """``_COMPILE_AND_RUN`` under a comment that repeats the command as typed.
-
-    ``ps`` shows a process's arguments in order, and a terminal's width of them: so the
-    program's first line is the original command (``sys.orig_argv``, Python 3.10+), and
-    ``ps`` reads ``python3 -c # python3 llm_proxy.py --demo`` where it read ``python3
-    llm_proxy.py --demo``, and ``pgrep -f`` on the old command line still finds it. The
-    comment is ASCII with its line breaks made spaces: an argument with a line break would
-    end it, and one with bytes the locale cannot decode would make the program undecodable.
-    """
-    command = " ".join(getattr(sys, "orig_argv", [os.path.basename(sys.executable), *sys.argv]))
-    command = command.encode("ascii", "backslashreplace").decode("ascii")
-    return f"# {command.translate({10: 32, 13: 32})}\n{_COMPILE_AND_RUN}"
-
-
 def return_freed_memory() -> None:
     """Give the pages compiling this module used and freed back to the system (glibc only).
 
@@ -6544,6 +6463,4 @@ def return_freed_memory() -> None:
 
 
 if __name__ == "__main__":
-    if globals().get("__spec__") is None:  # a script (python -m compiles through the imports)
-        hand_over()
     sys.exit(main())
