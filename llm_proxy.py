@@ -6411,6 +6411,7 @@ def run(args: argparse.Namespace, environ: dict[str, str] | None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     if hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, lambda signum, frame: server.request_reload())
+    return_freed_memory()
     try:
         server.serve_forever()
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: stop cleanly, saving state
@@ -6449,11 +6450,13 @@ Add "stream": true to see tokens arrive; repeat {server.config.max_tokens + 1} t
 
 
 def return_freed_memory() -> None:
-    """Give the pages compiling this module used and freed back to the system (glibc only).
+    """Give the pages freed since startup back to the system (glibc only), before serving.
 
-    The compiler's freed memory, about 8 MiB, sits between live objects where glibc's
+    Imported from source (``python -m llm_proxy`` where no cached ``.pyc`` can be written),
+    the module's syntax tree is freed once compiled, but between live objects, where glibc's
     automatic trim (top of the heap only) cannot return it; malloc_trim returns every free
-    page. Elsewhere (musl, macOS) there is no malloc_trim and nothing is done.
+    page. Run as a script, CPython keeps that tree alive while the script runs, so there is
+    little to return. Elsewhere (musl, macOS) there is no malloc_trim and nothing is done.
     """
     try:
         import ctypes
