@@ -6151,7 +6151,7 @@ def entry_spans(text: str) -> list[tuple[str, int, int, int]]:
             position = whitespace.match(text, position + 1).end()
         if text[position:position + 1] != '"':
             raise ConfigError("not valid JSON (expected a key)")
-        key, after_key = json.decoder.scanstring(text, position + 1)  # type: ignore[attr-defined]
+        key, after_key = decoder.raw_decode(text, position)  # a string: it starts with a quote
         colon = whitespace.match(text, after_key).end()
         if text[colon:colon + 1] != ":":
             raise ConfigError("not valid JSON (expected a colon)")
