@@ -2487,8 +2487,8 @@ class TimedSocket(socket.socket):
 
     Python's own socket timeout polls before every ``recv`` and ``send``: on this
     proxy four more system calls per request, each one a moment in which another
-    thread takes the GIL and this one waits to get it back (measured: 18% more
-    requests per second at 32 clients without them).  ``SO_RCVTIMEO`` and
+    thread takes the GIL and this one waits to get it back: with many clients at
+    once, those waits cost throughput.  ``SO_RCVTIMEO`` and
     ``SO_SNDTIMEO`` bound each call instead; a call that times out fails with
     EAGAIN, which is raised here as ``socket.timeout``, what Python's timeout
     raises, so nothing above can tell the difference.  ``sendall`` keeps Python's
@@ -3177,8 +3177,8 @@ class DisconnectWatcher:
     """
 
     def __init__(self) -> None:
-        # epoll directly where there is one: registering through ``selectors`` costs a
-        # few microseconds of Python per request, and every request is watched.
+        # epoll directly where there is one: ``selectors`` adds a layer of Python to every
+        # registration (a key object, its maps), and every request is watched.
         self._epoll = select.epoll() if hasattr(select, "epoll") and _EPOLL_HANG_UP else None
         self._selector = None if self._epoll is not None else selectors.DefaultSelector()
         self._watches: dict[int, _Watch] = {}
@@ -3309,7 +3309,7 @@ class Workers:
     Starting a thread costs more than handling a small request; with streams
     relayed by the loop, a kept-alive connection needs a thread again for each
     request after a stream.  Up to ``max_idle`` threads wait ``idle_seconds``
-    for such work, then end (an idle thread holds about 16 KiB).
+    for such work, then end (an idle thread still holds its stack).
     """
 
     def __init__(self, max_idle: int = 32, idle_seconds: float = 10.0) -> None:
@@ -3373,9 +3373,9 @@ class ConnectionLoop:
     """One thread for every connection that only waits: idle ones, and relayed streams.
 
     A thread per connection is the simplest fast way to handle a request, but
-    a thread that only waits still costs its stack, its frames and buffers:
-    measured, 25 KiB per idle connection and 40 KiB per stream, so 1000
-    streams held 72 MiB.  So a connection gets a thread only while it has
+    a thread that only waits still costs its stack, its frames and buffers, and
+    idle keep-alive connections and streams waiting on a slow model are many
+    and long.  So a connection gets a thread only while it has
     something to read: a new connection, and one whose stream ended, wait here
     until their next request arrives (or CLIENT_TIMEOUT passes); and a stream
     is relayed from here once its head went out, event by event, with the same
@@ -4456,7 +4456,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
         A waiting connection would otherwise hold its last request's headers, its Call
         (charge, meter, payload) and, through the watch's callback, the relay and the
-        upstream's response: about 4.5 KiB, 4.5 MiB for a thousand idle keep-alive clients.
+        upstream's response, for as long as the client keeps the connection open.
         The watch itself stays, cancelled, to be armed again by the next request.
         """
         self.call = Call(time.monotonic(), 0.0)  # as setup() leaves it; begin_request makes the next
@@ -4618,8 +4618,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         """Parse the request line and headers; http.server's hook, made strict and cheap.
 
         http.server reads headers with the lenient email parser, which accepts
-        folded and colon-less lines and was over a third of this proxy's work per
-        request; ``read_headers`` refuses both, at a fraction of the cost.
+        folded and colon-less lines and builds a Message for every request;
+        ``read_headers`` refuses both, at a fraction of the cost.
         """
         self.command = None
         self.request_version = "HTTP/1.0"
@@ -5677,7 +5677,8 @@ class LineWriter:
 
     Request threads only append to a deque: no lock held across a write, no
     system call and no thread woken per line.  The per-request log lines go
-    this way; the ``logging`` module, at a few times the cost, keeps the rest.
+    this way; the ``logging`` module, dearer per line (a record, a lock, a
+    write), keeps the rest.
     """
 
     def __init__(self, stream: TextIO, owns_stream: bool = False, interval: float = 0.1) -> None:
