@@ -74,7 +74,6 @@ import hmac
 import http.client
 import ipaddress
 import json
-import json.scanner
 import logging
 import math
 import operator
@@ -1391,10 +1390,10 @@ class JsonLines(Framing):
         return _json_or_none(frame.strip())
 
 
-# The C scanner that json.loads ends in, called directly: a request, an answer and
-# each usage event are parsed on the hot path, and json.loads spends more time in
-# its three Python layers (encoding detection, decode, raw_decode) than in C.
-_scan_json = json.scanner.make_scanner(json.JSONDecoder())  # type: ignore[attr-defined]
+# A request, an answer and each usage event are parsed on the hot path. For UTF-8 text
+# starting with "{", json.loads' first two layers (guess the encoding, skip leading
+# whitespace) have nothing to do, so the last public one, raw_decode, is called directly.
+_JSON_DECODER = json.JSONDecoder()
 _JSON_SPACE = " \t\n\r"
 
 
@@ -1402,13 +1401,12 @@ def parse_json(data: bytes) -> object:
     """``json.loads(data)``, the same values and errors, cheaper for UTF-8 objects."""
     if data[:1] == b"{" and data[1:2] != b"\x00":  # no BOM, not UTF-16/32-LE: plain UTF-8
         text = data.decode("utf-8", "surrogatepass")
-        try:
-            value, end = _scan_json(text, 0)
-        except StopIteration:
-            raise json.JSONDecodeError("Expecting value", text, 0) from None
-        if end == len(text) or not text[end:].strip(_JSON_SPACE):
-            return value
-        raise json.JSONDecodeError("Extra data", text, end)
+        value, end = _JSON_DECODER.raw_decode(text)
+        if end != len(text):
+            rest = text[end:].lstrip(_JSON_SPACE)
+            if rest:  # json.loads reports where the extra data starts, after the whitespace
+                raise json.JSONDecodeError("Extra data", text, len(text) - len(rest))
+        return value
     return json.loads(data)
 
 
@@ -2819,8 +2817,8 @@ class TimedSocket(socket.socket):
 
     Python's own socket timeout polls before every ``recv`` and ``send``: on this
     proxy four more system calls per request, each one a moment in which another
-    thread takes the GIL and this one waits to get it back (measured: 18% more
-    requests per second at 32 clients without them).  ``SO_RCVTIMEO`` and
+    thread takes the GIL and this one waits to get it back: with many clients at
+    once, those waits cost throughput.  ``SO_RCVTIMEO`` and
     ``SO_SNDTIMEO`` bound each call instead; a call that times out fails with
     EAGAIN, which is raised here as ``socket.timeout``, what Python's timeout
     raises, so nothing above can tell the difference.  ``sendall`` keeps Python's
@@ -3603,8 +3601,8 @@ class DisconnectWatcher:
     """
 
     def __init__(self) -> None:
-        # epoll directly where there is one: registering through ``selectors`` costs a
-        # few microseconds of Python per request, and every request is watched.
+        # epoll directly where there is one: ``selectors`` adds a layer of Python to every
+        # registration (a key object, its maps), and every request is watched.
         self._epoll = select.epoll() if hasattr(select, "epoll") and _EPOLL_HANG_UP else None
         self._selector = None if self._epoll is not None else selectors.DefaultSelector()
         self._watches: dict[int, _Watch] = {}
@@ -3735,7 +3733,7 @@ class Workers:
     Starting a thread costs more than handling a small request; with streams
     relayed by the loop, a kept-alive connection needs a thread again for each
     request after a stream.  Up to ``max_idle`` threads wait ``idle_seconds``
-    for such work, then end (an idle thread holds about 16 KiB).
+    for such work, then end (an idle thread still holds its stack).
     """
 
     def __init__(self, max_idle: int = 32, idle_seconds: float = 10.0) -> None:
@@ -3799,9 +3797,9 @@ class ConnectionLoop:
     """One thread for every connection that only waits: idle ones, and relayed streams.
 
     A thread per connection is the simplest fast way to handle a request, but
-    a thread that only waits still costs its stack, its frames and buffers:
-    measured, 25 KiB per idle connection and 40 KiB per stream, so 1000
-    streams held 72 MiB.  So a connection gets a thread only while it has
+    a thread that only waits still costs its stack, its frames and buffers, and
+    idle keep-alive connections and streams waiting on a slow model are many
+    and long.  So a connection gets a thread only while it has
     something to read: a new connection, and one whose stream ended, wait here
     until their next request arrives (or CLIENT_TIMEOUT passes); and a stream
     is relayed from here once its head went out, event by event, with the same
@@ -4804,7 +4802,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
         A waiting connection would otherwise hold its last request's headers, its Call
         (charge, meter, payload) and, through the watch's callback, the relay and the
-        upstream's response: about 4.5 KiB, 4.5 MiB for a thousand idle keep-alive clients.
+        upstream's response, for as long as the client keeps the connection open.
         The watch itself stays, cancelled, to be armed again by the next request.
         """
         self.call = Call(time.monotonic(), 0.0)  # as setup() leaves it; begin_request makes the next
@@ -5006,8 +5004,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         """Parse the request line and headers; http.server's hook, made strict and cheap.
 
         http.server reads headers with the lenient email parser, which accepts
-        folded and colon-less lines and was over a third of this proxy's work per
-        request; ``read_headers`` refuses both, at a fraction of the cost.
+        folded and colon-less lines and builds a Message for every request;
+        ``read_headers`` refuses both, at a fraction of the cost.
         """
         self.command = None
         self.request_version = "HTTP/1.0"
@@ -6113,7 +6111,8 @@ class LineWriter:
 
     Request threads only append to a deque: no lock held across a write, no
     system call and no thread woken per line.  The per-request log lines go
-    this way; the ``logging`` module, at a few times the cost, keeps the rest.
+    this way; the ``logging`` module, dearer per line (a record, a lock, a
+    write), keeps the rest.
     """
 
     def __init__(self, stream: TextIO, owns_stream: bool = False, interval: float = 0.1) -> None:
@@ -6585,7 +6584,7 @@ def entry_spans(text: str) -> list[tuple[str, int, int, int]]:
             position = whitespace.match(text, position + 1).end()
         if text[position:position + 1] != '"':
             raise ConfigError("not valid JSON (expected a key)")
-        key, after_key = json.decoder.scanstring(text, position + 1)  # type: ignore[attr-defined]
+        key, after_key = decoder.raw_decode(text, position)  # a string: it starts with a quote
         colon = whitespace.match(text, after_key).end()
         if text[colon:colon + 1] != ":":
             raise ConfigError("not valid JSON (expected a colon)")
@@ -6844,6 +6843,7 @@ def run(args: argparse.Namespace, environ: dict[str, str] | None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     if hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, lambda signum, frame: server.request_reload())
+    return_freed_memory()
     try:
         server.serve_forever()
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: stop cleanly, saving state
@@ -6881,93 +6881,14 @@ Add "stream": true to see tokens arrive; repeat {server.config.max_tokens + 1} t
 """, flush=True)
 
 
-# --------------------------------------------------------------------------
-# Started as a script: the hand-over
-# --------------------------------------------------------------------------
-# Run as a script, CPython keeps the script's whole syntax tree until the script's last line
-# has run: pyrun_file frees the parser's arena only after run_mod returns, and run_mod is where
-# main() serves for days. For this module that tree is about 11 MiB, a third of the idle
-# process, while a tree made by compile() is freed as soon as compile returns. So the script
-# hands over to a fresh interpreter (same PID: signals, systemd and shell jobs are unaffected;
-# same interpreter options, arguments and environment) whose script is the small program
-# below. It compiles this file's source, as running the script did (never a cached .pyc, which
-# anyone able to write beside the file could plant), runs it as the module llm_proxy, gives
-# back what compiling freed, and calls main(); sys.path[0] is what the script run had there.
-_COMPILE_AND_RUN = """\
-import sys
-path, first = sys.argv.pop(1), sys.argv.pop(1)
-del sys.argv[0]
-if sys.path[:1] == [""]:  # what -c put first; the script run had `first` there, or nothing
-    sys.path[0:1] = [first] if first else []
-module = sys.modules["llm_proxy"] = type(sys)("llm_proxy")
-module.__file__ = path
-with open(path, "rb") as source:
-    exec(compile(source.read(), path, "exec"), module.__dict__)
-module.return_freed_memory()
-sys.exit(module.main())
-"""
-
-
-def hand_over() -> None:
-    """Replace this process with ``_COMPILE_AND_RUN`` (see above); return where it should not.
-
-    That is outside CPython (no such arena), on Windows (os.execv there starts a new process
-    and the shell's child exits at once), when the code did not come from a file (stdin, a
-    pipe: it cannot be read twice), under a debugger, profiler or coverage tool (what they
-    set would not survive the exec), with ``python -i``, and when the exec fails. The caller
-    then runs main() in this process.
-    """
-    path = os.path.realpath(__file__)
-    if (sys.implementation.name != "cpython" or os.name != "posix" or not sys.executable
-            or not os.path.isfile(path) or sys.flags.inspect or _being_watched()):
-        return
-    safe_path = sys.flags.isolated or getattr(sys.flags, "safe_path", False)  # -I, -P: no path[0]
-    first = "" if safe_path or not sys.path else sys.path[0]
-    with suppress(OSError):
-        os.execv(sys.executable, [sys.executable, *_interpreter_options(), "-c",
-                                  handed_over_program(), path, first, *sys.argv])
-
-
-def _being_watched() -> bool:
-    """A debugger, profiler or coverage tool is attached (3.12's sys.monitoring included)."""
-    monitoring = getattr(sys, "monitoring", None)
-    return (sys.gettrace() is not None or sys.getprofile() is not None
-            or (monitoring is not None and any(monitoring.get_tool(tool) for tool in range(6))))
-
-
-def _interpreter_options() -> list[str]:
-    """The options this interpreter was started with: as typed (3.10+), else as its flags say.
-
-    (The flags helper of 3.9 knows no ``-u`` and only some ``-X`` options.)
-    """
-    typed, argv = getattr(sys, "orig_argv", None), sys.argv
-    if typed is not None and len(typed) > len(argv) and typed[len(typed) - len(argv):] == argv:
-        return typed[1:len(typed) - len(argv)]
-    import subprocess  # this process is replaced a moment later
-    return subprocess._args_from_interpreter_flags()
-
-
-def handed_over_program() -> str:
-    """``_COMPILE_AND_RUN`` under a comment that repeats the command as typed.
-
-    ``ps`` shows a process's arguments in order, and a terminal's width of them: so the
-    program's first line is the original command (``sys.orig_argv``, Python 3.10+), and
-    ``ps`` reads ``python3 -c # python3 llm_proxy.py --demo`` where it read ``python3
-    llm_proxy.py --demo``, and ``pgrep -f`` on the old command line still finds it. The
-    comment is ASCII with its line breaks made spaces: an argument with a line break would
-    end it, and one with bytes the locale cannot decode would make the program undecodable.
-    """
-    command = " ".join(getattr(sys, "orig_argv", [os.path.basename(sys.executable), *sys.argv]))
-    command = command.encode("ascii", "backslashreplace").decode("ascii")
-    return f"# {command.translate({10: 32, 13: 32})}\n{_COMPILE_AND_RUN}"
-
-
 def return_freed_memory() -> None:
-    """Give the pages compiling this module used and freed back to the system (glibc only).
+    """Give the pages freed since startup back to the system (glibc only), before serving.
 
-    The compiler's freed memory, about 8 MiB, sits between live objects where glibc's
+    Imported from source (``python -m llm_proxy`` where no cached ``.pyc`` can be written),
+    the module's syntax tree is freed once compiled, but between live objects, where glibc's
     automatic trim (top of the heap only) cannot return it; malloc_trim returns every free
-    page. Elsewhere (musl, macOS) there is no malloc_trim and nothing is done.
+    page. Run as a script, CPython keeps that tree alive while the script runs, so there is
+    little to return. Elsewhere (musl, macOS) there is no malloc_trim and nothing is done.
     """
     try:
         import ctypes
@@ -6977,6 +6898,4 @@ def return_freed_memory() -> None:
 
 
 if __name__ == "__main__":
-    if globals().get("__spec__") is None:  # a script (python -m compiles through the imports)
-        hand_over()
     sys.exit(main())

@@ -43,10 +43,7 @@ def count(command: list[str], env: dict[str, str] | None, requests: int,
     """Instructions callgrind counted for ``command`` serving ``requests`` requests."""
     with tempfile.TemporaryDirectory() as directory:
         process = subprocess.Popen(
-            # --trace-children: the proxy's script re-executes the interpreter to import
-            # itself (see run_as_imported_module); the serving image is the one counted.
-            ["valgrind", "--tool=callgrind", "--trace-children=yes",
-             f"--callgrind-out-file={directory}/out", *command],
+            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={directory}/out", *command],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         port = port_of(process.stdout.readline())
         client = bench.KeepAliveClient(port)

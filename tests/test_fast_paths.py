@@ -106,7 +106,8 @@ class HeaderBlockTests(unittest.TestCase):
 
 
 JSON_INPUTS = [
-    b'{"a": 1}', b'{"a": 1}  \r\n\t', b'{"a": 1} x', b'{"a": 1}{}', b"{", b"{}", b"{ }",
+    b'{"a": 1}', b'{"a": 1}  \r\n\t', b'{"a": 1} x', b'{"a": 1} \r\n x', b'{"a": 1}{}',
+    b"{", b"{}", b"{ }",
     b' {"a": 1}', b'\xef\xbb\xbf{"a": 1}', b'{"a": "caf\xc3\xa9"}', b'{"a": "\xff"}',
     b'{"a": "\\ud800"}', b'{"a": NaN, "b": -Infinity}', b'{"a": 1e400}', b'{"a": [1, 2.5, null]}',
     b"[1]", b'"s"', b"", b"   ", b'{"a": "\x01"}', b'{"a": 1,}', b"{" * 100_000,
@@ -288,8 +289,8 @@ def outcome(parse, data: bytes) -> object:
         return parse(data)
     except RecursionError:
         return "RecursionError"
-    except ValueError as error:
-        return type(error).__name__
+    except ValueError as error:  # and where: a JSONDecodeError's message ends with its position
+        return f"{type(error).__name__}: {error}"
 
 
 if __name__ == "__main__":

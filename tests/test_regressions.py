@@ -385,6 +385,18 @@ class KeysFileEditTests(unittest.TestCase):
         _, err = process.communicate(timeout=WAIT)
         self.assertEqual(process.returncode, 0, err)
 
+    def test_entries_are_found_as_json_reads_them(self) -> None:
+        """Keys with escapes, and the errors json gives for keys it refuses."""
+        text = '{ "a\\u00e9\\"x" : {"n": [1, 2]},\n  "\\ud800": 1 }'
+        spans = llm_proxy.entry_spans(text)
+        self.assertEqual([key for key, _, _, _ in spans], list(json.loads(text)))
+        self.assertEqual([text[at] for _, at, _, _ in spans], ['"', '"'])
+        self.assertEqual([json.loads(text[start:end]) for _, _, start, end in spans],
+                         list(json.loads(text).values()))
+        for refused in ('{"a\\x": 1}', '{"a', '{"a\n": 1}'):
+            with self.subTest(refused), self.assertRaises(json.JSONDecodeError):
+                llm_proxy.entry_spans(refused)
+
 
 class FinalUsageTests(ProxyTestCase):
     """Found with a real llama-server: the openai SDK closes a stream at [DONE] without reading on."""
