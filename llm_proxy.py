@@ -9,14 +9,17 @@ Settings come from environment variables (``python3 llm_proxy.py --help``);
 ``python3 llm_proxy.py --demo`` runs without a model server.  Standard library
 only, Python 3.9 or newer.
 
-The map: one request through the sections, in the order they appear.
+The map: the sections in the order they appear, from the entry down to the sockets.
 
+Main            ``main`` and ``run``: parse, start, serve until a signal.
 Configuration   ``SETTINGS`` and ``Config``: what the environment says, checked once.
+
+The domain, no sockets:
 Buckets         ``BucketSpec`` (a window), ``BucketStore`` (every caller's levels, one
                 short lock), ``Charge`` (one request's payment: reserved, then kept,
                 settled or refunded).
-Keys and        ``KeyRing`` finds the caller's ``Policy`` (models, windows, an app's
-policies        end users, ``UserSpec``); ``StoredAnswers`` keeps whose answer is whose.
+Units           ``Unit`` (what a window counts), ``CostMode`` (TOKEN_COST_MODE),
+                ``CallCost`` and ``window_costs``: what a call costs each window.
 Cost            ``prompt_tokens``, ``Usage`` (in the parts a price needs) and ``Meter``
                 (what an answer used, read on its way through).
 Stream framings Server-sent events and JSON lines, cut into whole events.
@@ -24,33 +27,38 @@ Request bodies  ``request_object`` and ``check_body``: a body parsed once, stric
                 what is forwarded is that parse (``body_bytes``).
 Dialects        One ``Dialect`` per API (chat, completions, Responses, Messages,
                 Ollama, embeddings): validation, allowance, usage, replies, errors.
+Keys and        ``KeyRing`` finds the caller's ``Policy`` (models, windows, an app's
+policies        end users, ``UserSpec``); ``StoredAnswers`` keeps whose answer is whose.
+
+The HTTP front:
 Routes          ``ROUTES`` and ``route_for``: every path, whether it needs a key, its
                 dialect and which handler method answers it.
-Units           ``Unit`` (what a window counts), ``CostMode`` (TOKEN_COST_MODE),
-                ``CallCost`` and ``window_costs``: what a call costs each window.
 Errors, paths,  ``ProxyError``, ``parse_target``, the strict header reader and the
 headers         lists of headers never forwarded.
+Replies, Calls  ``limit_answer`` and the rate-limit headers; ``Call``, one request's
+                state, from its arrival to its log line.
+Handler         ``ProxyHandler``: HTTP/1.1 framing, then ``route`` and the
+                ``answer_<name>`` methods, ``handle_metered`` (charge, forward,
+                settle) and the writing of answers.
+
+The upstream client and concurrency:
 Sockets         ``TimedSocket`` and ``SocketReader``: timeouts the kernel keeps, a
                 buffer in view.
 Upstream        ``UpstreamRegistry`` names the ``Upstream`` that answers a model (its
                 pool, fair gate, state); ``FairGate`` takes turns by key and user;
                 ``DisconnectWatcher`` notices callers that hang up.
-Connection loop ``ConnectionLoop`` holds idle connections and relays streams without
-                a thread (``RelayedStream``); ``Workers`` keeps threads for reuse.
-Replies, Calls  ``limit_answer`` and the rate-limit headers; ``Call``, one request's
-                state, from its arrival to its log line.
 Relay           ``Relay`` sends a call through its upstream's gate and relays the
                 answer, whole or event by event (``EventPump``).
-Handler         ``ProxyHandler``: HTTP/1.1 framing, then ``route`` and the
-                ``answer_<name>`` methods, ``handle_metered`` (charge, forward,
-                settle) and the writing of answers.
+Connection loop ``ConnectionLoop`` holds idle connections and relays streams without
+                a thread (``RelayedStream``); ``Workers`` keeps threads for reuse.
+
+The owner's side:
 Owner's view    ``UsageBook`` (history), ``Metrics`` (Prometheus), ``AdminView``
                 (the admin API) and the dashboard page.
 Server          ``TrackedServer`` (connection caps) and ``ProxyServer``, which builds
                 the rest and keeps house (keys file, state file, slow requests).
 Demo model      An echo server that speaks every API, for ``--demo`` and the tests.
 Keys command    ``llm_proxy.py keys ...``: edit KEYS_FILE without touching its JSON.
-Main            ``main`` and ``run``: parse, start, serve until a signal.
 
 ``docs/ARCHITECTURE.md`` says how to add an API, a unit or a model server.
 """
@@ -107,6 +115,135 @@ from typing import BinaryIO, Callable, Iterator, NamedTuple, Sequence, TextIO
 __version__ = "1.0.0"
 
 log = logging.getLogger("llm_proxy")
+
+
+# --------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------
+
+def describe(config: Config, server: ProxyServer) -> str:
+    host, port = config.host, server.server_address[1]
+    limits = (f"{config.max_tokens} tokens, +{config.refill_tokens} every "
+              f"{config.refill_interval:g}s, cost mode {config.cost_mode}")
+    keys = ("open (no client keys)" if server.keyring.is_open
+            else f"{server.keyring.key_count} client keys")
+    upstreams = ", ".join(upstream.target.display + (f" model {upstream.model}" if upstream.model else "")
+                          for upstream in server.upstreams)  # (never a key)
+    return (f"llm_proxy {__version__} listening on http://{host}:{port} -> "
+            f"{upstreams}; default buckets: {limits}; {keys}")
+
+
+def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="OpenAI-compatible proxy with a refillable token bucket per API key.",
+        epilog=settings_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--demo", action="store_true",
+                        help="use a built-in echo model as the upstream (no model server needed)")
+    parser.add_argument("--version", action="version", version=__version__)
+    commands = parser.add_subparsers(dest="command", metavar="keys ...")
+    keys = commands.add_parser("keys", help="add, list, disable, enable or remove client keys in KEYS_FILE")
+    keys.add_argument("--file", help="the keys file (default: KEYS_FILE)")
+    actions = keys.add_subparsers(dest="action", required=True)
+    add = actions.add_parser("add", help="create a key for NAME; prints it once, stores only its SHA-256")
+    add.add_argument("name")
+    add.add_argument("--max-tokens", type=int)
+    add.add_argument("--refill-tokens", type=int)
+    add.add_argument("--refill-interval-seconds", type=float)
+    add.add_argument("--models", help="comma-separated model names this key may use")
+    add.add_argument("--max-concurrent", type=int)
+    add.add_argument("--expires", help="last day the key works, YYYY-MM-DD")
+    actions.add_parser("list", help="names, limits, state and expiry (never keys)")
+    for action in ("disable", "enable", "remove"):
+        actions.add_parser(action, help=f"{action} the key named NAME").add_argument("name")
+    args = parser.parse_args(argv)
+    if args.command == "keys":
+        return keys_command(args, dict(os.environ if environ is None else environ))
+    console = logging.StreamHandler()
+    console.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.setLevel(logging.INFO)
+    background = BackgroundLog(log, console)
+    try:
+        return run(args, environ)
+    finally:
+        background.close()
+
+
+def run(args: argparse.Namespace, environ: dict[str, str] | None) -> int:
+    """Configure, start and serve until Ctrl-C or SIGTERM; 2 when the configuration is bad."""
+    environ = dict(os.environ if environ is None else environ)
+    try:
+        config = Config.from_env(environ)
+        if args.demo:
+            echo = start_echo_model()
+            config = _demo_config(config, echo.server_address[1], environ)
+        server = ProxyServer(config)
+    except ConfigError as error:
+        print(f"llm_proxy: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        print(f"llm_proxy: cannot listen on {config.host}:{config.port}: {error.strerror}",
+              file=sys.stderr)
+        return 2
+    for warning in startup_warnings(config) + server.fit_to_descriptor_limit():
+        log.warning("%s", warning)
+    print(describe(config, server), flush=True)
+    if args.demo:
+        _print_demo_help(server)
+    signal.signal(signal.SIGTERM, _interrupt)
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, lambda signum, frame: server.request_reload())
+    return_freed_memory()
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: stop cleanly, saving state
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _demo_config(config: Config, echo_port: int, environ: dict[str, str]) -> Config:
+    """Point the proxy at the echo model; listen on loopback unless HOST says otherwise."""
+    host = config.host if environ.get("HOST") else "127.0.0.1"
+    return replace(config, host=host, upstream_url=f"http://127.0.0.1:{echo_port}/v1",
+                   upstream_key=None, upstream_model=config.upstream_model or "echo")
+
+
+def demo_key(config: Config) -> str:
+    """A key the demo's curl line can use: any key in open mode, else the first configured one."""
+    if config.client_keys:
+        return config.client_keys[0]
+    return "<a key from your KEYS_FILE>" if config.keys_file else "demo-key"
+
+
+def _print_demo_help(server: ProxyServer) -> None:
+    port = server.server_address[1]
+    print(f"""
+demo mode: the upstream is a built-in echo model. Try, in another terminal:
+  curl -s http://127.0.0.1:{port}/v1/chat/completions -H 'Authorization: Bearer {demo_key(server.config)}' \\
+       -H 'Content-Type: application/json' -d '{{"messages":[{{"role":"user","content":"hello"}}]}}'
+Add "stream": true to see tokens arrive; repeat {server.config.max_tokens + 1} times to see the limit reply.
+""", flush=True)
+
+
+def return_freed_memory() -> None:
+    """Give the pages freed since startup back to the system (glibc only), before serving.
+
+    Imported from source (``python -m llm_proxy`` where no cached ``.pyc`` can be written),
+    the module's syntax tree is freed once compiled, but between live objects, where glibc's
+    automatic trim (top of the heap only) cannot return it; malloc_trim returns every free
+    page. Run as a script, CPython keeps that tree alive while the script runs, so there is
+    little to return. Elsewhere (musl, macOS) there is no malloc_trim and nothing is done.
+    """
+    try:
+        import ctypes
+        ctypes.CDLL(None).malloc_trim(0)
+    except (ImportError, OSError, AttributeError):
+        pass
 
 
 # --------------------------------------------------------------------------
@@ -705,509 +842,106 @@ class Charge:
 
 
 # --------------------------------------------------------------------------
-# Keys and policies
+# Units: what a window counts
 # --------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Policy:
-    """What one client key may do: its buckets, models and parallel requests."""
+class Unit:
+    """What a window counts, and so what a call costs it: before it is forwarded
+    (``estimate``) and once its answer is in (``settle``: None, what was charged stands).
 
-    name: str
-    buckets: tuple[BucketSpec, ...]
-    models: tuple[str, ...] | None = None  # None: every model
-    max_concurrent: int = 0               # 0: no per-key limit
-    users: UserSpec | None = None         # an app key: each end user gets buckets of their own
-    enabled: bool = True
-    expires: str | None = None            # YYYY-MM-DD: the last local day the key works
-
-    def allows(self, model: str) -> bool:
-        return self.models is None or model in self.models
-
-    @property
-    def limits_models(self) -> bool:
-        """Whether this key, or any end user under it, may use only some models."""
-        users = self.users
-        return self.models is not None or (users is not None and (
-            users.default.models is not None
-            or any(policy.models is not None for policy in users.overrides.values())))
-
-    def require(self, model: str | None) -> None:
-        """A 403, free, for a model off the key's list."""
-        if not self.allows(model or ""):
-            raise ProxyError(403, f"The model '{str(model)[:200]}' is not available to this key.",
-                             "permission_error", "model_not_allowed", "model")
-
-    def quota(self, levels: list[dict]) -> dict:
-        """What ``GET /v1/quota`` shows a caller about itself."""
-        return {"object": "quota", "name": self.name or None,
-                "models": None if self.models is None else list(self.models),
-                "max_concurrent": self.max_concurrent or None, "buckets": levels}
-
-
-def key_digest(key: str) -> str:
-    """The name under which a key's buckets are kept and saved; the key itself never is."""
-    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:32]
-
-
-POLICY_FIELDS = {"name", "max_tokens", "refill_tokens", "refill_interval_seconds", "buckets",
-                 "models", "max_concurrent", "users", "enabled", "expires"}
-USER_SOURCES = {"jwt": "X-OpenWebUI-User-Jwt", "header": None, "user_field": None}
-USERS_FIELDS = POLICY_FIELDS - {"name", "users", "enabled", "expires"} | {
-    "from", "header", "secret_env", "issuer", "required", "overrides"}
-MAX_USER_LENGTH = 256  # longer identities are refused, not truncated into someone else's
-MIN_JWT_SECRET_BYTES = 32  # HS256 wants a key as long as its hash (RFC 7518, 3.2); shorter can be guessed
-WINDOW_FIELDS = {"name", "max_tokens", "refill_tokens", "refill_interval_seconds", "unit", "period",
-                 "models"}
-
-
-def stored_secret(key: str) -> tuple[str, bytes]:
-    """A keys-file entry's lookup digest and the SHA-256 that a presented key must match.
-
-    An entry is a plain key, or ``sha256:<hex>`` (what ``keys add`` writes), so that
-    the file need not hold keys at all; both forms give the same digest, and a key
-    moved from one form to the other keeps its buckets.
-    """
-    if key.startswith("sha256:"):
-        text = key[len("sha256:"):].lower()
-        if not re.fullmatch(r"[0-9a-f]{64}", text):
-            raise ConfigError("a 'sha256:' entry needs the key's 64 hex digit SHA-256")
-        return text[:32], bytes.fromhex(text)
-    full = hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
-    return full.hex()[:32], full
-
-
-def parse_keys_file(text: str, config: Config,
-                    require_secrets: bool = True) -> dict[str, tuple[bytes, Policy]]:
-    """Policies by key digest from a keys file: ``{"<key>": {"name": ..., overrides...}}``.
-
-    Errors name the entry by position and name, never by its key.
-    """
-    entries = keys_document(text)
-    if not isinstance(entries, dict):
-        raise ConfigError("must be a JSON object mapping each client key to its settings")
-    policies = {}
-    for position, (key, entry) in enumerate(entries.items(), 1):
-        where = f"entry {position}"
-        if not isinstance(entry, dict):
-            raise ConfigError(f"{where}: settings must be an object")
-        if isinstance(entry.get("name"), str):
-            where += f" ({entry['name']})"
-        if not key.strip():
-            raise ConfigError(f"{where}: the key is empty")
-        try:
-            digest, secret = stored_secret(key)
-        except ConfigError as error:
-            raise ConfigError(f"{where}: {error}") from None
-        policies[digest] = (secret, _policy_from_entry(entry, config, where, require_secrets))
-    return policies
-
-
-def keys_document(text: str) -> object:
-    """The JSON value of a keys file, or ConfigError: any text at all is either one or the other.
-
-    The file is re-read by the housekeeping thread, which expects ConfigError
-    alone; ``json.loads`` also raises RecursionError (deep nesting, which is no
-    ValueError), and takes ``\\ud800``-style escapes of lone surrogates, text
-    no UTF-8 encoder accepts when the key is hashed or the name logged.
-    """
-    try:
-        document = json.loads(text)
-        json.dumps(document, ensure_ascii=False).encode("utf-8")  # finds any lone surrogate
-    except RecursionError:
-        raise ConfigError("not valid JSON (nested too deeply)") from None
-    except UnicodeEncodeError:  # a ValueError too: caught first
-        raise ConfigError("not valid JSON (a \\u escape stands for half a character, "
-                          "a lone surrogate)") from None
-    except ValueError as error:
-        raise ConfigError(f"not valid JSON ({error})") from None
-    return document
-
-
-def _policy_from_entry(entry: dict, config: Config, where: str,
-                       require_secrets: bool = True) -> Policy:
-    unknown = set(entry) - POLICY_FIELDS
-    if unknown:
-        raise ConfigError(f"{where}: unknown setting {sorted(unknown)[0]!r}")
-    name = entry.get("name", "")
-    if not isinstance(name, str):
-        raise ConfigError(f"{where}: name must be a string")
-    base = {"max_tokens": config.max_tokens, "refill_tokens": config.refill_tokens,
-            "refill_interval_seconds": config.refill_interval}
-    base.update({k: entry[k] for k in base if k in entry})
-    windows = entry.get("buckets", [{}])
-    if not isinstance(windows, list) or not windows:
-        raise ConfigError(f"{where}: buckets must be a non-empty list")
-    buckets = tuple(_window(window, base, f"{where} bucket {index}")
-                    for index, window in enumerate(windows, 1))
-    models = entry.get("models")
-    if models is not None and not (isinstance(models, list) and all(isinstance(m, str) for m in models)):
-        raise ConfigError(f"{where}: models must be a list of model names")
-    limit = entry.get("max_concurrent", config.max_concurrent_per_key)
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
-        raise ConfigError(f"{where}: max_concurrent must be a whole number, 0 for no limit")
-    users = (_users_from_entry(entry["users"], config, f"{where} users", require_secrets)
-             if "users" in entry else None)
-    enabled, expires = entry.get("enabled", True), entry.get("expires")
-    if not isinstance(enabled, bool):
-        raise ConfigError(f"{where}: enabled must be true or false")
-    if expires is not None and not (isinstance(expires, str) and _is_date(expires)):
-        raise ConfigError(f"{where}: expires must be a date, YYYY-MM-DD")
-    return Policy(name, buckets, None if models is None else tuple(models), limit, users,
-                  enabled, expires)
-
-
-def _is_date(text: str) -> bool:
-    try:
-        time.strptime(text, "%Y-%m-%d")
-    except ValueError:
-        return False
-    return bool(re.fullmatch(r"\d{4}-\d\d-\d\d", text))
-
-
-@dataclass(frozen=True)
-class UserSpec:
-    """How an app key (a chat app used by many people) names its end user, and their limits.
-
-    ``jwt``: a signed HS256 token (Open WebUI's ``X-OpenWebUI-User-Jwt``), the
-    user being its ``email`` claim, else ``sub``; ``header``: a plain header,
-    safe only while the app key stays secret; ``user_field``: the request's
-    ``user`` field (Anthropic: ``metadata.user_id``).
+    A new unit is one subclass; ``CostMode`` says which unit a window's ``unit`` names.
     """
 
-    source: str
-    header: str | None
-    secret: bytes | None = field(repr=False)
-    issuer: str | None
-    required: bool
-    default: Policy
-    overrides: dict[str, Policy]  # by user digest, so that saved buckets find their policy
+    name = ""
+    counts_tokens = True  # False: the window counts something else (requests)
 
-    def policy_for(self, digest: str) -> Policy:
-        return self.overrides.get(digest, self.default)
+    def estimate(self, call: CallCost) -> int:
+        raise NotImplementedError
 
-
-def user_key(user: str) -> str:
-    """What tells end users apart: KID@Home.LAN is kid@home.lan, as mail and people see it.
-
-    Otherwise a user escapes their override, and gets fresh buckets, by capitalising.
-    ``lower()``, as Open WebUI keeps its accounts' emails, not ``casefold()``, which
-    would make boß@home.lan (another account there) the same user as boss@home.lan.
-    """
-    return user.strip().lower()
-
-
-def user_digest(user: str) -> str:
-    """The name under which a user's buckets (and override) are kept, the same for any case."""
-    return hashlib.sha256(user_key(user).encode("utf-8", "surrogateescape")).hexdigest()[:24]
-
-
-def _b64url(text: str) -> bytes:
-    """Strict base64url: one spelling per value, so a token has no equivalent variants."""
-    if not re.fullmatch(r"[A-Za-z0-9_-]*", text):
-        raise ValueError("not base64url")
-    data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-    if base64.urlsafe_b64encode(data).rstrip(b"=").decode() != text:
-        raise ValueError("not canonical base64url")
-    return data
-
-
-def verify_jwt(token: str, secret: bytes, now: float, issuer: str | None = None,
-               leeway: float = 30.0) -> dict:
-    """The claims of an HS256 JSON Web Token, or ValueError saying why it is refused.
-
-    Only HS256 is accepted, whatever the token's header claims (``none`` above
-    all), the signature is compared in constant time, and ``exp`` is required.
-    """
-    parts = token.strip().split(".")
-    if len(parts) != 3:
-        raise ValueError("malformed token")
-    try:
-        header = json.loads(_b64url(parts[0]))
-        signature = _b64url(parts[2])
-    except (ValueError, RecursionError):
-        raise ValueError("malformed token") from None
-    if not isinstance(header, dict) or header.get("alg") != "HS256":
-        raise ValueError("unsupported algorithm")
-    expected = hmac.new(secret, f"{parts[0]}.{parts[1]}".encode("ascii"), hashlib.sha256).digest()
-    if not hmac.compare_digest(expected, signature):
-        raise ValueError("bad signature")
-    try:
-        claims = json.loads(_b64url(parts[1]))
-    except (ValueError, RecursionError):
-        raise ValueError("malformed claims") from None
-    if not isinstance(claims, dict):
-        raise ValueError("malformed claims")
-    expires = claims.get("exp")
-    if (isinstance(expires, bool) or not isinstance(expires, (int, float))
-            or not math.isfinite(expires) or now > expires + leeway):
-        raise ValueError("expired token")
-    not_before = claims.get("nbf")
-    if isinstance(not_before, (int, float)) and (not math.isfinite(not_before)
-                                                  or now + leeway < not_before):
-        raise ValueError("token not yet valid")
-    if issuer is not None and claims.get("iss") != issuer:
-        raise ValueError("wrong issuer")
-    return claims
-
-
-def end_user(spec: UserSpec, headers: Headers, payload: dict | None, dialect: Dialect,
-             now: float) -> str | None:
-    """The end user an app key's request is for; None if it names none, ValueError if invalid."""
-    if spec.source == "user_field":
-        user = dialect.user_of(payload) if payload is not None else None
-    else:
-        value = headers.get(spec.header or "")
-        if not value:
-            return None
-        if spec.source == "jwt":
-            assert spec.secret is not None
-            claims = verify_jwt(value, spec.secret, now, spec.issuer)
-            user = claims.get("email") or claims.get("sub")
-        else:
-            user = value.strip()
-    if user is None:
-        return None
-    if (not isinstance(user, str) or not user.strip() or len(user) > MAX_USER_LENGTH
-            or not user.isprintable()):
-        raise ValueError("unusable user identity")
-    return user.strip()
-
-
-def _users_from_entry(spec: object, config: Config, where: str,
-                      require_secrets: bool = True) -> UserSpec:
-    if not isinstance(spec, dict):
-        raise ConfigError(f"{where}: must be an object")
-    unknown = set(spec) - USERS_FIELDS
-    if unknown:
-        raise ConfigError(f"{where}: unknown setting {sorted(unknown)[0]!r}")
-    source = spec.get("from")
-    if not isinstance(source, str) or source not in USER_SOURCES:  # (a list: TypeError, unhashable)
-        raise ConfigError(f"{where}: 'from' must be one of {', '.join(sorted(USER_SOURCES))}")
-    header = spec.get("header", USER_SOURCES[source])
-    if source != "user_field" and not (isinstance(header, str) and _TOKEN.fullmatch(header)):
-        raise ConfigError(f"{where}: 'header' must name the header that carries the user")
-    secret = None
-    if source == "jwt":
-        variable = spec.get("secret_env")
-        if not isinstance(variable, str) or not variable:
-            raise ConfigError(f"{where}: 'secret_env' must name the environment variable that "
-                              "holds the JWT secret (never the secret itself)")
-        secret = os.environ.get(variable, "").encode("utf-8", "surrogateescape")  # its bytes, as set
-        if not secret and require_secrets:
-            raise ConfigError(f"{where}: the environment variable {variable} is not set")
-        if len(secret) < MIN_JWT_SECRET_BYTES and require_secrets:  # never the value, in any message
-            raise ConfigError(f"{where}: the JWT secret in {variable} is shorter than "
-                              f"{MIN_JWT_SECRET_BYTES} bytes (make one with: openssl rand -hex 32)")
-    issuer = spec.get("issuer")
-    required = spec.get("required", True)
-    if issuer is not None and not isinstance(issuer, str) or not isinstance(required, bool):
-        raise ConfigError(f"{where}: 'issuer' must be a string and 'required' true or false")
-    limits = {k: v for k, v in spec.items() if k in POLICY_FIELDS}
-    default = _policy_from_entry(limits, config, where)
-    overrides = spec.get("overrides", {})
-    if not isinstance(overrides, dict) or not all(isinstance(v, dict) for v in overrides.values()):
-        raise ConfigError(f"{where}: 'overrides' must map each user to their settings")
-    by_user: dict[str, Policy] = {}
-    spelled: dict[str, str] = {}  # each user as written first, to name both of two in one message
-    for user, entry in overrides.items():
-        digest = user_digest(user)
-        if digest in by_user:
-            raise ConfigError(f"{where}: overrides {spelled[digest]!r} and {user!r} are one user "
-                              "(case is ignored)")
-        spelled[digest] = user
-        by_user[digest] = _policy_from_entry(dict(limits, **entry), config, f"{where} {user}")
-    return UserSpec(source, header if source != "user_field" else None, secret,
-                    issuer, required, default, by_user)
-
-
-def _window(window: object, base: dict, where: str) -> BucketSpec:
-    if not isinstance(window, dict) or set(window) - WINDOW_FIELDS:
-        raise ConfigError(f"{where}: must be an object with {', '.join(sorted(WINDOW_FIELDS))}")
-    values = dict(base, **{k: v for k, v in window.items() if k != "name"})
-    for field_name in ("max_tokens", "refill_tokens"):
-        value = values[field_name]
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WINDOW_TOKENS:
-            raise ConfigError(f"{where}: {field_name} must be a whole number from 1 to "
-                              f"{MAX_WINDOW_TOKENS:,}")
-    interval = values["refill_interval_seconds"]
-    # Compared before float() sees it: an int too large for a float raises OverflowError
-    # there, and infinity (1e400 in JSON) or NaN would pass a mere "> 0".
-    if (isinstance(interval, bool) or not isinstance(interval, (int, float))
-            or not MIN_REFILL_SECONDS <= interval <= MAX_REFILL_SECONDS):
-        raise ConfigError(f"{where}: refill_interval_seconds must be a number of seconds from "
-                          f"{MIN_REFILL_SECONDS:g} to {MAX_REFILL_SECONDS:.0f} (a century)")
-    name = window.get("name", "")
-    if not isinstance(name, str):
-        raise ConfigError(f"{where}: name must be a string")
-    unit, period, models = window.get("unit", ""), window.get("period"), window.get("models")
-    if not isinstance(unit, str) or unit not in WINDOW_UNITS:
-        raise ConfigError(f"{where}: unit must be \"requests\" or \"tokens\"")
-    if period is not None and (not isinstance(period, str) or period not in PERIOD_DAYS):  # as above
-        raise ConfigError(f"{where}: period must be \"day\", \"week\" or \"month\"")
-    if models is not None and not (isinstance(models, list) and models
-                                   and all(isinstance(m, str) for m in models)):
-        raise ConfigError(f"{where}: models must be a list of model names")
-    capacity = values["max_tokens"]
-    if period is not None:  # full again at each start: one refill of everything per period
-        return BucketSpec(capacity, capacity, PERIOD_DAYS[period] * 86400.0, name, unit, period,
-                          tuple(models) if models else None)
-    return BucketSpec(capacity, values["refill_tokens"], float(interval), name, unit, None,
-                      tuple(models) if models else None)
-
-
-class KeyRing:
-    """The accepted client keys and the policy each one pays under.
-
-    Keys come from PROXY_API_KEYS (the default policy) and KEYS_FILE (its own
-    policies).  The file is re-read when it changes; a broken file keeps the
-    previous policies.  With neither, the proxy is open: any caller pays under
-    the default policy, by key or by IP.
-    """
-
-    def __init__(self, config: Config) -> None:
-        self.config = config
-        self.default = Policy("", (config.bucket,), None, config.max_concurrent_per_key)
-        self._static = {digest: (secret, self.default)
-                        for digest, secret in map(stored_secret, config.client_keys)}
-        self._policies = dict(self._static)
-        self._file_stamp: tuple | None = None
-        if config.keys_file:
-            try:
-                self.reload()
-            except ConfigError as error:
-                raise ConfigError(f"KEYS_FILE {config.keys_file}: {error}") from None
-
-    @property
-    def is_open(self) -> bool:
-        return not self.config.client_keys and not self.config.keys_file
-
-    def lookup(self, token: str) -> tuple[str, Policy | None]:
-        """The key's digest, and its policy if it is an accepted key.
-
-        The table is indexed by SHA-256, so the time a lookup takes depends on
-        the digest of what was sent, never on how much of a real key it matched;
-        the final comparison is constant-time as well.
-        """
-        presented = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
-        digest = presented.hex()[:32]
-        entry = self._policies.get(digest)
-        if entry is None or not hmac.compare_digest(entry[0], presented):
-            return digest, None
-        return digest, entry[1]
-
-    def identify(self, token: str | None, address: str,
-                 when: float = 0.0) -> tuple[str, str, Policy] | None:
-        """Whose buckets pay, a name for the logs, and the policy; None when the key is refused.
-
-        In open mode any key (or, without one, the caller's address) gets the
-        default policy and a bucket of its own.  A disabled or expired key is a
-        401 that says so.
-        """
-        if token is not None:
-            digest, policy = self.lookup(token)
-            if policy is not None and not policy.enabled:
-                raise ProxyError(401, "This key is disabled.", "authentication_error", "key_disabled")
-            if policy is not None and policy.expires is not None and local_day(when) > policy.expires:
-                raise ProxyError(401, f"This key expired on {policy.expires}.",
-                                 "authentication_error", "key_expired")
-            if policy is not None or self.is_open:
-                policy = policy or self.default
-                return "key:" + digest, policy.name or digest[:12], policy
-        elif self.is_open:
-            return "ip:" + address, "ip:" + address, self.default
+    def settle(self, used: Usage) -> int | None:
         return None
 
-    @property
-    def key_count(self) -> int:
-        return len(self._policies)
 
-    def entries(self) -> list[tuple[str, Policy]]:
-        """Every accepted key's digest and policy, for the owner's view (never the key)."""
-        return [(digest, entry[1]) for digest, entry in self._policies.items()]
+class RequestCount(Unit):
+    """One request, whatever it asked for: ``"unit": "requests"``."""
 
-    def policy_of(self, identity: str) -> Policy:
-        """The policy whose buckets ``identity`` has: a key's, or a user's under an app key."""
-        key, _, user = identity.partition("/user:")
-        entry = self._policies.get(key[len("key:"):]) if key.startswith("key:") else None
-        policy = entry[1] if entry else self.default
-        if user and policy.users is not None:
-            return policy.users.policy_for(user)
-        return policy
+    name = "requests"
+    counts_tokens = False
 
-    def reload(self) -> None:
-        """Read KEYS_FILE now; raises ConfigError (keeping the old policies) when it is broken."""
-        path = self.config.keys_file
-        assert path is not None
-        try:
-            with open(path, encoding="utf-8") as file:
-                stamp = _file_stamp(os.fstat(file.fileno()))
-                text = file.read()
-        except (OSError, UnicodeDecodeError) as error:
-            raise ConfigError(f"cannot read it ({type(error).__name__})") from None
-        self._file_stamp = stamp
-        self._policies = {**self._static, **parse_keys_file(text, self.config)}
-
-    def reload_if_changed(self, force: bool = False) -> bool:
-        """Re-read KEYS_FILE if it changed (or when forced, as on SIGHUP); True if reloaded."""
-        path = self.config.keys_file
-        if not path:
-            return False
-        try:
-            stamp: tuple | None = _file_stamp(os.stat(path))
-        except OSError:
-            stamp = None
-        if not force and stamp == self._file_stamp:
-            return False
-        self._file_stamp = stamp  # a missing or broken file is reported once, not every second
-        try:
-            self.reload()
-        except ConfigError as error:
-            log.error("KEYS_FILE %s: %s; keeping the previous keys", path, error)
-            return False
-        log.info("KEYS_FILE %s: loaded, %d client keys in all", path, self.key_count)
-        return True
+    def estimate(self, call: CallCost) -> int:
+        return 1
 
 
-def _file_stamp(info: os.stat_result) -> tuple:
-    return (info.st_ino, info.st_size, info.st_mtime_ns)
+class FixedTokens(Unit):
+    """A fixed number of tokens a call (REQUEST_TOKEN_COST): ``request`` mode's own unit."""
+
+    def __init__(self, tokens: int) -> None:
+        self.tokens = tokens
+
+    def estimate(self, call: CallCost) -> int:
+        return self.tokens
 
 
-class StoredAnswers:
-    """Which key made each stored answer the proxy relayed, so that only it may read it again.
+class EstimatedTokens(Unit):
+    """The prompt's estimate plus the output asked for, charged before and kept."""
 
-    A server that stores answers (OpenAI keeps responses by default) serves them to
-    anyone with the upstream key and the id: through the proxy, that is every key.  So a
-    stored answer, or a conversation continued from one (``previous_response_id``), is
-    found only by the key whose request made it; an id the proxy never relayed (made
-    elsewhere, or forgotten after ``limit`` newer ones) is found by nobody.  Users of one
-    app key share its answers: the app, not the proxy, keeps them apart.
+    name = "tokens"
+
+    def estimate(self, call: CallCost) -> int:
+        return call.estimate
+
+
+class ReportedTokens(Unit):
+    """A reservation, then the tokens the upstream reported (or the text streamed)."""
+
+    name = "tokens"
+
+    def estimate(self, call: CallCost) -> int:
+        return call.reservation
+
+    def settle(self, used: Usage) -> int | None:
+        return used.total
+
+
+class CostMode:
+    """TOKEN_COST_MODE, parsed: the unit of a window that names none, and what "tokens" means.
+
+    ``least`` is what the cheapest request (one without an allowance) costs in the
+    mode's own unit, and ``least_setting`` the variable that sets it.
     """
 
-    def __init__(self, limit: int = 20_000) -> None:
-        self.limit = limit
-        self._owners: OrderedDict[str, str] = OrderedDict()
-        self._lock = threading.Lock()
+    def __init__(self, name: str, own: Unit, tokens: Unit, least: int, least_setting: str) -> None:
+        self.name = name
+        self.units = {"": own, RequestCount.name: REQUESTS, "tokens": tokens}
+        self.least, self.least_setting = least, least_setting
+        self.settles = any(type(unit).settle is not Unit.settle for unit in self.units.values())
 
-    def record(self, answer_id: str, owner: str) -> None:
-        with self._lock:
-            self._owners[answer_id] = owner
-            self._owners.move_to_end(answer_id)
-            while len(self._owners) > self.limit:
-                self._owners.popitem(last=False)
+    def unit_of(self, spec: BucketSpec) -> Unit:
+        return self.units[spec.unit]
 
-    def owned_by(self, answer_id: str, owner: str) -> bool:
-        with self._lock:
-            return self._owners.get(answer_id) == owner
 
-    def dump(self) -> dict[str, str]:
-        with self._lock:
-            return dict(self._owners)
+REQUESTS = RequestCount()
+WINDOW_UNITS = ("", RequestCount.name, "tokens")  # what a window's "unit" may name ("": the mode's)
 
-    def load(self, saved: dict) -> None:
-        if not all(isinstance(k, str) and isinstance(v, str) for k, v in saved.items()):
-            raise ValueError("unexpected stored-answer entry")
-        for answer_id, owner in saved.items():
-            self.record(answer_id, owner)
+
+def cost_mode(config: Config) -> CostMode:
+    """The cost mode a configuration names, as objects (made once per Config)."""
+    reserve = config.response_reserve
+    if config.cost_mode == "request":
+        return CostMode("request", FixedTokens(config.request_cost), EstimatedTokens(),
+                        config.request_cost, "REQUEST_TOKEN_COST")
+    if config.cost_mode == "estimate":
+        return CostMode("estimate", EstimatedTokens(), EstimatedTokens(), reserve, "RESPONSE_TOKEN_RESERVE")
+    return CostMode("usage", ReportedTokens(), ReportedTokens(), reserve, "RESPONSE_TOKEN_RESERVE")
+
+
+def window_costs(call: CallCost, mode: CostMode, model: str,
+                 payers: Sequence[tuple[str, Sequence[BucketSpec]]]) -> Callable[[BucketSpec], int]:
+    """What each window is charged before forwarding: by its unit, and nothing at all if it
+    counts only other models.  Worked out here, so that the bucket lock is held for sums only."""
+    costs = {spec: 0 if spec.models is not None and model not in spec.models
+             else mode.unit_of(spec).estimate(call) for _, specs in payers for spec in specs}
+    return costs.__getitem__
 
 
 # --------------------------------------------------------------------------
@@ -2270,6 +2004,512 @@ METERED_ENDPOINTS = frozenset(dialect.name for dialect in DIALECTS + (OPENAI,))
 
 
 # --------------------------------------------------------------------------
+# Keys and policies
+# --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Policy:
+    """What one client key may do: its buckets, models and parallel requests."""
+
+    name: str
+    buckets: tuple[BucketSpec, ...]
+    models: tuple[str, ...] | None = None  # None: every model
+    max_concurrent: int = 0               # 0: no per-key limit
+    users: UserSpec | None = None         # an app key: each end user gets buckets of their own
+    enabled: bool = True
+    expires: str | None = None            # YYYY-MM-DD: the last local day the key works
+
+    def allows(self, model: str) -> bool:
+        return self.models is None or model in self.models
+
+    @property
+    def limits_models(self) -> bool:
+        """Whether this key, or any end user under it, may use only some models."""
+        users = self.users
+        return self.models is not None or (users is not None and (
+            users.default.models is not None
+            or any(policy.models is not None for policy in users.overrides.values())))
+
+    def require(self, model: str | None) -> None:
+        """A 403, free, for a model off the key's list."""
+        if not self.allows(model or ""):
+            raise ProxyError(403, f"The model '{str(model)[:200]}' is not available to this key.",
+                             "permission_error", "model_not_allowed", "model")
+
+    def quota(self, levels: list[dict]) -> dict:
+        """What ``GET /v1/quota`` shows a caller about itself."""
+        return {"object": "quota", "name": self.name or None,
+                "models": None if self.models is None else list(self.models),
+                "max_concurrent": self.max_concurrent or None, "buckets": levels}
+
+
+def key_digest(key: str) -> str:
+    """The name under which a key's buckets are kept and saved; the key itself never is."""
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+
+
+POLICY_FIELDS = {"name", "max_tokens", "refill_tokens", "refill_interval_seconds", "buckets",
+                 "models", "max_concurrent", "users", "enabled", "expires"}
+USER_SOURCES = {"jwt": "X-OpenWebUI-User-Jwt", "header": None, "user_field": None}
+USERS_FIELDS = POLICY_FIELDS - {"name", "users", "enabled", "expires"} | {
+    "from", "header", "secret_env", "issuer", "required", "overrides"}
+MAX_USER_LENGTH = 256  # longer identities are refused, not truncated into someone else's
+MIN_JWT_SECRET_BYTES = 32  # HS256 wants a key as long as its hash (RFC 7518, 3.2); shorter can be guessed
+WINDOW_FIELDS = {"name", "max_tokens", "refill_tokens", "refill_interval_seconds", "unit", "period",
+                 "models"}
+
+
+def stored_secret(key: str) -> tuple[str, bytes]:
+    """A keys-file entry's lookup digest and the SHA-256 that a presented key must match.
+
+    An entry is a plain key, or ``sha256:<hex>`` (what ``keys add`` writes), so that
+    the file need not hold keys at all; both forms give the same digest, and a key
+    moved from one form to the other keeps its buckets.
+    """
+    if key.startswith("sha256:"):
+        text = key[len("sha256:"):].lower()
+        if not re.fullmatch(r"[0-9a-f]{64}", text):
+            raise ConfigError("a 'sha256:' entry needs the key's 64 hex digit SHA-256")
+        return text[:32], bytes.fromhex(text)
+    full = hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
+    return full.hex()[:32], full
+
+
+def parse_keys_file(text: str, config: Config,
+                    require_secrets: bool = True) -> dict[str, tuple[bytes, Policy]]:
+    """Policies by key digest from a keys file: ``{"<key>": {"name": ..., overrides...}}``.
+
+    Errors name the entry by position and name, never by its key.
+    """
+    entries = keys_document(text)
+    if not isinstance(entries, dict):
+        raise ConfigError("must be a JSON object mapping each client key to its settings")
+    policies = {}
+    for position, (key, entry) in enumerate(entries.items(), 1):
+        where = f"entry {position}"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where}: settings must be an object")
+        if isinstance(entry.get("name"), str):
+            where += f" ({entry['name']})"
+        if not key.strip():
+            raise ConfigError(f"{where}: the key is empty")
+        try:
+            digest, secret = stored_secret(key)
+        except ConfigError as error:
+            raise ConfigError(f"{where}: {error}") from None
+        policies[digest] = (secret, _policy_from_entry(entry, config, where, require_secrets))
+    return policies
+
+
+def keys_document(text: str) -> object:
+    """The JSON value of a keys file, or ConfigError: any text at all is either one or the other.
+
+    The file is re-read by the housekeeping thread, which expects ConfigError
+    alone; ``json.loads`` also raises RecursionError (deep nesting, which is no
+    ValueError), and takes ``\\ud800``-style escapes of lone surrogates, text
+    no UTF-8 encoder accepts when the key is hashed or the name logged.
+    """
+    try:
+        document = json.loads(text)
+        json.dumps(document, ensure_ascii=False).encode("utf-8")  # finds any lone surrogate
+    except RecursionError:
+        raise ConfigError("not valid JSON (nested too deeply)") from None
+    except UnicodeEncodeError:  # a ValueError too: caught first
+        raise ConfigError("not valid JSON (a \\u escape stands for half a character, "
+                          "a lone surrogate)") from None
+    except ValueError as error:
+        raise ConfigError(f"not valid JSON ({error})") from None
+    return document
+
+
+def _policy_from_entry(entry: dict, config: Config, where: str,
+                       require_secrets: bool = True) -> Policy:
+    unknown = set(entry) - POLICY_FIELDS
+    if unknown:
+        raise ConfigError(f"{where}: unknown setting {sorted(unknown)[0]!r}")
+    name = entry.get("name", "")
+    if not isinstance(name, str):
+        raise ConfigError(f"{where}: name must be a string")
+    base = {"max_tokens": config.max_tokens, "refill_tokens": config.refill_tokens,
+            "refill_interval_seconds": config.refill_interval}
+    base.update({k: entry[k] for k in base if k in entry})
+    windows = entry.get("buckets", [{}])
+    if not isinstance(windows, list) or not windows:
+        raise ConfigError(f"{where}: buckets must be a non-empty list")
+    buckets = tuple(_window(window, base, f"{where} bucket {index}")
+                    for index, window in enumerate(windows, 1))
+    models = entry.get("models")
+    if models is not None and not (isinstance(models, list) and all(isinstance(m, str) for m in models)):
+        raise ConfigError(f"{where}: models must be a list of model names")
+    limit = entry.get("max_concurrent", config.max_concurrent_per_key)
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+        raise ConfigError(f"{where}: max_concurrent must be a whole number, 0 for no limit")
+    users = (_users_from_entry(entry["users"], config, f"{where} users", require_secrets)
+             if "users" in entry else None)
+    enabled, expires = entry.get("enabled", True), entry.get("expires")
+    if not isinstance(enabled, bool):
+        raise ConfigError(f"{where}: enabled must be true or false")
+    if expires is not None and not (isinstance(expires, str) and _is_date(expires)):
+        raise ConfigError(f"{where}: expires must be a date, YYYY-MM-DD")
+    return Policy(name, buckets, None if models is None else tuple(models), limit, users,
+                  enabled, expires)
+
+
+def _is_date(text: str) -> bool:
+    try:
+        time.strptime(text, "%Y-%m-%d")
+    except ValueError:
+        return False
+    return bool(re.fullmatch(r"\d{4}-\d\d-\d\d", text))
+
+
+@dataclass(frozen=True)
+class UserSpec:
+    """How an app key (a chat app used by many people) names its end user, and their limits.
+
+    ``jwt``: a signed HS256 token (Open WebUI's ``X-OpenWebUI-User-Jwt``), the
+    user being its ``email`` claim, else ``sub``; ``header``: a plain header,
+    safe only while the app key stays secret; ``user_field``: the request's
+    ``user`` field (Anthropic: ``metadata.user_id``).
+    """
+
+    source: str
+    header: str | None
+    secret: bytes | None = field(repr=False)
+    issuer: str | None
+    required: bool
+    default: Policy
+    overrides: dict[str, Policy]  # by user digest, so that saved buckets find their policy
+
+    def policy_for(self, digest: str) -> Policy:
+        return self.overrides.get(digest, self.default)
+
+
+def user_key(user: str) -> str:
+    """What tells end users apart: KID@Home.LAN is kid@home.lan, as mail and people see it.
+
+    Otherwise a user escapes their override, and gets fresh buckets, by capitalising.
+    ``lower()``, as Open WebUI keeps its accounts' emails, not ``casefold()``, which
+    would make boß@home.lan (another account there) the same user as boss@home.lan.
+    """
+    return user.strip().lower()
+
+
+def user_digest(user: str) -> str:
+    """The name under which a user's buckets (and override) are kept, the same for any case."""
+    return hashlib.sha256(user_key(user).encode("utf-8", "surrogateescape")).hexdigest()[:24]
+
+
+def _b64url(text: str) -> bytes:
+    """Strict base64url: one spelling per value, so a token has no equivalent variants."""
+    if not re.fullmatch(r"[A-Za-z0-9_-]*", text):
+        raise ValueError("not base64url")
+    data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    if base64.urlsafe_b64encode(data).rstrip(b"=").decode() != text:
+        raise ValueError("not canonical base64url")
+    return data
+
+
+def verify_jwt(token: str, secret: bytes, now: float, issuer: str | None = None,
+               leeway: float = 30.0) -> dict:
+    """The claims of an HS256 JSON Web Token, or ValueError saying why it is refused.
+
+    Only HS256 is accepted, whatever the token's header claims (``none`` above
+    all), the signature is compared in constant time, and ``exp`` is required.
+    """
+    parts = token.strip().split(".")
+    if len(parts) != 3:
+        raise ValueError("malformed token")
+    try:
+        header = json.loads(_b64url(parts[0]))
+        signature = _b64url(parts[2])
+    except (ValueError, RecursionError):
+        raise ValueError("malformed token") from None
+    if not isinstance(header, dict) or header.get("alg") != "HS256":
+        raise ValueError("unsupported algorithm")
+    expected = hmac.new(secret, f"{parts[0]}.{parts[1]}".encode("ascii"), hashlib.sha256).digest()
+    if not hmac.compare_digest(expected, signature):
+        raise ValueError("bad signature")
+    try:
+        claims = json.loads(_b64url(parts[1]))
+    except (ValueError, RecursionError):
+        raise ValueError("malformed claims") from None
+    if not isinstance(claims, dict):
+        raise ValueError("malformed claims")
+    expires = claims.get("exp")
+    if (isinstance(expires, bool) or not isinstance(expires, (int, float))
+            or not math.isfinite(expires) or now > expires + leeway):
+        raise ValueError("expired token")
+    not_before = claims.get("nbf")
+    if isinstance(not_before, (int, float)) and (not math.isfinite(not_before)
+                                                  or now + leeway < not_before):
+        raise ValueError("token not yet valid")
+    if issuer is not None and claims.get("iss") != issuer:
+        raise ValueError("wrong issuer")
+    return claims
+
+
+def end_user(spec: UserSpec, headers: Headers, payload: dict | None, dialect: Dialect,
+             now: float) -> str | None:
+    """The end user an app key's request is for; None if it names none, ValueError if invalid."""
+    if spec.source == "user_field":
+        user = dialect.user_of(payload) if payload is not None else None
+    else:
+        value = headers.get(spec.header or "")
+        if not value:
+            return None
+        if spec.source == "jwt":
+            assert spec.secret is not None
+            claims = verify_jwt(value, spec.secret, now, spec.issuer)
+            user = claims.get("email") or claims.get("sub")
+        else:
+            user = value.strip()
+    if user is None:
+        return None
+    if (not isinstance(user, str) or not user.strip() or len(user) > MAX_USER_LENGTH
+            or not user.isprintable()):
+        raise ValueError("unusable user identity")
+    return user.strip()
+
+
+def _users_from_entry(spec: object, config: Config, where: str,
+                      require_secrets: bool = True) -> UserSpec:
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{where}: must be an object")
+    unknown = set(spec) - USERS_FIELDS
+    if unknown:
+        raise ConfigError(f"{where}: unknown setting {sorted(unknown)[0]!r}")
+    source = spec.get("from")
+    if not isinstance(source, str) or source not in USER_SOURCES:  # (a list: TypeError, unhashable)
+        raise ConfigError(f"{where}: 'from' must be one of {', '.join(sorted(USER_SOURCES))}")
+    header = spec.get("header", USER_SOURCES[source])
+    if source != "user_field" and not (isinstance(header, str) and _TOKEN.fullmatch(header)):
+        raise ConfigError(f"{where}: 'header' must name the header that carries the user")
+    secret = None
+    if source == "jwt":
+        variable = spec.get("secret_env")
+        if not isinstance(variable, str) or not variable:
+            raise ConfigError(f"{where}: 'secret_env' must name the environment variable that "
+                              "holds the JWT secret (never the secret itself)")
+        secret = os.environ.get(variable, "").encode("utf-8", "surrogateescape")  # its bytes, as set
+        if not secret and require_secrets:
+            raise ConfigError(f"{where}: the environment variable {variable} is not set")
+        if len(secret) < MIN_JWT_SECRET_BYTES and require_secrets:  # never the value, in any message
+            raise ConfigError(f"{where}: the JWT secret in {variable} is shorter than "
+                              f"{MIN_JWT_SECRET_BYTES} bytes (make one with: openssl rand -hex 32)")
+    issuer = spec.get("issuer")
+    required = spec.get("required", True)
+    if issuer is not None and not isinstance(issuer, str) or not isinstance(required, bool):
+        raise ConfigError(f"{where}: 'issuer' must be a string and 'required' true or false")
+    limits = {k: v for k, v in spec.items() if k in POLICY_FIELDS}
+    default = _policy_from_entry(limits, config, where)
+    overrides = spec.get("overrides", {})
+    if not isinstance(overrides, dict) or not all(isinstance(v, dict) for v in overrides.values()):
+        raise ConfigError(f"{where}: 'overrides' must map each user to their settings")
+    by_user: dict[str, Policy] = {}
+    spelled: dict[str, str] = {}  # each user as written first, to name both of two in one message
+    for user, entry in overrides.items():
+        digest = user_digest(user)
+        if digest in by_user:
+            raise ConfigError(f"{where}: overrides {spelled[digest]!r} and {user!r} are one user "
+                              "(case is ignored)")
+        spelled[digest] = user
+        by_user[digest] = _policy_from_entry(dict(limits, **entry), config, f"{where} {user}")
+    return UserSpec(source, header if source != "user_field" else None, secret,
+                    issuer, required, default, by_user)
+
+
+def _window(window: object, base: dict, where: str) -> BucketSpec:
+    if not isinstance(window, dict) or set(window) - WINDOW_FIELDS:
+        raise ConfigError(f"{where}: must be an object with {', '.join(sorted(WINDOW_FIELDS))}")
+    values = dict(base, **{k: v for k, v in window.items() if k != "name"})
+    for field_name in ("max_tokens", "refill_tokens"):
+        value = values[field_name]
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WINDOW_TOKENS:
+            raise ConfigError(f"{where}: {field_name} must be a whole number from 1 to "
+                              f"{MAX_WINDOW_TOKENS:,}")
+    interval = values["refill_interval_seconds"]
+    # Compared before float() sees it: an int too large for a float raises OverflowError
+    # there, and infinity (1e400 in JSON) or NaN would pass a mere "> 0".
+    if (isinstance(interval, bool) or not isinstance(interval, (int, float))
+            or not MIN_REFILL_SECONDS <= interval <= MAX_REFILL_SECONDS):
+        raise ConfigError(f"{where}: refill_interval_seconds must be a number of seconds from "
+                          f"{MIN_REFILL_SECONDS:g} to {MAX_REFILL_SECONDS:.0f} (a century)")
+    name = window.get("name", "")
+    if not isinstance(name, str):
+        raise ConfigError(f"{where}: name must be a string")
+    unit, period, models = window.get("unit", ""), window.get("period"), window.get("models")
+    if not isinstance(unit, str) or unit not in WINDOW_UNITS:
+        raise ConfigError(f"{where}: unit must be \"requests\" or \"tokens\"")
+    if period is not None and (not isinstance(period, str) or period not in PERIOD_DAYS):  # as above
+        raise ConfigError(f"{where}: period must be \"day\", \"week\" or \"month\"")
+    if models is not None and not (isinstance(models, list) and models
+                                   and all(isinstance(m, str) for m in models)):
+        raise ConfigError(f"{where}: models must be a list of model names")
+    capacity = values["max_tokens"]
+    if period is not None:  # full again at each start: one refill of everything per period
+        return BucketSpec(capacity, capacity, PERIOD_DAYS[period] * 86400.0, name, unit, period,
+                          tuple(models) if models else None)
+    return BucketSpec(capacity, values["refill_tokens"], float(interval), name, unit, None,
+                      tuple(models) if models else None)
+
+
+class KeyRing:
+    """The accepted client keys and the policy each one pays under.
+
+    Keys come from PROXY_API_KEYS (the default policy) and KEYS_FILE (its own
+    policies).  The file is re-read when it changes; a broken file keeps the
+    previous policies.  With neither, the proxy is open: any caller pays under
+    the default policy, by key or by IP.
+    """
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.default = Policy("", (config.bucket,), None, config.max_concurrent_per_key)
+        self._static = {digest: (secret, self.default)
+                        for digest, secret in map(stored_secret, config.client_keys)}
+        self._policies = dict(self._static)
+        self._file_stamp: tuple | None = None
+        if config.keys_file:
+            try:
+                self.reload()
+            except ConfigError as error:
+                raise ConfigError(f"KEYS_FILE {config.keys_file}: {error}") from None
+
+    @property
+    def is_open(self) -> bool:
+        return not self.config.client_keys and not self.config.keys_file
+
+    def lookup(self, token: str) -> tuple[str, Policy | None]:
+        """The key's digest, and its policy if it is an accepted key.
+
+        The table is indexed by SHA-256, so the time a lookup takes depends on
+        the digest of what was sent, never on how much of a real key it matched;
+        the final comparison is constant-time as well.
+        """
+        presented = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
+        digest = presented.hex()[:32]
+        entry = self._policies.get(digest)
+        if entry is None or not hmac.compare_digest(entry[0], presented):
+            return digest, None
+        return digest, entry[1]
+
+    def identify(self, token: str | None, address: str,
+                 when: float = 0.0) -> tuple[str, str, Policy] | None:
+        """Whose buckets pay, a name for the logs, and the policy; None when the key is refused.
+
+        In open mode any key (or, without one, the caller's address) gets the
+        default policy and a bucket of its own.  A disabled or expired key is a
+        401 that says so.
+        """
+        if token is not None:
+            digest, policy = self.lookup(token)
+            if policy is not None and not policy.enabled:
+                raise ProxyError(401, "This key is disabled.", "authentication_error", "key_disabled")
+            if policy is not None and policy.expires is not None and local_day(when) > policy.expires:
+                raise ProxyError(401, f"This key expired on {policy.expires}.",
+                                 "authentication_error", "key_expired")
+            if policy is not None or self.is_open:
+                policy = policy or self.default
+                return "key:" + digest, policy.name or digest[:12], policy
+        elif self.is_open:
+            return "ip:" + address, "ip:" + address, self.default
+        return None
+
+    @property
+    def key_count(self) -> int:
+        return len(self._policies)
+
+    def entries(self) -> list[tuple[str, Policy]]:
+        """Every accepted key's digest and policy, for the owner's view (never the key)."""
+        return [(digest, entry[1]) for digest, entry in self._policies.items()]
+
+    def policy_of(self, identity: str) -> Policy:
+        """The policy whose buckets ``identity`` has: a key's, or a user's under an app key."""
+        key, _, user = identity.partition("/user:")
+        entry = self._policies.get(key[len("key:"):]) if key.startswith("key:") else None
+        policy = entry[1] if entry else self.default
+        if user and policy.users is not None:
+            return policy.users.policy_for(user)
+        return policy
+
+    def reload(self) -> None:
+        """Read KEYS_FILE now; raises ConfigError (keeping the old policies) when it is broken."""
+        path = self.config.keys_file
+        assert path is not None
+        try:
+            with open(path, encoding="utf-8") as file:
+                stamp = _file_stamp(os.fstat(file.fileno()))
+                text = file.read()
+        except (OSError, UnicodeDecodeError) as error:
+            raise ConfigError(f"cannot read it ({type(error).__name__})") from None
+        self._file_stamp = stamp
+        self._policies = {**self._static, **parse_keys_file(text, self.config)}
+
+    def reload_if_changed(self, force: bool = False) -> bool:
+        """Re-read KEYS_FILE if it changed (or when forced, as on SIGHUP); True if reloaded."""
+        path = self.config.keys_file
+        if not path:
+            return False
+        try:
+            stamp: tuple | None = _file_stamp(os.stat(path))
+        except OSError:
+            stamp = None
+        if not force and stamp == self._file_stamp:
+            return False
+        self._file_stamp = stamp  # a missing or broken file is reported once, not every second
+        try:
+            self.reload()
+        except ConfigError as error:
+            log.error("KEYS_FILE %s: %s; keeping the previous keys", path, error)
+            return False
+        log.info("KEYS_FILE %s: loaded, %d client keys in all", path, self.key_count)
+        return True
+
+
+def _file_stamp(info: os.stat_result) -> tuple:
+    return (info.st_ino, info.st_size, info.st_mtime_ns)
+
+
+class StoredAnswers:
+    """Which key made each stored answer the proxy relayed, so that only it may read it again.
+
+    A server that stores answers (OpenAI keeps responses by default) serves them to
+    anyone with the upstream key and the id: through the proxy, that is every key.  So a
+    stored answer, or a conversation continued from one (``previous_response_id``), is
+    found only by the key whose request made it; an id the proxy never relayed (made
+    elsewhere, or forgotten after ``limit`` newer ones) is found by nobody.  Users of one
+    app key share its answers: the app, not the proxy, keeps them apart.
+    """
+
+    def __init__(self, limit: int = 20_000) -> None:
+        self.limit = limit
+        self._owners: OrderedDict[str, str] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def record(self, answer_id: str, owner: str) -> None:
+        with self._lock:
+            self._owners[answer_id] = owner
+            self._owners.move_to_end(answer_id)
+            while len(self._owners) > self.limit:
+                self._owners.popitem(last=False)
+
+    def owned_by(self, answer_id: str, owner: str) -> bool:
+        with self._lock:
+            return self._owners.get(answer_id) == owner
+
+    def dump(self) -> dict[str, str]:
+        with self._lock:
+            return dict(self._owners)
+
+    def load(self, saved: dict) -> None:
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in saved.items()):
+            raise ValueError("unexpected stored-answer entry")
+        for answer_id, owner in saved.items():
+            self.record(answer_id, owner)
+
+
+# --------------------------------------------------------------------------
 # Routes: every path the proxy knows, in one table
 # --------------------------------------------------------------------------
 
@@ -2429,109 +2669,6 @@ class CallCost:
         cost = max(1, self.prompt + (reserve if allowance is None else min(allowance, reserve))
                    * self.dialect.answers(self.payload))
         return cost if self.prompt > self.capacity else min(cost, self.capacity)
-
-
-# --------------------------------------------------------------------------
-# Units: what a window counts
-# --------------------------------------------------------------------------
-
-class Unit:
-    """What a window counts, and so what a call costs it: before it is forwarded
-    (``estimate``) and once its answer is in (``settle``: None, what was charged stands).
-
-    A new unit is one subclass; ``CostMode`` says which unit a window's ``unit`` names.
-    """
-
-    name = ""
-    counts_tokens = True  # False: the window counts something else (requests)
-
-    def estimate(self, call: CallCost) -> int:
-        raise NotImplementedError
-
-    def settle(self, used: Usage) -> int | None:
-        return None
-
-
-class RequestCount(Unit):
-    """One request, whatever it asked for: ``"unit": "requests"``."""
-
-    name = "requests"
-    counts_tokens = False
-
-    def estimate(self, call: CallCost) -> int:
-        return 1
-
-
-class FixedTokens(Unit):
-    """A fixed number of tokens a call (REQUEST_TOKEN_COST): ``request`` mode's own unit."""
-
-    def __init__(self, tokens: int) -> None:
-        self.tokens = tokens
-
-    def estimate(self, call: CallCost) -> int:
-        return self.tokens
-
-
-class EstimatedTokens(Unit):
-    """The prompt's estimate plus the output asked for, charged before and kept."""
-
-    name = "tokens"
-
-    def estimate(self, call: CallCost) -> int:
-        return call.estimate
-
-
-class ReportedTokens(Unit):
-    """A reservation, then the tokens the upstream reported (or the text streamed)."""
-
-    name = "tokens"
-
-    def estimate(self, call: CallCost) -> int:
-        return call.reservation
-
-    def settle(self, used: Usage) -> int | None:
-        return used.total
-
-
-class CostMode:
-    """TOKEN_COST_MODE, parsed: the unit of a window that names none, and what "tokens" means.
-
-    ``least`` is what the cheapest request (one without an allowance) costs in the
-    mode's own unit, and ``least_setting`` the variable that sets it.
-    """
-
-    def __init__(self, name: str, own: Unit, tokens: Unit, least: int, least_setting: str) -> None:
-        self.name = name
-        self.units = {"": own, RequestCount.name: REQUESTS, "tokens": tokens}
-        self.least, self.least_setting = least, least_setting
-        self.settles = any(type(unit).settle is not Unit.settle for unit in self.units.values())
-
-    def unit_of(self, spec: BucketSpec) -> Unit:
-        return self.units[spec.unit]
-
-
-REQUESTS = RequestCount()
-WINDOW_UNITS = ("", RequestCount.name, "tokens")  # what a window's "unit" may name ("": the mode's)
-
-
-def cost_mode(config: Config) -> CostMode:
-    """The cost mode a configuration names, as objects (made once per Config)."""
-    reserve = config.response_reserve
-    if config.cost_mode == "request":
-        return CostMode("request", FixedTokens(config.request_cost), EstimatedTokens(),
-                        config.request_cost, "REQUEST_TOKEN_COST")
-    if config.cost_mode == "estimate":
-        return CostMode("estimate", EstimatedTokens(), EstimatedTokens(), reserve, "RESPONSE_TOKEN_RESERVE")
-    return CostMode("usage", ReportedTokens(), ReportedTokens(), reserve, "RESPONSE_TOKEN_RESERVE")
-
-
-def window_costs(call: CallCost, mode: CostMode, model: str,
-                 payers: Sequence[tuple[str, Sequence[BucketSpec]]]) -> Callable[[BucketSpec], int]:
-    """What each window is charged before forwarding: by its unit, and nothing at all if it
-    counts only other models.  Worked out here, so that the bucket lock is held for sums only."""
-    costs = {spec: 0 if spec.models is not None and model not in spec.models
-             else mode.unit_of(spec).estimate(call) for _, specs in payers for spec in specs}
-    return costs.__getitem__
 
 
 # --------------------------------------------------------------------------
@@ -2802,6 +2939,915 @@ def presented_key(headers: Headers) -> str | None:
         if token:
             return token
     return None
+
+
+# --------------------------------------------------------------------------
+# Replies
+# --------------------------------------------------------------------------
+
+_COMPACT_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)  # made once, not per call
+
+
+def json_bytes(value: object) -> bytes:
+    return _COMPACT_JSON.encode(value).encode("utf-8")
+
+
+def limit_message(admission: Admission) -> str:
+    limit = f"{admission.window} limit" if admission.window else "limit"
+    if admission.cost > admission.limit:
+        return (f"request too large: it costs {admission.cost} tokens but the {limit} is "
+                f"{admission.limit}; shorten the conversation or lower max_tokens")
+    minutes = max(1, math.ceil(admission.wait_seconds / 60))
+    return f"{limit} reached, wait {minutes} min"
+
+
+def model_list(ids: Sequence[str]) -> dict:
+    return {"object": "list", "data": [{"id": model, "object": "model", "created": 0,
+                                        "owned_by": "llm_proxy"} for model in ids]}
+
+
+def ollama_tags(names: Sequence[str]) -> dict:
+    """A model list in Ollama's ``/api/tags`` shape."""
+    return {"models": [{"name": name, "model": name, "modified_at": "1970-01-01T00:00:00Z",
+                        "size": 0, "digest": "", "details": {}} for name in names]}
+
+
+def rate_limit_headers(admission: Admission) -> list[tuple[str, str]]:
+    """The tightest window's state; seconds rounded up, so that waiting that long is enough."""
+    headers = [
+        ("X-RateLimit-Limit", str(admission.limit)),
+        ("X-RateLimit-Remaining", str(admission.remaining)),
+        ("X-RateLimit-Refill-Tokens", str(admission.refill_tokens)),
+        ("X-RateLimit-Refill-Seconds", str(math.ceil(admission.refill_seconds))),
+        ("X-RateLimit-Reset-Seconds", str(math.ceil(admission.wait_seconds))),
+    ]
+    if not admission.allowed and admission.cost <= admission.limit:
+        headers.append(("Retry-After", str(math.ceil(max(1.0, admission.wait_seconds)))))
+    return headers
+
+
+# --------------------------------------------------------------------------
+# Calls: one request's state, and where each path goes
+# --------------------------------------------------------------------------
+
+JSON_TYPE = ("Content-Type", "application/json")
+NO_CACHE = ("Cache-Control", "no-cache")
+
+
+def _nothing() -> None:
+    pass
+
+
+LOGGED_LENGTH = 200  # characters of one value that a log line or record shows
+
+
+def loggable(value: str, limit: int = LOGGED_LENGTH) -> str:
+    """``value`` as the logs show it: escaped unless printable, and cut after ``limit`` characters.
+
+    Methods, paths, models and names come from clients (or the keys file). Raw,
+    a control character rewrites the terminal the console is read on, a line
+    break forges a log line, and a 9 MiB model name is written whole into the
+    record of every request that sends it. A value with anything unprintable is
+    shown as ascii() shows it; past ``limit`` characters, the rest is replaced by
+    a count of it. A printable value, the usual one, is shown as it is.
+    """
+    if len(value) <= limit and value.isprintable():
+        return value  # nearly always: two calls in C
+    shown = value[:limit]
+    if not shown.isprintable():
+        shown = ascii(shown)[1:-1]
+    return shown if len(value) <= limit else f"{shown}...[{len(value) - limit} more characters]"
+
+
+@dataclass(eq=False)
+class Call:
+    """One request through the proxy: who pays, in which API, what it cost and how it went.
+
+    Built once per request by the handler, so that no state of one request can
+    leak into the next on a keep-alive connection; the log line is written from it.
+    """
+
+    started: float                   # monotonic, for durations
+    arrived: float                   # wall clock, for the access log's timeline
+    dialect: Dialect = OPENAI        # the API spoken: error shapes, limit replies, usage
+    label: str = "-"                 # who, for the logs: key name or fingerprint, never the key
+    identity: str = ""               # whose buckets pay (a user's, under an app key)
+    policy: Policy | None = None
+    user: str | None = None          # the end user behind an app key
+    app: tuple[str, Policy] | None = None  # the app key's identity and policy, which pay too
+    model: str | None = None
+    body_length: int = 0
+    body_pending: bool = True        # until read: an unread body forces the connection closed
+    charge: Charge | None = None
+    meter: Meter | None = None
+    upstream: Upstream | None = None  # the model server that answers it, once known
+    status: int = 0
+    limited: bool = False
+    stream: bool = False             # the answer went out as a stream of events
+    served: bool = False             # the upstream's answer (or part of it) reached the client
+    finished: bool = False           # ... all of it
+    upstream_reached: bool = False   # the request was sent: the upstream may be working on it
+    upstream_ms: float | None = None
+    first_byte: float | None = None  # monotonic, when the answer's head went out
+    endpoint: str = "local"          # for the metrics: the API, "free", or a local answer
+    unwatch: Callable[[], None] = _nothing  # stops the disconnect watch on this request
+    gone: bool = False               # the client hung up (set by the disconnect watcher's thread)
+    deferred: list | None = None     # handed to the connection loop: what waits for its stream's end
+    # Set once by ``conclude``, for the log line, the history and the metrics alike:
+    result: str = ""                 # served, limited, rejected or error
+    tokens_charged: int = 0          # taken before forwarding and kept (0 if refunded)
+    tokens_paid: int = 0             # what it cost in the end
+    seconds: float = 0.0             # from arrival to the end of the answer
+
+    def defer(self, action: Callable[..., None], *args: object) -> None:
+        """Keep ``action`` for the end of the stream the connection loop relays.
+
+        The handler's ``finally`` clauses (release the gate slot, settle the
+        charge, write the log line ...) run as its thread unwinds; a stream the
+        loop relays is not over by then, so they wait for it, in the same order.
+        Each clause checks ``deferred`` itself and calls directly otherwise: it
+        runs on every request.
+        """
+        self.deferred.append((action, args))  # type: ignore[union-attr]
+
+    def run_deferred(self) -> None:
+        """The stream handed off has ended: what the handler's unwinding left, in order."""
+        deferred, self.deferred = self.deferred or [], None
+        for action, args in deferred:
+            try:
+                action(*args)
+            except Exception:  # one failing step must not keep the others from running
+                log.exception("ending a relayed stream of %s", self.label)
+
+    def close_charge(self) -> None:
+        """Decide what the charge becomes; safe to call more than once (the first call decides).
+
+        A client that hangs up after its request reached the upstream pays for
+        what it asked for; one that leaves while still queued pays nothing.  A
+        window whose unit settles (usage mode's tokens) settles to the reported
+        usage, or for a stream cut short from either end to the prompt plus what
+        was streamed.
+        """
+        charge = self.charge
+        if charge is None:
+            return
+        served = self.served or (self.gone and self.upstream_reached)
+        used = None
+        if served and charge.mode.settles and self.meter is not None:
+            used = self.meter.used(self.finished or not self.stream)
+        charge.close(served, used)
+
+    def identify_user(self, headers: Headers, payload: dict | None, now: float,
+                      required: bool) -> bool:
+        """Under an app key, find the end user, who then pays alongside the app; True if found.
+
+        Keys without ``users`` never split: the same headers or fields change nothing.
+        """
+        users = self.policy.users if self.policy is not None else None
+        if users is None:
+            return False
+        try:
+            user = end_user(users, headers, payload, self.dialect, now)
+            reason = "none was sent"
+        except ValueError as error:
+            user, reason = None, str(error)
+        if user is None:
+            if required and users.required:
+                raise ProxyError(401, f"This key needs the end user's identity: {reason}.",
+                                 "authentication_error", "invalid_user")
+            return False
+        self.act_for_user(user)
+        return True
+
+    def quota(self, buckets: BucketStore) -> dict:
+        """What ``GET /v1/quota`` shows: the caller's windows, and an app's beside its user's."""
+        assert self.policy is not None
+        quota = self.policy.quota(buckets.snapshot(self.identity, self.policy.buckets))
+        if self.app is not None:
+            app_identity, app = self.app
+            quota.update(user=self.user, app={"name": app.name or None,
+                                              "buckets": buckets.snapshot(app_identity, app.buckets)})
+        return quota
+
+    def act_for_user(self, user: str) -> None:
+        """From now on the user pays, and the app key above them pays too."""
+        assert self.policy is not None and self.policy.users is not None
+        digest = user_digest(user)
+        self.app = (self.identity, self.policy)
+        self.user = user
+        self.identity = f"{self.identity}/user:{digest}"
+        self.policy = self.policy.users.policy_for(digest)
+
+    def not_forwarded(self) -> frozenset:
+        """Request headers kept from the upstream; an app's signed user token is one of them."""
+        users = self.app[1].users if self.app is not None else (
+            self.policy.users if self.policy is not None else None)
+        if users is None or users.source != "jwt" or users.header is None:
+            return NOT_FORWARDED_UPSTREAM
+        return NOT_FORWARDED_UPSTREAM | {users.header.lower()}
+
+    @property
+    def owner(self) -> str:
+        """The key the request came with (an app's, for its users): what owns stored answers."""
+        return self.app[0] if self.app is not None else self.identity
+
+    @property
+    def payers(self) -> tuple[tuple[str, Sequence[BucketSpec]], ...]:
+        assert self.policy is not None
+        mine = (self.identity, self.policy.buckets)
+        return (mine,) if self.app is None else (mine, (self.app[0], self.app[1].buckets))
+
+    def ticket(self) -> Ticket:
+        """A place in the fair queue: round-robin by user under an app key, else by key."""
+        assert self.policy is not None
+        if self.app is None:
+            return Ticket(self.identity, self.policy.max_concurrent)
+        return Ticket(self.identity, self.policy.max_concurrent, self.app[0], self.app[1].max_concurrent)
+
+    def upstream_body(self, payload: dict, stream: bool, prompt: int, config: Config) -> bytes:
+        """The body to forward: the payload the proxy checked, serialised again.
+
+        The server's own model name (``BASE_MODEL``) replaces the model; a meter is
+        attached, and in usage mode a stream that reports usage only when asked is
+        asked (the client not told).
+        """
+        assert self.upstream is not None
+        if self.upstream.model:
+            payload["model"] = self.upstream.model
+        settles = config.mode.settles
+        hide = self.dialect.ask_for_usage(payload) if stream and settles else None
+        self.meter = Meter(self.dialect, prompt, hide_usage=bool(hide), counts_text=settles)
+        return body_bytes(payload)
+
+    def check_reply(self, data: bytes) -> bytes:
+        """A successful, non-streamed answer must be a JSON object, or a list of them (llama.cpp's
+        answer to a batch of prompts); else it was no answer.
+
+        In usage mode its usage settles the charge: a list's, added up.
+        """
+        text = data.lstrip()
+        reply = _json_or_none(text) if text[:1] != b"[" else _json_list_or_none(text)
+        if isinstance(reply, list):
+            reply = {"usage": added_usage(reply)} if reply and all(
+                isinstance(answer, dict) for answer in reply) else None
+        if not isinstance(reply, dict):
+            raise ProxyError(502, "The model server sent an invalid response.", "upstream_error",
+                             "upstream_invalid_response")
+        if self.meter is not None:
+            self.dialect.read_reply(reply, self.meter)
+            self.meter.final = True  # a whole answer's usage is all there is
+        return data
+
+    def conclude(self) -> None:
+        """Fix how the request ended, once, for everything that records it."""
+        status = self.status
+        if not status and self.gone:
+            self.status = status = 499
+        if self.limited:
+            self.result = "limited"
+        elif status >= 500 or status == 499 or not status:
+            self.result = "error"
+        else:
+            self.result = "rejected" if status >= 400 else "served"
+        charge = self.charge
+        if charge is not None:
+            self.tokens_charged = charge.charged
+            self.tokens_paid = charge.paid
+        self.seconds = time.monotonic() - self.started
+
+    def log_records(self, ip: str, method: str, path: str, with_record: bool) -> tuple[str, str]:
+        """The console line and (when wanted) the ACCESS_LOG record; names, never keys.
+
+        Every value a client or the keys file chose is ``loggable``: one request, one
+        line of bounded length, with no control character in either.
+        """
+        outcome, charged, settled = self.result, self.tokens_charged, self.tokens_paid
+        elapsed = self.seconds * 1000
+        stamp = console_stamp(time.time())
+        label, method, path = loggable(self.label), loggable(method), loggable(path)
+        user = None if self.user is None else loggable(self.user, MAX_USER_LENGTH)  # (longer: refused)
+        who = label if user is None else f"{label}/{user}"
+        line = (f"{stamp} INFO {ip} {who} {method} {path} {self.status} {outcome} "
+                f"{elapsed:.1f}ms charged={charged} settled={settled}\n")
+        if not with_record:
+            return line, ""
+        arrived = self.arrived
+        model = None if self.model is None else loggable(self.model)
+        record = json.dumps({
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(arrived))
+            + f".{int(arrived % 1 * 1000):03d}Z", "key": label, "user": user,
+            "ip": ip, "method": method,
+            "path": path, "model": model, "status": self.status, "stream": self.stream,
+            "tokens_charged": charged, "tokens_settled": settled, "duration_ms": round(elapsed, 1),
+            "upstream_ms": None if self.upstream_ms is None else round(self.upstream_ms, 1),
+            "outcome": outcome}, separators=(",", ":")) + "\n"
+        return line, record
+
+
+def limit_answer(dialect: Dialect, admission: Admission, model: str, stream: bool,
+                 as_error: bool, usage_shown: bool = True) -> tuple[list[tuple[str, str]], bytes]:
+    """What a caller whose buckets cannot pay gets: headers and body of an assistant reply.
+
+    A 429 (or 400 when the request can never fit) is raised instead in ``error``
+    mode, and for APIs whose answers have no place for text (embeddings ...).
+    """
+    text = limit_message(admission)
+    headers = rate_limit_headers(admission)
+    if as_error or not dialect.answers_with_text:
+        too_large = admission.cost > admission.limit
+        raise ProxyError(400 if too_large else 429, text,
+                         "invalid_request_error" if too_large else "rate_limit_exceeded",
+                         "request_too_large" if too_large else "rate_limit_exceeded",
+                         headers=headers)
+    if stream:  # a usage event only where the API always has one, or the client asked for it
+        return (headers + [("Content-Type", dialect.framing.content_type), NO_CACHE],
+                b"".join(dialect.reply_stream(model, [text], NO_USAGE if usage_shown else None)))
+    return headers + [JSON_TYPE], json_bytes(dialect.reply(model, text))
+
+
+BODILESS_METHODS = ("GET", "HEAD", "DELETE")  # a body sent with these is read, never forwarded
+
+
+# --------------------------------------------------------------------------
+# Handler
+# --------------------------------------------------------------------------
+
+CORS_HEADERS = [
+    ("Access-Control-Allow-Origin", "*"),
+    ("Access-Control-Expose-Headers", "X-RateLimit-Limit, X-RateLimit-Remaining, "
+     "X-RateLimit-Refill-Tokens, X-RateLimit-Refill-Seconds, X-RateLimit-Reset-Seconds, "
+     "Retry-After"),
+]
+PREFLIGHT_HEADERS = [
+    ("Access-Control-Allow-Methods", "GET, POST, PUT, PATCH, DELETE, OPTIONS"),
+    ("Access-Control-Allow-Headers", "Authorization, *"),
+    ("Access-Control-Max-Age", "86400"),
+]
+SERVER_HEADER = f"Server: llm_proxy/{__version__}"  # on every answer; the upstream's is dropped
+CORS_LINES = "\r\n".join(f"{name}: {value}" for name, value in CORS_HEADERS)  # joined once
+ROOT_REPLY = {"name": "llm_proxy", "version": __version__, "health": "/health"}
+ADMIN_PATHS = ("/admin", "/admin/api/usage", "/metrics")
+METRICS_TYPE = ("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+
+
+class ProxyHandler(BaseHTTPRequestHandler):
+    """One client connection: HTTP/1.1 with keep-alive, one request at a time.
+
+    The handler speaks HTTP and dispatches; what a request is and costs lives
+    in its ``Call``, what its API looks like in its ``Dialect``.
+    """
+
+    protocol_version = "HTTP/1.1"
+    server_version = "llm_proxy/" + __version__
+    server: ProxyServer
+    call: Call
+    watch: _Watch | None = None  # the disconnect watch, made at the connection's first forward
+    relayed: RelayedStream | None = None  # the stream the connection loop takes over
+
+    def setup(self) -> None:
+        """Reads through a ``SocketReader``, writes go straight to the socket (``write``).
+
+        (The server's get_request gave the socket CLIENT_TIMEOUT already.)
+        """
+        self.call = Call(time.monotonic(), time.time())
+        self.connection = connection = self.request
+        self.rfile = SocketReader(connection)  # type: ignore[assignment]
+        self.wfile = _SocketWriter(connection)
+
+    def handle(self) -> None:
+        """Requests one after another, until the connection closes or the loop takes its stream.
+
+        (http.server's loop, with the one way out it lacks.)
+        """
+        self.close_connection = True
+        while True:
+            self.handle_one_request()
+            if self.close_connection or self.relayed is not None:
+                return
+
+    def handle_one_request(self) -> None:
+        """http.server's, except that CLIENT_TIMEOUT starts at the request's first byte.
+
+        That deadline bounds the whole request, where the socket's timeout bounds one
+        read: started only once the request line was in, a client sending that line a
+        byte at a time held its thread and its connection slot for ever. The wait for
+        the first byte is idle waiting, bounded by the socket's timeout alone.
+        """
+        try:
+            if not self.rfile.peek():  # the client closed the connection between requests
+                self.close_connection = True
+                return
+            self.begin_request()
+            self.raw_requestline = self.rfile.readline(MAX_LINE + 1)
+            if len(self.raw_requestline) > MAX_LINE:
+                self.requestline = self.request_version = self.command = ""
+                self.send_error(414)
+                return
+            if not self.parse_request():
+                return  # refused, and answered
+            handler = getattr(self, "do_" + self.command, None)
+            if handler is None:
+                self.send_error(501, f"Unsupported method ({self.command!r})")
+                return
+            handler()
+        except socket.timeout as error:  # a read or write timed out: the connection is done
+            self.log_error("Request timed out: %r", error)
+            self.close_connection = True
+            self.server.request_arrived(self.connection)  # no deadline outlives its connection
+
+    def resume(self) -> None:
+        """Go on with the connection after the loop relayed its stream (the next request is buffered)."""
+        try:
+            self.handle()
+        finally:
+            self.finish()
+
+    def finish(self) -> None:
+        """The connection's thread is done with it; a relayed stream's is done by the loop later."""
+        if self.relayed is not None:
+            return
+        if self.watch is not None:
+            self.server.watcher.release(self.watch)
+            self.watch = None
+
+    # Every method goes through one dispatcher; http.server answers 501 for others.
+    def do_GET(self) -> None:
+        self.handle_request()
+
+    do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = do_GET
+
+    # -- request handling --------------------------------------------------
+
+    def forget_request(self) -> None:
+        """Let go of the request just ended while the connection waits for its next one.
+
+        A waiting connection would otherwise hold its last request's headers, its Call
+        (charge, meter, payload) and, through the watch's callback, the relay and the
+        upstream's response, for as long as the client keeps the connection open.
+        The watch itself stays, cancelled, to be armed again by the next request.
+        """
+        self.call = Call(time.monotonic(), 0.0)  # as setup() leaves it; begin_request makes the next
+        self.headers = NO_HEADERS  # type: ignore[assignment]
+        self.raw_requestline, self.requestline, self.command, self.path = b"", "", "", ""
+        if self.watch is not None:
+            self.watch.on_gone = _nothing
+
+    def begin_request(self) -> None:
+        """A fresh Call; the head and body must arrive within CLIENT_TIMEOUT."""
+        self.call = Call(time.monotonic(), self.server.wall_clock(), policy=self.server.keyring.default)
+        self.path = ""
+        self.server.expect_request_by(self.connection,
+                                      self.call.started + self.server.config.client_timeout)
+
+    def handle_request(self) -> None:
+        try:
+            self.route()
+        except HandedOff:
+            pass  # the connection loop relays the rest of the stream, then ends the request
+        except ProxyError as error:
+            if error.close:
+                self.close_connection = True
+            self.send_json(error.status, self.call.dialect.error_body(error), error.headers)
+        except ClientGone:
+            self.call.gone = True
+            self.close_connection = True
+        except Exception:
+            log.exception("internal error on %s %s", loggable(self.command),
+                          loggable(self.path.partition("?")[0]))
+            self.close_connection = True
+            if not self.call.status:
+                self.send_json(500, self.call.dialect.error_body(
+                    ProxyError(500, "Internal proxy error.", "server_error")))
+        finally:
+            if self.call.deferred is None:
+                self.end_request()
+            else:
+                self.call.defer(self.end_request)
+
+    def end_request(self) -> None:
+        self.server.request_arrived(self.connection)
+        meter = self.call.meter
+        if meter is not None and meter.object_id is not None and self.call.served:
+            self.server.stored.record(meter.object_id, self.call.owner)
+        self.log_outcome()
+
+    def route(self) -> None:
+        """Answer by the route table's row for the path and method (see ``ROUTES``)."""
+        self.check_framing()
+        if self.command == "OPTIONS":  # a browser's preflight, for any path
+            self.send_bytes(204, PREFLIGHT_HEADERS, b"")
+            return
+        target = parse_target(self.path)
+        route = route_for(target.path.lower(), self.command)
+        call = self.call
+        call.dialect, call.endpoint = route.dialect, route.endpoint
+        if route.needs_key:
+            self.authenticate()
+        if route.names_answer:
+            answer_id = target.path[len(route.path) + 1:].partition("/")[0]
+            if answer_id:
+                self.require_own_answer(answer_id)
+        getattr(self, "answer_" + route.answer)(route, target)
+
+    # -- what answers each row ---------------------------------------------------
+
+    def answer_root(self, route: Route, target: Target) -> None:
+        self.send_json(200, ROOT_REPLY)
+
+    def answer_health(self, route: Route, target: Target) -> None:
+        self.send_json(200, {"status": "ok"})
+
+    def answer_favicon(self, route: Route, target: Target) -> None:
+        self.send_bytes(204, [], b"")  # browsers ask; an empty answer keeps their consoles quiet
+
+    def answer_admin(self, route: Route, target: Target) -> None:
+        self.send_bytes(200, *self.server.admin.answer(route.path, self.command, self.headers))
+
+    def answer_unknown(self, route: Route, target: Target) -> None:
+        raise ProxyError(404, f"Unknown path {target.path}; the API lives under /v1", code="not_found")
+
+    def answer_not_found(self, route: Route, target: Target) -> None:
+        raise ProxyError(404, f"Unknown path {target.path}", code="not_found")
+
+    def answer_method_not_allowed(self, route: Route, target: Target) -> None:
+        methods = route.methods or ("GET",)
+        raise ProxyError(405, f"{target.path} takes {methods[0]}", code="method_not_allowed")
+
+    def answer_closed(self, route: Route, target: Target) -> None:
+        raise ProxyError(403, "This endpoint is not available through this proxy.",
+                         "permission_error", "endpoint_not_allowed")
+
+    def answer_management(self, route: Route, target: Target) -> None:
+        raise ProxyError(403, "Managing the server's models is not allowed through this proxy.",
+                         "permission_error", "model_management_forbidden")
+
+    def answer_metered(self, route: Route, target: Target) -> None:
+        self.handle_metered(route.dialect, target)
+
+    def answer_free(self, route: Route, target: Target) -> None:
+        self.forward_free(target)
+
+    def answer_quota(self, route: Route, target: Target) -> None:
+        named = urllib.parse.parse_qs(target.query).get("user")
+        self.call.identify_user(self.headers, {"user": named[0]} if named else None,
+                                self.server.wall_clock(), required=False)
+        self.send_json(200, self.call.quota(self.server.buckets))
+
+    def answer_models(self, route: Route, target: Target) -> None:
+        """BASE_MODEL is answered here; otherwise the upstream's list, cut to the key's models."""
+        fixed, ollama = self.server.upstreams.fixed_models(), route.dialect is OLLAMA
+        self.read_body()  # (a body on a GET is never forwarded)
+        if fixed is not None:
+            shown = [model for model in fixed if self.call.policy.allows(model)]
+            self.send_json(200, ollama_tags(shown) if ollama else model_list(shown))
+        else:
+            self.forward_listing(target, ollama)
+
+    def answer_running_models(self, route: Route, target: Target) -> None:
+        """Ollama's loaded models: the upstream's, whatever BASE_MODEL says, cut to the key's."""
+        self.read_body()
+        self.forward_listing(target, ollama=True)
+
+    def forward_listing(self, target: Target, ollama: bool) -> None:
+        policy = self.call.policy
+        if policy.models is None:
+            self.forward(target, b"")
+        else:
+            self.forward(target, b"", inspect=lambda data: visible_models(data, policy, ollama))
+
+    def answer_model_card(self, route: Route, target: Target) -> None:
+        """One model's card: a model off the key's list does not exist for this key."""
+        model = target.path[len(route.path) + 1:]
+        self.read_body()
+        if not self.call.policy.allows(model):
+            raise ProxyError(404, f"The model '{model[:200]}' does not exist", code="model_not_found",
+                             param="model")
+        self.forward(target, b"")
+
+    def forward_free(self, target: Target) -> None:
+        """Forward a call that makes no generation, its body checked like any other.
+
+        A GET, HEAD or DELETE forwards no body: a model server that reads none on those
+        methods would take it for the next request on the pooled connection.
+        """
+        self.call.endpoint = "free"
+        body = self.read_body()
+        checked = NO_BODY if self.command in BODILESS_METHODS else self.check_body(body, target)
+        self.require_models(checked.model, target)
+        self.forward(target, checked.forwarded)
+
+    def check_body(self, body: bytes, target: Target) -> CheckedBody:
+        """A body that is not a metered API's JSON object, read in whatever framing it has."""
+        policy = self.call.policy
+        checked = check_body(body, self.headers.get("Content-Type") or "",
+                             self.call.dialect.model_fields, policy.limits_models)
+        if isinstance(checked.payload, dict):
+            self.check_references(checked.payload)
+        self.call.model = checked.model
+        return checked
+
+    def check_references(self, payload: dict) -> None:
+        """What a body refers to must be the caller's own (see ``StoredAnswers``).
+
+        A stored conversation (``conversation``, OpenAI's Conversations API) is not
+        recorded by the proxy, so no key may continue one.
+        """
+        if payload.get("previous_response_id") is not None:  # a conversation goes on from it
+            self.require_own_answer(payload["previous_response_id"])
+        if payload.get("conversation") is not None:
+            raise ProxyError(400, "stored conversations are not available through this proxy; "
+                             "send the request without 'conversation'", param="conversation",
+                             code="unsupported_parameter")
+
+    def require_own_answer(self, answer_id: object) -> None:
+        """A stored answer exists for the key that made it alone (see ``StoredAnswers``)."""
+        if not (isinstance(answer_id, str) and self.server.stored.owned_by(answer_id, self.call.owner)):
+            raise ProxyError(404, f"No stored answer with the id '{str(answer_id)[:100]}' was made "
+                             "with this key.", code="not_found")
+
+    def require_models(self, model: str | None, target: Target) -> None:
+        """Every model a request names, in its body or its query, must be on the caller's list.
+
+        (Go's form reading, Ollama's, takes a model from the query string too.)
+        """
+        policy = self.call.policy
+        if policy.models is None:
+            return
+        if model is not None:
+            policy.require(model)
+        if target.query:
+            named = named_model(urllib.parse.parse_qsl(target.query, keep_blank_values=True),
+                                self.call.dialect.model_fields)
+            if named is not None:
+                policy.require(named)
+
+    def parse_request(self) -> bool:
+        """Parse the request line and headers; http.server's hook, made strict and cheap.
+
+        http.server reads headers with the lenient email parser, which accepts
+        folded and colon-less lines and builds a Message for every request;
+        ``read_headers`` refuses both, at a fraction of the cost.
+        """
+        self.command = None
+        self.request_version = "HTTP/1.0"
+        self.close_connection = True
+        self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
+        words = self.requestline.split()
+        if len(words) != 3 or not words[2].startswith("HTTP/"):
+            return self.refuse_request(ProxyError(400, "Bad request syntax", code="invalid_request"))
+        command, path, version = words
+        # From here on every refusal (version, headers, framing, size) is in the path's API's shape.
+        self.call.dialect = dialect_of_target(path)
+        if version not in ("HTTP/1.0", "HTTP/1.1"):
+            return self.refuse_request(ProxyError(505, "Only HTTP/1.0 and HTTP/1.1 are supported",
+                                                  "server_error", "http_version_not_supported"))
+        # A method is a token (RFC 9110 9.1), and one longer than any implemented is a 501
+        # (RFC 9112 3). Refused here, before it is ``command``, it never reaches a log.
+        if len(command) > MAX_METHOD:
+            return self.refuse_request(ProxyError(501, "Unsupported method", "server_error",
+                                                  "method_not_implemented"))
+        if not _TOKEN.fullmatch(command):
+            return self.refuse_request(ProxyError(400, "the request method is not a token",
+                                                  code="invalid_method"))
+        self.command, self.path, self.request_version = command, path, version
+        try:
+            self.headers = read_headers(self.rfile)  # type: ignore[assignment]
+        except HeaderError as error:
+            return self.refuse_request(ProxyError(error.status, error.message, code="invalid_header"))
+        except socket.timeout:
+            return self.refuse_request(ProxyError(408, "timed out waiting for the request headers",
+                                                  code="timeout"))
+        connection = self.headers.get("connection")
+        if connection is None:  # the usual case: HTTP/1.1 keeps the connection, 1.0 closes it
+            self.close_connection = version == "HTTP/1.0"
+        else:
+            tokens = {token.strip().lower() for token in connection.split(",")}
+            self.close_connection = "close" in tokens or (
+                version == "HTTP/1.0" and "keep-alive" not in tokens)
+        expect = self.headers.get("expect")
+        if expect is not None and expect.lower() == "100-continue" and version == "HTTP/1.1":
+            return self.handle_expect_100()
+        return True
+
+    def refuse_request(self, error: ProxyError) -> bool:
+        """Answer a request that never got as far as routing, log it, and end the connection."""
+        self.close_connection = True
+        with suppress(ClientGone):
+            self.send_json(error.status, self.call.dialect.error_body(error))
+        self.server.request_arrived(self.connection)
+        self.log_outcome()
+        return False
+
+    def check_framing(self) -> None:
+        """Refuse body framing that another parser could read differently (request smuggling)."""
+        lengths = self.headers.get_all("Content-Length")
+        if self.headers.get("Transfer-Encoding"):
+            if lengths:
+                raise ProxyError(400, "both Content-Length and Transfer-Encoding were sent",
+                                 code="invalid_framing", close=True)
+            raise ProxyError(411, "chunked request bodies are not supported; send Content-Length",
+                             code="length_required", close=True)
+        self.call.body_length = (content_length(lengths, self.server.config.max_body_bytes)
+                                 if lengths else 0)
+
+    def authenticate(self) -> None:
+        """Find whose buckets pay for this request, or raise 401.
+
+        The admin key is not a client key, not even in open mode.
+        """
+        token = presented_key(self.headers)
+        admin_key = self.server.config.admin_key
+        is_admin = bool(admin_key and token is not None and same_secret(token, admin_key))
+        found = None if is_admin else self.server.keyring.identify(
+            token, self.client_address[0], self.call.arrived)
+        if found is None:
+            raise ProxyError(401, "Missing or invalid proxy API key", "authentication_error",
+                             "invalid_api_key")
+        self.call.identity, self.call.label, self.call.policy = found
+
+    def read_body(self) -> bytes:
+        """Read exactly the declared body (framing was checked with the headers)."""
+        call = self.call
+        call.body_pending = False
+        try:
+            body = self.rfile.read(call.body_length)
+        except socket.timeout:
+            raise ProxyError(408, "timed out waiting for the request body", code="timeout",
+                             close=True) from None
+        except OSError:
+            raise ClientGone() from None
+        if len(body) < call.body_length:
+            raise ProxyError(400, "request body is shorter than its Content-Length",
+                             code="invalid_framing", close=True)
+        self.server.request_arrived(self.connection)
+        return body
+
+    def handle_expect_100(self) -> bool:
+        """Refuse a badly framed or oversized body, or an unknown key, before the body is sent."""
+        try:
+            self.check_framing()
+            target = parse_target(self.path)
+            if route_for(target.path.lower(), self.command).needs_key:
+                self.authenticate()
+        except ProxyError as error:
+            return self.refuse_request(error)
+        return super().handle_expect_100()
+
+    # -- local answers -------------------------------------------------------
+
+    # -- metered calls -------------------------------------------------------
+
+    def handle_metered(self, dialect: Dialect, target: Target) -> None:
+        """Charge before forwarding; a limit reply when the buckets cannot pay.
+
+        The body is read once: what is charged, checked and forwarded is the same parse.
+        """
+        call, config = self.call, self.server.config
+        call.dialect, call.endpoint = dialect, dialect.name
+        body = self.read_body()
+        if dialect.flat_rate:  # forwarded as sent (a JSON body as parsed), its model still checked
+            checked = NO_BODY if self.command in BODILESS_METHODS else self.check_body(body, target)
+            payload = checked.payload if isinstance(checked.payload, dict) else None
+        else:
+            payload = request_object(body)
+            dialect.validate(payload)
+            self.check_references(payload)
+            call.upstream = self.server.upstreams.for_model(payload.get("model"))
+            call.model = call.upstream.model or payload.get("model") or ""
+        self.require_models(call.model if payload is not None else checked.model, target)
+        if call.identify_user(self.headers, payload, self.server.wall_clock(), required=True):
+            self.require_models(call.model if payload is not None else checked.model, target)
+        payers, mode = call.payers, config.mode
+        capacity = min((spec.capacity for _, specs in payers for spec in specs
+                        if mode.unit_of(spec).counts_tokens), default=1 << 62)  # a reservation's room
+        metered = payload if not dialect.flat_rate else None
+        cost = CallCost(dialect, metered or {}, config, capacity)
+        cost_of = window_costs(cost, mode, call.model or "", payers)
+        stream = metered is not None and dialect.is_stream(metered)
+        forwarded = (checked.forwarded if metered is None
+                     else call.upstream_body(metered, stream, cost.prompt if mode.settles else 0, config))
+        admission = self.server.buckets.charge_all(payers, cost_of)
+        if admission.allowed:  # from here on, whatever happens, the charge is closed (or refunded)
+            call.charge = Charge(self.server.buckets, payers, admission, mode)
+        else:
+            call.limited, call.stream = True, stream
+            headers, answer = limit_answer(dialect, admission, (metered or {}).get("model") or call.model
+                                           or "", stream, config.limit_response == "error",
+                                           dialect.usage_in_stream(metered or {}))
+            self.send_bytes(200, headers, answer)
+            return
+        try:
+            self.forward(target, forwarded, inspect=None if metered is None else call.check_reply)
+        finally:
+            if call.deferred is None:
+                call.close_charge()
+            else:
+                call.defer(call.close_charge)
+
+    def forward(self, target: Target, body: bytes,
+                inspect: Callable[[bytes], bytes] | None = None) -> None:
+        Relay(self).forward(target, body, inspect)
+
+    # -- writing -------------------------------------------------------------
+
+    def response_head(self, status: int, headers: Sequence[tuple[str, str]],
+                      reason: str | None = None) -> list[str]:
+        call = self.call
+        call.status = status
+        if call.first_byte is None:
+            call.first_byte = time.monotonic()
+        if call.body_pending and call.body_length:
+            self.close_connection = True  # an unread body would be taken for the next request
+        if reason is None or not _FIELD_VALUE.fullmatch(reason):  # an upstream's could carry a CR
+            reason = self.responses.get(status, ("",))[0]
+        lines = [f"{self.protocol_version} {status} {reason}", SERVER_HEADER]
+        lines.extend([f"{name}: {value}" for name, value in headers])
+        lines.append(CORS_LINES)
+        if self.close_connection:
+            lines.append("Connection: close")
+        elif self.request_version == "HTTP/1.0":
+            lines.append("Connection: keep-alive")  # an HTTP/1.0 client assumes close otherwise
+        return lines
+
+    def send_bytes(self, status: int, headers: Sequence[tuple[str, str]], body: bytes,
+                   reason: str | None = None) -> None:
+        self.call.unwatch()  # once the client has its answer it may send the next request at once
+        lines = self.response_head(status, headers, reason)
+        if status >= 200 and status not in (204, 304):
+            lines.append(f"Content-Length: {len(body)}")
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace")
+        self.write(head if self.command == "HEAD" else head + body)
+
+    def send_json(self, status: int, value: object, headers: Sequence[tuple[str, str]] = ()) -> None:
+        self.send_bytes(status, [*headers, JSON_TYPE], json_bytes(value))
+
+    def start_chunked(self, status: int, headers: Sequence[tuple[str, str]], reason: str) -> None:
+        self.chunked = self.request_version == "HTTP/1.1"
+        if not self.chunked:
+            self.close_connection = True  # an HTTP/1.0 client reads until the connection closes
+        lines = self.response_head(status, headers, reason)
+        if self.chunked:
+            lines.append("Transfer-Encoding: chunked")
+        self.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace"))
+
+    def write_chunk(self, data: bytes) -> None:
+        if self.command == "HEAD":
+            return
+        self.write(b"%x\r\n%s\r\n" % (len(data), data) if self.chunked else data)
+
+    def end_chunked(self) -> None:
+        self.call.unwatch()
+        if self.chunked and self.command != "HEAD":
+            self.write(b"0\r\n\r\n")
+
+    def write(self, data: bytes) -> None:
+        """One ``sendall`` per write: the head and body go together, each stream event alone.
+
+        (``wfile`` is unbuffered and would make the same call through a Python layer.)
+        """
+        try:
+            self.connection.sendall(data)
+        except OSError:
+            raise ClientGone() from None
+
+    # -- http.server hooks ---------------------------------------------------
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """The refusals of ``handle_one_request`` (a request line over 64 KiB, an unknown method)."""
+        kind = "server_error" if code >= 500 else "invalid_request_error"
+        self.refuse_request(ProxyError(code, message or self.responses.get(code, ("",))[0], kind))
+
+    def log_message(self, format: str, *args: object) -> None:
+        """http.server's own notes (a timeout); they never include a key, and are ``loggable``."""
+        log.info("%s %s", self.client_address[0], loggable(format % args))
+
+    def log_request(self, code: object = "-", size: object = "-") -> None:
+        pass  # one line per request is written by log_outcome instead
+
+    def log_outcome(self) -> None:
+        """One line per request on the console, and one JSON record for ACCESS_LOG; never a key."""
+        access_log = self.server.access_log
+        self.call.conclude()
+        line, record = self.call.log_records(self.client_address[0], self.command or "-",
+                                             self.path.partition("?")[0], access_log is not None)
+        self.server.admin.record(self.call)
+        self.server.console.write(line)
+        if access_log is not None:
+            access_log.write(record)
+
+
+def visible_models(data: bytes, policy: Policy, ollama: bool) -> bytes:
+    """The upstream's model list cut to the key's models; unreadable: show nothing, not everything."""
+    try:
+        listing = json.loads(data)
+        if ollama:
+            listing["models"] = [m for m in listing["models"] if policy.allows(m.get("name"))
+                                 or policy.allows(m.get("model"))]
+        else:
+            listing["data"] = [m for m in listing["data"] if policy.allows(m.get("id"))]
+    except (ValueError, RecursionError, TypeError, KeyError, AttributeError):
+        return json_bytes(ollama_tags([]) if ollama else model_list([]))
+    return json_bytes(listing)
 
 
 # --------------------------------------------------------------------------
@@ -3724,6 +4770,222 @@ class DisconnectWatcher:
 
 
 # --------------------------------------------------------------------------
+# Relay: one call's trip upstream and back
+# --------------------------------------------------------------------------
+
+class Relay:
+    """Sends one call upstream through the fair gate and relays the answer as it arrives.
+
+    The handler lends it the request and its writing methods; the relay owns
+    the exchange with the upstream, the disconnect watch, and what the call
+    learns on the way (served, finished, usage), so that the charge is decided
+    from facts, in ``Call.close_charge``.
+    """
+
+    def __init__(self, client: ProxyHandler) -> None:
+        self.client = client
+        self.server = client.server
+        self.call = client.call
+        self.exchange: UpstreamExchange | None = None
+
+    def forward(self, target: Target, body: bytes,
+                inspect: Callable[[bytes], bytes] | None = None) -> None:
+        """Relay one request upstream and its answer back, through the fair gate.
+
+        ``inspect`` sees a successful, non-streamed answer before the client does.
+        The client is watched from the moment it queues: one that leaves while
+        waiting is taken out of the queue and its request never sent.
+        """
+        server, call, client = self.server, self.call, self.client
+        upstream = call.upstream = call.upstream or server.upstreams.for_model(call.model)
+        headers = copied_headers(client.headers, call.not_forwarded(), PERSONAL_HEADER_PREFIXES)
+        headers.extend(upstream.credentials())
+        if body or client.command in ("POST", "PUT", "PATCH"):
+            headers.append(("Content-Length", str(len(body))))
+        path = target.upstream_path(upstream.target.base_path, call.dialect.upstream_root)
+        exchange = UpstreamExchange(upstream.pool)
+        ticket, gate = call.ticket(), upstream.gate
+        client.watch = server.watcher.watch(client.connection,
+                                            lambda: self.client_left(gate, ticket, exchange), client.watch)
+        call.unwatch = client.watch.cancel
+        try:
+            gate.acquire(ticket)  # (not a context manager: this runs on every request)
+            try:
+                started = time.monotonic()
+                response = exchange.send(client.command, path, headers, body)
+                call.upstream_ms = (time.monotonic() - started) * 1000
+                upstream.state.answered()
+                self.exchange = exchange
+                exchange.completed = self.relay(response, inspect)
+            except (OSError, http.client.HTTPException) as error:
+                if call.gone:
+                    raise ClientGone() from None
+                failure = upstream_failure(error)
+                if not exchange.sent or call.upstream_ms is None:
+                    upstream.state.failed(failure)
+                raise failure from None
+            finally:  # (unless the loop relays the stream: then at its end, Call.defer)
+                if call.deferred is None:
+                    gate.release(ticket)
+                else:
+                    call.defer(gate.release, ticket)
+        finally:
+            if call.deferred is None:
+                self.let_go(exchange)
+            else:
+                call.defer(self.let_go, exchange)
+
+    def let_go(self, exchange: UpstreamExchange) -> None:
+        """The answer is over: stop watching the client, and pool or close the upstream connection."""
+        call = self.call
+        call.unwatch()
+        call.upstream_reached = exchange.sent
+        exchange.finish()
+
+    def client_left(self, gate: FairGate, ticket: Ticket, exchange: UpstreamExchange) -> None:
+        """Called by the disconnect watcher's thread when the client hangs up mid-request."""
+        self.call.gone = True
+        gate.withdraw(ticket)
+        exchange.abort()
+
+    def relay(self, response: UpstreamResponse,
+              inspect: Callable[[bytes], bytes] | None) -> bool:
+        """Pass the upstream's answer on; True when it was read to its end.
+
+        Streams, and bodies of unknown length that nothing needs to inspect,
+        are relayed as they arrive; everything else is read whole first, so that
+        ``inspect`` sees it however the upstream framed it.
+        """
+        headers = copied_headers(response.headers, RELAYED_EXCLUDED)
+        framing = framing_of(response.getheader("Content-Type", ""))
+        if framing is not None or (response.length is None and inspect is None
+                                   and not response.isclosed()):
+            return self.relay_stream(response, headers, framing)
+        data = read_whole(response, MAX_UPSTREAM_BODY)
+        call = self.call
+        if response.status < 400 and inspect is not None:
+            data = inspect(data)
+        call.served = call.finished = response.status < 400
+        call.close_charge()
+        self.client.send_bytes(response.status, headers + self.meter_headers(), data,
+                               reason=response.reason)
+        return True
+
+    def meter_headers(self) -> list[tuple[str, str]]:
+        charge = self.call.charge
+        return rate_limit_headers(charge.admission) if charge is not None else []
+
+    def relay_stream(self, response: UpstreamResponse, headers: list[tuple[str, str]],
+                     framing: Framing | None) -> bool:
+        """Pass the body on as it arrives; stream events go out whole, one write each from a thread.
+
+        The charge is kept once anything reached the client; a stream that ends
+        before its first complete event counts as never served.  Where the
+        connection loop can relay it (see ``ConnectionLoop.can_relay``), this
+        thread relays what has arrived and hands the stream to the loop the
+        first time the upstream would make it wait (a stream that never waits
+        costs nothing more), then goes.
+        """
+        call = self.call
+        ok = response.status < 400
+        call.stream = framing is not None
+        if not ok:
+            call.close_charge()
+        client = self.client
+        client.start_chunked(response.status, headers + self.meter_headers(), response.reason)
+        meter = call.meter if framing is not None and ok else None
+        pump = EventPump(response, framing, meter, call.dialect.usage_marker)
+        loop = self.server.loop
+        response.reader.nowait = loop.can_relay(client, self.exchange, response)  # type: ignore[arg-type]
+        try:
+            while True:
+                try:
+                    data = pump.next()
+                except NeedMore:  # the upstream makes us wait: the loop waits instead of this thread
+                    client.relayed = RelayedStream(loop, self, pump)
+                    call.deferred = []
+                    raise HandedOff() from None
+                if data is None:
+                    break
+                client.write_chunk(data)
+                call.served = call.served or ok
+        except (OSError, http.client.HTTPException) as error:
+            if call.gone:
+                raise ClientGone() from None
+            return self.end_stream(pump, error)
+        return self.end_stream(pump, None)
+
+    def end_stream(self, pump: EventPump, error: BaseException | None) -> bool:
+        """Settle the charge and end the body; True if the whole stream was relayed.
+
+        A stream the upstream broke off ends with an error event in the
+        client's dialect, or, not being events, without the final chunk, so the
+        client sees the body as cut short.
+        """
+        call, client, framing = self.call, self.client, pump.framing
+        pump.response.reader.nowait = False  # the connection may go back to the pool
+        if error is not None:
+            log.warning("upstream stream to %s broke off: %s", loggable(call.label), type(error).__name__)
+            if framing is not None:
+                client.write_chunk(call.dialect.stream_error(upstream_failure(error), framing))
+            else:
+                client.close_connection = True
+        completed = error is None
+        call.finished = completed and pump.response.status < 400
+        call.close_charge()
+        if completed or framing is not None:
+            client.end_chunked()
+        return completed
+
+
+class HandedOff(Exception):
+    """Unwinds a handler whose stream the connection loop relays from here on."""
+
+
+class EventPump:
+    """One stream on its way: the upstream's body in, whole events (metered) out.
+
+    Events go out whole so that a usage count is never split, and an event
+    that carries only what the client did not ask for (``stream_options``
+    usage) is dropped.  The same pump serves a handler's thread, whose reads
+    wait, and the connection loop, whose reads raise ``NeedMore``.
+    """
+
+    __slots__ = ("response", "framing", "meter", "marker", "counts_text", "pending")
+
+    def __init__(self, response: UpstreamResponse, framing: Framing | None,
+                 meter: Meter | None, marker: bytes) -> None:
+        self.response, self.framing, self.meter, self.marker = response, framing, meter, marker
+        self.counts_text = meter is not None and meter.counts_text  # else only events with the
+        self.pending = b""                                          # marker are read (Meter.filter)
+
+    def next(self) -> bytes | None:
+        """The next bytes for the client; None at the end of the body."""
+        response, framing, meter = self.response, self.framing, self.meter
+        while True:
+            data = response.read1(65536)
+            whole_events = framing is not None
+            if not data:
+                data, self.pending = self.pending, b""  # a last event without its end
+                if not data:
+                    return None
+            elif framing is not None and len(self.pending) + len(data) <= MAX_EVENT_BYTES:
+                pending = self.pending + data
+                end = framing.end(pending)
+                if not end:
+                    self.pending = pending
+                    continue
+                data, self.pending = pending[:end], pending[end:]
+            else:  # not events, or one too large to hold: pass on what there is
+                data, self.pending, whole_events = self.pending + data, b"", False
+            if meter is not None and whole_events and (self.counts_text or self.marker in data):
+                data = meter.filter(data, framing)  # type: ignore[arg-type]
+                if not data:
+                    continue
+            return data
+
+
+# --------------------------------------------------------------------------
 # Connection loop: connections nobody is working on, and streams being relayed
 # --------------------------------------------------------------------------
 
@@ -4142,1131 +5404,6 @@ def upstream_failure(error: BaseException) -> ProxyError:
                           "upstream_timeout")
     return ProxyError(502, "The model server could not be reached or sent an invalid response.",
                       "upstream_error", "upstream_unavailable")
-
-
-# --------------------------------------------------------------------------
-# Replies
-# --------------------------------------------------------------------------
-
-_COMPACT_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)  # made once, not per call
-
-
-def json_bytes(value: object) -> bytes:
-    return _COMPACT_JSON.encode(value).encode("utf-8")
-
-
-def limit_message(admission: Admission) -> str:
-    limit = f"{admission.window} limit" if admission.window else "limit"
-    if admission.cost > admission.limit:
-        return (f"request too large: it costs {admission.cost} tokens but the {limit} is "
-                f"{admission.limit}; shorten the conversation or lower max_tokens")
-    minutes = max(1, math.ceil(admission.wait_seconds / 60))
-    return f"{limit} reached, wait {minutes} min"
-
-
-def model_list(ids: Sequence[str]) -> dict:
-    return {"object": "list", "data": [{"id": model, "object": "model", "created": 0,
-                                        "owned_by": "llm_proxy"} for model in ids]}
-
-
-def ollama_tags(names: Sequence[str]) -> dict:
-    """A model list in Ollama's ``/api/tags`` shape."""
-    return {"models": [{"name": name, "model": name, "modified_at": "1970-01-01T00:00:00Z",
-                        "size": 0, "digest": "", "details": {}} for name in names]}
-
-
-def rate_limit_headers(admission: Admission) -> list[tuple[str, str]]:
-    """The tightest window's state; seconds rounded up, so that waiting that long is enough."""
-    headers = [
-        ("X-RateLimit-Limit", str(admission.limit)),
-        ("X-RateLimit-Remaining", str(admission.remaining)),
-        ("X-RateLimit-Refill-Tokens", str(admission.refill_tokens)),
-        ("X-RateLimit-Refill-Seconds", str(math.ceil(admission.refill_seconds))),
-        ("X-RateLimit-Reset-Seconds", str(math.ceil(admission.wait_seconds))),
-    ]
-    if not admission.allowed and admission.cost <= admission.limit:
-        headers.append(("Retry-After", str(math.ceil(max(1.0, admission.wait_seconds)))))
-    return headers
-
-
-# --------------------------------------------------------------------------
-# Calls: one request's state, and where each path goes
-# --------------------------------------------------------------------------
-
-JSON_TYPE = ("Content-Type", "application/json")
-NO_CACHE = ("Cache-Control", "no-cache")
-
-
-def _nothing() -> None:
-    pass
-
-
-LOGGED_LENGTH = 200  # characters of one value that a log line or record shows
-
-
-def loggable(value: str, limit: int = LOGGED_LENGTH) -> str:
-    """``value`` as the logs show it: escaped unless printable, and cut after ``limit`` characters.
-
-    Methods, paths, models and names come from clients (or the keys file). Raw,
-    a control character rewrites the terminal the console is read on, a line
-    break forges a log line, and a 9 MiB model name is written whole into the
-    record of every request that sends it. A value with anything unprintable is
-    shown as ascii() shows it; past ``limit`` characters, the rest is replaced by
-    a count of it. A printable value, the usual one, is shown as it is.
-    """
-    if len(value) <= limit and value.isprintable():
-        return value  # nearly always: two calls in C
-    shown = value[:limit]
-    if not shown.isprintable():
-        shown = ascii(shown)[1:-1]
-    return shown if len(value) <= limit else f"{shown}...[{len(value) - limit} more characters]"
-
-
-@dataclass(eq=False)
-class Call:
-    """One request through the proxy: who pays, in which API, what it cost and how it went.
-
-    Built once per request by the handler, so that no state of one request can
-    leak into the next on a keep-alive connection; the log line is written from it.
-    """
-
-    started: float                   # monotonic, for durations
-    arrived: float                   # wall clock, for the access log's timeline
-    dialect: Dialect = OPENAI        # the API spoken: error shapes, limit replies, usage
-    label: str = "-"                 # who, for the logs: key name or fingerprint, never the key
-    identity: str = ""               # whose buckets pay (a user's, under an app key)
-    policy: Policy | None = None
-    user: str | None = None          # the end user behind an app key
-    app: tuple[str, Policy] | None = None  # the app key's identity and policy, which pay too
-    model: str | None = None
-    body_length: int = 0
-    body_pending: bool = True        # until read: an unread body forces the connection closed
-    charge: Charge | None = None
-    meter: Meter | None = None
-    upstream: Upstream | None = None  # the model server that answers it, once known
-    status: int = 0
-    limited: bool = False
-    stream: bool = False             # the answer went out as a stream of events
-    served: bool = False             # the upstream's answer (or part of it) reached the client
-    finished: bool = False           # ... all of it
-    upstream_reached: bool = False   # the request was sent: the upstream may be working on it
-    upstream_ms: float | None = None
-    first_byte: float | None = None  # monotonic, when the answer's head went out
-    endpoint: str = "local"          # for the metrics: the API, "free", or a local answer
-    unwatch: Callable[[], None] = _nothing  # stops the disconnect watch on this request
-    gone: bool = False               # the client hung up (set by the disconnect watcher's thread)
-    deferred: list | None = None     # handed to the connection loop: what waits for its stream's end
-    # Set once by ``conclude``, for the log line, the history and the metrics alike:
-    result: str = ""                 # served, limited, rejected or error
-    tokens_charged: int = 0          # taken before forwarding and kept (0 if refunded)
-    tokens_paid: int = 0             # what it cost in the end
-    seconds: float = 0.0             # from arrival to the end of the answer
-
-    def defer(self, action: Callable[..., None], *args: object) -> None:
-        """Keep ``action`` for the end of the stream the connection loop relays.
-
-        The handler's ``finally`` clauses (release the gate slot, settle the
-        charge, write the log line ...) run as its thread unwinds; a stream the
-        loop relays is not over by then, so they wait for it, in the same order.
-        Each clause checks ``deferred`` itself and calls directly otherwise: it
-        runs on every request.
-        """
-        self.deferred.append((action, args))  # type: ignore[union-attr]
-
-    def run_deferred(self) -> None:
-        """The stream handed off has ended: what the handler's unwinding left, in order."""
-        deferred, self.deferred = self.deferred or [], None
-        for action, args in deferred:
-            try:
-                action(*args)
-            except Exception:  # one failing step must not keep the others from running
-                log.exception("ending a relayed stream of %s", self.label)
-
-    def close_charge(self) -> None:
-        """Decide what the charge becomes; safe to call more than once (the first call decides).
-
-        A client that hangs up after its request reached the upstream pays for
-        what it asked for; one that leaves while still queued pays nothing.  A
-        window whose unit settles (usage mode's tokens) settles to the reported
-        usage, or for a stream cut short from either end to the prompt plus what
-        was streamed.
-        """
-        charge = self.charge
-        if charge is None:
-            return
-        served = self.served or (self.gone and self.upstream_reached)
-        used = None
-        if served and charge.mode.settles and self.meter is not None:
-            used = self.meter.used(self.finished or not self.stream)
-        charge.close(served, used)
-
-    def identify_user(self, headers: Headers, payload: dict | None, now: float,
-                      required: bool) -> bool:
-        """Under an app key, find the end user, who then pays alongside the app; True if found.
-
-        Keys without ``users`` never split: the same headers or fields change nothing.
-        """
-        users = self.policy.users if self.policy is not None else None
-        if users is None:
-            return False
-        try:
-            user = end_user(users, headers, payload, self.dialect, now)
-            reason = "none was sent"
-        except ValueError as error:
-            user, reason = None, str(error)
-        if user is None:
-            if required and users.required:
-                raise ProxyError(401, f"This key needs the end user's identity: {reason}.",
-                                 "authentication_error", "invalid_user")
-            return False
-        self.act_for_user(user)
-        return True
-
-    def quota(self, buckets: BucketStore) -> dict:
-        """What ``GET /v1/quota`` shows: the caller's windows, and an app's beside its user's."""
-        assert self.policy is not None
-        quota = self.policy.quota(buckets.snapshot(self.identity, self.policy.buckets))
-        if self.app is not None:
-            app_identity, app = self.app
-            quota.update(user=self.user, app={"name": app.name or None,
-                                              "buckets": buckets.snapshot(app_identity, app.buckets)})
-        return quota
-
-    def act_for_user(self, user: str) -> None:
-        """From now on the user pays, and the app key above them pays too."""
-        assert self.policy is not None and self.policy.users is not None
-        digest = user_digest(user)
-        self.app = (self.identity, self.policy)
-        self.user = user
-        self.identity = f"{self.identity}/user:{digest}"
-        self.policy = self.policy.users.policy_for(digest)
-
-    def not_forwarded(self) -> frozenset:
-        """Request headers kept from the upstream; an app's signed user token is one of them."""
-        users = self.app[1].users if self.app is not None else (
-            self.policy.users if self.policy is not None else None)
-        if users is None or users.source != "jwt" or users.header is None:
-            return NOT_FORWARDED_UPSTREAM
-        return NOT_FORWARDED_UPSTREAM | {users.header.lower()}
-
-    @property
-    def owner(self) -> str:
-        """The key the request came with (an app's, for its users): what owns stored answers."""
-        return self.app[0] if self.app is not None else self.identity
-
-    @property
-    def payers(self) -> tuple[tuple[str, Sequence[BucketSpec]], ...]:
-        assert self.policy is not None
-        mine = (self.identity, self.policy.buckets)
-        return (mine,) if self.app is None else (mine, (self.app[0], self.app[1].buckets))
-
-    def ticket(self) -> Ticket:
-        """A place in the fair queue: round-robin by user under an app key, else by key."""
-        assert self.policy is not None
-        if self.app is None:
-            return Ticket(self.identity, self.policy.max_concurrent)
-        return Ticket(self.identity, self.policy.max_concurrent, self.app[0], self.app[1].max_concurrent)
-
-    def upstream_body(self, payload: dict, stream: bool, prompt: int, config: Config) -> bytes:
-        """The body to forward: the payload the proxy checked, serialised again.
-
-        The server's own model name (``BASE_MODEL``) replaces the model; a meter is
-        attached, and in usage mode a stream that reports usage only when asked is
-        asked (the client not told).
-        """
-        assert self.upstream is not None
-        if self.upstream.model:
-            payload["model"] = self.upstream.model
-        settles = config.mode.settles
-        hide = self.dialect.ask_for_usage(payload) if stream and settles else None
-        self.meter = Meter(self.dialect, prompt, hide_usage=bool(hide), counts_text=settles)
-        return body_bytes(payload)
-
-    def check_reply(self, data: bytes) -> bytes:
-        """A successful, non-streamed answer must be a JSON object, or a list of them (llama.cpp's
-        answer to a batch of prompts); else it was no answer.
-
-        In usage mode its usage settles the charge: a list's, added up.
-        """
-        text = data.lstrip()
-        reply = _json_or_none(text) if text[:1] != b"[" else _json_list_or_none(text)
-        if isinstance(reply, list):
-            reply = {"usage": added_usage(reply)} if reply and all(
-                isinstance(answer, dict) for answer in reply) else None
-        if not isinstance(reply, dict):
-            raise ProxyError(502, "The model server sent an invalid response.", "upstream_error",
-                             "upstream_invalid_response")
-        if self.meter is not None:
-            self.dialect.read_reply(reply, self.meter)
-            self.meter.final = True  # a whole answer's usage is all there is
-        return data
-
-    def conclude(self) -> None:
-        """Fix how the request ended, once, for everything that records it."""
-        status = self.status
-        if not status and self.gone:
-            self.status = status = 499
-        if self.limited:
-            self.result = "limited"
-        elif status >= 500 or status == 499 or not status:
-            self.result = "error"
-        else:
-            self.result = "rejected" if status >= 400 else "served"
-        charge = self.charge
-        if charge is not None:
-            self.tokens_charged = charge.charged
-            self.tokens_paid = charge.paid
-        self.seconds = time.monotonic() - self.started
-
-    def log_records(self, ip: str, method: str, path: str, with_record: bool) -> tuple[str, str]:
-        """The console line and (when wanted) the ACCESS_LOG record; names, never keys.
-
-        Every value a client or the keys file chose is ``loggable``: one request, one
-        line of bounded length, with no control character in either.
-        """
-        outcome, charged, settled = self.result, self.tokens_charged, self.tokens_paid
-        elapsed = self.seconds * 1000
-        stamp = console_stamp(time.time())
-        label, method, path = loggable(self.label), loggable(method), loggable(path)
-        user = None if self.user is None else loggable(self.user, MAX_USER_LENGTH)  # (longer: refused)
-        who = label if user is None else f"{label}/{user}"
-        line = (f"{stamp} INFO {ip} {who} {method} {path} {self.status} {outcome} "
-                f"{elapsed:.1f}ms charged={charged} settled={settled}\n")
-        if not with_record:
-            return line, ""
-        arrived = self.arrived
-        model = None if self.model is None else loggable(self.model)
-        record = json.dumps({
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(arrived))
-            + f".{int(arrived % 1 * 1000):03d}Z", "key": label, "user": user,
-            "ip": ip, "method": method,
-            "path": path, "model": model, "status": self.status, "stream": self.stream,
-            "tokens_charged": charged, "tokens_settled": settled, "duration_ms": round(elapsed, 1),
-            "upstream_ms": None if self.upstream_ms is None else round(self.upstream_ms, 1),
-            "outcome": outcome}, separators=(",", ":")) + "\n"
-        return line, record
-
-
-def limit_answer(dialect: Dialect, admission: Admission, model: str, stream: bool,
-                 as_error: bool, usage_shown: bool = True) -> tuple[list[tuple[str, str]], bytes]:
-    """What a caller whose buckets cannot pay gets: headers and body of an assistant reply.
-
-    A 429 (or 400 when the request can never fit) is raised instead in ``error``
-    mode, and for APIs whose answers have no place for text (embeddings ...).
-    """
-    text = limit_message(admission)
-    headers = rate_limit_headers(admission)
-    if as_error or not dialect.answers_with_text:
-        too_large = admission.cost > admission.limit
-        raise ProxyError(400 if too_large else 429, text,
-                         "invalid_request_error" if too_large else "rate_limit_exceeded",
-                         "request_too_large" if too_large else "rate_limit_exceeded",
-                         headers=headers)
-    if stream:  # a usage event only where the API always has one, or the client asked for it
-        return (headers + [("Content-Type", dialect.framing.content_type), NO_CACHE],
-                b"".join(dialect.reply_stream(model, [text], NO_USAGE if usage_shown else None)))
-    return headers + [JSON_TYPE], json_bytes(dialect.reply(model, text))
-
-
-BODILESS_METHODS = ("GET", "HEAD", "DELETE")  # a body sent with these is read, never forwarded
-
-
-# --------------------------------------------------------------------------
-# Relay: one call's trip upstream and back
-# --------------------------------------------------------------------------
-
-class Relay:
-    """Sends one call upstream through the fair gate and relays the answer as it arrives.
-
-    The handler lends it the request and its writing methods; the relay owns
-    the exchange with the upstream, the disconnect watch, and what the call
-    learns on the way (served, finished, usage), so that the charge is decided
-    from facts, in ``Call.close_charge``.
-    """
-
-    def __init__(self, client: ProxyHandler) -> None:
-        self.client = client
-        self.server = client.server
-        self.call = client.call
-        self.exchange: UpstreamExchange | None = None
-
-    def forward(self, target: Target, body: bytes,
-                inspect: Callable[[bytes], bytes] | None = None) -> None:
-        """Relay one request upstream and its answer back, through the fair gate.
-
-        ``inspect`` sees a successful, non-streamed answer before the client does.
-        The client is watched from the moment it queues: one that leaves while
-        waiting is taken out of the queue and its request never sent.
-        """
-        server, call, client = self.server, self.call, self.client
-        upstream = call.upstream = call.upstream or server.upstreams.for_model(call.model)
-        headers = copied_headers(client.headers, call.not_forwarded(), PERSONAL_HEADER_PREFIXES)
-        headers.extend(upstream.credentials())
-        if body or client.command in ("POST", "PUT", "PATCH"):
-            headers.append(("Content-Length", str(len(body))))
-        path = target.upstream_path(upstream.target.base_path, call.dialect.upstream_root)
-        exchange = UpstreamExchange(upstream.pool)
-        ticket, gate = call.ticket(), upstream.gate
-        client.watch = server.watcher.watch(client.connection,
-                                            lambda: self.client_left(gate, ticket, exchange), client.watch)
-        call.unwatch = client.watch.cancel
-        try:
-            gate.acquire(ticket)  # (not a context manager: this runs on every request)
-            try:
-                started = time.monotonic()
-                response = exchange.send(client.command, path, headers, body)
-                call.upstream_ms = (time.monotonic() - started) * 1000
-                upstream.state.answered()
-                self.exchange = exchange
-                exchange.completed = self.relay(response, inspect)
-            except (OSError, http.client.HTTPException) as error:
-                if call.gone:
-                    raise ClientGone() from None
-                failure = upstream_failure(error)
-                if not exchange.sent or call.upstream_ms is None:
-                    upstream.state.failed(failure)
-                raise failure from None
-            finally:  # (unless the loop relays the stream: then at its end, Call.defer)
-                if call.deferred is None:
-                    gate.release(ticket)
-                else:
-                    call.defer(gate.release, ticket)
-        finally:
-            if call.deferred is None:
-                self.let_go(exchange)
-            else:
-                call.defer(self.let_go, exchange)
-
-    def let_go(self, exchange: UpstreamExchange) -> None:
-        """The answer is over: stop watching the client, and pool or close the upstream connection."""
-        call = self.call
-        call.unwatch()
-        call.upstream_reached = exchange.sent
-        exchange.finish()
-
-    def client_left(self, gate: FairGate, ticket: Ticket, exchange: UpstreamExchange) -> None:
-        """Called by the disconnect watcher's thread when the client hangs up mid-request."""
-        self.call.gone = True
-        gate.withdraw(ticket)
-        exchange.abort()
-
-    def relay(self, response: UpstreamResponse,
-              inspect: Callable[[bytes], bytes] | None) -> bool:
-        """Pass the upstream's answer on; True when it was read to its end.
-
-        Streams, and bodies of unknown length that nothing needs to inspect,
-        are relayed as they arrive; everything else is read whole first, so that
-        ``inspect`` sees it however the upstream framed it.
-        """
-        headers = copied_headers(response.headers, RELAYED_EXCLUDED)
-        framing = framing_of(response.getheader("Content-Type", ""))
-        if framing is not None or (response.length is None and inspect is None
-                                   and not response.isclosed()):
-            return self.relay_stream(response, headers, framing)
-        data = read_whole(response, MAX_UPSTREAM_BODY)
-        call = self.call
-        if response.status < 400 and inspect is not None:
-            data = inspect(data)
-        call.served = call.finished = response.status < 400
-        call.close_charge()
-        self.client.send_bytes(response.status, headers + self.meter_headers(), data,
-                               reason=response.reason)
-        return True
-
-    def meter_headers(self) -> list[tuple[str, str]]:
-        charge = self.call.charge
-        return rate_limit_headers(charge.admission) if charge is not None else []
-
-    def relay_stream(self, response: UpstreamResponse, headers: list[tuple[str, str]],
-                     framing: Framing | None) -> bool:
-        """Pass the body on as it arrives; stream events go out whole, one write each from a thread.
-
-        The charge is kept once anything reached the client; a stream that ends
-        before its first complete event counts as never served.  Where the
-        connection loop can relay it (see ``ConnectionLoop.can_relay``), this
-        thread relays what has arrived and hands the stream to the loop the
-        first time the upstream would make it wait (a stream that never waits
-        costs nothing more), then goes.
-        """
-        call = self.call
-        ok = response.status < 400
-        call.stream = framing is not None
-        if not ok:
-            call.close_charge()
-        client = self.client
-        client.start_chunked(response.status, headers + self.meter_headers(), response.reason)
-        meter = call.meter if framing is not None and ok else None
-        pump = EventPump(response, framing, meter, call.dialect.usage_marker)
-        loop = self.server.loop
-        response.reader.nowait = loop.can_relay(client, self.exchange, response)  # type: ignore[arg-type]
-        try:
-            while True:
-                try:
-                    data = pump.next()
-                except NeedMore:  # the upstream makes us wait: the loop waits instead of this thread
-                    client.relayed = RelayedStream(loop, self, pump)
-                    call.deferred = []
-                    raise HandedOff() from None
-                if data is None:
-                    break
-                client.write_chunk(data)
-                call.served = call.served or ok
-        except (OSError, http.client.HTTPException) as error:
-            if call.gone:
-                raise ClientGone() from None
-            return self.end_stream(pump, error)
-        return self.end_stream(pump, None)
-
-    def end_stream(self, pump: EventPump, error: BaseException | None) -> bool:
-        """Settle the charge and end the body; True if the whole stream was relayed.
-
-        A stream the upstream broke off ends with an error event in the
-        client's dialect, or, not being events, without the final chunk, so the
-        client sees the body as cut short.
-        """
-        call, client, framing = self.call, self.client, pump.framing
-        pump.response.reader.nowait = False  # the connection may go back to the pool
-        if error is not None:
-            log.warning("upstream stream to %s broke off: %s", loggable(call.label), type(error).__name__)
-            if framing is not None:
-                client.write_chunk(call.dialect.stream_error(upstream_failure(error), framing))
-            else:
-                client.close_connection = True
-        completed = error is None
-        call.finished = completed and pump.response.status < 400
-        call.close_charge()
-        if completed or framing is not None:
-            client.end_chunked()
-        return completed
-
-
-class HandedOff(Exception):
-    """Unwinds a handler whose stream the connection loop relays from here on."""
-
-
-class EventPump:
-    """One stream on its way: the upstream's body in, whole events (metered) out.
-
-    Events go out whole so that a usage count is never split, and an event
-    that carries only what the client did not ask for (``stream_options``
-    usage) is dropped.  The same pump serves a handler's thread, whose reads
-    wait, and the connection loop, whose reads raise ``NeedMore``.
-    """
-
-    __slots__ = ("response", "framing", "meter", "marker", "counts_text", "pending")
-
-    def __init__(self, response: UpstreamResponse, framing: Framing | None,
-                 meter: Meter | None, marker: bytes) -> None:
-        self.response, self.framing, self.meter, self.marker = response, framing, meter, marker
-        self.counts_text = meter is not None and meter.counts_text  # else only events with the
-        self.pending = b""                                          # marker are read (Meter.filter)
-
-    def next(self) -> bytes | None:
-        """The next bytes for the client; None at the end of the body."""
-        response, framing, meter = self.response, self.framing, self.meter
-        while True:
-            data = response.read1(65536)
-            whole_events = framing is not None
-            if not data:
-                data, self.pending = self.pending, b""  # a last event without its end
-                if not data:
-                    return None
-            elif framing is not None and len(self.pending) + len(data) <= MAX_EVENT_BYTES:
-                pending = self.pending + data
-                end = framing.end(pending)
-                if not end:
-                    self.pending = pending
-                    continue
-                data, self.pending = pending[:end], pending[end:]
-            else:  # not events, or one too large to hold: pass on what there is
-                data, self.pending, whole_events = self.pending + data, b"", False
-            if meter is not None and whole_events and (self.counts_text or self.marker in data):
-                data = meter.filter(data, framing)  # type: ignore[arg-type]
-                if not data:
-                    continue
-            return data
-
-
-# --------------------------------------------------------------------------
-# Handler
-# --------------------------------------------------------------------------
-
-CORS_HEADERS = [
-    ("Access-Control-Allow-Origin", "*"),
-    ("Access-Control-Expose-Headers", "X-RateLimit-Limit, X-RateLimit-Remaining, "
-     "X-RateLimit-Refill-Tokens, X-RateLimit-Refill-Seconds, X-RateLimit-Reset-Seconds, "
-     "Retry-After"),
-]
-PREFLIGHT_HEADERS = [
-    ("Access-Control-Allow-Methods", "GET, POST, PUT, PATCH, DELETE, OPTIONS"),
-    ("Access-Control-Allow-Headers", "Authorization, *"),
-    ("Access-Control-Max-Age", "86400"),
-]
-SERVER_HEADER = f"Server: llm_proxy/{__version__}"  # on every answer; the upstream's is dropped
-CORS_LINES = "\r\n".join(f"{name}: {value}" for name, value in CORS_HEADERS)  # joined once
-ROOT_REPLY = {"name": "llm_proxy", "version": __version__, "health": "/health"}
-ADMIN_PATHS = ("/admin", "/admin/api/usage", "/metrics")
-METRICS_TYPE = ("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
-
-
-class ProxyHandler(BaseHTTPRequestHandler):
-    """One client connection: HTTP/1.1 with keep-alive, one request at a time.
-
-    The handler speaks HTTP and dispatches; what a request is and costs lives
-    in its ``Call``, what its API looks like in its ``Dialect``.
-    """
-
-    protocol_version = "HTTP/1.1"
-    server_version = "llm_proxy/" + __version__
-    server: ProxyServer
-    call: Call
-    watch: _Watch | None = None  # the disconnect watch, made at the connection's first forward
-    relayed: RelayedStream | None = None  # the stream the connection loop takes over
-
-    def setup(self) -> None:
-        """Reads through a ``SocketReader``, writes go straight to the socket (``write``).
-
-        (The server's get_request gave the socket CLIENT_TIMEOUT already.)
-        """
-        self.call = Call(time.monotonic(), time.time())
-        self.connection = connection = self.request
-        self.rfile = SocketReader(connection)  # type: ignore[assignment]
-        self.wfile = _SocketWriter(connection)
-
-    def handle(self) -> None:
-        """Requests one after another, until the connection closes or the loop takes its stream.
-
-        (http.server's loop, with the one way out it lacks.)
-        """
-        self.close_connection = True
-        while True:
-            self.handle_one_request()
-            if self.close_connection or self.relayed is not None:
-                return
-
-    def handle_one_request(self) -> None:
-        """http.server's, except that CLIENT_TIMEOUT starts at the request's first byte.
-
-        That deadline bounds the whole request, where the socket's timeout bounds one
-        read: started only once the request line was in, a client sending that line a
-        byte at a time held its thread and its connection slot for ever. The wait for
-        the first byte is idle waiting, bounded by the socket's timeout alone.
-        """
-        try:
-            if not self.rfile.peek():  # the client closed the connection between requests
-                self.close_connection = True
-                return
-            self.begin_request()
-            self.raw_requestline = self.rfile.readline(MAX_LINE + 1)
-            if len(self.raw_requestline) > MAX_LINE:
-                self.requestline = self.request_version = self.command = ""
-                self.send_error(414)
-                return
-            if not self.parse_request():
-                return  # refused, and answered
-            handler = getattr(self, "do_" + self.command, None)
-            if handler is None:
-                self.send_error(501, f"Unsupported method ({self.command!r})")
-                return
-            handler()
-        except socket.timeout as error:  # a read or write timed out: the connection is done
-            self.log_error("Request timed out: %r", error)
-            self.close_connection = True
-            self.server.request_arrived(self.connection)  # no deadline outlives its connection
-
-    def resume(self) -> None:
-        """Go on with the connection after the loop relayed its stream (the next request is buffered)."""
-        try:
-            self.handle()
-        finally:
-            self.finish()
-
-    def finish(self) -> None:
-        """The connection's thread is done with it; a relayed stream's is done by the loop later."""
-        if self.relayed is not None:
-            return
-        if self.watch is not None:
-            self.server.watcher.release(self.watch)
-            self.watch = None
-
-    # Every method goes through one dispatcher; http.server answers 501 for others.
-    def do_GET(self) -> None:
-        self.handle_request()
-
-    do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = do_GET
-
-    # -- request handling --------------------------------------------------
-
-    def forget_request(self) -> None:
-        """Let go of the request just ended while the connection waits for its next one.
-
-        A waiting connection would otherwise hold its last request's headers, its Call
-        (charge, meter, payload) and, through the watch's callback, the relay and the
-        upstream's response, for as long as the client keeps the connection open.
-        The watch itself stays, cancelled, to be armed again by the next request.
-        """
-        self.call = Call(time.monotonic(), 0.0)  # as setup() leaves it; begin_request makes the next
-        self.headers = NO_HEADERS  # type: ignore[assignment]
-        self.raw_requestline, self.requestline, self.command, self.path = b"", "", "", ""
-        if self.watch is not None:
-            self.watch.on_gone = _nothing
-
-    def begin_request(self) -> None:
-        """A fresh Call; the head and body must arrive within CLIENT_TIMEOUT."""
-        self.call = Call(time.monotonic(), self.server.wall_clock(), policy=self.server.keyring.default)
-        self.path = ""
-        self.server.expect_request_by(self.connection,
-                                      self.call.started + self.server.config.client_timeout)
-
-    def handle_request(self) -> None:
-        try:
-            self.route()
-        except HandedOff:
-            pass  # the connection loop relays the rest of the stream, then ends the request
-        except ProxyError as error:
-            if error.close:
-                self.close_connection = True
-            self.send_json(error.status, self.call.dialect.error_body(error), error.headers)
-        except ClientGone:
-            self.call.gone = True
-            self.close_connection = True
-        except Exception:
-            log.exception("internal error on %s %s", loggable(self.command),
-                          loggable(self.path.partition("?")[0]))
-            self.close_connection = True
-            if not self.call.status:
-                self.send_json(500, self.call.dialect.error_body(
-                    ProxyError(500, "Internal proxy error.", "server_error")))
-        finally:
-            if self.call.deferred is None:
-                self.end_request()
-            else:
-                self.call.defer(self.end_request)
-
-    def end_request(self) -> None:
-        self.server.request_arrived(self.connection)
-        meter = self.call.meter
-        if meter is not None and meter.object_id is not None and self.call.served:
-            self.server.stored.record(meter.object_id, self.call.owner)
-        self.log_outcome()
-
-    def route(self) -> None:
-        """Answer by the route table's row for the path and method (see ``ROUTES``)."""
-        self.check_framing()
-        if self.command == "OPTIONS":  # a browser's preflight, for any path
-            self.send_bytes(204, PREFLIGHT_HEADERS, b"")
-            return
-        target = parse_target(self.path)
-        route = route_for(target.path.lower(), self.command)
-        call = self.call
-        call.dialect, call.endpoint = route.dialect, route.endpoint
-        if route.needs_key:
-            self.authenticate()
-        if route.names_answer:
-            answer_id = target.path[len(route.path) + 1:].partition("/")[0]
-            if answer_id:
-                self.require_own_answer(answer_id)
-        getattr(self, "answer_" + route.answer)(route, target)
-
-    # -- what answers each row ---------------------------------------------------
-
-    def answer_root(self, route: Route, target: Target) -> None:
-        self.send_json(200, ROOT_REPLY)
-
-    def answer_health(self, route: Route, target: Target) -> None:
-        self.send_json(200, {"status": "ok"})
-
-    def answer_favicon(self, route: Route, target: Target) -> None:
-        self.send_bytes(204, [], b"")  # browsers ask; an empty answer keeps their consoles quiet
-
-    def answer_admin(self, route: Route, target: Target) -> None:
-        self.send_bytes(200, *self.server.admin.answer(route.path, self.command, self.headers))
-
-    def answer_unknown(self, route: Route, target: Target) -> None:
-        raise ProxyError(404, f"Unknown path {target.path}; the API lives under /v1", code="not_found")
-
-    def answer_not_found(self, route: Route, target: Target) -> None:
-        raise ProxyError(404, f"Unknown path {target.path}", code="not_found")
-
-    def answer_method_not_allowed(self, route: Route, target: Target) -> None:
-        methods = route.methods or ("GET",)
-        raise ProxyError(405, f"{target.path} takes {methods[0]}", code="method_not_allowed")
-
-    def answer_closed(self, route: Route, target: Target) -> None:
-        raise ProxyError(403, "This endpoint is not available through this proxy.",
-                         "permission_error", "endpoint_not_allowed")
-
-    def answer_management(self, route: Route, target: Target) -> None:
-        raise ProxyError(403, "Managing the server's models is not allowed through this proxy.",
-                         "permission_error", "model_management_forbidden")
-
-    def answer_metered(self, route: Route, target: Target) -> None:
-        self.handle_metered(route.dialect, target)
-
-    def answer_free(self, route: Route, target: Target) -> None:
-        self.forward_free(target)
-
-    def answer_quota(self, route: Route, target: Target) -> None:
-        named = urllib.parse.parse_qs(target.query).get("user")
-        self.call.identify_user(self.headers, {"user": named[0]} if named else None,
-                                self.server.wall_clock(), required=False)
-        self.send_json(200, self.call.quota(self.server.buckets))
-
-    def answer_models(self, route: Route, target: Target) -> None:
-        """BASE_MODEL is answered here; otherwise the upstream's list, cut to the key's models."""
-        fixed, ollama = self.server.upstreams.fixed_models(), route.dialect is OLLAMA
-        self.read_body()  # (a body on a GET is never forwarded)
-        if fixed is not None:
-            shown = [model for model in fixed if self.call.policy.allows(model)]
-            self.send_json(200, ollama_tags(shown) if ollama else model_list(shown))
-        else:
-            self.forward_listing(target, ollama)
-
-    def answer_running_models(self, route: Route, target: Target) -> None:
-        """Ollama's loaded models: the upstream's, whatever BASE_MODEL says, cut to the key's."""
-        self.read_body()
-        self.forward_listing(target, ollama=True)
-
-    def forward_listing(self, target: Target, ollama: bool) -> None:
-        policy = self.call.policy
-        if policy.models is None:
-            self.forward(target, b"")
-        else:
-            self.forward(target, b"", inspect=lambda data: visible_models(data, policy, ollama))
-
-    def answer_model_card(self, route: Route, target: Target) -> None:
-        """One model's card: a model off the key's list does not exist for this key."""
-        model = target.path[len(route.path) + 1:]
-        self.read_body()
-        if not self.call.policy.allows(model):
-            raise ProxyError(404, f"The model '{model[:200]}' does not exist", code="model_not_found",
-                             param="model")
-        self.forward(target, b"")
-
-    def forward_free(self, target: Target) -> None:
-        """Forward a call that makes no generation, its body checked like any other.
-
-        A GET, HEAD or DELETE forwards no body: a model server that reads none on those
-        methods would take it for the next request on the pooled connection.
-        """
-        self.call.endpoint = "free"
-        body = self.read_body()
-        checked = NO_BODY if self.command in BODILESS_METHODS else self.check_body(body, target)
-        self.require_models(checked.model, target)
-        self.forward(target, checked.forwarded)
-
-    def check_body(self, body: bytes, target: Target) -> CheckedBody:
-        """A body that is not a metered API's JSON object, read in whatever framing it has."""
-        policy = self.call.policy
-        checked = check_body(body, self.headers.get("Content-Type") or "",
-                             self.call.dialect.model_fields, policy.limits_models)
-        if isinstance(checked.payload, dict):
-            self.check_references(checked.payload)
-        self.call.model = checked.model
-        return checked
-
-    def check_references(self, payload: dict) -> None:
-        """What a body refers to must be the caller's own (see ``StoredAnswers``).
-
-        A stored conversation (``conversation``, OpenAI's Conversations API) is not
-        recorded by the proxy, so no key may continue one.
-        """
-        if payload.get("previous_response_id") is not None:  # a conversation goes on from it
-            self.require_own_answer(payload["previous_response_id"])
-        if payload.get("conversation") is not None:
-            raise ProxyError(400, "stored conversations are not available through this proxy; "
-                             "send the request without 'conversation'", param="conversation",
-                             code="unsupported_parameter")
-
-    def require_own_answer(self, answer_id: object) -> None:
-        """A stored answer exists for the key that made it alone (see ``StoredAnswers``)."""
-        if not (isinstance(answer_id, str) and self.server.stored.owned_by(answer_id, self.call.owner)):
-            raise ProxyError(404, f"No stored answer with the id '{str(answer_id)[:100]}' was made "
-                             "with this key.", code="not_found")
-
-    def require_models(self, model: str | None, target: Target) -> None:
-        """Every model a request names, in its body or its query, must be on the caller's list.
-
-        (Go's form reading, Ollama's, takes a model from the query string too.)
-        """
-        policy = self.call.policy
-        if policy.models is None:
-            return
-        if model is not None:
-            policy.require(model)
-        if target.query:
-            named = named_model(urllib.parse.parse_qsl(target.query, keep_blank_values=True),
-                                self.call.dialect.model_fields)
-            if named is not None:
-                policy.require(named)
-
-    def parse_request(self) -> bool:
-        """Parse the request line and headers; http.server's hook, made strict and cheap.
-
-        http.server reads headers with the lenient email parser, which accepts
-        folded and colon-less lines and builds a Message for every request;
-        ``read_headers`` refuses both, at a fraction of the cost.
-        """
-        self.command = None
-        self.request_version = "HTTP/1.0"
-        self.close_connection = True
-        self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
-        words = self.requestline.split()
-        if len(words) != 3 or not words[2].startswith("HTTP/"):
-            return self.refuse_request(ProxyError(400, "Bad request syntax", code="invalid_request"))
-        command, path, version = words
-        # From here on every refusal (version, headers, framing, size) is in the path's API's shape.
-        self.call.dialect = dialect_of_target(path)
-        if version not in ("HTTP/1.0", "HTTP/1.1"):
-            return self.refuse_request(ProxyError(505, "Only HTTP/1.0 and HTTP/1.1 are supported",
-                                                  "server_error", "http_version_not_supported"))
-        # A method is a token (RFC 9110 9.1), and one longer than any implemented is a 501
-        # (RFC 9112 3). Refused here, before it is ``command``, it never reaches a log.
-        if len(command) > MAX_METHOD:
-            return self.refuse_request(ProxyError(501, "Unsupported method", "server_error",
-                                                  "method_not_implemented"))
-        if not _TOKEN.fullmatch(command):
-            return self.refuse_request(ProxyError(400, "the request method is not a token",
-                                                  code="invalid_method"))
-        self.command, self.path, self.request_version = command, path, version
-        try:
-            self.headers = read_headers(self.rfile)  # type: ignore[assignment]
-        except HeaderError as error:
-            return self.refuse_request(ProxyError(error.status, error.message, code="invalid_header"))
-        except socket.timeout:
-            return self.refuse_request(ProxyError(408, "timed out waiting for the request headers",
-                                                  code="timeout"))
-        connection = self.headers.get("connection")
-        if connection is None:  # the usual case: HTTP/1.1 keeps the connection, 1.0 closes it
-            self.close_connection = version == "HTTP/1.0"
-        else:
-            tokens = {token.strip().lower() for token in connection.split(",")}
-            self.close_connection = "close" in tokens or (
-                version == "HTTP/1.0" and "keep-alive" not in tokens)
-        expect = self.headers.get("expect")
-        if expect is not None and expect.lower() == "100-continue" and version == "HTTP/1.1":
-            return self.handle_expect_100()
-        return True
-
-    def refuse_request(self, error: ProxyError) -> bool:
-        """Answer a request that never got as far as routing, log it, and end the connection."""
-        self.close_connection = True
-        with suppress(ClientGone):
-            self.send_json(error.status, self.call.dialect.error_body(error))
-        self.server.request_arrived(self.connection)
-        self.log_outcome()
-        return False
-
-    def check_framing(self) -> None:
-        """Refuse body framing that another parser could read differently (request smuggling)."""
-        lengths = self.headers.get_all("Content-Length")
-        if self.headers.get("Transfer-Encoding"):
-            if lengths:
-                raise ProxyError(400, "both Content-Length and Transfer-Encoding were sent",
-                                 code="invalid_framing", close=True)
-            raise ProxyError(411, "chunked request bodies are not supported; send Content-Length",
-                             code="length_required", close=True)
-        self.call.body_length = (content_length(lengths, self.server.config.max_body_bytes)
-                                 if lengths else 0)
-
-    def authenticate(self) -> None:
-        """Find whose buckets pay for this request, or raise 401.
-
-        The admin key is not a client key, not even in open mode.
-        """
-        token = presented_key(self.headers)
-        admin_key = self.server.config.admin_key
-        is_admin = bool(admin_key and token is not None and same_secret(token, admin_key))
-        found = None if is_admin else self.server.keyring.identify(
-            token, self.client_address[0], self.call.arrived)
-        if found is None:
-            raise ProxyError(401, "Missing or invalid proxy API key", "authentication_error",
-                             "invalid_api_key")
-        self.call.identity, self.call.label, self.call.policy = found
-
-    def read_body(self) -> bytes:
-        """Read exactly the declared body (framing was checked with the headers)."""
-        call = self.call
-        call.body_pending = False
-        try:
-            body = self.rfile.read(call.body_length)
-        except socket.timeout:
-            raise ProxyError(408, "timed out waiting for the request body", code="timeout",
-                             close=True) from None
-        except OSError:
-            raise ClientGone() from None
-        if len(body) < call.body_length:
-            raise ProxyError(400, "request body is shorter than its Content-Length",
-                             code="invalid_framing", close=True)
-        self.server.request_arrived(self.connection)
-        return body
-
-    def handle_expect_100(self) -> bool:
-        """Refuse a badly framed or oversized body, or an unknown key, before the body is sent."""
-        try:
-            self.check_framing()
-            target = parse_target(self.path)
-            if route_for(target.path.lower(), self.command).needs_key:
-                self.authenticate()
-        except ProxyError as error:
-            return self.refuse_request(error)
-        return super().handle_expect_100()
-
-    # -- local answers -------------------------------------------------------
-
-    # -- metered calls -------------------------------------------------------
-
-    def handle_metered(self, dialect: Dialect, target: Target) -> None:
-        """Charge before forwarding; a limit reply when the buckets cannot pay.
-
-        The body is read once: what is charged, checked and forwarded is the same parse.
-        """
-        call, config = self.call, self.server.config
-        call.dialect, call.endpoint = dialect, dialect.name
-        body = self.read_body()
-        if dialect.flat_rate:  # forwarded as sent (a JSON body as parsed), its model still checked
-            checked = NO_BODY if self.command in BODILESS_METHODS else self.check_body(body, target)
-            payload = checked.payload if isinstance(checked.payload, dict) else None
-        else:
-            payload = request_object(body)
-            dialect.validate(payload)
-            self.check_references(payload)
-            call.upstream = self.server.upstreams.for_model(payload.get("model"))
-            call.model = call.upstream.model or payload.get("model") or ""
-        self.require_models(call.model if payload is not None else checked.model, target)
-        if call.identify_user(self.headers, payload, self.server.wall_clock(), required=True):
-            self.require_models(call.model if payload is not None else checked.model, target)
-        payers, mode = call.payers, config.mode
-        capacity = min((spec.capacity for _, specs in payers for spec in specs
-                        if mode.unit_of(spec).counts_tokens), default=1 << 62)  # a reservation's room
-        metered = payload if not dialect.flat_rate else None
-        cost = CallCost(dialect, metered or {}, config, capacity)
-        cost_of = window_costs(cost, mode, call.model or "", payers)
-        stream = metered is not None and dialect.is_stream(metered)
-        forwarded = (checked.forwarded if metered is None
-                     else call.upstream_body(metered, stream, cost.prompt if mode.settles else 0, config))
-        admission = self.server.buckets.charge_all(payers, cost_of)
-        if admission.allowed:  # from here on, whatever happens, the charge is closed (or refunded)
-            call.charge = Charge(self.server.buckets, payers, admission, mode)
-        else:
-            call.limited, call.stream = True, stream
-            headers, answer = limit_answer(dialect, admission, (metered or {}).get("model") or call.model
-                                           or "", stream, config.limit_response == "error",
-                                           dialect.usage_in_stream(metered or {}))
-            self.send_bytes(200, headers, answer)
-            return
-        try:
-            self.forward(target, forwarded, inspect=None if metered is None else call.check_reply)
-        finally:
-            if call.deferred is None:
-                call.close_charge()
-            else:
-                call.defer(call.close_charge)
-
-    def forward(self, target: Target, body: bytes,
-                inspect: Callable[[bytes], bytes] | None = None) -> None:
-        Relay(self).forward(target, body, inspect)
-
-    # -- writing -------------------------------------------------------------
-
-    def response_head(self, status: int, headers: Sequence[tuple[str, str]],
-                      reason: str | None = None) -> list[str]:
-        call = self.call
-        call.status = status
-        if call.first_byte is None:
-            call.first_byte = time.monotonic()
-        if call.body_pending and call.body_length:
-            self.close_connection = True  # an unread body would be taken for the next request
-        if reason is None or not _FIELD_VALUE.fullmatch(reason):  # an upstream's could carry a CR
-            reason = self.responses.get(status, ("",))[0]
-        lines = [f"{self.protocol_version} {status} {reason}", SERVER_HEADER]
-        lines.extend([f"{name}: {value}" for name, value in headers])
-        lines.append(CORS_LINES)
-        if self.close_connection:
-            lines.append("Connection: close")
-        elif self.request_version == "HTTP/1.0":
-            lines.append("Connection: keep-alive")  # an HTTP/1.0 client assumes close otherwise
-        return lines
-
-    def send_bytes(self, status: int, headers: Sequence[tuple[str, str]], body: bytes,
-                   reason: str | None = None) -> None:
-        self.call.unwatch()  # once the client has its answer it may send the next request at once
-        lines = self.response_head(status, headers, reason)
-        if status >= 200 and status not in (204, 304):
-            lines.append(f"Content-Length: {len(body)}")
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace")
-        self.write(head if self.command == "HEAD" else head + body)
-
-    def send_json(self, status: int, value: object, headers: Sequence[tuple[str, str]] = ()) -> None:
-        self.send_bytes(status, [*headers, JSON_TYPE], json_bytes(value))
-
-    def start_chunked(self, status: int, headers: Sequence[tuple[str, str]], reason: str) -> None:
-        self.chunked = self.request_version == "HTTP/1.1"
-        if not self.chunked:
-            self.close_connection = True  # an HTTP/1.0 client reads until the connection closes
-        lines = self.response_head(status, headers, reason)
-        if self.chunked:
-            lines.append("Transfer-Encoding: chunked")
-        self.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace"))
-
-    def write_chunk(self, data: bytes) -> None:
-        if self.command == "HEAD":
-            return
-        self.write(b"%x\r\n%s\r\n" % (len(data), data) if self.chunked else data)
-
-    def end_chunked(self) -> None:
-        self.call.unwatch()
-        if self.chunked and self.command != "HEAD":
-            self.write(b"0\r\n\r\n")
-
-    def write(self, data: bytes) -> None:
-        """One ``sendall`` per write: the head and body go together, each stream event alone.
-
-        (``wfile`` is unbuffered and would make the same call through a Python layer.)
-        """
-        try:
-            self.connection.sendall(data)
-        except OSError:
-            raise ClientGone() from None
-
-    # -- http.server hooks ---------------------------------------------------
-
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        """The refusals of ``handle_one_request`` (a request line over 64 KiB, an unknown method)."""
-        kind = "server_error" if code >= 500 else "invalid_request_error"
-        self.refuse_request(ProxyError(code, message or self.responses.get(code, ("",))[0], kind))
-
-    def log_message(self, format: str, *args: object) -> None:
-        """http.server's own notes (a timeout); they never include a key, and are ``loggable``."""
-        log.info("%s %s", self.client_address[0], loggable(format % args))
-
-    def log_request(self, code: object = "-", size: object = "-") -> None:
-        pass  # one line per request is written by log_outcome instead
-
-    def log_outcome(self) -> None:
-        """One line per request on the console, and one JSON record for ACCESS_LOG; never a key."""
-        access_log = self.server.access_log
-        self.call.conclude()
-        line, record = self.call.log_records(self.client_address[0], self.command or "-",
-                                             self.path.partition("?")[0], access_log is not None)
-        self.server.admin.record(self.call)
-        self.server.console.write(line)
-        if access_log is not None:
-            access_log.write(record)
-
-
-def visible_models(data: bytes, policy: Policy, ollama: bool) -> bytes:
-    """The upstream's model list cut to the key's models; unreadable: show nothing, not everything."""
-    try:
-        listing = json.loads(data)
-        if ollama:
-            listing["models"] = [m for m in listing["models"] if policy.allows(m.get("name"))
-                                 or policy.allows(m.get("model"))]
-        else:
-            listing["data"] = [m for m in listing["data"] if policy.allows(m.get("id"))]
-    except (ValueError, RecursionError, TypeError, KeyError, AttributeError):
-        return json_bytes(ollama_tags([]) if ollama else model_list([]))
-    return json_bytes(listing)
 
 
 # --------------------------------------------------------------------------
@@ -6766,136 +6903,6 @@ def describe_entry(stored: str, entry: dict, config: Config) -> str:
         parts.append(f"max {policy.max_concurrent} at once")
     parts.append("stored as SHA-256" if stored.startswith("sha256:") else "stored in plain text")
     return "  ".join(parts)
-
-
-# --------------------------------------------------------------------------
-# Main
-# --------------------------------------------------------------------------
-
-def describe(config: Config, server: ProxyServer) -> str:
-    host, port = config.host, server.server_address[1]
-    limits = (f"{config.max_tokens} tokens, +{config.refill_tokens} every "
-              f"{config.refill_interval:g}s, cost mode {config.cost_mode}")
-    keys = ("open (no client keys)" if server.keyring.is_open
-            else f"{server.keyring.key_count} client keys")
-    upstreams = ", ".join(upstream.target.display + (f" model {upstream.model}" if upstream.model else "")
-                          for upstream in server.upstreams)  # (never a key)
-    return (f"llm_proxy {__version__} listening on http://{host}:{port} -> "
-            f"{upstreams}; default buckets: {limits}; {keys}")
-
-
-def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description="OpenAI-compatible proxy with a refillable token bucket per API key.",
-        epilog=settings_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--demo", action="store_true",
-                        help="use a built-in echo model as the upstream (no model server needed)")
-    parser.add_argument("--version", action="version", version=__version__)
-    commands = parser.add_subparsers(dest="command", metavar="keys ...")
-    keys = commands.add_parser("keys", help="add, list, disable, enable or remove client keys in KEYS_FILE")
-    keys.add_argument("--file", help="the keys file (default: KEYS_FILE)")
-    actions = keys.add_subparsers(dest="action", required=True)
-    add = actions.add_parser("add", help="create a key for NAME; prints it once, stores only its SHA-256")
-    add.add_argument("name")
-    add.add_argument("--max-tokens", type=int)
-    add.add_argument("--refill-tokens", type=int)
-    add.add_argument("--refill-interval-seconds", type=float)
-    add.add_argument("--models", help="comma-separated model names this key may use")
-    add.add_argument("--max-concurrent", type=int)
-    add.add_argument("--expires", help="last day the key works, YYYY-MM-DD")
-    actions.add_parser("list", help="names, limits, state and expiry (never keys)")
-    for action in ("disable", "enable", "remove"):
-        actions.add_parser(action, help=f"{action} the key named NAME").add_argument("name")
-    args = parser.parse_args(argv)
-    if args.command == "keys":
-        return keys_command(args, dict(os.environ if environ is None else environ))
-    console = logging.StreamHandler()
-    console.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    log.setLevel(logging.INFO)
-    background = BackgroundLog(log, console)
-    try:
-        return run(args, environ)
-    finally:
-        background.close()
-
-
-def run(args: argparse.Namespace, environ: dict[str, str] | None) -> int:
-    """Configure, start and serve until Ctrl-C or SIGTERM; 2 when the configuration is bad."""
-    environ = dict(os.environ if environ is None else environ)
-    try:
-        config = Config.from_env(environ)
-        if args.demo:
-            echo = start_echo_model()
-            config = _demo_config(config, echo.server_address[1], environ)
-        server = ProxyServer(config)
-    except ConfigError as error:
-        print(f"llm_proxy: {error}", file=sys.stderr)
-        return 2
-    except OSError as error:
-        print(f"llm_proxy: cannot listen on {config.host}:{config.port}: {error.strerror}",
-              file=sys.stderr)
-        return 2
-    for warning in startup_warnings(config) + server.fit_to_descriptor_limit():
-        log.warning("%s", warning)
-    print(describe(config, server), flush=True)
-    if args.demo:
-        _print_demo_help(server)
-    signal.signal(signal.SIGTERM, _interrupt)
-    if hasattr(signal, "SIGHUP"):
-        signal.signal(signal.SIGHUP, lambda signum, frame: server.request_reload())
-    return_freed_memory()
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: stop cleanly, saving state
-        pass
-    finally:
-        server.server_close()
-    return 0
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
-def _demo_config(config: Config, echo_port: int, environ: dict[str, str]) -> Config:
-    """Point the proxy at the echo model; listen on loopback unless HOST says otherwise."""
-    host = config.host if environ.get("HOST") else "127.0.0.1"
-    return replace(config, host=host, upstream_url=f"http://127.0.0.1:{echo_port}/v1",
-                   upstream_key=None, upstream_model=config.upstream_model or "echo")
-
-
-def demo_key(config: Config) -> str:
-    """A key the demo's curl line can use: any key in open mode, else the first configured one."""
-    if config.client_keys:
-        return config.client_keys[0]
-    return "<a key from your KEYS_FILE>" if config.keys_file else "demo-key"
-
-
-def _print_demo_help(server: ProxyServer) -> None:
-    port = server.server_address[1]
-    print(f"""
-demo mode: the upstream is a built-in echo model. Try, in another terminal:
-  curl -s http://127.0.0.1:{port}/v1/chat/completions -H 'Authorization: Bearer {demo_key(server.config)}' \\
-       -H 'Content-Type: application/json' -d '{{"messages":[{{"role":"user","content":"hello"}}]}}'
-Add "stream": true to see tokens arrive; repeat {server.config.max_tokens + 1} times to see the limit reply.
-""", flush=True)
-
-
-def return_freed_memory() -> None:
-    """Give the pages freed since startup back to the system (glibc only), before serving.
-
-    Imported from source (``python -m llm_proxy`` where no cached ``.pyc`` can be written),
-    the module's syntax tree is freed once compiled, but between live objects, where glibc's
-    automatic trim (top of the heap only) cannot return it; malloc_trim returns every free
-    page. Run as a script, CPython keeps that tree alive while the script runs, so there is
-    little to return. Elsewhere (musl, macOS) there is no malloc_trim and nothing is done.
-    """
-    try:
-        import ctypes
-        ctypes.CDLL(None).malloc_trim(0)
-    except (ImportError, OSError, AttributeError):
-        pass
-
 
 if __name__ == "__main__":
     sys.exit(main())
