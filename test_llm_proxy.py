@@ -306,18 +306,23 @@ class Response:
 
 
 def send_raw(port: int, data: bytes, read_until_close: bool = True) -> bytes:
-    """Send raw bytes to 127.0.0.1:``port`` and return all that comes back before it closes
-    (a reset after the answer, as a refusing server may send, ends it too)."""
+    """Send raw bytes to 127.0.0.1:``port`` and return all that comes back before it closes."""
     with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as sock:
         sock.sendall(data)
-        chunks = []
-        with contextlib.suppress(ConnectionResetError):
-            while read_until_close:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-        return b"".join(chunks)
+        return read_to_close(sock) if read_until_close else b""
+
+
+def read_to_close(sock: socket.socket) -> bytes:
+    """Everything a socket receives until it closes (a reset after the answer, as a refusing
+    server may send, ends it too)."""
+    chunks = []
+    with contextlib.suppress(ConnectionResetError):
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    return b"".join(chunks)
 
 
 class ProxyTestCase(unittest.TestCase):

@@ -24,7 +24,7 @@ from unittest import mock
 
 import llm_proxy
 from llm_proxy import Config, ConfigError
-from test_llm_proxy import WAIT, ProxyTestCase
+from test_llm_proxy import WAIT, ProxyTestCase, read_to_close
 
 
 HOLDER = "127.0.0.2"  # the client that holds connections
@@ -46,16 +46,7 @@ def readable(sock: socket.socket) -> bool:
     return bool(select.select([sock], [], [], 0)[0])
 
 
-def read_until_close(sock: socket.socket) -> bytes:
-    """Everything the proxy sends before closing (a reset after the answer ends it too)."""
-    chunks = []
-    with contextlib.suppress(ConnectionResetError):
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            chunks.append(chunk)
-    return b"".join(chunks)
+read_until_close = read_to_close  # (the shared fixture's)
 
 
 def length(answer: bytes) -> int:
