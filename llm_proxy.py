@@ -2574,6 +2574,8 @@ ROUTES: tuple[Route, ...] = (
     Route("/v1/messages/count_tokens", "free", ANTHROPIC, ("POST",)),
     # Stored answers, for the key that made them: read and deleted free; anything else
     # (cancel ...) and the Responses calls that run the model pay the flat cost.
+    *(Route(path, "free", RESPONSES, ("GET", "HEAD", "DELETE"), subtree=True)
+      for path in ("/v1/responses/compact", "/v1/responses/input_tokens")),
     Route("/v1/responses/compact", "metered", subtree=True, endpoint=OPENAI.name),
     Route("/v1/responses/input_tokens", "metered", subtree=True, endpoint=OPENAI.name),
     Route("/v1/responses", "free", RESPONSES, ("GET", "HEAD", "DELETE"), subtree=True, names_answer=True),
@@ -2581,9 +2583,11 @@ ROUTES: tuple[Route, ...] = (
     Route("/v1/chat/completions", "free", CHAT, READING, subtree=True, names_answer=True),
     Route("/v1/chat/completions", "metered", subtree=True, names_answer=True, endpoint=OPENAI.name),
     # Never through this proxy.
-    *(Route("/v1/" + name, "closed", subtree=True) for name in CLOSED_UNDER_V1),
-    *(Route("/api/" + name, "management", OLLAMA, subtree=True) for name in OLLAMA_MANAGEMENT),
-    Route("/api", "not_found", OLLAMA, subtree=True),
+    *(Route("/v1/" + name, "closed", subtree=True, endpoint="local") for name in CLOSED_UNDER_V1),
+    *(Route("/api/" + name, "management", OLLAMA, subtree=True, endpoint="local")
+      for name in OLLAMA_MANAGEMENT),
+    Route("/api", "unknown", needs_key=False, endpoint="local"),  # (/api itself: no API there)
+    Route("/api", "not_found", OLLAMA, subtree=True, endpoint="local"),
     # Anything else under /v1: reading is free, everything else may make the model work.
     Route("/v1/messages", "free", ANTHROPIC, READING, subtree=True),
     Route("/v1/messages", "metered", FlatRate(ANTHROPIC), subtree=True, endpoint=OPENAI.name),
@@ -2591,17 +2595,28 @@ ROUTES: tuple[Route, ...] = (
     Route("/v1", "metered", subtree=True, endpoint=OPENAI.name),
 )
 UNKNOWN = Route("", "unknown", needs_key=False, endpoint="local")  # no row: a 404, no key asked
+ROUTE_KEY_LENGTH = max(len(route.path) for route in ROUTES) + 1
 
 
-@functools.lru_cache(maxsize=4096)  # (clients send the same few paths; a miss reads the table)
 def route_for(path: str, method: str) -> Route:
-    """The row that answers ``method`` on ``path`` (lower case, as ``Target`` has it)."""
+    """The row that answers ``method`` on ``path`` (lower case, as ``Target`` has it).
+
+    Only the path's first ``ROUTE_KEY_LENGTH`` characters can decide (a row matches its
+    path, or that path and a slash), so only they are looked up: clients send the same
+    few paths, remembered, and a client sending long unique ones fills the memory with
+    nothing of them.
+    """
+    return _route_for(path[:ROUTE_KEY_LENGTH], method)
+
+
+@functools.lru_cache(maxsize=4096)
+def _route_for(path: str, method: str) -> Route:
     for route in ROUTES:
         if route.matches(path):
             if route.methods is None or method in route.methods:
                 return route
             if route.strict:
-                return replace(route, answer="method_not_allowed")
+                return replace(route, answer="method_not_allowed", endpoint="local")
     return UNKNOWN
 
 
@@ -2724,12 +2739,21 @@ class Target:
         return f"{quoted}?{self.query}" if self.query else quoted
 
 
-@functools.lru_cache(maxsize=1024)
 def parse_target(raw: str) -> Target:
+    """``vet_target``, remembered for the short targets clients send again and again; a long
+    one is vetted each time, so that unique long targets cannot fill the memory."""
+    return remembered_target(raw) if len(raw) <= 512 else vet_target(raw)
+
+
+@functools.lru_cache(maxsize=1024)
+def remembered_target(raw: str) -> Target:
+    return vet_target(raw)
+
+
+def vet_target(raw: str) -> Target:
     """Decode and vet a request target; anything ambiguous is a 400, never a guess.
 
-    Clients send the same few targets again and again, so answers are remembered
-    (a refusal raises, and is not); ``Target`` is immutable.
+    (A refusal raises, so it is never remembered; ``Target`` is immutable, so it may be.)
     """
     path, _, query = raw.partition("?")
     if not path.startswith("/") or path.startswith("//") or _ENCODED_SEPARATOR.search(path):
@@ -3440,13 +3464,14 @@ class ProxyHandler(BaseHTTPRequestHandler):
         target = parse_target(self.path)
         route = route_for(target.path.lower(), self.command)
         call = self.call
-        call.dialect, call.endpoint = route.dialect, route.endpoint
+        call.dialect = route.dialect
         if route.needs_key:
             self.authenticate()
         if route.names_answer:
             answer_id = target.path[len(route.path) + 1:].partition("/")[0]
             if answer_id:
                 self.require_own_answer(answer_id)
+        call.endpoint = route.endpoint  # (a refusal before here counts as the proxy's own answer)
         getattr(self, "answer_" + route.answer)(route, target)
 
     # -- what answers each row ---------------------------------------------------
@@ -4511,7 +4536,7 @@ class UpstreamState:
         self.last_error = f"{failure.status} {failure.message}"  # never socket or host details
 
 
-@dataclass
+@dataclass(eq=False)  # one server is one object: its key is never compared, it hashes by identity
 class Upstream:
     """One model server, and everything that talks to it.
 

@@ -21,11 +21,11 @@ ROWS = [
     ("GET", "/admin", "admin", "local", "openai"),
     ("GET", "/metrics", "admin", "local", "openai"),
     ("POST", "/v1/chat/completions", "metered", "chat", "openai"),
-    ("GET", "/v1/chat/completions", "method_not_allowed", "chat", "openai"),
+    ("GET", "/v1/chat/completions", "method_not_allowed", "local", "openai"),
     ("POST", "/v1/completions", "metered", "text", "openai"),
     ("POST", "/v1/responses", "metered", "responses", "openai"),
     ("POST", "/v1/messages", "metered", "messages", "anthropic"),
-    ("PUT", "/v1/messages", "method_not_allowed", "messages", "anthropic"),
+    ("PUT", "/v1/messages", "method_not_allowed", "local", "anthropic"),
     ("POST", "/v1/embeddings", "metered", "embeddings", "openai"),
     ("POST", "/api/chat", "metered", "ollama", "ollama"),
     ("POST", "/api/generate", "metered", "ollama", "ollama"),
@@ -38,14 +38,15 @@ ROWS = [
     ("DELETE", "/v1/models/ft-1", "metered", "other", "openai"),
     ("GET", "/api/tags", "models", "models", "ollama"),
     ("GET", "/api/ps", "running_models", "models", "ollama"),
-    ("POST", "/api/ps", "method_not_allowed", "models", "ollama"),
+    ("POST", "/api/ps", "method_not_allowed", "local", "ollama"),
     ("GET", "/api/version", "free", "free", "ollama"),
     ("POST", "/api/show", "free", "free", "ollama"),
-    ("GET", "/api/show", "method_not_allowed", "free", "ollama"),
-    ("POST", "/api/pull", "management", "free", "ollama"),
-    ("DELETE", "/api/delete", "management", "free", "ollama"),
-    ("POST", "/api/blobs/sha256:00", "management", "free", "ollama"),
-    ("POST", "/api/unknown", "not_found", "free", "ollama"),
+    ("GET", "/api/show", "method_not_allowed", "local", "ollama"),
+    ("POST", "/api/pull", "management", "local", "ollama"),
+    ("DELETE", "/api/delete", "management", "local", "ollama"),
+    ("POST", "/api/blobs/sha256:00", "management", "local", "ollama"),
+    ("POST", "/api/unknown", "not_found", "local", "ollama"),
+    ("GET", "/api", "unknown", "local", "openai"),
     ("POST", "/v1/messages/count_tokens", "free", "free", "anthropic"),
     ("POST", "/v1/messages/batches", "metered", "other", "anthropic"),
     ("GET", "/v1/messages/batches/b1", "free", "free", "anthropic"),
@@ -54,10 +55,11 @@ ROWS = [
     ("GET", "/v1/responses/resp_1/input_items", "free", "free", "openai"),
     ("POST", "/v1/responses/resp_1/cancel", "metered", "other", "openai"),
     ("POST", "/v1/responses/compact", "metered", "other", "openai"),
+    ("GET", "/v1/responses/compact", "free", "free", "openai"),
     ("GET", "/v1/chat/completions/chatcmpl-1", "free", "free", "openai"),
-    ("POST", "/v1/batches", "closed", "free", "openai"),
-    ("GET", "/v1/files/file-1/content", "closed", "free", "openai"),
-    ("POST", "/v1/realtime/client_secrets", "closed", "free", "openai"),
+    ("POST", "/v1/batches", "closed", "local", "openai"),
+    ("GET", "/v1/files/file-1/content", "closed", "local", "openai"),
+    ("POST", "/v1/realtime/client_secrets", "closed", "local", "openai"),
     ("GET", "/v1/rerank", "free", "free", "openai"),
     ("POST", "/v1/rerank", "metered", "other", "openai"),
     ("POST", "/v1/audio/transcriptions", "metered", "other", "openai"),
@@ -87,7 +89,20 @@ class RouteTableTests(unittest.TestCase):
 
     def test_only_local_answers_need_no_key(self) -> None:
         keyless = {route.path for route in llm_proxy.ROUTES if not route.needs_key}
-        self.assertEqual(keyless, {"/", "/health", "/favicon.ico", "/admin", "/admin/api/usage", "/metrics"})
+        self.assertEqual(keyless, {"/", "/health", "/favicon.ico", "/admin", "/admin/api/usage", "/metrics", "/api"})
+
+
+    def test_a_long_path_is_looked_up_by_its_start(self) -> None:
+        """Only the first ROUTE_KEY_LENGTH characters can decide, so only they are remembered:
+        unique long paths sent without a key cannot fill the memory (a review's finding)."""
+        for suffix in ("", "/x" * 5000):
+            for path in ("/v1/chat/completions", "/v1/models/m", "/api/pull", "/v1/files"):
+                with self.subTest(path=path, long=bool(suffix)):
+                    self.assertEqual(llm_proxy.route_for(path + suffix, "GET").answer,
+                                     llm_proxy.route_for(path + "/x", "GET").answer if suffix
+                                     else llm_proxy.route_for(path, "GET").answer)
+        self.assertEqual(llm_proxy.route_for("/v1/chat/completions" + "x" * 9000, "POST").answer, "metered")
+        self.assertLess(llm_proxy.ROUTE_KEY_LENGTH, 64)
 
 
 class RoutesOverSocketsTests(ProxyTestCase):
@@ -116,6 +131,14 @@ class RoutesOverSocketsTests(ProxyTestCase):
                 self.assertEqual(len(self.upstream.requests) - before, int(forwarded), response.body[:200])
                 if status is not None and status >= 400:
                     self.assertEqual(shape_of(response.json()), error_shape, response.body[:200])
+
+    def test_refusals_are_no_calls_to_the_model(self) -> None:
+        """A 405 or a closed endpoint counts as the proxy's own answer, not in the usage history."""
+        for method, path in (("GET", "/v1/chat/completions"), ("POST", "/v1/batches"),
+                             ("GET", "/api/show")):
+            self.request(method, path)
+        self.logged(3)
+        self.assertIsNone(self.proxy.usage.get("key:" + llm_proxy.key_digest(CLIENT_KEY)))
 
 
 def shape_of(body: dict) -> str:
