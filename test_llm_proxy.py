@@ -800,27 +800,6 @@ class ForwardingTests(ProxyTestCase):
         self.assertEqual(response.headers["Access-Control-Allow-Origin"], "*")
         self.assertIsNone(response.headers["Retry-After"])
 
-    def test_client_key_never_reaches_upstream_and_upstream_key_never_returns(self) -> None:
-        response = self.chat(headers={"Connection": "keep-alive, X-Hop", "X-Hop": "secret",
-                                      "Keep-Alive": "timeout=5", "X-Custom": "kept"})
-        forwarded = self.upstream.requests[-1]
-        self.assertEqual(forwarded["headers"]["Authorization"], f"Bearer {UPSTREAM_KEY}")
-        self.assertNotIn(CLIENT_KEY, forwarded["raw_headers"] + forwarded["body"].decode())
-        self.assertNotIn("X-Hop", forwarded["headers"])
-        self.assertNotIn("Keep-Alive", forwarded["headers"])
-        self.assertEqual(forwarded["headers"]["X-Custom"], "kept")
-        self.assertNotIn(UPSTREAM_KEY, str(response.headers) + response.body.decode())
-        self.assertNotIn("X-Upstream-Hop", response.headers)
-        written = self.written("POST /v1/chat/completions 200 served")
-        self.assertIn("POST /v1/chat/completions 200 served", written)
-        self.assertNotIn(UPSTREAM_KEY, written)
-        self.assertNotIn(CLIENT_KEY, written)
-
-    def test_without_upstream_key_no_authorization_goes_upstream(self) -> None:
-        self.start_proxy(upstream_key=None)
-        self.chat()
-        self.assertNotIn("Authorization", self.upstream.requests[-1]["headers"])
-
     def test_proxy_headers_are_not_duplicated_by_upstream_ones(self) -> None:
         response = self.chat(headers={"X-Fake": "upstream-cors"})
         self.assertEqual(response.headers.get_all("Access-Control-Allow-Origin"), ["*"])

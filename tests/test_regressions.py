@@ -19,52 +19,8 @@ import urllib.request
 from unittest import mock
 
 import llm_proxy
-from test_llm_proxy import (CLIENT_KEY, HERE, OTHER_KEY, UPSTREAM_KEY, WAIT, ProxyTestCase,
+from test_llm_proxy import (CLIENT_KEY, HERE, OTHER_KEY, WAIT, ProxyTestCase,
                             clean_environment, free_port)
-
-CREDENTIALS = {"x-api-key": CLIENT_KEY, "api-key": CLIENT_KEY,
-               "Proxy-Authorization": "Basic cHJveHk6c2VjcmV0", "Cookie": "session=s3cr3t"}
-
-
-class CredentialTests(ProxyTestCase):
-    """No header that can carry a client credential ever leaves the proxy."""
-
-    config_overrides = {"client_keys": (CLIENT_KEY, OTHER_KEY)}
-
-    def assert_no_credential_forwarded(self) -> None:
-        for forwarded in self.upstream.requests:
-            names = {name.lower() for name in forwarded["headers"]}
-            for header in ("x-api-key", "api-key", "proxy-authorization", "cookie"):
-                self.assertNotIn(header, names, forwarded["path"])
-            self.assertEqual(forwarded["headers"].get("Authorization"), f"Bearer {UPSTREAM_KEY}")
-            for secret in (CLIENT_KEY, "s3cr3t", "cHJveHk6c2VjcmV0"):
-                self.assertNotIn(secret, forwarded["raw_headers"])
-
-    def test_key_in_any_key_header_is_accepted_and_never_forwarded(self) -> None:
-        routes = [("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}),
-                  ("GET", "/v1/models", None), ("POST", "/v1/embeddings", {"input": "x"})]
-        for header in ("x-api-key", "api-key"):
-            for method, path, body in routes:
-                with self.subTest(header=header, path=path):
-                    extra = {header: CLIENT_KEY, "Proxy-Authorization": CREDENTIALS["Proxy-Authorization"],
-                             "Cookie": CREDENTIALS["Cookie"]}
-                    response = self.request(method, path, body, key=None, headers=extra)
-                    self.assertLess(response.status, 400, response.body)
-        self.assertEqual(len(self.upstream.requests), 6)
-        self.assert_no_credential_forwarded()
-
-    def test_a_wrong_key_in_x_api_key_is_refused(self) -> None:
-        response = self.request("GET", "/v1/models", key=None, headers={"x-api-key": "sk-wrong"})
-        self.assert_openai_error(response, 401)
-        self.assertEqual(self.upstream.requests, [])
-
-    def test_open_mode_strips_credentials_too(self) -> None:
-        self.start_proxy(client_keys=())
-        self.chat(key=None, headers=CREDENTIALS)
-        self.request("GET", "/v1/models", key=None, headers=CREDENTIALS)
-        self.assertEqual(len(self.upstream.requests), 2)
-        self.assert_no_credential_forwarded()
-
 
 class QueuedLeaverTests(ProxyTestCase):
     """A client that leaves while queued is dropped from the queue, refunded and never sent."""
@@ -257,12 +213,6 @@ class ReviewFindingTests(ProxyTestCase):
                 self.assertLess(self.request(method, path, {"model": "m"} if method == "POST" else None
                                              ).status, 429)
         self.assertEqual(len(self.upstream.requests), 1 + len(free))
-
-    def test_the_open_webui_token_never_reaches_the_upstream(self) -> None:
-        for key in (CLIENT_KEY, None):
-            self.start_proxy(client_keys=(CLIENT_KEY,) if key else (), max_tokens=10)
-            self.chat(key=key, headers={"X-OpenWebUI-User-Jwt": "eyJhbGciOi.secret.token"})
-            self.assertNotIn("x-openwebui-user-jwt", {n.lower() for n in self.upstream.requests[-1]["headers"]})
 
     def test_an_odd_usage_object_from_the_upstream_is_no_500(self) -> None:
         self.start_proxy(client_keys=(CLIENT_KEY,), cost_mode="usage", max_tokens=1000)

@@ -1,0 +1,107 @@
+"""Credentials: no header a client can carry a credential in (or a person's identity) leaves
+the proxy, and the upstream key never comes back, in every API and in open mode too.
+
+One place for what tests in four files checked.  Run by ``python3 test_llm_proxy.py``.
+"""
+
+from __future__ import annotations
+
+from test_llm_proxy import CLIENT_KEY, OTHER_KEY, UPSTREAM_KEY, ProxyTestCase
+from tests.test_dialects import ROWS, DialectTestCase
+
+CREDENTIALS = {"x-api-key": CLIENT_KEY, "api-key": CLIENT_KEY,
+               "Proxy-Authorization": "Basic cHJveHk6c2VjcmV0", "Cookie": "session=s3cr3t"}
+
+
+class CredentialTests(ProxyTestCase):
+    """No header that can carry a client credential ever leaves the proxy."""
+
+    config_overrides = {"client_keys": (CLIENT_KEY, OTHER_KEY)}
+
+    def assert_no_credential_forwarded(self) -> None:
+        for forwarded in self.upstream.requests:
+            names = {name.lower() for name in forwarded["headers"]}
+            for header in ("x-api-key", "api-key", "proxy-authorization", "cookie"):
+                self.assertNotIn(header, names, forwarded["path"])
+            self.assertEqual(forwarded["headers"].get("Authorization"), f"Bearer {UPSTREAM_KEY}")
+            for secret in (CLIENT_KEY, "s3cr3t", "cHJveHk6c2VjcmV0"):
+                self.assertNotIn(secret, forwarded["raw_headers"])
+
+    def test_key_in_any_key_header_is_accepted_and_never_forwarded(self) -> None:
+        routes = [("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}),
+                  ("GET", "/v1/models", None), ("POST", "/v1/embeddings", {"input": "x"})]
+        for header in ("x-api-key", "api-key"):
+            for method, path, body in routes:
+                with self.subTest(header=header, path=path):
+                    extra = {header: CLIENT_KEY, "Proxy-Authorization": CREDENTIALS["Proxy-Authorization"],
+                             "Cookie": CREDENTIALS["Cookie"]}
+                    response = self.request(method, path, body, key=None, headers=extra)
+                    self.assertLess(response.status, 400, response.body)
+        self.assertEqual(len(self.upstream.requests), 6)
+        self.assert_no_credential_forwarded()
+
+    def test_a_wrong_key_in_x_api_key_is_refused(self) -> None:
+        response = self.request("GET", "/v1/models", key=None, headers={"x-api-key": "sk-wrong"})
+        self.assert_openai_error(response, 401)
+        self.assertEqual(self.upstream.requests, [])
+
+    def test_open_mode_strips_credentials_too(self) -> None:
+        self.start_proxy(client_keys=())
+        self.chat(key=None, headers=CREDENTIALS)
+        self.request("GET", "/v1/models", key=None, headers=CREDENTIALS)
+        self.assertEqual(len(self.upstream.requests), 2)
+        self.assert_no_credential_forwarded()
+
+
+
+    def test_the_open_webui_token_never_reaches_the_upstream(self) -> None:
+        for key in (CLIENT_KEY, None):
+            self.start_proxy(client_keys=(CLIENT_KEY,) if key else (), max_tokens=10)
+            self.chat(key=key, headers={"X-OpenWebUI-User-Jwt": "eyJhbGciOi.secret.token"})
+            self.assertNotIn("x-openwebui-user-jwt", {n.lower() for n in self.upstream.requests[-1]["headers"]})
+
+    def test_open_webui_personal_headers_stay_here(self) -> None:
+        self.chat(headers={"X-OpenWebUI-User-Email": "kid@home.lan", "X-OpenWebUI-User-Name": "Kid",
+                           "X-OpenWebUI-Chat-Id": "c1", "X-Other": "kept"})
+        sent = {name.lower() for name in self.upstream.requests[-1]["headers"]}
+        self.assertFalse({name for name in sent if name.startswith("x-openwebui-")})
+        self.assertIn("x-other", sent)
+
+
+class ForwardedHeadersTests(ProxyTestCase):
+    """The upstream key goes upstream and nowhere else; hop-by-hop headers stay on their hop."""
+
+    def test_client_key_never_reaches_upstream_and_upstream_key_never_returns(self) -> None:
+        response = self.chat(headers={"Connection": "keep-alive, X-Hop", "X-Hop": "secret",
+                                      "Keep-Alive": "timeout=5", "X-Custom": "kept"})
+        forwarded = self.upstream.requests[-1]
+        self.assertEqual(forwarded["headers"]["Authorization"], f"Bearer {UPSTREAM_KEY}")
+        self.assertNotIn(CLIENT_KEY, forwarded["raw_headers"] + forwarded["body"].decode())
+        self.assertNotIn("X-Hop", forwarded["headers"])
+        self.assertNotIn("Keep-Alive", forwarded["headers"])
+        self.assertEqual(forwarded["headers"]["X-Custom"], "kept")
+        self.assertNotIn(UPSTREAM_KEY, str(response.headers) + response.body.decode())
+        self.assertNotIn("X-Upstream-Hop", response.headers)
+        written = self.written("POST /v1/chat/completions 200 served")
+        self.assertIn("POST /v1/chat/completions 200 served", written)
+        self.assertNotIn(UPSTREAM_KEY, written)
+        self.assertNotIn(CLIENT_KEY, written)
+
+    def test_without_upstream_key_no_authorization_goes_upstream(self) -> None:
+        self.start_proxy(upstream_key=None)
+        self.chat()
+        self.assertNotIn("Authorization", self.upstream.requests[-1]["headers"])
+
+
+class EveryApiTests(DialectTestCase):
+    def test_credentials_never_forwarded_and_x_api_key_accepted(self) -> None:
+        for row in ROWS:
+            with self.subTest(row.name):
+                response = self.call(row, key=None, headers={"x-api-key": CLIENT_KEY,
+                                                             "anthropic-version": "2023-06-01",
+                                                             "anthropic-beta": "x-2025"})
+                self.assertEqual(response.status, 200)
+                forwarded = self.upstream.requests[-1]
+                self.assertNotIn(CLIENT_KEY, forwarded["raw_headers"] + forwarded["body"].decode())
+                self.assertEqual(forwarded["headers"]["anthropic-version"], "2023-06-01")
+                self.assertEqual(forwarded["headers"]["anthropic-beta"], "x-2025")
