@@ -39,6 +39,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 UPSTREAM_KEY = "sk-upstream-SECRET-0123456789"
 CLIENT_KEY = "sk-client-alice-9876543210"
 OTHER_KEY = "sk-client-bob-1111111111"
+ADMIN_KEY = "adm-9f3k-owner-secret"
 WAIT = 10.0  # upper bound for any single wait in a test; reaching it means a failure
 
 
@@ -303,6 +304,62 @@ class Response:
             if data:
                 parsed.append(data if data == "[DONE]" else json.loads(data))
         return parsed
+
+
+# --------------------------------------------------------------------------
+# A parser of the Prometheus text exposition format 0.0.4, from its rules
+# --------------------------------------------------------------------------
+
+_NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
+_SAMPLE = re.compile(rf"^({_NAME})(\{{(.*)\}})? (\S+)( -?\d+)?$")
+_LABEL = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\\n]|\\[\\"n])*)"\s*(,|$)')
+
+
+def unescape(value: str) -> str:
+    return re.sub(r'\\([\\"n])', lambda m: "\n" if m.group(1) == "n" else m.group(1), value)
+
+
+def parse_exposition(text: str) -> dict[str, dict]:
+    """Families by name: type, help, samples [(name, labels, value)]; AssertionError if malformed."""
+    assert text.endswith("\n"), "the exposition must end with a line feed"
+    families: dict[str, dict] = {}
+    for line in text.splitlines():
+        if not line:
+            continue
+        if line.startswith("#"):
+            parts = line.split(" ", 3)
+            if len(parts) >= 3 and parts[1] in ("HELP", "TYPE"):
+                family = families.setdefault(parts[2], {"type": None, "help": None, "samples": []})
+                if parts[1] == "TYPE":
+                    assert family["type"] is None and not family["samples"], f"late TYPE: {line}"
+                    assert parts[3] in ("counter", "gauge", "histogram", "summary", "untyped"), line
+                    family["type"] = parts[3]
+                else:
+                    family["help"] = parts[3] if len(parts) > 3 else ""
+            continue
+        match = _SAMPLE.match(line)
+        assert match, f"not a sample line: {line!r}"
+        name, _, label_text, value = match.group(1), match.group(2), match.group(3), match.group(4)
+        labels = {}
+        position = 0
+        while label_text and position < len(label_text):
+            label = _LABEL.match(label_text, position)
+            assert label, f"bad labels in {line!r}"
+            labels[label.group(1)] = unescape(label.group(2))
+            position = label.end()
+        float(value)  # a number, +Inf, -Inf or NaN
+        base = re.sub(r"_(bucket|sum|count)$", "", name) if name not in families else name
+        assert base in families and families[base]["type"], f"sample before its TYPE: {line!r}"
+        families[base]["samples"].append((name, labels, float(value)))
+    for name, family in families.items():
+        if family["type"] == "histogram":
+            buckets = [s for s in family["samples"] if s[0] == name + "_bucket"]
+            counts = [value for _, _, value in buckets]
+            assert counts == sorted(counts), f"{name}: buckets are not cumulative"
+            assert buckets[-1][1]["le"] == "+Inf", f"{name}: no +Inf bucket"
+            total = [value for sample, _, value in family["samples"] if sample == name + "_count"]
+            assert total == [counts[-1]], f"{name}: _count is not the +Inf bucket"
+    return families
 
 
 def send_raw(port: int, data: bytes, read_until_close: bool = True) -> bytes:

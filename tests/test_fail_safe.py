@@ -20,8 +20,8 @@ from typing import Callable
 from unittest import mock
 
 import llm_proxy
-from test_llm_proxy import CLIENT_KEY, OTHER_KEY, WAIT, CapturingLog, ProxyTestCase, Response
-from tests.test_owner import ADMIN_KEY, parse_exposition
+from test_llm_proxy import (ADMIN_KEY, CLIENT_KEY, OTHER_KEY, WAIT, CapturingLog, ProxyTestCase,
+                            Response, parse_exposition)
 
 CONFIG = llm_proxy.Config(upstream_url="http://127.0.0.1:9/v1")
 APP_KEY = "sk-app-of-many-users-5309"
