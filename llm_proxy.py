@@ -854,6 +854,7 @@ class Unit:
 
     name = ""
     counts_tokens = True  # False: the window counts something else (requests)
+    settles = False       # True: ``settle`` replaces the charge with what was used
 
     def estimate(self, call: CallCost) -> int:
         raise NotImplementedError
@@ -895,6 +896,7 @@ class ReportedTokens(Unit):
     """A reservation, then the tokens the upstream reported (or the text streamed)."""
 
     name = "tokens"
+    settles = True
 
     def estimate(self, call: CallCost) -> int:
         return call.reservation
@@ -914,7 +916,7 @@ class CostMode:
         self.name = name
         self.units = {"": own, RequestCount.name: REQUESTS, "tokens": tokens}
         self.least, self.least_setting = least, least_setting
-        self.settles = any(type(unit).settle is not Unit.settle for unit in self.units.values())
+        self.settles = any(unit.settles for unit in self.units.values())
 
     def unit_of(self, spec: BucketSpec) -> Unit:
         return self.units[spec.unit]
@@ -1142,14 +1144,6 @@ def parse_json(data: bytes) -> object:
                 raise json.JSONDecodeError("Extra data", text, len(text) - len(rest))
         return value
     return json.loads(data)
-
-
-def _json_list_or_none(data: bytes) -> list | None:
-    try:
-        value = json.loads(data)
-    except (ValueError, RecursionError):
-        return None
-    return value if isinstance(value, list) else None
 
 
 def added_usage(answers: list[dict]) -> dict[str, int]:
@@ -2653,11 +2647,13 @@ class CallCost:
     A flat-rate call costs REQUEST_TOKEN_COST tokens whatever it says.
     """
 
-    __slots__ = ("dialect", "payload", "config", "capacity", "_prompt")
+    __slots__ = ("dialect", "payload", "config", "capacity", "_prompt", "_estimate", "_reservation")
 
     def __init__(self, dialect: Dialect, payload: dict, config: Config, capacity: int) -> None:
         self.dialect, self.payload, self.config, self.capacity = dialect, payload, config, capacity
         self._prompt: int | None = None
+        self._estimate: int | None = None
+        self._reservation: int | None = None
 
     @property
     def flat(self) -> bool:
@@ -2671,14 +2667,18 @@ class CallCost:
 
     @property
     def estimate(self) -> int:
-        if self.flat:
-            return self.config.request_cost
-        return estimate_tokens(self.payload, self.config.response_reserve, self.dialect, self.prompt)
+        if self._estimate is None:
+            self._estimate = self.config.request_cost if self.flat else estimate_tokens(
+                self.payload, self.config.response_reserve, self.dialect, self.prompt)
+        return self._estimate
 
     @property
     def reservation(self) -> int:
-        if self.flat:
-            return self.config.request_cost
+        if self._reservation is None:
+            self._reservation = self.config.request_cost if self.flat else self._reserved()
+        return self._reservation
+
+    def _reserved(self) -> int:
         allowance = self.dialect.output_allowance(self.payload)
         reserve = self.config.response_reserve
         cost = max(1, self.prompt + (reserve if allowance is None else min(allowance, reserve))
@@ -3209,8 +3209,10 @@ class Call:
 
         In usage mode its usage settles the charge: a list's, added up.
         """
-        text = data.lstrip()
-        reply = _json_or_none(text) if text[:1] != b"[" else _json_list_or_none(text)
+        try:
+            reply = parse_json(data.lstrip())
+        except (ValueError, RecursionError):
+            reply = None
         if isinstance(reply, list):
             reply = {"usage": added_usage(reply)} if reply and all(
                 isinstance(answer, dict) for answer in reply) else None
@@ -3739,9 +3741,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.check_references(payload)
             call.upstream = self.server.upstreams.for_model(payload.get("model"))
             call.model = call.upstream.model or payload.get("model") or ""
-        self.require_models(call.model if payload is not None else checked.model, target)
+        self.require_models(call.model, target)
         if call.identify_user(self.headers, payload, self.server.wall_clock(), required=True):
-            self.require_models(call.model if payload is not None else checked.model, target)
+            self.require_models(call.model, target)
         payers, mode = call.payers, config.mode
         capacity = min((spec.capacity for _, specs in payers for spec in specs
                         if mode.unit_of(spec).counts_tokens), default=1 << 62)  # a reservation's room
