@@ -36,7 +36,10 @@ Routes          ``ROUTES`` and ``route_for``: every path, whether it needs a key
 Errors, paths,  ``ProxyError``, ``parse_target``, the strict header reader and the
 headers         lists of headers never forwarded.
 Replies, Calls  ``limit_answer`` and the rate-limit headers; ``Call``, one request's
-                state, from its arrival to its log line.
+                state, from its arrival to its log line.  What a call takes (its
+                charge, upstream connection, gate slot) is registered with
+                ``Call.on_end`` and let go by ``Call.end``, once, by whoever
+                finishes the call: the handler's thread, or the connection loop.
 Handler         ``ProxyHandler``: HTTP/1.1 framing, then ``route`` and the
                 ``answer_<name>`` methods, ``handle_metered`` (charge, forward,
                 settle) and the writing of answers.
@@ -184,16 +187,18 @@ def run(args: argparse.Namespace, environ: dict[str, str] | None) -> int:
         print(f"llm_proxy: cannot listen on {config.host}:{config.port}: {error.strerror}",
               file=sys.stderr)
         return 2
-    for warning in startup_warnings(config) + server.fit_to_descriptor_limit():
-        log.warning("%s", warning)
-    print(describe(config, server), flush=True)
-    if args.demo:
-        _print_demo_help(server)
+    # Before the listening line: a SIGTERM sent as soon as it appears (a service manager, a
+    # test) must stop the server cleanly, its log written out, not kill it where it stands.
     signal.signal(signal.SIGTERM, _interrupt)
     if hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, lambda signum, frame: server.request_reload())
-    return_freed_memory()
     try:
+        for warning in startup_warnings(config) + server.fit_to_descriptor_limit():
+            log.warning("%s", warning)
+        print(describe(config, server), flush=True)
+        if args.demo:
+            _print_demo_help(server)
+        return_freed_memory()
         server.serve_forever()
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: stop cleanly, saving state
         pass
@@ -3076,32 +3081,33 @@ class Call:
     endpoint: str = "local"          # for the metrics: the API, "free", or a local answer
     unwatch: Callable[[], None] = _nothing  # stops the disconnect watch on this request
     gone: bool = False               # the client hung up (set by the disconnect watcher's thread)
-    deferred: list | None = None     # handed to the connection loop: what waits for its stream's end
+    closers: list = field(default_factory=list)  # what ``end`` runs, registered as taken (on_end)
     # Set once by ``conclude``, for the log line, the history and the metrics alike:
     result: str = ""                 # served, limited, rejected or error
     tokens_charged: int = 0          # taken before forwarding and kept (0 if refunded)
     tokens_paid: int = 0             # what it cost in the end
     seconds: float = 0.0             # from arrival to the end of the answer
 
-    def defer(self, action: Callable[..., None], *args: object) -> None:
-        """Keep ``action`` for the end of the stream the connection loop relays.
+    def on_end(self, action: Callable[..., None], *args: object) -> None:
+        """Run ``action(*args)`` when the call ends: a step that must follow whatever was just taken.
 
-        The handler's ``finally`` clauses (release the gate slot, settle the
-        charge, write the log line ...) run as its thread unwinds; a stream the
-        loop relays is not over by then, so they wait for it, in the same order.
-        Each clause checks ``deferred`` itself and calls directly otherwise: it
-        runs on every request.
+        Each resource is registered as it is taken (the log line first, then the
+        charge, the upstream connection, the gate slot) and let go in the reverse
+        order, by ``end``.  So the same steps run, once, whether the handler's
+        thread ends the call or the connection loop does at the end of a stream it
+        relayed; nobody needs to know which.
         """
-        self.deferred.append((action, args))  # type: ignore[union-attr]
+        self.closers.append((action, args))
 
-    def run_deferred(self) -> None:
-        """The stream handed off has ended: what the handler's unwinding left, in order."""
-        deferred, self.deferred = self.deferred or [], None
-        for action, args in deferred:
+    def end(self) -> None:
+        """Let go of everything the call holds, last taken first; run once, by whoever finishes it."""
+        closers, self.closers = self.closers, []
+        while closers:
+            action, args = closers.pop()
             try:
                 action(*args)
             except Exception:  # one failing step must not keep the others from running
-                log.exception("ending a relayed stream of %s", self.label)
+                log.exception("ending the call of %s", self.label)
 
     def close_charge(self) -> None:
         """Decide what the charge becomes; safe to call more than once (the first call decides).
@@ -3329,6 +3335,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
     call: Call
     watch: _Watch | None = None  # the disconnect watch, made at the connection's first forward
     relayed: RelayedStream | None = None  # the stream the connection loop takes over
+    held: bytearray | None = None  # meanwhile, what the handler writes, for the loop to send
 
     def setup(self) -> None:
         """Reads through a ``SocketReader``, writes go straight to the socket (``write``).
@@ -3426,29 +3433,39 @@ class ProxyHandler(BaseHTTPRequestHandler):
                                       self.call.started + self.server.config.client_timeout)
 
     def handle_request(self) -> None:
+        """Answer one request; the call ends here unless the connection loop relays its stream.
+
+        Then the loop ends it, with the stream (``ConnectionLoop.stream_ended``).  A
+        refusal ends the call before it is answered, so that a client reading the
+        error already finds its charge refunded.
+        """
+        call = self.call
         try:
             self.route()
-        except HandedOff:
-            pass  # the connection loop relays the rest of the stream, then ends the request
         except ProxyError as error:
             if error.close:
                 self.close_connection = True
-            self.send_json(error.status, self.call.dialect.error_body(error), error.headers)
+            call.end()
+            self.send_json(error.status, call.dialect.error_body(error), error.headers)
         except ClientGone:
-            self.call.gone = True
+            call.gone = True
             self.close_connection = True
         except Exception:
             log.exception("internal error on %s %s", loggable(self.command),
                           loggable(self.path.partition("?")[0]))
             self.close_connection = True
-            if not self.call.status:
-                self.send_json(500, self.call.dialect.error_body(
+            call.end()
+            if not call.status:
+                self.send_json(500, call.dialect.error_body(
                     ProxyError(500, "Internal proxy error.", "server_error")))
         finally:
-            if self.call.deferred is None:
-                self.end_request()
-            else:
-                self.call.defer(self.end_request)
+            if self.relayed is None:
+                self.finish_call()
+
+    def finish_call(self) -> None:
+        """The call is over: let go of what it holds (``Call.end``), then record it."""
+        self.call.end()
+        self.end_request()
 
     def end_request(self) -> None:
         self.server.request_arrived(self.connection)
@@ -3756,6 +3773,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         admission = self.server.buckets.charge_all(payers, cost_of)
         if admission.allowed:  # from here on, whatever happens, the charge is closed (or refunded)
             call.charge = Charge(self.server.buckets, payers, admission, mode)
+            call.on_end(call.close_charge)
         else:
             call.limited, call.stream = True, stream
             headers, answer = limit_answer(dialect, admission, (metered or {}).get("model") or call.model
@@ -3763,13 +3781,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                                            dialect.usage_in_stream(metered or {}))
             self.send_bytes(200, headers, answer)
             return
-        try:
-            self.forward(target, forwarded, inspect=None if metered is None else call.check_reply)
-        finally:
-            if call.deferred is None:
-                call.close_charge()
-            else:
-                call.defer(call.close_charge)
+        self.forward(target, forwarded, inspect=None if metered is None else call.check_reply)
 
     def forward(self, target: Target, body: bytes,
                 inspect: Callable[[bytes], bytes] | None = None) -> None:
@@ -3831,7 +3843,13 @@ class ProxyHandler(BaseHTTPRequestHandler):
         """One ``sendall`` per write: the head and body go together, each stream event alone.
 
         (``wfile`` is unbuffered and would make the same call through a Python layer.)
+        While the connection loop relays this connection's stream, writes are held
+        for it instead (``held``): it sends them as the client can take them.
         """
+        held = self.held
+        if held is not None:
+            held += data
+            return
         try:
             self.connection.sendall(data)
         except OSError:
@@ -4640,8 +4658,7 @@ class _Watch:
         with self.lock:
             if self.active:
                 self.active = False
-                if self.watcher._selector is not None:
-                    self.watcher._forget(self)
+                self.watcher.disarmed(self)
 
 
 def _readable_now(sock: socket.socket) -> bool:
@@ -4671,6 +4688,14 @@ class DisconnectWatcher:
     watch is then a flag, no system call, and data a client sends ahead (its next
     request) wakes nobody.  Elsewhere each request registers for readability,
     through ``selectors``, and unregisters when cancelled.
+
+    Why a thread of its own rather than the connection loop's selector: a watch
+    is armed and disarmed by the request's own thread on every request, and
+    here that is a flag under the watch's lock.  The loop's selector is touched
+    by the loop's thread alone (others post to it and wake it), so every
+    request would cost two posts and two wake-ups there.  The two wait for
+    different things, too: this one for hang-ups of connections a thread is
+    working on, the loop for the next request of connections no thread holds.
     """
 
     def __init__(self) -> None:
@@ -4724,6 +4749,12 @@ class DisconnectWatcher:
         if self._epoll is not None:
             with suppress(OSError):
                 self._epoll.modify(watch.fd, _EPOLL_HANG_UP | select.EPOLLONESHOT)
+
+    def disarmed(self, watch: _Watch) -> None:
+        """``watch`` was cancelled (under its lock).  With epoll its registration stays for the
+        connection's next request (a cancelled watch is only a flag); elsewhere it goes."""
+        if self._selector is not None:
+            self._forget(watch)
 
     def release(self, watch: _Watch) -> None:
         """The connection is ending: its watch goes (before its descriptor can be reused)."""
@@ -4835,32 +4866,23 @@ class Relay:
         client.watch = server.watcher.watch(client.connection,
                                             lambda: self.client_left(gate, ticket, exchange), client.watch)
         call.unwatch = client.watch.cancel
+        call.on_end(self.let_go, exchange)
+        gate.acquire(ticket)
+        call.on_end(gate.release, ticket)
         try:
-            gate.acquire(ticket)  # (not a context manager: this runs on every request)
-            try:
-                started = time.monotonic()
-                response = exchange.send(client.command, path, headers, body)
-                call.upstream_ms = (time.monotonic() - started) * 1000
-                upstream.state.answered()
-                self.exchange = exchange
-                exchange.completed = self.relay(response, inspect)
-            except (OSError, http.client.HTTPException) as error:
-                if call.gone:
-                    raise ClientGone() from None
-                failure = upstream_failure(error)
-                if not exchange.sent or call.upstream_ms is None:
-                    upstream.state.failed(failure)
-                raise failure from None
-            finally:  # (unless the loop relays the stream: then at its end, Call.defer)
-                if call.deferred is None:
-                    gate.release(ticket)
-                else:
-                    call.defer(gate.release, ticket)
-        finally:
-            if call.deferred is None:
-                self.let_go(exchange)
-            else:
-                call.defer(self.let_go, exchange)
+            started = time.monotonic()
+            response = exchange.send(client.command, path, headers, body)
+            call.upstream_ms = (time.monotonic() - started) * 1000
+            upstream.state.answered()
+            self.exchange = exchange
+            exchange.completed = self.relay(response, inspect)
+        except (OSError, http.client.HTTPException) as error:
+            if call.gone:
+                raise ClientGone() from None
+            failure = upstream_failure(error)
+            if not exchange.sent or call.upstream_ms is None:
+                upstream.state.failed(failure)
+            raise failure from None
 
     def let_go(self, exchange: UpstreamExchange) -> None:
         """The answer is over: stop watching the client, and pool or close the upstream connection."""
@@ -4911,7 +4933,8 @@ class Relay:
         connection loop can relay it (see ``ConnectionLoop.can_relay``), this
         thread relays what has arrived and hands the stream to the loop the
         first time the upstream would make it wait (a stream that never waits
-        costs nothing more), then goes.
+        costs nothing more), then returns; the handler, seeing ``relayed`` set,
+        leaves the call to the loop.
         """
         call = self.call
         ok = response.status < 400
@@ -4930,8 +4953,7 @@ class Relay:
                     data = pump.next()
                 except NeedMore:  # the upstream makes us wait: the loop waits instead of this thread
                     client.relayed = RelayedStream(loop, self, pump)
-                    call.deferred = []
-                    raise HandedOff() from None
+                    return False  # for now: the loop ends the stream, and the call (Call.end)
                 if data is None:
                     break
                 client.write_chunk(data)
@@ -4963,10 +4985,6 @@ class Relay:
         if completed or framing is not None:
             client.end_chunked()
         return completed
-
-
-class HandedOff(Exception):
-    """Unwinds a handler whose stream the connection loop relays from here on."""
 
 
 class EventPump:
@@ -5102,9 +5120,9 @@ class ConnectionLoop:
 
     HIGH_WATER = 64 * 1024  # bytes waiting for a slow client before the upstream is read no more
 
-    def __init__(self, server: ProxyServer) -> None:
-        self.server = server
-        config = server.config
+    def __init__(self, config: Config, serve: Callable[[socket.socket, tuple, ProxyHandler | None], None],
+                 close: Callable[[socket.socket], None]) -> None:
+        self.serve, self.close_connection = serve, close  # a thread for a connection; its end
         self.idle_timeout = config.client_timeout
         self.read_timeout, self.write_timeout = config.read_timeout, config.client_timeout
         # Stream deadlines are checked in a sweep, often enough for the shortest timeout.
@@ -5213,12 +5231,35 @@ class ConnectionLoop:
         """The parked connection has something to read (a request, or its end): a thread takes it."""
         self.selector.unregister(connection)
         address, handler, _ = self._parked.pop(connection)
-        self.server.serve_in_thread(connection, address, handler)
+        self.serve(connection, address, handler)
 
     def _end(self, connection: socket.socket, handler: ProxyHandler | None) -> None:
         if handler is not None:
             handler.finish()
-        self.server.shutdown_request(connection)
+        self.close_connection(connection)
+
+    def stream_ended(self, stream: RelayedStream) -> None:
+        """A relayed stream is over: its call ends, then its connection takes its next step.
+
+        It closes, or goes back to a thread if its next request came during the
+        stream, or waits here for that request (the handler waits with it: its
+        watch stays registered, nothing is set up again).
+        """
+        if stream not in self.streams:
+            return
+        self.streams.discard(stream)
+        for sock in (stream.upstream, stream.client):
+            self.watch(sock, 0, stream.on_upstream)
+        handler, connection = stream.handler, stream.client
+        handler.relayed = handler.held = None  # its writes go to the socket again
+        handler.finish_call()
+        if handler.close_connection:
+            self._end(connection, handler)
+        elif handler.rfile.buffer:
+            self.serve(connection, handler.client_address, handler)
+        else:
+            handler.forget_request()
+            self._park(connection, handler.client_address, handler)
 
     def _expire_parked(self, now: float) -> None:
         while self._parked:
@@ -5275,9 +5316,9 @@ class RelayedStream:
     the client, which is the backpressure a thread's blocking write gave.  The
     deadlines are the thread's socket timeouts: READ_TIMEOUT since the
     upstream last sent something, CLIENT_TIMEOUT for pending bytes to drain.
-    When the stream ends, what the handler's unwinding deferred runs (``Call.
-    run_deferred``), then the connection waits for its next request, or goes
-    back to a thread if that request is already buffered, or closes.
+    The handler's writes are held in its ``held`` buffer meanwhile, which this
+    sends as the client takes it.  When the stream ends, the loop ends the call
+    and decides the connection's next step (``ConnectionLoop.stream_ended``).
     """
 
     __slots__ = ("loop", "relay", "pump", "handler", "call", "upstream", "client", "out",
@@ -5288,20 +5329,16 @@ class RelayedStream:
         self.handler, self.call = relay.client, relay.call
         self.upstream = relay.exchange.conn.sock  # type: ignore[union-attr]
         self.client = self.handler.connection
-        self.out = bytearray()
+        self.out = self.handler.held = bytearray()  # the handler's writes, sent from here
         self.ended = False
         self.held_back = False  # the pump stopped at HIGH_WATER: it may hold more without a read
         self.upstream_deadline = 0.0
         self.client_deadline: float | None = None
-        self.handler.write = self.send  # type: ignore[method-assign]  # the handler's writes, buffered
 
     def start(self) -> None:
         self.loop.streams.add(self)
         self.upstream_deadline = time.monotonic() + self.loop.read_timeout
         self.pump_events()  # what arrived since the handler's thread stopped reading
-
-    def send(self, data: bytes) -> None:
-        self.out += data
 
     # -- upstream --------------------------------------------------------------
 
@@ -5386,24 +5423,7 @@ class RelayedStream:
             self.finish(socket.timeout("timed out"))
 
     def close(self) -> None:
-        """Everything the handler left for the stream's end, then the connection's next step."""
-        loop, handler = self.loop, self.handler
-        if self not in loop.streams:
-            return
-        loop.streams.discard(self)
-        for sock in (self.upstream, self.client):
-            loop.watch(sock, 0, self.on_upstream)
-        del handler.write  # the class's method again: sent at once
-        handler.relayed = None
-        self.call.run_deferred()
-        connection = self.client
-        if handler.close_connection:
-            loop._end(connection, handler)
-        elif handler.rfile.buffer:  # the next request came during the stream: a thread for it
-            loop.server.serve_in_thread(connection, handler.client_address, handler)
-        else:  # the handler waits with it: its watch stays registered, nothing is set up again
-            handler.forget_request()
-            loop._park(connection, handler.client_address, handler)
+        self.loop.stream_ended(self)
 
 
 def read_whole(response: UpstreamResponse, limit: int) -> bytes:
@@ -6395,7 +6415,7 @@ class ProxyServer(TrackedServer):
         self.console = LineWriter(sys.stderr if console is None else console)
         self.watcher = DisconnectWatcher()
         self.workers = Workers()
-        self.loop = ConnectionLoop(self)
+        self.loop = ConnectionLoop(config, self.serve_in_thread, self.shutdown_request)
         self._reading: dict[socket.socket, float] = {}  # connection -> when its request must be in
         self._wake = threading.Event()
         self._closing = False

@@ -229,7 +229,9 @@ def start_proxy(upstream_port: int, root: str = ROOT, **env: str) -> tuple[Proce
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     settings = {"HOST": "127.0.0.1", "PORT": str(port), "MAX_TOKENS": "1000000000",
-                "REFILL_TOKENS": "1", "BASE_API_URL": f"http://127.0.0.1:{upstream_port}/v1"}
+                "REFILL_TOKENS": "1", "BASE_API_URL": f"http://127.0.0.1:{upstream_port}/v1",
+                # every benchmark client comes from 127.0.0.1: no share per address
+                "MAX_CONNECTIONS_PER_CLIENT": "0"}
     settings.update(env)
     environment = {k: os.environ[k] for k in ("PATH", "HOME", "LANG") if k in os.environ}
     environment.update(settings)
