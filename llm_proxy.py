@@ -3785,7 +3785,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def forward(self, target: Target, body: bytes,
                 inspect: Callable[[bytes], bytes] | None = None) -> None:
-        Relay(self).forward(target, body, inspect)
+        call, server = self.call, self.server
+        call.upstream = call.upstream or server.upstreams.for_model(call.model)
+        Relay(self, server.watcher, server.loop).forward(target, body, inspect)
 
     # -- writing -------------------------------------------------------------
 
@@ -4840,10 +4842,10 @@ class Relay:
     from facts, in ``Call.close_charge``.
     """
 
-    def __init__(self, client: ProxyHandler) -> None:
+    def __init__(self, client: ProxyHandler, watcher: DisconnectWatcher, loop: ConnectionLoop) -> None:
         self.client = client
-        self.server = client.server
         self.call = client.call
+        self.watcher, self.loop = watcher, loop
         self.exchange: UpstreamExchange | None = None
 
     def forward(self, target: Target, body: bytes,
@@ -4854,8 +4856,9 @@ class Relay:
         The client is watched from the moment it queues: one that leaves while
         waiting is taken out of the queue and its request never sent.
         """
-        server, call, client = self.server, self.call, self.client
-        upstream = call.upstream = call.upstream or server.upstreams.for_model(call.model)
+        call, client = self.call, self.client
+        upstream = call.upstream
+        assert upstream is not None  # (the handler named it)
         headers = copied_headers(client.headers, call.not_forwarded(), PERSONAL_HEADER_PREFIXES)
         headers.extend(upstream.credentials())
         if body or client.command in ("POST", "PUT", "PATCH"):
@@ -4863,8 +4866,8 @@ class Relay:
         path = target.upstream_path(upstream.target.base_path, call.dialect.upstream_root)
         exchange = UpstreamExchange(upstream.pool)
         ticket, gate = call.ticket(), upstream.gate
-        client.watch = server.watcher.watch(client.connection,
-                                            lambda: self.client_left(gate, ticket, exchange), client.watch)
+        client.watch = self.watcher.watch(client.connection,
+                                          lambda: self.client_left(gate, ticket, exchange), client.watch)
         call.unwatch = client.watch.cancel
         call.on_end(self.let_go, exchange)
         gate.acquire(ticket)
@@ -4945,7 +4948,7 @@ class Relay:
         client.start_chunked(response.status, headers + self.meter_headers(), response.reason)
         meter = call.meter if framing is not None and ok else None
         pump = EventPump(response, framing, meter, call.dialect.usage_marker)
-        loop = self.server.loop
+        loop = self.loop
         response.reader.nowait = loop.can_relay(client, self.exchange, response)  # type: ignore[arg-type]
         try:
             while True:
