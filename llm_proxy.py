@@ -165,14 +165,38 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
     console.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.setLevel(logging.INFO)
     background = BackgroundLog(log, console)
+    server = start(args, environ)
+    if server is None:
+        background.close()
+        return 2
+    threading.Thread(target=serve, args=(server, background), name="server").start()
+    return 0
+
+
+def serve(server: ProxyServer, background: BackgroundLog) -> None:
+    """Serve until a signal stops the server, then close it (saving state) and the log.
+
+    The server runs on a thread of its own, not on the main thread, so that the
+    script's top level ends: CPython keeps a script's whole syntax tree, about a
+    third of the idle process, until then.  The main thread, its script done,
+    waits for this one in the interpreter's shutdown, and runs the signal handlers
+    (Python runs them on the main thread only), which stop the server.  The pages
+    the tree held go back to the system once the main thread is done with it.
+    """
+    threading.Thread(target=return_freed_memory, args=(threading.main_thread(),),
+                     name="trim", daemon=True).start()
     try:
-        return run(args, environ)
+        server.serve_forever()
     finally:
+        server.server_close()
         background.close()
 
 
-def run(args: argparse.Namespace, environ: dict[str, str] | None) -> int:
-    """Configure, start and serve until Ctrl-C or SIGTERM; 2 when the configuration is bad."""
+def start(args: argparse.Namespace, environ: dict[str, str] | None) -> ProxyServer | None:
+    """Configure and listen; None (having said why) when the configuration is bad.
+
+    Ctrl-C and SIGTERM stop the server cleanly, SIGHUP re-reads the keys file.
+    """
     environ = dict(os.environ if environ is None else environ)
     try:
         config = Config.from_env(environ)
@@ -182,33 +206,23 @@ def run(args: argparse.Namespace, environ: dict[str, str] | None) -> int:
         server = ProxyServer(config)
     except ConfigError as error:
         print(f"llm_proxy: {error}", file=sys.stderr)
-        return 2
+        return None
     except OSError as error:
         print(f"llm_proxy: cannot listen on {config.host}:{config.port}: {error.strerror}",
               file=sys.stderr)
-        return 2
+        return None
     # Before the listening line: a SIGTERM sent as soon as it appears (a service manager, a
     # test) must stop the server cleanly, its log written out, not kill it where it stands.
-    signal.signal(signal.SIGTERM, _interrupt)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda signum, frame: server.shutdown())
     if hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, lambda signum, frame: server.request_reload())
-    try:
-        for warning in startup_warnings(config) + server.fit_to_descriptor_limit():
-            log.warning("%s", warning)
-        print(describe(config, server), flush=True)
-        if args.demo:
-            _print_demo_help(server)
-        return_freed_memory()
-        server.serve_forever()
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: stop cleanly, saving state
-        pass
-    finally:
-        server.server_close()
-    return 0
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
+    for warning in startup_warnings(config) + server.fit_to_descriptor_limit():
+        log.warning("%s", warning)
+    print(describe(config, server), flush=True)
+    if args.demo:
+        _print_demo_help(server)
+    return server
 
 
 def _demo_config(config: Config, echo_port: int, environ: dict[str, str]) -> Config:
@@ -235,15 +249,15 @@ Add "stream": true to see tokens arrive; repeat {server.config.max_tokens + 1} t
 """, flush=True)
 
 
-def return_freed_memory() -> None:
-    """Give the pages freed since startup back to the system (glibc only), before serving.
+def return_freed_memory(after: threading.Thread) -> None:
+    """Once ``after`` (the main thread) has ended, give the pages freed since startup back.
 
-    Imported from source (``python -m llm_proxy`` where no cached ``.pyc`` can be written),
-    the module's syntax tree is freed once compiled, but between live objects, where glibc's
-    automatic trim (top of the heap only) cannot return it; malloc_trim returns every free
-    page. Run as a script, CPython keeps that tree alive while the script runs, so there is
-    little to return. Elsewhere (musl, macOS) there is no malloc_trim and nothing is done.
+    The script's syntax tree is freed when the script's top level ends, but between
+    live objects, where glibc's automatic trim (top of the heap only) cannot return
+    it; malloc_trim returns every free page.  Elsewhere (musl, macOS) there is no
+    malloc_trim and nothing is done.
     """
+    after.join()
     try:
         import ctypes
         ctypes.CDLL(None).malloc_trim(0)
