@@ -687,10 +687,11 @@ class ScriptTests(unittest.TestCase):
         echo = llm_proxy.start_echo_model(word_delay=0)
         self.addCleanup(lambda: (echo.shutdown(), echo.server_close()))
         port = free_port()
-        with open(os.path.join(self.tmp(), "saved.env"), "w") as saved:
-            saved.write("# saved\nMAX_TOKENS=7\nREFILL_TOKENS=3\nBASE_API_URL='http://127.0.0.1:9/v1'\n")
+        with open(os.path.join(self.tmp(), "saved.env"), "w") as saved:  # (curl's script reads
+            saved.write("# saved\nMAX_TOKENS=7\nREFILL_TOKENS=3\nBASE_API_URL='http://127.0.0.1:9/v1'\n"
+                        f"PORT={port}\r\nPROXY_API_KEYS='saved-key,other'\n")  # its port and key too)
         env = clean_environment()
-        env.update(LLM_PROXY_SETTINGS=saved.name, REFILL_TOKENS="4", PORT=str(port),
+        env.update(LLM_PROXY_SETTINGS=saved.name, REFILL_TOKENS="4",
                    BASE_API_URL=f"http://127.0.0.1:{echo.server_address[1]}/v1")
         process = subprocess.Popen(["bash", os.path.join(HERE, "run_local_proxy.sh")], env=env,
                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
