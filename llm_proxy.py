@@ -165,38 +165,14 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
     console.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.setLevel(logging.INFO)
     background = BackgroundLog(log, console)
-    server = start(args, environ)
-    if server is None:
-        background.close()
-        return 2
-    threading.Thread(target=serve, args=(server, background), name="server").start()
-    return 0
-
-
-def serve(server: ProxyServer, background: BackgroundLog) -> None:
-    """Serve until a signal stops the server, then close it (saving state) and the log.
-
-    The server runs on a thread of its own, not on the main thread, so that the
-    script's top level ends: CPython keeps a script's whole syntax tree, about a
-    third of the idle process, until then.  The main thread, its script done,
-    waits for this one in the interpreter's shutdown, and runs the signal handlers
-    (Python runs them on the main thread only), which stop the server.  The pages
-    the tree held go back to the system once the main thread is done with it.
-    """
-    threading.Thread(target=return_freed_memory, args=(threading.main_thread(),),
-                     name="trim", daemon=True).start()
     try:
-        server.serve_forever()
+        return run(args, environ)
     finally:
-        server.server_close()
         background.close()
 
 
-def start(args: argparse.Namespace, environ: dict[str, str] | None) -> ProxyServer | None:
-    """Configure and listen; None (having said why) when the configuration is bad.
-
-    Ctrl-C and SIGTERM stop the server cleanly, SIGHUP re-reads the keys file.
-    """
+def run(args: argparse.Namespace, environ: dict[str, str] | None) -> int:
+    """Configure, start and serve until Ctrl-C or SIGTERM; 2 when the configuration is bad."""
     environ = dict(os.environ if environ is None else environ)
     try:
         config = Config.from_env(environ)
@@ -206,23 +182,33 @@ def start(args: argparse.Namespace, environ: dict[str, str] | None) -> ProxyServ
         server = ProxyServer(config)
     except ConfigError as error:
         print(f"llm_proxy: {error}", file=sys.stderr)
-        return None
+        return 2
     except OSError as error:
         print(f"llm_proxy: cannot listen on {config.host}:{config.port}: {error.strerror}",
               file=sys.stderr)
-        return None
+        return 2
     # Before the listening line: a SIGTERM sent as soon as it appears (a service manager, a
     # test) must stop the server cleanly, its log written out, not kill it where it stands.
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda signum, frame: server.shutdown())
+    signal.signal(signal.SIGTERM, _interrupt)
     if hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, lambda signum, frame: server.request_reload())
-    for warning in startup_warnings(config) + server.fit_to_descriptor_limit():
-        log.warning("%s", warning)
-    print(describe(config, server), flush=True)
-    if args.demo:
-        _print_demo_help(server)
-    return server
+    try:
+        for warning in startup_warnings(config) + server.fit_to_descriptor_limit():
+            log.warning("%s", warning)
+        print(describe(config, server), flush=True)
+        if args.demo:
+            _print_demo_help(server)
+        return_freed_memory()
+        server.serve_forever()
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: stop cleanly, saving state
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _demo_config(config: Config, echo_port: int, environ: dict[str, str]) -> Config:
@@ -249,15 +235,15 @@ Add "stream": true to see tokens arrive; repeat {server.config.max_tokens + 1} t
 """, flush=True)
 
 
-def return_freed_memory(after: threading.Thread) -> None:
-    """Once ``after`` (the main thread) has ended, give the pages freed since startup back.
+def return_freed_memory() -> None:
+    """Give the pages freed since startup back to the system (glibc only), before serving.
 
-    The script's syntax tree is freed when the script's top level ends, but between
-    live objects, where glibc's automatic trim (top of the heap only) cannot return
-    it; malloc_trim returns every free page.  Elsewhere (musl, macOS) there is no
-    malloc_trim and nothing is done.
+    Imported from source (``python -m llm_proxy`` where no cached ``.pyc`` can be written),
+    the module's syntax tree is freed once compiled, but between live objects, where glibc's
+    automatic trim (top of the heap only) cannot return it; malloc_trim returns every free
+    page. Run as a script, CPython keeps that tree alive while the script runs, so there is
+    little to return. Elsewhere (musl, macOS) there is no malloc_trim and nothing is done.
     """
-    after.join()
     try:
         import ctypes
         ctypes.CDLL(None).malloc_trim(0)
@@ -3105,9 +3091,9 @@ class Call:
     def on_end(self, action: Callable[..., None], *args: object) -> None:
         """Run ``action(*args)`` when the call ends: a step that must follow whatever was just taken.
 
-        Each resource is registered as it is taken (the log line first, then the
-        charge, the upstream connection, the gate slot) and let go in the reverse
-        order, by ``end``.  So the same steps run, once, whether the handler's
+        Each resource is registered as it is taken (the charge, the upstream
+        connection, the gate slot) and let go in the reverse order, by ``end``;
+        the record is written after that (``ProxyHandler.finish_call``).  So the same steps run, once, whether the handler's
         thread ends the call or the connection loop does at the end of a stream it
         relayed; nobody needs to know which.
         """
@@ -4449,7 +4435,7 @@ class FairGate:
 
     Waiting requests are served round-robin by key, so a key with twenty queued
     requests does not delay a key with one.  Every slot ``acquire`` grants is
-    given back by ``release``, which the relay calls in a ``finally``.
+    given back by ``release``, which the relay registers with the call (``Call.on_end``).
     """
 
     def __init__(self, limit: int, timeout: float) -> None:
@@ -5076,7 +5062,14 @@ class Workers:
                 self._idle -= 1  # that worker is counted out here, under the lock it checks too
                 self._jobs.put((work, args))
                 return
-        threading.Thread(target=self._work, args=(work, args), daemon=True).start()
+        try:
+            threading.Thread(target=self._work, args=(work, args), daemon=True).start()
+        except RuntimeError:  # no thread to be had (a task limit): the work was never started
+            with self._lock:
+                self._busy -= 1
+                if not self._busy:
+                    self._all_done.notify_all()
+            raise
 
     def _work(self, work: Callable[..., None], args: tuple) -> None:
         while True:
@@ -5154,6 +5147,7 @@ class ConnectionLoop:
         self._watched: dict[int, int] = {}  # a stream's sockets: descriptor -> events
         self.streams: set[RelayedStream] = set()
         self._stopped = False
+        self._post_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="connection-loop", daemon=True)
         self._thread.start()
 
@@ -5180,11 +5174,18 @@ class ConnectionLoop:
                 and type(client.connection) is TimedSocket)
 
     def _post(self, action: Callable[[], None], if_stopped: Callable[[], None]) -> None:
-        """``action`` on the loop's thread; ``if_stopped`` here instead once the server is closing."""
-        if self._stopped:  # nothing waits any more
+        """``action`` on the loop's thread; ``if_stopped`` here instead once the server is closing.
+
+        The lock makes the two exclusive: what ``close`` did not find in the inbox
+        is run here.
+        """
+        with self._post_lock:
+            posted = not self._stopped
+            if posted:
+                self._inbox.append(action)
+        if not posted:  # nothing waits any more
             if_stopped()
             return
-        self._inbox.append(action)
         with suppress(OSError):  # a full wake-up pipe already wakes the loop
             self._wake_writer.send(b"\0")
 
@@ -5248,7 +5249,20 @@ class ConnectionLoop:
         """The parked connection has something to read (a request, or its end): a thread takes it."""
         self.selector.unregister(connection)
         address, handler, _ = self._parked.pop(connection)
-        self.serve(connection, address, handler)
+        self._next_step(connection, handler, self.serve, connection, address, handler)
+
+    def _next_step(self, connection: socket.socket, handler: ProxyHandler | None,
+                   step: Callable[..., None], *args: object) -> None:
+        """Give ``connection`` its next step; if that fails, close it rather than lose it.
+
+        (A connection neither parked, served nor closed would hold its slot, and its
+        client would wait, for ever.)
+        """
+        try:
+            step(*args)
+        except Exception:
+            log.exception("connection loop: closing a connection whose next step failed")
+            self._end(connection, handler)
 
     def _end(self, connection: socket.socket, handler: ProxyHandler | None) -> None:
         if handler is not None:
@@ -5262,13 +5276,17 @@ class ConnectionLoop:
         stream, or waits here for that request (the handler waits with it: its
         watch stays registered, nothing is set up again).
         """
-        if stream not in self.streams:
+        if stream.closed:
             return
+        stream.closed = True  # (a stream the loop never started, handed in as it closed, too)
         self.streams.discard(stream)
         for sock in (stream.upstream, stream.client):
             self.watch(sock, 0, stream.on_upstream)
         handler, connection = stream.handler, stream.client
         handler.relayed = handler.held = None  # its writes go to the socket again
+        self._next_step(connection, handler, self._after_stream, connection, handler)
+
+    def _after_stream(self, connection: socket.socket, handler: ProxyHandler) -> None:
         handler.finish_call()
         if handler.close_connection:
             self._end(connection, handler)
@@ -5310,7 +5328,8 @@ class ConnectionLoop:
 
     def close(self) -> None:
         """Stop; parked connections close, relayed streams end as if their clients had left."""
-        self._stopped = True
+        with self._post_lock:
+            self._stopped = True
         with suppress(OSError):
             self._wake_writer.send(b"\0")
         self._thread.join()
@@ -5339,7 +5358,8 @@ class RelayedStream:
     """
 
     __slots__ = ("loop", "relay", "pump", "handler", "call", "upstream", "client", "out",
-                 "ended", "held_back", "upstream_deadline", "client_deadline", "__weakref__")
+                 "ended", "closed", "held_back", "upstream_deadline", "client_deadline",
+                 "__weakref__")
 
     def __init__(self, loop: ConnectionLoop, relay: Relay, pump: EventPump) -> None:
         self.loop, self.relay, self.pump = loop, relay, pump
@@ -5347,7 +5367,8 @@ class RelayedStream:
         self.upstream = relay.exchange.conn.sock  # type: ignore[union-attr]
         self.client = self.handler.connection
         self.out = self.handler.held = bytearray()  # the handler's writes, sent from here
-        self.ended = False
+        self.ended = False   # the upstream's part is over
+        self.closed = False  # ... and the call, and the connection's turn (stream_ended)
         self.held_back = False  # the pump stopped at HIGH_WATER: it may hold more without a read
         self.upstream_deadline = 0.0
         self.client_deadline: float | None = None
