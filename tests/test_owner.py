@@ -93,9 +93,14 @@ class UsageReportTests(OwnerTestCase):
         self.assertEqual(report["upstream"], {"url": self.upstream.url, "up": True, "last_error": None})
         keys = {entry["name"]: entry for entry in report["keys"]}
         ada = keys["ada"]
-        self.assertEqual(ada["usage"]["today"], {"requests": 7, "served": 5, "limited": 1, "rejected": 1,
-                                                 "error": 0, "prompt_tokens": 15, "completion_tokens": 30,
-                                                 "tokens_charged": 5})
+        counts = {"requests": 7, "served": 5, "limited": 1, "rejected": 1, "error": 0, "prompt_tokens": 15,
+                  "completion_tokens": 30, "tokens_charged": 5, "cached_tokens": 0, "reasoning_tokens": 0,
+                  "cost": 0}
+        rejected = dict.fromkeys(counts, 0)  # a model that is no name is no model: counted as _other
+        rejected.update(requests=1, rejected=1)
+        served = {name: counts[name] - rejected[name] for name in counts}
+        self.assertEqual(ada["usage"]["today"], dict(counts, by_model={"client-model": served,
+                                                                       "_other": rejected}))
         self.assertEqual(ada["usage"]["all_time"]["requests"], 7)
         self.assertEqual([b["tokens"] for b in ada["buckets"]], [0, 15])
         self.assertEqual(len(ada["daily"]), 30)
