@@ -6054,6 +6054,10 @@ class AdminView:
         lines += _family("llm_proxy_tokens_total", "counter",
                          "Tokens by key: prompt and completion as the upstream reported, charged after settling.",
                          ((_labels((("key", k), ("user", u), ("type", t))), n) for (k, u, t), n in tokens))
+        lines += _family("llm_proxy_cost_total", "counter",
+                         "What each key's requests cost, by model, in MODELS_FILE's currency.",
+                         ((_labels((("key", k), ("model", m))), round(c, COST_DECIMALS))
+                          for (k, m), c in metrics.cost_series()))
         lines += _family("llm_proxy_bucket_tokens", "gauge", "Tokens left in each named key's windows.",
                          self.bucket_samples())
         lines += _family("llm_proxy_in_flight", "gauge", "Requests at the upstream now.",
@@ -6410,7 +6414,7 @@ class AlertSender:
         self.shown = f"{parts.scheme}://{parts.hostname}" + (f":{parts.port}" if parts.port else "") + "/..."
         self.timeout = timeout
         self.backoff = tuple(backoff)
-        self.sent = self.lost = 0
+        self.sent = self.lost = self.pending = 0
         self.failing = False
         self._lost_in_outage = 0
         self._count_lock = threading.Lock()
@@ -6422,10 +6426,13 @@ class AlertSender:
 
     def send(self, payload: dict) -> None:
         """Queue one alert; never waits."""
+        with self._count_lock:
+            self.pending += 1
         try:
             self._queue.put_nowait(payload)
         except queue.Full:
             self.count_lost()
+            self.done()
 
     def _run(self) -> None:
         guard = LoopGuard("alerts")
@@ -6434,6 +6441,16 @@ class AlertSender:
             if payload is None or self._stop.is_set():
                 return
             guard.run("posting an alert", self.deliver, payload)
+            self.done()
+
+    def done(self) -> None:
+        with self._count_lock:
+            self.pending -= 1
+
+    @property
+    def drained(self) -> bool:
+        """Every alert queued so far was posted, or given up."""
+        return self.pending == 0
 
     def deliver(self, payload: dict) -> bool:
         """Post one alert, retrying after each backoff delay; True once the hook took it."""
