@@ -5961,6 +5961,10 @@ class AdminView:
             return CSV_HEADERS, self.usage_csv(first, last).encode("utf-8")
         return [JSON_TYPE], json_bytes(self.usage_report())
 
+    def currency(self) -> str | None:
+        """What costs are counted in: MODELS_FILE's currency, None while no price is known."""
+        return None
+
     # -- the usage export ------------------------------------------------------
 
     def date_range(self, query: str) -> tuple[str, str]:
@@ -6019,7 +6023,7 @@ class AdminView:
                 keys.append(self.caller(identity, ledger.key, server.keyring.policy_of(identity),
                                         today, days))
         upstream = server.upstreams.default
-        return {"now": _iso_time(now),
+        return {"now": _iso_time(now), "currency": self.currency(),
                 "upstream": {"url": upstream.target.display, "up": upstream.state.up,
                              "last_error": upstream.state.last_error},
                 "in_flight": server.upstreams.in_flight, "queued": server.upstreams.waiting,
@@ -6266,16 +6270,25 @@ class Crossing(NamedTuple):
     percent: float
     threshold: float
     resets: str | None
+    currency: str | None = None  # a money window's
 
     def payload(self) -> dict:
         """The JSON posted: ``text`` for Slack and Mattermost, ``content`` for Discord (whose
         ``allowed_mentions`` ping nobody), and every field for scripts. Names, never keys."""
         who = chat_safe(self.key) + ("" if self.user is None else f" / user {chat_safe(self.user)}")
+        amounts = f"{_number(self.used)} of {_number(self.capacity)} {self.currency or self.unit}"
         text = (f"llm_proxy: {who}: window {chat_safe(self.window)} is {self.percent:g}% used "
-                f"({_number(self.used)} of {_number(self.capacity)} {self.unit}), past the "
-                f"{self.threshold:g}% alert; " + (f"resets {self.resets}" if self.resets
-                                                  else "it never refills"))
+                f"({amounts}), past the {self.threshold:g}% alert; "
+                + (f"resets {self.resets}" if self.resets else "it never refills"))
         return dict(self._asdict(), text=text, content=text, allowed_mentions={"parse": []})
+
+
+def refused_short(spec: BucketSpec, level: dict, cost: int) -> bool:
+    """Whether a window refused a cost it could pay when full: its level (as shown, perhaps in
+    a currency) below the cost (counted as the bucket counts)."""
+    if not level["capacity"] or cost > spec.capacity:
+        return False
+    return level["tokens"] * (spec.capacity / level["capacity"]) < cost
 
 
 class AlertWatch:
@@ -6291,10 +6304,12 @@ class AlertWatch:
     """
 
     def __init__(self, thresholds: Sequence[float], sender: AlertSender,
-                 wall_clock: Callable[[], float] = time.time) -> None:
+                 wall_clock: Callable[[], float] = time.time,
+                 currency: Callable[[], str | None] = lambda: None) -> None:
         self.thresholds = tuple(thresholds)
         self.sender = sender
         self.wall_clock = wall_clock
+        self.currency = currency  # what a money window's amounts are in
         self._marks: dict[tuple[str, str, float], float | bool] = {}  # True, or a period's end
         self._lock = threading.Lock()
         self._full_reported = False
@@ -6307,7 +6322,7 @@ class AlertWatch:
             costs = refused[payer] if payer < len(refused) else ()
             user = call.user if payer == 0 and call.app is not None else None
             for index, (spec, level) in enumerate(zip(specs, levels)):
-                blocked = index < len(costs) and level["tokens"] < costs[index] <= spec.capacity
+                blocked = index < len(costs) and refused_short(spec, level, costs[index])
                 self.check_window(identity, index, spec, level, call.label, user,
                                   mode.unit_of(spec).name or "tokens", blocked)
 
@@ -6332,7 +6347,8 @@ class AlertWatch:
             resets = period_end if period_end is not None else (
                 None if to_full is None else now + to_full)
             self.sender.send(Crossing(key, user, window, unit, used, capacity, percent, threshold,
-                                      None if resets is None else _iso_time(resets)).payload())
+                                      None if resets is None else _iso_time(resets),
+                                      self.currency() if unit == "money" else None).payload())
 
     def crossed(self, mark: tuple[str, str, float], above: bool, period_end: float | None) -> bool:
         """Whether this is a new crossing (and mark it); a refilling window below re-arms."""
@@ -6943,7 +6959,7 @@ class ProxyServer(TrackedServer):
         self.metrics = Metrics()
         self.admin = AdminView(self)
         self.alerts = AlertWatch(config.alert_thresholds, AlertSender(config.alert_webhook_url),
-                                 wall_clock) if config.alert_webhook_url else None
+                                 wall_clock, self.admin.currency) if config.alert_webhook_url else None
         self.upstreams = UpstreamRegistry.from_config(config)
         if config.state_file:
             self.load_state()

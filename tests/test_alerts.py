@@ -99,6 +99,13 @@ class AlertTestCase(ProxyTestCase):
         self.stop(self.hook)
         super().tearDown()
 
+    def use_one_window(self, **overrides: object) -> None:
+        """ada gets one unnamed window of 100 tokens, refilled each hour."""
+        with open(self.keys_path, "w") as file:
+            json.dump({CLIENT_KEY: {"name": "ada", "max_tokens": 100, "refill_tokens": 100,
+                                    "refill_interval_seconds": 3600}}, file)
+        self.start_proxy(**dict(self.config_overrides, **overrides))
+
     def chats(self, count: int, **fields: object) -> None:
         for _ in range(count):
             self.chat(**fields)
@@ -130,6 +137,7 @@ class CrossingTests(AlertTestCase):
             "key": "ada", "user": None, "window": "hourly", "unit": "tokens", "used": 5,
             "capacity": 10, "percent": 50.0, "threshold": 50,
             "resets": llm_proxy._iso_time(self.wall() + 3600),  # full again at the next step
+            "currency": None,  # (a money window's amounts are in MODELS_FILE's currency)
             "text": first["text"], "content": first["text"], "allowed_mentions": {"parse": []}})
         self.assertEqual(first["text"], "llm_proxy: ada: window hourly is 50% used (5 of 10 tokens), "
                                         f"past the 50% alert; resets {first['resets']}")
@@ -157,13 +165,14 @@ class CrossingTests(AlertTestCase):
         self.assertEqual(self.alerts()[3:], [("hourly", 50), ("hourly", 100), ("daily", 50)])
 
     def test_a_refilled_window_seen_below_only_by_housekeeping_is_told_again(self) -> None:
-        self.chats(5)
-        self.settle(5)
-        self.clock.advance(3600)
-        self.proxy.tidy()  # no request saw it full: housekeeping does
-        self.chats(9)  # 9 used: past 50% again in one step from below
-        self.settle(14)
-        self.assertEqual([a for a in self.alerts() if a[0] == "hourly"], [("hourly", 50)] * 2)
+        self.use_one_window(cost_mode="estimate")
+        self.chat(content="hi", max_tokens=58)  # 60 of 100 in one request
+        self.settle(1)
+        self.clock.advance(3600)  # full again, and no request sees it so
+        self.proxy.tidy()  # housekeeping does
+        self.chat(content="hi", max_tokens=58)  # from empty to past 50% again in one request
+        self.settle(2)
+        self.assertEqual(self.alerts(), [("0", 50), ("0", 50)])
 
     def test_a_restart_does_not_tell_a_crossing_again(self) -> None:
         self.start_proxy(**dict(self.config_overrides, state_file=self.state_path))
@@ -186,10 +195,7 @@ class CrossingTests(AlertTestCase):
         self.assertNotIn("<!", alert["text"])
 
     def test_a_window_that_refuses_a_request_short_of_empty_counts_as_full(self) -> None:
-        with open(self.keys_path, "w") as file:
-            json.dump({CLIENT_KEY: {"name": "ada", "max_tokens": 100, "refill_tokens": 100,
-                                    "refill_interval_seconds": 3600}}, file)
-        self.start_proxy(**dict(self.config_overrides, cost_mode="estimate"))
+        self.use_one_window(cost_mode="estimate")
         self.chats(3, content="hi", max_tokens=30)  # 32 each (the prompt is 2): 96 used
         self.settle(3)
         self.assertEqual(self.alerts(), [("0", 50)])

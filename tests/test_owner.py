@@ -89,7 +89,7 @@ class UsageReportTests(OwnerTestCase):
         self.request("GET", "/v1/quota")  # a quota check is no call to the model: not in the history
         self.logged(9)
         report = self.admin("/admin/api/usage").json()
-        self.assertEqual(set(report), {"now", "upstream", "in_flight", "queued", "keys"})
+        self.assertEqual(set(report), {"now", "currency", "upstream", "in_flight", "queued", "keys"})
         self.assertEqual(report["upstream"], {"url": self.upstream.url, "up": True, "last_error": None})
         keys = {entry["name"]: entry for entry in report["keys"]}
         ada = keys["ada"]
@@ -151,7 +151,7 @@ class MetricsTests(OwnerTestCase):
         families = parse_exposition(response.body.decode())
         self.assertEqual({name: f["type"] for name, f in families.items()}, {
             "llm_proxy_requests_total": "counter", "llm_proxy_tokens_total": "counter",
-            "llm_proxy_bucket_tokens": "gauge", "llm_proxy_in_flight": "gauge",
+            "llm_proxy_cost_total": "counter", "llm_proxy_bucket_tokens": "gauge", "llm_proxy_in_flight": "gauge",
             "llm_proxy_queued": "gauge", "llm_proxy_upstream_up": "gauge",
             "llm_proxy_request_duration_seconds": "histogram",
             "llm_proxy_time_to_first_byte_seconds": "histogram"})
