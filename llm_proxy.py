@@ -6128,6 +6128,13 @@ const SVG = "http://www.w3.org/2000/svg";
 const svg = (tag, attrs) => { const e = document.createElementNS(SVG, tag);
   for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v); return e; };
 const fmt = n => Number(n).toLocaleString();
+const plain = n => Number(n).toLocaleString(undefined, {maximumFractionDigits: 4});
+let money = plain;
+function moneyIn(code) {
+  if (!code) return plain;
+  try { const f = new Intl.NumberFormat(undefined, {style: "currency", currency: code, maximumFractionDigits: 4}); return n => f.format(n); }
+  catch (error) { return n => plain(n) + " " + code; }
+}
 const wait = s => s <= 0 ? "full" : s < 90 ? Math.ceil(s) + " s" : s < 5400 ? Math.ceil(s / 60) + " min" : (s / 3600).toFixed(1) + " h";
 const ago = t => { if (!t) return "never"; const s = (Date.now() - Date.parse(t)) / 1000;
   return s < 60 ? "just now" : s < 3600 ? Math.floor(s / 60) + " min ago" : s < 86400 ? Math.floor(s / 3600) + " h ago" : Math.floor(s / 86400) + " d ago"; };
@@ -6175,6 +6182,8 @@ function row(entry, isUser) {
     windows(entry.buckets), $("td", {}, entry.in_flight + " / " + entry.queued),
     $("td", {}, fmt(u.today.requests) + " / " + fmt(u.last_7_days.requests) + " / " + fmt(u.last_30_days.requests)),
     $("td", {}, fmt(u.today.tokens_charged) + " / " + fmt(u.last_7_days.tokens_charged) + " / " + fmt(u.last_30_days.tokens_charged)),
+    $("td", {title: Object.entries(u.last_30_days.by_model).filter(([m, c]) => c.cost).map(([m, c]) => (m || "(no model)") + ": " + money(c.cost)).join("\\n")},
+      money(u.today.cost) + " / " + money(u.last_7_days.cost) + " / " + money(u.last_30_days.cost)),
     $("td", {title: entry.last_seen || ""}, ago(entry.last_seen)));
 }
 
@@ -6196,10 +6205,11 @@ function render(data) {
   const state = document.getElementById("upstream");
   state.replaceChildren($("span", {class: "pill " + (up === false ? "down" : "up")}, up === false ? "upstream down" : up ? "upstream up" : "upstream not used yet"),
     " ", $("span", {class: "small"}, data.upstream.url + (data.upstream.last_error ? " \\u2014 " + data.upstream.last_error : "")));
-  let today = 0, tokens = 0, month = 0;
-  for (const k of data.keys) { today += k.usage.today.requests; tokens += k.usage.today.tokens_charged; month += k.usage.last_30_days.tokens_charged; }
+  money = moneyIn(data.currency);
+  let today = 0, tokens = 0, month = 0, cost = 0;
+  for (const k of data.keys) { today += k.usage.today.requests; tokens += k.usage.today.tokens_charged; month += k.usage.last_30_days.tokens_charged; cost += k.usage.last_30_days.cost; }
   document.getElementById("totals").replaceChildren(...[["keys", data.keys.length], ["in flight", data.in_flight], ["queued", data.queued],
-    ["requests today", today], ["tokens today", tokens], ["tokens, 30 days", month]].map(([label, value]) => $("div", {class: "total"}, $("b", {}, fmt(value)), $("span", {}, label))));
+    ["requests today", today], ["tokens today", tokens], ["tokens, 30 days", month], ["cost, 30 days", money(cost)]].map(([label, value]) => $("div", {class: "total"}, $("b", {}, typeof value === "number" ? fmt(value) : value), $("span", {}, label))));
   document.getElementById("chart").replaceChildren(...chart(data.keys));
   const body = document.getElementById("rows"); body.replaceChildren();
   for (const k of data.keys) { body.append(row(k, false)); for (const u of k.users || []) body.append(row(u, true)); }
@@ -6222,7 +6232,7 @@ DASHBOARD_PAGE = """<!doctype html>
 <div id="view" hidden><section class="card"><div id="totals" class="totals"></div></section>
 <section class="card"><div class="small">Tokens charged per day, last 30 days</div><div id="chart"></div></section>
 <section class="card scroll"><table><thead><tr><th>key / user</th><th>status</th><th>windows</th><th>in flight / queued</th>
-<th>requests today / 7 d / 30 d</th><th>tokens today / 7 d / 30 d</th><th>last seen</th></tr></thead><tbody id="rows"></tbody></table></section></div>
+<th>requests today / 7 d / 30 d</th><th>tokens today / 7 d / 30 d</th><th>cost today / 7 d / 30 d</th><th>last seen</th></tr></thead><tbody id="rows"></tbody></table></section></div>
 </main><script>{script}</script></body></html>
 """
 
