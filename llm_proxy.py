@@ -5484,8 +5484,8 @@ OUTCOME_COLUMNS = {outcome: USAGE_FIELDS.index(outcome)
 # What a request used, in this order: the amounts ``Ledger.add`` adds to their columns.
 AMOUNT_FIELDS = ("prompt_tokens", "completion_tokens", "tokens_charged", "cached_tokens",
                  "reasoning_tokens", "cost")
-AMOUNT_COLUMNS = tuple(USAGE_FIELDS.index(name) for name in AMOUNT_FIELDS)
-COST = USAGE_FIELDS.index("cost")
+PROMPT, COMPLETION, CHARGED, CACHED, REASONING, COST = (USAGE_FIELDS.index(name) for name in AMOUNT_FIELDS)
+SERVED = USAGE_FIELDS.index("served")
 NO_AMOUNTS = (0, 0, 0, 0, 0, 0.0)
 OTHER = "_other"  # where identities without a name, or beyond the cap, are counted together
 MAX_IDENTITIES = 2_000  # callers the usage history and /metrics each tell apart; the rest are OTHER
@@ -5526,20 +5526,19 @@ def _restored_counts(values: object) -> list:
 class Ledger:
     """One caller's history: counts per local day (the last ``keep_days``) and model, and in all.
 
-    ``days`` maps a day to its counts by model; ``total`` is all time, and ``models``
-    all time by model. A model is named once the upstream served it to this caller or
+    ``days`` maps a day to its counts by model, and ``models`` a model to its counts of
+    all time (``total``: their sum). A model is named once the upstream served it to this caller or
     the caller was limited asking for it (a name that went through the key's model
     checks); refusals for names never seen count under OTHER, so that requests for
     made-up models cannot take the caller's ``MAX_MODELS_PER_CALLER`` places.
     """
 
-    __slots__ = ("key", "user", "days", "total", "models", "last_seen")
+    __slots__ = ("key", "user", "days", "models", "last_seen")
 
     def __init__(self, key: str, user: str | None) -> None:
         self.key = key
         self.user = user
         self.days: dict[str, dict[str, list]] = {}
-        self.total = _zeros()
         self.models: dict[str, list] = {}
         self.last_seen: float | None = None
 
@@ -5564,15 +5563,29 @@ class Ledger:
         counts = today.get(model)
         if counts is None:
             counts = today[model] = _zeros()
-        model_total = self.models.get(model)
-        if model_total is None:
-            model_total = self.models[model] = _zeros()
-        for row in (counts, model_total, self.total):  # in place: this runs on every request
+        in_all = self.models.get(model)
+        if in_all is None:
+            in_all = self.models[model] = _zeros()
+        for row in (counts, in_all):  # in place and unrolled: this runs on every request
             row[0] += 1  # requests
             row[outcome] += 1
-            if amounts != NO_AMOUNTS:
-                for column, amount in zip(AMOUNT_COLUMNS, amounts):
-                    row[column] += amount
+        if amounts != NO_AMOUNTS:
+            prompt, completion, charged, cached, reasoning, cost = amounts
+            for row in (counts, in_all):
+                row[PROMPT] += prompt
+                row[COMPLETION] += completion
+                row[CHARGED] += charged
+                row[CACHED] += cached
+                row[REASONING] += reasoning
+                row[COST] += cost
+
+    @property
+    def total(self) -> list:
+        """Counts of all time, over every model."""
+        total = _zeros()
+        for counts in list(self.models.values()):
+            _added(total, counts)
+        return total
 
     def summary(self, today: str, days: Sequence[str]) -> dict:
         """Usage today, over the last 7 and 30 days and in all, each with ``by_model``; and the
@@ -5612,17 +5625,14 @@ class Ledger:
         for day, counts in entry["days"].items():
             by_model = counts if isinstance(counts, dict) else {OTHER: counts}
             ledger.days[str(day)] = {str(model): _restored_counts(c) for model, c in by_model.items()}
-        ledger.total = _restored_counts(entry["total"])
+        total = _restored_counts(entry["total"])  # (the sum of ``models``, or an older file's all)
         models = entry.get("models")
         if models is None:  # an older file: all of it under OTHER
-            models = {OTHER: entry["total"]}
+            models = {OTHER: total}
         ledger.models = {str(model): _restored_counts(c) for model, c in models.items()}
         seen = entry.get("last_seen")
         ledger.last_seen = float(seen) if seen is not None else None
         return ledger
-
-
-SERVED, CHARGED = USAGE_FIELDS.index("served"), USAGE_FIELDS.index("tokens_charged")
 
 
 def _usage_of(by_model: dict[str, list]) -> dict:
@@ -5818,9 +5828,9 @@ class Metrics:
                completion: int, charged: int, duration: float, first_byte: float | None,
                model: str = "", cost: float = 0.0) -> None:
         with self._lock:
-            if cost:  # by key, not user: an app's thousands of users are not multiplied by models
-                self.add_cost(self._counted_as(key, user)[0], model, cost)
             key, user = self._counted_as(key, user)
+            if cost:  # by key, not user: an app's thousands of users are not multiplied by models
+                self.add_cost(key, model, cost)
             series = (key, user, endpoint, outcome)
             self.requests[series] = self.requests.get(series, 0) + 1
             if prompt or completion or charged:
@@ -5901,6 +5911,11 @@ def spreadsheet_text(value: str) -> str:
     as a user name would otherwise run when the owner opens the export.
     """
     return "'" + value if value.startswith(FORMULA_STARTS) else value
+
+
+def cost_text(cost: float) -> str:
+    """A cost for the export: a plain decimal (never 1e-05), rounded as the report rounds it."""
+    return f"{max(0.0, round(cost, COST_DECIMALS)):.{COST_DECIMALS}f}".rstrip("0").rstrip(".")
 
 
 class AdminView:
@@ -6003,7 +6018,7 @@ class AdminView:
             writer.writerow([day, spreadsheet_text(key), spreadsheet_text(user or ""),
                              spreadsheet_text(model)]
                             + [counts[USAGE_FIELDS.index(name)] for name in CSV_COUNTS[:-1]]
-                            + [f"{counts[COST]:.{COST_DECIMALS}f}".rstrip("0").rstrip(".")])
+                            + [cost_text(counts[COST])])
         return out.getvalue()
 
     # -- the usage report ------------------------------------------------------
