@@ -503,7 +503,8 @@ def settings_help() -> str:
     for setting in SETTINGS:
         names = " / ".join(setting.names)
         default = defaults[setting.attribute]
-        shown = "unset" if default in (None, ()) else f"{default:g}" if isinstance(default, float) else default
+        shown = "unset" if default in (None, ()) else f"{default:g}" if isinstance(default, float) else (
+            ",".join(map(str, default)) if isinstance(default, tuple) else default)
         lines.append(f"  {names}\n      {setting.help} (default: {shown})")
     return "\n".join(lines)
 
