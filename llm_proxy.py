@@ -6537,7 +6537,8 @@ class AlertSender:
     def failed(self, reason: str) -> None:
         if not self.failing:
             self.failing = True
-            self._lost_in_outage = 0
+            with self._count_lock:
+                self._lost_in_outage = 0
             log.warning("alert webhook %s is failing (%s); alerts are retried %d times; not "
                         "logged again until it works", self.shown, reason, len(self.backoff))
 
