@@ -6406,16 +6406,17 @@ class AlertWatch:
         for (identity, window, threshold), seen in marks:
             if seen is not True:
                 if seen < now:
-                    below.append((identity, window, threshold))
+                    below.append(((identity, window, threshold), seen))
                 continue
             specs = specs_of(identity)
             for index, (spec, level) in enumerate(zip(specs, buckets.peek(identity, specs))):
                 if (spec.name or str(index)) == window and level["capacity"] > 0 and (
                         100 * (level["capacity"] - level["tokens"]) / level["capacity"] < threshold):
-                    below.append((identity, window, threshold))
+                    below.append(((identity, window, threshold), seen))
         with self._lock:
-            for mark in below:
-                self._marks.pop(mark, None)
+            for mark, seen in below:
+                if self._marks.get(mark) == seen:  # (a period a request marked meanwhile stays)
+                    del self._marks[mark]
             if len(self._marks) < MAX_ALERT_MARKS:
                 self._full_reported = False
 
