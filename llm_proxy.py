@@ -89,6 +89,7 @@ import ipaddress
 import json
 import logging
 import math
+import operator
 import queue
 import os
 import re
@@ -5700,7 +5701,7 @@ class UsageBook:
             self._ledgers.update(restored)
 
     def rows(self, first: str, last: str, names: dict[str, str]) -> list[tuple]:
-        """(day, key, user, model, counts) for each day from ``first`` to ``last`` (YYYY-MM-DD,
+        """(day, key, user or "", model, counts) for each day from ``first`` to ``last`` (YYYY-MM-DD,
         inclusive), sorted; ``names`` are the keys' names now, by identity.
 
         An app key's ledger counts its users' requests too: its own row keeps what is left
@@ -5718,16 +5719,21 @@ class UsageBook:
             app, _, _ = identity.partition("/user:")
             key = names.get(app) or ledger.key
             counts = by_caller.setdefault((key, ledger.user if app != identity else None), {})
+            its_users = users.get(identity, ()) if app == identity else ()
             for day, by_model in list(ledger.days.items()):  # (list(): requests go on meanwhile)
                 if first <= day <= last:
                     for model, row in list(by_model.items()):
-                        _added(counts.setdefault((day, model), _zeros()), row)
-                        if app == identity:
-                            for user in users.get(identity, ()):
-                                _subtract(counts[(day, model)], user.days.get(day, {}).get(model))
-        return sorted(((day, key, user, model, row) for (key, user), counts in by_caller.items()
-                       for (day, model), row in counts.items() if row[0] > 0),
-                      key=lambda r: (r[0], r[1], r[2] or "", r[3]))
+                        cell = counts.get((day, model))
+                        if cell is None:
+                            counts[(day, model)] = cell = row[:]
+                        else:  # (two keys of one name)
+                            _added(cell, row)
+                        for user in its_users:
+                            _subtract(cell, user.days.get(day, {}).get(model))
+        rows = [(day, key, user or "", model, row) for (key, user), counts in by_caller.items()
+                for (day, model), row in counts.items() if row[0] > 0]
+        rows.sort(key=operator.itemgetter(0, 1, 2, 3))
+        return rows
 
 
 def _subtract(sums: list, counts: list | None) -> None:
@@ -6015,11 +6021,10 @@ class AdminView:
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\r\n")
         writer.writerow(("date", "key", "user", "model") + CSV_COUNTS)
-        for day, key, user, model, counts in self.server.usage.rows(first, last, names):
-            writer.writerow([day, spreadsheet_text(key), spreadsheet_text(user or ""),
-                             spreadsheet_text(model)]
-                            + [counts[USAGE_FIELDS.index(name)] for name in CSV_COUNTS[:-1]]
-                            + [cost_text(counts[COST])])
+        columns = operator.itemgetter(*(USAGE_FIELDS.index(name) for name in CSV_COUNTS[:-1]))
+        writer.writerows([day, spreadsheet_text(key), spreadsheet_text(user), spreadsheet_text(model),
+                          *columns(counts), cost_text(counts[COST])]
+                         for day, key, user, model, counts in self.server.usage.rows(first, last, names))
         return out.getvalue()
 
     # -- the usage report ------------------------------------------------------
