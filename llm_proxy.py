@@ -56,8 +56,11 @@ Connection loop ``ConnectionLoop`` holds idle connections and relays streams wit
                 a thread (``RelayedStream``); ``Workers`` keeps threads for reuse.
 
 The owner's side:
-Owner's view    ``UsageBook`` (history), ``Metrics`` (Prometheus), ``AdminView``
-                (the admin API) and the dashboard page.
+Owner's view    ``UsageBook`` (history by day and model, with cost), ``Metrics``
+                (Prometheus), ``AdminView`` (the admin API, the CSV export) and the
+                dashboard page.
+Alerts          ``AlertWatch`` (which windows passed ALERT_THRESHOLDS) and
+                ``AlertSender`` (the webhook's own thread).
 Server          ``TrackedServer`` (connection caps) and ``ProxyServer``, which builds
                 the rest and keeps house (keys file, state file, slow requests).
 Demo model      An echo server that speaks every API, for ``--demo`` and the tests.
@@ -72,6 +75,7 @@ import argparse
 import base64
 import bisect
 import copy
+import csv
 import difflib
 try:
     import fcntl
@@ -83,6 +87,7 @@ import functools
 import hashlib
 import hmac
 import http.client
+import io
 import ipaddress
 import json
 import logging
@@ -332,6 +337,31 @@ def _key_list(name: str, text: str) -> tuple[str, ...]:
     return tuple(key.strip() for key in text.split(",") if key.strip())
 
 
+def _webhook_url(name: str, text: str) -> str:
+    """An http(s) URL; the message never repeats it, for it is a secret (a hook's token)."""
+    try:
+        parts = urllib.parse.urlsplit(text)
+        valid = parts.scheme in ("http", "https") and bool(parts.hostname) and (
+            parts.port is None or parts.port > 0) and text.isprintable() and " " not in text
+    except ValueError:
+        valid = False
+    if not valid:
+        raise ConfigError(f"{name} must be an http:// or https:// URL (its value is not shown: "
+                          "a webhook's URL is a secret)")
+    return text
+
+
+def _percentages(name: str, text: str) -> tuple[float, ...]:
+    try:
+        values = sorted({float(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        values = []
+    if not values or not all(0 < value <= 1000 for value in values):  # (NaN is neither)
+        raise ConfigError(f"{name} must be percentages above 0 separated by commas, "
+                          f"e.g. 80,100; got {text!r}")
+    return tuple(int(value) if value.is_integer() else value for value in values)
+
+
 SETTINGS: tuple[Setting, ...] = (
     Setting(("HOST",), "host", "address to listen on"),
     Setting(("PORT",), "port", "port to listen on", _port),
@@ -374,6 +404,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(("ACCESS_LOG",), "access_log", "file that gets one JSON line per request (never prompts)"),
     Setting(("ADMIN_KEY",), "admin_key",
             "turns on /admin (dashboard), /admin/api/usage and /metrics, which need it as a Bearer key"),
+    Setting(("ALERT_WEBHOOK_URL",), "alert_webhook_url",
+            "URL that gets a JSON POST (Slack, Mattermost, Discord ...) when a window passes an "
+            "alert threshold; a secret, never logged in full", _webhook_url),
+    Setting(("ALERT_THRESHOLDS",), "alert_thresholds",
+            "percentages of any window's capacity, used, that send an alert", _percentages),
     Setting(("OPEN_TIMEOUT",), "open_timeout", "seconds to connect to the upstream", _seconds),
     Setting(("READ_TIMEOUT",), "read_timeout", "seconds to wait on the upstream", _seconds),
     Setting(("MAX_BODY_BYTES",), "max_body_bytes", "largest request body accepted", _positive),
@@ -413,6 +448,8 @@ class Config:
     state_save_interval: float = 5.0
     access_log: str | None = None
     admin_key: str | None = None
+    alert_webhook_url: str | None = None
+    alert_thresholds: tuple[float, ...] = (80, 100)
     open_timeout: float = 10.0
     read_timeout: float = 120.0
     max_body_bytes: int = 10 * 1024 * 1024
@@ -472,7 +509,8 @@ def settings_help() -> str:
     for setting in SETTINGS:
         names = " / ".join(setting.names)
         default = defaults[setting.attribute]
-        shown = "unset" if default in (None, ()) else f"{default:g}" if isinstance(default, float) else default
+        shown = "unset" if default in (None, ()) else f"{default:g}" if isinstance(default, float) else (
+            ",".join(map(str, default)) if isinstance(default, tuple) else default)
         lines.append(f"  {names}\n      {setting.help} (default: {shown})")
     return "\n".join(lines)
 
@@ -2558,6 +2596,7 @@ ROUTES: tuple[Route, ...] = (
     Route("/favicon.ico", "favicon", needs_key=False, endpoint="local"),
     Route("/admin", "admin", needs_key=False, endpoint="local"),
     Route("/admin/api/usage", "admin", needs_key=False, endpoint="local"),
+    Route("/admin/api/usage.csv", "admin", needs_key=False, endpoint="local"),
     Route("/metrics", "admin", needs_key=False, endpoint="local"),
     # The APIs that generate: charged before forwarding, POST only.
     *(Route(path, "metered", dialect, ("POST",), strict=True, endpoint=dialect.name)
@@ -3086,6 +3125,8 @@ class Call:
     result: str = ""                 # served, limited, rejected or error
     tokens_charged: int = 0          # taken before forwarding and kept (0 if refunded)
     tokens_paid: int = 0             # what it cost in the end
+    cost: float = 0.0                # in MODELS_FILE's currency, set at settlement (0: no price)
+    refused: Admission | None = None  # a limited request's admission: which windows could not pay
     seconds: float = 0.0             # from arrival to the end of the answer
 
     def on_end(self, action: Callable[..., None], *args: object) -> None:
@@ -3505,7 +3546,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.send_bytes(204, [], b"")  # browsers ask; an empty answer keeps their consoles quiet
 
     def answer_admin(self, route: Route, target: Target) -> None:
-        self.send_bytes(200, *self.server.admin.answer(route.path, self.command, self.headers))
+        self.send_bytes(200, *self.server.admin.answer(route.path, self.command, self.headers,
+                                                        target.query))
 
     def answer_unknown(self, route: Route, target: Target) -> None:
         raise ProxyError(404, f"Unknown path {target.path}; the API lives under /v1", code="not_found")
@@ -3775,7 +3817,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             call.charge = Charge(self.server.buckets, payers, admission, mode)
             call.on_end(call.close_charge)
         else:
-            call.limited, call.stream = True, stream
+            call.limited, call.stream, call.refused = True, stream, admission
             headers, answer = limit_answer(dialect, admission, (metered or {}).get("model") or call.model
                                            or "", stream, config.limit_response == "error",
                                            dialect.usage_in_stream(metered or {}))
@@ -5496,73 +5538,179 @@ def upstream_failure(error: BaseException) -> ProxyError:
 # --------------------------------------------------------------------------
 
 USAGE_FIELDS = ("requests", "served", "limited", "rejected", "error", "prompt_tokens",
-                "completion_tokens", "tokens_charged")
+                "completion_tokens", "tokens_charged", "cached_tokens", "reasoning_tokens", "cost")
 OUTCOME_COLUMNS = {outcome: USAGE_FIELDS.index(outcome)
                    for outcome in ("served", "limited", "rejected", "error")}
-PROMPT, COMPLETION, CHARGED = (USAGE_FIELDS.index(name) for name in
-                               ("prompt_tokens", "completion_tokens", "tokens_charged"))
-NO_TOKENS = (0, 0, 0)
+# What a request used, in this order: the amounts ``Ledger.add`` adds to their columns.
+AMOUNT_FIELDS = ("prompt_tokens", "completion_tokens", "tokens_charged", "cached_tokens",
+                 "reasoning_tokens", "cost")
+PROMPT, COMPLETION, CHARGED, CACHED, REASONING, COST = (USAGE_FIELDS.index(name) for name in AMOUNT_FIELDS)
+SERVED = USAGE_FIELDS.index("served")
+NO_AMOUNTS = (0, 0, 0, 0, 0, 0.0)
 OTHER = "_other"  # where identities without a name, or beyond the cap, are counted together
 MAX_IDENTITIES = 2_000  # callers the usage history and /metrics each tell apart; the rest are OTHER
+# Models one caller's history (and its cost in /metrics) tells apart; its others are OTHER.
+# A client names its model, so without a bound one key could fill the memory with names.
+MAX_MODELS_PER_CALLER = 8
+COST_DECIMALS = 9  # sums of prices are floats: shown rounded, so 0.1 + 0.2 reads 0.3
+
+
+def _zeros() -> list:
+    return [0] * (len(USAGE_FIELDS) - 1) + [0.0]
+
+
+def _added(sums: list, counts: list) -> None:
+    for column, count in enumerate(counts):
+        sums[column] += count
+
+
+def _usage_fields(counts: list) -> dict:
+    shown = dict(zip(USAGE_FIELDS, counts))
+    shown["cost"] = round(shown["cost"], COST_DECIMALS)
+    return shown
+
+
+def _restored_counts(values: object) -> list:
+    """Counts from STATE_FILE: whole numbers and a finite cost; an older file's shorter list
+    is padded (its requests had no cost, cached or reasoning tokens counted)."""
+    if not isinstance(values, list):
+        raise TypeError("counts are not a list")
+    counts = _zeros()
+    for column, value in enumerate(values[:len(USAGE_FIELDS)]):
+        counts[column] = float(value) if column == COST else int(value)
+    if not math.isfinite(counts[COST]):
+        raise ValueError("a cost is not a number")
+    return counts
 
 
 class Ledger:
-    """One caller's history: counts per local day (the last ``keep_days``) and in all."""
+    """One caller's history: counts per local day (the last ``keep_days``) and model, and in all.
 
-    __slots__ = ("key", "user", "days", "total", "last_seen")
+    ``days`` maps a day to its counts by model, and ``models`` a model to its counts of
+    all time (``total``: their sum). A model is named once the upstream served it to this caller or
+    the caller was limited asking for it (a name that went through the key's model
+    checks); refusals for names never seen count under OTHER, so that requests for
+    made-up models cannot take the caller's ``MAX_MODELS_PER_CALLER`` places.
+    """
+
+    __slots__ = ("key", "user", "days", "models", "last_seen")
 
     def __init__(self, key: str, user: str | None) -> None:
         self.key = key
         self.user = user
-        self.days: dict[str, list[int]] = {}
-        self.total = [0] * len(USAGE_FIELDS)
+        self.days: dict[str, dict[str, list]] = {}
+        self.models: dict[str, list] = {}
         self.last_seen: float | None = None
 
-    def add(self, day: str, outcome: int, tokens: tuple[int, int, int], keep_days: int) -> None:
-        """Count one request: ``outcome`` is its column in USAGE_FIELDS, ``tokens`` the last three."""
+    def model_label(self, model: str, names_model: bool) -> str:
+        """The name ``model``'s requests are counted under in this ledger."""
+        if model in self.models:
+            return model
+        named = len(self.models) - (OTHER in self.models)
+        return model if names_model and named < MAX_MODELS_PER_CALLER else OTHER
+
+    def add(self, day: str, model: str, outcome: int, amounts: tuple, keep_days: int) -> None:
+        """Count one request: ``outcome`` is its column in USAGE_FIELDS, ``amounts`` as AMOUNT_FIELDS.
+
+        ``model`` is already its label (``model_label``).
+        """
         today = self.days.get(day)
         if today is None:
-            today = self.days[day] = [0] * len(USAGE_FIELDS)
+            today = self.days[day] = {}
             if len(self.days) > keep_days:  # dates sort as text: drop the oldest
                 for old in sorted(self.days)[:len(self.days) - keep_days]:
                     del self.days[old]
-        total = self.total  # in place and unrolled: this runs on every request
-        today[0] += 1  # requests
-        total[0] += 1
-        today[outcome] += 1
-        total[outcome] += 1
-        if tokens != NO_TOKENS:
-            prompt, completion, charged = tokens
-            today[PROMPT] += prompt
-            total[PROMPT] += prompt
-            today[COMPLETION] += completion
-            total[COMPLETION] += completion
-            today[CHARGED] += charged
-            total[CHARGED] += charged
+        counts = today.get(model)
+        if counts is None:
+            counts = today[model] = _zeros()
+        in_all = self.models.get(model)
+        if in_all is None:
+            in_all = self.models[model] = _zeros()
+        for row in (counts, in_all):  # in place and unrolled: this runs on every request
+            row[0] += 1  # requests
+            row[outcome] += 1
+        if amounts != NO_AMOUNTS:
+            prompt, completion, charged, cached, reasoning, cost = amounts
+            for row in (counts, in_all):
+                row[PROMPT] += prompt
+                row[COMPLETION] += completion
+                row[CHARGED] += charged
+                row[CACHED] += cached
+                row[REASONING] += reasoning
+                row[COST] += cost
+
+    @property
+    def total(self) -> list:
+        """Counts of all time, over every model."""
+        total = _zeros()
+        for counts in list(self.models.values()):
+            _added(total, counts)
+        return total
 
     def summary(self, today: str, days: Sequence[str]) -> dict:
-        """Usage today, over the last 7 and 30 days and in all, and the daily series."""
-        empty = [0] * len(USAGE_FIELDS)
+        """Usage today, over the last 7 and 30 days and in all, each with ``by_model``; and the
+        daily series, with its cost by model."""
 
         def over(span: Sequence[str]) -> dict:
-            sums = empty
-            for day in span:
-                sums = list(map(operator.add, sums, self.days.get(day, empty)))
-            return dict(zip(USAGE_FIELDS, sums))
-        served, charged = USAGE_FIELDS.index("served"), USAGE_FIELDS.index("tokens_charged")
-        daily = [(day, self.days.get(day, empty)) for day in days]
-        return {"usage": {"today": over([today]), "last_7_days": over(days[-7:]),
-                          "last_30_days": over(days), "all_time": dict(zip(USAGE_FIELDS, self.total))},
-                "daily": [{"date": day, "served": counts[served], "tokens_charged": counts[charged]}
-                          for day, counts in daily],
+            by_model: dict[str, list] = {}
+            for day in span:  # (list(): a request may add a model meanwhile)
+                for model, counts in list(self.days.get(day, {}).items()):
+                    _added(by_model.setdefault(model, _zeros()), counts)
+            return _usage_of(by_model)
+        usage = {"today": over([today]), "last_7_days": over(days[-7:]), "last_30_days": over(days),
+                 "all_time": dict(_usage_fields(self.total), by_model={
+                     model: _usage_fields(counts) for model, counts in sorted(self.models.items())})}
+        return {"usage": usage, "daily": [self.daily(day) for day in days],
                 "last_seen": _iso_time(self.last_seen) if self.last_seen else None}
+
+    def daily(self, day: str) -> dict:
+        by_model = {model: {"served": counts[SERVED], "tokens_charged": counts[CHARGED],
+                            "cost": round(counts[COST], COST_DECIMALS)}
+                    for model, counts in sorted(list(self.days.get(day, {}).items()))}
+        entry = {"date": day, "served": sum(m["served"] for m in by_model.values()),
+                 "tokens_charged": sum(m["tokens_charged"] for m in by_model.values()),
+                 "cost": round(sum(m["cost"] for m in by_model.values()), COST_DECIMALS)}
+        entry["by_model"] = by_model
+        return entry
+
+    def dump(self) -> dict:
+        return {"key": self.key, "user": self.user, "days": self.days, "total": self.total,
+                "models": self.models, "last_seen": self.last_seen}
+
+    @classmethod
+    def restored(cls, entry: dict) -> Ledger:
+        """A ledger from STATE_FILE; one saved before models were told apart has its days'
+        counts under OTHER."""
+        ledger = cls(str(entry["key"]), entry.get("user"))
+        for day, counts in entry["days"].items():
+            by_model = counts if isinstance(counts, dict) else {OTHER: counts}
+            ledger.days[str(day)] = {str(model): _restored_counts(c) for model, c in by_model.items()}
+        total = _restored_counts(entry["total"])  # (the sum of ``models``, or an older file's all)
+        models = entry.get("models")
+        if models is None:  # an older file: all of it under OTHER
+            models = {OTHER: total}
+        ledger.models = {str(model): _restored_counts(c) for model, c in models.items()}
+        seen = entry.get("last_seen")
+        ledger.last_seen = float(seen) if seen is not None else None
+        return ledger
+
+
+def _usage_of(by_model: dict[str, list]) -> dict:
+    """Counts by model as the report shows them: their sums, and ``by_model``."""
+    sums = _zeros()
+    for counts in by_model.values():
+        _added(sums, counts)
+    return dict(_usage_fields(sums), by_model={model: _usage_fields(counts)
+                                               for model, counts in sorted(by_model.items())})
 
 
 class UsageBook:
     """Who used what, per identity: kept in STATE_FILE, bounded in memory.
 
     Identities are the buckets' (a key's digest, or a user's under an app key);
-    past ``max_identities`` new ones are counted together under ``_other``.
+    past ``max_identities`` new keys are counted together under ``_other``, and new
+    users under an app key together under that app's ``_other`` user (so that an
+    app's own calls stay its ledger's counts less its users').
     """
 
     def __init__(self, keep_days: int = 90, max_identities: int = MAX_IDENTITIES) -> None:
@@ -5572,18 +5720,27 @@ class UsageBook:
         self._lock = threading.Lock()
 
     def record(self, identity: str, key: str, user: str | None, day: str, now: float,
-               outcome: int, tokens: tuple[int, int, int]) -> None:
+               outcome: int, amounts: tuple, model: str = "", names_model: bool = True) -> str:
+        """Count one request; returns the label its model was counted under.
+
+        An app key's users are recorded with the label the app's ledger gave (record the
+        app first), so that a user's models are always among the app's.
+        """
         with self._lock:
             ledger = self._ledgers.get(identity)
             if ledger is None:
                 if len(self._ledgers) >= self.max_identities:
-                    identity, key, user = OTHER, OTHER, None
-                    ledger = self._ledgers.get(OTHER)
+                    app, _, _ = identity.partition("/user:")
+                    identity, user = (f"{app}/user:{OTHER}", OTHER) if user is not None else (OTHER, None)
+                    key = key if user is not None else OTHER
+                    ledger = self._ledgers.get(identity)
                 if ledger is None:
                     ledger = self._ledgers[identity] = Ledger(key, user)
             ledger.key = key  # a key renamed in the file is shown renamed; a user as first sent
-            ledger.add(day, outcome, tokens, self.keep_days)
+            label = ledger.model_label(model, names_model)
+            ledger.add(day, label, outcome, amounts, self.keep_days)
             ledger.last_seen = now
+            return label
 
     def get(self, identity: str) -> Ledger | None:
         return self._ledgers.get(identity)
@@ -5594,21 +5751,53 @@ class UsageBook:
 
     def dump(self) -> dict:
         with self._lock:
-            return {identity: {"key": l.key, "user": l.user, "days": l.days, "total": l.total,
-                               "last_seen": l.last_seen} for identity, l in self._ledgers.items()}
+            return {identity: ledger.dump() for identity, ledger in self._ledgers.items()}
 
     def load(self, saved: dict) -> None:
-        restored = {}
-        for identity, entry in saved.items():
-            ledger = Ledger(str(entry["key"]), entry.get("user"))
-            ledger.days = {str(day): [int(c) for c in counts][:len(USAGE_FIELDS)]
-                           for day, counts in entry["days"].items()}
-            ledger.total = [int(c) for c in entry["total"]][:len(USAGE_FIELDS)]
-            seen = entry.get("last_seen")
-            ledger.last_seen = float(seen) if seen is not None else None
-            restored[str(identity)] = ledger
+        restored = {str(identity): Ledger.restored(entry) for identity, entry in saved.items()}
         with self._lock:
             self._ledgers.update(restored)
+
+    def rows(self, first: str, last: str, names: dict[str, str]) -> list[tuple]:
+        """(day, key, user or "", model, counts) for each day from ``first`` to ``last`` (YYYY-MM-DD,
+        inclusive), sorted; ``names`` are the keys' names now, by identity.
+
+        An app key's ledger counts its users' requests too: its own row keeps what is left
+        when theirs are taken out (its calls made without a user), so that no request is
+        in two rows.
+        """
+        by_caller: dict[tuple[str, str | None], dict[tuple[str, str], list]] = {}
+        users: dict[str, list[Ledger]] = {}
+        ledgers = self.items()
+        for identity, ledger in ledgers:
+            app, _, _ = identity.partition("/user:")
+            if app != identity:
+                users.setdefault(app, []).append(ledger)
+        for identity, ledger in ledgers:
+            app, _, _ = identity.partition("/user:")
+            key = names.get(app) or ledger.key
+            counts = by_caller.setdefault((key, ledger.user if app != identity else None), {})
+            its_users = users.get(identity, ()) if app == identity else ()
+            for day, by_model in list(ledger.days.items()):  # (list(): requests go on meanwhile)
+                if first <= day <= last:
+                    for model, row in list(by_model.items()):
+                        cell = counts.get((day, model))
+                        if cell is None:
+                            counts[(day, model)] = cell = row[:]
+                        else:  # (two keys of one name)
+                            _added(cell, row)
+                        for user in its_users:
+                            _subtract(cell, user.days.get(day, {}).get(model))
+        rows = [(day, key, user or "", model, row) for (key, user), counts in by_caller.items()
+                for (day, model), row in counts.items() if row[0] > 0]
+        rows.sort(key=operator.itemgetter(0, 1, 2, 3))
+        return rows
+
+
+def _subtract(sums: list, counts: list | None) -> None:
+    if counts is not None:
+        for column, count in enumerate(counts):
+            sums[column] -= count
 
 
 def _iso_time(wall: float) -> str:
@@ -5680,6 +5869,7 @@ class Metrics:
         self._callers: dict[tuple[str, str | None], tuple[str, str | None]] = {}  # see _counted_as
         self.requests: dict[tuple[str, str | None, str, str], int] = {}
         self.tokens: dict[tuple[str, str | None], list[int]] = {}  # prompt, completion, charged
+        self.cost: dict[str, dict[str, float]] = {}  # key -> model -> cost, in the currency
         self.duration = Histogram()
         self.first_byte = Histogram()
         self._lock = threading.Lock()
@@ -5693,10 +5883,19 @@ class Metrics:
                              if counts[index]), key=str)
             return requests, tokens, copy.deepcopy(self.duration), copy.deepcopy(self.first_byte)
 
+    def cost_series(self) -> list[tuple[tuple[str, str], float]]:
+        """((key, model), cost) for one scrape, sorted."""
+        with self._lock:
+            return sorted(((key, model), cost) for key, models in self.cost.items()
+                          for model, cost in models.items())
+
     def record(self, key: str, user: str | None, endpoint: str, outcome: str, prompt: int,
-               completion: int, charged: int, duration: float, first_byte: float | None) -> None:
+               completion: int, charged: int, duration: float, first_byte: float | None,
+               model: str = "", cost: float = 0.0) -> None:
         with self._lock:
             key, user = self._counted_as(key, user)
+            if cost:  # by key, not user: an app's thousands of users are not multiplied by models
+                self.add_cost(key, model, cost)
             series = (key, user, endpoint, outcome)
             self.requests[series] = self.requests.get(series, 0) + 1
             if prompt or completion or charged:
@@ -5709,6 +5908,12 @@ class Metrics:
             self.duration.observe(duration)
             if first_byte is not None:
                 self.first_byte.observe(first_byte)
+
+    def add_cost(self, key: str, model: str, cost: float) -> None:
+        models = self.cost.setdefault(key, {})
+        if model not in models and len(models) >= MAX_MODELS_PER_CALLER:
+            model = OTHER
+        models[model] = models.get(model, 0.0) + cost
 
     def _counted_as(self, key: str, user: str | None) -> tuple[str, str | None]:
         """The labels a caller's requests are counted under: its own, or OTHER's past the cap.
@@ -5756,6 +5961,28 @@ def _histogram(name: str, help_text: str, histogram: Histogram) -> list[str]:
     return lines
 
 
+# The export's columns after date, key, user and model: counts from the usage history.
+CSV_COUNTS = ("requests", "served", "limited", "prompt_tokens", "cached_tokens",
+              "completion_tokens", "reasoning_tokens", "cost")
+CSV_HEADERS = [("Content-Type", "text/csv; charset=utf-8"),
+               ("Content-Disposition", 'attachment; filename="usage.csv"'), ("Cache-Control", "no-store")]
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # what a spreadsheet reads as a formula
+
+
+def spreadsheet_text(value: str) -> str:
+    """A name for a CSV cell that no spreadsheet runs as a formula: a leading ' if it could be one.
+
+    Key names come from the keys file, users and models from clients: ``=HYPERLINK(...)``
+    as a user name would otherwise run when the owner opens the export.
+    """
+    return "'" + value if value.startswith(FORMULA_STARTS) else value
+
+
+def cost_text(cost: float) -> str:
+    """A cost for the export: a plain decimal (never 1e-05), rounded as the report rounds it."""
+    return f"{max(0.0, round(cost, COST_DECIMALS)):.{COST_DECIMALS}f}".rstrip("0").rstrip(".")
+
+
 class AdminView:
     """What the owner sees: the usage report (JSON) and the metrics (Prometheus text)."""
 
@@ -5769,23 +5996,32 @@ class AdminView:
             return
         usage = call.meter.reported if call.meter is not None else None
         prompt, completion = (usage.input, usage.output) if usage is not None else (0, 0)
-        charged, outcome = call.tokens_paid, call.result
-        tokens = (prompt, completion, charged)
+        charged, outcome, cost = call.tokens_paid, call.result, call.cost
+        amounts = NO_AMOUNTS if usage is None and not charged and not cost else (
+            prompt, completion, charged, usage.cached_input if usage else 0,
+            usage.reasoning if usage else 0, cost)
         now = call.arrived  # a request counts on the day it arrived
         key = call.app[1] if call.app is not None else call.policy
         named = key is not None and bool(key.name)
+        model = loggable(call.model or "")
         if call.endpoint in METERED_ENDPOINTS:  # the history counts calls to the model, not quota checks
             day = local_day(now)
             column = OUTCOME_COLUMNS[outcome]
-            server.usage.record(call.identity, call.label, call.user, day, now, column, tokens)
+            names_model = outcome in ("served", "limited")  # a name that passed the key's checks
             if call.app is not None:  # an app key's history includes all of its users'
-                server.usage.record(call.app[0], call.label, None, day, now, column, tokens)
+                model = server.usage.record(call.app[0], call.label, None, day, now, column,
+                                            amounts, model, names_model)
+            model = server.usage.record(call.identity, call.label, call.user, day, now, column,
+                                        amounts, model, names_model or call.app is not None)
         first_byte = call.first_byte - call.started if call.first_byte is not None else None
         server.metrics.record(call.label if named else OTHER, call.user if named else None,
                               call.endpoint, outcome, prompt, completion, charged, call.seconds,
-                              first_byte)
+                              first_byte, model, cost)
+        if server.alerts is not None and call.identity and (call.charge is not None or call.limited):
+            server.alerts.check(call, server.buckets, server.config.mode)
 
-    def answer(self, path: str, method: str, headers: Headers) -> tuple[list[tuple[str, str]], bytes]:
+    def answer(self, path: str, method: str, headers: Headers,
+               query: str = "") -> tuple[list[tuple[str, str]], bytes]:
         """The owner's routes: they exist only with ADMIN_KEY, and no client key opens them."""
         admin_key = self.server.config.admin_key
         if not admin_key:
@@ -5800,7 +6036,54 @@ class AdminView:
                              "invalid_admin_key")
         if path == "/metrics":
             return [METRICS_TYPE], self.metrics_text().encode("utf-8")
+        if path == "/admin/api/usage.csv":
+            first, last = self.date_range(query)
+            return CSV_HEADERS, self.usage_csv(first, last).encode("utf-8")
         return [JSON_TYPE], json_bytes(self.usage_report())
+
+    def currency(self) -> str | None:
+        """What costs are counted in: MODELS_FILE's currency, None while no price is known."""
+        return None
+
+    # -- the usage export ------------------------------------------------------
+
+    def date_range(self, query: str) -> tuple[str, str]:
+        """``from`` and ``to`` (YYYY-MM-DD, both optional, inclusive); anything else is a 400.
+
+        Unset, they are the first day the history keeps and today.
+        """
+        try:
+            pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
+        except ValueError:
+            pairs = [("", "")]
+        names = [name for name, _ in pairs]
+        if any(name not in ("from", "to") for name in names) or len(set(names)) != len(names):
+            raise ProxyError(400, "usage.csv takes from=YYYY-MM-DD and to=YYYY-MM-DD, once each",
+                             code="invalid_query")
+        chosen = dict(pairs)
+        today = local_day(self.server.wall_clock())
+        first = chosen.get("from") or last_days(self.server.wall_clock(), self.server.usage.keep_days)[0]
+        last = chosen.get("to") or today
+        for name, day in (("from", first), ("to", last)):
+            if not _is_date(day):
+                raise ProxyError(400, f"{name} must be a date, YYYY-MM-DD", code="invalid_date",
+                                 param=name)
+        if first > last:
+            raise ProxyError(400, "from is after to", code="invalid_date", param="from")
+        return first, last
+
+    def usage_csv(self, first: str, last: str) -> str:
+        """One row per day, key, user and model, from the usage history (``UsageBook.rows``)."""
+        names = {"key:" + digest: policy.name or digest[:12]
+                 for digest, policy in self.server.keyring.entries()}
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\r\n")
+        writer.writerow(("date", "key", "user", "model") + CSV_COUNTS)
+        columns = operator.itemgetter(*(USAGE_FIELDS.index(name) for name in CSV_COUNTS[:-1]))
+        writer.writerows([day, spreadsheet_text(key), spreadsheet_text(user), spreadsheet_text(model),
+                          *columns(counts), cost_text(counts[COST])]
+                         for day, key, user, model, counts in self.server.usage.rows(first, last, names))
+        return out.getvalue()
 
     # -- the usage report ------------------------------------------------------
 
@@ -5819,7 +6102,7 @@ class AdminView:
                 keys.append(self.caller(identity, ledger.key, server.keyring.policy_of(identity),
                                         today, days))
         upstream = server.upstreams.default
-        return {"now": _iso_time(now),
+        return {"now": _iso_time(now), "currency": self.currency(),
                 "upstream": {"url": upstream.target.display, "up": upstream.state.up,
                              "last_error": upstream.state.last_error},
                 "in_flight": server.upstreams.in_flight, "queued": server.upstreams.waiting,
@@ -5854,6 +6137,10 @@ class AdminView:
         lines += _family("llm_proxy_tokens_total", "counter",
                          "Tokens by key: prompt and completion as the upstream reported, charged after settling.",
                          ((_labels((("key", k), ("user", u), ("type", t))), n) for (k, u, t), n in tokens))
+        lines += _family("llm_proxy_cost_total", "counter",
+                         "What each key's requests cost, by model, in MODELS_FILE's currency.",
+                         ((_labels((("key", k), ("model", m))), round(c, COST_DECIMALS))
+                          for (k, m), c in metrics.cost_series()))
         lines += _family("llm_proxy_bucket_tokens", "gauge", "Tokens left in each named key's windows.",
                          self.bucket_samples())
         lines += _family("llm_proxy_in_flight", "gauge", "Requests at the upstream now.",
@@ -5920,6 +6207,13 @@ const SVG = "http://www.w3.org/2000/svg";
 const svg = (tag, attrs) => { const e = document.createElementNS(SVG, tag);
   for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v); return e; };
 const fmt = n => Number(n).toLocaleString();
+const plain = n => Number(n).toLocaleString(undefined, {maximumFractionDigits: 4});
+let money = plain;
+function moneyIn(code) {
+  if (!code) return plain;
+  try { const f = new Intl.NumberFormat(undefined, {style: "currency", currency: code, maximumFractionDigits: 4}); return n => f.format(n); }
+  catch (error) { return n => plain(n) + " " + code; }
+}
 const wait = s => s <= 0 ? "full" : s < 90 ? Math.ceil(s) + " s" : s < 5400 ? Math.ceil(s / 60) + " min" : (s / 3600).toFixed(1) + " h";
 const ago = t => { if (!t) return "never"; const s = (Date.now() - Date.parse(t)) / 1000;
   return s < 60 ? "just now" : s < 3600 ? Math.floor(s / 60) + " min ago" : s < 86400 ? Math.floor(s / 3600) + " h ago" : Math.floor(s / 86400) + " d ago"; };
@@ -5967,6 +6261,8 @@ function row(entry, isUser) {
     windows(entry.buckets), $("td", {}, entry.in_flight + " / " + entry.queued),
     $("td", {}, fmt(u.today.requests) + " / " + fmt(u.last_7_days.requests) + " / " + fmt(u.last_30_days.requests)),
     $("td", {}, fmt(u.today.tokens_charged) + " / " + fmt(u.last_7_days.tokens_charged) + " / " + fmt(u.last_30_days.tokens_charged)),
+    $("td", {title: Object.entries(u.last_30_days.by_model).filter(([m, c]) => c.cost).map(([m, c]) => (m || "(no model)") + ": " + money(c.cost)).join("\\n")},
+      money(u.today.cost) + " / " + money(u.last_7_days.cost) + " / " + money(u.last_30_days.cost)),
     $("td", {title: entry.last_seen || ""}, ago(entry.last_seen)));
 }
 
@@ -5988,10 +6284,11 @@ function render(data) {
   const state = document.getElementById("upstream");
   state.replaceChildren($("span", {class: "pill " + (up === false ? "down" : "up")}, up === false ? "upstream down" : up ? "upstream up" : "upstream not used yet"),
     " ", $("span", {class: "small"}, data.upstream.url + (data.upstream.last_error ? " \\u2014 " + data.upstream.last_error : "")));
-  let today = 0, tokens = 0, month = 0;
-  for (const k of data.keys) { today += k.usage.today.requests; tokens += k.usage.today.tokens_charged; month += k.usage.last_30_days.tokens_charged; }
+  money = moneyIn(data.currency);
+  let today = 0, tokens = 0, month = 0, cost = 0;
+  for (const k of data.keys) { today += k.usage.today.requests; tokens += k.usage.today.tokens_charged; month += k.usage.last_30_days.tokens_charged; cost += k.usage.last_30_days.cost; }
   document.getElementById("totals").replaceChildren(...[["keys", data.keys.length], ["in flight", data.in_flight], ["queued", data.queued],
-    ["requests today", today], ["tokens today", tokens], ["tokens, 30 days", month]].map(([label, value]) => $("div", {class: "total"}, $("b", {}, fmt(value)), $("span", {}, label))));
+    ["requests today", today], ["tokens today", tokens], ["tokens, 30 days", month], ["cost, 30 days", money(cost)]].map(([label, value]) => $("div", {class: "total"}, $("b", {}, typeof value === "number" ? fmt(value) : value), $("span", {}, label))));
   document.getElementById("chart").replaceChildren(...chart(data.keys));
   const body = document.getElementById("rows"); body.replaceChildren();
   for (const k of data.keys) { body.append(row(k, false)); for (const u of k.users || []) body.append(row(u, true)); }
@@ -6014,7 +6311,7 @@ DASHBOARD_PAGE = """<!doctype html>
 <div id="view" hidden><section class="card"><div id="totals" class="totals"></div></section>
 <section class="card"><div class="small">Tokens charged per day, last 30 days</div><div id="chart"></div></section>
 <section class="card scroll"><table><thead><tr><th>key / user</th><th>status</th><th>windows</th><th>in flight / queued</th>
-<th>requests today / 7 d / 30 d</th><th>tokens today / 7 d / 30 d</th><th>last seen</th></tr></thead><tbody id="rows"></tbody></table></section></div>
+<th>requests today / 7 d / 30 d</th><th>tokens today / 7 d / 30 d</th><th>cost today / 7 d / 30 d</th><th>last seen</th></tr></thead><tbody id="rows"></tbody></table></section></div>
 </main><script>{script}</script></body></html>
 """
 
@@ -6032,6 +6329,318 @@ DASHBOARD_HEADERS = [
     ("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", "no-referrer"),
     ("Cache-Control", "no-store"),
 ]
+
+
+# --------------------------------------------------------------------------
+# Alerts: a webhook told when a window passes a threshold
+# --------------------------------------------------------------------------
+
+MAX_ALERT_MARKS = 100_000  # crossings remembered (a few per window); past it, no new alerts
+ALERT_QUEUE = 100  # alerts waiting for the webhook; past it, new ones are lost (and counted)
+ALERT_BACKOFF = (1.0, 5.0, 30.0, 120.0)  # seconds before each retry of one alert
+
+
+def chat_safe(name: str) -> str:
+    """A client's or the owner's name as a chat message may show it: bounded, printable, and
+    unable to ping a channel (``@here``, ``<!channel>``) or to make a link."""
+    shown = loggable(name, 100).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return shown.replace("@", "@\u200b")
+
+
+class Crossing(NamedTuple):
+    """One window past one threshold, as the alert's JSON fields say it."""
+
+    key: str
+    user: str | None
+    window: str
+    unit: str
+    used: float
+    capacity: float
+    percent: float
+    threshold: float
+    resets: str | None
+    currency: str | None = None  # a money window's
+
+    def payload(self) -> dict:
+        """The JSON posted: ``text`` for Slack and Mattermost, ``content`` for Discord (whose
+        ``allowed_mentions`` ping nobody), and every field for scripts. Names, never keys."""
+        who = chat_safe(self.key) + ("" if self.user is None else f" / user {chat_safe(self.user)}")
+        amounts = f"{_number(self.used)} of {_number(self.capacity)} {self.currency or self.unit}"
+        text = (f"llm_proxy: {who}: window {chat_safe(self.window)} is {self.percent:g}% used "
+                f"({amounts}), past the {self.threshold:g}% alert; "
+                + (f"resets {self.resets}" if self.resets else "it never refills"))
+        return dict(self._asdict(), text=text, content=text, allowed_mentions={"parse": []})
+
+
+def refused_short(spec: BucketSpec, level: dict, cost: int) -> bool:
+    """Whether a window refused a cost it could pay when full: its level (as shown, perhaps in
+    a currency) below the cost (counted as the bucket counts)."""
+    if not level["capacity"] or cost > spec.capacity:
+        return False
+    return level["tokens"] * (spec.capacity / level["capacity"]) < cost
+
+
+class AlertWatch:
+    """Which windows have passed which ALERT_THRESHOLDS: decides the alerts, sends none itself.
+
+    Asked after each request that was charged or limited, from the levels the bucket
+    store shows then (a comparison per window and threshold; the posting is the
+    ``AlertSender``'s thread's).  A mark remembers each crossing so that it is told
+    once: a refilling window's until a check finds it below the threshold again (after
+    a request, or in housekeeping); a calendar window's for its period, whatever
+    refunds do meanwhile.  A window that refuses a request it could hold when full
+    counts as 100% used, since a hard cap may stop it a little short of empty.
+    """
+
+    def __init__(self, thresholds: Sequence[float], sender: AlertSender,
+                 wall_clock: Callable[[], float] = time.time,
+                 currency: Callable[[], str | None] = lambda: None) -> None:
+        self.thresholds = tuple(thresholds)
+        self.sender = sender
+        self.wall_clock = wall_clock
+        self.currency = currency  # what a money window's amounts are in
+        self._marks: dict[tuple[str, str, float], float | bool] = {}  # True, or a period's end
+        self._lock = threading.Lock()
+        self._full_reported = False
+
+    def check(self, call: Call, buckets: BucketStore, mode: CostMode) -> None:
+        """Mark and queue the crossings of the windows that paid (or refused) ``call``."""
+        refused = call.refused.costs if call.refused is not None else ()
+        for payer, (identity, specs) in enumerate(call.payers):
+            levels = buckets.peek(identity, specs)
+            costs = refused[payer] if payer < len(refused) else ()
+            user = call.user if payer == 0 and call.app is not None else None
+            for index, (spec, level) in enumerate(zip(specs, levels)):
+                blocked = index < len(costs) and refused_short(spec, level, costs[index])
+                self.check_window(identity, index, spec, level, call.label, user,
+                                  mode.unit_of(spec).name or "tokens", blocked)
+
+    def check_window(self, identity: str, index: int, spec: BucketSpec, level: dict, key: str,
+                     user: str | None, unit: str, blocked: bool) -> None:
+        capacity = level["capacity"]
+        if capacity <= 0:
+            return
+        used = capacity - level["tokens"]
+        if isinstance(used, float):
+            used = round(used, COST_DECIMALS)
+        percent = round(100 * used / capacity, 1)
+        reached = max(percent, 100.0) if blocked else percent
+        window = spec.name or str(index)
+        now = self.wall_clock()
+        period_end = now + level["seconds_to_next_refill"] if spec.period in PERIOD_DAYS else None
+        for threshold in self.thresholds:
+            mark = (identity, window, threshold)
+            if not self.crossed(mark, reached >= threshold, period_end):
+                continue
+            to_full = level["seconds_to_full"]
+            resets = period_end if period_end is not None else (
+                None if to_full is None else now + to_full)
+            self.sender.send(Crossing(key, user, window, unit, used, capacity, percent, threshold,
+                                      None if resets is None else _iso_time(resets),
+                                      self.currency() if unit == "money" else None).payload())
+
+    def crossed(self, mark: tuple[str, str, float], above: bool, period_end: float | None) -> bool:
+        """Whether this is a new crossing (and mark it); a refilling window below re-arms."""
+        with self._lock:
+            seen = self._marks.get(mark)
+            if not above:
+                if period_end is None and seen is not None:
+                    del self._marks[mark]
+                return False
+            now_mark: float | bool = True if period_end is None else round(period_end)
+            if seen == now_mark:
+                return False
+            if seen is None and len(self._marks) >= MAX_ALERT_MARKS:
+                if not self._full_reported:
+                    self._full_reported = True
+                    log.warning("alerts: %d crossings remembered; no new ones are sent until "
+                                "some windows are below their thresholds again", MAX_ALERT_MARKS)
+                return False
+            self._marks[mark] = now_mark
+            return True
+
+    def prune(self, buckets: BucketStore, specs_of: Callable[[str], Sequence[BucketSpec]]) -> None:
+        """Forget marks no longer true: a refilling window back below its threshold (so its next
+        crossing is told even if no request saw it below), a calendar period that ended."""
+        now = self.wall_clock()
+        with self._lock:
+            marks = list(self._marks.items())
+        below = []
+        for (identity, window, threshold), seen in marks:
+            if seen is not True:
+                if seen < now:
+                    below.append(((identity, window, threshold), seen))
+                continue
+            specs = specs_of(identity)
+            for index, (spec, level) in enumerate(zip(specs, buckets.peek(identity, specs))):
+                if (spec.name or str(index)) == window and level["capacity"] > 0 and (
+                        100 * (level["capacity"] - level["tokens"]) / level["capacity"] < threshold):
+                    below.append(((identity, window, threshold), seen))
+        with self._lock:
+            for mark, seen in below:
+                if self._marks.get(mark) == seen:  # (a period a request marked meanwhile stays)
+                    del self._marks[mark]
+            if len(self._marks) < MAX_ALERT_MARKS:
+                self._full_reported = False
+
+    def dump(self) -> list:
+        with self._lock:
+            return [[identity, window, threshold, seen]
+                    for (identity, window, threshold), seen in self._marks.items()]
+
+    def load(self, saved: list) -> None:
+        """Marks from STATE_FILE, so that a restart does not tell a crossing again."""
+        restored = {}
+        for identity, window, threshold, seen in saved[:MAX_ALERT_MARKS]:
+            if not (isinstance(seen, bool) and seen) and not (
+                    isinstance(seen, (int, float)) and math.isfinite(seen)):
+                raise ValueError("unexpected alert mark")
+            restored[(str(identity), str(window), float(threshold))] = seen
+        with self._lock:
+            self._marks.update(restored)
+
+
+class AlertSender:
+    """Posts alerts to ALERT_WEBHOOK_URL from a thread of its own, never from a request's.
+
+    ``send`` only queues (at most ALERT_QUEUE; more are lost and counted).  Each alert
+    is tried again after each of ``backoff``'s delays while the hook fails (a connection
+    that fails, a 5xx or 429); a hook that refuses it otherwise (another 4xx) will refuse
+    it again, so it is dropped.  The URL is a secret (Slack's and Discord's carry their
+    token): the log shows its scheme and host only.  A failing hook is logged once when
+    it starts failing and once when it works again, with the number of alerts lost.
+    """
+
+    def __init__(self, url: str, timeout: float = 10.0,
+                 backoff: Sequence[float] = ALERT_BACKOFF) -> None:
+        parts = urllib.parse.urlsplit(url)
+        self.https = parts.scheme == "https"
+        self.host, self.port = parts.hostname or "", parts.port
+        self.path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        self.shown = f"{parts.scheme}://{parts.hostname}" + (f":{parts.port}" if parts.port else "") + "/..."
+        self.timeout = timeout
+        self.backoff = tuple(backoff)
+        self.sent = self.lost = self.pending = 0
+        self.failing = False
+        self._lost_in_outage = 0
+        self._count_lock = threading.Lock()
+        self._queue: queue.Queue = queue.Queue(ALERT_QUEUE)
+        self._stop = threading.Event()
+        self._connection: http.client.HTTPConnection | None = None
+        self._thread = threading.Thread(target=self._run, name="alerts", daemon=True)
+        self._thread.start()
+
+    def send(self, payload: dict) -> None:
+        """Queue one alert; never waits."""
+        with self._count_lock:
+            self.pending += 1
+        try:
+            self._queue.put_nowait(payload)
+        except queue.Full:
+            self.count_lost()
+            self.done()
+
+    def _run(self) -> None:
+        guard = LoopGuard("alerts")
+        while not self._stop.is_set():
+            payload = self._queue.get()
+            if payload is None or self._stop.is_set():
+                return
+            guard.run("posting an alert", self.deliver, payload)
+            self.done()
+
+    def done(self) -> None:
+        with self._count_lock:
+            self.pending -= 1
+
+    @property
+    def drained(self) -> bool:
+        """Every alert queued so far was posted, or given up."""
+        return self.pending == 0
+
+    def deliver(self, payload: dict) -> bool:
+        """Post one alert, retrying after each backoff delay; True once the hook took it."""
+        body = json.dumps(payload).encode("utf-8")
+        for delay in (0.0,) + self.backoff:
+            if self._stop.is_set() or (delay and self._stop.wait(delay)):
+                return False
+            try:
+                status = self.post(body)
+            except (OSError, http.client.HTTPException) as error:
+                self.failed(failure_reason(error))
+                continue
+            if 200 <= status < 300:
+                self.worked()
+                return True
+            self.failed(f"HTTP {status}")
+            if status != 429 and status < 500:
+                break  # refused as it is: it would be refused again
+        self.count_lost()
+        return False
+
+    def count_lost(self) -> None:
+        with self._count_lock:
+            self.lost += 1
+            self._lost_in_outage += 1
+
+    def post(self, body: bytes) -> int:
+        """One POST; the hook's status. The connection is kept where ``close`` can cut it."""
+        kind = http.client.HTTPSConnection if self.https else http.client.HTTPConnection
+        connection = kind(self.host, self.port, timeout=self.timeout)
+        self._connection = connection
+        try:
+            connection.request("POST", self.path, body, {
+                "Content-Type": "application/json", "User-Agent": f"llm_proxy/{__version__}"})
+            response = connection.getresponse()
+            response.read(65536)
+            return response.status
+        finally:
+            self._connection = None
+            connection.close()
+
+    def failed(self, reason: str) -> None:
+        if not self.failing:
+            self.failing = True
+            with self._count_lock:
+                self._lost_in_outage = 0
+            log.warning("alert webhook %s is failing (%s); alerts are retried %d times; not "
+                        "logged again until it works", self.shown, reason, len(self.backoff))
+
+    def worked(self) -> None:
+        self.sent += 1
+        if self.failing:
+            self.failing = False
+            log.info("alert webhook %s works again (%d alerts lost meanwhile)", self.shown,
+                     self._lost_in_outage)
+
+    def close(self) -> None:
+        """Stop now: an alert being posted is cut off, those queued are not sent."""
+        self._stop.set()
+        with suppress(queue.Full):
+            self._queue.put_nowait(None)
+        while self._thread.is_alive():  # (a connection may open just after a look: look again)
+            connection = self._connection
+            if connection is not None and connection.sock is not None:
+                with suppress(OSError):
+                    connection.sock.shutdown(socket.SHUT_RDWR)
+            self._thread.join(0.05)
+
+
+def failure_reason(error: BaseException) -> str:
+    """Why a connection failed, in a few words and without the URL."""
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return error.verify_message or "certificate verify failed"
+    if isinstance(error, ssl.SSLError):
+        return f"TLS: {error.reason or type(error).__name__}"
+    if isinstance(error, (socket.timeout, TimeoutError)):
+        return "timed out"
+    if isinstance(error, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(error, socket.gaierror):
+        return "host not found"
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror.lower()
+    return type(error).__name__
 
 
 # --------------------------------------------------------------------------
@@ -6440,6 +7049,8 @@ class ProxyServer(TrackedServer):
         self.stored = StoredAnswers()
         self.metrics = Metrics()
         self.admin = AdminView(self)
+        self.alerts = AlertWatch(config.alert_thresholds, AlertSender(config.alert_webhook_url),
+                                 wall_clock, self.admin.currency) if config.alert_webhook_url else None
         self.upstreams = UpstreamRegistry.from_config(config)
         if config.state_file:
             self.load_state()
@@ -6572,6 +7183,8 @@ class ProxyServer(TrackedServer):
     def tidy(self) -> None:
         """Forget buckets that are full again, then save the others if STATE_FILE is set."""
         self.buckets.prune(lambda identity: self.keyring.policy_of(identity).buckets)
+        if self.alerts is not None:
+            self.alerts.prune(self.buckets, lambda identity: self.keyring.policy_of(identity).buckets)
         if self.config.state_file:
             self.save_state()
 
@@ -6580,7 +7193,8 @@ class ProxyServer(TrackedServer):
         assert path is not None
         state = {"version": 1, "saved_at": self.wall_clock(),
                  "buckets": self.buckets.dump(self.wall_clock), "usage": self.usage.dump(),
-                 "stored_answers": self.stored.dump()}
+                 "stored_answers": self.stored.dump(),
+                 "alerts": self.alerts.dump() if self.alerts is not None else []}
         try:
             write_atomically(path, json_bytes(state))
         except OSError as error:
@@ -6608,6 +7222,7 @@ class ProxyServer(TrackedServer):
         self._restore_buckets(path, state)
         self._restore_usage(path, state)
         self._restore_stored_answers(path, state)
+        self._restore_alerts(path, state)
 
     def _restore_buckets(self, path: str, state: dict) -> None:
         try:
@@ -6632,6 +7247,15 @@ class ProxyServer(TrackedServer):
             log.error("STATE_FILE %s: stored answers' owners unreadable (%s); each key's stored "
                       "answers are found again only once it makes new ones", path, type(error).__name__)
 
+    def _restore_alerts(self, path: str, state: dict) -> None:
+        if self.alerts is None:
+            return
+        try:
+            self.alerts.load(state.get("alerts", []))
+        except BROKEN_STATE as error:
+            log.error("STATE_FILE %s: alert marks unreadable (%s); a window past a threshold "
+                      "may be told again", path, type(error).__name__)
+
     def server_close(self) -> None:
         """Stop everything, then save the buckets a last time."""
         self._closing = True
@@ -6649,6 +7273,8 @@ class ProxyServer(TrackedServer):
         self.upstreams.close()
         if self.config.state_file:
             self.tidy()
+        if self.alerts is not None:
+            self.alerts.sender.close()
         self.console.close()
         if self.access_log is not None:
             self.access_log.close()

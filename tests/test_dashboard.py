@@ -19,7 +19,9 @@ import subprocess
 import tempfile
 import time
 import unittest
+from unittest import mock
 
+import llm_proxy
 from test_llm_proxy import CLIENT_KEY, OTHER_KEY, WAIT, ProxyTestCase
 
 ADMIN_KEY = "adm-7Hq2-secret-dashboard"
@@ -123,6 +125,17 @@ class DashboardBrowserTests(ProxyTestCase):
                 {"name": "daily", "max_tokens": 50, "refill_tokens": 50, "refill_interval_seconds": 86400}]},
                 OTHER_KEY: {"name": "alan<script>", "max_tokens": 5}}, file)
         self.start_proxy(admin_key=ADMIN_KEY, keys_file=keys)
+        close_charge = llm_proxy.Call.close_charge
+
+        def priced(call: llm_proxy.Call) -> None:  # as MODELS_FILE's prices would
+            close_charge(call)
+            call.cost = 0.0123 if call.served else 0.0
+        patcher = mock.patch.object(llm_proxy.Call, "close_charge", priced)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+        patcher = mock.patch.object(llm_proxy.AdminView, "currency", lambda view: "USD")
+        patcher.start()
+        self.addCleanup(patcher.stop)
         for _ in range(3):
             self.chat()
         self.chat(key=OTHER_KEY)
@@ -143,6 +156,9 @@ class DashboardBrowserTests(ProxyTestCase):
         self.assertIn("hourly: 17 / 20", ada[2])
         self.assertIn("daily: 47 / 50", ada[2])
         self.assertEqual(ada[4], "3 / 3 / 3")  # requests today / 7 days / 30 days
+        self.assertEqual(ada[6], "$0.0369 / $0.0369 / $0.0369")  # cost, in the currency
+        totals = browser.evaluate("document.getElementById('totals').innerText")
+        self.assertIn("$0.0492\ncost, 30 days", totals)
         self.assertEqual(browser.evaluate("document.querySelectorAll('script').length"), 1)
         self.assertTrue(browser.evaluate("document.querySelector('#chart svg rect') !== null"))
         self.assertIn("upstream up", browser.evaluate("document.getElementById('upstream').innerText"))

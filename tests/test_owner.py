@@ -89,13 +89,18 @@ class UsageReportTests(OwnerTestCase):
         self.request("GET", "/v1/quota")  # a quota check is no call to the model: not in the history
         self.logged(9)
         report = self.admin("/admin/api/usage").json()
-        self.assertEqual(set(report), {"now", "upstream", "in_flight", "queued", "keys"})
+        self.assertEqual(set(report), {"now", "currency", "upstream", "in_flight", "queued", "keys"})
         self.assertEqual(report["upstream"], {"url": self.upstream.url, "up": True, "last_error": None})
         keys = {entry["name"]: entry for entry in report["keys"]}
         ada = keys["ada"]
-        self.assertEqual(ada["usage"]["today"], {"requests": 7, "served": 5, "limited": 1, "rejected": 1,
-                                                 "error": 0, "prompt_tokens": 15, "completion_tokens": 30,
-                                                 "tokens_charged": 5})
+        counts = {"requests": 7, "served": 5, "limited": 1, "rejected": 1, "error": 0, "prompt_tokens": 15,
+                  "completion_tokens": 30, "tokens_charged": 5, "cached_tokens": 0, "reasoning_tokens": 0,
+                  "cost": 0}
+        rejected = dict.fromkeys(counts, 0)  # a model that is no name is no model: counted as _other
+        rejected.update(requests=1, rejected=1)
+        served = {name: counts[name] - rejected[name] for name in counts}
+        self.assertEqual(ada["usage"]["today"], dict(counts, by_model={"client-model": served,
+                                                                       "_other": rejected}))
         self.assertEqual(ada["usage"]["all_time"]["requests"], 7)
         self.assertEqual([b["tokens"] for b in ada["buckets"]], [0, 15])
         self.assertEqual(len(ada["daily"]), 30)
@@ -146,7 +151,7 @@ class MetricsTests(OwnerTestCase):
         families = parse_exposition(response.body.decode())
         self.assertEqual({name: f["type"] for name, f in families.items()}, {
             "llm_proxy_requests_total": "counter", "llm_proxy_tokens_total": "counter",
-            "llm_proxy_bucket_tokens": "gauge", "llm_proxy_in_flight": "gauge",
+            "llm_proxy_cost_total": "counter", "llm_proxy_bucket_tokens": "gauge", "llm_proxy_in_flight": "gauge",
             "llm_proxy_queued": "gauge", "llm_proxy_upstream_up": "gauge",
             "llm_proxy_request_duration_seconds": "histogram",
             "llm_proxy_time_to_first_byte_seconds": "histogram"})

@@ -89,7 +89,8 @@ class RouteTableTests(unittest.TestCase):
 
     def test_only_local_answers_need_no_key(self) -> None:
         keyless = {route.path for route in llm_proxy.ROUTES if not route.needs_key}
-        self.assertEqual(keyless, {"/", "/health", "/favicon.ico", "/admin", "/admin/api/usage", "/metrics", "/api"})
+        self.assertEqual(keyless, {"/", "/health", "/favicon.ico", "/admin", "/admin/api/usage",
+                                   "/admin/api/usage.csv", "/metrics", "/api"})
 
 
     def test_a_long_path_is_looked_up_by_its_start(self) -> None:
