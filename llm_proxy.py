@@ -550,11 +550,23 @@ class Bucket:
     its reservation: that debt is repaid by refills before the next request.
     """
 
-    __slots__ = ("tokens", "step_at")
+    __slots__ = ("tokens", "step_at", "capacity")
 
-    def __init__(self, tokens: int, step_at: float) -> None:
+    def __init__(self, tokens: int, step_at: float, capacity: int | None = None) -> None:
         self.tokens = tokens
         self.step_at = step_at
+        self.capacity = capacity  # the limit the level was last counted against (None: not known)
+
+    def resize(self, capacity: int) -> None:
+        """The window's limit changed: the level moves by as much, so what was spent stays spent.
+
+        Raising a limit then serves a blocked caller at once (a top-up), and lowering
+        it takes the difference (below zero if more was spent than the new limit).
+        A level restored without its limit (an older state file) is kept as it was.
+        """
+        if self.capacity is not None:
+            self.tokens += capacity - self.capacity
+        self.capacity = capacity
 
     def refill(self, spec: BucketSpec, now: float, offset: float = 0.0) -> None:
         """Add one refill per whole interval elapsed; the step clock moves by whole steps only.
@@ -562,6 +574,8 @@ class Bucket:
         A calendar window is full again from the start of each period instead;
         ``offset`` turns the store's monotonic clock into wall-clock time.
         """
+        if self.capacity != spec.capacity:
+            self.resize(spec.capacity)
         if spec.period is not None:
             start = period_bounds(now + offset, spec.period)[0] - offset
             if self.step_at < start:
@@ -635,7 +649,8 @@ class BucketStore:
             # A new caller starts full; when a policy gains or loses windows, the
             # levels kept so far stay (by position), so an edit refills nobody early.
             kept = buckets or []
-            buckets = kept[:len(specs)] + [Bucket(spec.capacity, now) for spec in specs[len(kept):]]
+            buckets = kept[:len(specs)] + [Bucket(spec.capacity, now, spec.capacity)
+                                           for spec in specs[len(kept):]]
             self._buckets[identity] = buckets
         for bucket, spec in zip(buckets, specs):
             bucket.refill(spec, now, offset)
@@ -757,7 +772,8 @@ class BucketStore:
                 for identity in identities[start:start + batch]:
                     buckets = self._buckets.get(identity)
                     if buckets is not None:
-                        saved[identity] = [[b.tokens, round(b.step_at + offset, 3)] for b in buckets]
+                        saved[identity] = [[b.tokens, round(b.step_at + offset, 3), b.capacity]
+                                           for b in buckets]
         return saved
 
     def load(self, saved: dict, wall_clock: Callable[[], float] = time.time) -> None:
@@ -768,8 +784,8 @@ class BucketStore:
         for identity, buckets in saved.items():
             if not isinstance(identity, str) or not isinstance(buckets, list):
                 raise ValueError("unexpected bucket entry")
-            restored[identity] = [Bucket(int(tokens), min(now, float(step_at) + offset))
-                                  for tokens, step_at in buckets]
+            restored[identity] = [Bucket(int(tokens), min(now, float(step_at) + offset), capacity)
+                                  for tokens, step_at, capacity in map(_saved_bucket, buckets)]
             if not all(math.isfinite(bucket.step_at) for bucket in restored[identity]):
                 raise ValueError("a refill time is not a number")
         with self._lock:
@@ -777,6 +793,16 @@ class BucketStore:
 
     def __len__(self) -> int:
         return len(self._buckets)
+
+
+def _saved_bucket(saved: object) -> tuple[object, object, int | None]:
+    """A saved level, its step time and the limit it was counted against (None: saved by an
+    older version, before levels carried it); ValueError or TypeError when broken."""
+    tokens, step_at, *rest = saved  # type: ignore[misc]
+    if len(rest) > 1:
+        raise ValueError("unexpected bucket entry")
+    capacity = rest[0] if rest else None
+    return tokens, step_at, None if capacity is None else int(capacity)
 
 
 class Charge:
