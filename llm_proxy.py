@@ -2467,6 +2467,10 @@ class KeyRing:
         made of) and policy, for the owner's view (never the key)."""
         return [(policy.id or digest, policy) for digest, (_, policy) in self._policies.items()]
 
+    def policy_by_handle(self, handle: str) -> Policy | None:
+        """The policy of the entry whose identity is ``"key:" + handle``, if it is loaded."""
+        return self._by_handle.get(handle)
+
     def policy_of(self, identity: str) -> Policy:
         """The policy whose buckets ``identity`` has: a key's, or a user's under an app key."""
         key, _, user = identity.partition("/user:")
@@ -2604,6 +2608,12 @@ ROUTES: tuple[Route, ...] = (
     Route("/favicon.ico", "favicon", needs_key=False, endpoint="local"),
     Route("/admin", "admin", needs_key=False, endpoint="local"),
     Route("/admin/api/usage", "admin", needs_key=False, endpoint="local"),
+    # The keys over HTTP (``AdminView.keys_request``): the list and new keys, then one key's
+    # edits at /admin/api/keys/{name}[/{action}].
+    Route("/admin/api/keys", "admin_keys", methods=READING + ("POST",), strict=True, needs_key=False,
+          endpoint="local"),
+    Route("/admin/api/keys", "admin_keys", methods=("POST", "PATCH", "DELETE"), subtree=True,
+          strict=True, needs_key=False, endpoint="local"),
     Route("/metrics", "admin", needs_key=False, endpoint="local"),
     # The APIs that generate: charged before forwarding, POST only.
     *(Route(path, "metered", dialect, ("POST",), strict=True, endpoint=dialect.name)
@@ -3540,6 +3550,12 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def answer_admin(self, route: Route, target: Target) -> None:
         self.send_bytes(200, *self.server.admin.answer(route.path, self.command, self.headers))
+
+    def answer_admin_keys(self, route: Route, target: Target) -> None:
+        body = self.read_body()
+        status, value = self.server.admin.keys_request(
+            self.command, target.path[len(route.path):], self.headers, body)
+        self.send_json(status, value, [("Cache-Control", "no-store")])  # it may carry a new key
 
     def answer_unknown(self, route: Route, target: Target) -> None:
         raise ProxyError(404, f"Unknown path {target.path}; the API lives under /v1", code="not_found")
@@ -5749,6 +5765,13 @@ def _histogram(name: str, help_text: str, histogram: Histogram) -> list[str]:
     return lines
 
 
+# What answers each edit of one key, by method and action: /admin/api/keys/{name}[/{action}].
+KEY_REQUESTS = {("PATCH", ""): "change_key", ("DELETE", ""): "remove_key",
+                ("POST", "disable"): "switch_key", ("POST", "enable"): "switch_key",
+                ("POST", "rotate"): "rotate_key", ("POST", "topup"): "top_up_key"}
+KEY_ERROR_CODES = {400: "invalid_key_settings", 404: "key_not_found", 409: "name_in_use"}
+
+
 class AdminView:
     """What the owner sees: the usage report (JSON) and the metrics (Prometheus text)."""
 
@@ -5787,13 +5810,139 @@ class AdminView:
             raise ProxyError(405, f"{path} takes GET", code="method_not_allowed")
         if path == "/admin":  # the page holds no data: it asks for the key, then calls the API
             return DASHBOARD_HEADERS, DASHBOARD_HTML
+        self.require_admin_key(headers, admin_key)
+        if path == "/metrics":
+            return [METRICS_TYPE], self.metrics_text().encode("utf-8")
+        return [JSON_TYPE], json_bytes(self.usage_report())
+
+    @staticmethod
+    def require_admin_key(headers: Headers, admin_key: str) -> None:
         token = bearer_token(headers.get("Authorization"))
         if token is None or not same_secret(token, admin_key):
             raise ProxyError(401, "This needs the admin key.", "authentication_error",
                              "invalid_admin_key")
-        if path == "/metrics":
-            return [METRICS_TYPE], self.metrics_text().encode("utf-8")
-        return [JSON_TYPE], json_bytes(self.usage_report())
+
+    # -- the keys, over HTTP ---------------------------------------------------
+
+    def keys_request(self, method: str, rest: str, headers: Headers, body: bytes) -> tuple[int, object]:
+        """``/admin/api/keys[/{name}[/{action}]]``: what ``keys`` does, for scripts.
+
+        Each edit is the command's own (the same lock, the same atomic write), and the
+        key ring re-reads the file at once, so a change applies before the answer.
+        ``{name}`` is a key's name, else its id (for names a URL cannot carry).
+        """
+        config = self.server.config
+        if not config.admin_key:
+            raise ProxyError(404, f"Unknown path /admin/api/keys{rest}", code="not_found")
+        self.require_admin_key(headers, config.admin_key)
+        if not config.keys_file:
+            raise ProxyError(404, "This proxy has no KEYS_FILE; set one to manage keys here.",
+                             code="not_found")
+        fields = self.request_fields(body)
+        segments = rest.strip("/").split("/") if rest.strip("/") else []
+        if not segments:
+            if method in READING:
+                return 200, {"keys": [self.key_listing(stored, entry) for stored, entry
+                                      in KeysFile(config.keys_file, config).entries.items()]}
+            return 201, self.edit_keys(lambda keys: self.create_key(keys, fields))
+        action = KEY_REQUESTS.get((method, segments[1] if len(segments) == 2 else ""))
+        if action is None or len(segments) > 2:
+            raise ProxyError(404, f"Unknown path /admin/api/keys{rest}", code="not_found")
+        return 200, self.edit_keys(lambda keys: getattr(self, action)(keys, segments[0], method,
+                                                                         segments[-1], fields))
+
+    @staticmethod
+    def request_fields(body: bytes) -> dict:
+        """A JSON object, or nothing (no body, for the actions that take no fields)."""
+        if not body.strip():
+            return {}
+        fields = parse_body(body)
+        if not isinstance(fields, dict):
+            raise ProxyError(400, "request body must be a JSON object", code="invalid_json")
+        return fields
+
+    def edit_keys(self, edit: Callable[[KeysFile], Callable[[], dict]]) -> dict:
+        """One edit of KEYS_FILE under the command's lock, then the key ring re-reads it; the
+        answer is made after that, so that it shows the levels under the new limits."""
+        server = self.server
+        path = server.config.keys_file
+        assert path is not None
+        try:
+            with edit_lock(path):
+                answer = edit(KeysFile(path, server.config))
+                server.keyring.reload_if_changed(force=True)
+                return answer()
+        except ConfigError as error:
+            status = KEY_ERROR_STATUS.get(type(error), 400)
+            raise ProxyError(status, str(error), code=KEY_ERROR_CODES[status]) from None
+        except OSError as error:
+            log.error("KEYS_FILE %s: cannot write it (%s)", path, error.strerror)
+            raise ProxyError(500, "The keys file cannot be written; the proxy's log says why.",
+                             "server_error") from None
+
+    def key_listing(self, stored: str, entry: object) -> dict:
+        """One entry as ``GET /admin/api/keys`` shows it: its settings and levels, never its key
+        or the key's digest."""
+        entry = entry if isinstance(entry, dict) else {}
+        handle = entry.get("id") or stored_secret(stored)[0]
+        policy = self.server.keyring.policy_by_handle(handle)
+        windows = entry.get("buckets") or [{k: entry[k] for k in TOKEN_LIMITS if k in entry}]
+        return {"name": entry.get("name"), "id": entry.get("id"), "email": entry.get("email"),
+                "enabled": entry.get("enabled", True), "expires": entry.get("expires"),
+                "models": entry.get("models"), "max_concurrent": entry.get("max_concurrent"),
+                "windows": windows,
+                "buckets": None if policy is None else self.server.buckets.peek("key:" + handle,
+                                                                                policy.buckets)}
+
+    def create_key(self, keys: KeysFile, fields: dict) -> Callable[[], dict]:
+        name = checked_name(fields.pop("name", None))
+        options = key_options(fields, (*KEY_OPTIONS, "email"))
+        entry = new_entry(name, options)
+        key = keys.add(name, {k: v for k, v in entry.items() if k != "name"})
+        log.info("admin API: added the key %r", name)
+        return lambda: {"key": key, **self.key_listing(hashed_key(key), entry)}
+
+    def change_key(self, keys: KeysFile, name: str, method: str, action: str,
+               fields: dict) -> Callable[[], dict]:
+        options = key_options(fields, (*KEY_OPTIONS, "email", "window"))
+        if not options:
+            raise ConfigError(f"say what to change: {', '.join((*KEY_OPTIONS, 'email', 'window'))}")
+        stored = keys.find_one(name)[0]
+        entry = keys.replace(name, lambda entry: changed_entry(entry, options))
+        log.info("admin API: changed the key %r", name)
+        return lambda: self.key_listing(stored, entry)
+
+    def top_up_key(self, keys: KeysFile, name: str, method: str, action: str,
+               fields: dict) -> Callable[[], dict]:
+        options = key_options(fields, ("amount", "window"))
+        if "amount" not in options:
+            raise ConfigError("say how much to add: {\"amount\": ...}")
+        stored = keys.find_one(name)[0]
+        entry = keys.replace(name, lambda entry: raised_limit(
+            entry, options["amount"], options.get("window"), self.server.config)[0])
+        log.info("admin API: topped up the key %r", name)
+        return lambda: self.key_listing(stored, entry)
+
+    def rotate_key(self, keys: KeysFile, name: str, method: str, action: str,
+               fields: dict) -> Callable[[], dict]:
+        key_options(fields, ())
+        key, entry = keys.rotate(name)
+        log.info("admin API: a new key for %r", name)
+        return lambda: {"key": key, **self.key_listing(hashed_key(key), entry)}
+
+    def switch_key(self, keys: KeysFile, name: str, method: str, action: str,
+               fields: dict) -> Callable[[], dict]:
+        key_options(fields, ())
+        count = keys.update(name, enabled=action == "enable")
+        log.info("admin API: %sd the key %r", action, name)
+        return lambda: {"name": name, "enabled": action == "enable", "count": count}
+
+    def remove_key(self, keys: KeysFile, name: str, method: str, action: str,
+               fields: dict) -> Callable[[], dict]:
+        key_options(fields, ())
+        count = keys.remove(name)
+        log.info("admin API: removed the key %r", name)
+        return lambda: {"name": name, "removed": count}
 
     # -- the usage report ------------------------------------------------------
 
@@ -6830,6 +6979,7 @@ class NameInUse(ConfigError):
     (a 409 over HTTP)."""
 
 
+KEY_ERROR_STATUS = {KeyNotFound: 404, NameInUse: 409}  # over HTTP; any other ConfigError: 400
 KEY_PERIODS = ("total", "day", "week", "month")
 TOKEN_LIMITS = ("max_tokens", "refill_tokens", "refill_interval_seconds")
 BUDGET_WINDOW = "budget"  # the name ``--budget`` gives the money window it writes
