@@ -146,7 +146,7 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
     actions = keys.add_subparsers(dest="action", required=True)
     add = actions.add_parser("add", help="create a key for NAME; prints it once, stores only its SHA-256")
     add.add_argument("name")
-    add_key_options(add)
+    add_key_options(add, "email")
     roster = actions.add_parser("import", help="a key for each name of a CSV roster, written to --out")
     roster.add_argument("roster", help="CSV with a 'name' column (and an optional 'email')")
     roster.add_argument("--out", required=True, help="new file for the name,key lines (mode 0600)")
@@ -154,7 +154,7 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
     actions.add_parser("list", help="names, limits, state and expiry (never keys)")
     change = actions.add_parser("set", help="change NAME's limits; what it spent still counts")
     change.add_argument("name")
-    add_key_options(change, "window")
+    add_key_options(change, "email", "window")
     topup = actions.add_parser("topup", help="raise a window's limit by AMOUNT, keeping what was spent")
     topup.add_argument("name")
     topup.add_argument("amount", type=float)
@@ -2411,6 +2411,7 @@ class KeyRing:
         self._policies = dict(self._static)
         self._by_handle = {digest: policy for digest, (_, policy) in self._static.items()}
         self._file_stamp: tuple | None = None
+        self._reading = threading.Lock()  # the admin API re-reads too: the last read is the newest
         if config.keys_file:
             try:
                 self.reload()
@@ -2484,16 +2485,17 @@ class KeyRing:
         """Read KEYS_FILE now; raises ConfigError (keeping the old policies) when it is broken."""
         path = self.config.keys_file
         assert path is not None
-        try:
-            with open(path, encoding="utf-8") as file:
-                stamp = _file_stamp(os.fstat(file.fileno()))
-                text = file.read()
-        except (OSError, UnicodeDecodeError) as error:
-            raise ConfigError(f"cannot read it ({type(error).__name__})") from None
-        self._file_stamp = stamp
-        policies = {**self._static, **parse_keys_file(text, self.config)}
-        self._policies, self._by_handle = policies, {
-            policy.id or digest: policy for digest, (_, policy) in policies.items()}
+        with self._reading:
+            try:
+                with open(path, encoding="utf-8") as file:
+                    stamp = _file_stamp(os.fstat(file.fileno()))
+                    text = file.read()
+            except (OSError, UnicodeDecodeError) as error:
+                raise ConfigError(f"cannot read it ({type(error).__name__})") from None
+            self._file_stamp = stamp
+            policies = {**self._static, **parse_keys_file(text, self.config)}
+            self._policies, self._by_handle = policies, {
+                policy.id or digest: policy for digest, (_, policy) in policies.items()}
 
     def reload_if_changed(self, force: bool = False) -> bool:
         """Re-read KEYS_FILE if it changed (or when forced, as on SIGHUP); True if reloaded."""
@@ -5843,13 +5845,13 @@ class AdminView:
         if not segments:
             if method in READING:
                 return 200, {"keys": [self.key_listing(stored, entry) for stored, entry
-                                      in KeysFile(config.keys_file, config).entries.items()]}
+                                      in self.keys_file().entries.items()]}
             return 201, self.edit_keys(lambda keys: self.create_key(keys, fields))
         action = KEY_REQUESTS.get((method, segments[1] if len(segments) == 2 else ""))
         if action is None or len(segments) > 2:
             raise ProxyError(404, f"Unknown path /admin/api/keys{rest}", code="not_found")
-        return 200, self.edit_keys(lambda keys: getattr(self, action)(keys, segments[0], method,
-                                                                         segments[-1], fields))
+        return 200, self.edit_keys(lambda keys: getattr(self, action)(keys, segments[0], segments[-1],
+                                                                         fields))
 
     @staticmethod
     def request_fields(body: bytes) -> dict:
@@ -5869,7 +5871,7 @@ class AdminView:
         assert path is not None
         try:
             with edit_lock(path):
-                answer = edit(KeysFile(path, server.config))
+                answer = edit(self.keys_file())
                 server.keyring.reload_if_changed(force=True)
                 return answer()
         except ConfigError as error:
@@ -5880,12 +5882,27 @@ class AdminView:
             raise ProxyError(500, "The keys file cannot be written; the proxy's log says why.",
                              "server_error") from None
 
+    def keys_file(self) -> KeysFile:
+        """KEYS_FILE as it is now; a file that is no JSON object is the server's fault (a 500)."""
+        path = self.server.config.keys_file
+        assert path is not None
+        try:
+            return KeysFile(path, self.server.config)
+        except ConfigError as error:
+            log.error("KEYS_FILE %s: %s", path, error)
+            raise ProxyError(500, "The keys file is broken; the proxy's log says why.",
+                             "server_error") from None
+
     def key_listing(self, stored: str, entry: object) -> dict:
         """One entry as ``GET /admin/api/keys`` shows it: its settings and levels, never its key
         or the key's digest."""
         entry = entry if isinstance(entry, dict) else {}
-        handle = entry.get("id") or stored_secret(stored)[0]
-        policy = self.server.keyring.policy_by_handle(handle)
+        entry_id = entry.get("id")
+        handle = entry_id if isinstance(entry_id, str) else None
+        if handle is None:
+            with suppress(ConfigError):  # a hand edit the proxy refused: no levels to show
+                handle = stored_secret(stored)[0]
+        policy = self.server.keyring.policy_by_handle(handle) if handle else None
         windows = entry.get("buckets") or [{k: entry[k] for k in TOKEN_LIMITS if k in entry}]
         return {"name": entry.get("name"), "id": entry.get("id"), "email": entry.get("email"),
                 "enabled": entry.get("enabled", True), "expires": entry.get("expires"),
@@ -5902,8 +5919,7 @@ class AdminView:
         log.info("admin API: added the key %r", name)
         return lambda: {"key": key, **self.key_listing(hashed_key(key), entry)}
 
-    def change_key(self, keys: KeysFile, name: str, method: str, action: str,
-               fields: dict) -> Callable[[], dict]:
+    def change_key(self, keys: KeysFile, name: str, action: str, fields: dict) -> Callable[[], dict]:
         options = key_options(fields, (*KEY_OPTIONS, "email", "window"))
         if not options:
             raise ConfigError(f"say what to change: {', '.join((*KEY_OPTIONS, 'email', 'window'))}")
@@ -5912,8 +5928,7 @@ class AdminView:
         log.info("admin API: changed the key %r", name)
         return lambda: self.key_listing(stored, entry)
 
-    def top_up_key(self, keys: KeysFile, name: str, method: str, action: str,
-               fields: dict) -> Callable[[], dict]:
+    def top_up_key(self, keys: KeysFile, name: str, action: str, fields: dict) -> Callable[[], dict]:
         options = key_options(fields, ("amount", "window"))
         if "amount" not in options:
             raise ConfigError("say how much to add: {\"amount\": ...}")
@@ -5923,22 +5938,19 @@ class AdminView:
         log.info("admin API: topped up the key %r", name)
         return lambda: self.key_listing(stored, entry)
 
-    def rotate_key(self, keys: KeysFile, name: str, method: str, action: str,
-               fields: dict) -> Callable[[], dict]:
+    def rotate_key(self, keys: KeysFile, name: str, action: str, fields: dict) -> Callable[[], dict]:
         key_options(fields, ())
         key, entry = keys.rotate(name)
         log.info("admin API: a new key for %r", name)
         return lambda: {"key": key, **self.key_listing(hashed_key(key), entry)}
 
-    def switch_key(self, keys: KeysFile, name: str, method: str, action: str,
-               fields: dict) -> Callable[[], dict]:
+    def switch_key(self, keys: KeysFile, name: str, action: str, fields: dict) -> Callable[[], dict]:
         key_options(fields, ())
         count = keys.update(name, enabled=action == "enable")
         log.info("admin API: %sd the key %r", action, name)
         return lambda: {"name": name, "enabled": action == "enable", "count": count}
 
-    def remove_key(self, keys: KeysFile, name: str, method: str, action: str,
-               fields: dict) -> Callable[[], dict]:
+    def remove_key(self, keys: KeysFile, name: str, action: str, fields: dict) -> Callable[[], dict]:
         key_options(fields, ())
         count = keys.remove(name)
         log.info("admin API: removed the key %r", name)
@@ -7001,8 +7013,8 @@ def new_entry_id() -> str:
 
 
 def checked_name(name: object, where: str = "") -> str:
-    """A key's name without surrounding spaces; refused when empty or holding a control
-    character (a roster saved on Windows ends its names in a carriage return)."""
+    """A key's name without the spaces around it (a carriage return ending a line of a roster
+    saved on Windows among them); refused when empty or holding a control character."""
     if not isinstance(name, str) or not name.strip():
         raise ConfigError(f"{where}the name is empty")
     if not name.strip().isprintable():
@@ -7273,8 +7285,11 @@ class KeysFile:
                             "(keys list shows it)")
         return found[0]
 
-    def require_new_name(self, name: str, where: str = "") -> None:
-        if any(self.name_of(stored) == name for stored in self.entries):
+    def names(self) -> set[str | None]:
+        return {self.name_of(stored) for stored in self.entries}
+
+    def require_new_name(self, name: str, where: str = "", names: set | None = None) -> None:
+        if name in (self.names() if names is None else names):
             raise NameInUse(f"{where}a key named {name!r} exists already in {self.path}")
 
     def add(self, name: str, settings: dict) -> str:
@@ -7285,8 +7300,10 @@ class KeysFile:
 
     def insert(self, entries: Sequence[dict]) -> list[str]:
         """New entries with new keys, at the end, checked but not yet saved; returns the keys."""
+        names = self.names()
         for entry in entries:
-            self.require_new_name(entry["name"])
+            self.require_new_name(entry["name"], names=names)
+            names.add(entry["name"])
             _policy_from_entry(entry, self.config, f"key {entry['name']}", require_secrets=False)
         keys = [new_key() for _ in entries]
         stored = [f'"{hashed_key(key)}": {json.dumps(entry)}' for key, entry in zip(keys, entries)]
@@ -7429,11 +7446,12 @@ KEY_OPTIONS: dict[str, tuple[Callable[[str], object], str]] = {
 
 
 WINDOW_OPTION = (str, "the window to change, by name (default: the money window, else the only one)")
+EXTRA_OPTIONS = {"window": WINDOW_OPTION, "email": (str, "the key holder's email, kept in the entry")}
 
 
 def add_key_options(parser: argparse.ArgumentParser, *extra: str) -> None:
     for name in (*KEY_OPTIONS, *extra):
-        kind, text = KEY_OPTIONS.get(name) or WINDOW_OPTION
+        kind, text = KEY_OPTIONS.get(name) or EXTRA_OPTIONS[name]
         parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, help=text,
                             **({"choices": KEY_PERIODS} if name == "period" else {}))
 
@@ -7487,7 +7505,7 @@ def _options_of(args: argparse.Namespace, *extra: str) -> dict:
 
 def _add_action(args: argparse.Namespace, keys: KeysFile, config: Config) -> int:
     name = checked_name(args.name)
-    key = keys.add(name, {k: v for k, v in new_entry(name, _options_of(args)).items() if k != "name"})
+    key = keys.add(name, {k: v for k, v in new_entry(name, _options_of(args, "email")).items() if k != "name"})
     print(f"added {name!r} to {keys.path}; the key is shown once, here (only its SHA-256 is kept):")
     print(key)
     return 0
@@ -7497,8 +7515,9 @@ def _import_action(args: argparse.Namespace, keys: KeysFile, config: Config) -> 
     """Every name of a roster gets a key, in one edit: all or none (refused before anything is
     written); the keys go to ``--out`` only."""
     roster = read_roster(args.roster)
+    names = keys.names()
     for row in roster:
-        keys.require_new_name(row.name, f"{args.roster} line {row.line}: ")
+        keys.require_new_name(row.name, f"{args.roster} line {row.line}: ", names)
     if os.path.lexists(args.out):
         raise ConfigError(f"{args.out} exists already; it may hold keys in use: choose another --out")
     options = _options_of(args)
@@ -7539,7 +7558,7 @@ def _remove_action(args: argparse.Namespace, keys: KeysFile, config: Config) -> 
 
 
 def _set_action(args: argparse.Namespace, keys: KeysFile, config: Config) -> int:
-    options = _options_of(args, "window")
+    options = _options_of(args, "email", "window")
     if not options:
         raise ConfigError("say what to change (keys set --help lists the options)")
     keys.replace(args.name, lambda entry: changed_entry(entry, options))
@@ -7581,11 +7600,21 @@ def _how_many(count: int) -> str:
     return f" ({count} keys)" if count > 1 else ""
 
 
+def _limit_text(spec: BucketSpec, window: dict) -> str:
+    """A window's limit as ``keys list`` says it: a money window's as written, in the currency."""
+    if _is_money(window):
+        period = window.get("period")
+        return f"{window.get('max_amount')} " + ("in all" if period == "total" else f"per {period}"
+                                                  if period else f"+{window.get('refill_amount')}/{spec.interval:g}s")
+    return f"{spec.capacity} +{spec.refill_tokens}/{spec.interval:g}s"
+
+
 def describe_entry(stored: str, entry: dict, config: Config) -> str:
     """One line of ``keys list``: name and limits, never the key."""
     policy = _policy_from_entry(entry, config, "entry", require_secrets=False)
-    windows = ", ".join(f"{spec.name + ' ' if spec.name else ''}{spec.capacity} "
-                        f"+{spec.refill_tokens}/{spec.interval:g}s" for spec in policy.buckets)
+    written = entry.get("buckets") or [{}]
+    windows = ", ".join(f"{spec.name + ' ' if spec.name else ''}{_limit_text(spec, window)}"
+                        for spec, window in zip(policy.buckets, written))
     state = "enabled" if policy.enabled else "disabled"
     parts = [policy.name or "(no name)", state, windows]
     if policy.expires:

@@ -582,6 +582,14 @@ class KeysApiTests(ProxyTestCase):
         error = self.assert_openai_error(self.api("POST", "", {"name": "x"}), 404, code="not_found")
         self.assertIn("KEYS_FILE", error["message"])
 
+    def test_a_broken_keys_file_is_the_servers_fault(self) -> None:
+        with open(self.keys_path, "w") as file:
+            file.write('{"sk-x": {"name": "ada"},')  # a hand edit, half saved
+        for method, path, body in (("GET", "", None), ("POST", "", {"name": "cy"}), ("POST", "/ada/disable", None)):
+            with self.subTest(method=method, path=path):
+                self.assert_openai_error(self.api(method, path, body), 500, "server_error")
+        self.assertIn("KEYS_FILE", self.written("KEYS_FILE"))
+
     def test_two_names_one_edit_refused_for_one_key_only(self) -> None:
         """A hand edit may leave two entries with one name: disable acts on both, rotate on neither."""
         write_keys_file(self, {CLIENT_KEY: {"name": "ada"}, OTHER_KEY: {"name": "ada"}})
