@@ -7062,23 +7062,22 @@ def changed_entry(entry: dict, options: dict) -> dict:
     ``window`` names the window to change; without it ``budget`` changes the money
     window (added if the key has none) and token limits the one window that counts
     tokens (or the entry's own, without windows).  An empty ``models`` or ``expires``
-    removes the restriction.
+    removes the restriction (an empty ``email``, the email).
     """
     entry = copy.deepcopy(entry)
-    for field_name in ("models", "expires"):
+    for field_name in ("models", "expires", "email"):
         if field_name in options:
             if options[field_name]:
                 entry[field_name] = options[field_name]
             else:
                 entry.pop(field_name, None)
-    for field_name in ("max_concurrent", "email"):
-        if field_name in options:
-            entry[field_name] = options[field_name]
+    if "max_concurrent" in options:
+        entry["max_concurrent"] = options["max_concurrent"]
     money = {"max_amount": options["budget"]} if "budget" in options else {}
     tokens = {field_name: options[field_name] for field_name in TOKEN_LIMITS if field_name in options}
     if "period" in options:
         (money if money else tokens)["period"] = options["period"]
-    if options.get("window") is not None:
+    if options.get("window"):
         _change_window(_named_window(entry, options["window"]), {**money, **tokens})
         return entry
     if money:
@@ -7143,7 +7142,7 @@ def raised_limit(entry: dict, amount: float, window_name: str | None, config: Co
     is exactly a top-up; on a refilling one it raises the limit itself.
     """
     entry = copy.deepcopy(entry)
-    if window_name is not None:
+    if window_name:
         window = _named_window(entry, window_name)
     elif any(_is_money(w) for w in entry.get("buckets", [])):
         window = _money_window(entry)
@@ -7486,7 +7485,7 @@ def _key_option(name: str, value: object) -> object:
         return text
     whole = name in ("max_tokens", "refill_tokens", "max_concurrent")
     if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)) or (
-            not math.isfinite(value)):
+            isinstance(value, float) and not math.isfinite(value)):
         raise ConfigError(f"{name} must be a {'whole number' if whole else 'number'}")
     if name in ("budget", "amount") and value <= 0:
         raise ConfigError(f"{name} must be more than 0")
