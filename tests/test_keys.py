@@ -15,12 +15,12 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
+import threading
 import unittest
 from unittest import mock
 
 import llm_proxy
-from llm_proxy import Bucket, BucketSpec, BucketStore, Config, ConfigError
+from llm_proxy import BucketSpec, BucketStore, Config, ConfigError
 from test_llm_proxy import (ADMIN_KEY, CLIENT_KEY, HERE, OTHER_KEY, WAIT, FakeClock, ProxyTestCase,
                             clean_environment, tokens_of, write_keys_file)
 
@@ -585,6 +585,20 @@ class KeysApiTests(ProxyTestCase):
         self.start_proxy(admin_key=ADMIN_KEY, client_keys=(CLIENT_KEY,))
         error = self.assert_openai_error(self.api("POST", "", {"name": "x"}), 404, code="not_found")
         self.assertIn("KEYS_FILE", error["message"])
+
+    def test_parallel_edits_all_land(self) -> None:
+        answers: list = []
+        threads = [threading.Thread(target=lambda n=n: answers.append(self.api("POST", "", {"name": f"s{n}"})))
+                   for n in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(WAIT)
+        self.assertEqual(sorted(answer.status for answer in answers), [201] * 8)
+        self.assertEqual(sorted(e["name"] for e in read_json(self.keys_path).values()),
+                         ["ada", "bo"] + [f"s{n}" for n in range(8)])
+        for answer in answers:
+            self.assertEqual(self.request("GET", "/v1/quota", key=answer.json()["key"]).status, 200)
 
     def test_a_broken_keys_file_is_the_servers_fault(self) -> None:
         with open(self.keys_path, "w") as file:
