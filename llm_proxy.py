@@ -7599,21 +7599,11 @@ def _how_many(count: int) -> str:
     return f" ({count} keys)" if count > 1 else ""
 
 
-def _limit_text(spec: BucketSpec, window: dict) -> str:
-    """A window's limit as ``keys list`` says it: a money window's as written, in the currency."""
-    if _is_money(window):
-        period = window.get("period")
-        return f"{window.get('max_amount')} " + ("in all" if period == "total" else f"per {period}"
-                                                  if period else f"+{window.get('refill_amount')}/{spec.interval:g}s")
-    return f"{spec.capacity} +{spec.refill_tokens}/{spec.interval:g}s"
-
-
 def describe_entry(stored: str, entry: dict, config: Config) -> str:
     """One line of ``keys list``: name and limits, never the key."""
     policy = _policy_from_entry(entry, config, "entry", require_secrets=False)
-    written = entry.get("buckets") or [{}]
-    windows = ", ".join(f"{spec.name + ' ' if spec.name else ''}{_limit_text(spec, window)}"
-                        for spec, window in zip(policy.buckets, written))
+    windows = ", ".join(f"{spec.name + ' ' if spec.name else ''}{spec.capacity} "
+                        f"+{spec.refill_tokens}/{spec.interval:g}s" for spec in policy.buckets)
     state = "enabled" if policy.enabled else "disabled"
     parts = [policy.name or "(no name)", state, windows]
     if policy.expires:
