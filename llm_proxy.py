@@ -154,13 +154,21 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
     actions = keys.add_subparsers(dest="action", required=True)
     add = actions.add_parser("add", help="create a key for NAME; prints it once, stores only its SHA-256")
     add.add_argument("name")
-    add.add_argument("--max-tokens", type=int)
-    add.add_argument("--refill-tokens", type=int)
-    add.add_argument("--refill-interval-seconds", type=float)
-    add.add_argument("--models", help="comma-separated model names this key may use")
-    add.add_argument("--max-concurrent", type=int)
-    add.add_argument("--expires", help="last day the key works, YYYY-MM-DD")
+    add_key_options(add, "email")
+    roster = actions.add_parser("import", help="a key for each name of a CSV roster, written to --out")
+    roster.add_argument("roster", help="CSV with a 'name' column (and an optional 'email')")
+    roster.add_argument("--out", required=True, help="new file for the name,key lines (mode 0600)")
+    add_key_options(roster)
     actions.add_parser("list", help="names, limits, state and expiry (never keys)")
+    change = actions.add_parser("set", help="change NAME's limits; what it spent still counts")
+    change.add_argument("name")
+    add_key_options(change, "email", "window")
+    topup = actions.add_parser("topup", help="raise a window's limit by AMOUNT, keeping what was spent")
+    topup.add_argument("name")
+    topup.add_argument("amount", type=float)
+    topup.add_argument("--window", help=WINDOW_OPTION[1])
+    actions.add_parser("rotate", help="a new key for NAME, keeping its balance and history; "
+                       "the old key stops working").add_argument("name")
     for action in ("disable", "enable", "remove"):
         actions.add_parser(action, help=f"{action} the key named NAME").add_argument("name")
     args = parser.parse_args(argv)
@@ -593,11 +601,23 @@ class Bucket:
     its reservation: that debt is repaid by refills before the next request.
     """
 
-    __slots__ = ("tokens", "step_at")
+    __slots__ = ("tokens", "step_at", "capacity")
 
-    def __init__(self, tokens: int, step_at: float) -> None:
+    def __init__(self, tokens: int, step_at: float, capacity: int | None = None) -> None:
         self.tokens = tokens
         self.step_at = step_at
+        self.capacity = capacity  # the limit the level was last counted against (None: not known)
+
+    def resize(self, capacity: int) -> None:
+        """The window's limit changed: the level moves by as much, so what was spent stays spent.
+
+        Raising a limit then serves a blocked caller at once (a top-up), and lowering
+        it takes the difference (below zero if more was spent than the new limit).
+        A level restored without its limit (an older state file) is kept as it was.
+        """
+        if self.capacity is not None:
+            self.tokens += capacity - self.capacity
+        self.capacity = capacity
 
     def refill(self, spec: BucketSpec, now: float, offset: float = 0.0) -> None:
         """Add one refill per whole interval elapsed; the step clock moves by whole steps only.
@@ -605,6 +625,8 @@ class Bucket:
         A calendar window is full again from the start of each period instead;
         ``offset`` turns the store's monotonic clock into wall-clock time.
         """
+        if self.capacity != spec.capacity:
+            self.resize(spec.capacity)
         if spec.period is not None:
             start = period_bounds(now + offset, spec.period)[0] - offset
             if self.step_at < start:
@@ -678,7 +700,8 @@ class BucketStore:
             # A new caller starts full; when a policy gains or loses windows, the
             # levels kept so far stay (by position), so an edit refills nobody early.
             kept = buckets or []
-            buckets = kept[:len(specs)] + [Bucket(spec.capacity, now) for spec in specs[len(kept):]]
+            buckets = kept[:len(specs)] + [Bucket(spec.capacity, now, spec.capacity)
+                                           for spec in specs[len(kept):]]
             self._buckets[identity] = buckets
         for bucket, spec in zip(buckets, specs):
             bucket.refill(spec, now, offset)
@@ -800,7 +823,8 @@ class BucketStore:
                 for identity in identities[start:start + batch]:
                     buckets = self._buckets.get(identity)
                     if buckets is not None:
-                        saved[identity] = [[b.tokens, round(b.step_at + offset, 3)] for b in buckets]
+                        saved[identity] = [[b.tokens, round(b.step_at + offset, 3), b.capacity]
+                                           for b in buckets]
         return saved
 
     def load(self, saved: dict, wall_clock: Callable[[], float] = time.time) -> None:
@@ -811,8 +835,8 @@ class BucketStore:
         for identity, buckets in saved.items():
             if not isinstance(identity, str) or not isinstance(buckets, list):
                 raise ValueError("unexpected bucket entry")
-            restored[identity] = [Bucket(int(tokens), min(now, float(step_at) + offset))
-                                  for tokens, step_at in buckets]
+            restored[identity] = [Bucket(int(tokens), min(now, float(step_at) + offset), capacity)
+                                  for tokens, step_at, capacity in map(_saved_bucket, buckets)]
             if not all(math.isfinite(bucket.step_at) for bucket in restored[identity]):
                 raise ValueError("a refill time is not a number")
         with self._lock:
@@ -820,6 +844,16 @@ class BucketStore:
 
     def __len__(self) -> int:
         return len(self._buckets)
+
+
+def _saved_bucket(saved: object) -> tuple[object, object, int | None]:
+    """A saved level, its step time and the limit it was counted against (None: saved by an
+    older version, before levels carried it); ValueError or TypeError when broken."""
+    tokens, step_at, *rest = saved  # type: ignore[misc]
+    if len(rest) > 1:
+        raise ValueError("unexpected bucket entry")
+    capacity = rest[0] if rest else None
+    return tokens, step_at, None if capacity is None else int(capacity)
 
 
 class Charge:
@@ -2055,6 +2089,7 @@ class Policy:
     users: UserSpec | None = None         # an app key: each end user gets buckets of their own
     enabled: bool = True
     expires: str | None = None            # YYYY-MM-DD: the last local day the key works
+    id: str | None = None                 # the entry's own name for its buckets and history
 
     def allows(self, model: str) -> bool:
         return self.models is None or model in self.models
@@ -2086,12 +2121,13 @@ def key_digest(key: str) -> str:
 
 
 POLICY_FIELDS = {"name", "max_tokens", "refill_tokens", "refill_interval_seconds", "buckets",
-                 "models", "max_concurrent", "users", "enabled", "expires"}
+                 "models", "max_concurrent", "users", "enabled", "expires", "id", "email"}
 USER_SOURCES = {"jwt": "X-OpenWebUI-User-Jwt", "header": None, "user_field": None}
-USERS_FIELDS = POLICY_FIELDS - {"name", "users", "enabled", "expires"} | {
+USERS_FIELDS = POLICY_FIELDS - {"name", "users", "enabled", "expires", "id", "email"} | {
     "from", "header", "secret_env", "issuer", "required", "overrides"}
 MAX_USER_LENGTH = 256  # longer identities are refused, not truncated into someone else's
 MIN_JWT_SECRET_BYTES = 32  # HS256 wants a key as long as its hash (RFC 7518, 3.2); shorter can be guessed
+ENTRY_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # safe in an identity, a state file and a log line
 WINDOW_FIELDS = {"name", "max_tokens", "refill_tokens", "refill_interval_seconds", "unit", "period",
                  "models"}
 
@@ -2122,6 +2158,7 @@ def parse_keys_file(text: str, config: Config,
     if not isinstance(entries, dict):
         raise ConfigError("must be a JSON object mapping each client key to its settings")
     policies = {}
+    handles: set[str] = set()  # what each entry's buckets are kept under: its id, else its digest
     for position, (key, entry) in enumerate(entries.items(), 1):
         where = f"entry {position}"
         if not isinstance(entry, dict):
@@ -2134,7 +2171,11 @@ def parse_keys_file(text: str, config: Config,
             digest, secret = stored_secret(key)
         except ConfigError as error:
             raise ConfigError(f"{where}: {error}") from None
-        policies[digest] = (secret, _policy_from_entry(entry, config, where, require_secrets))
+        policy = _policy_from_entry(entry, config, where, require_secrets)
+        if policy.id is not None and policy.id in handles:
+            raise ConfigError(f"{where}: id {policy.id!r} is another entry's already")
+        handles.add(policy.id or digest)
+        policies[digest] = (secret, policy)
     return policies
 
 
@@ -2188,8 +2229,13 @@ def _policy_from_entry(entry: dict, config: Config, where: str,
         raise ConfigError(f"{where}: enabled must be true or false")
     if expires is not None and not (isinstance(expires, str) and _is_date(expires)):
         raise ConfigError(f"{where}: expires must be a date, YYYY-MM-DD")
+    entry_id, email = entry.get("id"), entry.get("email", "")
+    if entry_id is not None and not (isinstance(entry_id, str) and ENTRY_ID.fullmatch(entry_id)):
+        raise ConfigError(f"{where}: id must be 1 to 64 letters, digits, '-' or '_'")
+    if not isinstance(email, str):
+        raise ConfigError(f"{where}: email must be a string")
     return Policy(name, buckets, None if models is None else tuple(models), limit, users,
-                  enabled, expires)
+                  enabled, expires, entry_id)
 
 
 def _is_date(text: str) -> bool:
@@ -2406,7 +2452,9 @@ class KeyRing:
         self._static = {digest: (secret, self.default)
                         for digest, secret in map(stored_secret, config.client_keys)}
         self._policies = dict(self._static)
+        self._by_handle = {digest: policy for digest, (_, policy) in self._static.items()}
         self._file_stamp: tuple | None = None
+        self._reading = threading.Lock()  # the admin API re-reads too: the last read is the newest
         if config.keys_file:
             try:
                 self.reload()
@@ -2448,7 +2496,8 @@ class KeyRing:
                                  "authentication_error", "key_expired")
             if policy is not None or self.is_open:
                 policy = policy or self.default
-                return "key:" + digest, policy.name or digest[:12], policy
+                handle = policy.id or digest
+                return "key:" + handle, policy.name or handle[:12], policy
         elif self.is_open:
             return "ip:" + address, "ip:" + address, self.default
         return None
@@ -2458,14 +2507,19 @@ class KeyRing:
         return len(self._policies)
 
     def entries(self) -> list[tuple[str, Policy]]:
-        """Every accepted key's digest and policy, for the owner's view (never the key)."""
-        return [(digest, entry[1]) for digest, entry in self._policies.items()]
+        """Every accepted key's handle (its entry's id, else its digest: what its identity is
+        made of) and policy, for the owner's view (never the key)."""
+        return [(policy.id or digest, policy) for digest, (_, policy) in self._policies.items()]
+
+    def policy_by_handle(self, handle: str) -> Policy | None:
+        """The policy of the entry whose identity is ``"key:" + handle``, if it is loaded."""
+        return self._by_handle.get(handle)
 
     def policy_of(self, identity: str) -> Policy:
         """The policy whose buckets ``identity`` has: a key's, or a user's under an app key."""
         key, _, user = identity.partition("/user:")
-        entry = self._policies.get(key[len("key:"):]) if key.startswith("key:") else None
-        policy = entry[1] if entry else self.default
+        found = self._by_handle.get(key[len("key:"):]) if key.startswith("key:") else None
+        policy = found or self.default
         if user and policy.users is not None:
             return policy.users.policy_for(user)
         return policy
@@ -2474,14 +2528,17 @@ class KeyRing:
         """Read KEYS_FILE now; raises ConfigError (keeping the old policies) when it is broken."""
         path = self.config.keys_file
         assert path is not None
-        try:
-            with open(path, encoding="utf-8") as file:
-                stamp = _file_stamp(os.fstat(file.fileno()))
-                text = file.read()
-        except (OSError, UnicodeDecodeError) as error:
-            raise ConfigError(f"cannot read it ({type(error).__name__})") from None
-        self._file_stamp = stamp
-        self._policies = {**self._static, **parse_keys_file(text, self.config)}
+        with self._reading:
+            try:
+                with open(path, encoding="utf-8") as file:
+                    stamp = _file_stamp(os.fstat(file.fileno()))
+                    text = file.read()
+            except (OSError, UnicodeDecodeError) as error:
+                raise ConfigError(f"cannot read it ({type(error).__name__})") from None
+            self._file_stamp = stamp
+            policies = {**self._static, **parse_keys_file(text, self.config)}
+            self._policies, self._by_handle = policies, {
+                policy.id or digest: policy for digest, (_, policy) in policies.items()}
 
     def reload_if_changed(self, force: bool = False) -> bool:
         """Re-read KEYS_FILE if it changed (or when forced, as on SIGHUP); True if reloaded."""
@@ -2597,6 +2654,12 @@ ROUTES: tuple[Route, ...] = (
     Route("/admin", "admin", needs_key=False, endpoint="local"),
     Route("/admin/api/usage", "admin", needs_key=False, endpoint="local"),
     Route("/admin/api/usage.csv", "admin", needs_key=False, endpoint="local"),
+    # The keys over HTTP (``AdminView.keys_request``): the list and new keys, then one key's
+    # edits at /admin/api/keys/{name}[/{action}].
+    Route("/admin/api/keys", "admin_keys", methods=READING + ("POST",), strict=True, needs_key=False,
+          endpoint="local"),
+    Route("/admin/api/keys", "admin_keys", methods=("POST", "PATCH", "DELETE"), subtree=True,
+          strict=True, needs_key=False, endpoint="local"),
     Route("/metrics", "admin", needs_key=False, endpoint="local"),
     # The APIs that generate: charged before forwarding, POST only.
     *(Route(path, "metered", dialect, ("POST",), strict=True, endpoint=dialect.name)
@@ -3548,6 +3611,12 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def answer_admin(self, route: Route, target: Target) -> None:
         self.send_bytes(200, *self.server.admin.answer(route.path, self.command, self.headers,
                                                         target.query))
+
+    def answer_admin_keys(self, route: Route, target: Target) -> None:
+        body = self.read_body()
+        status, value = self.server.admin.keys_request(
+            self.command, target.path[len(route.path):], self.headers, body)
+        self.send_json(status, value, [("Cache-Control", "no-store")])  # it may carry a new key
 
     def answer_unknown(self, route: Route, target: Target) -> None:
         raise ProxyError(404, f"Unknown path {target.path}; the API lives under /v1", code="not_found")
@@ -5981,6 +6050,11 @@ def spreadsheet_text(value: str) -> str:
 def cost_text(cost: float) -> str:
     """A cost for the export: a plain decimal (never 1e-05), rounded as the report rounds it."""
     return f"{max(0.0, round(cost, COST_DECIMALS)):.{COST_DECIMALS}f}".rstrip("0").rstrip(".")
+# What answers each edit of one key, by method and action: /admin/api/keys/{name}[/{action}].
+KEY_REQUESTS = {("PATCH", ""): "change_key", ("DELETE", ""): "remove_key",
+                ("POST", "disable"): "switch_key", ("POST", "enable"): "switch_key",
+                ("POST", "rotate"): "rotate_key", ("POST", "topup"): "top_up_key"}
+KEY_ERROR_CODES = {400: "invalid_key_settings", 404: "key_not_found", 409: "name_in_use"}
 
 
 class AdminView:
@@ -6030,16 +6104,152 @@ class AdminView:
             raise ProxyError(405, f"{path} takes GET", code="method_not_allowed")
         if path == "/admin":  # the page holds no data: it asks for the key, then calls the API
             return DASHBOARD_HEADERS, DASHBOARD_HTML
-        token = bearer_token(headers.get("Authorization"))
-        if token is None or not same_secret(token, admin_key):
-            raise ProxyError(401, "This needs the admin key.", "authentication_error",
-                             "invalid_admin_key")
+        self.require_admin_key(headers, admin_key)
         if path == "/metrics":
             return [METRICS_TYPE], self.metrics_text().encode("utf-8")
         if path == "/admin/api/usage.csv":
             first, last = self.date_range(query)
             return CSV_HEADERS, self.usage_csv(first, last).encode("utf-8")
         return [JSON_TYPE], json_bytes(self.usage_report())
+
+    @staticmethod
+    def require_admin_key(headers: Headers, admin_key: str) -> None:
+        token = bearer_token(headers.get("Authorization"))
+        if token is None or not same_secret(token, admin_key):
+            raise ProxyError(401, "This needs the admin key.", "authentication_error",
+                             "invalid_admin_key")
+
+    # -- the keys, over HTTP ---------------------------------------------------
+
+    def keys_request(self, method: str, rest: str, headers: Headers, body: bytes) -> tuple[int, object]:
+        """``/admin/api/keys[/{name}[/{action}]]``: what ``keys`` does, for scripts.
+
+        Each edit is the command's own (the same lock, the same atomic write), and the
+        key ring re-reads the file at once, so a change applies before the answer.
+        ``{name}`` is a key's name, else its id (for names a URL cannot carry).
+        """
+        config = self.server.config
+        if not config.admin_key:
+            raise ProxyError(404, f"Unknown path /admin/api/keys{rest}", code="not_found")
+        self.require_admin_key(headers, config.admin_key)
+        if not config.keys_file:
+            raise ProxyError(404, "This proxy has no KEYS_FILE; set one to manage keys here.",
+                             code="not_found")
+        fields = self.request_fields(body)
+        segments = rest.strip("/").split("/") if rest.strip("/") else []
+        if not segments:
+            if method in READING:
+                return 200, {"keys": [self.key_listing(stored, entry) for stored, entry
+                                      in self.keys_file().entries.items()]}
+            return 201, self.edit_keys(lambda keys: self.create_key(keys, fields))
+        action = KEY_REQUESTS.get((method, segments[1] if len(segments) == 2 else ""))
+        if action is None or len(segments) > 2:
+            raise ProxyError(404, f"Unknown path /admin/api/keys{rest}", code="not_found")
+        return 200, self.edit_keys(lambda keys: getattr(self, action)(keys, segments[0], segments[-1],
+                                                                         fields))
+
+    @staticmethod
+    def request_fields(body: bytes) -> dict:
+        """A JSON object, or nothing (no body, for the actions that take no fields)."""
+        if not body.strip():
+            return {}
+        fields = parse_body(body)
+        if not isinstance(fields, dict):
+            raise ProxyError(400, "request body must be a JSON object", code="invalid_json")
+        return fields
+
+    def edit_keys(self, edit: Callable[[KeysFile], Callable[[], dict]]) -> dict:
+        """One edit of KEYS_FILE under the command's lock, then the key ring re-reads it; the
+        answer is made after that, so that it shows the levels under the new limits."""
+        server = self.server
+        path = server.config.keys_file
+        assert path is not None
+        try:
+            with edit_lock(path):
+                answer = edit(self.keys_file())
+                server.keyring.reload_if_changed(force=True)
+                return answer()
+        except ConfigError as error:
+            status = KEY_ERROR_STATUS.get(type(error), 400)
+            raise ProxyError(status, str(error), code=KEY_ERROR_CODES[status]) from None
+        except OSError as error:
+            log.error("KEYS_FILE %s: cannot write it (%s)", path, error.strerror)
+            raise ProxyError(500, "The keys file cannot be written; the proxy's log says why.",
+                             "server_error") from None
+
+    def keys_file(self) -> KeysFile:
+        """KEYS_FILE as it is now; a file that is no JSON object is the server's fault (a 500)."""
+        path = self.server.config.keys_file
+        assert path is not None
+        try:
+            return KeysFile(path, self.server.config)
+        except ConfigError as error:
+            log.error("KEYS_FILE %s: %s", path, error)
+            raise ProxyError(500, "The keys file is broken; the proxy's log says why.",
+                             "server_error") from None
+
+    def key_listing(self, stored: str, entry: object) -> dict:
+        """One entry as ``GET /admin/api/keys`` shows it: its settings and levels, never its key
+        or the key's digest."""
+        entry = entry if isinstance(entry, dict) else {}
+        entry_id = entry.get("id")
+        handle = entry_id if isinstance(entry_id, str) else None
+        if handle is None:
+            with suppress(ConfigError):  # a hand edit the proxy refused: no levels to show
+                handle = stored_secret(stored)[0]
+        policy = self.server.keyring.policy_by_handle(handle) if handle else None
+        windows = entry.get("buckets") or [{k: entry[k] for k in TOKEN_LIMITS if k in entry}]
+        return {"name": entry.get("name"), "id": entry.get("id"), "email": entry.get("email"),
+                "enabled": entry.get("enabled", True), "expires": entry.get("expires"),
+                "models": entry.get("models"), "max_concurrent": entry.get("max_concurrent"),
+                "windows": windows,
+                "buckets": None if policy is None else self.server.buckets.peek("key:" + handle,
+                                                                                policy.buckets)}
+
+    def create_key(self, keys: KeysFile, fields: dict) -> Callable[[], dict]:
+        name = checked_name(fields.pop("name", None))
+        options = key_options(fields, (*KEY_OPTIONS, "email"))
+        entry = new_entry(name, options)
+        key = keys.add(name, {k: v for k, v in entry.items() if k != "name"})
+        log.info("admin API: added the key %r", name)
+        return lambda: {"key": key, **self.key_listing(hashed_key(key), entry)}
+
+    def change_key(self, keys: KeysFile, name: str, action: str, fields: dict) -> Callable[[], dict]:
+        options = key_options(fields, (*KEY_OPTIONS, "email", "window"))
+        if not options:
+            raise ConfigError(f"say what to change: {', '.join((*KEY_OPTIONS, 'email', 'window'))}")
+        stored = keys.find_one(name)[0]
+        entry = keys.replace(name, lambda entry: changed_entry(entry, options))
+        log.info("admin API: changed the key %r", name)
+        return lambda: self.key_listing(stored, entry)
+
+    def top_up_key(self, keys: KeysFile, name: str, action: str, fields: dict) -> Callable[[], dict]:
+        options = key_options(fields, ("amount", "window"))
+        if "amount" not in options:
+            raise ConfigError("say how much to add: {\"amount\": ...}")
+        stored = keys.find_one(name)[0]
+        entry = keys.replace(name, lambda entry: raised_limit(
+            entry, options["amount"], options.get("window"), self.server.config)[0])
+        log.info("admin API: topped up the key %r", name)
+        return lambda: self.key_listing(stored, entry)
+
+    def rotate_key(self, keys: KeysFile, name: str, action: str, fields: dict) -> Callable[[], dict]:
+        key_options(fields, ())
+        key, entry = keys.rotate(name)
+        log.info("admin API: a new key for %r", name)
+        return lambda: {"key": key, **self.key_listing(hashed_key(key), entry)}
+
+    def switch_key(self, keys: KeysFile, name: str, action: str, fields: dict) -> Callable[[], dict]:
+        key_options(fields, ())
+        count = keys.update(name, enabled=action == "enable")
+        log.info("admin API: %sd the key %r", action, name)
+        return lambda: {"name": name, "enabled": action == "enable", "count": count}
+
+    def remove_key(self, keys: KeysFile, name: str, action: str, fields: dict) -> Callable[[], dict]:
+        key_options(fields, ())
+        count = keys.remove(name)
+        log.info("admin API: removed the key %r", name)
+        return lambda: {"name": name, "removed": count}
 
     def currency(self) -> str | None:
         """What costs are counted in: MODELS_FILE's currency, None while no price is known."""
@@ -6093,10 +6303,10 @@ class AdminView:
         today, days = local_day(now), last_days(now, 30)
         keys = []
         listed = set()
-        for digest, policy in server.keyring.entries():
-            identity = "key:" + digest
+        for handle, policy in server.keyring.entries():
+            identity = "key:" + handle
             listed.add(identity)
-            keys.append(self.caller(identity, policy.name or digest[:12], policy, today, days))
+            keys.append(self.caller(identity, policy.name or handle[:12], policy, today, days))
         for identity, ledger in server.usage.items():  # callers no longer (or never) in the file
             if identity not in listed and "/user:" not in identity:
                 keys.append(self.caller(identity, ledger.key, server.keyring.policy_of(identity),
@@ -6158,10 +6368,10 @@ class AdminView:
 
     def bucket_samples(self) -> Iterator[tuple[str, float]]:
         server = self.server
-        for digest, policy in server.keyring.entries():
+        for handle, policy in server.keyring.entries():
             if not policy.name:
                 continue
-            identity = "key:" + digest
+            identity = "key:" + handle
             for index, level in enumerate(server.buckets.peek(identity, policy.buckets)):
                 yield _labels((("key", policy.name), ("window", level["name"] or str(index)))), level["tokens"]
             if policy.users is None:
@@ -7454,6 +7664,262 @@ def _copy_owner(path: str, descriptor: int) -> None:
             os.fchown(descriptor, old.st_uid, old.st_gid)
 
 
+class KeyNotFound(ConfigError):
+    """No entry has the name asked for (a 404 over HTTP)."""
+
+
+class NameInUse(ConfigError):
+    """A new entry would share its name with another, or an edit of one entry finds several
+    (a 409 over HTTP)."""
+
+
+KEY_ERROR_STATUS = {KeyNotFound: 404, NameInUse: 409}  # over HTTP; any other ConfigError: 400
+KEY_PERIODS = ("total", "day", "week", "month")
+TOKEN_LIMITS = ("max_tokens", "refill_tokens", "refill_interval_seconds")
+BUDGET_WINDOW = "budget"  # the name ``--budget`` gives the money window it writes
+
+
+def new_key() -> str:
+    return "sk-" + secrets.token_urlsafe(24)
+
+
+def hashed_key(key: str) -> str:
+    """What the keys file stores for a key written by this command: never the key itself."""
+    return "sha256:" + hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def new_entry_id() -> str:
+    """An entry's id: random and no secret, and never 32 characters like a key's digest, so
+    an identity made of it is never another entry's."""
+    return secrets.token_hex(8)
+
+
+def checked_name(name: object, where: str = "") -> str:
+    """A key's name without the spaces around it (a carriage return ending a line of a roster
+    saved on Windows among them); refused when empty or holding a control character."""
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError(f"{where}the name is empty")
+    if not name.strip().isprintable():
+        raise ConfigError(f"{where}the name {name!r} contains a control character")
+    return name.strip()
+
+
+def budget_window(amount: float, period: str = "total") -> dict:
+    """The money window ``--budget`` writes: ``period`` "total" never refills."""
+    return {"name": BUDGET_WINDOW, "unit": "money", "max_amount": amount, "period": period}
+
+
+def _is_money(window: object) -> bool:
+    return isinstance(window, dict) and window.get("unit") == "money"
+
+
+def new_entry(name: str, options: dict) -> dict:
+    """A keys-file entry for a new key: its name, id and limits (from ``keys add`` or
+    ``import``, or ``POST /admin/api/keys``).
+
+    Token limits without a budget or period stay at the entry's top level, as they
+    always were; with ``budget`` the entry's windows are the budget and, if token
+    limits are given too, a token window beside it.
+    """
+    entry: dict = {"name": name, "id": new_entry_id()}
+    if options.get("email"):
+        entry["email"] = options["email"]
+    tokens = {field_name: options[field_name] for field_name in TOKEN_LIMITS if field_name in options}
+    budget, period = options.get("budget"), options.get("period")
+    if budget is None and period is None:
+        entry.update(tokens)
+    else:
+        windows = [budget_window(budget, period or "total")] if budget is not None else []
+        if tokens or budget is None:
+            windows.append(dict({"name": "tokens"}, **tokens, **(
+                {"period": period} if budget is None else {})))
+        entry["buckets"] = windows
+    return changed_entry(entry, {k: v for k, v in options.items()
+                                 if k in ("models", "max_concurrent", "expires")})
+
+
+def changed_entry(entry: dict, options: dict) -> dict:
+    """``entry`` with the ``keys set`` options applied (a copy); what is not named stays.
+
+    ``window`` names the window to change; without it ``budget`` changes the money
+    window (added if the key has none) and token limits the one window that counts
+    tokens (or the entry's own, without windows).  An empty ``models`` or ``expires``
+    removes the restriction (an empty ``email``, the email).
+    """
+    entry = copy.deepcopy(entry)
+    for field_name in ("models", "expires", "email"):
+        if field_name in options:
+            if options[field_name]:
+                entry[field_name] = options[field_name]
+            else:
+                entry.pop(field_name, None)
+    if "max_concurrent" in options:
+        entry["max_concurrent"] = options["max_concurrent"]
+    money = {"max_amount": options["budget"]} if "budget" in options else {}
+    tokens = {field_name: options[field_name] for field_name in TOKEN_LIMITS if field_name in options}
+    if "period" in options:
+        (money if money else tokens)["period"] = options["period"]
+    if options.get("window"):
+        _change_window(_named_window(entry, options["window"]), {**money, **tokens})
+        return entry
+    if money:
+        _change_window(_money_window(entry, create=True), money)
+    if tokens:
+        _change_window(_token_window(entry, tokens), tokens)
+    return entry
+
+
+def _named_window(entry: dict, name: str) -> dict:
+    windows = entry.get("buckets")
+    found = [w for w in windows if isinstance(w, dict) and w.get("name") == name] if isinstance(
+        windows, list) else []
+    if len(found) != 1:
+        raise ConfigError(f"{entry.get('name')!r} has {'no' if not found else 'several'} "
+                          f"windows named {name!r}")
+    return found[0]
+
+
+def _money_window(entry: dict, create: bool = False) -> dict:
+    """The key's one money window; with ``create``, a new budget window when it has none (the
+    window it had so far, ``{}``, keeps counting beside it)."""
+    windows = entry.setdefault("buckets", [{}]) if create else entry.get("buckets", [])
+    money = [window for window in windows if _is_money(window)]
+    if len(money) > 1:
+        raise ConfigError(f"{entry.get('name')!r} has {len(money)} money windows: say which with --window")
+    if money:
+        return money[0]
+    if not create:
+        raise ConfigError(f"{entry.get('name')!r} has no money window")
+    windows.append({"name": BUDGET_WINDOW, "unit": "money", "period": "total"})
+    return windows[-1]
+
+
+def _token_window(entry: dict, changes: dict) -> dict:
+    """The window token limits change: the entry itself when it has no windows (unless a
+    period is set: only a window has one), else its one window that is not money."""
+    if "buckets" not in entry:
+        if "period" not in changes:
+            return entry
+        entry["buckets"] = [{}]
+    others = [window for window in entry["buckets"] if not _is_money(window)]
+    if len(others) != 1:
+        raise ConfigError(f"{entry.get('name')!r} has {len(others)} token windows: "
+                          "say which with --window")
+    return others[0]
+
+
+def _change_window(window: dict, changes: dict) -> None:
+    if "max_amount" in changes and not _is_money(window):
+        raise ConfigError("a budget is set on a money window; this one counts tokens or requests")
+    if set(changes) & set(TOKEN_LIMITS) and _is_money(window):
+        raise ConfigError("token limits are set on a token window; this one counts money")
+    window.update(changes)
+
+
+def raised_limit(entry: dict, amount: float, window_name: str | None, config: Config) -> tuple[dict, str]:
+    """``entry`` with one window's limit raised by ``amount`` (a copy), and the new limit.
+
+    The window is ``window_name``, else the money window, else the only one.  The
+    buckets keep what was spent when a limit changes, so on a ``total`` window this
+    is exactly a top-up; on a refilling one it raises the limit itself.
+    """
+    entry = copy.deepcopy(entry)
+    if window_name:
+        window = _named_window(entry, window_name)
+    elif any(_is_money(w) for w in entry.get("buckets", [])):
+        window = _money_window(entry)
+    elif len(entry.get("buckets", [{}])) == 1:
+        window = entry if "buckets" not in entry else entry["buckets"][0]
+    else:
+        raise ConfigError(f"{entry.get('name')!r} has {len(entry['buckets'])} windows: "
+                          "say which with --window")
+    if _is_money(window):
+        limit = window.get("max_amount", 0)
+        window["max_amount"] = float(decimal_sum(limit, amount))
+        return entry, f"{window['max_amount']:g}"
+    if amount != int(amount):
+        raise ConfigError("a token window is topped up by a whole number of tokens")
+    limit = window.get("max_tokens", entry.get("max_tokens", config.max_tokens))
+    window["max_tokens"] = int(limit) + int(amount)
+    return entry, f"{window['max_tokens']} tokens"
+
+
+def decimal_sum(first: object, second: object) -> float:
+    """``first + second`` as a person adds amounts: 1.1 + 0.2 is 1.3, not 1.3000000000000003."""
+    import decimal  # only the keys command adds amounts
+    if isinstance(first, bool) or not isinstance(first, (int, float)):
+        raise ConfigError("the window's max_amount is not a number")
+    return float(decimal.Decimal(repr(first)) + decimal.Decimal(repr(second)))
+
+
+class RosterRow(NamedTuple):
+    line: int
+    name: str
+    email: str | None
+
+
+def read_roster(path: str) -> list[RosterRow]:
+    """The names (and emails) of a class roster: a CSV file with a ``name`` column.
+
+    Saved by a spreadsheet on any system: a UTF-8 byte order mark, CRLF line ends
+    and spaces around values are taken away; an empty row is skipped.  An empty
+    name, a control character or a name given twice is refused, naming the line.
+    """
+    import csv  # only the keys command reads CSV
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as file:
+            reader = csv.reader(file)
+            rows: list[tuple[int, list[str]]] = []
+            line = 1
+            for row in reader:
+                rows.append((line, [cell.strip() for cell in row]))
+                line = reader.line_num + 1
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text (save the roster as CSV UTF-8)") from None
+    except csv.Error as error:
+        raise ConfigError(f"{path} line {line}: {error}") from None
+    rows = [(line, row) for line, row in rows if any(row)]
+    if not rows:
+        raise ConfigError(f"{path}: empty; it needs a header line with a 'name' column")
+    columns = [cell.lower() for cell in rows[0][1]]
+    if "name" not in columns:
+        raise ConfigError(f"{path} line {rows[0][0]}: no 'name' column in the header")
+    name_at = columns.index("name")
+    email_at = columns.index("email") if "email" in columns else None
+    roster: list[RosterRow] = []
+    seen: dict[str, int] = {}
+    for line, row in rows[1:]:
+        where = f"{path} line {line}: "
+        name = checked_name(row[name_at] if name_at < len(row) else "", where)
+        if name in seen:
+            raise NameInUse(f"{where}the name {name!r} is on line {seen[name]} already")
+        seen[name] = line
+        email = row[email_at] if email_at is not None and email_at < len(row) else ""
+        if not email.isprintable():
+            raise ConfigError(f"{where}the email {email!r} contains a control character")
+        roster.append(RosterRow(line, name, email or None))
+    return roster
+
+
+def write_key_list(path: str, rows: Sequence[tuple[str, str]]) -> None:
+    """``name,key`` lines in a new file made with mode 0600, so no other user can read it at
+    any moment; a file already there is never overwritten (it may hold keys still in use)."""
+    import csv
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8", newline="") as file:
+            os.fchmod(file.fileno(), 0o600)  # whatever the umask allowed, never more
+            writer = csv.writer(file, lineterminator="\n")
+            writer.writerow(("name", "key"))
+            writer.writerows(rows)
+            file.flush()
+            os.fsync(file.fileno())
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(path)
+        raise
+
+
 class KeysFile:
     """Edits KEYS_FILE in place: one entry changes, the rest stays as the owner wrote it.
 
@@ -7478,30 +7944,60 @@ class KeysFile:
         name = entry.get("name") if isinstance(entry, dict) else None
         return name if isinstance(name, str) else None
 
+    def id_of(self, stored: str) -> str | None:
+        entry = self.entries[stored]
+        entry_id = entry.get("id") if isinstance(entry, dict) else None
+        return entry_id if isinstance(entry_id, str) else None
+
     def find(self, name: str) -> list[tuple[str, int, int, int]]:
-        """Every entry called ``name``, in file order: ``add`` refuses a second, but a hand edit may not."""
+        """Every entry called ``name`` (else the one whose id it is), in file order: ``add``
+        refuses a second name, but a hand edit may not."""
         found = [span for span in self.spans if self.name_of(span[0]) == name]
+        found = found or [span for span in self.spans if self.id_of(span[0]) == name]
         if not found:
-            raise ConfigError(f"no key named {name!r} in {self.path}")
+            raise KeyNotFound(f"no key named {name!r} in {self.path}")
         return found
+
+    def find_one(self, name: str) -> tuple[str, int, int, int]:
+        """The entry called ``name``, for the edits that make sense for one key only."""
+        found = self.find(name)
+        if len(found) > 1:
+            raise NameInUse(f"{len(found)} keys are named {name!r}: use the id of one of them "
+                            "(keys list shows it)")
+        return found[0]
+
+    def names(self) -> set[str | None]:
+        return {self.name_of(stored) for stored in self.entries}
+
+    def require_new_name(self, name: str, where: str = "", names: set | None = None) -> None:
+        if name in (self.names() if names is None else names):
+            raise NameInUse(f"{where}a key named {name!r} exists already in {self.path}")
 
     def add(self, name: str, settings: dict) -> str:
         """A new random key for ``name``; only its SHA-256 is stored.  Returns the key."""
-        if any(self.name_of(stored) == name for stored in self.entries):
-            raise ConfigError(f"a key named {name!r} exists already in {self.path}")
-        key = "sk-" + secrets.token_urlsafe(24)
-        entry = dict({"name": name}, **settings)
-        _policy_from_entry(entry, self.config, f"key {name}", require_secrets=False)
-        stored = f'"sha256:{hashlib.sha256(key.encode()).hexdigest()}": {json.dumps(entry)}'
-        close = self.text.rindex("}")
+        key = self.insert([dict({"name": name}, **settings)])[0]
+        self.save()
+        return key
+
+    def insert(self, entries: Sequence[dict]) -> list[str]:
+        """New entries with new keys, at the end, checked but not yet saved; returns the keys."""
+        names = self.names()
+        for entry in entries:
+            self.require_new_name(entry["name"], names=names)
+            names.add(entry["name"])
+            _policy_from_entry(entry, self.config, f"key {entry['name']}", require_secrets=False)
+        keys = [new_key() for _ in entries]
+        stored = [f'"{hashed_key(key)}": {json.dumps(entry)}' for key, entry in zip(keys, entries)]
         if self.spans:
             last_end = self.spans[-1][3]
             indent = self._indent()
-            self.text = self.text[:last_end] + f",\n{indent}{stored}" + self.text[last_end:]
+            added = "".join(f",\n{indent}{line}" for line in stored)
+            self.text = self.text[:last_end] + added + self.text[last_end:]
         else:
-            self.text = self.text[:close].rstrip() + f"\n  {stored}\n" + self.text[close:]
-        self.save()
-        return key
+            close = self.text.rindex("}")
+            self.text = self.text[:close].rstrip() + "\n  " + ",\n  ".join(stored) + "\n" + self.text[close:]
+        self.check()
+        return keys
 
     def update(self, name: str, **changes: object) -> int:
         """Change every entry called ``name`` (disabling one of two "bob"s would leave a bob
@@ -7512,6 +8008,32 @@ class KeysFile:
             self.text = self.text[:start] + json.dumps(value) + self.text[end:]
         self.save()
         return len(found)
+
+    def replace(self, name: str, change: Callable[[dict], dict]) -> dict:
+        """Give the one entry called ``name`` the value ``change`` makes of it; returns that."""
+        key, _, start, end = self.find_one(name)
+        value = change(self.entries[key])
+        self.text = self.text[:start] + json.dumps(value) + self.text[end:]
+        self.save()
+        return value
+
+    def rotate(self, name: str) -> tuple[str, dict]:
+        """A new key for the entry called ``name``; the old one stops working.
+
+        Buckets and history are kept under the entry's id; an entry that has none (older
+        than ids) gets its old key's digest as its id, which is where they were kept.
+        """
+        stored, key_start, value_start, value_end = self.find_one(name)
+        entry = self.entries[stored]
+        if not isinstance(entry, dict):
+            raise ConfigError(f"the entry named {name!r} is not an object")
+        if "id" not in entry:
+            entry = dict(entry, id=stored_secret(stored)[0])
+        key = new_key()
+        self.text = (self.text[:key_start] + f'"{hashed_key(key)}": ' + json.dumps(entry)
+                     + self.text[value_end:])
+        self.save()
+        return key, entry
 
     def remove(self, name: str) -> int:
         """Remove every entry called ``name``; returns how many there were."""
@@ -7537,15 +8059,24 @@ class KeysFile:
         indent = self.text[line_start:self.spans[-1][1]]
         return indent if not indent.strip() else "  "
 
-    def save(self) -> None:
-        # Never write a file the proxy would refuse; the JWT secrets live in the proxy's
-        # environment, which need not be this shell's.
+    def check(self) -> None:
+        """Never write a file the proxy would refuse; the JWT secrets live in the proxy's
+        environment, which need not be this shell's."""
         parse_keys_file(self.text, self.config, require_secrets=False)
+        self.entries = keys_document(self.text)
+        self.spans = entry_spans(self.text)
+
+    def save(self) -> None:
+        self.check()
+        self.write()
+
+    def write(self) -> None:
         write_atomically(self.path, self.text.encode("utf-8"), keep_owner=True)
 
 
 def keys_command(args: argparse.Namespace, environ: dict[str, str]) -> int:
-    """``keys add|list|disable|enable|remove``: manage KEYS_FILE without editing JSON by hand."""
+    """``keys add|import|list|set|topup|rotate|disable|enable|remove``: manage KEYS_FILE
+    without editing JSON by hand."""
     try:
         config = Config.from_env(environ)
         path = args.file or config.keys_file
@@ -7553,9 +8084,24 @@ def keys_command(args: argparse.Namespace, environ: dict[str, str]) -> int:
             raise ConfigError("set KEYS_FILE (or pass --file) to say which keys file to edit")
         with edit_lock(path):  # two edits at once would each write the file without the other's
             return keys_action(args, path, config)
+    except BrokenPipeError:  # `keys list | head`: the reader has all it wanted
+        return closed_output()
     except (ConfigError, OSError, ValueError) as error:
         print(f"llm_proxy keys: {error}", file=sys.stderr)
         return 2
+
+
+def closed_output() -> int:
+    """End quietly, as other commands do when whoever reads their output stops reading.
+
+    Python would otherwise report the broken pipe once more while flushing stdout at
+    exit; the status is the shell's for a command ended by SIGPIPE.
+    """
+    with suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    return 128 + getattr(signal, "SIGPIPE", 13)
 
 
 @contextmanager
@@ -7567,31 +8113,167 @@ def edit_lock(path: str) -> Iterator[None]:
         yield
 
 
+# The options that set a key's limits: the command's --dashed names, the HTTP API's fields.
+KEY_OPTIONS: dict[str, tuple[Callable[[str], object], str]] = {
+    "budget": (float, "money the key may spend in each period (a money window named 'budget')"),
+    "period": (str, "the budget's period: total (never refills), day, week or month"),
+    "max_tokens": (int, "tokens the key's window holds"),
+    "refill_tokens": (int, "tokens added back at each refill"),
+    "refill_interval_seconds": (float, "seconds between refills"),
+    "models": (str, "comma-separated model names this key may use (set: '' for every model)"),
+    "max_concurrent": (int, "requests at once, 0 for no limit"),
+    "expires": (str, "last day the key works, YYYY-MM-DD (set: '' for never)"),
+}
+
+
+WINDOW_OPTION = (str, "the window to change, by name (default: the money window, else the only one)")
+EXTRA_OPTIONS = {"window": WINDOW_OPTION, "email": (str, "the key holder's email, kept in the entry")}
+
+
+def add_key_options(parser: argparse.ArgumentParser, *extra: str) -> None:
+    for name in (*KEY_OPTIONS, *extra):
+        kind, text = KEY_OPTIONS.get(name) or EXTRA_OPTIONS[name]
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, help=text,
+                            **({"choices": KEY_PERIODS} if name == "period" else {}))
+
+
+def key_options(values: dict, allowed: Sequence[str]) -> dict:
+    """The key options given (from the command line, or a JSON body), checked and in the
+    shape the keys file wants; ConfigError names the first that is wrong."""
+    options = {}
+    for name, value in values.items():
+        if name not in allowed:
+            raise ConfigError(f"unknown field {name!r}; known: {', '.join(allowed)}")
+        if value is None and name not in ("models", "expires"):
+            continue
+        options[name] = _key_option(name, value)
+    return options
+
+
+def _key_option(name: str, value: object) -> object:
+    if name == "models":
+        models = value.split(",") if isinstance(value, str) else ([] if value is None else value)
+        if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
+            raise ConfigError("models must be a list of model names")
+        return [model.strip() for model in models if model.strip()]
+    if name in ("expires", "email", "window", "period"):
+        if value is not None and not isinstance(value, str):
+            raise ConfigError(f"{name} must be a string")
+        text = (value or "").strip()
+        if name == "period" and text not in KEY_PERIODS:
+            raise ConfigError(f"period must be one of {', '.join(KEY_PERIODS)}")
+        if not text.isprintable():
+            raise ConfigError(f"the {name} contains a control character")
+        return text
+    whole = name in ("max_tokens", "refill_tokens", "max_concurrent")
+    if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)) or (
+            isinstance(value, float) and not math.isfinite(value)):
+        raise ConfigError(f"{name} must be a {'whole number' if whole else 'number'}")
+    if name in ("budget", "amount") and value <= 0:
+        raise ConfigError(f"{name} must be more than 0")
+    return value
+
+
 def keys_action(args: argparse.Namespace, path: str, config: Config) -> int:
-    keys = KeysFile(path, config)
-    if args.action == "add":
-        settings = {name: value for name, value in (
-            ("max_tokens", args.max_tokens), ("refill_tokens", args.refill_tokens),
-            ("refill_interval_seconds", args.refill_interval_seconds),
-            ("models", args.models.split(",") if args.models else None),
-            ("max_concurrent", args.max_concurrent), ("expires", args.expires)) if value is not None}
-        key = keys.add(args.name, settings)
-        print(f"added {args.name!r} to {path}; the key is shown once, here (only its SHA-256 is kept):")
-        print(key)
-    elif args.action == "list":
-        sharing = Counter(keys.name_of(stored) for stored in keys.entries)
-        for stored, entry in keys.entries.items():
-            line, name = describe_entry(stored, entry, config), keys.name_of(stored)
-            if name and sharing[name] > 1:  # what disable, enable and remove then act on
-                line += f"  one of {sharing[name]} keys named {name!r}"
-            print(line)
-    elif args.action in ("disable", "enable"):
-        count = keys.update(args.name, enabled=args.action == "enable")
-        print(f"{args.name}: {args.action}d{_how_many(count)}")
-    else:
-        count = keys.remove(args.name)
-        print(f"{args.name}: removed{_how_many(count)}")
+    return KEY_ACTIONS[args.action](args, KeysFile(path, config), config)
+
+
+def _options_of(args: argparse.Namespace, *extra: str) -> dict:
+    names = (*KEY_OPTIONS, *extra)
+    return key_options({name: getattr(args, name) for name in names if getattr(args, name) is not None},
+                       names)
+
+
+def _add_action(args: argparse.Namespace, keys: KeysFile, config: Config) -> int:
+    name = checked_name(args.name)
+    key = keys.add(name, {k: v for k, v in new_entry(name, _options_of(args, "email")).items() if k != "name"})
+    print(f"added {name!r} to {keys.path}; the key is shown once, here (only its SHA-256 is kept):")
+    print(key)
     return 0
+
+
+def _import_action(args: argparse.Namespace, keys: KeysFile, config: Config) -> int:
+    """Every name of a roster gets a key, in one edit: all or none (refused before anything is
+    written); the keys go to ``--out`` only."""
+    roster = read_roster(args.roster)
+    names = keys.names()
+    for row in roster:
+        keys.require_new_name(row.name, f"{args.roster} line {row.line}: ", names)
+    if os.path.lexists(args.out):
+        raise ConfigError(f"{args.out} exists already; it may hold keys in use: choose another --out")
+    options = _options_of(args)
+    made = keys.insert([new_entry(row.name, dict(options, email=row.email)) for row in roster])
+    write_key_list(args.out, [(row.name, key) for row, key in zip(roster, made)])
+    try:
+        keys.write()
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(args.out)
+        raise
+    print(f"imported {len(roster)} keys into {keys.path}; each key is in {args.out} "
+          "(mode 0600) and nowhere else")
+    return 0
+
+
+def _list_action(args: argparse.Namespace, keys: KeysFile, config: Config) -> int:
+    sharing = Counter(keys.name_of(stored) for stored in keys.entries)
+    for stored, entry in keys.entries.items():
+        line, name = describe_entry(stored, entry, config), keys.name_of(stored)
+        if name and sharing[name] > 1:  # what disable, enable and remove then act on
+            line += f"  one of {sharing[name]} keys named {name!r}"
+        print(line)
+    sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
+    return 0
+
+
+def _switch_action(args: argparse.Namespace, keys: KeysFile, config: Config) -> int:
+    count = keys.update(args.name, enabled=args.action == "enable")
+    print(f"{args.name}: {args.action}d{_how_many(count)}")
+    return 0
+
+
+def _remove_action(args: argparse.Namespace, keys: KeysFile, config: Config) -> int:
+    count = keys.remove(args.name)
+    print(f"{args.name}: removed{_how_many(count)}")
+    return 0
+
+
+def _set_action(args: argparse.Namespace, keys: KeysFile, config: Config) -> int:
+    options = _options_of(args, "email", "window")
+    if not options:
+        raise ConfigError("say what to change (keys set --help lists the options)")
+    keys.replace(args.name, lambda entry: changed_entry(entry, options))
+    print(f"{args.name}: changed; what the key spent so far still counts")
+    return 0
+
+
+def _topup_action(args: argparse.Namespace, keys: KeysFile, config: Config) -> int:
+    amount = _key_option("amount", args.amount)
+    limits: list[str] = []
+
+    def top_up(entry: dict) -> dict:
+        raised, limit = raised_limit(entry, amount, args.window, config)  # type: ignore[arg-type]
+        limits.append(limit)
+        return raised
+
+    keys.replace(args.name, top_up)
+    print(f"{args.name}: limit raised by {amount:g} to {limits[0]}")
+    return 0
+
+
+def _rotate_action(args: argparse.Namespace, keys: KeysFile, config: Config) -> int:
+    key, _ = keys.rotate(args.name)
+    print(f"{args.name}: new key (the old one stops working when the proxy re-reads the file); "
+          "shown once, here:")
+    print(key)
+    return 0
+
+
+KEY_ACTIONS: dict[str, Callable[[argparse.Namespace, KeysFile, Config], int]] = {
+    "add": _add_action, "import": _import_action, "list": _list_action, "set": _set_action,
+    "topup": _topup_action, "rotate": _rotate_action, "disable": _switch_action,
+    "enable": _switch_action, "remove": _remove_action,
+}
 
 
 def _how_many(count: int) -> str:
@@ -7612,8 +8294,11 @@ def describe_entry(stored: str, entry: dict, config: Config) -> str:
         parts.append("models " + ",".join(policy.models))
     if policy.max_concurrent:
         parts.append(f"max {policy.max_concurrent} at once")
+    if policy.id:
+        parts.append(f"id {policy.id}")
     parts.append("stored as SHA-256" if stored.startswith("sha256:") else "stored in plain text")
     return "  ".join(parts)
+
 
 if __name__ == "__main__":
     sys.exit(main())

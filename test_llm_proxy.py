@@ -27,6 +27,7 @@ import tempfile
 import threading
 import time
 import unittest
+import weakref
 from typing import Callable
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler
@@ -380,6 +381,31 @@ def read_to_close(sock: socket.socket) -> bytes:
                 break
             chunks.append(chunk)
     return b"".join(chunks)
+
+
+_KEYS_DIRECTORIES: "weakref.WeakKeyDictionary[unittest.TestCase, str]" = weakref.WeakKeyDictionary()
+
+
+def write_keys_file(test: unittest.TestCase, entries: list[dict] | dict, name: str = "keys.json") -> str:
+    """Write ``entries`` as a KEYS_FILE (JSON) and return its path.
+
+    The file lives in a directory of the test's own, removed when the test ends, so
+    other files the test needs (an access log, a state file) can sit beside it.
+    Called again in the same test with the same name, it replaces the file at the
+    same path, atomically as an editor would, so a running proxy re-reads a whole
+    file.  A dict is the usual ``{key: settings}``; a list is written as it is (a file
+    the proxy must refuse).
+    """
+    directory = _KEYS_DIRECTORIES.get(test)
+    if directory is None or not os.path.isdir(directory):
+        holder = tempfile.TemporaryDirectory()
+        test.addCleanup(holder.cleanup)
+        directory = _KEYS_DIRECTORIES[test] = holder.name
+    path = os.path.join(directory, name)
+    with open(path + ".tmp", "w", encoding="utf-8") as file:
+        json.dump(entries, file)
+    os.replace(path + ".tmp", path)
+    return path
 
 
 class ProxyTestCase(unittest.TestCase):

@@ -20,6 +20,12 @@ ROWS = [
     ("GET", "/favicon.ico", "favicon", "local", "openai"),
     ("GET", "/admin", "admin", "local", "openai"),
     ("GET", "/metrics", "admin", "local", "openai"),
+    ("GET", "/admin/api/keys", "admin_keys", "local", "openai"),
+    ("POST", "/admin/api/keys", "admin_keys", "local", "openai"),
+    ("PATCH", "/admin/api/keys", "method_not_allowed", "local", "openai"),
+    ("PATCH", "/admin/api/keys/ada", "admin_keys", "local", "openai"),
+    ("POST", "/admin/api/keys/ada/rotate", "admin_keys", "local", "openai"),
+    ("GET", "/admin/api/keys/ada", "method_not_allowed", "local", "openai"),
     ("POST", "/v1/chat/completions", "metered", "chat", "openai"),
     ("GET", "/v1/chat/completions", "method_not_allowed", "local", "openai"),
     ("POST", "/v1/completions", "metered", "text", "openai"),
@@ -90,7 +96,7 @@ class RouteTableTests(unittest.TestCase):
     def test_only_local_answers_need_no_key(self) -> None:
         keyless = {route.path for route in llm_proxy.ROUTES if not route.needs_key}
         self.assertEqual(keyless, {"/", "/health", "/favicon.ico", "/admin", "/admin/api/usage",
-                                   "/admin/api/usage.csv", "/metrics", "/api"})
+                                   "/admin/api/usage.csv", "/admin/api/keys", "/metrics", "/api"})
 
 
     def test_a_long_path_is_looked_up_by_its_start(self) -> None:
@@ -117,7 +123,7 @@ class RoutesOverSocketsTests(ProxyTestCase):
                     "method_not_allowed": (405, False), "management": (403, False),
                     "closed": (403, False), "not_found": (404, False), "unknown": (404, False),
                     "root": (200, False), "health": (200, False), "favicon": (204, False),
-                    "admin": (404, False)}  # (no ADMIN_KEY: the owner's pages do not exist)
+                    "admin": (404, False), "admin_keys": (404, False)}  # (no ADMIN_KEY: no owner's pages)
         for method, path, answer, _, error_shape in ROWS:
             if path.startswith(("/v1/responses/", "/v1/chat/completions/")):
                 continue  # stored answers: tests/test_request_bodies.py
