@@ -16,10 +16,12 @@ Configuration   ``SETTINGS`` and ``Config``: what the environment says, checked 
 
 The domain, no sockets:
 Buckets         ``BucketSpec`` (a window), ``BucketStore`` (every caller's levels, one
-                short lock), ``Charge`` (one request's payment: reserved, then kept,
-                settled or refunded).
-Units           ``Unit`` (what a window counts), ``CostMode`` (TOKEN_COST_MODE),
-                ``CallCost`` and ``window_costs``: what a call costs each window.
+                short lock; ``WindowCost``: the hard cap cuts the output allowance to
+                what the windows hold), ``Charge`` (one request's payment: reserved,
+                then kept, settled or refunded).
+Units           ``Unit`` (what a window counts: requests, tokens, ``MoneyUnit``),
+                ``CostMode`` (TOKEN_COST_MODE), ``CallCost`` and ``window_costs``: what
+                a call costs each window.
 Cost            ``prompt_tokens``, ``Usage`` (in the parts a price needs) and ``Meter``
                 (what an answer used, read on its way through).
 Stream framings Server-sent events and JSON lines, cut into whole events.
@@ -27,6 +29,8 @@ Request bodies  ``request_object`` and ``check_body``: a body parsed once, stric
                 what is forwarded is that parse (``body_bytes``).
 Dialects        One ``Dialect`` per API (chat, completions, Responses, Messages,
                 Ollama, embeddings): validation, allowance, usage, replies, errors.
+Prices          ``ModelCatalog`` (MODELS_FILE: currency, each model's ``Price`` and
+                ``max_output``), ``ModelsFile`` (re-read on change, the last good kept).
 Keys and        ``KeyRing`` finds the caller's ``Policy`` (models, windows, an app's
 policies        end users, ``UserSpec``); ``StoredAnswers`` keeps whose answer is whose.
 
@@ -35,8 +39,8 @@ Routes          ``ROUTES`` and ``route_for``: every path, whether it needs a key
                 dialect and which handler method answers it.
 Errors, paths,  ``ProxyError``, ``parse_target``, the strict header reader and the
 headers         lists of headers never forwarded.
-Replies, Calls  ``limit_answer`` and the rate-limit headers; ``Call``, one request's
-                state, from its arrival to its log line.
+Replies, Calls  ``limit_answer`` (``wait_phrase``) and the rate-limit headers; ``Call``,
+                one request's state, from its arrival to its log line (and ``cost``).
 Handler         ``ProxyHandler``: HTTP/1.1 framing, then ``route`` and the
                 ``answer_<name>`` methods, ``handle_metered`` (charge, forward,
                 settle) and the writing of answers.
@@ -689,6 +693,15 @@ def _tightness(row: tuple[Bucket, BucketSpec, int, float]) -> tuple:
     the one nearest empty (among those this request counts in)."""
     bucket, spec, amount, wait = row
     return (amount > spec.capacity, wait, amount > 0, -bucket.tokens)
+
+
+def window_text(spec: BucketSpec) -> str:
+    """A window in a few words, for ``keys list``: ``course 1 money total``, ``daily 20000 +20000/86400s``."""
+    name = spec.name + " " if spec.name else ""
+    size = amount_text(spec.capacity) + " money" if spec.unit == MONEY else str(spec.capacity)
+    step = amount_text(spec.refill_tokens) if spec.unit == MONEY else spec.refill_tokens
+    refill = f"+{step}/{spec.interval:g}s" if spec.refills else "total"
+    return f"{name}{size} {refill}" + (" overdraft" if spec.overdraft else "")
 
 
 def level_view(spec: BucketSpec, tokens: int, next_refill: float, to_full: float) -> dict:
@@ -6446,7 +6459,7 @@ function windows(buckets) {
   for (const b of buckets) {
     const share = b.capacity ? Math.max(0, Math.min(1, b.tokens / b.capacity)) : 0;
     const fill = $("div", {class: "fill"}); fill.style.width = (share * 100).toFixed(1) + "%";
-    cell.append($("div", {class: "win"}, $("div", {class: "small"}, (b.name || "window") + ": " + fmt(b.tokens) + " / " + fmt(b.capacity) + (b.seconds_to_full > 0 ? " \\u00b7 full in " + wait(b.seconds_to_full) : "")),
+    cell.append($("div", {class: "win"}, $("div", {class: "small"}, (b.name || "window") + ": " + fmt(b.tokens) + " / " + fmt(b.capacity) + (b.seconds_to_full > 0 ? " \\u00b7 full in " + wait(b.seconds_to_full) : b.seconds_to_full === null ? " \\u00b7 never refills" : "")),
       $("div", {class: "track"}, fill)));
   }
   return cell;
@@ -7469,8 +7482,7 @@ def _how_many(count: int) -> str:
 def describe_entry(stored: str, entry: dict, config: Config) -> str:
     """One line of ``keys list``: name and limits, never the key."""
     policy = _policy_from_entry(entry, config, "entry", require_secrets=False)
-    windows = ", ".join(f"{spec.name + ' ' if spec.name else ''}{spec.capacity} "
-                        f"+{spec.refill_tokens}/{spec.interval:g}s" for spec in policy.buckets)
+    windows = ", ".join(map(window_text, policy.buckets))
     state = "enabled" if policy.enabled else "disabled"
     parts = [policy.name or "(no name)", state, windows]
     if policy.expires:
