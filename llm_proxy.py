@@ -741,6 +741,7 @@ class BucketStore:
         self.wall_clock = wall_clock  # calendar windows start at local midnights
         self._lock = threading.Lock()
         self._released = threading.Condition(self._lock)  # a charge that held something closed
+        self._waiting = 0  # calls waiting on it
         self._buckets: dict[str, list[Bucket]] = {}
         self._held: dict[str, list[int]] = {}  # per identity and window: reserved by calls in flight
 
@@ -779,64 +780,96 @@ class BucketStore:
         hold waits up to ``patience`` seconds for them to settle.
         """
         cost_of = cost if callable(cost) else None
-        deadline = time.monotonic() + patience
         with self._lock:
+            admission = self._charge(payers, cost_of, cost, allowance)
+            if admission.allowed or not admission.waits:
+                return admission
+            deadline = time.monotonic() + patience
             while True:
-                admission = self._charge(payers, cost_of, cost, allowance)
                 left = deadline - time.monotonic()
-                if admission.allowed or not admission.waits or left <= 0:
+                if left <= 0:
                     return admission
-                self._released.wait(left)
+                self._waiting += 1
+                try:
+                    self._released.wait(left)
+                finally:
+                    self._waiting -= 1
+                admission = self._charge(payers, cost_of, cost, allowance)
+                if admission.allowed or not admission.waits:
+                    return admission
 
     def _charge(self, payers: Sequence[tuple[str, Sequence[BucketSpec]]],
                 cost_of: Callable[[BucketSpec], int | WindowCost] | None, cost: object,
                 allowance: Allowance) -> Admission:
         now, offset = self._now()
         rows: list[tuple[Bucket, BucketSpec, WindowCost, int]] = []
+        granted, returns = allowance.asked, False
         for identity, specs in payers:
-            held = self._held.get(identity)
-            held = held if held is not None and len(held) == len(specs) else [0] * len(specs)
-            for bucket, spec, kept in zip(self._current(identity, specs, now, offset), specs, held):
+            held = self._held.get(identity) if self._held else None
+            if held is not None and len(held) != len(specs):
+                held = None
+            for index, (bucket, spec) in enumerate(zip(self._current(identity, specs, now, offset), specs)):
                 priced = cost if cost_of is None else cost_of(spec)
-                rows.append((bucket, spec, priced if isinstance(priced, WindowCost)
-                             else WindowCost(priced), kept))  # type: ignore[arg-type]
-        granted = allowance.asked
-        for bucket, _, priced, _ in rows:
-            if priced.per_output:
-                granted = min(granted, priced.most(bucket.tokens))
-        granted = max(granted, allowance.least)
-        amounts = [priced.at(granted) for _, _, priced, _ in rows]
-        waits = [0.0 if amount == 0 or bucket.tokens >= amount else
-                 bucket.seconds_until(spec, amount, now, offset)
-                 for (bucket, spec, _, _), amount in zip(rows, amounts)]
-        allowed = all(wait == 0 and amount <= spec.capacity
-                      for (_, spec, _, _), amount, wait in zip(rows, amounts, waits))
-        waiting = not allowed and any(kept for *_, kept in rows) and all(
+                if priced.__class__ is not WindowCost:
+                    priced = WindowCost(priced)  # type: ignore[arg-type]
+                if priced.per_output:
+                    granted = min(granted, priced.most(bucket.tokens))
+                returns = returns or priced.returns
+                rows.append((bucket, spec, priced, held[index] if held else 0))
+        if granted < allowance.least:
+            granted = allowance.least
+        allowed = True
+        amounts: list[int] = []
+        waits: list[float] = []
+        for bucket, spec, priced, _ in rows:
+            amount = priced.at(granted)
+            wait = 0.0 if amount == 0 or bucket.tokens >= amount else (
+                bucket.seconds_until(spec, amount, now, offset))
+            if wait > 0 or amount > spec.capacity:
+                allowed = False
+            amounts.append(amount)
+            waits.append(wait)
+        waiting = not allowed and returns and any(row[3] for row in rows) and all(
             amount <= spec.capacity and bucket.tokens + (kept if priced.returns else 0) >= amount
             for (bucket, spec, priced, kept), amount in zip(rows, amounts))
-        costs, held, position = [], [], 0
-        for identity, specs in payers:
-            mine = range(position, position + len(specs))
-            costs.append(tuple(amounts[i] for i in mine))
-            held.append(tuple(amounts[i] if rows[i][2].returns else 0 for i in mine))
-            position += len(specs)
-            if allowed and any(held[-1]):
-                kept = self._held.get(identity)
-                if kept is None or len(kept) != len(specs):
-                    kept = self._held[identity] = [0] * len(specs)
-                for index, amount in enumerate(held[-1]):
-                    kept[index] += amount
+        if len(payers) == 1:
+            costs: tuple[tuple[int, ...], ...] = (tuple(amounts),)
+        else:
+            costs, position = (), 0
+            for _, specs in payers:
+                costs += (tuple(amounts[position:position + len(specs)]),)
+                position += len(specs)
+        held_now: tuple[tuple[int, ...], ...] = ()
         if allowed:
             for (bucket, _, _, _), amount in zip(rows, amounts):
                 bucket.tokens -= amount
-        chosen = max(range(len(rows)), key=lambda i: _tightness(
-            (rows[i][0], rows[i][1], amounts[i], waits[i]))) if len(rows) > 1 else 0
+            if returns:
+                held_now = self._hold(payers, rows, costs)
+        chosen = 0 if len(rows) == 1 else max(range(len(rows)), key=lambda i: _tightness(
+            (rows[i][0], rows[i][1], amounts[i], waits[i])))
         bucket, spec = rows[chosen][0], rows[chosen][1]
-        capping = any(priced.per_output for _, _, priced, _ in rows)
+        capping = any(row[2].per_output for row in rows)
         return Admission(allowed, amounts[chosen], spec.capacity, max(0, bucket.tokens),
                          0.0 if allowed else waits[chosen], spec.refill_tokens, spec.interval,
-                         spec.name, tuple(costs), granted if capping else None, waiting,
-                         spec.unit, tuple(held))
+                         spec.name, costs, granted if capping else None, waiting, spec.unit, held_now)
+
+    def _hold(self, payers: Sequence[tuple[str, Sequence[BucketSpec]]],
+              rows: list[tuple[Bucket, BucketSpec, WindowCost, int]],
+              costs: tuple[tuple[int, ...], ...]) -> tuple[tuple[int, ...], ...]:
+        """Note what an admitted call holds of each window that gets back what it does not use."""
+        held, position = [], 0
+        for (identity, specs), charged in zip(payers, costs):
+            mine = tuple(amount if rows[position + index][2].returns else 0
+                         for index, amount in enumerate(charged))
+            position += len(specs)
+            held.append(mine)
+            if any(mine):
+                kept = self._held.get(identity)
+                if kept is None or len(kept) != len(specs):
+                    kept = self._held[identity] = [0] * len(specs)
+                for index, amount in enumerate(mine):
+                    kept[index] += amount
+        return tuple(held)
 
     def credit(self, identity: str, specs: Sequence[BucketSpec], amount: int | Sequence[int],
                held: Sequence[int] = ()) -> None:
@@ -853,7 +886,8 @@ class BucketStore:
                     bucket.tokens + change)
             if any(held):
                 self._unhold(identity, held)
-                self._released.notify_all()
+                if self._waiting:
+                    self._released.notify_all()
 
     def _unhold(self, identity: str, held: Sequence[int]) -> None:
         kept = self._held.get(identity)
@@ -1166,9 +1200,12 @@ def cost_mode(config: Config) -> CostMode:
     if config.cost_mode == "request":
         return CostMode("request", FixedTokens(config.request_cost), EstimatedTokens(),
                         config.request_cost, "REQUEST_TOKEN_COST")
+    # the cheapest request: the least answer the hard cap cuts to, or the overdraft's reserve
+    least, setting = ((reserve, "RESPONSE_TOKEN_RESERVE") if config.overdraft
+                      else (config.min_output, "MIN_OUTPUT_TOKENS"))
     if config.cost_mode == "estimate":
-        return CostMode("estimate", EstimatedTokens(), EstimatedTokens(), reserve, "RESPONSE_TOKEN_RESERVE")
-    return CostMode("usage", ReportedTokens(), ReportedTokens(), reserve, "RESPONSE_TOKEN_RESERVE")
+        return CostMode("estimate", EstimatedTokens(), EstimatedTokens(), least, setting)
+    return CostMode("usage", ReportedTokens(), ReportedTokens(), least, setting)
 
 
 def window_costs(call: CallCost, mode: CostMode, model: str,
@@ -4311,7 +4348,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if metered is not None:
             call.prepare_upstream(metered, stream, cost.prompt if settles else 0, settles)
         forwarded = checked.forwarded if metered is None else body_bytes(metered)  # (may refuse it)
-        admission = self.server.buckets.charge_all(payers, cost_of, cost.asked, config.queue_timeout)
+        capping = any(cost_of(spec).per_output for _, specs in payers for spec in specs)
+        admission = self.server.buckets.charge_all(payers, cost_of, cost.asked if capping else NO_ALLOWANCE,
+                                                   config.queue_timeout)
         if admission.allowed:  # from here on, whatever happens, the charge is closed (or refunded)
             call.charge = Charge(self.server.buckets, payers, admission, mode, cost)
         else:

@@ -436,7 +436,10 @@ class PricingTests(BudgetTestCase):
         self.assertEqual(self.ask(key=OTHER_KEY, model="gpt-5-turbo", headers={"X-Want": "5"}).status, 200)
 
     def test_quota_shows_money_in_the_currency(self) -> None:
-        self.ask(model="gpt-4.1-mini", headers={"X-Want": "100"})
+        served = self.ask(model="gpt-4.1-mini", headers={"X-Want": "100"})
+        self.assertEqual(served.headers["X-RateLimit-Limit"], "1")  # amounts in the currency
+        self.assertLess(float(served.headers["X-RateLimit-Remaining"]), 1.0)
+        self.assertIsNone(served.headers["X-RateLimit-Refill-Seconds"])  # a total window never refills
         quota = self.quota()
         window = quota["buckets"][0]
         self.assertEqual(quota["currency"], "USD")
