@@ -16,10 +16,12 @@ Configuration   ``SETTINGS`` and ``Config``: what the environment says, checked 
 
 The domain, no sockets:
 Buckets         ``BucketSpec`` (a window), ``BucketStore`` (every caller's levels, one
-                short lock), ``Charge`` (one request's payment: reserved, then kept,
-                settled or refunded).
-Units           ``Unit`` (what a window counts), ``CostMode`` (TOKEN_COST_MODE),
-                ``CallCost`` and ``window_costs``: what a call costs each window.
+                short lock; ``WindowCost``: the hard cap cuts the output allowance to
+                what the windows hold), ``Charge`` (one request's payment: reserved,
+                then kept, settled or refunded).
+Units           ``Unit`` (what a window counts: requests, tokens, ``MoneyUnit``),
+                ``CostMode`` (TOKEN_COST_MODE), ``CallCost`` and ``window_costs``: what
+                a call costs each window.
 Cost            ``prompt_tokens``, ``Usage`` (in the parts a price needs) and ``Meter``
                 (what an answer used, read on its way through).
 Stream framings Server-sent events and JSON lines, cut into whole events.
@@ -27,6 +29,8 @@ Request bodies  ``request_object`` and ``check_body``: a body parsed once, stric
                 what is forwarded is that parse (``body_bytes``).
 Dialects        One ``Dialect`` per API (chat, completions, Responses, Messages,
                 Ollama, embeddings): validation, allowance, usage, replies, errors.
+Prices          ``ModelCatalog`` (MODELS_FILE: currency, each model's ``Price`` and
+                ``max_output``), ``ModelsFile`` (re-read on change, the last good kept).
 Keys and        ``KeyRing`` finds the caller's ``Policy`` (models, windows, an app's
 policies        end users, ``UserSpec``); ``StoredAnswers`` keeps whose answer is whose.
 
@@ -35,11 +39,11 @@ Routes          ``ROUTES`` and ``route_for``: every path, whether it needs a key
                 dialect and which handler method answers it.
 Errors, paths,  ``ProxyError``, ``parse_target``, the strict header reader and the
 headers         lists of headers never forwarded.
-Replies, Calls  ``limit_answer`` and the rate-limit headers; ``Call``, one request's
-                state, from its arrival to its log line.  What a call takes (its
-                charge, upstream connection, gate slot) is registered with
-                ``Call.on_end`` and let go by ``Call.end``, once, by whoever
-                finishes the call: the handler's thread, or the connection loop.
+Replies, Calls  ``limit_answer`` (``wait_phrase``) and the rate-limit headers; ``Call``,
+                one request's state, from its arrival to its log line (and ``cost``).
+                What a call takes (its charge, upstream connection, gate slot) is
+                registered with ``Call.on_end`` and let go by ``Call.end``, once, by
+                whoever finishes the call: the handler's thread, or the connection loop.
 Handler         ``ProxyHandler``: HTTP/1.1 framing, then ``route`` and the
                 ``answer_<name>`` methods, ``handle_metered`` (charge, forward,
                 settle) and the writing of answers.
@@ -116,6 +120,7 @@ import urllib.parse
 from collections import Counter, OrderedDict, deque
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, fields, replace
+from fractions import Fraction
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from logging.handlers import QueueHandler, QueueListener
 from typing import BinaryIO, Callable, Iterator, NamedTuple, Sequence, TextIO
@@ -341,6 +346,12 @@ def _choice(*allowed: str) -> Callable[[str, str], str]:
     return parse
 
 
+def _flag(name: str, text: str) -> bool:
+    if text.lower() not in ("true", "false", "1", "0"):
+        raise ConfigError(f"{name} must be true or false; got {text!r}")
+    return text.lower() in ("true", "1")
+
+
 def _key_list(name: str, text: str) -> tuple[str, ...]:
     return tuple(key.strip() for key in text.split(",") if key.strip())
 
@@ -390,6 +401,18 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(("RESPONSE_TOKEN_RESERVE",), "response_reserve",
             "estimate and usage modes: output tokens assumed when a request sets no max_tokens",
             _positive),
+    Setting(("MODELS_FILE",), "models_file",
+            "JSON file of model prices (per million tokens) and output limits, for money windows; "
+            "re-read on change or SIGHUP (see docs/BUDGETS.md)"),
+    Setting(("DEFAULT_MAX_OUTPUT_TOKENS",), "default_max_output",
+            "output allowance written into a request that sets none, where a window caps it "
+            "(unless MODELS_FILE gives the model's max_output)", _positive),
+    Setting(("OVERDRAFT",), "overdraft",
+            "'true': windows that do not say otherwise reserve little and may go into debt "
+            "(the hard cap off: for agents on a refilling local model)", _flag),
+    Setting(("MIN_OUTPUT_TOKENS",), "min_output",
+            "the shortest answer worth sending when a window can pay for no more; below it, "
+            "the limit reply", _positive),
     Setting(("PROXY_API_KEYS",), "client_keys",
             "comma-separated client keys; when set (or KEYS_FILE is), any other key gets 401",
             _key_list),
@@ -446,6 +469,10 @@ class Config:
     request_cost: int = 1
     cost_mode: str = "request"
     response_reserve: int = 256
+    models_file: str | None = None
+    default_max_output: int = 4096
+    min_output: int = 16
+    overdraft: bool = False
     client_keys: tuple[str, ...] = ()
     keys_file: str | None = None
     limit_response: str = "message"
@@ -474,7 +501,8 @@ class Config:
 
     @property
     def bucket(self) -> BucketSpec:
-        return BucketSpec(self.max_tokens, self.refill_tokens, self.refill_interval)
+        return BucketSpec(self.max_tokens, self.refill_tokens, self.refill_interval,
+                          overdraft=self.overdraft)
 
     @functools.cached_property
     def mode(self) -> CostMode:
@@ -567,12 +595,19 @@ class BucketSpec:
     refill_tokens: int
     interval: float
     name: str = ""
-    unit: str = ""                         # "requests", "tokens", or "": the cost mode's own
-    period: str | None = None              # "day", "week", "month": full again at each start
+    unit: str = ""                         # "requests", "tokens", "money", or "": the cost mode's own
+    period: str | None = None              # "day", "week", "month": full again at each start;
+                                           # "total": never refills (a budget)
     models: tuple[str, ...] | None = None  # the window counts only requests for these models
+    overdraft: bool = False                # reserve little and let usage go into debt (no hard cap)
+
+    @property
+    def refills(self) -> bool:
+        return self.period != TOTAL
 
 
 PERIOD_DAYS = {"day": 1, "week": 7, "month": 31}  # the longest length, for headers
+TOTAL = "total"  # the period of a window that never refills
 
 
 def period_bounds(wall: float, period: str) -> tuple[float, float]:
@@ -627,6 +662,9 @@ class Bucket:
         """
         if self.capacity != spec.capacity:
             self.resize(spec.capacity)
+        if spec.period == TOTAL:
+            self.tokens = min(self.tokens, spec.capacity)  # (the policy may have shrunk)
+            return
         if spec.period is not None:
             start = period_bounds(now + offset, spec.period)[0] - offset
             if self.step_at < start:
@@ -642,10 +680,12 @@ class Bucket:
             self.tokens = spec.capacity
 
     def seconds_until(self, spec: BucketSpec, tokens: int, now: float, offset: float = 0.0) -> float:
-        """Seconds until the level reaches ``tokens`` (0 if it already has)."""
+        """Seconds until the level reaches ``tokens`` (0 if it already has; infinity: never)."""
         missing = tokens - self.tokens
         if missing <= 0:
             return 0.0
+        if spec.period == TOTAL:
+            return math.inf
         if spec.period is not None:
             return period_bounds(now + offset, spec.period)[1] - offset - now
         steps = math.ceil(missing / spec.refill_tokens)
@@ -668,6 +708,49 @@ class Admission(NamedTuple):
     refill_seconds: float
     window: str = ""
     costs: tuple[tuple[int, ...], ...] = ()  # what each payer's each window was charged
+    allowance: int | None = None  # output tokens an answer may take, as the capping windows can pay
+    waits: bool = False   # refused only for what the same caller's requests in flight hold
+    unit: str = ""        # the named window's unit ("money": amounts in nano-units of the currency)
+    held: tuple[tuple[int, ...], ...] = ()  # of ``costs``, what may come back when they settle
+
+
+NANOS = 10 ** 9  # money is counted in nano-units of the currency: bucket levels stay whole numbers
+
+
+class WindowCost(NamedTuple):
+    """What one call costs one window, as a function of the output allowance it is granted.
+
+    ``fixed`` whatever the answer (the prompt, a request); ``per_output`` for each
+    output token allowed, which only a capping window counts: there the allowance
+    is cut to what the window holds.  ``returns``: what is not used comes back when
+    the call settles, so a request refused for it may wait for the caller's others.
+    """
+
+    fixed: int
+    per_output: float = 0.0
+    returns: bool = False
+
+    def at(self, allowance: int) -> int:
+        return self.fixed + math.ceil(self.per_output * allowance) if self.per_output else self.fixed
+
+    def most(self, level: int) -> int:
+        """The largest allowance whose cost ``level`` can pay (negative: not even none)."""
+        if level < self.fixed:
+            return -1
+        allowance = int((level - self.fixed) // self.per_output)
+        while allowance > 0 and self.at(allowance) > level:  # (float rounding)
+            allowance -= 1
+        return allowance
+
+
+class Allowance(NamedTuple):
+    """The output allowance a call asks for per answer, and the least worth forwarding."""
+
+    asked: int
+    least: int
+
+
+NO_ALLOWANCE = Allowance(0, 0)
 
 
 def _tightness(row: tuple[Bucket, BucketSpec, int, float]) -> tuple:
@@ -675,6 +758,37 @@ def _tightness(row: tuple[Bucket, BucketSpec, int, float]) -> tuple:
     the one nearest empty (among those this request counts in)."""
     bucket, spec, amount, wait = row
     return (amount > spec.capacity, wait, amount > 0, -bucket.tokens)
+
+
+def window_text(spec: BucketSpec) -> str:
+    """A window in a few words, for ``keys list``: ``course 1 money total``, ``daily 20000 +20000/86400s``."""
+    name = spec.name + " " if spec.name else ""
+    size = amount_text(spec.capacity) + " money" if spec.unit == MONEY else str(spec.capacity)
+    step = amount_text(spec.refill_tokens) if spec.unit == MONEY else spec.refill_tokens
+    refill = f"+{step}/{spec.interval:g}s" if spec.refills else "total"
+    return f"{name}{size} {refill}" + (" overdraft" if spec.overdraft else "")
+
+
+def level_view(spec: BucketSpec, tokens: int, next_refill: float, to_full: float) -> dict:
+    """One window as the quota and the admin API show it.
+
+    A window that never refills shows null refill times, never astronomical
+    numbers; a money window shows amounts in its currency, with what was spent.
+    """
+    money = spec.unit == MONEY
+    amount = (lambda value: value / NANOS) if money else (lambda value: value)
+    view = {"name": spec.name, "capacity": amount(spec.capacity), "tokens": amount(tokens),
+            "refill_tokens": amount(spec.refill_tokens),
+            "refill_interval_seconds": spec.interval if spec.refills else None,
+            "unit": spec.unit or None, "period": spec.period,
+            "models": None if spec.models is None else list(spec.models),
+            "seconds_to_next_refill": round(next_refill, 3) if spec.refills else None,
+            "seconds_to_full": round(to_full, 3) if math.isfinite(to_full) else None}
+    if money:
+        view.update(remaining=amount(tokens), spent=amount(spec.capacity - tokens))
+    if spec.overdraft:
+        view["overdraft"] = True
+    return view
 
 
 class BucketStore:
@@ -691,7 +805,10 @@ class BucketStore:
         self.clock = clock
         self.wall_clock = wall_clock  # calendar windows start at local midnights
         self._lock = threading.Lock()
+        self._released = threading.Condition(self._lock)  # a charge that held something closed
+        self._waiting = 0  # calls waiting on it
         self._buckets: dict[str, list[Bucket]] = {}
+        self._held: dict[str, list[int]] = {}  # per identity and window: reserved by calls in flight
 
     def _current(self, identity: str, specs: Sequence[BucketSpec], now: float,
                  offset: float = 0.0) -> list[Bucket]:
@@ -717,41 +834,115 @@ class BucketStore:
         return self.charge_all(((identity, specs),), cost)
 
     def charge_all(self, payers: Sequence[tuple[str, Sequence[BucketSpec]]],
-                   cost: int | Callable[[BucketSpec], int]) -> Admission:
+                   cost: int | Callable[[BucketSpec], int | WindowCost],
+                   allowance: Allowance = NO_ALLOWANCE, patience: float = 0.0) -> Admission:
         """Take each window's cost from every window of every payer (a user and its app), or none.
 
         ``cost`` is one number for all windows, or each window's own (by its unit;
-        0 for a window that does not count this request's model).
+        0 for a window that does not count this request's model).  A capping window
+        (a ``WindowCost`` with ``per_output``) pays for the whole output allowance:
+        where the windows cannot, the allowance is cut to what they can pay, down to
+        ``allowance.least``.  A call refused only for what the caller's calls in flight
+        hold waits up to ``patience`` seconds for them to settle.
         """
         cost_of = cost if callable(cost) else None
         with self._lock:
-            now, offset = self._now()
-            rows: list[tuple[Bucket, BucketSpec, int, float]] = []
-            costs: list[tuple[int, ...]] = []
-            allowed = True
-            for identity, specs in payers:
-                charged = []
-                for bucket, spec in zip(self._current(identity, specs, now, offset), specs):
-                    amount = cost if cost_of is None else cost_of(spec)  # type: ignore[assignment]
-                    wait = 0.0 if amount == 0 or bucket.tokens >= amount else (
-                        bucket.seconds_until(spec, amount, now, offset))
-                    if wait > 0 or amount > spec.capacity:
-                        allowed = False
-                    charged.append(amount)
-                    rows.append((bucket, spec, amount, wait))
-                costs.append(tuple(charged))
-            if allowed:
-                for bucket, _, amount, _ in rows:
-                    bucket.tokens -= amount
-            bucket, spec, amount, wait = rows[0] if len(rows) == 1 else max(rows, key=_tightness)
-            return Admission(allowed, amount, spec.capacity, max(0, bucket.tokens),
-                             0.0 if allowed else wait, spec.refill_tokens, spec.interval,
-                             spec.name, tuple(costs))
+            admission = self._charge(payers, cost_of, cost, allowance)
+            if admission.allowed or not admission.waits:
+                return admission
+            deadline = time.monotonic() + patience
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return admission
+                self._waiting += 1
+                try:
+                    self._released.wait(left)
+                finally:
+                    self._waiting -= 1
+                admission = self._charge(payers, cost_of, cost, allowance)
+                if admission.allowed or not admission.waits:
+                    return admission
 
-    def credit(self, identity: str, specs: Sequence[BucketSpec], amount: int | Sequence[int]) -> None:
+    def _charge(self, payers: Sequence[tuple[str, Sequence[BucketSpec]]],
+                cost_of: Callable[[BucketSpec], int | WindowCost] | None, cost: object,
+                allowance: Allowance) -> Admission:
+        now, offset = self._now()
+        rows: list[tuple[Bucket, BucketSpec, WindowCost, int]] = []
+        granted, returns = allowance.asked, False
+        for identity, specs in payers:
+            held = self._held.get(identity) if self._held else None
+            if held is not None and len(held) != len(specs):
+                held = None
+            for index, (bucket, spec) in enumerate(zip(self._current(identity, specs, now, offset), specs)):
+                priced = cost if cost_of is None else cost_of(spec)
+                if priced.__class__ is not WindowCost:
+                    priced = WindowCost(priced)  # type: ignore[arg-type]
+                if priced.per_output:
+                    granted = min(granted, priced.most(bucket.tokens))
+                returns = returns or priced.returns
+                rows.append((bucket, spec, priced, held[index] if held else 0))
+        if granted < allowance.least:
+            granted = allowance.least
+        allowed = True
+        amounts: list[int] = []
+        waits: list[float] = []
+        for bucket, spec, priced, _ in rows:
+            amount = priced.at(granted)
+            wait = 0.0 if amount == 0 or bucket.tokens >= amount else (
+                bucket.seconds_until(spec, amount, now, offset))
+            if wait > 0 or amount > spec.capacity:
+                allowed = False
+            amounts.append(amount)
+            waits.append(wait)
+        waiting = not allowed and returns and any(row[3] for row in rows) and all(
+            amount <= spec.capacity and bucket.tokens + (kept if priced.returns else 0) >= amount
+            for (bucket, spec, priced, kept), amount in zip(rows, amounts))
+        if len(payers) == 1:
+            costs: tuple[tuple[int, ...], ...] = (tuple(amounts),)
+        else:
+            costs, position = (), 0
+            for _, specs in payers:
+                costs += (tuple(amounts[position:position + len(specs)]),)
+                position += len(specs)
+        held_now: tuple[tuple[int, ...], ...] = ()
+        if allowed:
+            for (bucket, _, _, _), amount in zip(rows, amounts):
+                bucket.tokens -= amount
+            if returns:
+                held_now = self._hold(payers, rows, costs)
+        chosen = 0 if len(rows) == 1 else max(range(len(rows)), key=lambda i: _tightness(
+            (rows[i][0], rows[i][1], amounts[i], waits[i])))
+        bucket, spec = rows[chosen][0], rows[chosen][1]
+        capping = any(row[2].per_output for row in rows)
+        return Admission(allowed, amounts[chosen], spec.capacity, max(0, bucket.tokens),
+                         0.0 if allowed else waits[chosen], spec.refill_tokens, spec.interval,
+                         spec.name, costs, granted if capping else None, waiting, spec.unit, held_now)
+
+    def _hold(self, payers: Sequence[tuple[str, Sequence[BucketSpec]]],
+              rows: list[tuple[Bucket, BucketSpec, WindowCost, int]],
+              costs: tuple[tuple[int, ...], ...]) -> tuple[tuple[int, ...], ...]:
+        """Note what an admitted call holds of each window that gets back what it does not use."""
+        held, position = [], 0
+        for (identity, specs), charged in zip(payers, costs):
+            mine = tuple(amount if rows[position + index][2].returns else 0
+                         for index, amount in enumerate(charged))
+            position += len(specs)
+            held.append(mine)
+            if any(mine):
+                kept = self._held.get(identity)
+                if kept is None or len(kept) != len(specs):
+                    kept = self._held[identity] = [0] * len(specs)
+                for index, amount in enumerate(mine):
+                    kept[index] += amount
+        return tuple(held)
+
+    def credit(self, identity: str, specs: Sequence[BucketSpec], amount: int | Sequence[int],
+               held: Sequence[int] = ()) -> None:
         """Give back an amount (never above capacity) or, when negative, take it (debt allowed).
 
-        ``amount`` is one number for every window, or one per window.
+        ``amount`` is one number for every window, or one per window.  ``held`` is
+        what the closing call held of each window: no longer in flight.
         """
         amounts = [amount] * len(specs) if isinstance(amount, int) else amount
         with self._lock:
@@ -759,6 +950,19 @@ class BucketStore:
             for bucket, spec, change in zip(buckets, specs, amounts):
                 bucket.tokens = min(spec.capacity, bucket.tokens + change) if change > 0 else (
                     bucket.tokens + change)
+            if any(held):
+                self._unhold(identity, held)
+                if self._waiting:
+                    self._released.notify_all()
+
+    def _unhold(self, identity: str, held: Sequence[int]) -> None:
+        kept = self._held.get(identity)
+        if kept is None or len(kept) != len(held):
+            return
+        for index, amount in enumerate(held):
+            kept[index] = max(0, kept[index] - amount)
+        if not any(kept):
+            del self._held[identity]
 
     def snapshot(self, identity: str, specs: Sequence[BucketSpec]) -> list[dict]:
         """Each bucket's level and timing, for the quota endpoint; charges nothing."""
@@ -767,14 +971,10 @@ class BucketStore:
 
     def _snapshot(self, identity: str, specs: Sequence[BucketSpec]) -> list[dict]:
         now, offset = self._now()
-        return [{"name": spec.name, "capacity": spec.capacity, "tokens": bucket.tokens,
-                 "refill_tokens": spec.refill_tokens, "refill_interval_seconds": spec.interval,
-                 "unit": spec.unit or None, "period": spec.period,
-                 "models": None if spec.models is None else list(spec.models),
-                 "seconds_to_next_refill": round(
-                     period_bounds(now + offset, spec.period)[1] - offset - now if spec.period
-                     else bucket.step_at + spec.interval - now, 3),
-                 "seconds_to_full": round(bucket.seconds_until(spec, spec.capacity, now, offset), 3)}
+        return [level_view(spec, bucket.tokens,
+                           period_bounds(now + offset, spec.period)[1] - offset - now
+                           if spec.period in PERIOD_DAYS else bucket.step_at + spec.interval - now,
+                           bucket.seconds_until(spec, spec.capacity, now, offset))
                 for bucket, spec in zip(self._current(identity, specs, now, offset), specs)]
 
     def peek(self, identity: str, specs: Sequence[BucketSpec]) -> list[dict]:
@@ -782,11 +982,7 @@ class BucketStore:
         with self._lock:
             if identity in self._buckets:
                 return self._snapshot(identity, specs)
-        return [{"name": spec.name, "capacity": spec.capacity, "tokens": spec.capacity,
-                 "refill_tokens": spec.refill_tokens, "refill_interval_seconds": spec.interval,
-                 "unit": spec.unit or None, "period": spec.period,
-                 "models": None if spec.models is None else list(spec.models),
-                 "seconds_to_next_refill": 0.0, "seconds_to_full": 0.0} for spec in specs]
+        return [level_view(spec, spec.capacity, 0.0, 0.0) for spec in specs]
 
     def prune(self, specs_of: Callable[[str], Sequence[BucketSpec]], batch: int = 2000) -> int:
         """Forget buckets that are full again; the lock is taken per batch, not for the sweep."""
@@ -863,19 +1059,26 @@ class Charge:
     settle), ``settled`` (served, replaced by what was really used: the rest
     refunded, or the extra taken as debt) or ``refunded`` (never served), once.
     Every payer (a key, or a user and the app key above it) pays the same; each
-    window settles as its unit says (``mode``).
+    window settles as its unit says (``mode``), from what the call was (``call``:
+    its model's price, for a money window).
     """
 
-    __slots__ = ("store", "payers", "admission", "mode", "state", "used")
+    __slots__ = ("store", "payers", "admission", "mode", "state", "used", "call")
 
     def __init__(self, store: BucketStore, payers: Sequence[tuple[str, Sequence[BucketSpec]]],
-                 admission: Admission, mode: CostMode) -> None:
+                 admission: Admission, mode: CostMode, call: CallCost | None = None) -> None:
         self.store = store
         self.payers = payers
         self.admission = admission
         self.mode = mode
+        self.call = call
         self.state = "reserved"
         self.used: int | None = None
+
+    @property
+    def settles(self) -> bool:
+        """Whether some window is settled to the usage (usage mode's tokens, any money window)."""
+        return any(self.mode.unit_of(spec).settles for _, specs in self.payers for spec in specs)
 
     def close(self, served: bool, used: Usage | None = None) -> None:
         """Refund, keep, or settle each window to what its unit makes of ``used``."""
@@ -890,27 +1093,35 @@ class Charge:
             return
         settled = {} if used is None else {
             spec: final for _, specs in self.payers for spec in specs
-            if (final := self.mode.unit_of(spec).settle(used)) is not None}
+            if (final := self.mode.unit_of(spec).settle(used, self.call)) is not None}
         if not settled:
             self.state = "kept"
+            if any(map(any, self.admission.held)):
+                self.credit(lambda spec, charged: 0)  # (what it held is no longer in flight)
             return
-        self.state, self.used = "settled", max(settled.values())
+        assert used is not None
+        self.state = "settled"
+        self.used = max((final for spec, final in settled.items() if self.mode.unit_of(spec).counts_tokens),
+                        default=used.total)
         self.credit(lambda spec, charged: charged - settled[spec] if charged and spec in settled else 0)
 
     def credit(self, change: Callable[[BucketSpec, int], int]) -> None:
-        for (identity, specs), charged in zip(self.payers, self.admission.costs):
-            self.store.credit(identity, specs, [change(spec, c) for spec, c in zip(specs, charged)])
+        held = self.admission.held or [()] * len(self.payers)
+        for (identity, specs), charged, kept in zip(self.payers, self.admission.costs, held):
+            self.store.credit(identity, specs, [change(spec, c) for spec, c in zip(specs, charged)], kept)
 
     @property
     def charged(self) -> int:
-        """Tokens taken before forwarding and not given back (a request window's 1 is no token)."""
+        """Tokens taken before forwarding and not given back (a request window's 1 is no token,
+        nor is a money window's amount)."""
         if self.state == "refunded":
             return 0
-        if len(self.admission.costs) == 1 and len(self.admission.costs[0]) == 1:
+        if (len(self.admission.costs) == 1 and len(self.admission.costs[0]) == 1
+                and self.admission.unit != MONEY):
             return self.admission.cost  # one window: what it was charged, in its unit
         amounts = [amount for (_, specs), costs in zip(self.payers, self.admission.costs)
                    for spec, amount in zip(specs, costs) if self.mode.unit_of(spec).counts_tokens]
-        return max(amounts, default=self.admission.cost)
+        return max(amounts, default=self.admission.cost if self.admission.unit != MONEY else 0)
 
     @property
     def paid(self) -> int:
@@ -924,20 +1135,40 @@ class Charge:
 
 class Unit:
     """What a window counts, and so what a call costs it: before it is forwarded
-    (``estimate``) and once its answer is in (``settle``: None, what was charged stands).
+    (``estimate``, or ``cost`` for a window that caps the answer) and once its answer
+    is in (``settle``: None, what was charged stands).
 
     A new unit is one subclass; ``CostMode`` says which unit a window's ``unit`` names.
     """
 
     name = ""
-    counts_tokens = True  # False: the window counts something else (requests)
+    counts_tokens = True  # False: the window counts something else (requests, money)
     settles = False       # True: ``settle`` replaces the charge with what was used
+    caps = False          # True: the window pays for the whole output allowance, cut to fit it
 
     def estimate(self, call: CallCost) -> int:
         raise NotImplementedError
 
-    def settle(self, used: Usage) -> int | None:
+    def settle(self, used: Usage, call: CallCost | None = None) -> int | None:
         return None
+
+    def cost(self, call: CallCost, spec: BucketSpec) -> WindowCost:
+        """What ``call`` costs a window of this unit: the hard cap where the unit caps.
+
+        A capping window (not ``overdraft``) is charged the prompt and, per output
+        token, the whole allowance, which the store cuts to what the window holds.
+        An ``overdraft`` window keeps the softer charge (``estimate``), and its debt.
+        """
+        if not self.caps or spec.overdraft or call.flat:
+            return WindowCost(self.estimate(call))
+        return WindowCost(self.prompt_cost(call), self.output_cost(call), self.settles)
+
+    def prompt_cost(self, call: CallCost) -> int:
+        return call.prompt
+
+    def output_cost(self, call: CallCost) -> float:
+        """The cost of one token of allowance (for every answer the call asks for)."""
+        return float(call.answers)
 
 
 class RequestCount(Unit):
@@ -964,6 +1195,7 @@ class EstimatedTokens(Unit):
     """The prompt's estimate plus the output asked for, charged before and kept."""
 
     name = "tokens"
+    caps = True
 
     def estimate(self, call: CallCost) -> int:
         return call.estimate
@@ -974,12 +1206,46 @@ class ReportedTokens(Unit):
 
     name = "tokens"
     settles = True
+    caps = True
 
     def estimate(self, call: CallCost) -> int:
         return call.reservation
 
-    def settle(self, used: Usage) -> int | None:
+    def settle(self, used: Usage, call: CallCost | None = None) -> int | None:
         return used.total
+
+
+class MoneyUnit(Unit):
+    """Money, in nano-units of the currency: the call's model priced (``MODELS_FILE``).
+
+    Reserved: the prompt at the dearest input price (cache writes may cost more than
+    input) and the whole allowance at the output price; settled, whatever the cost
+    mode, to the usage reported, each part at its own price.  A model without a
+    price never reaches a window of this unit (``model_not_priced``).
+    """
+
+    name = "money"
+    counts_tokens = False
+    settles = True
+    caps = True
+
+    def estimate(self, call: CallCost) -> int:
+        """The softer charge of an overdraft window: the prompt and at most the reserve."""
+        if call.price is None or call.flat:
+            return 0
+        allowance = call.config.response_reserve if call.allowance is None else min(
+            call.allowance, call.config.response_reserve)
+        return self.prompt_cost(call) + math.ceil(self.output_cost(call) * allowance)
+
+    def prompt_cost(self, call: CallCost) -> int:
+        return 0 if call.price is None else call.price.input_nanos(call.prompt)
+
+    def output_cost(self, call: CallCost) -> float:
+        return 0.0 if call.price is None else call.price.output_nanos_per_token * call.answers
+
+    def settle(self, used: Usage, call: CallCost | None = None) -> int | None:
+        price = None if call is None else call.price
+        return None if price is None else price.nanos(used)
 
 
 class CostMode:
@@ -991,16 +1257,18 @@ class CostMode:
 
     def __init__(self, name: str, own: Unit, tokens: Unit, least: int, least_setting: str) -> None:
         self.name = name
-        self.units = {"": own, RequestCount.name: REQUESTS, "tokens": tokens}
+        self.units = {"": own, RequestCount.name: REQUESTS, "tokens": tokens, MONEY: MONEY_UNIT}
         self.least, self.least_setting = least, least_setting
-        self.settles = any(unit.settles for unit in self.units.values())
+        self.settles = any(unit.settles for unit in (own, tokens))
 
     def unit_of(self, spec: BucketSpec) -> Unit:
         return self.units[spec.unit]
 
 
 REQUESTS = RequestCount()
-WINDOW_UNITS = ("", RequestCount.name, "tokens")  # what a window's "unit" may name ("": the mode's)
+MONEY = MoneyUnit.name
+MONEY_UNIT = MoneyUnit()
+WINDOW_UNITS = ("", RequestCount.name, "tokens", MONEY)  # what a window's "unit" may name ("": the mode's)
 
 
 def cost_mode(config: Config) -> CostMode:
@@ -1009,18 +1277,24 @@ def cost_mode(config: Config) -> CostMode:
     if config.cost_mode == "request":
         return CostMode("request", FixedTokens(config.request_cost), EstimatedTokens(),
                         config.request_cost, "REQUEST_TOKEN_COST")
+    # the cheapest request: the least answer the hard cap cuts to, or the overdraft's reserve
+    least, setting = ((reserve, "RESPONSE_TOKEN_RESERVE") if config.overdraft
+                      else (config.min_output, "MIN_OUTPUT_TOKENS"))
     if config.cost_mode == "estimate":
-        return CostMode("estimate", EstimatedTokens(), EstimatedTokens(), reserve, "RESPONSE_TOKEN_RESERVE")
-    return CostMode("usage", ReportedTokens(), ReportedTokens(), reserve, "RESPONSE_TOKEN_RESERVE")
+        return CostMode("estimate", EstimatedTokens(), EstimatedTokens(), least, setting)
+    return CostMode("usage", ReportedTokens(), ReportedTokens(), least, setting)
 
 
 def window_costs(call: CallCost, mode: CostMode, model: str,
-                 payers: Sequence[tuple[str, Sequence[BucketSpec]]]) -> Callable[[BucketSpec], int]:
+                 payers: Sequence[tuple[str, Sequence[BucketSpec]]]) -> Callable[[BucketSpec], WindowCost]:
     """What each window is charged before forwarding: by its unit, and nothing at all if it
     counts only other models.  Worked out here, so that the bucket lock is held for sums only."""
-    costs = {spec: 0 if spec.models is not None and model not in spec.models
-             else mode.unit_of(spec).estimate(call) for _, specs in payers for spec in specs}
+    costs = {spec: NO_COST if spec.models is not None and model not in spec.models
+             else mode.unit_of(spec).cost(call, spec) for _, specs in payers for spec in specs}
     return costs.__getitem__
+
+
+NO_COST = WindowCost(0)
 
 
 # --------------------------------------------------------------------------
@@ -1574,6 +1848,25 @@ class Dialect:
             largest = value if largest is None else max(largest, value)
         return largest if self.bounding_field in payload else None
 
+    def limit_output(self, payload: dict, tokens: int) -> bool:
+        """Make the forwarded request take at most ``tokens`` output tokens an answer (the
+        hard cap); True if the payload changed.
+
+        Every allowance field it sets is cut to ``tokens`` (a negative one, llama.cpp's
+        "no limit", too); a request that sets none gets the bounding field.  An API
+        without output (embeddings) is left alone.
+        """
+        if self.bounding_field is None:
+            return False
+        present = [name for name in self.allowance_fields if payload.get(name) is not None]
+        changed = False
+        for name in present or [self.bounding_field]:
+            value = payload.get(name)
+            if value is None or value < 0 or value > tokens:
+                payload[name] = tokens
+                changed = True
+        return changed
+
     def answers(self, payload: dict) -> int:
         """How many answers one request asks for: each may take the whole output allowance."""
         count = 1
@@ -1959,6 +2252,14 @@ class OllamaChat(Dialect):
         return value if value > 0 else None  # -1: no limit, -2: fill the context, 0: older
                                              # runners' "no limit"
 
+    def limit_output(self, payload: dict, tokens: int) -> bool:
+        options = payload.get("options")
+        value = options.get("num_predict") if isinstance(options, dict) else None
+        if value is not None and 0 < value <= tokens:
+            return False
+        payload["options"] = dict(options or {}, num_predict=tokens)
+        return True
+
     def usage_of(self, fields: dict[str, int]) -> Usage | None:
         if "eval_count" not in fields and "prompt_eval_count" not in fields:
             return None
@@ -2037,6 +2338,9 @@ class OllamaEmbed(OllamaChat):
     def output_allowance(self, payload: dict) -> int | None:
         return 0
 
+    def limit_output(self, payload: dict, tokens: int) -> bool:
+        return False
+
 
 class FlatRate(Dialect):
     """Any other call under /v1 that does work (rerank, audio, images ...): one request's cost.
@@ -2072,6 +2376,176 @@ RESPONSES = Responses()
 DIALECTS: tuple[Dialect, ...] = (CHAT, TextCompletions(), RESPONSES, ANTHROPIC, OLLAMA,
                                  OllamaGenerate(), Embeddings(), OllamaEmbed())
 METERED_ENDPOINTS = frozenset(dialect.name for dialect in DIALECTS + (OPENAI,))
+
+
+# --------------------------------------------------------------------------
+# Prices: MODELS_FILE
+# --------------------------------------------------------------------------
+
+PRICE_FIELDS = ("input", "cached_input", "cache_write", "output")  # per million tokens
+MODEL_FIELDS = ("price", "max_output")
+CATALOG_FIELDS = ("currency", "models")
+TOKENS_A_PRICE = 10 ** 6  # prices are per million tokens
+
+
+class Price(NamedTuple):
+    """A model's prices per million tokens, exact (decimal text as written, not binary floats).
+
+    Reasoning tokens are output tokens; a cached input token costs ``cached_input``
+    and a cache write ``cache_write``, each the input price when not given.
+    """
+
+    input: Fraction
+    output: Fraction
+    cached_input: Fraction
+    cache_write: Fraction
+
+    def nanos(self, used: Usage) -> int:
+        """What ``used`` costs, in nano-units of the currency, rounded to the nearest."""
+        uncached = max(0, used.input - used.cached_input - used.cache_write)
+        total = (uncached * self.input + used.cached_input * self.cached_input
+                 + used.cache_write * self.cache_write + used.output * self.output)
+        return math.floor(total * NANOS / TOKENS_A_PRICE + Fraction(1, 2))
+
+    def cost(self, used: Usage) -> float:
+        """What ``used`` costs, in the currency."""
+        return self.nanos(used) / NANOS
+
+    def input_nanos(self, tokens: int) -> int:
+        """An upper bound on what ``tokens`` of prompt cost: each at the dearest input price."""
+        return math.ceil(tokens * max(self.input, self.cache_write) * NANOS / TOKENS_A_PRICE)
+
+    @property
+    def output_nanos_per_token(self) -> float:
+        return float(self.output * NANOS / TOKENS_A_PRICE)
+
+
+class ModelInfo(NamedTuple):
+    price: Price | None
+    max_output: int | None
+
+
+class ModelCatalog:
+    """What MODELS_FILE says: the currency and, by model name, its price and output limit.
+
+    ``{"currency": "USD", "models": {"gpt-4.1-mini": {"price": {"input": 0.40,
+    "cached_input": 0.10, "output": 1.60}, "max_output": 32768}}}``.  Read strictly:
+    a field the proxy does not know is refused with the name it probably meant, so
+    that a misspelt price is never silently the input price.  A new kind of entry is
+    one more name in ``CATALOG_FIELDS`` and one more reader.
+    """
+
+    def __init__(self, currency: str = "USD", models: dict[str, ModelInfo] | None = None) -> None:
+        self.currency = currency
+        self.models = models or {}
+
+    def price(self, model: str | None) -> Price | None:
+        info = self.models.get(model or "")
+        return None if info is None else info.price
+
+    def max_output(self, model: str | None) -> int | None:
+        info = self.models.get(model or "")
+        return None if info is None else info.max_output
+
+    @classmethod
+    def parse(cls, text: str) -> ModelCatalog:
+        """The catalog a file's text describes, or ConfigError naming what is wrong and where."""
+        try:
+            document = _STRICT_JSON.decode(text)
+        except ProxyError as error:
+            raise ConfigError(f"not valid JSON ({error.message})") from None
+        except RecursionError:
+            raise ConfigError("not valid JSON (nested too deeply)") from None
+        except ValueError as error:
+            raise ConfigError(f"not valid JSON ({error})") from None
+        _known_fields(document, CATALOG_FIELDS, "the file")
+        currency = document.get("currency", "USD")
+        if not (isinstance(currency, str) and 0 < len(currency) <= 16 and currency.isprintable()):
+            raise ConfigError("currency must be a short name, such as \"USD\"")
+        models = document.get("models", {})
+        if not isinstance(models, dict):
+            raise ConfigError("models must be an object mapping each model name to its entry")
+        return cls(currency, {name: _model_info(entry, f"model {name!r}")
+                              for name, entry in models.items()})
+
+
+def _known_fields(value: object, known: Sequence[str], where: str) -> dict:
+    """``value`` as an object of only ``known`` fields; a misspelt one is named with its fix."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where} must be an object with {', '.join(known)}")
+    for name in value:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else f" (known: {', '.join(known)})"
+            raise ConfigError(f"{where}: unknown field {name[:100]!r}{hint}")
+    return value
+
+
+def _model_info(entry: object, where: str) -> ModelInfo:
+    entry = _known_fields(entry, MODEL_FIELDS, where)
+    max_output = entry.get("max_output")
+    if max_output is not None and (isinstance(max_output, bool) or not isinstance(max_output, int)
+                                   or not 1 <= max_output <= MAX_COUNT):
+        raise ConfigError(f"{where}: max_output must be a whole number of tokens, at least 1")
+    price = None
+    if "price" in entry:
+        prices = _known_fields(entry["price"], PRICE_FIELDS, f"{where} price")
+        for name, value in prices.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                    math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{where} price: {name} must be a number, 0 or more "
+                                  "(per million tokens)")
+        for name in ("input", "output"):
+            if name not in prices:
+                raise ConfigError(f"{where} price: {name} is missing (per million tokens)")
+        exact = {name: Fraction(repr(value)) for name, value in prices.items()}
+        price = Price(exact["input"], exact["output"], exact.get("cached_input", exact["input"]),
+                      exact.get("cache_write", exact["input"]))
+    return ModelInfo(price, max_output)
+
+
+class ModelsFile:
+    """MODELS_FILE, re-read when it changes (or on SIGHUP); a broken edit keeps the last good one."""
+
+    def __init__(self, path: str | None) -> None:
+        self.path = path
+        self.catalog = ModelCatalog()
+        self._stamp: tuple | None = None
+        if path:
+            try:
+                self.reload()
+            except ConfigError as error:
+                raise ConfigError(f"MODELS_FILE {path}: {error}") from None
+
+    def reload(self) -> None:
+        assert self.path is not None
+        try:
+            with open(self.path, encoding="utf-8") as file:
+                stamp = _file_stamp(os.fstat(file.fileno()))
+                text = file.read()
+        except (OSError, UnicodeDecodeError) as error:
+            raise ConfigError(f"cannot read it ({type(error).__name__})") from None
+        self._stamp = stamp
+        self.catalog = ModelCatalog.parse(text)
+
+    def reload_if_changed(self, force: bool = False) -> bool:
+        """Re-read the file if it changed (or when forced); True if reloaded."""
+        if not self.path:
+            return False
+        try:
+            stamp: tuple | None = _file_stamp(os.stat(self.path))
+        except OSError:
+            stamp = None
+        if not force and stamp == self._stamp:
+            return False
+        self._stamp = stamp  # a broken file is reported once, not every second
+        try:
+            self.reload()
+        except ConfigError as error:
+            log.error("MODELS_FILE %s: %s; keeping the previous prices", self.path, error)
+            return False
+        log.info("MODELS_FILE %s: loaded, %d models", self.path, len(self.catalog.models))
+        return True
 
 
 # --------------------------------------------------------------------------
@@ -2129,7 +2603,8 @@ MAX_USER_LENGTH = 256  # longer identities are refused, not truncated into someo
 MIN_JWT_SECRET_BYTES = 32  # HS256 wants a key as long as its hash (RFC 7518, 3.2); shorter can be guessed
 ENTRY_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # safe in an identity, a state file and a log line
 WINDOW_FIELDS = {"name", "max_tokens", "refill_tokens", "refill_interval_seconds", "unit", "period",
-                 "models"}
+                 "models", "max_amount", "refill_amount", "overdraft"}
+MAX_AMOUNT = MAX_WINDOW_TOKENS // NANOS  # the largest money window, in the currency
 
 
 def stored_secret(key: str) -> tuple[str, bytes]:
@@ -2209,7 +2684,7 @@ def _policy_from_entry(entry: dict, config: Config, where: str,
     if not isinstance(name, str):
         raise ConfigError(f"{where}: name must be a string")
     base = {"max_tokens": config.max_tokens, "refill_tokens": config.refill_tokens,
-            "refill_interval_seconds": config.refill_interval}
+            "refill_interval_seconds": config.refill_interval, "overdraft": config.overdraft}
     base.update({k: entry[k] for k in base if k in entry})
     windows = entry.get("buckets", [{}])
     if not isinstance(windows, list) or not windows:
@@ -2405,7 +2880,14 @@ def _users_from_entry(spec: object, config: Config, where: str,
 def _window(window: object, base: dict, where: str) -> BucketSpec:
     if not isinstance(window, dict) or set(window) - WINDOW_FIELDS:
         raise ConfigError(f"{where}: must be an object with {', '.join(sorted(WINDOW_FIELDS))}")
+    unit = window.get("unit", "")
+    if not isinstance(unit, str) or unit not in WINDOW_UNITS:
+        raise ConfigError(f"{where}: unit must be \"requests\", \"tokens\" or \"money\"")
     values = dict(base, **{k: v for k, v in window.items() if k != "name"})
+    if unit == MONEY:
+        values.update(_money_limits(window, where))
+    elif "max_amount" in window or "refill_amount" in window:
+        raise ConfigError(f"{where}: max_amount and refill_amount are for \"unit\": \"money\"")
     for field_name in ("max_tokens", "refill_tokens"):
         value = values[field_name]
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WINDOW_TOKENS:
@@ -2421,20 +2903,43 @@ def _window(window: object, base: dict, where: str) -> BucketSpec:
     name = window.get("name", "")
     if not isinstance(name, str):
         raise ConfigError(f"{where}: name must be a string")
-    unit, period, models = window.get("unit", ""), window.get("period"), window.get("models")
-    if not isinstance(unit, str) or unit not in WINDOW_UNITS:
-        raise ConfigError(f"{where}: unit must be \"requests\" or \"tokens\"")
-    if period is not None and (not isinstance(period, str) or period not in PERIOD_DAYS):  # as above
-        raise ConfigError(f"{where}: period must be \"day\", \"week\" or \"month\"")
+    period, models, overdraft = window.get("period"), window.get("models"), values.get("overdraft", False)
+    if period is not None and (not isinstance(period, str)
+                               or period not in PERIOD_DAYS and period != TOTAL):  # as above
+        raise ConfigError(f"{where}: period must be \"day\", \"week\", \"month\" or \"total\"")
     if models is not None and not (isinstance(models, list) and models
                                    and all(isinstance(m, str) for m in models)):
         raise ConfigError(f"{where}: models must be a list of model names")
-    capacity = values["max_tokens"]
+    if not isinstance(overdraft, bool):
+        raise ConfigError(f"{where}: overdraft must be true or false")
+    capacity, models = values["max_tokens"], tuple(models) if models else None
+    if period == TOTAL:  # never refills: a budget
+        return BucketSpec(capacity, 0, math.inf, name, unit, TOTAL, models, overdraft)
     if period is not None:  # full again at each start: one refill of everything per period
         return BucketSpec(capacity, capacity, PERIOD_DAYS[period] * 86400.0, name, unit, period,
-                          tuple(models) if models else None)
+                          models, overdraft)
     return BucketSpec(capacity, values["refill_tokens"], float(interval), name, unit, None,
-                      tuple(models) if models else None)
+                      models, overdraft)
+
+
+def _money_limits(window: dict, where: str) -> dict:
+    """A money window's amounts, in the currency, as the whole nano-units a bucket counts.
+
+    Its size is ``max_amount`` (never ``max_tokens``, which would be read as tokens);
+    ``refill_amount`` (default: all of it) is what each refill step adds.
+    """
+    if "max_tokens" in window or "refill_tokens" in window:
+        raise ConfigError(f"{where}: a money window is sized by max_amount (and refill_amount), "
+                          "in the currency of MODELS_FILE")
+    limits = {}
+    for field_name, counted in (("max_amount", "max_tokens"), ("refill_amount", "refill_tokens")):
+        value = window.get(field_name, window.get("max_amount"))
+        if (isinstance(value, bool) or not isinstance(value, (int, float))
+                or not (math.isfinite(value) and 0 < value <= MAX_AMOUNT)):
+            raise ConfigError(f"{where}: {field_name} must be an amount of money above 0 "
+                              f"and at most {MAX_AMOUNT:,}")
+        limits[counted] = max(1, round(Fraction(repr(value)) * NANOS))
+    return limits
 
 
 class KeyRing:
@@ -2748,19 +3253,26 @@ class CallCost:
     """What one call may cost in tokens, worked out once, and only as far as a window asks.
 
     ``estimate``: the prompt plus each answer's allowance (or the reserve).
-    ``reservation`` (usage mode): the prompt plus at most RESPONSE_TOKEN_RESERVE an
-    answer, never more than ``capacity`` unless the prompt alone is, so that agents
-    that allow themselves 32,000 output tokens are not refused before they used them.
+    ``reservation`` (usage mode, overdraft windows): the prompt plus at most
+    RESPONSE_TOKEN_RESERVE an answer, never more than ``capacity`` unless the prompt
+    alone is, so that agents that allow themselves 32,000 output tokens are not refused
+    before they used them.  ``asked``: the allowance a capping window reserves in full,
+    the request's own or, when it sets none, the model's ``max_output`` (MODELS_FILE)
+    or DEFAULT_MAX_OUTPUT_TOKENS.  ``price``: the model's, for money windows.
     A flat-rate call costs REQUEST_TOKEN_COST tokens whatever it says.
     """
 
-    __slots__ = ("dialect", "payload", "config", "capacity", "_prompt", "_estimate", "_reservation")
+    __slots__ = ("dialect", "payload", "config", "capacity", "price", "max_output", "_prompt",
+                 "_estimate", "_reservation", "_allowance")
 
-    def __init__(self, dialect: Dialect, payload: dict, config: Config, capacity: int) -> None:
+    def __init__(self, dialect: Dialect, payload: dict, config: Config, capacity: int,
+                 price: Price | None = None, max_output: int | None = None) -> None:
         self.dialect, self.payload, self.config, self.capacity = dialect, payload, config, capacity
+        self.price, self.max_output = price, max_output
         self._prompt: int | None = None
         self._estimate: int | None = None
         self._reservation: int | None = None
+        self._allowance: tuple[int | None] | None = None
 
     @property
     def flat(self) -> bool:
@@ -2771,6 +3283,27 @@ class CallCost:
         if self._prompt is None:
             self._prompt = 0 if self.flat else prompt_tokens(self.payload)
         return self._prompt
+
+    @property
+    def allowance(self) -> int | None:
+        """The request's own output allowance per answer (None: it sets no bound)."""
+        if self._allowance is None:
+            self._allowance = (None if self.flat else self.dialect.output_allowance(self.payload),)
+        return self._allowance[0]
+
+    @property
+    def answers(self) -> int:
+        return 1 if self.flat else self.dialect.answers(self.payload)
+
+    @property
+    def asked(self) -> Allowance:
+        """The allowance a capping window pays for in full, and the least worth forwarding."""
+        if self.flat:
+            return NO_ALLOWANCE
+        asked = self.allowance
+        if asked is None:
+            asked = self.max_output or self.config.default_max_output
+        return Allowance(asked, min(asked, self.config.min_output))
 
     @property
     def estimate(self) -> int:
@@ -2786,10 +3319,10 @@ class CallCost:
         return self._reservation
 
     def _reserved(self) -> int:
-        allowance = self.dialect.output_allowance(self.payload)
+        allowance = self.allowance
         reserve = self.config.response_reserve
         cost = max(1, self.prompt + (reserve if allowance is None else min(allowance, reserve))
-                   * self.dialect.answers(self.payload))
+                   * self.answers)
         return cost if self.prompt > self.capacity else min(cost, self.capacity)
 
 
@@ -3083,13 +3616,41 @@ def json_bytes(value: object) -> bytes:
     return _COMPACT_JSON.encode(value).encode("utf-8")
 
 
-def limit_message(admission: Admission) -> str:
+def limit_message(admission: Admission, now: float | None = None, currency: str = "") -> str:
+    """The limit reply's text: why, and how long to wait, as people say it."""
     limit = f"{admission.window} limit" if admission.window else "limit"
     if admission.cost > admission.limit:
+        if admission.unit == MONEY:
+            return (f"request too large: it costs {amount_text(admission.cost, currency)} but the "
+                    f"{limit} is {amount_text(admission.limit, currency)}; shorten the conversation")
         return (f"request too large: it costs {admission.cost} tokens but the {limit} is "
                 f"{admission.limit}; shorten the conversation or lower max_tokens")
-    minutes = max(1, math.ceil(admission.wait_seconds / 60))
-    return f"{limit} reached, wait {minutes} min"
+    if not math.isfinite(admission.wait_seconds):
+        return f"{limit} reached: budget used up"
+    return f"{limit} reached, wait {wait_phrase(admission.wait_seconds, now)}"
+
+
+def wait_phrase(seconds: float, now: float | None = None) -> str:
+    """A wait as people say it: ``5 min`` up to an hour, ``3 h 20 min`` within a day, and
+    beyond that the moment it ends, local time (``until Monday``, ``until Tuesday 14:05``,
+    ``until 3 March``); minutes are rounded up, so that waiting that long is enough."""
+    minutes = max(1, math.ceil(seconds / 60))
+    if minutes <= 60:
+        return f"{minutes} min"
+    if seconds < 86400:
+        hours, rest = divmod(minutes, 60)
+        return f"{hours} h {rest} min" if rest else f"{hours} h"
+    now = time.time() if now is None else now
+    end = time.localtime(math.ceil((now + seconds) / 60) * 60)
+    day = time.strftime("%A" if seconds < 6 * 86400 else "%d %B", end).lstrip("0")
+    at = "" if (end.tm_hour, end.tm_min) == (0, 0) else time.strftime(" %H:%M", end)
+    return f"until {day}{at}"
+
+
+def amount_text(nanos: int, currency: str = "") -> str:
+    """An amount of money counted in nano-units, in the currency: ``0.02 USD``."""
+    text = f"{nanos / NANOS:.9f}".rstrip("0").rstrip(".")
+    return f"{text} {currency}" if currency else text
 
 
 def model_list(ids: Sequence[str]) -> dict:
@@ -3104,16 +3665,23 @@ def ollama_tags(names: Sequence[str]) -> dict:
 
 
 def rate_limit_headers(admission: Admission) -> list[tuple[str, str]]:
-    """The tightest window's state; seconds rounded up, so that waiting that long is enough."""
+    """The tightest window's state; seconds rounded up, so that waiting that long is enough.
+
+    A money window's amounts are in its currency (decimals); a window that never
+    refills sends no refill or reset time, and its limit reply no Retry-After.
+    """
+    shown = amount_text if admission.unit == MONEY else str
     headers = [
-        ("X-RateLimit-Limit", str(admission.limit)),
-        ("X-RateLimit-Remaining", str(admission.remaining)),
-        ("X-RateLimit-Refill-Tokens", str(admission.refill_tokens)),
-        ("X-RateLimit-Refill-Seconds", str(math.ceil(admission.refill_seconds))),
-        ("X-RateLimit-Reset-Seconds", str(math.ceil(admission.wait_seconds))),
+        ("X-RateLimit-Limit", shown(admission.limit)),
+        ("X-RateLimit-Remaining", shown(admission.remaining)),
+        ("X-RateLimit-Refill-Tokens", shown(admission.refill_tokens)),
     ]
-    if not admission.allowed and admission.cost <= admission.limit:
-        headers.append(("Retry-After", str(math.ceil(max(1.0, admission.wait_seconds)))))
+    if math.isfinite(admission.refill_seconds):
+        headers.append(("X-RateLimit-Refill-Seconds", str(math.ceil(admission.refill_seconds))))
+    if math.isfinite(admission.wait_seconds):
+        headers.append(("X-RateLimit-Reset-Seconds", str(math.ceil(admission.wait_seconds))))
+        if not admission.allowed and admission.cost <= admission.limit:
+            headers.append(("Retry-After", str(math.ceil(max(1.0, admission.wait_seconds)))))
     return headers
 
 
@@ -3188,7 +3756,8 @@ class Call:
     result: str = ""                 # served, limited, rejected or error
     tokens_charged: int = 0          # taken before forwarding and kept (0 if refunded)
     tokens_paid: int = 0             # what it cost in the end
-    cost: float = 0.0                # in MODELS_FILE's currency, set at settlement (0: no price)
+    price: Price | None = None       # the model's (MODELS_FILE), when it has one
+    cost: float = 0.0                # in the currency, set when the charge closes: the usage priced
     refused: Admission | None = None  # a limited request's admission: which windows could not pay
     seconds: float = 0.0             # from arrival to the end of the answer
 
@@ -3227,9 +3796,11 @@ class Call:
             return
         served = self.served or (self.gone and self.upstream_reached)
         used = None
-        if served and charge.mode.settles and self.meter is not None:
+        if served and self.meter is not None:
             used = self.meter.used(self.finished or not self.stream)
-        charge.close(served, used)
+        if used is not None and self.price is not None:
+            self.cost = self.price.cost(used)
+        charge.close(served, used if charge.settles else None)
 
     def identify_user(self, headers: Headers, payload: dict | None, now: float,
                       required: bool) -> bool:
@@ -3253,14 +3824,19 @@ class Call:
         self.act_for_user(user)
         return True
 
-    def quota(self, buckets: BucketStore) -> dict:
-        """What ``GET /v1/quota`` shows: the caller's windows, and an app's beside its user's."""
+    def quota(self, buckets: BucketStore, currency: str = "USD") -> dict:
+        """What ``GET /v1/quota`` shows: the caller's windows, and an app's beside its user's
+        (a money window's amounts in ``currency``, which is named)."""
         assert self.policy is not None
         quota = self.policy.quota(buckets.snapshot(self.identity, self.policy.buckets))
+        specs = list(self.policy.buckets)
         if self.app is not None:
             app_identity, app = self.app
+            specs.extend(app.buckets)
             quota.update(user=self.user, app={"name": app.name or None,
                                               "buckets": buckets.snapshot(app_identity, app.buckets)})
+        if any(spec.unit == MONEY for spec in specs):
+            quota["currency"] = currency
         return quota
 
     def act_for_user(self, user: str) -> None:
@@ -3298,20 +3874,18 @@ class Call:
             return Ticket(self.identity, self.policy.max_concurrent)
         return Ticket(self.identity, self.policy.max_concurrent, self.app[0], self.app[1].max_concurrent)
 
-    def upstream_body(self, payload: dict, stream: bool, prompt: int, config: Config) -> bytes:
-        """The body to forward: the payload the proxy checked, serialised again.
+    def prepare_upstream(self, payload: dict, stream: bool, prompt: int, settles: bool) -> None:
+        """Make the payload the proxy checked into the one to forward (``body_bytes``).
 
         The server's own model name (``BASE_MODEL``) replaces the model; a meter is
-        attached, and in usage mode a stream that reports usage only when asked is
-        asked (the client not told).
+        attached, and when a window settles to the usage (usage mode, money) a
+        stream that reports usage only when asked is asked (the client not told).
         """
         assert self.upstream is not None
         if self.upstream.model:
             payload["model"] = self.upstream.model
-        settles = config.mode.settles
         hide = self.dialect.ask_for_usage(payload) if stream and settles else None
         self.meter = Meter(self.dialect, prompt, hide_usage=bool(hide), counts_text=settles)
-        return body_bytes(payload)
 
     def check_reply(self, data: bytes) -> bytes:
         """A successful, non-streamed answer must be a JSON object, or a list of them (llama.cpp's
@@ -3380,14 +3954,28 @@ class Call:
         return line, record
 
 
+def require_price(payers: Sequence[tuple[str, Sequence[BucketSpec]]], model: str,
+                  price: Price | None) -> None:
+    """A 403, free, for a model without a price when a money window would count the call.
+
+    Keys without money windows never ask: a missing or mistyped price changes nothing for them.
+    """
+    if price is None and any(spec.unit == MONEY and (spec.models is None or model in spec.models)
+                             for _, specs in payers for spec in specs):
+        raise ProxyError(403, f"The model '{model[:200]}' has no price, and this key's budget is "
+                         "in money: ask the owner to price it in MODELS_FILE.",
+                         "permission_error", "model_not_priced", "model")
+
+
 def limit_answer(dialect: Dialect, admission: Admission, model: str, stream: bool,
-                 as_error: bool, usage_shown: bool = True) -> tuple[list[tuple[str, str]], bytes]:
+                 as_error: bool, usage_shown: bool = True, now: float | None = None,
+                 currency: str = "") -> tuple[list[tuple[str, str]], bytes]:
     """What a caller whose buckets cannot pay gets: headers and body of an assistant reply.
 
     A 429 (or 400 when the request can never fit) is raised instead in ``error``
     mode, and for APIs whose answers have no place for text (embeddings ...).
     """
-    text = limit_message(admission)
+    text = limit_message(admission, now, currency)
     headers = rate_limit_headers(admission)
     if as_error or not dialect.answers_with_text:
         too_large = admission.cost > admission.limit
@@ -3646,7 +4234,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         named = urllib.parse.parse_qs(target.query).get("user")
         self.call.identify_user(self.headers, {"user": named[0]} if named else None,
                                 self.server.wall_clock(), required=False)
-        self.send_json(200, self.call.quota(self.server.buckets))
+        self.send_json(200, self.call.quota(self.server.buckets, self.server.models_file.catalog.currency))
 
     def answer_models(self, route: Route, target: Target) -> None:
         """BASE_MODEL is answered here; otherwise the upstream's list, cut to the key's models."""
@@ -3872,26 +4460,38 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.require_models(call.model, target)
         if call.identify_user(self.headers, payload, self.server.wall_clock(), required=True):
             self.require_models(call.model, target)
-        payers, mode = call.payers, config.mode
+        payers, mode, catalog = call.payers, config.mode, self.server.models_file.catalog
+        call.price = catalog.price(call.model)
+        if not dialect.flat_rate:
+            require_price(payers, call.model or "", call.price)
         capacity = min((spec.capacity for _, specs in payers for spec in specs
                         if mode.unit_of(spec).counts_tokens), default=1 << 62)  # a reservation's room
         metered = payload if not dialect.flat_rate else None
-        cost = CallCost(dialect, metered or {}, config, capacity)
+        cost = CallCost(dialect, metered or {}, config, capacity, call.price,
+                        catalog.max_output(call.model))
         cost_of = window_costs(cost, mode, call.model or "", payers)
         stream = metered is not None and dialect.is_stream(metered)
-        forwarded = (checked.forwarded if metered is None
-                     else call.upstream_body(metered, stream, cost.prompt if mode.settles else 0, config))
-        admission = self.server.buckets.charge_all(payers, cost_of)
+        settles = any(mode.unit_of(spec).settles for _, specs in payers for spec in specs)
+        if metered is not None:
+            call.prepare_upstream(metered, stream, cost.prompt if settles else 0, settles)
+        forwarded = checked.forwarded if metered is None else body_bytes(metered)  # (may refuse it)
+        capping = any(cost_of(spec).per_output for _, specs in payers for spec in specs)
+        admission = self.server.buckets.charge_all(payers, cost_of, cost.asked if capping else NO_ALLOWANCE,
+                                                   config.queue_timeout)
         if admission.allowed:  # from here on, whatever happens, the charge is closed (or refunded)
-            call.charge = Charge(self.server.buckets, payers, admission, mode)
+            call.charge = Charge(self.server.buckets, payers, admission, mode, cost)
             call.on_end(call.close_charge)
         else:
             call.limited, call.stream, call.refused = True, stream, admission
             headers, answer = limit_answer(dialect, admission, (metered or {}).get("model") or call.model
                                            or "", stream, config.limit_response == "error",
-                                           dialect.usage_in_stream(metered or {}))
+                                           dialect.usage_in_stream(metered or {}),
+                                           self.server.wall_clock(), catalog.currency)
             self.send_bytes(200, headers, answer)
             return
+        if (metered is not None and admission.allowance is not None
+                and dialect.limit_output(metered, admission.allowance)):
+            forwarded = body_bytes(metered)  # the hard cap: never more output than was paid for
         self.forward(target, forwarded, inspect=None if metered is None else call.check_reply)
 
     def forward(self, target: Target, body: bytes,
@@ -6253,7 +6853,8 @@ class AdminView:
 
     def currency(self) -> str | None:
         """What costs are counted in: MODELS_FILE's currency, None while no price is known."""
-        return None
+        catalog = self.server.models_file.catalog
+        return catalog.currency if catalog.models else None
 
     # -- the usage export ------------------------------------------------------
 
@@ -6459,7 +7060,7 @@ function windows(buckets) {
   for (const b of buckets) {
     const share = b.capacity ? Math.max(0, Math.min(1, b.tokens / b.capacity)) : 0;
     const fill = $("div", {class: "fill"}); fill.style.width = (share * 100).toFixed(1) + "%";
-    cell.append($("div", {class: "win"}, $("div", {class: "small"}, (b.name || "window") + ": " + fmt(b.tokens) + " / " + fmt(b.capacity) + (b.seconds_to_full > 0 ? " \\u00b7 full in " + wait(b.seconds_to_full) : "")),
+    cell.append($("div", {class: "win"}, $("div", {class: "small"}, (b.name || "window") + ": " + fmt(b.tokens) + " / " + fmt(b.capacity) + (b.seconds_to_full > 0 ? " \\u00b7 full in " + wait(b.seconds_to_full) : b.seconds_to_full === null ? " \\u00b7 never refills" : "")),
       $("div", {class: "track"}, fill)));
   }
   return cell;
@@ -7254,6 +7855,7 @@ class ProxyServer(TrackedServer):
         self.max_connections_per_client = config.max_connections_per_client
         self.wall_clock = wall_clock
         self.keyring = KeyRing(config)
+        self.models_file = ModelsFile(config.models_file)
         self.buckets = BucketStore(clock, wall_clock)
         self.usage = UsageBook()
         self.stored = StoredAnswers()
@@ -7370,7 +7972,7 @@ class ProxyServer(TrackedServer):
                     connection.shutdown(socket.SHUT_RDWR)
 
     def request_reload(self) -> None:
-        """Re-read KEYS_FILE soon (SIGHUP); safe to call from a signal handler."""
+        """Re-read KEYS_FILE and MODELS_FILE soon (SIGHUP); safe to call from a signal handler."""
         self._reload_requested = True
         self._wake.set()
 
@@ -7385,6 +7987,7 @@ class ProxyServer(TrackedServer):
                 return
             forced, self._reload_requested = self._reload_requested, False
             guard.run("re-reading KEYS_FILE", self.keyring.reload_if_changed, forced)
+            guard.run("re-reading MODELS_FILE", self.models_file.reload_if_changed, forced)
             guard.run("ending requests that arrive too slowly", self.drop_slow_requests)
             if time.monotonic() >= next_tidy:
                 guard.run("forgetting full buckets and saving STATE_FILE", self.tidy)
@@ -8284,8 +8887,7 @@ def _how_many(count: int) -> str:
 def describe_entry(stored: str, entry: dict, config: Config) -> str:
     """One line of ``keys list``: name and limits, never the key."""
     policy = _policy_from_entry(entry, config, "entry", require_secrets=False)
-    windows = ", ".join(f"{spec.name + ' ' if spec.name else ''}{spec.capacity} "
-                        f"+{spec.refill_tokens}/{spec.interval:g}s" for spec in policy.buckets)
+    windows = ", ".join(map(window_text, policy.buckets))
     state = "enabled" if policy.enabled else "disabled"
     parts = [policy.name or "(no name)", state, windows]
     if policy.expires:

@@ -1064,7 +1064,7 @@ class EstimateModeTests(ProxyTestCase):
         self.assertEqual(response.headers["X-RateLimit-Remaining"], str(100 - 30))
 
     def test_a_request_that_can_never_fit_says_so(self) -> None:
-        response = self.chat()  # no max_tokens: the 256-token reserve exceeds the 100 capacity
+        response = self.chat(content="x" * 400)  # the prompt alone exceeds the 100 capacity
         text = response.json()["choices"][0]["message"]["content"]
         self.assertIn("request too large", text)
         self.assertNotIn("wait", text)
@@ -1344,7 +1344,7 @@ class KeysFileTests(ProxyTestCase):
         self.clock.advance(3600)
         for _ in range(2):
             self.assertEqual(self.text(self.chat(key=OTHER_KEY)), "hi from upstream")
-        self.assertEqual(self.text(self.chat(key=OTHER_KEY)), "daily limit reached, wait 1380 min")
+        self.assertEqual(self.text(self.chat(key=OTHER_KEY)), "daily limit reached, wait 23 h")
         quota = self.request("GET", "/v1/quota", key=OTHER_KEY).json()
         self.assertEqual([(b["name"], b["tokens"]) for b in quota["buckets"]], [("hourly", 1), ("daily", 0)])
 
@@ -1411,7 +1411,7 @@ class LimitErrorModeTests(ProxyTestCase):
 
     def test_a_request_that_can_never_fit_is_a_400(self) -> None:
         self.start_proxy(limit_response="error", cost_mode="estimate", max_tokens=100)
-        response = self.chat()
+        response = self.chat(content="x" * 400)
         self.assert_openai_error(response, 400, code="request_too_large")
         self.assertIsNone(response.headers["Retry-After"])
 

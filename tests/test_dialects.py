@@ -620,8 +620,10 @@ class LongStreamTests(DialectTestCase):
 
 
 class ClaudeCodePatternTests(DialectTestCase):
+    # Two requests allowing themselves 32,000 tokens each at once: an agent on a local model,
+    # whose owner lets it overdraw (the hard cap would make the second wait for the first).
     config_overrides = {"client_keys": (CLIENT_KEY,), "cost_mode": "usage", "max_tokens": 20_000,
-                        "upstream_max_concurrent": 2}
+                        "upstream_max_concurrent": 2, "overdraft": True}
 
     def test_cancelled_stream_and_parallel_request_free_every_slot(self) -> None:
         row = ROWS[3]

@@ -148,8 +148,9 @@ class SpellingTests(BodyTestCase):
         self.post("/api/chat", b'  {"model": "small", "messages": [], "keep_alive": "5m",'
                                b' "options": {"temperature": 0.5}}\n', key=LIMITED)
         forwarded = self.upstream.requests[-1]["body"]
+        # (with the output allowance the hard cap writes into a request that sets none)
         self.assertEqual(forwarded, b'{"model":"small","messages":[],"keep_alive":"5m",'
-                                    b'"options":{"temperature":0.5}}')
+                                    b'"options":{"temperature":0.5,"num_predict":4096}}')
 
 
 class AllowanceTests(BodyTestCase):
@@ -189,7 +190,9 @@ class AllowanceTests(BodyTestCase):
                 before = self.tokens_left()
                 response = self.post(path, body)
                 self.assertEqual(response.status, 200, response.body)
-                expected = llm_proxy.prompt_tokens(body) + (256 if output is None else output)
+                # no bound: the hard cap writes (and charges) DEFAULT_MAX_OUTPUT_TOKENS
+                expected = llm_proxy.prompt_tokens(body) + (self.config.default_max_output
+                                                            if output is None else output)
                 self.assertEqual(before - self.tokens_left(), expected)
 
     def test_a_batch_answered_as_a_list_is_settled_to_its_added_usage(self) -> None:

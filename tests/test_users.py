@@ -92,7 +92,7 @@ class JwtUserTests(UserTestCase):
         for _ in range(2):
             self.assertEqual(self.text(self.as_user("alice@home.lan")), "hi from upstream")
         limited = self.as_user("alice@home.lan")
-        self.assertRegex(self.text(limited), r"^limit reached, wait \d+ min$")
+        self.assertRegex(self.text(limited), r"^limit reached, wait (\d+ min|\d+ h( \d+ min)?|until .+)$")
         self.assertEqual(self.text(self.as_user("bob@home.lan")), "hi from upstream")
         self.assertEqual(len(self.upstream.requests), 3)
 

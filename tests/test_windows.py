@@ -78,7 +78,7 @@ class CalendarTests(WindowTestCase):
         self.use_windows([{"name": "weekly", "max_tokens": 1, "period": "week"},
                           {"name": "monthly", "max_tokens": 3, "period": "month"}])
         self.reply()
-        self.assertEqual(self.reply(), "weekly limit reached, wait 720 min")  # until Monday 00:00
+        self.assertEqual(self.reply(), "weekly limit reached, wait 12 h")  # until Monday 00:00
         self.at("2026-11-30 00:00:01")  # Monday: a new week, the same month
         self.reply()
         self.at("2026-12-01 00:00:00")
