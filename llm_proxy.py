@@ -1972,8 +1972,9 @@ class FlatRate(Dialect):
     flat_rate = True
     answers_with_text = False
 
-    def __init__(self, shape: Dialect | None = None) -> None:
+    def __init__(self, shape: Dialect | None = None, name: str = "other") -> None:
         self.shape = shape
+        self.name = name  # the metrics' endpoint; a price per call would be found by it
 
     def validate(self, payload: dict) -> None:
         pass  # not ours to judge: forwarded as sent
@@ -1994,7 +1995,10 @@ OLLAMA = OllamaChat()
 RESPONSES = Responses()
 DIALECTS: tuple[Dialect, ...] = (CHAT, TextCompletions(), RESPONSES, ANTHROPIC, OLLAMA,
                                  OllamaGenerate(), Embeddings(), OllamaEmbed())
-METERED_ENDPOINTS = frozenset(dialect.name for dialect in DIALECTS + (OPENAI,))
+# Calls counted one by one, each under its own name (the route table's endpoint), so that a
+# price per call can be found by that name.
+PER_CALL: tuple[FlatRate, ...] = (FlatRate(name="images"), FlatRate(name="audio"))
+METERED_ENDPOINTS = frozenset(dialect.name for dialect in DIALECTS + (OPENAI,) + PER_CALL)
 
 
 # --------------------------------------------------------------------------
@@ -2012,9 +2016,26 @@ class Policy:
     users: UserSpec | None = None         # an app key: each end user gets buckets of their own
     enabled: bool = True
     expires: str | None = None            # YYYY-MM-DD: the last local day the key works
+    endpoints: frozenset[str] | None = None  # the route table's groups it may call; None: the open ones
 
     def allows(self, model: str) -> bool:
         return self.models is None or model in self.models
+
+    def opens(self, route: Route) -> bool:
+        """Whether this key may call ``route``: a row of a group its ``endpoints`` lists, or,
+        without a list, any row that is not opt-in.  Rows of no group (local answers, the model
+        lists, the quota) are every key's: clients probe them before anything else."""
+        if route.group is None:
+            return True
+        if self.endpoints is None:
+            return not route.opt_in
+        return route.group in self.endpoints
+
+    def require_endpoint(self, route: Route) -> None:
+        """A 403, free and never forwarded, for a row this key may not call."""
+        if not self.opens(route):
+            raise ProxyError(403, f"The '{route.group}' endpoint is not open to this key.",
+                             "permission_error", "endpoint_not_allowed")
 
     @property
     def limits_models(self) -> bool:
@@ -2043,9 +2064,9 @@ def key_digest(key: str) -> str:
 
 
 POLICY_FIELDS = {"name", "max_tokens", "refill_tokens", "refill_interval_seconds", "buckets",
-                 "models", "max_concurrent", "users", "enabled", "expires"}
+                 "models", "max_concurrent", "users", "enabled", "expires", "endpoints"}
 USER_SOURCES = {"jwt": "X-OpenWebUI-User-Jwt", "header": None, "user_field": None}
-USERS_FIELDS = POLICY_FIELDS - {"name", "users", "enabled", "expires"} | {
+USERS_FIELDS = POLICY_FIELDS - {"name", "users", "enabled", "expires", "endpoints"} | {
     "from", "header", "secret_env", "issuer", "required", "overrides"}
 MAX_USER_LENGTH = 256  # longer identities are refused, not truncated into someone else's
 MIN_JWT_SECRET_BYTES = 32  # HS256 wants a key as long as its hash (RFC 7518, 3.2); shorter can be guessed
@@ -2146,7 +2167,23 @@ def _policy_from_entry(entry: dict, config: Config, where: str,
     if expires is not None and not (isinstance(expires, str) and _is_date(expires)):
         raise ConfigError(f"{where}: expires must be a date, YYYY-MM-DD")
     return Policy(name, buckets, None if models is None else tuple(models), limit, users,
-                  enabled, expires)
+                  enabled, expires, _endpoint_names(entry.get("endpoints"), where))
+
+
+def _endpoint_names(value: object, where: str) -> frozenset[str] | None:
+    """A key's ``endpoints``: names of the route table's groups (``ENDPOINT_NAMES``), checked
+    here so that a misspelt one stops the file from loading instead of closing an API."""
+    if value is None:
+        return None
+    if not (isinstance(value, list) and all(isinstance(name, str) for name in value)):
+        raise ConfigError(f"{where}: endpoints must be a list of endpoint names")
+    for name in value:
+        if name not in ENDPOINT_NAMES:
+            close = difflib.get_close_matches(name, ENDPOINT_NAMES, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{where}: unknown endpoint {name[:100]!r}{hint}; the endpoints are "
+                              f"{', '.join(ENDPOINT_NAMES)}")
+    return frozenset(value)
 
 
 def _is_date(text: str) -> bool:
@@ -2517,7 +2554,10 @@ class Route:
     names the ``ProxyHandler`` method that answers (``answer_<name>``); ``dialect``
     is the API spoken (its error shape from the request line on; for a metered row,
     what is charged); ``endpoint`` names the row in the metrics.  With
-    ``names_answer`` the path's next segment is a stored answer's id.
+    ``names_answer`` the path's next segment is a stored answer's id.  ``group`` is
+    the name a key's ``endpoints`` lists to call the row (None: every key may, a local
+    answer, a model list or the quota); an ``opt_in`` group is closed to a key that
+    does not list it.
     """
 
     path: str
@@ -2529,19 +2569,25 @@ class Route:
     needs_key: bool = True
     endpoint: str = "free"
     names_answer: bool = False
+    group: str | None = None
+    opt_in: bool = False
 
     def matches(self, path: str) -> bool:
         return path == self.path or (self.subtree and path.startswith(self.path + "/"))
 
 
 READING = ("GET", "HEAD")
-# Account APIs of paid providers, and a model server's own management: through them a key
-# would start work that is never metered (a batch runs later), receive a credential for the
-# upstream itself (realtime client secrets), see every caller's files and jobs, or change the
-# server's adapters.  Closed to every key.
-CLOSED_UNDER_V1 = ("files", "uploads", "batches", "fine_tuning", "vector_stores", "assistants",
-                   "threads", "organization", "realtime", "conversations", "containers", "evals",
-                   "load_lora_adapter", "unload_lora_adapter")
+# Account and batch APIs of paid providers: through them a key would start work that is never
+# metered (a batch runs later) or see every caller's files and jobs.  Opt-in: closed to a key
+# whose "endpoints" does not name them (its owner's own key may), then forwarded like any other
+# call under /v1, reading free and the rest at the flat cost.
+ACCOUNT_APIS = ("files", "uploads", "batches", "fine_tuning", "vector_stores", "assistants",
+                "threads", "organization", "containers", "evals")
+# Closed to every key: realtime hands out a credential for the upstream itself, a stored
+# conversation cannot be kept to the key that made it, and the adapters are the server's owner's.
+CLOSED_UNDER_V1 = ("realtime", "conversations", "load_lora_adapter", "unload_lora_adapter")
+# The group of a generating API's rows, where its dialect's name says less (text: /v1/completions).
+DIALECT_GROUPS = {"text": "completions"}
 # Ollama's routes that change the owner's models: never, whoever asks.
 OLLAMA_MANAGEMENT = ("pull", "push", "create", "copy", "delete", "blobs")
 
@@ -2555,7 +2601,8 @@ ROUTES: tuple[Route, ...] = (
     Route("/admin/api/usage", "admin", needs_key=False, endpoint="local"),
     Route("/metrics", "admin", needs_key=False, endpoint="local"),
     # The APIs that generate: charged before forwarding, POST only.
-    *(Route(path, "metered", dialect, ("POST",), strict=True, endpoint=dialect.name)
+    *(Route(path, "metered", dialect, ("POST",), strict=True, endpoint=dialect.name,
+            group=DIALECT_GROUPS.get(dialect.name, dialect.name))
       for dialect in DIALECTS for path in dialect.routes),
     # Answered here, or forwarded free.
     Route("/v1/quota", "quota", methods=READING, endpoint="quota"),
@@ -2564,18 +2611,32 @@ ROUTES: tuple[Route, ...] = (
     Route("/api/tags", "models", OLLAMA, READING, endpoint="models"),
     Route("/api/ps", "running_models", OLLAMA, READING, strict=True, endpoint="models"),
     Route("/api/version", "free", OLLAMA, READING, strict=True),
-    Route("/api/show", "free", OLLAMA, ("POST",), strict=True),
-    Route("/v1/messages/count_tokens", "free", ANTHROPIC, ("POST",)),
+    Route("/api/show", "free", OLLAMA, ("POST",), strict=True, group="ollama"),
+    Route("/v1/messages/count_tokens", "free", ANTHROPIC, ("POST",), group="messages"),
     # Stored answers, for the key that made them: read and deleted free; anything else
     # (cancel ...) and the Responses calls that run the model pay the flat cost.
-    *(Route(path, "free", RESPONSES, ("GET", "HEAD", "DELETE"), subtree=True)
+    *(Route(path, "free", RESPONSES, ("GET", "HEAD", "DELETE"), subtree=True, group="responses")
       for path in ("/v1/responses/compact", "/v1/responses/input_tokens")),
-    Route("/v1/responses/compact", "metered", subtree=True, endpoint=OPENAI.name),
-    Route("/v1/responses/input_tokens", "metered", subtree=True, endpoint=OPENAI.name),
-    Route("/v1/responses", "free", RESPONSES, ("GET", "HEAD", "DELETE"), subtree=True, names_answer=True),
-    Route("/v1/responses", "metered", subtree=True, names_answer=True, endpoint=OPENAI.name),
-    Route("/v1/chat/completions", "free", CHAT, READING, subtree=True, names_answer=True),
-    Route("/v1/chat/completions", "metered", subtree=True, names_answer=True, endpoint=OPENAI.name),
+    Route("/v1/responses/compact", "metered", subtree=True, endpoint=OPENAI.name, group="responses"),
+    Route("/v1/responses/input_tokens", "metered", subtree=True, endpoint=OPENAI.name, group="responses"),
+    Route("/v1/responses", "free", RESPONSES, ("GET", "HEAD", "DELETE"), subtree=True, names_answer=True,
+          group="responses"),
+    Route("/v1/responses", "metered", subtree=True, names_answer=True, endpoint=OPENAI.name,
+          group="responses"),
+    Route("/v1/chat/completions", "free", CHAT, READING, subtree=True, names_answer=True, group="chat"),
+    Route("/v1/chat/completions", "metered", subtree=True, names_answer=True, endpoint=OPENAI.name,
+          group="chat"),
+    # Opt-in: a paid provider's account and batch APIs (Anthropic's message batches too).
+    Route("/v1/messages/batches", "free", ANTHROPIC, READING, subtree=True, group="batches", opt_in=True),
+    Route("/v1/messages/batches", "metered", FlatRate(ANTHROPIC), subtree=True, endpoint=OPENAI.name,
+          group="batches", opt_in=True),
+    *(Route("/v1/" + name, answer, methods=methods, subtree=True, endpoint=endpoint, group=name,
+            opt_in=True)
+      for name in ACCOUNT_APIS
+      for answer, methods, endpoint in (("free", READING, "free"), ("metered", None, OPENAI.name))),
+    # Counted per call, each under its own endpoint name (a price per call's hook).
+    *(Route("/v1/" + dialect.name, "metered", dialect, subtree=True, endpoint=dialect.name,
+            group=dialect.name) for dialect in PER_CALL),
     # Never through this proxy.
     *(Route("/v1/" + name, "closed", subtree=True, endpoint="local") for name in CLOSED_UNDER_V1),
     *(Route("/api/" + name, "management", OLLAMA, subtree=True, endpoint="local")
@@ -2583,12 +2644,16 @@ ROUTES: tuple[Route, ...] = (
     Route("/api", "unknown", needs_key=False, endpoint="local"),  # (/api itself: no API there)
     Route("/api", "not_found", OLLAMA, subtree=True, endpoint="local"),
     # Anything else under /v1: reading is free, everything else may make the model work.
-    Route("/v1/messages", "free", ANTHROPIC, READING, subtree=True),
-    Route("/v1/messages", "metered", FlatRate(ANTHROPIC), subtree=True, endpoint=OPENAI.name),
-    Route("/v1", "free", methods=READING, subtree=True),
-    Route("/v1", "metered", subtree=True, endpoint=OPENAI.name),
+    Route("/v1/messages", "free", ANTHROPIC, READING, subtree=True, group="messages"),
+    Route("/v1/messages", "metered", FlatRate(ANTHROPIC), subtree=True, endpoint=OPENAI.name,
+          group="messages"),
+    Route("/v1", "free", methods=READING, subtree=True, group="other"),
+    Route("/v1", "metered", subtree=True, endpoint=OPENAI.name, group="other"),
 )
 UNKNOWN = Route("", "unknown", needs_key=False, endpoint="local")  # no row: a 404, no key asked
+# What a key's "endpoints" may name, in the table's order, and those closed unless named.
+ENDPOINT_NAMES = tuple(dict.fromkeys(route.group for route in ROUTES if route.group))
+OPT_IN_ENDPOINTS = tuple(dict.fromkeys(route.group for route in ROUTES if route.group and route.opt_in))
 ROUTE_KEY_LENGTH = max(len(route.path) for route in ROUTES) + 1
 
 
@@ -3469,6 +3534,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         call.dialect = route.dialect
         if route.needs_key:
             self.authenticate()
+            call.policy.require_endpoint(route)
         if route.names_answer:
             answer_id = target.path[len(route.path) + 1:].partition("/")[0]
             if answer_id:
@@ -3714,8 +3780,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
         try:
             self.check_framing()
             target = parse_target(self.path)
-            if route_for(target.path.lower(), self.command).needs_key:
+            route = route_for(target.path.lower(), self.command)
+            if route.needs_key:
                 self.authenticate()
+                self.call.policy.require_endpoint(route)
         except ProxyError as error:
             return self.refuse_request(error)
         return super().handle_expect_100()
