@@ -184,7 +184,7 @@ def run(args: argparse.Namespace, environ: dict[str, str] | None) -> int:
         print(f"llm_proxy: cannot listen on {config.host}:{config.port}: {error.strerror}",
               file=sys.stderr)
         return 2
-    for warning in startup_warnings(config) + server.fit_to_descriptor_limit():
+    for warning in startup_warnings(config, server.keyring) + server.fit_to_descriptor_limit():
         log.warning("%s", warning)
     print(describe(config, server), flush=True)
     if args.demo:
@@ -334,6 +334,9 @@ SETTINGS: tuple[Setting, ...] = (
             "upstream base URL including /v1, e.g. http://127.0.0.1:8080/v1 (required)"),
     Setting(("UPSTREAM_API_KEY", "BASE_API_KEY", "base_api_key"), "upstream_key",
             "key sent upstream as 'Authorization: Bearer ...'; never shown to clients"),
+    Setting(("UPSTREAM_CA_FILE",), "upstream_ca_file",
+            "PEM file of CA certificates trusted for an https upstream besides the system's "
+            "(a private CA); checked at startup"),
     Setting(("UPSTREAM_MODEL", "BASE_MODEL", "base_model"), "upstream_model",
             "replaces 'model' in forwarded completions; GET /v1/models lists only it"),
     Setting(("MAX_TOKENS",), "max_tokens", "bucket capacity; a new bucket starts full", _positive),
@@ -391,6 +394,7 @@ class Config:
     port: int = 8899
     upstream_url: str | None = None
     upstream_key: str | None = None
+    upstream_ca_file: str | None = None
     upstream_model: str | None = None
     max_tokens: int = 10
     refill_tokens: int = 2
@@ -472,15 +476,17 @@ def settings_help() -> str:
     return "\n".join(lines)
 
 
-def startup_warnings(config: Config) -> list[str]:
+def startup_warnings(config: Config, keyring: KeyRing | None = None) -> list[str]:
     """Problems that do not stop the proxy but would surprise its owner.
 
     Among them, one line per variable that looks like a misspelt setting
     (``near_miss_settings``), naming it and the setting it probably means, never its value.
+    MAX_TOKENS is judged only where a key pays under it (``uses_environment_limits``):
+    a keys file whose every key sets its own windows makes it moot.
     """
     warnings = []
     mode = config.mode
-    if mode.least > config.max_tokens:
+    if mode.least > config.max_tokens and (keyring is None or keyring.uses_environment_limits()):
         warnings.append(
             f"a request without max_tokens costs at least {mode.least} tokens but MAX_TOKENS is "
             f"{config.max_tokens}: such requests can never be served; raise MAX_TOKENS "
@@ -490,6 +496,8 @@ def startup_warnings(config: Config) -> list[str]:
             f"no PROXY_API_KEYS or KEYS_FILE and listening on {config.host}: anyone who can reach this port can "
             "use the model, and per-key or per-IP buckets are the only limit (a caller picks "
             "its own bucket by picking a key)")
+    if config.upstream_ca_file and not (config.upstream_url or "").startswith("https:"):
+        warnings.append("UPSTREAM_CA_FILE is set but the upstream is not https: it is not used")
     for variable, setting in config.near_misses:
         warnings.append(f"{variable} is set, but llm_proxy reads no such variable: "
                         f"did you mean {setting}? (see --help)")
@@ -2455,6 +2463,18 @@ class KeyRing:
         """Every accepted key's digest and policy, for the owner's view (never the key)."""
         return [(digest, entry[1]) for digest, entry in self._policies.items()]
 
+    def uses_environment_limits(self) -> bool:
+        """Whether some caller pays under MAX_TOKENS: open mode, PROXY_API_KEYS, or a keys-file
+        entry (or an end user under one) with a token window of that capacity."""
+        if self.is_open or self.config.client_keys:
+            return True
+        mode, capacity = self.config.mode, self.config.max_tokens
+        policies = [policy for _, policy in self.entries()]
+        policies += [user for policy in policies if policy.users is not None
+                     for user in (policy.users.default, *policy.users.overrides.values())]
+        return any(spec.capacity == capacity and mode.unit_of(spec).counts_tokens
+                   for policy in policies for spec in policy.buckets)
+
     def policy_of(self, identity: str) -> Policy:
         """The policy whose buckets ``identity`` has: a key's, or a user's under an app key."""
         key, _, user = identity.partition("/user:")
@@ -2760,7 +2780,7 @@ class ProxyError(Exception):
 
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error",
                  code: str | None = None, param: str | None = None, close: bool = False,
-                 headers: Sequence[tuple[str, str]] = ()) -> None:
+                 headers: Sequence[tuple[str, str]] = (), detail: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -2769,6 +2789,7 @@ class ProxyError(Exception):
         self.param = param
         self.close = close      # the connection's framing can no longer be trusted
         self.headers = headers  # e.g. the rate-limit headers of a 429
+        self.detail = detail    # why, for the owner's log and admin API; never sent to the client
 
 
 class ClientGone(Exception):
@@ -3137,6 +3158,7 @@ class Call:
     finished: bool = False           # ... all of it
     upstream_reached: bool = False   # the request was sent: the upstream may be working on it
     upstream_ms: float | None = None
+    upstream_error: str | None = None  # why the upstream could not be reached (failure_reason)
     first_byte: float | None = None  # monotonic, when the answer's head went out
     endpoint: str = "local"          # for the metrics: the API, "free", or a local answer
     unwatch: Callable[[], None] = _nothing  # stops the disconnect watch on this request
@@ -3318,8 +3340,9 @@ class Call:
         label, method, path = loggable(self.label), loggable(method), loggable(path)
         user = None if self.user is None else loggable(self.user, MAX_USER_LENGTH)  # (longer: refused)
         who = label if user is None else f"{label}/{user}"
+        why = "" if self.upstream_error is None else f' upstream="{loggable(self.upstream_error)}"'
         line = (f"{stamp} INFO {ip} {who} {method} {path} {self.status} {outcome} "
-                f"{elapsed:.1f}ms charged={charged} settled={settled}\n")
+                f"{elapsed:.1f}ms charged={charged} settled={settled}{why}\n")
         if not with_record:
             return line, ""
         arrived = self.arrived
@@ -3331,7 +3354,8 @@ class Call:
             "path": path, "model": model, "status": self.status, "stream": self.stream,
             "tokens_charged": charged, "tokens_settled": settled, "duration_ms": round(elapsed, 1),
             "upstream_ms": None if self.upstream_ms is None else round(self.upstream_ms, 1),
-            "outcome": outcome}, separators=(",", ":")) + "\n"
+            "outcome": outcome, **({} if self.upstream_error is None else {
+                "upstream_error": loggable(self.upstream_error)})}, separators=(",", ":")) + "\n"
         return line, record
 
 
@@ -4318,17 +4342,40 @@ class UpstreamResponse:
         return b"".join(parts)
 
 
+def upstream_tls(ca_file: str | None) -> ssl.SSLContext:
+    """The trust for an https upstream: the system's CAs, and UPSTREAM_CA_FILE's if set.
+
+    Made once, at startup, so that a file that cannot be read or holds no certificate
+    stops the proxy with one line instead of failing every request.
+    """
+    context = ssl.create_default_context()
+    if ca_file:
+        try:
+            context.load_verify_locations(cafile=ca_file)
+        except ssl.SSLError as error:
+            raise ConfigError(f"UPSTREAM_CA_FILE {ca_file}: no PEM certificate in it "
+                              f"({error.reason or type(error).__name__})") from None
+        except OSError as error:
+            raise ConfigError(f"UPSTREAM_CA_FILE {ca_file}: cannot read it "
+                              f"({error.strerror or type(error).__name__})") from None
+    return context
+
+
+class TlsHandshakeFailed(ConnectionError):
+    """The upstream's TLS handshake failed for a reason other than its certificate."""
+
+
 class UpstreamConnection:
     """A socket to the upstream and the buffered reader that outlives each response."""
 
     __slots__ = ("sock", "reader")
 
-    def __init__(self, target: UpstreamTarget, open_timeout: float, read_timeout: float) -> None:
+    def __init__(self, target: UpstreamTarget, open_timeout: float, read_timeout: float,
+                 tls: ssl.SSLContext | None = None) -> None:
         sock = socket.create_connection((target.host, target.port), open_timeout)
         try:
             if target.scheme == "https":
-                context = ssl.create_default_context()
-                sock = context.wrap_socket(sock, server_hostname=target.host)
+                sock = self.handshake(sock, tls or ssl.create_default_context(), target.host)
                 sock.settimeout(read_timeout)
             else:
                 sock = TimedSocket.adopt(sock, read_timeout)
@@ -4338,6 +4385,16 @@ class UpstreamConnection:
             raise
         self.sock = sock
         self.reader = SocketReader(sock)
+
+    @staticmethod
+    def handshake(sock: socket.socket, tls: ssl.SSLContext, host: str) -> ssl.SSLSocket:
+        """TLS over ``sock``; a failure says whether the certificate or the handshake failed."""
+        try:
+            return tls.wrap_socket(sock, server_hostname=host)
+        except ssl.SSLCertVerificationError:
+            raise
+        except ssl.SSLError as error:
+            raise TlsHandshakeFailed(error.reason or type(error).__name__) from None
 
     def close(self) -> None:
         with suppress(OSError):
@@ -4353,11 +4410,12 @@ class UpstreamPool:
     """
 
     def __init__(self, target: UpstreamTarget, open_timeout: float, read_timeout: float,
-                 max_idle: int = 64) -> None:
+                 max_idle: int = 64, tls: ssl.SSLContext | None = None) -> None:
         self.target = target
         self.open_timeout = open_timeout
         self.read_timeout = read_timeout
         self.max_idle = max_idle
+        self.tls = tls  # https: the trust (upstream_tls); None: the system's
         host = f"[{target.host}]" if ":" in target.host else target.host
         default_port = 443 if target.scheme == "https" else 80
         self.host_header = host if target.port == default_port else f"{host}:{target.port}"
@@ -4365,7 +4423,7 @@ class UpstreamPool:
         self._lock = threading.Lock()
 
     def connect(self) -> UpstreamConnection:
-        return UpstreamConnection(self.target, self.open_timeout, self.read_timeout)
+        return UpstreamConnection(self.target, self.open_timeout, self.read_timeout, self.tls)
 
     def take(self) -> tuple[UpstreamConnection, bool]:
         """An idle pooled connection (reused=True) or a new one."""
@@ -4603,7 +4661,8 @@ class UpstreamState:
 
     def failed(self, failure: ProxyError) -> None:
         self.up = False
-        self.last_error = f"{failure.status} {failure.message}"  # never socket or host details
+        # why, in a few words (failure_reason): never a key, a URL or an exception's own text
+        self.last_error = f"{failure.status} {failure.detail or failure.message}"
 
 
 @dataclass(eq=False)  # one server is one object: its key is never compared, it hashes by identity
@@ -4644,8 +4703,9 @@ class UpstreamRegistry:
     @classmethod
     def from_config(cls, config: Config) -> UpstreamRegistry:
         assert config.upstream_url is not None
+        tls = upstream_tls(config.upstream_ca_file)  # (checked even for http: a bad file is a mistake)
         pool = UpstreamPool(UpstreamTarget.parse(config.upstream_url), config.open_timeout,
-                            config.read_timeout)
+                            config.read_timeout, tls=tls)
         gate = FairGate(config.upstream_max_concurrent, config.queue_timeout)
         return cls([Upstream("default", pool, gate, config.upstream_key, config.upstream_model)])
 
@@ -4916,6 +4976,7 @@ class Relay:
                 if call.gone:
                     raise ClientGone() from None
                 failure = upstream_failure(error)
+                call.upstream_error = failure.detail
                 if not exchange.sent or call.upstream_ms is None:
                     upstream.state.failed(failure)
                 raise failure from None
@@ -5020,7 +5081,7 @@ class Relay:
         call, client, framing = self.call, self.client, pump.framing
         pump.response.reader.nowait = False  # the connection may go back to the pool
         if error is not None:
-            log.warning("upstream stream to %s broke off: %s", loggable(call.label), type(error).__name__)
+            log.warning("upstream stream to %s broke off: %s", loggable(call.label), failure_reason(error))
             if framing is not None:
                 client.write_chunk(call.dialect.stream_error(upstream_failure(error), framing))
             else:
@@ -5493,12 +5554,43 @@ def read_whole(response: UpstreamResponse, limit: int) -> bytes:
 
 
 def upstream_failure(error: BaseException) -> ProxyError:
-    """Map a transport failure to 502 or 504 without revealing socket or host details."""
+    """Map a transport failure to 502 or 504 without revealing socket or host details;
+    why (``failure_reason``) goes in its ``detail``, for the owner alone."""
     if isinstance(error, socket.timeout):
         return ProxyError(504, "The model server did not answer in time.", "upstream_error",
-                          "upstream_timeout")
+                          "upstream_timeout", detail=failure_reason(error))
     return ProxyError(502, "The model server could not be reached or sent an invalid response.",
-                      "upstream_error", "upstream_unavailable")
+                      "upstream_error", "upstream_unavailable", detail=failure_reason(error))
+
+
+# Transport failures, most specific first: the owner reads these words, the caller never does.
+FAILURE_REASONS: tuple[tuple[type, str], ...] = (
+    (http.client.RemoteDisconnected, "closed the connection without answering"),
+    (socket.timeout, "timed out"),
+    (TimeoutError, "timed out"),
+    (socket.gaierror, "name does not resolve"),
+    (ConnectionRefusedError, "connection refused"),
+    (ConnectionResetError, "connection reset"),
+    (http.client.HTTPException, "invalid HTTP answer"),
+)
+
+
+def failure_reason(error: BaseException) -> str:
+    """Why the upstream could not be reached, in a few words: from the exception's type,
+    OpenSSL's verify message and reason code, or the errno's name, and never from its text,
+    which may carry a host, a path or a URL."""
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return f"certificate verify failed: {error.verify_message or error.reason}"
+    if isinstance(error, TlsHandshakeFailed):
+        return f"TLS handshake failed: {error.args[0]}"
+    if isinstance(error, ssl.SSLError):
+        return f"TLS error: {error.reason or type(error).__name__}"
+    for kind, reason in FAILURE_REASONS:
+        if isinstance(error, kind):
+            return reason
+    if isinstance(error, OSError) and error.errno in errno.errorcode:
+        return os.strerror(error.errno).lower()
+    return type(error).__name__
 
 
 # --------------------------------------------------------------------------
