@@ -6039,11 +6039,12 @@ function login(event) {
 async function refresh() {
   const key = sessionStorage.getItem("llm_proxy_admin");
   document.getElementById("login").hidden = !!key;
+  document.getElementById("logout").hidden = !key;
   if (!key) return;
   try {
     const answer = await fetch("/admin/api/usage", {headers: {"Authorization": "Bearer " + key}, cache: "no-store"});
     if (answer.status === 401) { sessionStorage.removeItem("llm_proxy_admin");
-      document.getElementById("login").hidden = false;
+      document.getElementById("login").hidden = false; document.getElementById("logout").hidden = true;
       document.getElementById("message").textContent = "That admin key was not accepted."; return; }
     if (!answer.ok) throw new Error("HTTP " + answer.status);
     render(await answer.json());
@@ -6110,7 +6111,7 @@ DASHBOARD_PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>llm_proxy</title><style>{style}</style></head>
 <body><header><h1>llm_proxy</h1><span id="upstream"></span><span id="updated" class="small"></span>
-<button id="logout" type="button">Sign out</button></header>
+<button id="logout" type="button" hidden>Sign out</button></header>
 <main><form id="login" class="card" autocomplete="off"><input id="key" type="password" placeholder="Admin key" aria-label="Admin key" autocomplete="off" autofocus>
 <button type="submit">Open</button></form><p id="message" class="error" role="status"></p>
 <div id="view" hidden><section class="card"><div id="totals" class="totals"></div></section>

@@ -154,6 +154,25 @@ class DashboardBrowserTests(ProxyTestCase):
             with open(shot, "wb") as file:
                 file.write(base64.b64decode(browser.page("Page.captureScreenshot", format="png")["data"]))
 
+    def test_sign_out_shows_only_while_signed_in(self) -> None:
+        """Before anyone signed in, after a refused key and after signing out: no "Sign out" (issue 20)."""
+        browser = Chromium()
+        self.addCleanup(browser.close)
+        browser.page("Page.navigate", url=f"http://127.0.0.1:{self.port}/admin")
+        browser.wait_for("document.readyState === 'complete' && !!document.getElementById('key')")
+        shown = "document.getElementById('logout').offsetParent !== null"
+        self.assertFalse(browser.evaluate(shown))
+        for key, signed_in in ((CLIENT_KEY, False), (ADMIN_KEY, True)):  # a client key is refused
+            browser.evaluate("document.getElementById('key').focus()")
+            browser.page("Input.insertText", text=key)
+            browser.press_enter()
+            browser.wait_for("!document.getElementById('view').hidden" if signed_in
+                             else "document.getElementById('message').innerText")
+            self.assertEqual(browser.evaluate(shown), signed_in, key)
+        browser.evaluate("document.getElementById('logout').click()")
+        browser.wait_for("document.readyState === 'complete' && !document.getElementById('login').hidden")
+        self.assertFalse(browser.evaluate(shown))
+
     def test_a_wrong_key_is_told_and_gets_nothing(self) -> None:
         browser = Chromium()
         self.addCleanup(browser.close)
