@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import tempfile
 import unittest
 
 import llm_proxy
 from llm_proxy import Config, ConfigError
-from test_llm_proxy import ADMIN_KEY, WAIT, ProxyTestCase, parse_exposition
+from test_llm_proxy import ADMIN_KEY, HERE, WAIT, ProxyTestCase, parse_exposition
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 # One request per group of the route table: (method, path, body).  A group added to the table
@@ -186,6 +187,16 @@ class EndpointListTests(EndpointTestCase):
         families = parse_exposition(self.request("GET", "/metrics", key=ADMIN_KEY).body.decode())
         endpoints = {labels.get("endpoint") for _, labels, _ in families["llm_proxy_requests_total"]["samples"]}
         self.assertLessEqual({"images", "audio"}, endpoints)
+
+
+class EndpointDocsTests(unittest.TestCase):
+    def test_docs_name_every_endpoint_and_whether_it_is_opt_in(self) -> None:
+        with open(os.path.join(HERE, "docs", "UPSTREAMS.md"), encoding="utf-8") as file:
+            rows = [line for line in file.read().splitlines() if line.startswith("| `")]
+        documented = {name: row.rstrip(" |").endswith("opt-in") for row in rows
+                      for name in re.findall(r"`([a-z_]+)`", row.split("|")[1])}
+        self.assertEqual(documented, {name: name in llm_proxy.OPT_IN_ENDPOINTS
+                                      for name in llm_proxy.ENDPOINT_NAMES})
 
 
 class EndpointFileTests(unittest.TestCase):
