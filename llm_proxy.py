@@ -2628,6 +2628,8 @@ ROUTES: tuple[Route, ...] = (
     Route("/v1/quota", "quota", methods=READING, endpoint="quota"),
     Route("/v1/models", "models", methods=READING, endpoint="models"),
     Route("/v1/models", "model_card", methods=READING, subtree=True, endpoint="models"),
+    # Deleting a fine-tuned model is the account's business (the fine-tuning API's last step).
+    Route("/v1/models", "metered", subtree=True, endpoint=OPENAI.name, group="fine_tuning", opt_in=True),
     Route("/api/tags", "models", OLLAMA, READING, endpoint="models"),
     Route("/api/ps", "running_models", OLLAMA, READING, strict=True, endpoint="models"),
     Route("/api/version", "free", OLLAMA, READING, strict=True),

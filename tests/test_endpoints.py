@@ -51,7 +51,8 @@ ACCOUNT_CALLS = [("POST", "/v1/files"), ("GET", "/v1/files/file-1/content"), ("P
                  ("POST", "/v1/batches"), ("GET", "/v1/batches/batch_1"),
                  ("POST", "/v1/fine_tuning/jobs"), ("GET", "/v1/vector_stores"),
                  ("POST", "/v1/Assistants"), ("POST", "/v1/threads/runs"),
-                 ("GET", "/v1/organization/usage/completions"), ("POST", "/v1/messages/batches")]
+                 ("GET", "/v1/organization/usage/completions"), ("POST", "/v1/messages/batches"),
+                 ("DELETE", "/v1/models/ft:gpt-4.1-mini:acme::abc")]  # a fine-tuned model
 OPT_IN = {"batches", "files", "uploads", "fine_tuning", "vector_stores", "assistants", "threads",
           "organization", "containers", "evals"}
 
