@@ -32,7 +32,8 @@ policies        end users, ``UserSpec``); ``StoredAnswers`` keeps whose answer i
 
 The HTTP front:
 Routes          ``ROUTES`` and ``route_for``: every path, whether it needs a key, its
-                dialect and which handler method answers it.
+                dialect, the endpoint group a key lists it by, and which handler
+                method answers it.
 Errors, paths,  ``ProxyError``, ``parse_target``, the strict header reader and the
 headers         lists of headers never forwarded.
 Replies, Calls  ``limit_answer`` and the rate-limit headers; ``Call``, one request's
