@@ -16,14 +16,16 @@ import json
 import os
 import socket
 import ssl
+import subprocess
+import sys
 import tempfile
 import unittest
 from dataclasses import replace
 
 import llm_proxy
 from llm_proxy import Config, ConfigError, KeyRing, ProxyServer
-from test_llm_proxy import (ADMIN_KEY, CLIENT_KEY, HERE, UPSTREAM_KEY, FakeUpstream, ProxyTestCase,
-                            free_port, serve)
+from test_llm_proxy import (ADMIN_KEY, CLIENT_KEY, HERE, UPSTREAM_KEY, WAIT, FakeUpstream, ProxyTestCase,
+                            clean_environment, free_port, serve)
 
 CERTS = os.path.join(HERE, "tests", "certs")
 CA = os.path.join(CERTS, "ca.pem")
@@ -221,6 +223,24 @@ class MaxTokensWarningTests(unittest.TestCase):
         for label, keys, settings, expected in cases:
             with self.subTest(label):
                 self.assertEqual(len(self.warnings(keys, **settings)), expected)
+
+    def test_the_command_says_nothing_when_every_key_sets_its_own(self) -> None:
+        """The issue's start: usage mode, MAX_TOKENS unset (10), every key with its own budget."""
+        with open(self.path, "w") as file:
+            json.dump({"sk-a": {"name": "a", "max_tokens": 125000},
+                       "sk-b": {"name": "b", "buckets": [{"max_tokens": 5000}]}}, file)
+        process = subprocess.Popen(
+            [sys.executable, os.path.join(HERE, "llm_proxy.py")], text=True,
+            env={**clean_environment(), "BASE_API_URL": "http://127.0.0.1:9/v1", "KEYS_FILE": self.path,
+                 "TOKEN_COST_MODE": "usage", "HOST": "127.0.0.1", "PORT": str(free_port())},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            line = process.stdout.readline()
+        finally:
+            process.terminate()
+            _, err = process.communicate(timeout=WAIT)
+        self.assertIn("listening on", line)
+        self.assertNotIn("MAX_TOKENS", err)
 
 
 if __name__ == "__main__":
