@@ -2657,9 +2657,11 @@ ROUTES: tuple[Route, ...] = (
             opt_in=True)
       for name in ACCOUNT_APIS
       for answer, methods, endpoint in (("free", READING, "free"), ("metered", None, OPENAI.name))),
-    # Counted per call, each under its own endpoint name (a price per call's hook).
-    *(Route("/v1/" + dialect.name, "metered", dialect, subtree=True, endpoint=dialect.name,
-            group=dialect.name) for dialect in PER_CALL),
+    # Counted per call, each under its own endpoint name (a price per call's hook); reading free.
+    *(Route("/v1/" + dialect.name, answer, dialect, methods, subtree=True, endpoint=endpoint,
+            group=dialect.name)
+      for dialect in PER_CALL
+      for answer, methods, endpoint in (("free", READING, "free"), ("metered", None, dialect.name))),
     # Never through this proxy.
     *(Route("/v1/" + name, "closed", subtree=True, endpoint="local") for name in CLOSED_UNDER_V1),
     *(Route("/api/" + name, "management", OLLAMA, subtree=True, endpoint="local")
