@@ -61,7 +61,7 @@ def only(group: str) -> str:
     return f"sk-only-{group}"
 
 
-DEFAULT_KEY, NOTHING_KEY, OWNER_KEY = "sk-no-list", "sk-empty-list", "sk-owner"
+DEFAULT_KEY, NOTHING_KEY, OWNER_KEY, APP_KEY = "sk-no-list", "sk-empty-list", "sk-owner", "sk-app"
 
 
 def is_endpoint_refusal(body: dict) -> bool:
@@ -87,6 +87,7 @@ class EndpointTestCase(ProxyTestCase):
         keys[DEFAULT_KEY] = {"name": "default"}
         keys[NOTHING_KEY] = {"name": "nothing", "endpoints": []}
         keys[OWNER_KEY] = {"name": "owner", "endpoints": list(llm_proxy.ENDPOINT_NAMES)}
+        keys[APP_KEY] = {"name": "app", "endpoints": ["chat"], "users": {"from": "header", "header": "X-User"}}
         with open(self.keys_path, "w") as file:
             json.dump(keys, file)
         self.start_proxy(keys_file=self.keys_path, admin_key=ADMIN_KEY, max_tokens=1000)
@@ -161,6 +162,15 @@ class EndpointListTests(EndpointTestCase):
         ollama = self.request("POST", "/api/chat", REQUESTS["ollama"][2], key=only("chat"))
         self.assertEqual(set(ollama.json()), {"error"})
         self.assertIsInstance(ollama.json()["error"], str)
+
+    def test_an_app_keys_list_holds_for_everyone_behind_it(self) -> None:
+        for group, allowed in (("chat", True), ("embeddings", False), ("files", False)):
+            method, path, body = REQUESTS[group]
+            with self.subTest(group=group):
+                before = len(self.upstream.requests)
+                response = self.request(method, path, body, key=APP_KEY, headers={"X-User": "kim"})
+                self.assertEqual(response.status == 403, not allowed, response.body[:300])
+                self.assertEqual(len(self.upstream.requests) - before, int(allowed))
 
     def test_listings_and_the_quota_stay_open_to_every_key(self) -> None:
         """Clients ask for the model list before anything else: a key listing no group still gets it."""
