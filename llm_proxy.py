@@ -36,7 +36,8 @@ policies        end users, ``UserSpec``); ``StoredAnswers`` keeps whose answer i
 
 The HTTP front:
 Routes          ``ROUTES`` and ``route_for``: every path, whether it needs a key, its
-                dialect and which handler method answers it.
+                dialect, the endpoint group a key lists it by, and which handler
+                method answers it.
 Errors, paths,  ``ProxyError``, ``parse_target``, the strict header reader and the
 headers         lists of headers never forwarded.
 Replies, Calls  ``limit_answer`` (``wait_phrase``) and the rate-limit headers; ``Call``,
@@ -211,7 +212,7 @@ def run(args: argparse.Namespace, environ: dict[str, str] | None) -> int:
     if hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, lambda signum, frame: server.request_reload())
     try:
-        for warning in startup_warnings(config) + server.fit_to_descriptor_limit():
+        for warning in startup_warnings(config, server.keyring) + server.fit_to_descriptor_limit():
             log.warning("%s", warning)
         print(describe(config, server), flush=True)
         if args.demo:
@@ -388,6 +389,9 @@ SETTINGS: tuple[Setting, ...] = (
             "upstream base URL including /v1, e.g. http://127.0.0.1:8080/v1 (required)"),
     Setting(("UPSTREAM_API_KEY", "BASE_API_KEY", "base_api_key"), "upstream_key",
             "key sent upstream as 'Authorization: Bearer ...'; never shown to clients"),
+    Setting(("UPSTREAM_CA_FILE",), "upstream_ca_file",
+            "PEM file of CA certificates trusted for an https upstream besides the system's "
+            "(a private CA); checked at startup"),
     Setting(("UPSTREAM_MODEL", "BASE_MODEL", "base_model"), "upstream_model",
             "replaces 'model' in forwarded completions; GET /v1/models lists only it"),
     Setting(("MAX_TOKENS",), "max_tokens", "bucket capacity; a new bucket starts full", _positive),
@@ -462,6 +466,7 @@ class Config:
     port: int = 8899
     upstream_url: str | None = None
     upstream_key: str | None = None
+    upstream_ca_file: str | None = None
     upstream_model: str | None = None
     max_tokens: int = 10
     refill_tokens: int = 2
@@ -551,15 +556,17 @@ def settings_help() -> str:
     return "\n".join(lines)
 
 
-def startup_warnings(config: Config) -> list[str]:
+def startup_warnings(config: Config, keyring: KeyRing | None = None) -> list[str]:
     """Problems that do not stop the proxy but would surprise its owner.
 
     Among them, one line per variable that looks like a misspelt setting
     (``near_miss_settings``), naming it and the setting it probably means, never its value.
+    MAX_TOKENS is judged only where a key pays under it (``uses_environment_limits``):
+    a keys file whose every key sets its own windows makes it moot.
     """
     warnings = []
     mode = config.mode
-    if mode.least > config.max_tokens:
+    if mode.least > config.max_tokens and (keyring is None or keyring.uses_environment_limits()):
         warnings.append(
             f"a request without max_tokens costs at least {mode.least} tokens but MAX_TOKENS is "
             f"{config.max_tokens}: such requests can never be served; raise MAX_TOKENS "
@@ -569,6 +576,8 @@ def startup_warnings(config: Config) -> list[str]:
             f"no PROXY_API_KEYS or KEYS_FILE and listening on {config.host}: anyone who can reach this port can "
             "use the model, and per-key or per-IP buckets are the only limit (a caller picks "
             "its own bucket by picking a key)")
+    if config.upstream_ca_file and not (config.upstream_url or "").startswith("https:"):
+        warnings.append("UPSTREAM_CA_FILE is set but the upstream is not https: it is not used")
     for variable, setting in config.near_misses:
         warnings.append(f"{variable} is set, but llm_proxy reads no such variable: "
                         f"did you mean {setting}? (see --help)")
@@ -2353,8 +2362,9 @@ class FlatRate(Dialect):
     flat_rate = True
     answers_with_text = False
 
-    def __init__(self, shape: Dialect | None = None) -> None:
+    def __init__(self, shape: Dialect | None = None, name: str = "other") -> None:
         self.shape = shape
+        self.name = name  # the metrics' endpoint; a price per call would be found by it
 
     def validate(self, payload: dict) -> None:
         pass  # not ours to judge: forwarded as sent
@@ -2375,7 +2385,10 @@ OLLAMA = OllamaChat()
 RESPONSES = Responses()
 DIALECTS: tuple[Dialect, ...] = (CHAT, TextCompletions(), RESPONSES, ANTHROPIC, OLLAMA,
                                  OllamaGenerate(), Embeddings(), OllamaEmbed())
-METERED_ENDPOINTS = frozenset(dialect.name for dialect in DIALECTS + (OPENAI,))
+# Calls counted one by one, each under its own name (the route table's endpoint), so that a
+# price per call can be found by that name.
+PER_CALL: tuple[FlatRate, ...] = (FlatRate(name="images"), FlatRate(name="audio"))
+METERED_ENDPOINTS = frozenset(dialect.name for dialect in DIALECTS + (OPENAI,) + PER_CALL)
 
 
 # --------------------------------------------------------------------------
@@ -2564,9 +2577,26 @@ class Policy:
     enabled: bool = True
     expires: str | None = None            # YYYY-MM-DD: the last local day the key works
     id: str | None = None                 # the entry's own name for its buckets and history
+    endpoints: frozenset[str] | None = None  # the route table's groups it may call; None: the open ones
 
     def allows(self, model: str) -> bool:
         return self.models is None or model in self.models
+
+    def opens(self, route: Route) -> bool:
+        """Whether this key may call ``route``: a row of a group its ``endpoints`` lists, or,
+        without a list, any row that is not opt-in.  Rows of no group (local answers, the model
+        lists, the quota) are every key's: clients probe them before anything else."""
+        if route.group is None:
+            return True
+        if self.endpoints is None:
+            return not route.opt_in
+        return route.group in self.endpoints
+
+    def require_endpoint(self, route: Route) -> None:
+        """A 403, free and never forwarded, for a row this key may not call."""
+        if not self.opens(route):
+            raise ProxyError(403, f"The '{route.group}' endpoint is not open to this key.",
+                             "permission_error", "endpoint_not_allowed")
 
     @property
     def limits_models(self) -> bool:
@@ -2595,9 +2625,9 @@ def key_digest(key: str) -> str:
 
 
 POLICY_FIELDS = {"name", "max_tokens", "refill_tokens", "refill_interval_seconds", "buckets",
-                 "models", "max_concurrent", "users", "enabled", "expires", "id", "email"}
+                 "models", "max_concurrent", "users", "enabled", "expires", "id", "email", "endpoints"}
 USER_SOURCES = {"jwt": "X-OpenWebUI-User-Jwt", "header": None, "user_field": None}
-USERS_FIELDS = POLICY_FIELDS - {"name", "users", "enabled", "expires", "id", "email"} | {
+USERS_FIELDS = POLICY_FIELDS - {"name", "users", "enabled", "expires", "id", "email", "endpoints"} | {
     "from", "header", "secret_env", "issuer", "required", "overrides"}
 MAX_USER_LENGTH = 256  # longer identities are refused, not truncated into someone else's
 MIN_JWT_SECRET_BYTES = 32  # HS256 wants a key as long as its hash (RFC 7518, 3.2); shorter can be guessed
@@ -2710,7 +2740,23 @@ def _policy_from_entry(entry: dict, config: Config, where: str,
     if not isinstance(email, str):
         raise ConfigError(f"{where}: email must be a string")
     return Policy(name, buckets, None if models is None else tuple(models), limit, users,
-                  enabled, expires, entry_id)
+                  enabled, expires, entry_id, _endpoint_names(entry.get("endpoints"), where))
+
+
+def _endpoint_names(value: object, where: str) -> frozenset[str] | None:
+    """A key's ``endpoints``: names of the route table's groups (``ENDPOINT_NAMES``), checked
+    here so that a misspelt one stops the file from loading instead of closing an API."""
+    if value is None:
+        return None
+    if not (isinstance(value, list) and all(isinstance(name, str) for name in value)):
+        raise ConfigError(f"{where}: endpoints must be a list of endpoint names")
+    for name in value:
+        if name not in ENDPOINT_NAMES:
+            close = difflib.get_close_matches(name, ENDPOINT_NAMES, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{where}: unknown endpoint {name[:100]!r}{hint}; the endpoints are "
+                              f"{', '.join(ENDPOINT_NAMES)}")
+    return frozenset(value)
 
 
 def _is_date(text: str) -> bool:
@@ -3020,6 +3066,18 @@ class KeyRing:
         """The policy of the entry whose identity is ``"key:" + handle``, if it is loaded."""
         return self._by_handle.get(handle)
 
+    def uses_environment_limits(self) -> bool:
+        """Whether some caller pays under MAX_TOKENS: open mode, PROXY_API_KEYS, or a keys-file
+        entry (or an end user under one) with a token window of that capacity."""
+        if self.is_open or self.config.client_keys:
+            return True
+        mode, capacity = self.config.mode, self.config.max_tokens
+        policies = [policy for _, policy in self.entries()]
+        policies += [user for policy in policies if policy.users is not None
+                     for user in (policy.users.default, *policy.users.overrides.values())]
+        return any(spec.capacity == capacity and mode.unit_of(spec).counts_tokens
+                   for policy in policies for spec in policy.buckets)
+
     def policy_of(self, identity: str) -> Policy:
         """The policy whose buckets ``identity`` has: a key's, or a user's under an app key."""
         key, _, user = identity.partition("/user:")
@@ -3122,7 +3180,10 @@ class Route:
     names the ``ProxyHandler`` method that answers (``answer_<name>``); ``dialect``
     is the API spoken (its error shape from the request line on; for a metered row,
     what is charged); ``endpoint`` names the row in the metrics.  With
-    ``names_answer`` the path's next segment is a stored answer's id.
+    ``names_answer`` the path's next segment is a stored answer's id.  ``group`` is
+    the name a key's ``endpoints`` lists to call the row (None: every key may, a local
+    answer, a model list or the quota); an ``opt_in`` group is closed to a key that
+    does not list it.
     """
 
     path: str
@@ -3134,19 +3195,25 @@ class Route:
     needs_key: bool = True
     endpoint: str = "free"
     names_answer: bool = False
+    group: str | None = None
+    opt_in: bool = False
 
     def matches(self, path: str) -> bool:
         return path == self.path or (self.subtree and path.startswith(self.path + "/"))
 
 
 READING = ("GET", "HEAD")
-# Account APIs of paid providers, and a model server's own management: through them a key
-# would start work that is never metered (a batch runs later), receive a credential for the
-# upstream itself (realtime client secrets), see every caller's files and jobs, or change the
-# server's adapters.  Closed to every key.
-CLOSED_UNDER_V1 = ("files", "uploads", "batches", "fine_tuning", "vector_stores", "assistants",
-                   "threads", "organization", "realtime", "conversations", "containers", "evals",
-                   "load_lora_adapter", "unload_lora_adapter")
+# Account and batch APIs of paid providers: through them a key would start work that is never
+# metered (a batch runs later) or see every caller's files and jobs.  Opt-in: closed to a key
+# whose "endpoints" does not name them (its owner's own key may), then forwarded like any other
+# call under /v1, reading free and the rest at the flat cost.
+ACCOUNT_APIS = ("files", "uploads", "batches", "fine_tuning", "vector_stores", "assistants",
+                "threads", "organization", "containers", "evals")
+# Closed to every key: realtime hands out a credential for the upstream itself, a stored
+# conversation cannot be kept to the key that made it, and the adapters are the server's owner's.
+CLOSED_UNDER_V1 = ("realtime", "conversations", "load_lora_adapter", "unload_lora_adapter")
+# The group of a generating API's rows, where its dialect's name says less (text: /v1/completions).
+DIALECT_GROUPS = {"text": "completions"}
 # Ollama's routes that change the owner's models: never, whoever asks.
 OLLAMA_MANAGEMENT = ("pull", "push", "create", "copy", "delete", "blobs")
 
@@ -3167,27 +3234,46 @@ ROUTES: tuple[Route, ...] = (
           strict=True, needs_key=False, endpoint="local"),
     Route("/metrics", "admin", needs_key=False, endpoint="local"),
     # The APIs that generate: charged before forwarding, POST only.
-    *(Route(path, "metered", dialect, ("POST",), strict=True, endpoint=dialect.name)
+    *(Route(path, "metered", dialect, ("POST",), strict=True, endpoint=dialect.name,
+            group=DIALECT_GROUPS.get(dialect.name, dialect.name))
       for dialect in DIALECTS for path in dialect.routes),
     # Answered here, or forwarded free.
     Route("/v1/quota", "quota", methods=READING, endpoint="quota"),
     Route("/v1/models", "models", methods=READING, endpoint="models"),
     Route("/v1/models", "model_card", methods=READING, subtree=True, endpoint="models"),
+    # Deleting a fine-tuned model is the account's business (the fine-tuning API's last step).
+    Route("/v1/models", "metered", subtree=True, endpoint=OPENAI.name, group="fine_tuning", opt_in=True),
     Route("/api/tags", "models", OLLAMA, READING, endpoint="models"),
     Route("/api/ps", "running_models", OLLAMA, READING, strict=True, endpoint="models"),
     Route("/api/version", "free", OLLAMA, READING, strict=True),
-    Route("/api/show", "free", OLLAMA, ("POST",), strict=True),
-    Route("/v1/messages/count_tokens", "free", ANTHROPIC, ("POST",)),
+    Route("/api/show", "free", OLLAMA, ("POST",), strict=True, group="ollama"),
+    Route("/v1/messages/count_tokens", "free", ANTHROPIC, ("POST",), group="messages"),
     # Stored answers, for the key that made them: read and deleted free; anything else
     # (cancel ...) and the Responses calls that run the model pay the flat cost.
-    *(Route(path, "free", RESPONSES, ("GET", "HEAD", "DELETE"), subtree=True)
+    *(Route(path, "free", RESPONSES, ("GET", "HEAD", "DELETE"), subtree=True, group="responses")
       for path in ("/v1/responses/compact", "/v1/responses/input_tokens")),
-    Route("/v1/responses/compact", "metered", subtree=True, endpoint=OPENAI.name),
-    Route("/v1/responses/input_tokens", "metered", subtree=True, endpoint=OPENAI.name),
-    Route("/v1/responses", "free", RESPONSES, ("GET", "HEAD", "DELETE"), subtree=True, names_answer=True),
-    Route("/v1/responses", "metered", subtree=True, names_answer=True, endpoint=OPENAI.name),
-    Route("/v1/chat/completions", "free", CHAT, READING, subtree=True, names_answer=True),
-    Route("/v1/chat/completions", "metered", subtree=True, names_answer=True, endpoint=OPENAI.name),
+    Route("/v1/responses/compact", "metered", subtree=True, endpoint=OPENAI.name, group="responses"),
+    Route("/v1/responses/input_tokens", "metered", subtree=True, endpoint=OPENAI.name, group="responses"),
+    Route("/v1/responses", "free", RESPONSES, ("GET", "HEAD", "DELETE"), subtree=True, names_answer=True,
+          group="responses"),
+    Route("/v1/responses", "metered", subtree=True, names_answer=True, endpoint=OPENAI.name,
+          group="responses"),
+    Route("/v1/chat/completions", "free", CHAT, READING, subtree=True, names_answer=True, group="chat"),
+    Route("/v1/chat/completions", "metered", subtree=True, names_answer=True, endpoint=OPENAI.name,
+          group="chat"),
+    # Opt-in: a paid provider's account and batch APIs (Anthropic's message batches too).
+    Route("/v1/messages/batches", "free", ANTHROPIC, READING, subtree=True, group="batches", opt_in=True),
+    Route("/v1/messages/batches", "metered", FlatRate(ANTHROPIC), subtree=True, endpoint=OPENAI.name,
+          group="batches", opt_in=True),
+    *(Route("/v1/" + name, answer, methods=methods, subtree=True, endpoint=endpoint, group=name,
+            opt_in=True)
+      for name in ACCOUNT_APIS
+      for answer, methods, endpoint in (("free", READING, "free"), ("metered", None, OPENAI.name))),
+    # Counted per call, each under its own endpoint name (a price per call's hook); reading free.
+    *(Route("/v1/" + dialect.name, answer, dialect, methods, subtree=True, endpoint=endpoint,
+            group=dialect.name)
+      for dialect in PER_CALL
+      for answer, methods, endpoint in (("free", READING, "free"), ("metered", None, dialect.name))),
     # Never through this proxy.
     *(Route("/v1/" + name, "closed", subtree=True, endpoint="local") for name in CLOSED_UNDER_V1),
     *(Route("/api/" + name, "management", OLLAMA, subtree=True, endpoint="local")
@@ -3195,12 +3281,16 @@ ROUTES: tuple[Route, ...] = (
     Route("/api", "unknown", needs_key=False, endpoint="local"),  # (/api itself: no API there)
     Route("/api", "not_found", OLLAMA, subtree=True, endpoint="local"),
     # Anything else under /v1: reading is free, everything else may make the model work.
-    Route("/v1/messages", "free", ANTHROPIC, READING, subtree=True),
-    Route("/v1/messages", "metered", FlatRate(ANTHROPIC), subtree=True, endpoint=OPENAI.name),
-    Route("/v1", "free", methods=READING, subtree=True),
-    Route("/v1", "metered", subtree=True, endpoint=OPENAI.name),
+    Route("/v1/messages", "free", ANTHROPIC, READING, subtree=True, group="messages"),
+    Route("/v1/messages", "metered", FlatRate(ANTHROPIC), subtree=True, endpoint=OPENAI.name,
+          group="messages"),
+    Route("/v1", "free", methods=READING, subtree=True, group="other"),
+    Route("/v1", "metered", subtree=True, endpoint=OPENAI.name, group="other"),
 )
 UNKNOWN = Route("", "unknown", needs_key=False, endpoint="local")  # no row: a 404, no key asked
+# What a key's "endpoints" may name, in the table's order, and those closed unless named.
+ENDPOINT_NAMES = tuple(dict.fromkeys(route.group for route in ROUTES if route.group))
+OPT_IN_ENDPOINTS = tuple(dict.fromkeys(route.group for route in ROUTES if route.group and route.opt_in))
 ROUTE_KEY_LENGTH = max(len(route.path) for route in ROUTES) + 1
 
 
@@ -3335,7 +3425,7 @@ class ProxyError(Exception):
 
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error",
                  code: str | None = None, param: str | None = None, close: bool = False,
-                 headers: Sequence[tuple[str, str]] = ()) -> None:
+                 headers: Sequence[tuple[str, str]] = (), detail: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -3344,6 +3434,7 @@ class ProxyError(Exception):
         self.param = param
         self.close = close      # the connection's framing can no longer be trusted
         self.headers = headers  # e.g. the rate-limit headers of a 429
+        self.detail = detail    # why, for the owner's log and admin API; never sent to the client
 
 
 class ClientGone(Exception):
@@ -3747,6 +3838,7 @@ class Call:
     finished: bool = False           # ... all of it
     upstream_reached: bool = False   # the request was sent: the upstream may be working on it
     upstream_ms: float | None = None
+    upstream_error: str | None = None  # why the upstream could not be reached (failure_reason)
     first_byte: float | None = None  # monotonic, when the answer's head went out
     endpoint: str = "local"          # for the metrics: the API, "free", or a local answer
     unwatch: Callable[[], None] = _nothing  # stops the disconnect watch on this request
@@ -3937,8 +4029,9 @@ class Call:
         label, method, path = loggable(self.label), loggable(method), loggable(path)
         user = None if self.user is None else loggable(self.user, MAX_USER_LENGTH)  # (longer: refused)
         who = label if user is None else f"{label}/{user}"
+        why = "" if self.upstream_error is None else f' upstream="{loggable(self.upstream_error)}"'
         line = (f"{stamp} INFO {ip} {who} {method} {path} {self.status} {outcome} "
-                f"{elapsed:.1f}ms charged={charged} settled={settled}\n")
+                f"{elapsed:.1f}ms charged={charged} settled={settled}{why}\n")
         if not with_record:
             return line, ""
         arrived = self.arrived
@@ -3950,7 +4043,8 @@ class Call:
             "path": path, "model": model, "status": self.status, "stream": self.stream,
             "tokens_charged": charged, "tokens_settled": settled, "duration_ms": round(elapsed, 1),
             "upstream_ms": None if self.upstream_ms is None else round(self.upstream_ms, 1),
-            "outcome": outcome}, separators=(",", ":")) + "\n"
+            "outcome": outcome, **({} if self.upstream_error is None else {
+                "upstream_error": loggable(self.upstream_error)})}, separators=(",", ":")) + "\n"
         return line, record
 
 
@@ -4178,6 +4272,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         call.dialect = route.dialect
         if route.needs_key:
             self.authenticate()
+            call.policy.require_endpoint(route)
         if route.names_answer:
             answer_id = target.path[len(route.path) + 1:].partition("/")[0]
             if answer_id:
@@ -4430,8 +4525,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
         try:
             self.check_framing()
             target = parse_target(self.path)
-            if route_for(target.path.lower(), self.command).needs_key:
+            route = route_for(target.path.lower(), self.command)
+            if route.needs_key:
                 self.authenticate()
+                self.call.policy.require_endpoint(route)
         except ProxyError as error:
             return self.refuse_request(error)
         return super().handle_expect_100()
@@ -4981,17 +5078,40 @@ class UpstreamResponse:
         return b"".join(parts)
 
 
+def upstream_tls(ca_file: str | None) -> ssl.SSLContext:
+    """The trust for an https upstream: the system's CAs, and UPSTREAM_CA_FILE's if set.
+
+    Made once, at startup, so that a file that cannot be read or holds no certificate
+    stops the proxy with one line instead of failing every request.
+    """
+    context = ssl.create_default_context()
+    if ca_file:
+        try:
+            context.load_verify_locations(cafile=ca_file)
+        except ssl.SSLError as error:
+            raise ConfigError(f"UPSTREAM_CA_FILE {ca_file}: no PEM certificate in it "
+                              f"({error.reason or type(error).__name__})") from None
+        except OSError as error:
+            raise ConfigError(f"UPSTREAM_CA_FILE {ca_file}: cannot read it "
+                              f"({error.strerror or type(error).__name__})") from None
+    return context
+
+
+class TlsHandshakeFailed(ConnectionError):
+    """The upstream's TLS handshake failed for a reason other than its certificate."""
+
+
 class UpstreamConnection:
     """A socket to the upstream and the buffered reader that outlives each response."""
 
     __slots__ = ("sock", "reader")
 
-    def __init__(self, target: UpstreamTarget, open_timeout: float, read_timeout: float) -> None:
+    def __init__(self, target: UpstreamTarget, open_timeout: float, read_timeout: float,
+                 tls: ssl.SSLContext | None = None) -> None:
         sock = socket.create_connection((target.host, target.port), open_timeout)
         try:
             if target.scheme == "https":
-                context = ssl.create_default_context()
-                sock = context.wrap_socket(sock, server_hostname=target.host)
+                sock = self.handshake(sock, tls or ssl.create_default_context(), target.host)
                 sock.settimeout(read_timeout)
             else:
                 sock = TimedSocket.adopt(sock, read_timeout)
@@ -5001,6 +5121,16 @@ class UpstreamConnection:
             raise
         self.sock = sock
         self.reader = SocketReader(sock)
+
+    @staticmethod
+    def handshake(sock: socket.socket, tls: ssl.SSLContext, host: str) -> ssl.SSLSocket:
+        """TLS over ``sock``; a failure says whether the certificate or the handshake failed."""
+        try:
+            return tls.wrap_socket(sock, server_hostname=host)
+        except ssl.SSLCertVerificationError:
+            raise
+        except ssl.SSLError as error:
+            raise TlsHandshakeFailed(error.reason or type(error).__name__) from None
 
     def close(self) -> None:
         with suppress(OSError):
@@ -5016,11 +5146,12 @@ class UpstreamPool:
     """
 
     def __init__(self, target: UpstreamTarget, open_timeout: float, read_timeout: float,
-                 max_idle: int = 64) -> None:
+                 max_idle: int = 64, tls: ssl.SSLContext | None = None) -> None:
         self.target = target
         self.open_timeout = open_timeout
         self.read_timeout = read_timeout
         self.max_idle = max_idle
+        self.tls = tls  # https: the trust (upstream_tls); None: the system's
         host = f"[{target.host}]" if ":" in target.host else target.host
         default_port = 443 if target.scheme == "https" else 80
         self.host_header = host if target.port == default_port else f"{host}:{target.port}"
@@ -5028,7 +5159,7 @@ class UpstreamPool:
         self._lock = threading.Lock()
 
     def connect(self) -> UpstreamConnection:
-        return UpstreamConnection(self.target, self.open_timeout, self.read_timeout)
+        return UpstreamConnection(self.target, self.open_timeout, self.read_timeout, self.tls)
 
     def take(self) -> tuple[UpstreamConnection, bool]:
         """An idle pooled connection (reused=True) or a new one."""
@@ -5266,7 +5397,8 @@ class UpstreamState:
 
     def failed(self, failure: ProxyError) -> None:
         self.up = False
-        self.last_error = f"{failure.status} {failure.message}"  # never socket or host details
+        # why, in a few words (failure_reason): never a key, a URL or an exception's own text
+        self.last_error = f"{failure.status} {failure.detail or failure.message}"
 
 
 @dataclass(eq=False)  # one server is one object: its key is never compared, it hashes by identity
@@ -5307,8 +5439,9 @@ class UpstreamRegistry:
     @classmethod
     def from_config(cls, config: Config) -> UpstreamRegistry:
         assert config.upstream_url is not None
+        tls = upstream_tls(config.upstream_ca_file)  # (checked even for http: a bad file is a mistake)
         pool = UpstreamPool(UpstreamTarget.parse(config.upstream_url), config.open_timeout,
-                            config.read_timeout)
+                            config.read_timeout, tls=tls)
         gate = FairGate(config.upstream_max_concurrent, config.queue_timeout)
         return cls([Upstream("default", pool, gate, config.upstream_key, config.upstream_model)])
 
@@ -5594,6 +5727,7 @@ class Relay:
             if call.gone:
                 raise ClientGone() from None
             failure = upstream_failure(error)
+            call.upstream_error = failure.detail
             if not exchange.sent or call.upstream_ms is None:
                 upstream.state.failed(failure)
             raise failure from None
@@ -5688,7 +5822,7 @@ class Relay:
         call, client, framing = self.call, self.client, pump.framing
         pump.response.reader.nowait = False  # the connection may go back to the pool
         if error is not None:
-            log.warning("upstream stream to %s broke off: %s", loggable(call.label), type(error).__name__)
+            log.warning("upstream stream to %s broke off: %s", loggable(call.label), failure_reason(error))
             if framing is not None:
                 client.write_chunk(call.dialect.stream_error(upstream_failure(error), framing))
             else:
@@ -6194,12 +6328,43 @@ def read_whole(response: UpstreamResponse, limit: int) -> bytes:
 
 
 def upstream_failure(error: BaseException) -> ProxyError:
-    """Map a transport failure to 502 or 504 without revealing socket or host details."""
+    """Map a transport failure to 502 or 504 without revealing socket or host details;
+    why (``failure_reason``) goes in its ``detail``, for the owner alone."""
     if isinstance(error, socket.timeout):
         return ProxyError(504, "The model server did not answer in time.", "upstream_error",
-                          "upstream_timeout")
+                          "upstream_timeout", detail=failure_reason(error))
     return ProxyError(502, "The model server could not be reached or sent an invalid response.",
-                      "upstream_error", "upstream_unavailable")
+                      "upstream_error", "upstream_unavailable", detail=failure_reason(error))
+
+
+# Transport failures, most specific first: the owner reads these words, the caller never does.
+FAILURE_REASONS: tuple[tuple[type, str], ...] = (
+    (http.client.RemoteDisconnected, "closed the connection without answering"),
+    (socket.timeout, "timed out"),
+    (TimeoutError, "timed out"),
+    (socket.gaierror, "name does not resolve"),
+    (ConnectionRefusedError, "connection refused"),
+    (ConnectionResetError, "connection reset"),
+    (http.client.HTTPException, "invalid HTTP answer"),
+)
+
+
+def failure_reason(error: BaseException) -> str:
+    """Why the upstream could not be reached, in a few words: from the exception's type,
+    OpenSSL's verify message and reason code, or the errno's name, and never from its text,
+    which may carry a host, a path or a URL."""
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return f"certificate verify failed: {error.verify_message or error.reason}"
+    if isinstance(error, TlsHandshakeFailed):
+        return f"TLS handshake failed: {error.args[0]}"
+    if isinstance(error, ssl.SSLError):
+        return f"TLS error: {error.reason or type(error).__name__}"
+    for kind, reason in FAILURE_REASONS:
+        if isinstance(error, kind):
+            return reason
+    if isinstance(error, OSError) and error.errno in errno.errorcode:
+        return os.strerror(error.errno).lower()
+    return type(error).__name__
 
 
 # --------------------------------------------------------------------------
@@ -7042,11 +7207,12 @@ function login(event) {
 async function refresh() {
   const key = sessionStorage.getItem("llm_proxy_admin");
   document.getElementById("login").hidden = !!key;
+  document.getElementById("logout").hidden = !key;
   if (!key) return;
   try {
     const answer = await fetch("/admin/api/usage", {headers: {"Authorization": "Bearer " + key}, cache: "no-store"});
     if (answer.status === 401) { sessionStorage.removeItem("llm_proxy_admin");
-      document.getElementById("login").hidden = false;
+      document.getElementById("login").hidden = false; document.getElementById("logout").hidden = true;
       document.getElementById("message").textContent = "That admin key was not accepted."; return; }
     if (!answer.ok) throw new Error("HTTP " + answer.status);
     render(await answer.json());
@@ -7116,7 +7282,7 @@ DASHBOARD_PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>llm_proxy</title><style>{style}</style></head>
 <body><header><h1>llm_proxy</h1><span id="upstream"></span><span id="updated" class="small"></span>
-<button id="logout" type="button">Sign out</button></header>
+<button id="logout" type="button" hidden>Sign out</button></header>
 <main><form id="login" class="card" autocomplete="off"><input id="key" type="password" placeholder="Admin key" aria-label="Admin key" autocomplete="off" autofocus>
 <button type="submit">Open</button></form><p id="message" class="error" role="status"></p>
 <div id="view" hidden><section class="card"><div id="totals" class="totals"></div></section>
@@ -7435,23 +7601,6 @@ class AlertSender:
                 with suppress(OSError):
                     connection.sock.shutdown(socket.SHUT_RDWR)
             self._thread.join(0.05)
-
-
-def failure_reason(error: BaseException) -> str:
-    """Why a connection failed, in a few words and without the URL."""
-    if isinstance(error, ssl.SSLCertVerificationError):
-        return error.verify_message or "certificate verify failed"
-    if isinstance(error, ssl.SSLError):
-        return f"TLS: {error.reason or type(error).__name__}"
-    if isinstance(error, (socket.timeout, TimeoutError)):
-        return "timed out"
-    if isinstance(error, ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(error, socket.gaierror):
-        return "host not found"
-    if isinstance(error, OSError) and error.strerror:
-        return error.strerror.lower()
-    return type(error).__name__
 
 
 # --------------------------------------------------------------------------

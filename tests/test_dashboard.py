@@ -25,6 +25,7 @@ import llm_proxy
 from test_llm_proxy import CLIENT_KEY, OTHER_KEY, WAIT, ProxyTestCase
 
 ADMIN_KEY = "adm-7Hq2-secret-dashboard"
+SIGN_OUT_SHOWN = "document.getElementById('logout').offsetParent !== null"
 CHROMIUM = next((path for path in (shutil.which("chromium"), shutil.which("chromium-browser"),
                                    shutil.which("google-chrome")) if path), None)
 
@@ -165,19 +166,25 @@ class DashboardBrowserTests(ProxyTestCase):
         self.assertEqual(browser.evaluate("sessionStorage.getItem('llm_proxy_admin')"), ADMIN_KEY)
         self.assertIsNone(browser.evaluate("localStorage.getItem('llm_proxy_admin')"))
         self.assertEqual(browser.evaluate("document.getElementById('key').value"), "")
+        self.assertTrue(browser.evaluate(SIGN_OUT_SHOWN))
         shot = os.environ.get("DASHBOARD_SCREENSHOT")
         if shot:
             with open(shot, "wb") as file:
                 file.write(base64.b64decode(browser.page("Page.captureScreenshot", format="png")["data"]))
+        browser.evaluate("document.getElementById('logout').click()")
+        browser.wait_for("document.readyState === 'complete' && !document.getElementById('login').hidden")
+        self.assertFalse(browser.evaluate(SIGN_OUT_SHOWN))  # signed out: nothing to sign out of
 
     def test_a_wrong_key_is_told_and_gets_nothing(self) -> None:
         browser = Chromium()
         self.addCleanup(browser.close)
         browser.page("Page.navigate", url=f"http://127.0.0.1:{self.port}/admin")
         browser.wait_for("document.readyState === 'complete' && !!document.getElementById('key')")
+        self.assertFalse(browser.evaluate(SIGN_OUT_SHOWN))  # nobody signed in yet (issue 20)
         browser.evaluate("document.getElementById('key').focus()")
         browser.page("Input.insertText", text=CLIENT_KEY)  # a client key is not the admin key
         browser.press_enter()
         message = browser.wait_for("document.getElementById('message').innerText")
         self.assertIn("not accepted", message)
+        self.assertFalse(browser.evaluate(SIGN_OUT_SHOWN))
         self.assertTrue(browser.evaluate("document.getElementById('view').hidden"))

@@ -327,7 +327,7 @@ class ForwardingTests(BodyTestCase):
         self.assertNotIn("Content-Length", self.upstream.requests[0]["headers"])
 
     def test_no_body_is_forwarded_on_a_delete_either(self) -> None:
-        self.request("DELETE", "/v1/models/ft-1", json.dumps(dict(CHAT, model="big")).encode(), key=OPEN)
+        self.request("DELETE", "/v1/rerank/r-1", json.dumps(dict(CHAT, model="big")).encode(), key=OPEN)
         self.assertEqual([r["method"] for r in self.upstream.requests], ["DELETE"])
         self.assertNotIn("Content-Length", self.upstream.requests[0]["headers"])  # (the fake reads none)
 

@@ -63,12 +63,12 @@ ROWS = [
     ("POST", "/v1/responses/compact", "metered", "other", "openai"),
     ("GET", "/v1/responses/compact", "free", "free", "openai"),
     ("GET", "/v1/chat/completions/chatcmpl-1", "free", "free", "openai"),
-    ("POST", "/v1/batches", "closed", "local", "openai"),
-    ("GET", "/v1/files/file-1/content", "closed", "local", "openai"),
+    ("POST", "/v1/batches", "metered", "other", "openai"),  # (opt-in: tests/test_endpoints.py)
+    ("GET", "/v1/files/file-1/content", "free", "free", "openai"),
     ("POST", "/v1/realtime/client_secrets", "closed", "local", "openai"),
     ("GET", "/v1/rerank", "free", "free", "openai"),
     ("POST", "/v1/rerank", "metered", "other", "openai"),
-    ("POST", "/v1/audio/transcriptions", "metered", "other", "openai"),
+    ("POST", "/v1/audio/transcriptions", "metered", "audio", "openai"),
     ("GET", "/v1", "free", "free", "openai"),
     ("GET", "/elsewhere", "unknown", "local", "openai"),
     ("POST", "/v2/chat/completions", "unknown", "local", "openai"),
@@ -132,7 +132,8 @@ class RoutesOverSocketsTests(ProxyTestCase):
                 body = {"model": "m", "messages": [], "prompt": "x", "input": "x", "max_tokens": 1} \
                     if method in ("POST", "PUT") else None
                 response = self.request(method, path, body)
-                status, forwarded = expected[answer]  # (a forwarded one has the fake's status)
+                opt_in = llm_proxy.route_for(path.lower(), method).opt_in  # closed unless a key lists it
+                status, forwarded = (403, False) if opt_in else expected[answer]  # (forwarded: the fake's)
                 if status is not None:
                     self.assertEqual(response.status, status, response.body[:200])
                 self.assertEqual(len(self.upstream.requests) - before, int(forwarded), response.body[:200])
