@@ -27,6 +27,7 @@ import tempfile
 import threading
 import time
 import unittest
+import weakref
 from typing import Callable
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler
@@ -380,6 +381,31 @@ def read_to_close(sock: socket.socket) -> bytes:
                 break
             chunks.append(chunk)
     return b"".join(chunks)
+
+
+_KEYS_DIRECTORIES: "weakref.WeakKeyDictionary[unittest.TestCase, str]" = weakref.WeakKeyDictionary()
+
+
+def write_keys_file(test: unittest.TestCase, entries: list[dict] | dict, name: str = "keys.json") -> str:
+    """Write ``entries`` as a KEYS_FILE (JSON) and return its path.
+
+    The file lives in a directory of the test's own, removed when the test ends, so
+    other files the test needs (an access log, a state file) can sit beside it.
+    Called again in the same test with the same name, it replaces the file at the
+    same path, atomically as an editor would, so a running proxy re-reads a whole
+    file.  A dict is the usual ``{key: settings}``; a list is written as it is (a file
+    the proxy must refuse).
+    """
+    directory = _KEYS_DIRECTORIES.get(test)
+    if directory is None or not os.path.isdir(directory):
+        holder = tempfile.TemporaryDirectory()
+        test.addCleanup(holder.cleanup)
+        directory = _KEYS_DIRECTORIES[test] = holder.name
+    path = os.path.join(directory, name)
+    with open(path + ".tmp", "w", encoding="utf-8") as file:
+        json.dump(entries, file)
+    os.replace(path + ".tmp", path)
+    return path
 
 
 class ProxyTestCase(unittest.TestCase):
@@ -1278,16 +1304,17 @@ class KeysFileTests(ProxyTestCase):
     }
 
     def setUp(self) -> None:
-        directory = tempfile.TemporaryDirectory()
-        self.addCleanup(directory.cleanup)
-        self.keys_path = os.path.join(directory.name, "keys.json")
-        self.write_keys(self.KEYS)
+        self.keys_path = write_keys_file(self, self.KEYS)
         self.config_overrides = {"keys_file": self.keys_path, "client_keys": ("sk-env-key",)}
         super().setUp()
 
     def write_keys(self, keys: object) -> None:
+        """Replace the keys file: with ``keys`` as JSON, or with the text itself if a string."""
+        if not isinstance(keys, str):
+            write_keys_file(self, keys)
+            return
         with open(self.keys_path + ".tmp", "w") as file:
-            file.write(keys if isinstance(keys, str) else json.dumps(keys))
+            file.write(keys)
         os.replace(self.keys_path + ".tmp", self.keys_path)
 
     def text(self, response: Response) -> str:
@@ -1669,13 +1696,10 @@ class RestartTests(unittest.TestCase):
         self.assertEqual(saved["key:" + llm_proxy.key_digest(CLIENT_KEY)][0][0], 9)
 
     def test_sighup_reloads_the_keys_file(self) -> None:
-        keys = os.path.join(self.directory, "keys.json")
-        with open(keys, "w") as file:
-            json.dump({"sk-old": {"name": "old"}}, file)
+        keys = write_keys_file(self, {"sk-old": {"name": "old"}})
         process, port = self.start(KEYS_FILE=keys)
         self.assertEqual(self.call(port, "/v1/quota", "sk-old")["name"], "old")
-        with open(keys, "w") as file:
-            json.dump({"sk-new": {"name": "new"}}, file)
+        self.assertEqual(write_keys_file(self, {"sk-new": {"name": "new"}}), keys)
         process.send_signal(signal.SIGHUP)
         deadline = time.monotonic() + WAIT
         while self.call(port, "/v1/quota", "sk-new")["status"] != 200:

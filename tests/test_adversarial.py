@@ -24,7 +24,7 @@ from unittest import mock
 import llm_proxy
 from llm_proxy import BucketSpec, BucketStore
 from test_llm_proxy import (CLIENT_KEY, OTHER_KEY, UPSTREAM_KEY, WAIT, FakeClock, ProxyTestCase,
-                            Response)
+                            Response, write_keys_file)
 
 VALID_BODY = json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode()
 
@@ -429,12 +429,7 @@ class MethodAndModelTests(AdversarialTestCase):
         self.assert_nothing_charged_or_forwarded()
 
     def test_model_list_applies_to_every_endpoint_that_names_a_model(self) -> None:
-        directory = tempfile.TemporaryDirectory()
-        self.addCleanup(directory.cleanup)
-        keys = os.path.join(directory.name, "keys.json")
-        with open(keys, "w") as file:
-            json.dump({CLIENT_KEY: {"models": ["small"]}}, file)
-        self.start_proxy(keys_file=keys)
+        self.start_proxy(keys_file=write_keys_file(self, {CLIENT_KEY: {"models": ["small"]}}))
         response = self.request("POST", "/v1/embeddings", {"model": "large", "input": "x"})
         self.assert_openai_error(response, 403, code="model_not_allowed")
         self.assertEqual(self.upstream.requests, [])
@@ -479,13 +474,9 @@ class ExactAdmissionTests(AdversarialTestCase):
 
     def run_contention(self, cost: int, **config: object) -> None:
         """64 threads x 20 requests against keys whose budgets are known: exactly that many served."""
-        directory = tempfile.TemporaryDirectory()
-        self.addCleanup(directory.cleanup)
-        keys_path = os.path.join(directory.name, "keys.json")
-        with open(keys_path, "w") as file:
-            json.dump({key: {"max_tokens": max(budget * cost, 1), "refill_tokens": 1,
-                             "refill_interval_seconds": 86400}
-                       for key, budget in self.BUDGETS.items()}, file)
+        keys_path = write_keys_file(self, {key: {"max_tokens": max(budget * cost, 1), "refill_tokens": 1,
+                                                 "refill_interval_seconds": 86400}
+                                           for key, budget in self.BUDGETS.items()})
         self.start_proxy(keys_file=keys_path, **config)
         if self.BUDGETS["sk-d"] == 0:  # an empty bucket: spend its one token first
             self.assertEqual(self.chat(key="sk-d", max_tokens=1).status, 200)

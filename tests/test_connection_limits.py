@@ -17,7 +17,6 @@ import select
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import unittest
 
@@ -27,7 +26,7 @@ except ImportError:  # Windows
     resource = None  # type: ignore[assignment]
 
 from test_llm_proxy import (CLIENT_KEY, HERE, WAIT, ProxyTestCase, clean_environment, free_port,
-                            send_raw)
+                            send_raw, write_keys_file)
 
 
 exchange = send_raw  # the proxy closes after every refusal here
@@ -150,12 +149,9 @@ class LoggedValueTests(ProxyTestCase):
         self.assert_logs_bounded_and_printable()
 
     def test_a_huge_model_and_a_key_name_with_escapes_are_logged_escaped_and_cut(self) -> None:
-        folder = tempfile.TemporaryDirectory()
-        self.addCleanup(folder.cleanup)
-        keys, access_log = os.path.join(folder.name, "keys.json"), os.path.join(folder.name, "access.log")
         name = "ops\x1b[2J" + "n" * 5000
-        with open(keys, "w") as file:
-            json.dump({CLIENT_KEY: {"name": name}}, file)
+        keys = write_keys_file(self, {CLIENT_KEY: {"name": name}})
+        access_log = os.path.join(os.path.dirname(keys), "access.log")
         self.start_proxy(keys_file=keys, access_log=access_log)
         model = "\x1b]0;owned\x07" + "m" * 1_000_000
         self.assertEqual(self.chat(model=model).status, 200)

@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import socket
-import tempfile
 import threading
 from dataclasses import dataclass
 from typing import Callable
 
 import llm_proxy
 from test_llm_proxy import (CLIENT_KEY, OTHER_KEY, UPSTREAM_KEY, WAIT, FakeUpstreamHandler,
-                            ProxyTestCase, Response)
+                            ProxyTestCase, Response, write_keys_file)
 
 PIECES = ["hi", " from", " upstream"]
 TEXT = "".join(PIECES)
@@ -381,12 +379,7 @@ class DialectTestCase(ProxyTestCase):
 
     def use_keys(self, entries: dict) -> None:
         """Restart the proxy with a keys file holding ``entries``."""
-        directory = tempfile.TemporaryDirectory()
-        self.addCleanup(directory.cleanup)
-        path = os.path.join(directory.name, "keys.json")
-        with open(path, "w") as file:
-            json.dump(entries, file)
-        self.start_proxy(client_keys=(), keys_file=path)
+        self.start_proxy(client_keys=(), keys_file=write_keys_file(self, entries))
 
 
 class ServedTests(DialectTestCase):

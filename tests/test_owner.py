@@ -16,7 +16,7 @@ import time
 
 import llm_proxy
 from test_llm_proxy import (ADMIN_KEY, CLIENT_KEY, HERE, OTHER_KEY, WAIT, ProxyTestCase,
-                            clean_environment, parse_exposition)
+                            clean_environment, parse_exposition, write_keys_file)
 
 APP_KEY = "sk-app-family-1234"
 
@@ -31,17 +31,13 @@ def sample(families: dict, name: str, **labels: str) -> float | None:
 
 class OwnerTestCase(ProxyTestCase):
     def setUp(self) -> None:
-        directory = tempfile.TemporaryDirectory()
-        self.addCleanup(directory.cleanup)
-        self.directory = directory.name
-        self.keys_path = os.path.join(self.directory, "keys.json")
-        with open(self.keys_path, "w") as file:
-            json.dump({CLIENT_KEY: {"name": "ada", "buckets": [
-                {"name": "hourly", "max_tokens": 5, "refill_tokens": 5, "refill_interval_seconds": 3600},
-                {"name": "daily", "max_tokens": 20, "refill_tokens": 20, "refill_interval_seconds": 86400}]},
-                OTHER_KEY: {"max_tokens": 3},
-                APP_KEY: {"name": "fam\"ily\\\n", "max_tokens": 50, "users": {
-                    "from": "user_field", "max_tokens": 2}}}, file)
+        self.keys_path = write_keys_file(self, {CLIENT_KEY: {"name": "ada", "buckets": [
+            {"name": "hourly", "max_tokens": 5, "refill_tokens": 5, "refill_interval_seconds": 3600},
+            {"name": "daily", "max_tokens": 20, "refill_tokens": 20, "refill_interval_seconds": 86400}]},
+            OTHER_KEY: {"max_tokens": 3},
+            APP_KEY: {"name": "fam\"ily\\\n", "max_tokens": 50, "users": {
+                "from": "user_field", "max_tokens": 2}}})
+        self.directory = os.path.dirname(self.keys_path)
         self.config_overrides = {"admin_key": ADMIN_KEY, "keys_file": self.keys_path}
         super().setUp()
 

@@ -20,7 +20,7 @@ from unittest import mock
 
 import llm_proxy
 from test_llm_proxy import (CLIENT_KEY, HERE, OTHER_KEY, WAIT, ProxyTestCase,
-                            clean_environment, free_port)
+                            clean_environment, free_port, write_keys_file)
 
 class QueuedLeaverTests(ProxyTestCase):
     """A client that leaves while queued is dropped from the queue, refunded and never sent."""
@@ -250,15 +250,11 @@ class ReviewFindingTests(ProxyTestCase):
 
 class ModelWindowDebtTests(ProxyTestCase):
     def test_a_model_window_in_debt_does_not_block_other_models(self) -> None:
-        directory = tempfile.TemporaryDirectory()
-        self.addCleanup(directory.cleanup)
-        path = os.path.join(directory.name, "keys.json")
-        with open(path, "w") as file:
-            json.dump({CLIENT_KEY: {"name": "ada", "buckets": [
-                {"name": "big model", "max_tokens": 20, "refill_tokens": 20,
-                 "refill_interval_seconds": 3600, "models": ["big"]},
-                {"name": "all", "max_tokens": 1000, "refill_tokens": 1000,
-                 "refill_interval_seconds": 3600}]}}, file)
+        path = write_keys_file(self, {CLIENT_KEY: {"name": "ada", "buckets": [
+            {"name": "big model", "max_tokens": 20, "refill_tokens": 20,
+             "refill_interval_seconds": 3600, "models": ["big"]},
+            {"name": "all", "max_tokens": 1000, "refill_tokens": 1000,
+             "refill_interval_seconds": 3600}]}})
         self.start_proxy(keys_file=path, cost_mode="usage")
         self.chat(model="big", max_tokens=5, headers={"X-Usage": "90"})  # 90 used: the big window in debt
         reply = self.chat(model="small", max_tokens=5).json()["choices"][0]["message"]["content"]
@@ -267,15 +263,11 @@ class ModelWindowDebtTests(ProxyTestCase):
 
 class UnitChargeRecordTests(ProxyTestCase):
     def test_tokens_charged_is_the_token_windows_charge(self) -> None:
-        directory = tempfile.TemporaryDirectory()
-        self.addCleanup(directory.cleanup)
-        path = os.path.join(directory.name, "keys.json")
-        log = os.path.join(directory.name, "access.log")
-        with open(path, "w") as file:
-            json.dump({CLIENT_KEY: {"name": "ada", "buckets": [
-                {"name": "rpm", "unit": "requests", "max_tokens": 10, "refill_tokens": 10,
-                 "refill_interval_seconds": 60},
-                {"name": "daily", "unit": "tokens", "max_tokens": 50000, "period": "day"}]}}, file)
+        path = write_keys_file(self, {CLIENT_KEY: {"name": "ada", "buckets": [
+            {"name": "rpm", "unit": "requests", "max_tokens": 10, "refill_tokens": 10,
+             "refill_interval_seconds": 60},
+            {"name": "daily", "unit": "tokens", "max_tokens": 50000, "period": "day"}]}})
+        log = os.path.join(os.path.dirname(path), "access.log")
         self.start_proxy(keys_file=path, cost_mode="estimate", access_log=log, admin_key="adm")
         payload = {"model": "m", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 40}
         self.request("POST", "/v1/chat/completions", payload)
@@ -328,9 +320,8 @@ class KeysFileEditTests(unittest.TestCase):
         self.assertEqual(os.stat(real).st_mode & 0o777, 0o644)
 
     def test_editing_needs_no_jwt_secret_in_this_shell(self) -> None:
-        with open(self.path, "w") as file:
-            json.dump({"app": {"name": "app", "users": {"from": "jwt", "secret_env": "SECRET_ELSEWHERE"}},
-                       "k2": {"name": "ada"}}, file)
+        self.path = write_keys_file(self, {"app": {"name": "app", "users": {
+            "from": "jwt", "secret_env": "SECRET_ELSEWHERE"}}, "k2": {"name": "ada"}})
         process = self.keys("disable", "ada")
         _, err = process.communicate(timeout=WAIT)
         self.assertEqual(process.returncode, 0, err)

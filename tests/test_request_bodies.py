@@ -15,7 +15,8 @@ import tempfile
 from unittest import mock
 
 import llm_proxy
-from test_llm_proxy import CLIENT_KEY, OTHER_KEY, FakeUpstreamHandler, ProxyTestCase, Response
+from test_llm_proxy import (CLIENT_KEY, OTHER_KEY, FakeUpstreamHandler, ProxyTestCase, Response,
+                            write_keys_file)
 
 LIMITED = CLIENT_KEY  # may use the model "small" only
 OPEN = OTHER_KEY      # any model
@@ -67,11 +68,7 @@ class BodyTestCase(ProxyTestCase):
     upstream_handler = BodyUpstreamHandler
 
     def setUp(self) -> None:
-        directory = tempfile.TemporaryDirectory()
-        self.addCleanup(directory.cleanup)
-        self.keys_path = os.path.join(directory.name, "keys.json")
-        with open(self.keys_path, "w") as file:
-            json.dump(KEYS, file)
+        self.keys_path = write_keys_file(self, KEYS)
         self.config_overrides = dict(self.config_overrides, keys_file=self.keys_path)
         super().setUp()
 

@@ -12,14 +12,13 @@ import hashlib
 import hmac
 import json
 import os
-import tempfile
 import threading
 import time
 import unittest
 from unittest import mock
 
 import llm_proxy
-from test_llm_proxy import CLIENT_KEY, WAIT, ProxyTestCase, Response
+from test_llm_proxy import CLIENT_KEY, WAIT, ProxyTestCase, Response, write_keys_file
 
 APP_KEY = "sk-webui-3n5b8v2c7x1z"
 SECRET = "jwt-secret-of-the-webui-0123456789"
@@ -51,20 +50,17 @@ class UserTestCase(ProxyTestCase):
         patcher = mock.patch.dict(os.environ, {"OPENWEBUI_JWT_SECRET": SECRET})
         patcher.start()
         self.addCleanup(patcher.stop)
-        directory = tempfile.TemporaryDirectory()
-        self.addCleanup(directory.cleanup)
-        self.directory = directory.name
-        self.keys_path = os.path.join(directory.name, "keys.json")
-        self.write_keys(self.users)
+        self.keys_path = self.write_keys(self.users)
+        self.directory = os.path.dirname(self.keys_path)
         self.config_overrides = {"keys_file": self.keys_path}
         super().setUp()
 
-    def write_keys(self, users: dict) -> None:
-        with open(self.keys_path, "w") as file:
-            json.dump({APP_KEY: {"name": "webui", "max_tokens": self.app_limit,
-                                 "refill_tokens": self.app_limit, "refill_interval_seconds": 86400,
-                                 "users": users},
-                       CLIENT_KEY: {"name": "plain", "max_tokens": 3}}, file)
+    def write_keys(self, users: dict) -> str:
+        """The app key with ``users``, and a plain key, as the keys file: its path."""
+        return write_keys_file(self, {APP_KEY: {"name": "webui", "max_tokens": self.app_limit,
+                                                "refill_tokens": self.app_limit,
+                                                "refill_interval_seconds": 86400, "users": users},
+                                      CLIENT_KEY: {"name": "plain", "max_tokens": 3}})
 
     def token(self, email: str | None, **claims: object) -> str:
         now = int(self.wall())
