@@ -23,60 +23,8 @@ from unittest import mock
 
 import llm_proxy
 from llm_proxy import BucketSpec, BucketStore
-from test_llm_proxy import (CLIENT_KEY, OTHER_KEY, UPSTREAM_KEY, WAIT, FakeClock, ProxyTestCase,
-                            Response, write_keys_file)
-
-VALID_BODY = json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode()
-
-
-def status_of(answer: bytes) -> int:
-    """The status code of the first response in raw bytes (0 if there is none)."""
-    parts = answer.split(b" ", 2)
-    return int(parts[1]) if answer.startswith(b"HTTP/1.") and len(parts) > 1 and parts[1].isdigit() else 0
-
-
-def body_of(answer: bytes) -> bytes:
-    return answer.partition(b"\r\n\r\n")[2]
-
-
-class AdversarialTestCase(ProxyTestCase):
-    def exchange(self, data: bytes, half_close: bool = True) -> bytes:
-        """Send raw bytes, optionally signal end of input, and read until the proxy closes."""
-        with socket.create_connection(("127.0.0.1", self.port), timeout=WAIT) as sock:
-            sock.sendall(data)
-            if half_close:
-                with contextlib.suppress(OSError):  # the proxy may have answered and closed already
-                    sock.shutdown(socket.SHUT_WR)
-            chunks = []
-            while True:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    return b"".join(chunks)
-                chunks.append(chunk)
-
-    def assert_error_answer(self, answer: bytes, status: int | None = None) -> dict:
-        """One OpenAI-shaped error, without a stack trace, and the connection closed after it."""
-        self.assertTrue(answer.startswith(b"HTTP/1.1 "), answer[:200])
-        if status is not None:
-            self.assertEqual(status_of(answer), status, answer[:300])
-        self.assertGreaterEqual(status_of(answer), 400)
-        self.assertNotEqual(status_of(answer), 500, answer[:300])
-        head, _, body = answer.partition(b"\r\n\r\n")
-        self.assertIn(b"Content-Type: application/json", head)
-        error = json.loads(body)["error"]
-        self.assertEqual(set(error), {"message", "type", "param", "code"})
-        self.assertNotIn(b"Traceback", answer)
-        return error
-
-    def assert_nothing_charged_or_forwarded(self) -> None:
-        self.assertEqual(self.upstream.requests, [])
-        self.assertEqual(self.level(), 10)
-
-    def assert_healthy(self) -> None:
-        """The proxy still serves a normal, metered request."""
-        self.assert_still_serving()
-        response = self.request("POST", "/v1/chat/completions", {"messages": []}, key="sk-probe")
-        self.assertEqual(response.json()["choices"][0]["message"]["content"], "hi from upstream")
+from test_llm_proxy import (CLIENT_KEY, OTHER_KEY, UPSTREAM_KEY, VALID_BODY, WAIT, AdversarialTestCase,
+                            FakeClock, Response, body_of, dechunk, status_of, write_keys_file)
 
 
 # --------------------------------------------------------------------------
@@ -450,19 +398,6 @@ class MethodAndModelTests(AdversarialTestCase):
                 while not answer.endswith(b'{"status":"ok"}'):
                     answer += sock.recv(65536)
                 self.assertIn(b"Connection: keep-alive", answer)
-
-
-def dechunk(data: bytes) -> bytes:
-    """Decode an HTTP/1.1 chunked body."""
-    out, rest = [], data
-    while rest:
-        size_line, _, rest = rest.partition(b"\r\n")
-        size = int(size_line, 16)
-        if size == 0:
-            break
-        out.append(rest[:size])
-        rest = rest[size + 2:]
-    return b"".join(out)
 
 
 # --------------------------------------------------------------------------
