@@ -131,31 +131,6 @@ class MalformedRequestTests(AdversarialTestCase):
         self.assert_nothing_charged_or_forwarded()
         self.assert_healthy()
 
-    def test_hostile_paths_reach_no_other_host_or_path_and_skip_no_bucket(self) -> None:
-        targets = [b"http://evil.example/v1/chat/completions", b"//evil.example/v1/chat/completions",
-                   b"/v1/../admin", b"/v1/%2e%2e/admin", b"/v1/%2E%2E%2Fadmin", b"/v1/chat%2fcompletions",
-                   b"/v1/chat/completions%00", b"/v1/chat/completions/..", b"/v1/./chat/completions",
-                   b"/v1\\chat\\completions", b"/v1/chat/completions;jsessionid=1", b"/v1//chat/completions",
-                   b"/v1/%ZZ", b"/v1/\xc3\xa9", b"*", b"evil.example:443"]
-        for target in targets:
-            with self.subTest(target=target):
-                answer = self.exchange(b"POST " + target + b" HTTP/1.1\r\nHost: evil.example\r\n"
-                                       b"Content-Length: %d\r\n\r\n%s" % (len(VALID_BODY), VALID_BODY))
-                self.assert_error_answer(answer)
-                self.assertEqual(status_of(answer), 400)
-        self.assert_nothing_charged_or_forwarded()
-        self.assert_healthy()
-
-    def test_every_spelling_of_a_completion_is_metered(self) -> None:
-        for path in ("/v1/chat/completions/", "/v1/chat/completions//", "/v1/chat/completions?a=b",
-                     "/V1/CHAT/COMPLETIONS", "/v1/%63hat/completions", "/v1/completions/"):
-            with self.subTest(path=path):
-                before = self.level()
-                response = self.request("POST", path, {"messages": [], "prompt": "x"})
-                self.assertEqual(self.level(), before - 1, path)
-                self.assertEqual(response.headers["X-RateLimit-Remaining"], str(before - 1))
-        self.assertTrue(all(r["path"].startswith("/v1/") for r in self.upstream.requests))
-
     def test_no_header_injection_either_way(self) -> None:
         folded = self.exchange(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-A: a\r\n X-Injected: 1\r\n\r\n")
         self.assert_error_answer(folded, 400)
@@ -370,12 +345,6 @@ class SlowDripTests(AdversarialTestCase):
 
 
 class MethodAndModelTests(AdversarialTestCase):
-    def test_other_methods_on_a_metered_path_are_405(self) -> None:
-        for method in ("GET", "PUT", "DELETE", "PATCH"):
-            with self.subTest(method=method):
-                self.assert_openai_error(self.request(method, "/v1/chat/completions", VALID_BODY), 405)
-        self.assert_nothing_charged_or_forwarded()
-
     def test_model_list_applies_to_every_endpoint_that_names_a_model(self) -> None:
         self.start_proxy(keys_file=write_keys_file(self, {CLIENT_KEY: {"models": ["small"]}}))
         response = self.request("POST", "/v1/embeddings", {"model": "large", "input": "x"})
