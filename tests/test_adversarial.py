@@ -73,19 +73,6 @@ class MalformedRequestTests(AdversarialTestCase):
         self.assert_error_answer(answer, 414)
         self.assert_healthy()
 
-    def test_bad_bodies_are_400_and_free(self) -> None:
-        nested = b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
-        bodies = [b"{not json", b"[]", b'"string"', b'{"messages": "hi"}', b'{"messages": [], "model": 7}',
-                  nested, b'{"messages": [], "x": "\xff\xfe"}', b'{"messages": [], "max_tokens": -1}',
-                  b'{"messages": [], "max_tokens": 1.5}', b'{"messages": [], "stream": "yes"}']
-        self.start_proxy(max_body_bytes=1_000_000)
-        for body in bodies:
-            with self.subTest(body=body[:40]):
-                response = self.request("POST", "/v1/chat/completions", body)
-                self.assert_openai_error(response, 400, "invalid_request_error")
-        self.assert_nothing_charged_or_forwarded()
-        self.assert_healthy()
-
     def test_content_length_that_lies(self) -> None:
         for value, status in ((b"-1", 400), (b"abc", 400), (b"1e3", 400), (b"+5", 400), (b" 0x10", 400),
                               (b"99999999999999999999", 413)):
@@ -345,12 +332,6 @@ class SlowDripTests(AdversarialTestCase):
 
 
 class MethodAndModelTests(AdversarialTestCase):
-    def test_model_list_applies_to_every_endpoint_that_names_a_model(self) -> None:
-        self.start_proxy(keys_file=write_keys_file(self, {CLIENT_KEY: {"models": ["small"]}}))
-        response = self.request("POST", "/v1/embeddings", {"model": "large", "input": "x"})
-        self.assert_openai_error(response, 403, code="model_not_allowed")
-        self.assertEqual(self.upstream.requests, [])
-
     def test_expect_100_with_an_unknown_key_is_refused_before_the_body(self) -> None:
         self.start_proxy(client_keys=(CLIENT_KEY,))
         answer = self.exchange(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
