@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,39 +18,8 @@ import urllib.request
 from unittest import mock
 
 import llm_proxy
-from test_llm_proxy import (CLIENT_KEY, HERE, OTHER_KEY, WAIT, ProxyTestCase,
+from test_llm_proxy import (CLIENT_KEY, HERE, WAIT, ProxyTestCase,
                             clean_environment, free_port, write_keys_file)
-
-class QueuedLeaverTests(ProxyTestCase):
-    """A client that leaves while queued is dropped from the queue, refunded and never sent."""
-
-    config_overrides = {"client_keys": (CLIENT_KEY, OTHER_KEY), "upstream_max_concurrent": 1}
-
-    def test_leaver_is_withdrawn_at_once_never_sent_and_not_charged(self) -> None:
-        results = []
-        holder = threading.Thread(target=lambda: results.append(self.chat(headers={"X-Fake": "hold"})))
-        holder.start()
-        gate = self.proxy.upstreams.default.gate
-        self.wait_for(lambda: len(self.upstream.requests) == 1)
-        body = json.dumps({"messages": [{"role": "user", "content": "queued"}]}).encode()
-        leaver = socket.create_connection(("127.0.0.1", self.port), timeout=WAIT)
-        leaver.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
-                       + OTHER_KEY.encode() + b"\r\nContent-Type: application/json\r\n"
-                       b"Content-Length: %d\r\n\r\n" % len(body) + body)
-        self.wait_for(lambda: gate.waiting == 1)
-        leaver.close()
-        self.wait_for(lambda: gate.waiting == 0)  # withdrawn while the slot is still taken
-        self.assertEqual(gate.in_flight, 1)
-        self.upstream.release.set()
-        holder.join(WAIT)
-        self.assertEqual(results[0].status, 200)
-        self.written("499")
-        self.assertEqual(len(self.upstream.requests), 1, "the leaver's request was sent upstream")
-        self.assertEqual(self.level(OTHER_KEY), 10)
-        self.assertEqual(self.level(CLIENT_KEY), 9)
-        self.assertEqual(self.chat(key=OTHER_KEY).status, 200)  # no slot was kept by the leaver
-        self.wait_for(lambda: (gate.in_flight, gate.waiting) == (0, 0))  # released after the answer
-
 
 class AccessLogTimelineTests(ProxyTestCase):
     """``time`` is the arrival in UTC with milliseconds; ``duration_ms`` runs to the last byte."""
