@@ -1305,7 +1305,8 @@ class BadInputTests(ProxyTestCase):
 
 
 # --------------------------------------------------------------------------
-# Sharing: usage accounting, key policies, quota, state (fair queueing: tests/test_fair_queue.py)
+# Sharing: usage accounting, key policies, quota, state (fair queueing and the access log:
+# tests/test_fair_queue.py, tests/test_access_log.py)
 # --------------------------------------------------------------------------
 
 
@@ -1547,40 +1548,6 @@ class StateFileTests(ProxyTestCase):
         os.unlink(self.state_path)
         self.start_proxy(state_file=self.state_path + ".missing")
         self.assertIn("not found", self.log.lines[-1])
-
-
-class AccessLogTests(ProxyTestCase):
-    def test_one_json_line_per_request_without_keys_or_prompts(self) -> None:
-        directory = tempfile.TemporaryDirectory()
-        self.addCleanup(directory.cleanup)
-        path = os.path.join(directory.name, "access.log")
-        self.start_proxy(access_log=path, max_tokens=1, refill_tokens=1)
-        # each record is written just after its answer: wait for it, to keep the order
-        self.chat(content="my secret prompt")
-        self.written(" served ")
-        self.chat(content="my secret prompt")
-        self.written(" limited ")
-        self.chat(key=None, model=5)
-        self.written(" rejected ")
-        self.chat(headers={"X-Fake": "status-503"}, key=OTHER_KEY)
-        self.stop(self.proxy)
-        self.proxy = None
-        with open(path) as file:
-            text = file.read()
-        records = [json.loads(line) for line in text.splitlines()]
-        self.assertEqual([r["outcome"] for r in records], ["served", "limited", "rejected", "error"])
-        self.assertEqual([r["status"] for r in records], [200, 200, 400, 503])
-        self.assertEqual([r["tokens_charged"] for r in records], [1, 0, 0, 0])
-        first = records[0]
-        self.assertEqual(first["key"], llm_proxy.key_digest(CLIENT_KEY)[:12])
-        self.assertEqual((first["ip"], first["method"], first["path"], first["model"]),
-                         ("127.0.0.1", "POST", "/v1/chat/completions", "client-model"))
-        self.assertIsInstance(first["upstream_ms"], float)
-        self.assertEqual(set(first), {"time", "key", "user", "ip", "method", "path", "model", "status",
-                                      "stream", "tokens_charged", "tokens_settled", "duration_ms",
-                                      "upstream_ms", "outcome"})
-        for secret in (CLIENT_KEY, OTHER_KEY, UPSTREAM_KEY, "my secret prompt"):
-            self.assertNotIn(secret, text)
 
 
 class RestartTests(unittest.TestCase):
