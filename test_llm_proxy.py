@@ -780,40 +780,6 @@ class CommandLineTests(unittest.TestCase):
             process.communicate(timeout=WAIT)
 
 
-class ScriptTests(unittest.TestCase):
-    """run_local_proxy.sh and curl_local_proxy.sh, end to end against the echo model."""
-
-    def test_run_script_with_saved_settings_and_curl_script(self) -> None:
-        echo = llm_proxy.start_echo_model(word_delay=0)
-        self.addCleanup(lambda: (echo.shutdown(), echo.server_close()))
-        port = free_port()
-        with open(os.path.join(self.tmp(), "saved.env"), "w") as saved:
-            saved.write("# saved\nMAX_TOKENS=7\nREFILL_TOKENS=3\nBASE_API_URL='http://127.0.0.1:9/v1'\n")
-        env = clean_environment()
-        env.update(LLM_PROXY_SETTINGS=saved.name, REFILL_TOKENS="4", PORT=str(port),
-                   BASE_API_URL=f"http://127.0.0.1:{echo.server_address[1]}/v1")
-        process = subprocess.Popen(["bash", os.path.join(HERE, "run_local_proxy.sh")], env=env,
-                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        try:
-            line = process.stdout.readline()
-            self.assertIn(f"listening on http://127.0.0.1:{port}", line)
-            self.assertIn("7 tokens, +4 every", line)  # saved file read, environment wins
-            result = subprocess.run(["bash", os.path.join(HERE, "curl_local_proxy.sh")], env=env,
-                                    capture_output=True, text=True, timeout=WAIT)
-        finally:
-            process.terminate()
-            process.communicate(timeout=WAIT)
-        self.assertEqual(result.returncode, 0, result.stderr)
-        self.assertIn("status: 200", result.stdout)
-        self.assertIn("X-RateLimit-Remaining: 6", result.stdout)
-        self.assertIn("reply: echo: Reply with exactly: proxy ok", result.stdout)
-
-    def tmp(self) -> str:
-        directory = tempfile.TemporaryDirectory()
-        self.addCleanup(directory.cleanup)
-        return directory.name
-
-
 def clean_environment() -> dict[str, str]:
     """This process's environment without any llm_proxy setting, for starting the real command."""
     names = {name for setting in llm_proxy.SETTINGS for name in setting.names}
