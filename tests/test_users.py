@@ -245,3 +245,34 @@ class ConfigTests(unittest.TestCase):
         with self.assertRaises(llm_proxy.ConfigError) as raised:
             llm_proxy.parse_keys_file(json.dumps(entry), config)
         self.assertNotIn(SECRET, str(raised.exception))
+
+
+class JwtVerificationTests(unittest.TestCase):
+    """verify_jwt refuses an expiry that is no finite number and any signature spelt another way."""
+
+    def test_jwt_expiry_must_be_a_finite_number_and_signatures_canonical(self) -> None:
+        import base64
+        import hashlib
+        import hmac as hmac_module
+
+        def mint(claims: dict) -> str:
+            head = base64.urlsafe_b64encode(b'{"alg":"HS256","typ":"JWT"}').rstrip(b"=").decode()
+            body = base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=").decode()
+            mac = hmac_module.new(b"k", f"{head}.{body}".encode(), hashlib.sha256).digest()
+            return f"{head}.{body}.{base64.urlsafe_b64encode(mac).rstrip(b'=').decode()}"
+        for exp in ("NaN", "Infinity", "1e400"):
+            token = mint({"email": "a@x"}).split(".")
+            token[1] = base64.urlsafe_b64encode(('{"email": "a@x", "exp": %s}' % exp).encode()).rstrip(b"=").decode()
+            mac = hmac_module.new(b"k", f"{token[0]}.{token[1]}".encode(), hashlib.sha256).digest()
+            token[2] = base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
+            with self.assertRaises(ValueError, msg=exp):
+                llm_proxy.verify_jwt(".".join(token), b"k", 1000.0)
+        good = mint({"email": "a@x", "exp": 2000})
+        self.assertEqual(llm_proxy.verify_jwt(good, b"k", 1000.0)["email"], "a@x")
+        last = good[-1]
+        variants = [c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+                    if c != last]
+        for variant in variants:
+            forged = good[:-1] + variant
+            with self.assertRaises(ValueError):
+                llm_proxy.verify_jwt(forged, b"k", 1000.0)
