@@ -15,7 +15,40 @@ import socket
 import time
 from unittest import mock
 
-from test_llm_proxy import VALID_BODY, WAIT, AdversarialTestCase, Response
+from test_llm_proxy import VALID_BODY, WAIT, AdversarialTestCase, ProxyTestCase, Response, free_port
+
+
+class FailureTests(ProxyTestCase):
+    """A failing upstream's status passes through; no connection or no answer is a 502 or 504."""
+
+    config_overrides = {"max_tokens": 3}
+
+    def test_upstream_5xx_passes_through_and_is_refunded(self) -> None:
+        response = self.chat(headers={"X-Fake": "status-503"})
+        self.assertEqual(response.status, 503)
+        self.assertEqual(response.json()["error"]["message"], "upstream says 503")
+        self.assertEqual(self.level(), 3)
+
+    def test_refused_connection_is_a_502_without_details_and_refunded(self) -> None:
+        port = free_port()
+        self.start_proxy(max_tokens=3, upstream_url=f"http://127.0.0.1:{port}/v1")
+        error = self.assert_openai_error(self.chat(), 502, "upstream_error")
+        self.assertNotIn("refused", error["message"].lower())
+        self.assertNotIn(str(port), error["message"])
+        self.assertEqual(self.level(), 3)
+
+    def test_upstream_that_hangs_up_is_a_502_and_refunded(self) -> None:
+        self.assert_openai_error(self.chat(headers={"X-Fake": "close"}), 502, "upstream_error")
+        self.assert_openai_error(self.chat(headers={"X-Fake": "partial"}), 502, "upstream_error")
+        self.assertEqual(self.level(), 3)
+
+    def test_upstream_timeout_is_a_504_and_refunded(self) -> None:
+        self.start_proxy(max_tokens=3, read_timeout=0.2)
+        self.assert_openai_error(self.chat(headers={"X-Fake": "stall"}), 504, "upstream_error",
+                                 "upstream_timeout")
+        self.assertEqual(self.level(), 3)
+        self.upstream.release.set()
+        self.assertEqual(self.chat().status, 200)
 
 
 class UpstreamFaultTests(AdversarialTestCase):
