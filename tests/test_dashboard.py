@@ -22,7 +22,7 @@ import unittest
 from unittest import mock
 
 import llm_proxy
-from test_llm_proxy import CLIENT_KEY, OTHER_KEY, WAIT, ProxyTestCase
+from test_llm_proxy import CLIENT_KEY, OTHER_KEY, WAIT, ProxyTestCase, write_keys_file
 
 ADMIN_KEY = "adm-7Hq2-secret-dashboard"
 SIGN_OUT_SHOWN = "document.getElementById('logout').offsetParent !== null"
@@ -117,14 +117,10 @@ class DashboardBrowserTests(ProxyTestCase):
     config_overrides = {"admin_key": ADMIN_KEY, "client_keys": (CLIENT_KEY, OTHER_KEY)}
 
     def test_log_in_with_enter_and_read_the_table(self) -> None:
-        directory = tempfile.TemporaryDirectory()
-        self.addCleanup(directory.cleanup)
-        keys = os.path.join(directory.name, "keys.json")
-        with open(keys, "w") as file:
-            json.dump({CLIENT_KEY: {"name": "ada", "max_tokens": 20, "buckets": [
-                {"name": "hourly", "max_tokens": 20, "refill_tokens": 20, "refill_interval_seconds": 3600},
-                {"name": "daily", "max_tokens": 50, "refill_tokens": 50, "refill_interval_seconds": 86400}]},
-                OTHER_KEY: {"name": "alan<script>", "max_tokens": 5}}, file)
+        keys = write_keys_file(self, {CLIENT_KEY: {"name": "ada", "max_tokens": 20, "buckets": [
+            {"name": "hourly", "max_tokens": 20, "refill_tokens": 20, "refill_interval_seconds": 3600},
+            {"name": "daily", "max_tokens": 50, "refill_tokens": 50, "refill_interval_seconds": 86400}]},
+            OTHER_KEY: {"name": "alan<script>", "max_tokens": 5}})
         self.start_proxy(admin_key=ADMIN_KEY, keys_file=keys)
         close_charge = llm_proxy.Call.close_charge
 

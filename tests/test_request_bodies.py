@@ -4,7 +4,8 @@ A body is parsed once, strictly; what is charged, checked against the key's mode
 and forwarded is that parse.  Every test here was an attack that worked: a field
 spelled so that the model server reads it and the proxy does not, an allowance
 the server reads in another field, a batch charged as one answer, a model named in
-a form, a body smuggled on a GET.  Run by ``python3 test_llm_proxy.py``.
+a form, a body smuggled on a GET.  Bodies that are no JSON object at all are refused,
+charging nothing.  Run by ``python3 test_llm_proxy.py``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import tempfile
 from unittest import mock
 
 import llm_proxy
-from test_llm_proxy import CLIENT_KEY, OTHER_KEY, FakeUpstreamHandler, ProxyTestCase, Response
+from test_llm_proxy import (CLIENT_KEY, OTHER_KEY, AdversarialTestCase, FakeUpstreamHandler, ProxyTestCase,
+                            Response, write_keys_file)
 
 LIMITED = CLIENT_KEY  # may use the model "small" only
 OPEN = OTHER_KEY      # any model
@@ -67,11 +69,7 @@ class BodyTestCase(ProxyTestCase):
     upstream_handler = BodyUpstreamHandler
 
     def setUp(self) -> None:
-        directory = tempfile.TemporaryDirectory()
-        self.addCleanup(directory.cleanup)
-        self.keys_path = os.path.join(directory.name, "keys.json")
-        with open(self.keys_path, "w") as file:
-            json.dump(KEYS, file)
+        self.keys_path = write_keys_file(self, KEYS)
         self.config_overrides = dict(self.config_overrides, keys_file=self.keys_path)
         super().setUp()
 
@@ -410,3 +408,26 @@ class StoredAnswerTests(BodyTestCase):
         self.assertEqual(self.request("GET", f"/v1/chat/completions/{answer_id}", key=LIMITED).status, 404)
         self.request("GET", f"/v1/chat/completions/{answer_id}", key=OPEN)
         self.assertEqual(self.forwarded_paths()[-1], f"/v1/chat/completions/{answer_id}")
+
+
+class BadBodyTests(AdversarialTestCase):
+    """A body the proxy cannot read, or one naming a model off the key's list, is refused for free."""
+
+    def test_bad_bodies_are_400_and_free(self) -> None:
+        nested = b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+        bodies = [b"{not json", b"[]", b'"string"', b'{"messages": "hi"}', b'{"messages": [], "model": 7}',
+                  nested, b'{"messages": [], "x": "\xff\xfe"}', b'{"messages": [], "max_tokens": -1}',
+                  b'{"messages": [], "max_tokens": 1.5}', b'{"messages": [], "stream": "yes"}']
+        self.start_proxy(max_body_bytes=1_000_000)
+        for body in bodies:
+            with self.subTest(body=body[:40]):
+                response = self.request("POST", "/v1/chat/completions", body)
+                self.assert_openai_error(response, 400, "invalid_request_error")
+        self.assert_nothing_charged_or_forwarded()
+        self.assert_healthy()
+
+    def test_model_list_applies_to_every_endpoint_that_names_a_model(self) -> None:
+        self.start_proxy(keys_file=write_keys_file(self, {CLIENT_KEY: {"models": ["small"]}}))
+        response = self.request("POST", "/v1/embeddings", {"model": "large", "input": "x"})
+        self.assert_openai_error(response, 403, code="model_not_allowed")
+        self.assertEqual(self.upstream.requests, [])

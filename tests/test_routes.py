@@ -3,7 +3,9 @@
 One table (``llm_proxy.ROUTES``) decides, for a path and a method, whether a key is
 needed, which API's shape errors take, and what answers: a metered call, a free one,
 a local answer or a refusal.  These rows pin what the routing did before it was one
-table; the second test sends each through a real proxy.  Run by ``python3 test_llm_proxy.py``.
+table; the second test sends each through a real proxy.  Then what a hostile target
+(another host, ``..``, an escape) and a stored answer's sub-paths come to.
+Run by ``python3 test_llm_proxy.py``.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import unittest
 
 import llm_proxy
-from test_llm_proxy import CLIENT_KEY, ProxyTestCase
+from test_llm_proxy import CLIENT_KEY, VALID_BODY, AdversarialTestCase, ProxyTestCase, status_of
 
 # (method, path, answer, endpoint, shape of its errors)
 ROWS = [
@@ -154,3 +156,62 @@ def shape_of(body: dict) -> str:
     if body.get("type") == "error":
         return "anthropic"
     return "ollama" if isinstance(body.get("error"), str) else "openai"
+
+
+class HostileTargetTests(AdversarialTestCase):
+    """A target spelt to slip past the table reaches no other host or path and skips no bucket."""
+
+    def test_hostile_paths_reach_no_other_host_or_path_and_skip_no_bucket(self) -> None:
+        targets = [b"http://evil.example/v1/chat/completions", b"//evil.example/v1/chat/completions",
+                   b"/v1/../admin", b"/v1/%2e%2e/admin", b"/v1/%2E%2E%2Fadmin", b"/v1/chat%2fcompletions",
+                   b"/v1/chat/completions%00", b"/v1/chat/completions/..", b"/v1/./chat/completions",
+                   b"/v1\\chat\\completions", b"/v1/chat/completions;jsessionid=1", b"/v1//chat/completions",
+                   b"/v1/%ZZ", b"/v1/\xc3\xa9", b"*", b"evil.example:443"]
+        for target in targets:
+            with self.subTest(target=target):
+                answer = self.exchange(b"POST " + target + b" HTTP/1.1\r\nHost: evil.example\r\n"
+                                       b"Content-Length: %d\r\n\r\n%s" % (len(VALID_BODY), VALID_BODY))
+                self.assert_error_answer(answer)
+                self.assertEqual(status_of(answer), 400)
+        self.assert_nothing_charged_or_forwarded()
+        self.assert_healthy()
+
+    def test_every_spelling_of_a_completion_is_metered(self) -> None:
+        for path in ("/v1/chat/completions/", "/v1/chat/completions//", "/v1/chat/completions?a=b",
+                     "/V1/CHAT/COMPLETIONS", "/v1/%63hat/completions", "/v1/completions/"):
+            with self.subTest(path=path):
+                before = self.level()
+                response = self.request("POST", path, {"messages": [], "prompt": "x"})
+                self.assertEqual(self.level(), before - 1, path)
+                self.assertEqual(response.headers["X-RateLimit-Remaining"], str(before - 1))
+        self.assertTrue(all(r["path"].startswith("/v1/") for r in self.upstream.requests))
+
+    def test_other_methods_on_a_metered_path_are_405(self) -> None:
+        for method in ("GET", "PUT", "DELETE", "PATCH"):
+            with self.subTest(method=method):
+                self.assert_openai_error(self.request(method, "/v1/chat/completions", VALID_BODY), 405)
+        self.assert_nothing_charged_or_forwarded()
+
+
+class FreeCallTests(ProxyTestCase):
+    """Only reading and counting calls are free; whatever else names a stored answer pays."""
+
+    config_overrides = {"client_keys": (CLIENT_KEY,), "max_tokens": 1, "refill_tokens": 1}
+
+    def test_only_reading_and_counting_calls_are_free(self) -> None:
+        # A stored response of this key's (the fake answers every POST with id "chatcmpl-up");
+        # the bucket is empty from here on
+        self.request("POST", "/v1/responses", {"model": "m", "input": "x"})
+        stored = "/v1/responses/chatcmpl-up"
+        charged = [("POST", "/v1/responses/compact"), ("POST", stored + "/cancel"),
+                   ("PUT", stored), ("POST", "/v1/messages/count_tokens_x")]
+        for method, path in charged:
+            with self.subTest(path=path):
+                self.assertEqual(self.request(method, path, {"model": "m"}).status, 429)
+        free = [("GET", stored), ("DELETE", stored), ("GET", stored + "/input_items"),
+                ("POST", "/v1/messages/count_tokens")]
+        for method, path in free:
+            with self.subTest(path=path):
+                self.assertLess(self.request(method, path, {"model": "m"} if method == "POST" else None
+                                             ).status, 429)
+        self.assertEqual(len(self.upstream.requests), 1 + len(free))

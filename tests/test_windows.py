@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 
 import llm_proxy
-from test_llm_proxy import CLIENT_KEY, ProxyTestCase
+from test_llm_proxy import CLIENT_KEY, ProxyTestCase, write_keys_file
 
 
 def local(text: str) -> float:
@@ -36,14 +35,10 @@ class WindowTestCase(ProxyTestCase):
                 os.environ["TZ"] = previous
             time.tzset()
         self.addCleanup(restore)
-        directory = tempfile.TemporaryDirectory()
-        self.addCleanup(directory.cleanup)
-        self.keys_path = os.path.join(directory.name, "keys.json")
         super().setUp()
 
     def use_windows(self, windows: list, cost_mode: str = "request") -> None:
-        with open(self.keys_path, "w") as file:
-            json.dump({CLIENT_KEY: {"name": "ada", "buckets": windows}}, file)
+        self.keys_path = write_keys_file(self, {CLIENT_KEY: {"name": "ada", "buckets": windows}})
         self.start_proxy(keys_file=self.keys_path, cost_mode=cost_mode)
 
     def at(self, text: str) -> None:
@@ -88,11 +83,10 @@ class CalendarTests(WindowTestCase):
         self.assertEqual([b["tokens"] for b in self.quota()], [0, 2])
 
     def test_state_file_keeps_a_calendar_window_until_its_boundary(self) -> None:
-        state = os.path.join(os.path.dirname(self.keys_path), "state.json")
         self.at("2026-11-24 10:00:00")
-        with open(self.keys_path, "w") as file:
-            json.dump({CLIENT_KEY: {"name": "ada", "buckets": [
-                {"name": "daily", "max_tokens": 1, "period": "day"}]}}, file)
+        self.keys_path = write_keys_file(self, {CLIENT_KEY: {"name": "ada", "buckets": [
+            {"name": "daily", "max_tokens": 1, "period": "day"}]}})
+        state = os.path.join(os.path.dirname(self.keys_path), "state.json")
         self.start_proxy(keys_file=self.keys_path, state_file=state)
         self.reply()
         self.start_proxy(keys_file=self.keys_path, state_file=state)
@@ -148,3 +142,18 @@ class ModelWindowTests(WindowTestCase):
             with self.subTest(window):
                 with self.assertRaisesRegex(llm_proxy.ConfigError, message):
                     llm_proxy.parse_keys_file(json.dumps({"k": {"buckets": [window]}}), config)
+
+
+class ModelWindowDebtTests(ProxyTestCase):
+    """A model's window in debt (usage beyond its limit) does not block the other models."""
+
+    def test_a_model_window_in_debt_does_not_block_other_models(self) -> None:
+        path = write_keys_file(self, {CLIENT_KEY: {"name": "ada", "buckets": [
+            {"name": "big model", "max_tokens": 20, "refill_tokens": 20,
+             "refill_interval_seconds": 3600, "models": ["big"]},
+            {"name": "all", "max_tokens": 1000, "refill_tokens": 1000,
+             "refill_interval_seconds": 3600}]}})
+        self.start_proxy(keys_file=path, cost_mode="usage")
+        self.chat(model="big", max_tokens=5, headers={"X-Usage": "90"})  # 90 used: the big window in debt
+        reply = self.chat(model="small", max_tokens=5).json()["choices"][0]["message"]["content"]
+        self.assertEqual(reply, "hi from upstream")
