@@ -4255,9 +4255,6 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def end_request(self) -> None:
         self.server.request_arrived(self.connection)
-        meter = self.call.meter
-        if meter is not None and meter.object_id is not None and self.call.served:
-            self.server.stored.record(meter.object_id, self.call.owner)
         self.log_outcome()
 
     def route(self) -> None:
@@ -4595,7 +4592,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 inspect: Callable[[bytes], bytes] | None = None) -> None:
         call, server = self.call, self.server
         call.upstream = call.upstream or server.upstreams.for_model(call.model)
-        Relay(self, server.watcher, server.loop).forward(target, body, inspect)
+        Relay(self, server.watcher, server.loop, server.stored).forward(target, body, inspect)
 
     # -- writing -------------------------------------------------------------
 
@@ -5686,11 +5683,24 @@ class Relay:
     from facts, in ``Call.close_charge``.
     """
 
-    def __init__(self, client: ProxyHandler, watcher: DisconnectWatcher, loop: ConnectionLoop) -> None:
+    def __init__(self, client: ProxyHandler, watcher: DisconnectWatcher, loop: ConnectionLoop,
+                 stored: StoredAnswers) -> None:
         self.client = client
         self.call = client.call
-        self.watcher, self.loop = watcher, loop
+        self.watcher, self.loop, self.stored = watcher, loop, stored
         self.exchange: UpstreamExchange | None = None
+        self.claimed = False  # the answer's id is recorded as the caller's
+
+    def claim_answer(self) -> None:
+        """Record the answer's id (a stored response) as the caller's, before the caller has it.
+
+        Recorded later, a client that asks for its answer as soon as it arrives
+        (to cancel or fetch it) could be refused it as somebody else's.
+        """
+        meter = self.call.meter
+        if not self.claimed and meter is not None and meter.object_id is not None:
+            self.claimed = True
+            self.stored.record(meter.object_id, self.call.owner)
 
     def forward(self, target: Target, body: bytes,
                 inspect: Callable[[bytes], bytes] | None = None) -> None:
@@ -5762,6 +5772,7 @@ class Relay:
         call = self.call
         if response.status < 400 and inspect is not None:
             data = inspect(data)
+            self.claim_answer()
         call.served = call.finished = response.status < 400
         call.close_charge()
         self.client.send_bytes(response.status, headers + self.meter_headers(), data,
@@ -5804,6 +5815,8 @@ class Relay:
                     return False  # for now: the loop ends the stream, and the call (Call.end)
                 if data is None:
                     break
+                if ok:
+                    self.claim_answer()
                 client.write_chunk(data)
                 call.served = call.served or ok
         except (OSError, http.client.HTTPException) as error:
@@ -6241,6 +6254,8 @@ class RelayedStream:
                 if data is None:
                     self.finish(None)
                     return
+                if ok:
+                    self.relay.claim_answer()
                 self.handler.write_chunk(data)
                 call.served = call.served or ok
         except NeedMore:

@@ -13,10 +13,11 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import threading
 from unittest import mock
 
 import llm_proxy
-from test_llm_proxy import (CLIENT_KEY, OTHER_KEY, AdversarialTestCase, FakeUpstreamHandler, ProxyTestCase,
+from test_llm_proxy import (CLIENT_KEY, OTHER_KEY, WAIT, AdversarialTestCase, FakeUpstreamHandler, ProxyTestCase,
                             Response, write_keys_file)
 
 LIMITED = CLIENT_KEY  # may use the model "small" only
@@ -390,6 +391,23 @@ class StoredAnswerTests(BodyTestCase):
         response = self.post("/v1/responses", {"model": "small", "input": "hi", "conversation": "conv_1"})
         self.assertEqual((response.status, response.json()["error"]["param"]), (400, "conversation"))
         self.assertEqual(self.forwarded_paths(), ["/v1/responses"])
+
+    def test_an_answer_is_the_callers_before_the_caller_has_it(self) -> None:
+        """A client may ask for its answer the moment it arrives: the proxy has recorded it as
+        the caller's before sending it, not at the end of the request, after the answer went."""
+        proxy, answered = self.proxy, threading.Event()
+        request_arrived = proxy.request_arrived
+        def end_of_request_held_back(connection: object) -> None:  # (only the first request's)
+            answered.wait(WAIT)
+            request_arrived(connection)
+        proxy.request_arrived = end_of_request_held_back
+        self.post("/v1/responses", {"model": "small", "input": "hi"}, key=OPEN)
+        proxy.request_arrived = request_arrived
+        try:
+            self.request("GET", self.STORED, key=OPEN)
+        finally:
+            answered.set()
+        self.assertEqual(self.forwarded_paths(), ["/v1/responses", self.STORED])  # not refused
 
     def test_an_id_the_proxy_never_relayed_is_found_by_nobody(self) -> None:
         self.assertEqual(self.request("GET", "/v1/responses/resp_elsewhere", key=OPEN).status, 404)
