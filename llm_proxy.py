@@ -1239,9 +1239,14 @@ class MoneyUnit(Unit):
     caps = True
 
     def estimate(self, call: CallCost) -> int:
-        """The softer charge of an overdraft window: the prompt and at most the reserve."""
-        if call.price is None or call.flat:
+        """The softer charge of an overdraft window: the prompt and at most the reserve.
+
+        A flat-rate call (an image, a transcription) costs its model's ``per_call`` price.
+        """
+        if call.price is None:
             return 0
+        if call.flat:
+            return call.price.call_nanos
         allowance = call.config.response_reserve if call.allowance is None else min(
             call.allowance, call.config.response_reserve)
         return self.prompt_cost(call) + math.ceil(self.output_cost(call) * allowance)
@@ -1254,7 +1259,9 @@ class MoneyUnit(Unit):
 
     def settle(self, used: Usage, call: CallCost | None = None) -> int | None:
         price = None if call is None else call.price
-        return None if price is None else price.nanos(used)
+        if price is None or call.flat:  # (a flat-rate call keeps its price per call)
+            return None
+        return price.nanos(used)
 
 
 class CostMode:
@@ -2395,7 +2402,8 @@ METERED_ENDPOINTS = frozenset(dialect.name for dialect in DIALECTS + (OPENAI,) +
 # Prices: MODELS_FILE
 # --------------------------------------------------------------------------
 
-PRICE_FIELDS = ("input", "cached_input", "cache_write", "output")  # per million tokens
+PRICE_FIELDS = ("input", "cached_input", "cache_write", "output",  # per million tokens
+                "per_call")  # per call, for what is not counted in tokens (images, audio)
 MODEL_FIELDS = ("price", "max_output")
 CATALOG_FIELDS = ("currency", "models")
 TOKENS_A_PRICE = 10 ** 6  # prices are per million tokens
@@ -2412,6 +2420,7 @@ class Price(NamedTuple):
     output: Fraction
     cached_input: Fraction
     cache_write: Fraction
+    per_call: Fraction = Fraction(0)  # a flat-rate call's (an image, a transcription), not per token
 
     def nanos(self, used: Usage) -> int:
         """What ``used`` costs, in nano-units of the currency, rounded to the nearest."""
@@ -2431,6 +2440,11 @@ class Price(NamedTuple):
     @property
     def output_nanos_per_token(self) -> float:
         return float(self.output * NANOS / TOKENS_A_PRICE)
+
+    @property
+    def call_nanos(self) -> int:
+        """What one flat-rate call costs (``per_call``), in nano-units."""
+        return math.ceil(self.per_call * NANOS)
 
 
 class ModelInfo(NamedTuple):
@@ -2509,11 +2523,13 @@ def _model_info(entry: object, where: str) -> ModelInfo:
                 raise ConfigError(f"{where} price: {name} must be a number, 0 or more "
                                   "(per million tokens)")
         for name in ("input", "output"):
-            if name not in prices:
+            if name not in prices and "per_call" not in prices:  # (an image model has no tokens)
                 raise ConfigError(f"{where} price: {name} is missing (per million tokens)")
         exact = {name: Fraction(repr(value)) for name, value in prices.items()}
-        price = Price(exact["input"], exact["output"], exact.get("cached_input", exact["input"]),
-                      exact.get("cache_write", exact["input"]))
+        zero = Fraction(0)
+        price = Price(exact.get("input", zero), exact.get("output", zero),
+                      exact.get("cached_input", exact.get("input", zero)),
+                      exact.get("cache_write", exact.get("input", zero)), exact.get("per_call", zero))
     return ModelInfo(price, max_output)
 
 
@@ -3890,7 +3906,9 @@ class Call:
         used = None
         if served and self.meter is not None:
             used = self.meter.used(self.finished or not self.stream)
-        if used is not None and self.price is not None:
+        if self.price is not None and self.dialect.flat_rate:
+            self.cost = float(self.price.per_call) if served else 0.0  # (its price per call)
+        elif used is not None and self.price is not None:
             self.cost = self.price.cost(used)
         charge.close(served, used if charge.settles else None)
 
@@ -4049,11 +4067,15 @@ class Call:
 
 
 def require_price(payers: Sequence[tuple[str, Sequence[BucketSpec]]], model: str,
-                  price: Price | None) -> None:
+                  price: Price | None, flat: bool = False) -> None:
     """A 403, free, for a model without a price when a money window would count the call.
 
-    Keys without money windows never ask: a missing or mistyped price changes nothing for them.
+    A flat-rate call (an image, a transcription) needs a ``per_call`` price: counted
+    in tokens it would cost a money window nothing.  Keys without money windows never
+    ask: a missing or mistyped price changes nothing for them.
     """
+    if flat and price is not None and not price.per_call:
+        price = None
     if price is None and any(spec.unit == MONEY and (spec.models is None or model in spec.models)
                              for _, specs in payers for spec in specs):
         raise ProxyError(403, f"The model '{model[:200]}' has no price, and this key's budget is "
@@ -4556,8 +4578,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.require_models(call.model, target)
         payers, mode, catalog = call.payers, config.mode, self.server.models_file.catalog
         call.price = catalog.price(call.model)
-        if not dialect.flat_rate:
-            require_price(payers, call.model or "", call.price)
+        require_price(payers, call.model or "", call.price, dialect.flat_rate)
         capacity = min((spec.capacity for _, specs in payers for spec in specs
                         if mode.unit_of(spec).counts_tokens), default=1 << 62)  # a reservation's room
         metered = payload if not dialect.flat_rate else None

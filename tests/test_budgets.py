@@ -31,9 +31,12 @@ PRICES = {
     "gpt-4.1": {"input": "2.00", "cached_input": "0.50", "cache_write": "2.50", "output": "8.00"},
     "gpt-5-turbo": {"input": "1.25", "output": "10.00"},  # served and billed, but not in MODELS_FILE
 }
+IMAGE_PRICE = "0.04"  # per image, gpt-image-1's; dall-e-2 is served but has no price here
 MODELS = {"currency": "USD", "models": {
-    name: {"price": {part: float(value) for part, value in price.items()}, "max_output": 32768}
-    for name, price in PRICES.items() if name != "gpt-5-turbo"}}
+    **{name: {"price": {part: float(value) for part, value in price.items()}, "max_output": 32768}
+       for name, price in PRICES.items() if name != "gpt-5-turbo"},
+    "gpt-image-1": {"price": {"per_call": float(IMAGE_PRICE)}}}}
+TOKEN_MODELS = [name for name in PRICES if name != "gpt-5-turbo"]  # priced per token in MODELS
 MILLION = 10 ** 6
 
 
@@ -101,6 +104,12 @@ class PaidHandler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+        if self.path == "/v1/images/generations":  # billed per image, no tokens reported
+            with self.server.lock:
+                self.server.bill += Fraction(IMAGE_PRICE)
+                self.server.answers.append({"body": body, "usage": None, "parts": None})
+            self.reply({"created": 1, "data": [{"url": "https://example.com/1.png"}]})
+            return
         if self.headers.get("X-Hold"):
             self.server.holding.release()
             self.server.release.wait(WAIT)
@@ -394,7 +403,7 @@ class HardCapTests(BudgetTestCase):
 class PricingTests(BudgetTestCase):
     def test_a_mixed_run_costs_what_the_paid_api_bills(self) -> None:
         runs = [(api, model, stream, headers)
-                for api in ("chat", "responses", "messages") for model in MODELS["models"]
+                for api in ("chat", "responses", "messages") for model in TOKEN_MODELS
                 for stream in (False, True)
                 for headers in ({"X-Want": "120"}, {"X-Want": "300", "X-Cached": "9", "X-Reasoning": "200"},
                                 {"X-Want": "50", "X-Cached": "4", "X-Cache-Write": "6"})]
@@ -434,6 +443,17 @@ class PricingTests(BudgetTestCase):
         self.assertEqual(self.quota()["buckets"][0]["spent"], 0)
         self.use_budget(1.0)
         self.assertEqual(self.ask(key=OTHER_KEY, model="gpt-5-turbo", headers={"X-Want": "5"}).status, 200)
+
+    def test_an_image_costs_its_price_per_call_and_an_unpriced_one_is_refused(self) -> None:
+        image = {"model": "gpt-image-1", "prompt": "a red apple", "n": 1}
+        self.assertEqual(self.request("POST", "/v1/images/generations", image).status, 200)
+        self.wait_for(lambda: len(self.costs) == 1)
+        self.assertEqual(self.costs, [float(IMAGE_PRICE)])
+        self.assertAlmostEqual(self.quota()["buckets"][0]["spent"], float(IMAGE_PRICE), places=9)
+        refused = self.request("POST", "/v1/images/generations", dict(image, model="dall-e-2"))
+        self.assert_openai_error(refused, 403, "permission_error", "model_not_priced")
+        self.assertEqual(len(self.paid.answers), 1)  # (the refused one never reached it)
+        self.assertEqual(self.paid.bill, Fraction(IMAGE_PRICE))
 
     def test_quota_shows_money_in_the_currency(self) -> None:
         served = self.ask(model="gpt-4.1-mini", headers={"X-Want": "100"})
