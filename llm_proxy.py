@@ -614,6 +614,13 @@ class BucketSpec:
     def refills(self) -> bool:
         return self.period != TOTAL
 
+    @property
+    def counts_money(self) -> bool:
+        """Its amounts are nano-units of the currency, shown in the currency (a money window).
+
+        Asked here, of the window, so that nothing else compares unit names."""
+        return self.unit == MONEY
+
 
 PERIOD_DAYS = {"day": 1, "week": 7, "month": 31}  # the longest length, for headers
 TOTAL = "total"  # the period of a window that never refills
@@ -720,6 +727,10 @@ class Admission(NamedTuple):
     allowance: int | None = None  # output tokens an answer may take, as the capping windows can pay
     waits: bool = False   # refused only for what the same caller's requests in flight hold
     unit: str = ""        # the named window's unit ("money": amounts in nano-units of the currency)
+
+    @property
+    def counts_money(self) -> bool:
+        return self.unit == MONEY
     held: tuple[tuple[int, ...], ...] = ()  # of ``costs``, what may come back when they settle
 
 
@@ -772,8 +783,8 @@ def _tightness(row: tuple[Bucket, BucketSpec, int, float]) -> tuple:
 def window_text(spec: BucketSpec) -> str:
     """A window in a few words, for ``keys list``: ``course 1 money total``, ``daily 20000 +20000/86400s``."""
     name = spec.name + " " if spec.name else ""
-    size = amount_text(spec.capacity) + " money" if spec.unit == MONEY else str(spec.capacity)
-    step = amount_text(spec.refill_tokens) if spec.unit == MONEY else spec.refill_tokens
+    size = amount_text(spec.capacity) + " money" if spec.counts_money else str(spec.capacity)
+    step = amount_text(spec.refill_tokens) if spec.counts_money else spec.refill_tokens
     refill = f"+{step}/{spec.interval:g}s" if spec.refills else "total"
     return f"{name}{size} {refill}" + (" overdraft" if spec.overdraft else "")
 
@@ -784,7 +795,7 @@ def level_view(spec: BucketSpec, tokens: int, next_refill: float, to_full: float
     A window that never refills shows null refill times, never astronomical
     numbers; a money window shows amounts in its currency, with what was spent.
     """
-    money = spec.unit == MONEY
+    money = spec.counts_money
     amount = (lambda value: value / NANOS) if money else (lambda value: value)
     view = {"name": spec.name, "capacity": amount(spec.capacity), "tokens": amount(tokens),
             "refill_tokens": amount(spec.refill_tokens),
@@ -3727,7 +3738,7 @@ def limit_message(admission: Admission, now: float | None = None, currency: str 
     """The limit reply's text: why, and how long to wait, as people say it."""
     limit = f"{admission.window} limit" if admission.window else "limit"
     if admission.cost > admission.limit:
-        if admission.unit == MONEY:
+        if admission.counts_money:
             return (f"request too large: it costs {amount_text(admission.cost, currency)} but the "
                     f"{limit} is {amount_text(admission.limit, currency)}; shorten the conversation")
         return (f"request too large: it costs {admission.cost} tokens but the {limit} is "
@@ -3777,7 +3788,7 @@ def rate_limit_headers(admission: Admission) -> list[tuple[str, str]]:
     A money window's amounts are in its currency (decimals); a window that never
     refills sends no refill or reset time, and its limit reply no Retry-After.
     """
-    shown = amount_text if admission.unit == MONEY else str
+    shown = amount_text if admission.counts_money else str
     headers = [
         ("X-RateLimit-Limit", shown(admission.limit)),
         ("X-RateLimit-Remaining", shown(admission.remaining)),
@@ -3945,7 +3956,7 @@ class Call:
             specs.extend(app.buckets)
             quota.update(user=self.user, app={"name": app.name or None,
                                               "buckets": buckets.snapshot(app_identity, app.buckets)})
-        if any(spec.unit == MONEY for spec in specs):
+        if any(spec.counts_money for spec in specs):
             quota["currency"] = currency
         return quota
 
@@ -4076,7 +4087,7 @@ def require_price(payers: Sequence[tuple[str, Sequence[BucketSpec]]], model: str
     """
     if flat and price is not None and not price.per_call:
         price = None
-    if price is None and any(spec.unit == MONEY and (spec.models is None or model in spec.models)
+    if price is None and any(spec.counts_money and (spec.models is None or model in spec.models)
                              for _, specs in payers for spec in specs):
         raise ProxyError(403, f"The model '{model[:200]}' has no price, and this key's budget is "
                          "in money: ask the owner to price it in MODELS_FILE.",
@@ -7450,7 +7461,7 @@ class AlertWatch:
                 None if to_full is None else now + to_full)
             self.sender.send(Crossing(key, user, window, unit, used, capacity, percent, threshold,
                                       None if resets is None else _iso_time(resets),
-                                      self.currency() if unit == "money" else None).payload())
+                                      self.currency() if unit == MONEY else None).payload())
 
     def crossed(self, mark: tuple[str, str, float], above: bool, period_end: float | None) -> bool:
         """Whether this is a new crossing (and mark it); a refilling window below re-arms."""
