@@ -382,6 +382,9 @@ SETTINGS: tuple[Setting, ...] = (
             _non_negative),
     Setting(("QUEUE_TIMEOUT_SECONDS",), "queue_timeout",
             "longest wait for an upstream slot before a 503 (refunded)", _seconds),
+    Setting(("PRIORITY_MAX_WAIT_SECONDS",), "priority_max_wait",
+            "a queued request of a lower keys-file priority waiting this long takes turns with "
+            "the highest (keep it below QUEUE_TIMEOUT_SECONDS)", _seconds),
     Setting(("STATE_FILE",), "state_file",
             "file where bucket levels survive restarts (saved every STATE_SAVE_SECONDS and at exit)"),
     Setting(("STATE_SAVE_SECONDS",), "state_save_interval", "seconds between state saves", _seconds),
@@ -423,6 +426,7 @@ class Config:
     upstream_max_concurrent: int = 0
     max_concurrent_per_key: int = 0
     queue_timeout: float = 30.0
+    priority_max_wait: float = 10.0
     state_file: str | None = None
     state_save_interval: float = 5.0
     access_log: str | None = None
@@ -2031,6 +2035,8 @@ class Policy:
     users: UserSpec | None = None         # an app key: each end user gets buckets of their own
     enabled: bool = True
     expires: str | None = None            # YYYY-MM-DD: the last local day the key works
+    weight: int = 1                       # turns in the fair queue for each one of a weight-1 key
+    priority: int = 0                     # a higher class is served first in the fair queue
 
     def allows(self, model: str) -> bool:
         return self.models is None or model in self.models
@@ -2062,7 +2068,9 @@ def key_digest(key: str) -> str:
 
 
 POLICY_FIELDS = {"name", "max_tokens", "refill_tokens", "refill_interval_seconds", "buckets",
-                 "models", "max_concurrent", "users", "enabled", "expires"}
+                 "models", "max_concurrent", "users", "enabled", "expires", "weight", "priority"}
+MAX_WEIGHT = 1000  # turns in a row for one key: more would hold everyone else up for a long round
+MAX_PRIORITY = 1000
 USER_SOURCES = {"jwt": "X-OpenWebUI-User-Jwt", "header": None, "user_field": None}
 USERS_FIELDS = POLICY_FIELDS - {"name", "users", "enabled", "expires"} | {
     "from", "header", "secret_env", "issuer", "required", "overrides"}
@@ -2164,8 +2172,25 @@ def _policy_from_entry(entry: dict, config: Config, where: str,
         raise ConfigError(f"{where}: enabled must be true or false")
     if expires is not None and not (isinstance(expires, str) and _is_date(expires)):
         raise ConfigError(f"{where}: expires must be a date, YYYY-MM-DD")
+    weight, priority = _turns_from_entry(entry, where)
     return Policy(name, buckets, None if models is None else tuple(models), limit, users,
-                  enabled, expires)
+                  enabled, expires, weight, priority)
+
+
+def _turns_from_entry(entry: dict, where: str) -> tuple[int, int]:
+    """An entry's ``weight`` and ``priority`` in the fair queue, whole numbers in range.
+
+    A bool is refused though Python counts it an int: ``"weight": true`` is a slip, not 1.
+    """
+    weight, priority = entry.get("weight", 1), entry.get("priority", 0)
+    if isinstance(weight, bool) or not isinstance(weight, int) or not 1 <= weight <= MAX_WEIGHT:
+        raise ConfigError(f"{where}: weight must be a whole number from 1 to {MAX_WEIGHT} "
+                          "(turns in the queue for each one of a weight-1 key)")
+    if (isinstance(priority, bool) or not isinstance(priority, int)
+            or not -MAX_PRIORITY <= priority <= MAX_PRIORITY):
+        raise ConfigError(f"{where}: priority must be a whole number from {-MAX_PRIORITY} to "
+                          f"{MAX_PRIORITY} (higher is served first; 0 by default)")
+    return weight, priority
 
 
 def _is_date(text: str) -> bool:
@@ -3203,10 +3228,13 @@ class Call:
 
     def ticket(self) -> Ticket:
         """A place in the fair queue: round-robin by user under an app key, else by key."""
-        assert self.policy is not None
+        policy = self.policy
+        assert policy is not None
         if self.app is None:
-            return Ticket(self.identity, self.policy.max_concurrent)
-        return Ticket(self.identity, self.policy.max_concurrent, self.app[0], self.app[1].max_concurrent)
+            return Ticket(self.identity, policy.max_concurrent, None, 0, policy.weight, policy.priority)
+        app = self.app[1]
+        return Ticket(self.identity, policy.max_concurrent, self.app[0], app.max_concurrent,
+                      policy.weight, policy.priority, (app.weight, app.priority))
 
     def upstream_body(self, payload: dict, stream: bool, prompt: int, config: Config) -> bytes:
         """The body to forward: the payload the proxy checked, serialised again.
@@ -4428,49 +4456,92 @@ class Ticket:
     """One request's place at the gate: queued, then granted, or withdrawn if its client left.
 
     A user's request under an app key counts against the user's limit and the
-    app's (``group``); the queue takes turns by ``identity``.
+    app's (``group``); the queue takes turns by key (``lane``), then by
+    ``identity`` within it, each by its ``weight`` and ``priority``: for a
+    plain key both are the key's, for a user the app's (``group_turns``) and
+    then the user's.
     """
 
-    __slots__ = ("identity", "key_limit", "group", "group_limit", "event", "granted", "withdrawn")
+    __slots__ = ("identity", "key_limit", "group", "group_limit", "weight", "priority",
+                 "group_turns", "since", "event", "granted", "withdrawn")
 
     def __init__(self, identity: str, key_limit: int, group: str | None = None,
-                 group_limit: int = 0) -> None:
+                 group_limit: int = 0, weight: int = 1, priority: int = 0,
+                 group_turns: tuple[int, int] = (1, 0)) -> None:
         self.identity = identity
         self.key_limit = key_limit
         self.group = group
         self.group_limit = group_limit
+        self.weight = weight
+        self.priority = priority
+        self.group_turns = group_turns  # (weight, priority) of the app key, for a user's ticket
+        self.since = 0.0  # on the gate's clock, when it was queued
         self.event: threading.Event | None = None  # made only for a ticket that has to wait
         self.granted = False
         self.withdrawn = False
+
+    @property
+    def lane(self) -> str:
+        """The key whose turn this ticket waits for: the app's for a user, else its own."""
+        return self.group or self.identity
+
+
+class Lane:
+    """A key's place in the gate's turns, or one identity's inside a key's.
+
+    A key's lane holds a lane per identity queued under it (the key itself, or
+    each user of an app key); an identity's lane holds its tickets, first come
+    first served.  ``used`` counts the turns taken since the lane last went to
+    the back of the line: it goes there after ``weight`` of them.
+    """
+
+    __slots__ = ("weight", "priority", "used", "tickets", "lanes")
+
+    def __init__(self, weight: int, priority: int, nested: bool) -> None:
+        self.weight = weight
+        self.priority = priority
+        self.used = 0
+        self.tickets: deque[Ticket] | None = None if nested else deque()
+        self.lanes: OrderedDict[str, Lane] | None = OrderedDict() if nested else None
+
+    def __bool__(self) -> bool:
+        return bool(self.tickets if self.lanes is None else self.lanes)
 
 
 class FairGate:
     """Admission to the upstream: a global cap, a per-key cap, and a fair queue.
 
-    Waiting requests are served round-robin by key, so a key with twenty queued
-    requests does not delay a key with one.  Every slot ``acquire`` grants is
-    given back by ``release``, which the relay calls in a ``finally``.
+    Waiting requests take turns by key, and by user within an app key, so a key
+    with twenty queued requests does not delay a key with one.  A key of
+    ``weight`` 3 takes three turns in a row for one of a weight-1 key; among
+    the keys that could go, only those of the highest ``priority`` take turns,
+    except a request waiting ``max_wait`` seconds or longer, which takes turns
+    with them (a lower class is held back, never starved).  Every slot
+    ``acquire`` grants is given back by ``release``, which the relay calls in a
+    ``finally``.  With nobody waiting, ``acquire`` only counts.
     """
 
-    def __init__(self, limit: int, timeout: float) -> None:
+    def __init__(self, limit: int, timeout: float, max_wait: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.limit = limit  # 0: no global limit
         self.timeout = timeout
+        self.max_wait = max_wait
+        self.clock = clock
         self.in_flight = 0
         self._per_key: dict[str, int] = {}
-        self._queues: OrderedDict[str, deque[Ticket]] = OrderedDict()
+        self._lanes: OrderedDict[str, Lane] = OrderedDict()
         self._lock = threading.Lock()
 
     def acquire(self, ticket: Ticket) -> None:
         """Wait for a slot; ClientGone if the ticket is withdrawn, a 503 after QUEUE_TIMEOUT."""
-        identity = ticket.identity
         with self._lock:
             if ticket.withdrawn:
                 raise ClientGone()
-            if not self._queues and self._has_room(ticket):
+            if not self._lanes and self._has_room(ticket):
                 self._grant(ticket)
                 return
             ticket.event = threading.Event()
-            self._queues.setdefault(identity, deque()).append(ticket)
+            self._enqueue(ticket)
             self._dispatch()
         ticket.event.wait(self.timeout)
         with self._lock:
@@ -4495,12 +4566,33 @@ class FairGate:
                 if ticket.event is not None:
                     ticket.event.set()
 
+    def _enqueue(self, ticket: Ticket) -> None:
+        """Queue at the back of the ticket's lanes, which take its key's (and user's) latest turns."""
+        ticket.since = self.clock()
+        weight, priority = ticket.group_turns if ticket.group is not None else (
+            ticket.weight, ticket.priority)
+        outer = self._lanes.get(ticket.lane)
+        if outer is None:
+            outer = self._lanes[ticket.lane] = Lane(weight, priority, nested=True)
+        outer.weight, outer.priority = weight, priority  # a reloaded keys file counts at once
+        assert outer.lanes is not None
+        inner = outer.lanes.get(ticket.identity)
+        if inner is None:
+            inner = outer.lanes[ticket.identity] = Lane(ticket.weight, ticket.priority, nested=False)
+        inner.weight, inner.priority = ticket.weight, ticket.priority
+        assert inner.tickets is not None
+        inner.tickets.append(ticket)
+
     def _dequeue(self, ticket: Ticket) -> None:
-        waiting = self._queues.get(ticket.identity)
-        if waiting is not None and ticket in waiting:
-            waiting.remove(ticket)
-            if not waiting:
-                del self._queues[ticket.identity]
+        outer = self._lanes.get(ticket.lane)
+        inner = outer.lanes.get(ticket.identity) if outer is not None and outer.lanes else None
+        if inner is None or inner.tickets is None or ticket not in inner.tickets:
+            return
+        inner.tickets.remove(ticket)
+        if not inner:
+            del outer.lanes[ticket.identity]  # type: ignore[union-attr]
+            if not outer:
+                del self._lanes[ticket.lane]
 
     def release(self, ticket: Ticket) -> None:
         with self._lock:
@@ -4515,15 +4607,19 @@ class FairGate:
                     del self._per_key[identity]
             self._dispatch()
 
+    def _queued(self) -> Iterator[Ticket]:
+        for outer in self._lanes.values():
+            for inner in outer.lanes.values():  # type: ignore[union-attr]
+                yield from inner.tickets  # type: ignore[misc]
+
     @property
     def waiting(self) -> int:
-        return sum(len(queue) for queue in self._queues.values())
+        return sum(1 for _ in self._queued())
 
     def counts(self, identity: str) -> tuple[int, int]:
         """Requests of ``identity`` in flight and waiting (a user's, or all of an app's)."""
         with self._lock:
-            waiting = sum(1 for queue in self._queues.values() for ticket in queue
-                          if identity in (ticket.identity, ticket.group))
+            waiting = sum(1 for ticket in self._queued() if identity in (ticket.identity, ticket.group))
             return self._per_key.get(identity, 0), waiting
 
     def _has_room(self, ticket: Ticket) -> bool:
@@ -4542,19 +4638,53 @@ class FairGate:
             ticket.event.set()
 
     def _dispatch(self) -> None:
-        """Hand free slots to the first key in turn whose next request may go."""
-        while self._queues and (not self.limit or self.in_flight < self.limit):
-            for identity, waiting in self._queues.items():
-                if self._has_room(waiting[0]):
-                    break
-            else:
+        """Hand free slots, one turn at a time, while a waiting request may go."""
+        overdue = self.clock() - self.max_wait  # queued at or before this: waited long enough
+        while self._lanes and (not self.limit or self.in_flight < self.limit):
+            ticket = self._take_turn(self._lanes, overdue)
+            if ticket is None:
                 return  # everyone waiting is at their own key's limit
-            ticket = waiting.popleft()
-            if waiting:
-                self._queues.move_to_end(identity)
-            else:
-                del self._queues[identity]
             self._grant(ticket)
+
+    def _take_turn(self, lanes: OrderedDict[str, Lane], overdue: float) -> Ticket | None:
+        """Take the next ticket from ``lanes``: the first lane in line that may go, of the
+        highest priority among those that may (or waiting since ``overdue``); it goes to
+        the back once it has had ``weight`` turns in a row or has no more waiting.
+        """
+        ready = []
+        for name, lane in lanes.items():
+            may_go, late = self._readiness(lane, overdue)
+            if may_go:
+                ready.append((name, lane, late))
+        if not ready:
+            return None
+        top = max(lane.priority for _, lane, _ in ready)
+        name, lane = next((name, lane) for name, lane, late in ready if late or lane.priority == top)
+        ticket = (lane.tickets.popleft() if lane.tickets is not None
+                  else self._take_turn(lane.lanes, overdue))  # type: ignore[arg-type]
+        assert ticket is not None  # the lane was ready
+        lane.used += 1
+        if not lane:
+            del lanes[name]
+        elif lane.used >= lane.weight:
+            lane.used = 0
+            lanes.move_to_end(name)
+        return ticket
+
+    def _readiness(self, lane: Lane, overdue: float) -> tuple[bool, bool]:
+        """Whether a ticket in ``lane`` may go now, and whether one that may was queued by ``overdue``.
+
+        An identity's tickets wait behind its first: the limits that hold it hold them all.
+        """
+        if lane.tickets is not None:
+            first = lane.tickets[0]
+            may_go = self._has_room(first)
+            return may_go, may_go and first.since <= overdue
+        may_go = late = False
+        for inner in lane.lanes.values():  # type: ignore[union-attr]
+            inner_may_go, inner_late = self._readiness(inner, overdue)
+            may_go, late = may_go or inner_may_go, late or inner_late
+        return may_go, late
 
 
 @dataclass
@@ -4608,11 +4738,13 @@ class UpstreamRegistry:
         self.default = self.upstreams[0]
 
     @classmethod
-    def from_config(cls, config: Config) -> UpstreamRegistry:
+    def from_config(cls, config: Config,
+                    clock: Callable[[], float] = time.monotonic) -> UpstreamRegistry:
         assert config.upstream_url is not None
         pool = UpstreamPool(UpstreamTarget.parse(config.upstream_url), config.open_timeout,
                             config.read_timeout)
-        gate = FairGate(config.upstream_max_concurrent, config.queue_timeout)
+        gate = FairGate(config.upstream_max_concurrent, config.queue_timeout, config.priority_max_wait,
+                        clock)
         return cls([Upstream("default", pool, gate, config.upstream_key, config.upstream_model)])
 
     def for_model(self, model: str | None) -> Upstream:
@@ -6419,7 +6551,7 @@ class ProxyServer(TrackedServer):
         self.stored = StoredAnswers()
         self.metrics = Metrics()
         self.admin = AdminView(self)
-        self.upstreams = UpstreamRegistry.from_config(config)
+        self.upstreams = UpstreamRegistry.from_config(config, clock)
         if config.state_file:
             self.load_state()
         self.access_log = open_access_log(config.access_log) if config.access_log else None
