@@ -3227,7 +3227,8 @@ class Call:
         return (mine,) if self.app is None else (mine, (self.app[0], self.app[1].buckets))
 
     def ticket(self) -> Ticket:
-        """A place in the fair queue: round-robin by user under an app key, else by key."""
+        """A place in the fair queue: turns by key, then by user under an app key, each by the
+        weight and priority of its policy."""
         policy = self.policy
         assert policy is not None
         if self.app is None:
@@ -4639,6 +4640,8 @@ class FairGate:
 
     def _dispatch(self) -> None:
         """Hand free slots, one turn at a time, while a waiting request may go."""
+        if not self._lanes:
+            return  # (the clock is not read when nobody waits)
         overdue = self.clock() - self.max_wait  # queued at or before this: waited long enough
         while self._lanes and (not self.limit or self.in_flight < self.limit):
             ticket = self._take_turn(self._lanes, overdue)
