@@ -4531,6 +4531,7 @@ class FairGate:
         self.in_flight = 0
         self._per_key: dict[str, int] = {}
         self._lanes: OrderedDict[str, Lane] = OrderedDict()
+        self._classes: Counter[int] = Counter()  # waiting lanes (keys' and users') by priority
         self._lock = threading.Lock()
 
     def acquire(self, ticket: Ticket) -> None:
@@ -4570,19 +4571,36 @@ class FairGate:
     def _enqueue(self, ticket: Ticket) -> None:
         """Queue at the back of the ticket's lanes, which take its key's (and user's) latest turns."""
         ticket.since = self.clock()
-        weight, priority = ticket.group_turns if ticket.group is not None else (
-            ticket.weight, ticket.priority)
-        outer = self._lanes.get(ticket.lane)
-        if outer is None:
-            outer = self._lanes[ticket.lane] = Lane(weight, priority, nested=True)
-        outer.weight, outer.priority = weight, priority  # a reloaded keys file counts at once
-        assert outer.lanes is not None
-        inner = outer.lanes.get(ticket.identity)
-        if inner is None:
-            inner = outer.lanes[ticket.identity] = Lane(ticket.weight, ticket.priority, nested=False)
-        inner.weight, inner.priority = ticket.weight, ticket.priority
-        assert inner.tickets is not None
-        inner.tickets.append(ticket)
+        turns = ticket.group_turns if ticket.group is not None else (ticket.weight, ticket.priority)
+        outer = self._lane(self._lanes, ticket.lane, turns, nested=True)
+        inner = self._lane(outer.lanes, ticket.identity,  # type: ignore[arg-type]
+                           (ticket.weight, ticket.priority), nested=False)
+        inner.tickets.append(ticket)  # type: ignore[union-attr]
+
+    def _lane(self, lanes: OrderedDict[str, Lane], name: str, turns: tuple[int, int],
+              nested: bool) -> Lane:
+        """``name``'s lane in ``lanes``, opened at the back of the line if it has none, with
+        ``turns`` as its weight and priority (a reloaded keys file counts at once)."""
+        weight, priority = turns
+        lane = lanes.get(name)
+        if lane is None:
+            lane = lanes[name] = Lane(weight, priority, nested)
+            self._count_class(priority, +1)
+        elif lane.priority != priority:
+            self._count_class(lane.priority, -1)
+            self._count_class(priority, +1)
+        lane.weight, lane.priority = weight, priority
+        return lane
+
+    def _close(self, lanes: OrderedDict[str, Lane], name: str) -> None:
+        self._count_class(lanes.pop(name).priority, -1)
+
+    def _count_class(self, priority: int, change: int) -> None:
+        count = self._classes[priority] + change
+        if count:
+            self._classes[priority] = count
+        else:
+            del self._classes[priority]
 
     def _dequeue(self, ticket: Ticket) -> None:
         outer = self._lanes.get(ticket.lane)
@@ -4591,9 +4609,9 @@ class FairGate:
             return
         inner.tickets.remove(ticket)
         if not inner:
-            del outer.lanes[ticket.identity]  # type: ignore[union-attr]
+            self._close(outer.lanes, ticket.identity)  # type: ignore[union-attr, arg-type]
             if not outer:
-                del self._lanes[ticket.lane]
+                self._close(self._lanes, ticket.lane)
 
     def release(self, ticket: Ticket) -> None:
         with self._lock:
@@ -4651,43 +4669,44 @@ class FairGate:
 
     def _take_turn(self, lanes: OrderedDict[str, Lane], overdue: float) -> Ticket | None:
         """Take the next ticket from ``lanes``: the first lane in line that may go, of the
-        highest priority among those that may (or waiting since ``overdue``); it goes to
-        the back once it has had ``weight`` turns in a row or has no more waiting.
+        highest priority among those that may (or holding a request queued by ``overdue``);
+        it goes to the back once it has had ``weight`` turns in a row or has no more waiting.
         """
-        ready = []
-        for name, lane in lanes.items():
-            may_go, late = self._readiness(lane, overdue)
-            if may_go:
-                ready.append((name, lane, late))
-        if not ready:
+        if len(self._classes) > 1:
+            ready = [(name, lane) for name, lane in lanes.items() if self._may_go(lane)]
+            top = max((lane.priority for _, lane in ready), default=0)
+            name, lane = next(((name, lane) for name, lane in ready
+                               if lane.priority == top or self._is_late(lane, overdue)), ("", None))
+        else:  # one class: the first that may go, whatever the clock says
+            name, lane = next(((name, lane) for name, lane in lanes.items() if self._may_go(lane)),
+                              ("", None))
+        if lane is None:
             return None
-        top = max(lane.priority for _, lane, _ in ready)
-        name, lane = next((name, lane) for name, lane, late in ready if late or lane.priority == top)
         ticket = (lane.tickets.popleft() if lane.tickets is not None
                   else self._take_turn(lane.lanes, overdue))  # type: ignore[arg-type]
-        assert ticket is not None  # the lane was ready
         lane.used += 1
         if not lane:
-            del lanes[name]
+            self._close(lanes, name)
         elif lane.used >= lane.weight:
             lane.used = 0
             lanes.move_to_end(name)
         return ticket
 
-    def _readiness(self, lane: Lane, overdue: float) -> tuple[bool, bool]:
-        """Whether a ticket in ``lane`` may go now, and whether one that may was queued by ``overdue``.
+    def _may_go(self, lane: Lane) -> bool:
+        """Whether a ticket in ``lane`` may take a slot now (its key's and user's limits allow).
 
         An identity's tickets wait behind its first: the limits that hold it hold them all.
         """
         if lane.tickets is not None:
+            return self._has_room(lane.tickets[0])
+        return any(self._may_go(inner) for inner in lane.lanes.values())  # type: ignore[union-attr]
+
+    def _is_late(self, lane: Lane, overdue: float) -> bool:
+        """Whether ``lane`` holds a request, queued by ``overdue``, that may take a slot now."""
+        if lane.tickets is not None:
             first = lane.tickets[0]
-            may_go = self._has_room(first)
-            return may_go, may_go and first.since <= overdue
-        may_go = late = False
-        for inner in lane.lanes.values():  # type: ignore[union-attr]
-            inner_may_go, inner_late = self._readiness(inner, overdue)
-            may_go, late = may_go or inner_may_go, late or inner_late
-        return may_go, late
+            return first.since <= overdue and self._has_room(first)
+        return any(self._is_late(inner, overdue) for inner in lane.lanes.values())  # type: ignore[union-attr]
 
 
 @dataclass

@@ -240,6 +240,15 @@ class PriorityTests(unittest.TestCase):
         self.assertEqual(turns.order(holder, 4),
                          ["app/user:parent", "plain", "app/user:kid", "app/user:kid"])
 
+    def test_a_reloaded_priority_moves_the_keys_waiting_requests_with_its_next_one(self) -> None:
+        turns = Turns(self)
+        holder = turns.take(key("hold"))
+        turns.queue(key("b"))
+        turns.queue(key("a"))
+        turns.queue(key("b"))
+        turns.queue(key("a", priority=5))  # queued after the keys file gave a priority 5
+        self.assertEqual(turns.order(holder, 4), ["a", "a", "b", "b"])
+
     def test_a_withdrawn_request_leaves_no_lane_behind(self) -> None:
         turns = Turns(self)
         holder = turns.take(key("hold"))
