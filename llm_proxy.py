@@ -4633,7 +4633,9 @@ class FairGate:
 
     @property
     def waiting(self) -> int:
-        return sum(1 for _ in self._queued())
+        with self._lock:  # (read by other threads: the lanes must not change under the count)
+            return sum(len(inner.tickets) for outer in self._lanes.values()  # type: ignore[arg-type]
+                       for inner in outer.lanes.values())  # type: ignore[union-attr]
 
     def counts(self, identity: str) -> tuple[int, int]:
         """Requests of ``identity`` in flight and waiting (a user's, or all of an app's)."""
