@@ -433,6 +433,9 @@ SETTINGS: tuple[Setting, ...] = (
             _non_negative),
     Setting(("QUEUE_TIMEOUT_SECONDS",), "queue_timeout",
             "longest wait for an upstream slot before a 503 (refunded)", _seconds),
+    Setting(("PRIORITY_MAX_WAIT_SECONDS",), "priority_max_wait",
+            "a queued request of a lower keys-file priority waiting this long takes turns with "
+            "the highest (keep it below QUEUE_TIMEOUT_SECONDS)", _seconds),
     Setting(("STATE_FILE",), "state_file",
             "file where bucket levels survive restarts (saved every STATE_SAVE_SECONDS and at exit)"),
     Setting(("STATE_SAVE_SECONDS",), "state_save_interval", "seconds between state saves", _seconds),
@@ -484,6 +487,7 @@ class Config:
     upstream_max_concurrent: int = 0
     max_concurrent_per_key: int = 0
     queue_timeout: float = 30.0
+    priority_max_wait: float = 10.0
     state_file: str | None = None
     state_save_interval: float = 5.0
     access_log: str | None = None
@@ -2605,6 +2609,8 @@ class Policy:
     expires: str | None = None            # YYYY-MM-DD: the last local day the key works
     id: str | None = None                 # the entry's own name for its buckets and history
     endpoints: frozenset[str] | None = None  # the route table's groups it may call; None: the open ones
+    weight: int = 1                       # turns in the fair queue for each one of a weight-1 key
+    priority: int = 0                     # a higher class is served first in the fair queue
 
     def allows(self, model: str) -> bool:
         return self.models is None or model in self.models
@@ -2652,7 +2658,10 @@ def key_digest(key: str) -> str:
 
 
 POLICY_FIELDS = {"name", "max_tokens", "refill_tokens", "refill_interval_seconds", "buckets",
-                 "models", "max_concurrent", "users", "enabled", "expires", "id", "email", "endpoints"}
+                 "models", "max_concurrent", "users", "enabled", "expires", "id", "email", "endpoints",
+                 "weight", "priority"}
+MAX_WEIGHT = 1000  # turns in a row for one key: more would hold everyone else up for a long round
+MAX_PRIORITY = 1000
 USER_SOURCES = {"jwt": "X-OpenWebUI-User-Jwt", "header": None, "user_field": None}
 USERS_FIELDS = POLICY_FIELDS - {"name", "users", "enabled", "expires", "id", "email", "endpoints"} | {
     "from", "header", "secret_env", "issuer", "required", "overrides"}
@@ -2766,8 +2775,10 @@ def _policy_from_entry(entry: dict, config: Config, where: str,
         raise ConfigError(f"{where}: id must be 1 to 64 letters, digits, '-' or '_'")
     if not isinstance(email, str):
         raise ConfigError(f"{where}: email must be a string")
+    weight, priority = _turns_from_entry(entry, where)
     return Policy(name, buckets, None if models is None else tuple(models), limit, users,
-                  enabled, expires, entry_id, _endpoint_names(entry.get("endpoints"), where))
+                  enabled, expires, entry_id, _endpoint_names(entry.get("endpoints"), where),
+                  weight, priority)
 
 
 def _endpoint_names(value: object, where: str) -> frozenset[str] | None:
@@ -2784,6 +2795,22 @@ def _endpoint_names(value: object, where: str) -> frozenset[str] | None:
             raise ConfigError(f"{where}: unknown endpoint {name[:100]!r}{hint}; the endpoints are "
                               f"{', '.join(ENDPOINT_NAMES)}")
     return frozenset(value)
+
+
+def _turns_from_entry(entry: dict, where: str) -> tuple[int, int]:
+    """An entry's ``weight`` and ``priority`` in the fair queue, whole numbers in range.
+
+    A bool is refused though Python counts it an int: ``"weight": true`` is a slip, not 1.
+    """
+    weight, priority = entry.get("weight", 1), entry.get("priority", 0)
+    if isinstance(weight, bool) or not isinstance(weight, int) or not 1 <= weight <= MAX_WEIGHT:
+        raise ConfigError(f"{where}: weight must be a whole number from 1 to {MAX_WEIGHT} "
+                          "(turns in the queue for each one of a weight-1 key)")
+    if (isinstance(priority, bool) or not isinstance(priority, int)
+            or not -MAX_PRIORITY <= priority <= MAX_PRIORITY):
+        raise ConfigError(f"{where}: priority must be a whole number from {-MAX_PRIORITY} to "
+                          f"{MAX_PRIORITY} (higher is served first; 0 by default)")
+    return weight, priority
 
 
 def _is_date(text: str) -> bool:
@@ -3989,11 +4016,15 @@ class Call:
         return (mine,) if self.app is None else (mine, (self.app[0], self.app[1].buckets))
 
     def ticket(self) -> Ticket:
-        """A place in the fair queue: round-robin by user under an app key, else by key."""
-        assert self.policy is not None
+        """A place in the fair queue: turns by key, then by user under an app key, each by the
+        weight and priority of its policy."""
+        policy = self.policy
+        assert policy is not None
         if self.app is None:
-            return Ticket(self.identity, self.policy.max_concurrent)
-        return Ticket(self.identity, self.policy.max_concurrent, self.app[0], self.app[1].max_concurrent)
+            return Ticket(self.identity, policy.max_concurrent, None, 0, policy.weight, policy.priority)
+        app = self.app[1]
+        return Ticket(self.identity, policy.max_concurrent, self.app[0], app.max_concurrent,
+                      policy.weight, policy.priority, (app.weight, app.priority))
 
     def prepare_upstream(self, payload: dict, stream: bool, prompt: int, settles: bool) -> None:
         """Make the payload the proxy checked into the one to forward (``body_bytes``).
@@ -5285,49 +5316,93 @@ class Ticket:
     """One request's place at the gate: queued, then granted, or withdrawn if its client left.
 
     A user's request under an app key counts against the user's limit and the
-    app's (``group``); the queue takes turns by ``identity``.
+    app's (``group``); the queue takes turns by key (``lane``), then by
+    ``identity`` within it, each by its ``weight`` and ``priority``: for a
+    plain key both are the key's, for a user the app's (``group_turns``) and
+    then the user's.
     """
 
-    __slots__ = ("identity", "key_limit", "group", "group_limit", "event", "granted", "withdrawn")
+    __slots__ = ("identity", "key_limit", "group", "group_limit", "weight", "priority",
+                 "group_turns", "since", "event", "granted", "withdrawn")
 
     def __init__(self, identity: str, key_limit: int, group: str | None = None,
-                 group_limit: int = 0) -> None:
+                 group_limit: int = 0, weight: int = 1, priority: int = 0,
+                 group_turns: tuple[int, int] = (1, 0)) -> None:
         self.identity = identity
         self.key_limit = key_limit
         self.group = group
         self.group_limit = group_limit
+        self.weight = weight
+        self.priority = priority
+        self.group_turns = group_turns  # (weight, priority) of the app key, for a user's ticket
+        self.since = 0.0  # on the gate's clock, when it was queued
         self.event: threading.Event | None = None  # made only for a ticket that has to wait
         self.granted = False
         self.withdrawn = False
+
+    @property
+    def lane(self) -> str:
+        """The key whose turn this ticket waits for: the app's for a user, else its own."""
+        return self.group or self.identity
+
+
+class Lane:
+    """A key's place in the gate's turns, or one identity's inside a key's.
+
+    A key's lane holds a lane per identity queued under it (the key itself, or
+    each user of an app key); an identity's lane holds its tickets, first come
+    first served.  ``used`` counts the turns taken since the lane last went to
+    the back of the line: it goes there after ``weight`` of them.
+    """
+
+    __slots__ = ("weight", "priority", "used", "tickets", "lanes")
+
+    def __init__(self, weight: int, priority: int, nested: bool) -> None:
+        self.weight = weight
+        self.priority = priority
+        self.used = 0
+        self.tickets: deque[Ticket] | None = None if nested else deque()
+        self.lanes: OrderedDict[str, Lane] | None = OrderedDict() if nested else None
+
+    def __bool__(self) -> bool:
+        return bool(self.tickets if self.lanes is None else self.lanes)
 
 
 class FairGate:
     """Admission to the upstream: a global cap, a per-key cap, and a fair queue.
 
-    Waiting requests are served round-robin by key, so a key with twenty queued
-    requests does not delay a key with one.  Every slot ``acquire`` grants is
-    given back by ``release``, which the relay registers with the call (``Call.on_end``).
+    Waiting requests take turns by key, and by user within an app key, so a key
+    with twenty queued requests does not delay a key with one.  A key of
+    ``weight`` 3 takes three turns in a row for one of a weight-1 key; among
+    the keys that could go, only those of the highest ``priority`` take turns,
+    except a request waiting ``max_wait`` seconds or longer, which takes turns
+    with them (a lower class is held back, never starved).  Every slot
+    ``acquire`` grants is given back by ``release``, which the relay registers
+    with the call (``Call.on_end``).  With nobody waiting, ``acquire`` only counts.
     """
 
-    def __init__(self, limit: int, timeout: float) -> None:
+    def __init__(self, limit: int, timeout: float, max_wait: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.limit = limit  # 0: no global limit
         self.timeout = timeout
+        self.max_wait = max_wait
+        self.clock = clock
         self.in_flight = 0
         self._per_key: dict[str, int] = {}
-        self._queues: OrderedDict[str, deque[Ticket]] = OrderedDict()
+        self._lanes: OrderedDict[str, Lane] = OrderedDict()
+        self._classes: Counter[int] = Counter()  # waiting lanes (keys' and users') by priority
         self._lock = threading.Lock()
 
     def acquire(self, ticket: Ticket) -> None:
         """Wait for a slot; ClientGone if the ticket is withdrawn, a 503 after QUEUE_TIMEOUT."""
-        identity = ticket.identity
         with self._lock:
             if ticket.withdrawn:
                 raise ClientGone()
-            if not self._queues and self._has_room(ticket):
+            if not self._lanes and self._has_room(ticket):
                 self._grant(ticket)
                 return
             ticket.event = threading.Event()
-            self._queues.setdefault(identity, deque()).append(ticket)
+            self._enqueue(ticket)
             self._dispatch()
         ticket.event.wait(self.timeout)
         with self._lock:
@@ -5352,12 +5427,50 @@ class FairGate:
                 if ticket.event is not None:
                     ticket.event.set()
 
+    def _enqueue(self, ticket: Ticket) -> None:
+        """Queue at the back of the ticket's lanes, which take its key's (and user's) latest turns."""
+        ticket.since = self.clock()
+        turns = ticket.group_turns if ticket.group is not None else (ticket.weight, ticket.priority)
+        outer = self._lane(self._lanes, ticket.lane, turns, nested=True)
+        inner = self._lane(outer.lanes, ticket.identity,  # type: ignore[arg-type]
+                           (ticket.weight, ticket.priority), nested=False)
+        inner.tickets.append(ticket)  # type: ignore[union-attr]
+
+    def _lane(self, lanes: OrderedDict[str, Lane], name: str, turns: tuple[int, int],
+              nested: bool) -> Lane:
+        """``name``'s lane in ``lanes``, opened at the back of the line if it has none, with
+        ``turns`` as its weight and priority (a reloaded keys file counts at once)."""
+        weight, priority = turns
+        lane = lanes.get(name)
+        if lane is None:
+            lane = lanes[name] = Lane(weight, priority, nested)
+            self._count_class(priority, +1)
+        elif lane.priority != priority:
+            self._count_class(lane.priority, -1)
+            self._count_class(priority, +1)
+        lane.weight, lane.priority = weight, priority
+        return lane
+
+    def _close(self, lanes: OrderedDict[str, Lane], name: str) -> None:
+        self._count_class(lanes.pop(name).priority, -1)
+
+    def _count_class(self, priority: int, change: int) -> None:
+        count = self._classes[priority] + change
+        if count:
+            self._classes[priority] = count
+        else:
+            del self._classes[priority]
+
     def _dequeue(self, ticket: Ticket) -> None:
-        waiting = self._queues.get(ticket.identity)
-        if waiting is not None and ticket in waiting:
-            waiting.remove(ticket)
-            if not waiting:
-                del self._queues[ticket.identity]
+        outer = self._lanes.get(ticket.lane)
+        inner = outer.lanes.get(ticket.identity) if outer is not None and outer.lanes else None
+        if inner is None or inner.tickets is None or ticket not in inner.tickets:
+            return
+        inner.tickets.remove(ticket)
+        if not inner:
+            self._close(outer.lanes, ticket.identity)  # type: ignore[union-attr, arg-type]
+            if not outer:
+                self._close(self._lanes, ticket.lane)
 
     def release(self, ticket: Ticket) -> None:
         with self._lock:
@@ -5372,15 +5485,21 @@ class FairGate:
                     del self._per_key[identity]
             self._dispatch()
 
+    def _queued(self) -> Iterator[Ticket]:
+        for outer in self._lanes.values():
+            for inner in outer.lanes.values():  # type: ignore[union-attr]
+                yield from inner.tickets  # type: ignore[misc]
+
     @property
     def waiting(self) -> int:
-        return sum(len(queue) for queue in self._queues.values())
+        with self._lock:  # (read by other threads: the lanes must not change under the count)
+            return sum(len(inner.tickets) for outer in self._lanes.values()  # type: ignore[arg-type]
+                       for inner in outer.lanes.values())  # type: ignore[union-attr]
 
     def counts(self, identity: str) -> tuple[int, int]:
         """Requests of ``identity`` in flight and waiting (a user's, or all of an app's)."""
         with self._lock:
-            waiting = sum(1 for queue in self._queues.values() for ticket in queue
-                          if identity in (ticket.identity, ticket.group))
+            waiting = sum(1 for ticket in self._queued() if identity in (ticket.identity, ticket.group))
             return self._per_key.get(identity, 0), waiting
 
     def _has_room(self, ticket: Ticket) -> bool:
@@ -5399,19 +5518,56 @@ class FairGate:
             ticket.event.set()
 
     def _dispatch(self) -> None:
-        """Hand free slots to the first key in turn whose next request may go."""
-        while self._queues and (not self.limit or self.in_flight < self.limit):
-            for identity, waiting in self._queues.items():
-                if self._has_room(waiting[0]):
-                    break
-            else:
+        """Hand free slots, one turn at a time, while a waiting request may go."""
+        if not self._lanes:
+            return  # (the clock is not read when nobody waits)
+        overdue = self.clock() - self.max_wait  # queued at or before this: waited long enough
+        while self._lanes and (not self.limit or self.in_flight < self.limit):
+            ticket = self._take_turn(self._lanes, overdue)
+            if ticket is None:
                 return  # everyone waiting is at their own key's limit
-            ticket = waiting.popleft()
-            if waiting:
-                self._queues.move_to_end(identity)
-            else:
-                del self._queues[identity]
             self._grant(ticket)
+
+    def _take_turn(self, lanes: OrderedDict[str, Lane], overdue: float) -> Ticket | None:
+        """Take the next ticket from ``lanes``: the first lane in line that may go, of the
+        highest priority among those that may (or holding a request queued by ``overdue``);
+        it goes to the back once it has had ``weight`` turns in a row or has no more waiting.
+        """
+        if len(self._classes) > 1:
+            ready = [(name, lane) for name, lane in lanes.items() if self._may_go(lane)]
+            top = max((lane.priority for _, lane in ready), default=0)
+            name, lane = next(((name, lane) for name, lane in ready
+                               if lane.priority == top or self._is_late(lane, overdue)), ("", None))
+        else:  # one class: the first that may go, whatever the clock says
+            name, lane = next(((name, lane) for name, lane in lanes.items() if self._may_go(lane)),
+                              ("", None))
+        if lane is None:
+            return None
+        ticket = (lane.tickets.popleft() if lane.tickets is not None
+                  else self._take_turn(lane.lanes, overdue))  # type: ignore[arg-type]
+        lane.used += 1
+        if not lane:
+            self._close(lanes, name)
+        elif lane.used >= lane.weight:
+            lane.used = 0
+            lanes.move_to_end(name)
+        return ticket
+
+    def _may_go(self, lane: Lane) -> bool:
+        """Whether a ticket in ``lane`` may take a slot now (its key's and user's limits allow).
+
+        An identity's tickets wait behind its first: the limits that hold it hold them all.
+        """
+        if lane.tickets is not None:
+            return self._has_room(lane.tickets[0])
+        return any(self._may_go(inner) for inner in lane.lanes.values())  # type: ignore[union-attr]
+
+    def _is_late(self, lane: Lane, overdue: float) -> bool:
+        """Whether ``lane`` holds a request, queued by ``overdue``, that may take a slot now."""
+        if lane.tickets is not None:
+            first = lane.tickets[0]
+            return first.since <= overdue and self._has_room(first)
+        return any(self._is_late(inner, overdue) for inner in lane.lanes.values())  # type: ignore[union-attr]
 
 
 @dataclass
@@ -5466,12 +5622,14 @@ class UpstreamRegistry:
         self.default = self.upstreams[0]
 
     @classmethod
-    def from_config(cls, config: Config) -> UpstreamRegistry:
+    def from_config(cls, config: Config,
+                    clock: Callable[[], float] = time.monotonic) -> UpstreamRegistry:
         assert config.upstream_url is not None
         tls = upstream_tls(config.upstream_ca_file)  # (checked even for http: a bad file is a mistake)
         pool = UpstreamPool(UpstreamTarget.parse(config.upstream_url), config.open_timeout,
                             config.read_timeout, tls=tls)
-        gate = FairGate(config.upstream_max_concurrent, config.queue_timeout)
+        gate = FairGate(config.upstream_max_concurrent, config.queue_timeout, config.priority_max_wait,
+                        clock)
         return cls([Upstream("default", pool, gate, config.upstream_key, config.upstream_model)])
 
     def for_model(self, model: str | None) -> Upstream:
@@ -8059,7 +8217,7 @@ class ProxyServer(TrackedServer):
         self.admin = AdminView(self)
         self.alerts = AlertWatch(config.alert_thresholds, AlertSender(config.alert_webhook_url),
                                  wall_clock, self.admin.currency) if config.alert_webhook_url else None
-        self.upstreams = UpstreamRegistry.from_config(config)
+        self.upstreams = UpstreamRegistry.from_config(config, clock)
         if config.state_file:
             self.load_state()
         self.access_log = open_access_log(config.access_log) if config.access_log else None
