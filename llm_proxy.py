@@ -7030,12 +7030,17 @@ KEY_ERROR_CODES = {400: "invalid_key_settings", 404: "key_not_found", 409: "name
 class AdminView:
     """What the owner sees: the usage report (JSON) and the metrics (Prometheus text)."""
 
-    def __init__(self, server: ProxyServer) -> None:
-        self.server = server
+    def __init__(self, config: Config, keyring: KeyRing, buckets: BucketStore, usage: UsageBook,
+                 metrics: Metrics, upstreams: UpstreamRegistry, models_file: ModelsFile,
+                 wall_clock: Callable[[], float]) -> None:
+        self.config, self.keyring, self.buckets = config, keyring, buckets
+        self.usage, self.metrics, self.upstreams = usage, metrics, upstreams
+        self.models_file, self.wall_clock = models_file, wall_clock
+        self.alerts: AlertWatch | None = None  # set by the server when ALERT_WEBHOOK_URL is (it asks
+                                               # this view for the currency: made after it)
 
     def record(self, call: Call) -> None:
         """Count one finished request in the history and the metrics."""
-        server = self.server
         if not call.identity:  # refused before anyone was identified: nobody to count it for
             return
         usage = call.meter.reported if call.meter is not None else None
@@ -7053,21 +7058,21 @@ class AdminView:
             column = OUTCOME_COLUMNS[outcome]
             names_model = outcome in ("served", "limited")  # a name that passed the key's checks
             if call.app is not None:  # an app key's history includes all of its users'
-                model = server.usage.record(call.app[0], call.label, None, day, now, column,
+                model = self.usage.record(call.app[0], call.label, None, day, now, column,
                                             amounts, model, names_model)
-            model = server.usage.record(call.identity, call.label, call.user, day, now, column,
+            model = self.usage.record(call.identity, call.label, call.user, day, now, column,
                                         amounts, model, names_model or call.app is not None)
         first_byte = call.first_byte - call.started if call.first_byte is not None else None
-        server.metrics.record(call.label if named else OTHER, call.user if named else None,
+        self.metrics.record(call.label if named else OTHER, call.user if named else None,
                               call.endpoint, outcome, prompt, completion, charged, call.seconds,
                               first_byte, model, cost)
-        if server.alerts is not None and call.identity and (call.charge is not None or call.limited):
-            server.alerts.check(call, server.buckets, server.config.mode)
+        if self.alerts is not None and call.identity and (call.charge is not None or call.limited):
+            self.alerts.check(call, self.buckets, self.config.mode)
 
     def answer(self, path: str, method: str, headers: Headers,
                query: str = "") -> tuple[list[tuple[str, str]], bytes]:
         """The owner's routes: they exist only with ADMIN_KEY, and no client key opens them."""
-        admin_key = self.server.config.admin_key
+        admin_key = self.config.admin_key
         if not admin_key:
             raise ProxyError(404, f"Unknown path {path}", code="not_found")
         if method not in ("GET", "HEAD"):
@@ -7098,7 +7103,7 @@ class AdminView:
         key ring re-reads the file at once, so a change applies before the answer.
         ``{name}`` is a key's name, else its id (for names a URL cannot carry).
         """
-        config = self.server.config
+        config = self.config
         if not config.admin_key:
             raise ProxyError(404, f"Unknown path /admin/api/keys{rest}", code="not_found")
         self.require_admin_key(headers, config.admin_key)
@@ -7131,13 +7136,12 @@ class AdminView:
     def edit_keys(self, edit: Callable[[KeysFile], Callable[[], dict]]) -> dict:
         """One edit of KEYS_FILE under the command's lock, then the key ring re-reads it; the
         answer is made after that, so that it shows the levels under the new limits."""
-        server = self.server
-        path = server.config.keys_file
+        path = self.config.keys_file
         assert path is not None
         try:
             with edit_lock(path):
                 answer = edit(self.keys_file())
-                server.keyring.reload_if_changed(force=True)
+                self.keyring.reload_if_changed(force=True)
                 return answer()
         except ConfigError as error:
             status = KEY_ERROR_STATUS.get(type(error), 400)
@@ -7149,10 +7153,10 @@ class AdminView:
 
     def keys_file(self) -> KeysFile:
         """KEYS_FILE as it is now; a file that is no JSON object is the server's fault (a 500)."""
-        path = self.server.config.keys_file
+        path = self.config.keys_file
         assert path is not None
         try:
-            return KeysFile(path, self.server.config)
+            return KeysFile(path, self.config)
         except ConfigError as error:
             log.error("KEYS_FILE %s: %s", path, error)
             raise ProxyError(500, "The keys file is broken; the proxy's log says why.",
@@ -7167,13 +7171,13 @@ class AdminView:
         if handle is None:
             with suppress(ConfigError):  # a hand edit the proxy refused: no levels to show
                 handle = stored_secret(stored)[0]
-        policy = self.server.keyring.policy_by_handle(handle) if handle else None
+        policy = self.keyring.policy_by_handle(handle) if handle else None
         windows = entry.get("buckets") or [{k: entry[k] for k in TOKEN_LIMITS if k in entry}]
         return {"name": entry.get("name"), "id": entry.get("id"), "email": entry.get("email"),
                 "enabled": entry.get("enabled", True), "expires": entry.get("expires"),
                 "models": entry.get("models"), "max_concurrent": entry.get("max_concurrent"),
                 "windows": windows,
-                "buckets": None if policy is None else self.server.buckets.peek("key:" + handle,
+                "buckets": None if policy is None else self.buckets.peek("key:" + handle,
                                                                                 policy.buckets)}
 
     def create_key(self, keys: KeysFile, fields: dict) -> Callable[[], dict]:
@@ -7199,7 +7203,7 @@ class AdminView:
             raise ConfigError("say how much to add: {\"amount\": ...}")
         stored = keys.find_one(name)[0]
         entry = keys.replace(name, lambda entry: raised_limit(
-            entry, options["amount"], options.get("window"), self.server.config)[0])
+            entry, options["amount"], options.get("window"), self.config)[0])
         log.info("admin API: topped up the key %r", name)
         return lambda: self.key_listing(stored, entry)
 
@@ -7223,7 +7227,7 @@ class AdminView:
 
     def currency(self) -> str | None:
         """What costs are counted in: MODELS_FILE's currency, None while no price is known."""
-        catalog = self.server.models_file.catalog
+        catalog = self.models_file.catalog
         return catalog.currency if catalog.models else None
 
     # -- the usage export ------------------------------------------------------
@@ -7242,8 +7246,8 @@ class AdminView:
             raise ProxyError(400, "usage.csv takes from=YYYY-MM-DD and to=YYYY-MM-DD, once each",
                              code="invalid_query")
         chosen = dict(pairs)
-        today = local_day(self.server.wall_clock())
-        first = chosen.get("from") or last_days(self.server.wall_clock(), self.server.usage.keep_days)[0]
+        today = local_day(self.wall_clock())
+        first = chosen.get("from") or last_days(self.wall_clock(), self.usage.keep_days)[0]
         last = chosen.get("to") or today
         for name, day in (("from", first), ("to", last)):
             if not _is_date(day):
@@ -7256,61 +7260,59 @@ class AdminView:
     def usage_csv(self, first: str, last: str) -> str:
         """One row per day, key, user and model, from the usage history (``UsageBook.rows``)."""
         names = {"key:" + digest: policy.name or digest[:12]
-                 for digest, policy in self.server.keyring.entries()}
+                 for digest, policy in self.keyring.entries()}
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\r\n")
         writer.writerow(("date", "key", "user", "model") + CSV_COUNTS)
         columns = operator.itemgetter(*(USAGE_FIELDS.index(name) for name in CSV_COUNTS[:-1]))
         writer.writerows([day, spreadsheet_text(key), spreadsheet_text(user), spreadsheet_text(model),
                           *columns(counts), cost_text(counts[COST])]
-                         for day, key, user, model, counts in self.server.usage.rows(first, last, names))
+                         for day, key, user, model, counts in self.usage.rows(first, last, names))
         return out.getvalue()
 
     # -- the usage report ------------------------------------------------------
 
     def usage_report(self) -> dict:
-        server = self.server
-        now = server.wall_clock()
+        now = self.wall_clock()
         today, days = local_day(now), last_days(now, 30)
         keys = []
         listed = set()
-        for handle, policy in server.keyring.entries():
+        for handle, policy in self.keyring.entries():
             identity = "key:" + handle
             listed.add(identity)
             keys.append(self.caller(identity, policy.name or handle[:12], policy, today, days))
-        for identity, ledger in server.usage.items():  # callers no longer (or never) in the file
+        for identity, ledger in self.usage.items():  # callers no longer (or never) in the file
             if identity not in listed and "/user:" not in identity:
-                keys.append(self.caller(identity, ledger.key, server.keyring.policy_of(identity),
+                keys.append(self.caller(identity, ledger.key, self.keyring.policy_of(identity),
                                         today, days))
-        upstream = server.upstreams.default
+        upstream = self.upstreams.default
         return {"now": _iso_time(now), "currency": self.currency(),
                 "upstream": {"url": upstream.target.display, "up": upstream.state.up,
                              "last_error": upstream.state.last_error},
-                "in_flight": server.upstreams.in_flight, "queued": server.upstreams.waiting,
+                "in_flight": self.upstreams.in_flight, "queued": self.upstreams.waiting,
                 "keys": keys}
 
     def caller(self, identity: str, name: str, policy: Policy, today: str, days: list[str],
                with_users: bool = True) -> dict:
-        server = self.server
-        in_flight, queued = server.upstreams.counts(identity)
-        ledger = server.usage.get(identity) or Ledger(name, None)
+        in_flight, queued = self.upstreams.counts(identity)
+        ledger = self.usage.get(identity) or Ledger(name, None)
         entry = {"name": name, "enabled": policy.enabled, "expires": policy.expires,
                  "models": None if policy.models is None else list(policy.models),
                  "max_concurrent": policy.max_concurrent or None, "in_flight": in_flight,
-                 "queued": queued, "buckets": server.buckets.peek(identity, policy.buckets)}
+                 "queued": queued, "buckets": self.buckets.peek(identity, policy.buckets)}
         entry.update(ledger.summary(today, days))
         if with_users and policy.users is not None:
             prefix = identity + "/user:"
             entry["users"] = [
                 self.caller(user_id, ledger.user or "?", policy.users.policy_for(user_id[len(prefix):]),
                             today, days, with_users=False)
-                for user_id, ledger in server.usage.items() if user_id.startswith(prefix)]
+                for user_id, ledger in self.usage.items() if user_id.startswith(prefix)]
         return entry
 
     # -- Prometheus ------------------------------------------------------------
 
     def metrics_text(self) -> str:
-        server, metrics = self.server, self.server.metrics
+        metrics = self.metrics
         requests, tokens, duration, first_byte = metrics.snapshot()
         lines = _family("llm_proxy_requests_total", "counter", "Requests by key, endpoint and outcome.",
                         ((_labels((("key", k), ("user", u), ("endpoint", e), ("outcome", o))), n)
@@ -7325,12 +7327,12 @@ class AdminView:
         lines += _family("llm_proxy_bucket_tokens", "gauge", "Tokens left in each named key's windows.",
                          self.bucket_samples())
         lines += _family("llm_proxy_in_flight", "gauge", "Requests at the upstream now.",
-                         iter([("", server.upstreams.in_flight)]))
+                         iter([("", self.upstreams.in_flight)]))
         lines += _family("llm_proxy_queued", "gauge", "Requests waiting for an upstream slot.",
-                         iter([("", server.upstreams.waiting)]))
+                         iter([("", self.upstreams.waiting)]))
         lines += _family("llm_proxy_upstream_up", "gauge",
                          "1 if the last exchange with the upstream worked, 0 if it failed.",
-                         iter([("", 0 if server.upstreams.default.state.up is False else 1)]))
+                         iter([("", 0 if self.upstreams.default.state.up is False else 1)]))
         lines += _histogram("llm_proxy_request_duration_seconds",
                             "From a request's arrival to its last byte sent.", duration)
         lines += _histogram("llm_proxy_time_to_first_byte_seconds",
@@ -7338,20 +7340,19 @@ class AdminView:
         return "\n".join(lines) + "\n"
 
     def bucket_samples(self) -> Iterator[tuple[str, float]]:
-        server = self.server
-        for handle, policy in server.keyring.entries():
+        for handle, policy in self.keyring.entries():
             if not policy.name:
                 continue
             identity = "key:" + handle
-            for index, level in enumerate(server.buckets.peek(identity, policy.buckets)):
+            for index, level in enumerate(self.buckets.peek(identity, policy.buckets)):
                 yield _labels((("key", policy.name), ("window", level["name"] or str(index)))), level["tokens"]
             if policy.users is None:
                 continue
             prefix = identity + "/user:"
-            for user_id, ledger in server.usage.items():
+            for user_id, ledger in self.usage.items():
                 if user_id.startswith(prefix):
                     specs = policy.users.policy_for(user_id[len(prefix):]).buckets
-                    for index, level in enumerate(server.buckets.peek(user_id, specs)):
+                    for index, level in enumerate(self.buckets.peek(user_id, specs)):
                         yield (_labels((("key", policy.name), ("user", ledger.user),
                                         ("window", level["name"] or str(index)))), level["tokens"])
 
@@ -8214,10 +8215,12 @@ class ProxyServer(TrackedServer):
         self.usage = UsageBook()
         self.stored = StoredAnswers()
         self.metrics = Metrics()
-        self.admin = AdminView(self)
+        self.upstreams = UpstreamRegistry.from_config(config, clock)
+        self.admin = AdminView(config, self.keyring, self.buckets, self.usage, self.metrics,
+                               self.upstreams, self.models_file, wall_clock)
         self.alerts = AlertWatch(config.alert_thresholds, AlertSender(config.alert_webhook_url),
                                  wall_clock, self.admin.currency) if config.alert_webhook_url else None
-        self.upstreams = UpstreamRegistry.from_config(config, clock)
+        self.admin.alerts = self.alerts
         if config.state_file:
             self.load_state()
         self.access_log = open_access_log(config.access_log) if config.access_log else None
