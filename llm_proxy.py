@@ -656,12 +656,14 @@ class Bucket:
     its reservation: that debt is repaid by refills before the next request.
     """
 
-    __slots__ = ("tokens", "step_at", "capacity")
+    __slots__ = ("tokens", "step_at", "capacity", "window")
 
-    def __init__(self, tokens: int, step_at: float, capacity: int | None = None) -> None:
+    def __init__(self, tokens: int, step_at: float, capacity: int | None = None,
+                 window: tuple | None = None) -> None:
         self.tokens = tokens
         self.step_at = step_at
         self.capacity = capacity  # the limit the level was last counted against (None: not known)
+        self.window = window      # which of the policy's windows it is (window_keys; None: not known)
 
     def resize(self, capacity: int) -> None:
         """The window's limit changed: the level moves by as much, so what was spent stays spent.
@@ -837,13 +839,10 @@ class BucketStore:
     def _current(self, identity: str, specs: Sequence[BucketSpec], now: float,
                  offset: float = 0.0) -> list[Bucket]:
         buckets = self._buckets.get(identity)
-        if buckets is None or len(buckets) != len(specs):
-            # A new caller starts full; when a policy gains or loses windows, the
-            # levels kept so far stay (by position), so an edit refills nobody early.
-            kept = buckets or []
-            buckets = kept[:len(specs)] + [Bucket(spec.capacity, now, spec.capacity)
-                                           for spec in specs[len(kept):]]
-            self._buckets[identity] = buckets
+        keys = window_keys(tuple(specs))
+        if buckets is None or len(buckets) != len(specs) or any(
+                bucket.window != key for bucket, key in zip(buckets, keys)):
+            buckets = self._buckets[identity] = _aligned(buckets or [], specs, keys, now)
         for bucket, spec in zip(buckets, specs):
             bucket.refill(spec, now, offset)
         return buckets
@@ -970,8 +969,15 @@ class BucketStore:
         """
         amounts = [amount] * len(specs) if isinstance(amount, int) else amount
         with self._lock:
-            buckets = self._current(identity, specs, *self._now())
-            for bucket, spec, change in zip(buckets, specs, amounts):
+            # By window, not by position, and without realigning: the policy may have changed
+            # since this call was charged, and its old windows must not replace the new ones.
+            now, offset = self._now()
+            found = {bucket.window: bucket for bucket in self._buckets.get(identity, ())}
+            for key, spec, change in zip(window_keys(tuple(specs)), specs, amounts):
+                bucket = found.get(key)
+                if bucket is None or not change:  # (a window removed meanwhile: nothing to give back)
+                    continue
+                bucket.refill(spec, now, offset)
                 bucket.tokens = min(spec.capacity, bucket.tokens + change) if change > 0 else (
                     bucket.tokens + change)
             if any(held):
@@ -1018,8 +1024,8 @@ class BucketStore:
                 for identity in identities[start:start + batch]:
                     buckets = self._buckets.get(identity)
                     specs = specs_of(identity)
-                    if buckets is None or len(buckets) != len(specs):
-                        continue
+                    if buckets is None or [b.window for b in buckets] != list(window_keys(tuple(specs))):
+                        continue  # (realigned, and then pruned, when next used)
                     for bucket, spec in zip(buckets, specs):
                         bucket.refill(spec, now, offset)
                     if all(b.tokens >= s.capacity for b, s in zip(buckets, specs)):
@@ -1043,7 +1049,8 @@ class BucketStore:
                 for identity in identities[start:start + batch]:
                     buckets = self._buckets.get(identity)
                     if buckets is not None:
-                        saved[identity] = [[b.tokens, round(b.step_at + offset, 3), b.capacity]
+                        saved[identity] = [[b.tokens, round(b.step_at + offset, 3), b.capacity,
+                                            None if b.window is None else list(b.window)]
                                            for b in buckets]
         return saved
 
@@ -1055,8 +1062,8 @@ class BucketStore:
         for identity, buckets in saved.items():
             if not isinstance(identity, str) or not isinstance(buckets, list):
                 raise ValueError("unexpected bucket entry")
-            restored[identity] = [Bucket(int(tokens), min(now, float(step_at) + offset), capacity)
-                                  for tokens, step_at, capacity in map(_saved_bucket, buckets)]
+            restored[identity] = [Bucket(int(tokens), min(now, float(step_at) + offset), capacity, window)
+                                  for tokens, step_at, capacity, window in map(_saved_bucket, buckets)]
             if not all(math.isfinite(bucket.step_at) for bucket in restored[identity]):
                 raise ValueError("a refill time is not a number")
         with self._lock:
@@ -1066,14 +1073,55 @@ class BucketStore:
         return len(self._buckets)
 
 
-def _saved_bucket(saved: object) -> tuple[object, object, int | None]:
-    """A saved level, its step time and the limit it was counted against (None: saved by an
-    older version, before levels carried it); ValueError or TypeError when broken."""
+def _saved_bucket(saved: object) -> tuple[object, object, int | None, tuple | None]:
+    """A saved level, its step time, the limit it was counted against and which window it is
+    (None for either: saved by an older version); ValueError or TypeError when broken."""
     tokens, step_at, *rest = saved  # type: ignore[misc]
-    if len(rest) > 1:
+    if len(rest) > 2:
         raise ValueError("unexpected bucket entry")
     capacity = rest[0] if rest else None
-    return tokens, step_at, None if capacity is None else int(capacity)
+    window = rest[1] if len(rest) > 1 else None
+    if window is not None:
+        name, unit, period, index = window
+        window = (str(name), str(unit), None if period is None else str(period), int(index))
+    return tokens, step_at, None if capacity is None else int(capacity), window
+
+
+@functools.lru_cache(maxsize=4096)
+def window_keys(specs: tuple[BucketSpec, ...]) -> tuple[tuple, ...]:
+    """Which window each spec is, so that a level follows its window when the policy changes.
+
+    A window is its name, unit and period, and which of the windows so alike it is:
+    its limit, refill or models may change (the level stays, ``Bucket.resize``); removing
+    or adding a window before it must not hand it another window's level.
+    """
+    seen: dict[tuple, int] = {}
+    keys = []
+    for spec in specs:
+        alike = (spec.name, spec.unit, spec.period)
+        keys.append(alike + (seen.get(alike, 0),))
+        seen[alike] = seen.get(alike, 0) + 1
+    return tuple(keys)
+
+
+def _aligned(old: Sequence[Bucket], specs: Sequence[BucketSpec], keys: Sequence[tuple],
+             now: float) -> list[Bucket]:
+    """A caller's levels in the order of its policy's windows: each window its own level.
+
+    A new window starts full.  Levels restored from an older state file do not say which
+    window they are: they are taken by position, once, as before.
+    """
+    known = {bucket.window: bucket for bucket in old if bucket.window is not None}
+    aligned = []
+    for position, (spec, key) in enumerate(zip(specs, keys)):
+        bucket = known.get(key)
+        if bucket is None and position < len(old) and old[position].window is None:
+            bucket = old[position]
+        if bucket is None:
+            bucket = Bucket(spec.capacity, now, spec.capacity)
+        bucket.window = key
+        aligned.append(bucket)
+    return aligned
 
 
 class Charge:

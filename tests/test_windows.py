@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import unittest
 
 import llm_proxy
 from test_llm_proxy import CLIENT_KEY, ProxyTestCase, write_keys_file
@@ -157,3 +158,49 @@ class ModelWindowDebtTests(ProxyTestCase):
         self.chat(model="big", max_tokens=5, headers={"X-Usage": "90"})  # 90 used: the big window in debt
         reply = self.chat(model="small", max_tokens=5).json()["choices"][0]["message"]["content"]
         self.assertEqual(reply, "hi from upstream")
+
+
+class WindowIdentityTests(unittest.TestCase):
+    """A level belongs to its window, not to a position in the policy's list of windows."""
+
+    HOURLY = llm_proxy.BucketSpec(1000, 1000, 3600.0, name="hourly")
+    BUDGET = llm_proxy.BucketSpec(10 ** 9, 0, 1e9, name="budget", unit="money", period="total")
+    DAILY = llm_proxy.BucketSpec(5000, 5000, 86400.0)
+
+    def store(self) -> llm_proxy.BucketStore:
+        return llm_proxy.BucketStore(clock=lambda: 100.0, wall_clock=lambda: 1_000_000.0)
+
+    def test_removing_or_adding_a_window_before_another_keeps_each_level(self) -> None:
+        store = self.store()
+        store.charge_all((("k", (self.HOURLY, self.BUDGET)),),
+                         lambda spec: 990_000_000 if spec is self.BUDGET else 10)
+        store.charge("k", (self.BUDGET,), 0)  # the owner removed the hourly window
+        self.assertEqual(store.snapshot("k", (self.BUDGET,))[0]["tokens"], 0.01)  # (in the currency)
+        store.charge("k", (self.DAILY, self.BUDGET), 0)  # and put a daily one in front
+        levels = store.snapshot("k", (self.DAILY, self.BUDGET))
+        self.assertEqual((levels[0]["tokens"], levels[1]["tokens"]), (5000, 0.01))
+
+    def test_a_call_settled_with_its_old_windows_leaves_a_new_window_alone(self) -> None:
+        store = self.store()
+        old, new = (self.HOURLY,), (self.HOURLY, self.BUDGET)
+        self.assertTrue(store.charge("k", old, 800).allowed)   # a call in flight ...
+        store.charge_all((("k", new),), lambda spec: 900_000_000 if spec is self.BUDGET else 0)  # ... the
+        # owner adds a budget, and it is spent
+        store.credit("k", old, 300)                              # the first call settles, cheaper
+        levels = store.snapshot("k", new)
+        self.assertEqual(levels[0]["tokens"], 500)               # its own window got the refund
+        self.assertAlmostEqual(levels[1]["tokens"], 0.1)         # the budget still spent
+
+    def test_unnamed_windows_alike_are_told_apart_by_their_order(self) -> None:
+        store = self.store()
+        hour = llm_proxy.BucketSpec(100, 100, 3600.0)
+        day = llm_proxy.BucketSpec(500, 500, 86400.0)
+        store.charge("k", (hour, day), 50)
+        self.assertEqual([level["tokens"] for level in store.snapshot("k", (hour, day))], [50, 450])
+
+    def test_levels_saved_without_their_window_are_taken_by_position_once(self) -> None:
+        store = self.store()
+        store.load({"k": [[7, 1_000_000.0, 1000]]}, wall_clock=lambda: 1_000_000.0)  # an older file
+        self.assertEqual(store.snapshot("k", (self.HOURLY,))[0]["tokens"], 7)
+        saved = store.dump(wall_clock=lambda: 1_000_000.0)["k"][0]
+        self.assertEqual(saved[3], ["hourly", "", None, 0])
