@@ -3996,7 +3996,23 @@ class Call:
             self.cost = float(self.price.per_call) if served else 0.0  # (its price per call)
         elif used is not None and self.price is not None:
             self.cost = self.price.cost(used)
+        if self.cut_short_under_a_cap(charge):
+            used = None  # what it used is not known: the reservation, an upper bound, is kept
         charge.close(served, used if charge.settles else None)
+
+    def cut_short_under_a_cap(self, charge: Charge) -> bool:
+        """A stream paid in money, under the hard cap, that ended before its usage was reported.
+
+        What was relayed can be counted only in part (tool-call arguments, reasoning the
+        client never sees, what a paid API wrote after the client left, and bills), so
+        settling by it would let a caller who hangs up early pay a fraction of the bill;
+        a capped call reserved its whole allowance, which bounds it.  Token windows still
+        settle by what was streamed: a local server stops when the proxy hangs up on it.
+        """
+        meter = self.meter
+        return (self.stream and not self.finished and charge.admission.allowance is not None
+                and meter is not None and not meter.final
+                and any(spec.counts_money for _, specs in charge.payers for spec in specs))
 
     def identify_user(self, headers: Headers, payload: dict | None, now: float,
                       required: bool) -> bool:

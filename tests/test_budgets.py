@@ -197,6 +197,11 @@ class PaidHandler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
+        if self.headers.get("X-Break"):  # billed in full, but the stream breaks off after its first event
+            frames, self.close_connection = frames[:1], True
+            data = frames[0].encode()
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            return
         for frame in frames + [""]:
             data = frame.encode()
             self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
@@ -443,6 +448,18 @@ class PricingTests(BudgetTestCase):
         self.assertEqual(self.quota()["buckets"][0]["spent"], 0)
         self.use_budget(1.0)
         self.assertEqual(self.ask(key=OTHER_KEY, model="gpt-5-turbo", headers={"X-Want": "5"}).status, 200)
+
+    def test_a_stream_cut_short_before_its_usage_keeps_its_whole_reservation(self) -> None:
+        """What a cut stream used cannot be counted (a paid API bills what it wrote), so a
+        money window keeps what it reserved: the prompt's bound and the whole allowance."""
+        for api in ("chat", "responses", "messages"):
+            with self.subTest(api=api):
+                before = self.quota()["buckets"][0]["spent"]
+                self.ask(api=api, model="gpt-4.1", stream=True, allowance=500,
+                         headers={"X-Want": "500", "X-Break": "1"})
+                spent = self.quota()["buckets"][0]["spent"] - before
+                self.assertGreaterEqual(spent, 500 * 8.00 / MILLION)  # the allowance, at least
+                self.assertGreaterEqual(spent, float(billed("gpt-4.1", *self.paid.answers[-1]["parts"])))
 
     def test_an_image_costs_its_price_per_call_and_an_unpriced_one_is_refused(self) -> None:
         image = {"model": "gpt-image-1", "prompt": "a red apple", "n": 1}
