@@ -1309,7 +1309,7 @@ class MoneyUnit(Unit):
         if call.price is None:
             return 0
         if call.flat:
-            return call.price.call_nanos
+            return call.price.call_nanos * call.made
         allowance = call.config.response_reserve if call.allowance is None else min(
             call.allowance, call.config.response_reserve)
         return self.prompt_cost(call) + math.ceil(self.output_cost(call) * allowance)
@@ -1803,6 +1803,24 @@ class CheckedBody(NamedTuple):
     forwarded: bytes        # a JSON body's parse serialised again; a form or other body as sent
     payload: object = None  # the JSON value, when the body is JSON
     model: str | None = None  # the model it names, if any
+    count: int = 1          # how many things it asks to be made (``n`` images), for a price per call
+
+
+def made_count(fields: Sequence[tuple[str, object]]) -> int:
+    """A flat-rate call's ``n`` (images made at once), priced per call: 1 when it says none.
+
+    A form sends it as text; a value no server would read as a count is refused, so
+    that what is charged is what is made.
+    """
+    values = [value for name, value in fields if name == "n"]
+    if not values:
+        return 1
+    value = values[0]
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) < 12:
+        value = int(value)
+    if len(values) > 1 or type(value) is not int or not 1 <= value <= MAX_COUNT:
+        raise ProxyError(400, "n must be one whole number, 1 or more", param="n", code="invalid_value")
+    return value
 
 
 NO_BODY = CheckedBody(b"")
@@ -1828,7 +1846,8 @@ def check_body(body: bytes, content_type: str, model_fields: tuple[str, ...],
         if isinstance(value, dict):
             check_spellings(value)
             model = named_model(list(value.items()), model_fields)
-        checked = CheckedBody(body_bytes(value), value, model)
+        checked = CheckedBody(body_bytes(value), value, model,
+                              made_count(list(value.items())) if isinstance(value, dict) else 1)
     else:
         fields = form_fields(body, content_type)
         if fields is None:
@@ -1836,7 +1855,7 @@ def check_body(body: bytes, content_type: str, model_fields: tuple[str, ...],
                 raise ProxyError(415, f"This key may use only some models, and a {media or 'untyped'} "
                                  "body cannot show which one it asks for.", code="unsupported_media_type")
             return CheckedBody(body)
-        checked = CheckedBody(body, None, named_model(fields, model_fields))
+        checked = CheckedBody(body, None, named_model(fields, model_fields), made_count(fields))
     if must_name_model and checked.model is None:
         raise ProxyError(403, "This key may use only some models: the request must name one.",
                          "permission_error", "model_not_allowed", "model")
@@ -3454,13 +3473,14 @@ class CallCost:
     A flat-rate call costs REQUEST_TOKEN_COST tokens whatever it says.
     """
 
-    __slots__ = ("dialect", "payload", "config", "capacity", "price", "max_output", "_prompt",
+    __slots__ = ("dialect", "payload", "config", "capacity", "price", "max_output", "made", "_prompt",
                  "_estimate", "_reservation", "_allowance")
 
     def __init__(self, dialect: Dialect, payload: dict, config: Config, capacity: int,
-                 price: Price | None = None, max_output: int | None = None) -> None:
+                 price: Price | None = None, max_output: int | None = None, made: int = 1) -> None:
         self.dialect, self.payload, self.config, self.capacity = dialect, payload, config, capacity
         self.price, self.max_output = price, max_output
+        self.made = made  # a flat-rate call's things made (n images), each at the price per call
         self._prompt: int | None = None
         self._estimate: int | None = None
         self._reservation: int | None = None
@@ -3951,6 +3971,7 @@ class Call:
     tokens_charged: int = 0          # taken before forwarding and kept (0 if refunded)
     tokens_paid: int = 0             # what it cost in the end
     price: Price | None = None       # the model's (MODELS_FILE), when it has one
+    made: int = 1                    # a flat-rate call's things made (n images), priced per call
     cost: float = 0.0                # in the currency, set when the charge closes: the usage priced
     refused: Admission | None = None  # a limited request's admission: which windows could not pay
     seconds: float = 0.0             # from arrival to the end of the answer
@@ -3993,7 +4014,7 @@ class Call:
         if served and self.meter is not None:
             used = self.meter.used(self.finished or not self.stream)
         if self.price is not None and self.dialect.flat_rate:
-            self.cost = float(self.price.per_call) if served else 0.0  # (its price per call)
+            self.cost = float(self.price.per_call) * self.made if served else 0.0  # (priced per call)
         elif used is not None and self.price is not None:
             self.cost = self.price.cost(used)
         if self.cut_short_under_a_cap(charge):
@@ -4688,8 +4709,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
         capacity = min((spec.capacity for _, specs in payers for spec in specs
                         if mode.unit_of(spec).counts_tokens), default=1 << 62)  # a reservation's room
         metered = payload if not dialect.flat_rate else None
+        if metered is None:
+            call.made = checked.count
         cost = CallCost(dialect, metered or {}, config, capacity, call.price,
-                        catalog.max_output(call.model))
+                        catalog.max_output(call.model), call.made)
         cost_of = window_costs(cost, mode, call.model or "", payers)
         stream = metered is not None and dialect.is_stream(metered)
         settles = any(mode.unit_of(spec).settles for _, specs in payers for spec in specs)

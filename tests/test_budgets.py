@@ -106,7 +106,7 @@ class PaidHandler(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
         if self.path == "/v1/images/generations":  # billed per image, no tokens reported
             with self.server.lock:
-                self.server.bill += Fraction(IMAGE_PRICE)
+                self.server.bill += Fraction(IMAGE_PRICE) * body.get("n", 1)
                 self.server.answers.append({"body": body, "usage": None, "parts": None})
             self.reply({"created": 1, "data": [{"url": "https://example.com/1.png"}]})
             return
@@ -467,10 +467,16 @@ class PricingTests(BudgetTestCase):
         self.wait_for(lambda: len(self.costs) == 1)
         self.assertEqual(self.costs, [float(IMAGE_PRICE)])
         self.assertAlmostEqual(self.quota()["buckets"][0]["spent"], float(IMAGE_PRICE), places=9)
+        four = self.request("POST", "/v1/images/generations", dict(image, n=4))  # four images, four prices
+        self.assertEqual(four.status, 200)
+        self.wait_for(lambda: len(self.costs) == 2)
+        self.assertEqual(self.costs[1], 4 * float(IMAGE_PRICE))
+        self.assertAlmostEqual(self.quota()["buckets"][0]["spent"], 5 * float(IMAGE_PRICE), places=9)
+        self.assertEqual(self.request("POST", "/v1/images/generations", dict(image, n=0)).status, 400)
         refused = self.request("POST", "/v1/images/generations", dict(image, model="dall-e-2"))
         self.assert_openai_error(refused, 403, "permission_error", "model_not_priced")
-        self.assertEqual(len(self.paid.answers), 1)  # (the refused one never reached it)
-        self.assertEqual(self.paid.bill, Fraction(IMAGE_PRICE))
+        self.assertEqual(len(self.paid.answers), 2)  # (the refused ones never reached it)
+        self.assertEqual(self.paid.bill, 5 * Fraction(IMAGE_PRICE))
 
     def test_quota_shows_money_in_the_currency(self) -> None:
         served = self.ask(model="gpt-4.1-mini", headers={"X-Want": "100"})
