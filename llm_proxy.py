@@ -1634,7 +1634,7 @@ SSE_DONE = b"data: [DONE]\n\n"
 READ_FIELDS = frozenset({
     "model", "stream", "stream_options", "messages", "prompt", "input", "user", "metadata",
     "options", "max_tokens", "max_completion_tokens", "max_output_tokens", "n_predict", "n",
-    "n_cmpl", "best_of", "background", "previous_response_id", "conversation"})
+    "n_cmpl", "best_of", "background", "previous_response_id", "conversation", "models", "route"})
 NESTED_READ_FIELDS = {"options": frozenset({"num_predict"}),
                       "stream_options": frozenset({"include_usage"}),
                       "metadata": frozenset({"user_id"})}
@@ -4193,6 +4193,22 @@ class Call:
         return line, record
 
 
+def refuse_other_models(payload: dict, policy: Policy | None,
+                        payers: Sequence[tuple[str, Sequence[BucketSpec]]]) -> None:
+    """A 400 for a list of fallback models (OpenRouter's ``models``) where the model matters.
+
+    OpenRouter serves the next model of ``models`` when the first fails; the proxy checks
+    and prices the request by ``model`` alone, so for a key held to some models, or paying
+    in money, the others would be served unchecked and priced as the first.
+    """
+    if "models" not in payload:
+        return
+    limited = policy is not None and policy.limits_models
+    if limited or any(spec.counts_money for _, specs in payers for spec in specs):
+        raise ProxyError(400, "'models' (fallback models) cannot be sent with this key: name one "
+                         "model in 'model'.", param="models", code="fallback_models_not_allowed")
+
+
 def require_price(payers: Sequence[tuple[str, Sequence[BucketSpec]]], model: str,
                   price: Price | None, flat: bool = False) -> None:
     """A 403, free, for a model without a price when a money window would count the call.
@@ -4704,6 +4720,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if call.identify_user(self.headers, payload, self.server.wall_clock(), required=True):
             self.require_models(call.model, target)
         payers, mode, catalog = call.payers, config.mode, self.server.models_file.catalog
+        if payload is not None and not dialect.flat_rate:
+            refuse_other_models(payload, call.policy, payers)
         call.price = catalog.price(call.model)
         require_price(payers, call.model or "", call.price, dialect.flat_rate)
         capacity = min((spec.capacity for _, specs in payers for spec in specs

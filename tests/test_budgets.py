@@ -461,6 +461,15 @@ class PricingTests(BudgetTestCase):
                 self.assertGreaterEqual(spent, 500 * 8.00 / MILLION)  # the allowance, at least
                 self.assertGreaterEqual(spent, float(billed("gpt-4.1", *self.paid.answers[-1]["parts"])))
 
+    def test_fallback_models_are_refused_to_a_money_key_for_free(self) -> None:
+        body = {"model": "gpt-4.1-mini", "models": ["gpt-4.1", "o1-pro"], "max_tokens": 10,
+                "messages": [{"role": "user", "content": "hi"}]}
+        refused = self.request("POST", "/v1/chat/completions", body)
+        self.assert_openai_error(refused, 400, code="fallback_models_not_allowed")
+        self.assertEqual(self.paid.answers, [])
+        self.use_budget(1.0)
+        self.assertEqual(self.request("POST", "/v1/chat/completions", body, key=OTHER_KEY).status, 200)
+
     def test_an_image_costs_its_price_per_call_and_an_unpriced_one_is_refused(self) -> None:
         image = {"model": "gpt-image-1", "prompt": "a red apple", "n": 1}
         self.assertEqual(self.request("POST", "/v1/images/generations", image).status, 200)
