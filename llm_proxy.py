@@ -1315,7 +1315,9 @@ class MoneyUnit(Unit):
         return self.prompt_cost(call) + math.ceil(self.output_cost(call) * allowance)
 
     def prompt_cost(self, call: CallCost) -> int:
-        return 0 if call.price is None else call.price.input_nanos(call.prompt)
+        """The prompt at its upper bound (``CallCost.prompt_bound``): what a money window
+        reserves must cover the bill however the model's tokenizer counts."""
+        return 0 if call.price is None else call.price.input_nanos(call.prompt_bound)
 
     def output_cost(self, call: CallCost) -> float:
         return 0.0 if call.price is None else call.price.output_nanos_per_token * call.answers
@@ -1380,12 +1382,17 @@ NO_COST = WindowCost(0)
 # Cost
 # --------------------------------------------------------------------------
 
-def prompt_tokens(payload: dict) -> int:
+def prompt_tokens(payload: dict, bound: bool = False) -> int:
     """Every string in the request but the model at 4 characters a token, and every whole
     number in a list as one token: a prompt may be sent as token ids.
 
-    Iterative, so that no nesting depth can exhaust the stack.
+    With ``bound``, an upper bound instead: a string's UTF-8 bytes, since a tokenizer of
+    bytes (every GPT, Claude, Llama) never makes more tokens than there are bytes, where
+    4 characters a token is low for Chinese, code or numbers.  Iterative, so that no
+    nesting depth can exhaust the stack.
     """
+    if bound:
+        return _prompt_bytes(payload)
     characters = strings = token_ids = 0
     stack: list = [payload]
     while stack:
@@ -1400,6 +1407,22 @@ def prompt_tokens(payload: dict) -> int:
         elif type(item) is int:  # a whole number from a list (not a bool): a token id
             token_ids += 1
     return math.ceil((characters + max(0, strings - 1)) / 4) + token_ids  # strings joined by spaces
+
+
+def _prompt_bytes(payload: dict) -> int:
+    size = 0
+    stack: list = [payload]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            size += len(item.encode("utf-8", "surrogatepass")) + 1  # (and a separator)
+        elif isinstance(item, dict):
+            stack.extend(v for k, v in item.items() if k != "model" and type(v) is not int)
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif type(item) is int:
+            size += 1
+    return size
 
 
 def _count(value: object) -> int | None:
@@ -1634,7 +1657,8 @@ SSE_DONE = b"data: [DONE]\n\n"
 READ_FIELDS = frozenset({
     "model", "stream", "stream_options", "messages", "prompt", "input", "user", "metadata",
     "options", "max_tokens", "max_completion_tokens", "max_output_tokens", "n_predict", "n",
-    "n_cmpl", "best_of", "background", "previous_response_id", "conversation", "models", "route"})
+    "n_cmpl", "best_of", "background", "previous_response_id", "conversation", "models", "route",
+    "service_tier", "tools", "audio", "modalities"})
 NESTED_READ_FIELDS = {"options": frozenset({"num_predict"}),
                       "stream_options": frozenset({"include_usage"}),
                       "metadata": frozenset({"user_id"})}
@@ -3497,6 +3521,11 @@ class CallCost:
         return self._prompt
 
     @property
+    def prompt_bound(self) -> int:
+        """At least as many tokens as the prompt can be (its UTF-8 bytes): for money."""
+        return 0 if self.flat else prompt_tokens(self.payload, bound=True)
+
+    @property
     def allowance(self) -> int | None:
         """The request's own output allowance per answer (None: it sets no bound)."""
         if self._allowance is None:
@@ -4193,20 +4222,54 @@ class Call:
         return line, record
 
 
-def refuse_other_models(payload: dict, policy: Policy | None,
-                        payers: Sequence[tuple[str, Sequence[BucketSpec]]]) -> None:
-    """A 400 for a list of fallback models (OpenRouter's ``models``) where the model matters.
+HOSTED_TOOLS = frozenset({"web_search", "web_search_preview", "file_search", "code_interpreter",
+                          "image_generation", "computer_use_preview", "mcp"})  # billed by the call
 
-    OpenRouter serves the next model of ``models`` when the first fails; the proxy checks
-    and prices the request by ``model`` alone, so for a key held to some models, or paying
-    in money, the others would be served unchecked and priced as the first.
+
+def _hosted_tools(tools: object) -> bool:
+    return isinstance(tools, list) and any(
+        isinstance(tool, dict) and str(tool.get("type", "")).partition("_2")[0] in HOSTED_TOOLS
+        for tool in tools)
+
+
+def _audio_out(payload: dict) -> bool:
+    modalities = payload.get("modalities")
+    return "audio" in payload or (isinstance(modalities, list) and "audio" in modalities)
+
+
+# What a request may not ask of a key paying in money, and why: each would be billed beyond
+# the tokens the proxy prices, or its prompt could not be measured before it is sent. (field,
+# whether the request asks it, why.)
+UNPRICED_REQUESTS: tuple[tuple[str, Callable[[dict], bool], str], ...] = (
+    ("models", lambda payload: "models" in payload,
+     "'models' (fallback models) would be served unchecked and priced as the first"),
+    ("previous_response_id", lambda payload: payload.get("previous_response_id") is not None,
+     "the stored conversation it continues is billed as prompt but cannot be measured here; "
+     "send the conversation itself"),
+    ("service_tier", lambda payload: payload.get("service_tier") not in (None, "auto", "default"),
+     "a service tier other than the default is billed above the list price"),
+    ("tools", lambda payload: _hosted_tools(payload.get("tools")),
+     "hosted tools (web search, file search, code interpreter, image generation) are billed per call"),
+    ("audio", _audio_out, "audio output is billed above the text price"),
+)
+
+
+def refuse_unpriced(payload: dict, policy: Policy | None,
+                    payers: Sequence[tuple[str, Sequence[BucketSpec]]]) -> None:
+    """A 400, free, for what a key paying in money (or held to some models) may not ask.
+
+    Only ``models`` matters to a key held to some models (OpenRouter serves the next of
+    them when the first fails, unchecked); all of ``UNPRICED_REQUESTS`` matter to money.
     """
-    if "models" not in payload:
-        return
+    money = any(spec.counts_money for _, specs in payers for spec in specs)
     limited = policy is not None and policy.limits_models
-    if limited or any(spec.counts_money for _, specs in payers for spec in specs):
-        raise ProxyError(400, "'models' (fallback models) cannot be sent with this key: name one "
-                         "model in 'model'.", param="models", code="fallback_models_not_allowed")
+    if not (money or limited):
+        return
+    for field_name, asks, why in UNPRICED_REQUESTS:
+        if (money or field_name == "models") and asks(payload):
+            raise ProxyError(400, f"'{field_name}' cannot be sent with this key: {why}.",
+                             param=field_name, code="not_priced_for_this_key"
+                             if field_name != "models" else "fallback_models_not_allowed")
 
 
 def require_price(payers: Sequence[tuple[str, Sequence[BucketSpec]]], model: str,
@@ -4721,7 +4784,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.require_models(call.model, target)
         payers, mode, catalog = call.payers, config.mode, self.server.models_file.catalog
         if payload is not None and not dialect.flat_rate:
-            refuse_other_models(payload, call.policy, payers)
+            refuse_unpriced(payload, call.policy, payers)
         call.price = catalog.price(call.model)
         require_price(payers, call.model or "", call.price, dialect.flat_rate)
         capacity = min((spec.capacity for _, specs in payers for spec in specs

@@ -18,6 +18,7 @@ import tempfile
 import threading
 import time
 import unittest
+from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 from http.server import BaseHTTPRequestHandler
 
@@ -123,6 +124,8 @@ class PaidHandler(BaseHTTPRequestHandler):
         output = want if allowance is None else min(want, allowance)
         reasoning = min(int(self.headers.get("X-Reasoning", "0")), output)
         prompt = math.ceil(content_tokens(body.get("messages", body.get("input", ""))) / 4) + 2
+        if self.headers.get("X-Prompt-Tokens"):  # a tokenizer that counts otherwise (Chinese: a character)
+            prompt = int(self.headers["X-Prompt-Tokens"]) + 2
         cached = min(int(self.headers.get("X-Cached", "0")), prompt)
         written = min(int(self.headers.get("X-Cache-Write", "0")), prompt - cached) if api == "messages" else 0
         finish = "length" if output < want else "stop"
@@ -342,6 +345,20 @@ class HardCapTests(BudgetTestCase):
         self.assertAlmostEqual(quota["spent"], float(self.paid.bill), places=8)
         self.assertGreaterEqual(quota["remaining"], -float(self.prompt_error()))
 
+    def test_a_burst_of_prompts_the_estimate_undercounts_stays_within_the_budget(self) -> None:
+        """Chinese text is about a token a character, four times the estimate: a money window
+        reserves the prompt's bytes, so a burst of such requests cannot overrun the budget."""
+        self.use_budget(0.02)
+        prompt = "预算" * 1000  # 2,000 characters: the stand-in counts them as 2,000 tokens
+
+        def ask(_: int) -> int:
+            return self.ask(model="gpt-4.1", allowance=200, content=prompt,
+                            headers={"X-Want": "200", "X-Prompt-Tokens": "2000"}).status
+        with ThreadPoolExecutor(50) as pool:
+            self.assertEqual(set(pool.map(ask, range(50))), {200})
+        self.assertLessEqual(self.paid.bill, Fraction("0.02"))
+        self.assertGreater(len(self.paid.answers), 0)
+
     def test_a_nearly_spent_key_gets_a_shorter_answer(self) -> None:
         self.use_budget(0.004)
         self.ask(allowance=400, headers={"X-Want": "400"})  # $0.0032 and the prompt: little is left
@@ -350,7 +367,8 @@ class HardCapTests(BudgetTestCase):
         self.assertEqual(response.status, 200)
         self.assertEqual(response.json()["choices"][0]["finish_reason"], "length")
         forwarded = self.paid.answers[-1]["body"]
-        prompt = llm_proxy.prompt_tokens({k: v for k, v in forwarded.items() if k != "max_tokens"})
+        prompt = llm_proxy.prompt_tokens({k: v for k, v in forwarded.items() if k != "max_tokens"},
+                                         bound=True)  # (a money window reserves the prompt's bound)
         price = ModelCatalog.parse(json.dumps(MODELS)).price("gpt-4.1")
         expected = (left - price.input_nanos(prompt)) // 8000  # $8 a million: 8,000 nano-dollars a token
         self.assertEqual(forwarded["max_tokens"], expected)
@@ -469,6 +487,24 @@ class PricingTests(BudgetTestCase):
         self.assertEqual(self.paid.answers, [])
         self.use_budget(1.0)
         self.assertEqual(self.request("POST", "/v1/chat/completions", body, key=OTHER_KEY).status, 200)
+
+    def test_what_would_be_billed_beyond_its_tokens_is_refused_to_a_money_key_for_free(self) -> None:
+        chat = {"model": "gpt-4.1", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}
+        responses = {"model": "gpt-4.1", "max_output_tokens": 10, "input": "hi"}
+        stored = self.request("POST", "/v1/responses", responses).json()["id"]  # this key's own
+        answered = len(self.paid.answers)
+        for path, body, field in (
+                ("/v1/chat/completions", dict(chat, service_tier="priority"), "service_tier"),
+                ("/v1/chat/completions", dict(chat, modalities=["text", "audio"]), "audio"),
+                ("/v1/responses", dict(responses, tools=[{"type": "web_search_preview"}]), "tools"),
+                ("/v1/responses", dict(responses, previous_response_id=stored), "previous_response_id")):
+            with self.subTest(field=field):
+                refused = self.request("POST", path, body)
+                error = self.assert_openai_error(refused, 400, code="not_priced_for_this_key")
+                self.assertEqual(error["param"], field)
+        self.assertEqual(len(self.paid.answers), answered)
+        self.assertEqual(self.request("POST", "/v1/responses", dict(
+            responses, tools=[{"type": "function", "name": "f", "parameters": {}}])).status, 200)
 
     def test_an_image_costs_its_price_per_call_and_an_unpriced_one_is_refused(self) -> None:
         image = {"model": "gpt-image-1", "prompt": "a red apple", "n": 1}
