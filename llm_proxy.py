@@ -1464,7 +1464,7 @@ class Meter:
     """
 
     __slots__ = ("dialect", "prompt_estimate", "hide_usage", "counts_text", "usage_fields",
-                 "characters", "final", "object_id")
+                 "characters", "final", "object_id", "_reported")
 
     def __init__(self, dialect: Dialect, prompt_estimate: int, hide_usage: bool = False,
                  counts_text: bool = True) -> None:
@@ -1476,6 +1476,7 @@ class Meter:
         self.characters = 0
         self.final = False  # the usage seen is the answer's last word (not, say, message_start's)
         self.object_id: str | None = None  # a stored answer's id (a response, a completion)
+        self._reported: Usage | None = None
 
     def report(self, counts: dict) -> None:
         """Record counts from the upstream; later reports of a field replace earlier ones.
@@ -1483,6 +1484,7 @@ class Meter:
         A count inside a details object is kept under both names joined by a dot
         (``prompt_tokens_details.cached_tokens``).
         """
+        self._reported = None  # (read again from the fields, once, when next asked)
         for name, value in counts.items():
             count = _count(value)
             if count is not None:
@@ -1495,7 +1497,11 @@ class Meter:
 
     @property
     def reported(self) -> Usage | None:
-        return self.dialect.usage_of(self.usage_fields) if self.usage_fields else None
+        """The usage the upstream reported, in its parts (asked by the charge, the cost and
+        the record: read from the fields once)."""
+        if self._reported is None and self.usage_fields:
+            self._reported = self.dialect.usage_of(self.usage_fields)
+        return self._reported
 
     def used(self, finished: bool) -> Usage | None:
         """What to settle to: the reported usage, else for a cut-short answer prompt + text / 4.
@@ -4072,7 +4078,7 @@ class Call:
         was streamed.
         """
         charge = self.charge
-        if charge is None:
+        if charge is None or charge.state != "reserved":
             return
         served = self.served or (self.gone and self.upstream_reached)
         used = None
@@ -7329,13 +7335,13 @@ class AdminView:
             names_model = outcome in ("served", "limited")  # a name that passed the key's checks
             if call.app is not None:  # an app key's history includes all of its users'
                 model = self.usage.record(call.app[0], call.label, None, day, now, column,
-                                            amounts, model, names_model)
+                                          amounts, model, names_model)
             model = self.usage.record(call.identity, call.label, call.user, day, now, column,
-                                        amounts, model, names_model or call.app is not None)
+                                      amounts, model, names_model or call.app is not None)
         first_byte = call.first_byte - call.started if call.first_byte is not None else None
         self.metrics.record(call.label if named else OTHER, call.user if named else None,
-                              call.endpoint, outcome, prompt, completion, charged, call.seconds,
-                              first_byte, model, cost)
+                            call.endpoint, outcome, prompt, completion, charged, call.seconds,
+                            first_byte, model, cost)
         if self.alerts is not None and call.identity and (call.charge is not None or call.limited):
             self.alerts.check(call, self.buckets, self.config.mode)
 
@@ -7448,7 +7454,7 @@ class AdminView:
                 "models": entry.get("models"), "max_concurrent": entry.get("max_concurrent"),
                 "windows": windows,
                 "buckets": None if policy is None else self.buckets.peek("key:" + handle,
-                                                                                policy.buckets)}
+                                                                         policy.buckets)}
 
     def create_key(self, keys: KeysFile, fields: dict) -> Callable[[], dict]:
         name = checked_name(fields.pop("name", None))
