@@ -1369,6 +1369,27 @@ def cost_mode(config: Config) -> CostMode:
     return CostMode("usage", ReportedTokens(), ReportedTokens(), least, setting)
 
 
+class PayerWindows(NamedTuple):
+    """What a call's windows, all payers' together, say of it; worked out once a call."""
+
+    money: bool       # some window counts money: prices are needed
+    settles: bool     # some window settles to the usage reported
+    token_room: int   # the smallest capacity of a window counting tokens (a reservation's room)
+
+
+def payer_windows(payers: Sequence[tuple[str, Sequence[BucketSpec]]], mode: CostMode) -> PayerWindows:
+    money = settles = False
+    room = 1 << 62
+    for _, specs in payers:
+        for spec in specs:
+            unit = mode.unit_of(spec)
+            money = money or spec.counts_money
+            settles = settles or unit.settles
+            if unit.counts_tokens and spec.capacity < room:
+                room = spec.capacity
+    return PayerWindows(money, settles, room)
+
+
 def window_costs(call: CallCost, mode: CostMode, model: str,
                  payers: Sequence[tuple[str, Sequence[BucketSpec]]]) -> Callable[[BucketSpec], WindowCost]:
     """What each window is charged before forwarding: by its unit, and nothing at all if it
@@ -4318,14 +4339,12 @@ UNPRICED_REQUESTS: tuple[tuple[str, Callable[[dict], bool], str], ...] = (
 )
 
 
-def refuse_unpriced(payload: dict, policy: Policy | None,
-                    payers: Sequence[tuple[str, Sequence[BucketSpec]]]) -> None:
-    """A 400, free, for what a key paying in money (or held to some models) may not ask.
+def refuse_unpriced(payload: dict, policy: Policy | None, money: bool) -> None:
+    """A 400, free, for what a key paying in ``money`` (or held to some models) may not ask.
 
     Only ``models`` matters to a key held to some models (OpenRouter serves the next of
     them when the first fails, unchecked); all of ``UNPRICED_REQUESTS`` matter to money.
     """
-    money = any(spec.counts_money for _, specs in payers for spec in specs)
     limited = policy is not None and policy.limits_models
     if not (money or limited):
         return
@@ -4847,12 +4866,13 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if call.identify_user(self.headers, payload, self.server.wall_clock(), required=True):
             self.require_models(call.model, target)
         payers, mode, catalog = call.payers, config.mode, self.server.models_file.catalog
+        windows = payer_windows(payers, mode)
         if payload is not None and not dialect.flat_rate:
-            refuse_unpriced(payload, call.policy, payers)
+            refuse_unpriced(payload, call.policy, windows.money)
         call.price = catalog.price(call.model)
-        require_price(payers, call.model or "", call.price, dialect.flat_rate)
-        capacity = min((spec.capacity for _, specs in payers for spec in specs
-                        if mode.unit_of(spec).counts_tokens), default=1 << 62)  # a reservation's room
+        if windows.money:
+            require_price(payers, call.model or "", call.price, dialect.flat_rate)
+        capacity = windows.token_room
         metered = payload if not dialect.flat_rate else None
         if metered is None:
             call.made = checked.count
@@ -4860,7 +4880,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                         catalog.max_output(call.model), call.made)
         cost_of = window_costs(cost, mode, call.model or "", payers)
         stream = metered is not None and dialect.is_stream(metered)
-        settles = any(mode.unit_of(spec).settles for _, specs in payers for spec in specs)
+        settles = windows.settles
         if metered is not None:
             call.prepare_upstream(metered, stream, cost.prompt if settles else 0, settles)
         forwarded = checked.forwarded if metered is None else body_bytes(metered)  # (may refuse it)
