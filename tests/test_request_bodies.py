@@ -395,10 +395,12 @@ class StoredAnswerTests(BodyTestCase):
     def test_an_answer_is_the_callers_before_the_caller_has_it(self) -> None:
         """A client may ask for its answer the moment it arrives: the proxy has recorded it as
         the caller's before sending it, not at the end of the request, after the answer went."""
-        proxy, answered = self.proxy, threading.Event()
+        proxy, answered, calls = self.proxy, threading.Event(), []
         request_arrived = proxy.request_arrived
-        def end_of_request_held_back(connection: object) -> None:  # (only the first request's)
-            answered.wait(WAIT)
+        def end_of_request_held_back(connection: object) -> None:
+            calls.append(connection)
+            if len(calls) == 2:  # (the first is the body's arrival; the second, the request's end)
+                answered.wait(WAIT)
             request_arrived(connection)
         proxy.request_arrived = end_of_request_held_back
         self.post("/v1/responses", {"model": "small", "input": "hi"}, key=OPEN)
