@@ -79,6 +79,7 @@ except ImportError:  # Windows: keys edits are not locked there
     fcntl = None  # type: ignore[assignment]
 import datetime
 import errno
+import fnmatch
 import functools
 import hashlib
 import hmac
@@ -113,7 +114,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, fields, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from logging.handlers import QueueHandler, QueueListener
-from typing import BinaryIO, Callable, Iterator, NamedTuple, Sequence, TextIO
+from typing import BinaryIO, Callable, Iterator, Mapping, NamedTuple, Sequence, TextIO
 
 __version__ = "1.0.0"
 
@@ -130,8 +131,7 @@ def describe(config: Config, server: ProxyServer) -> str:
               f"{config.refill_interval:g}s, cost mode {config.cost_mode}")
     keys = ("open (no client keys)" if server.keyring.is_open
             else f"{server.keyring.key_count} client keys")
-    upstreams = ", ".join(upstream.target.display + (f" model {upstream.model}" if upstream.model else "")
-                          for upstream in server.upstreams)  # (never a key)
+    upstreams = server.upstreams.describe()  # (never a key)
     return (f"llm_proxy {__version__} listening on http://{host}:{port} -> "
             f"{upstreams}; default buckets: {limits}; {keys}")
 
@@ -203,7 +203,7 @@ def start(args: argparse.Namespace, environ: dict[str, str] | None) -> ProxyServ
         if args.demo:
             echo = start_echo_model()
             config = _demo_config(config, echo.server_address[1], environ)
-        server = ProxyServer(config)
+        server = ProxyServer(config, environ=environ)
     except ConfigError as error:
         print(f"llm_proxy: {error}", file=sys.stderr)
         return None
@@ -371,6 +371,9 @@ SETTINGS: tuple[Setting, ...] = (
             _key_list),
     Setting(("KEYS_FILE",), "keys_file",
             "JSON file of client keys with names and per-key limits; re-read on change or SIGHUP"),
+    Setting(("MODELS_FILE",), "models_file",
+            "JSON file of model servers ('upstreams') and which serves each model; re-read on "
+            "change or SIGHUP (docs/UPSTREAMS_MANY.md)"),
     Setting(("LIMIT_RESPONSE",), "limit_response",
             "'message' (an assistant reply saying to wait) or 'error' (HTTP 429)",
             _choice("message", "error")),
@@ -419,6 +422,7 @@ class Config:
     response_reserve: int = 256
     client_keys: tuple[str, ...] = ()
     keys_file: str | None = None
+    models_file: str | None = None
     limit_response: str = "message"
     upstream_max_concurrent: int = 0
     max_concurrent_per_key: int = 0
@@ -3083,7 +3087,9 @@ class Call:
     body_pending: bool = True        # until read: an unread body forces the connection closed
     charge: Charge | None = None
     meter: Meter | None = None
-    upstream: Upstream | None = None  # the model server that answers it, once known
+    route: ModelRoute | None = None  # the servers of the model it names (MODELS_FILE, BASE_API_URL)
+    upstream: Upstream | None = None  # the one of them that answers it, once chosen
+    affinity: str | None = None      # a sticky route's caller and conversation, hashed
     status: int = 0
     limited: bool = False
     stream: bool = False             # the answer went out as a stream of events
@@ -3211,13 +3217,13 @@ class Call:
     def upstream_body(self, payload: dict, stream: bool, prompt: int, config: Config) -> bytes:
         """The body to forward: the payload the proxy checked, serialised again.
 
-        The server's own model name (``BASE_MODEL``) replaces the model; a meter is
-        attached, and in usage mode a stream that reports usage only when asked is
-        asked (the client not told).
+        The model's name on its servers (``upstream_model``, ``BASE_MODEL``) replaces
+        the model; a meter is attached, and in usage mode a stream that reports usage
+        only when asked is asked (the client not told).
         """
-        assert self.upstream is not None
-        if self.upstream.model:
-            payload["model"] = self.upstream.model
+        assert self.route is not None
+        if self.route.upstream_model:
+            payload["model"] = self.route.upstream_model
         settles = config.mode.settles
         hide = self.dialect.ask_for_usage(payload) if stream and settles else None
         self.meter = Meter(self.dialect, prompt, hide_usage=bool(hide), counts_text=settles)
@@ -3513,7 +3519,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.send_json(200, ROOT_REPLY)
 
     def answer_health(self, route: Route, target: Target) -> None:
-        self.send_json(200, {"status": "ok"})
+        """ok, or degraded while a model server is down; nothing more to a caller without a key."""
+        down = any(upstream.state.up is False for upstream in self.server.upstreams)
+        self.send_json(200, {"status": "degraded" if down else "ok"})
 
     def answer_favicon(self, route: Route, target: Target) -> None:
         self.send_bytes(204, [], b"")  # browsers ask; an empty answer keeps their consoles quiet
@@ -3552,8 +3560,12 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.send_json(200, self.call.quota(self.server.buckets))
 
     def answer_models(self, route: Route, target: Target) -> None:
-        """BASE_MODEL is answered here; otherwise the upstream's list, cut to the key's models."""
-        fixed, ollama = self.server.upstreams.fixed_models(), route.dialect is OLLAMA
+        """The models of every server (MODELS_FILE), or BASE_MODEL, are answered here; one
+        server's own list is relayed; either way cut to the key's models."""
+        upstreams, ollama = self.server.upstreams, route.dialect is OLLAMA
+        fixed = upstreams.fixed_models()
+        if fixed is None:
+            fixed = upstreams.listing()
         self.read_body()  # (a body on a GET is never forwarded)
         if fixed is not None:
             shown = [model for model in fixed if self.call.policy.allows(model)]
@@ -3580,6 +3592,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if not self.call.policy.allows(model):
             raise ProxyError(404, f"The model '{model[:200]}' does not exist", code="model_not_found",
                              param="model")
+        self.call.model = model  # asked of the model's server
         self.forward(target, b"")
 
     def forward_free(self, target: Target) -> None:
@@ -3766,15 +3779,18 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if dialect.flat_rate:  # forwarded as sent (a JSON body as parsed), its model still checked
             checked = NO_BODY if self.command in BODILESS_METHODS else self.check_body(body, target)
             payload = checked.payload if isinstance(checked.payload, dict) else None
+            call.route = self.server.upstreams.route_for(call.model)  # (a 404, free)
         else:
             payload = request_object(body)
             dialect.validate(payload)
             self.check_references(payload)
-            call.upstream = self.server.upstreams.for_model(payload.get("model"))
-            call.model = call.upstream.model or payload.get("model") or ""
+            call.route = self.server.upstreams.route_for(payload.get("model"))  # (a 404, free)
+            call.model = call.route.fixed_model or payload.get("model") or ""
         self.require_models(call.model, target)
         if call.identify_user(self.headers, payload, self.server.wall_clock(), required=True):
             self.require_models(call.model, target)
+        if call.route is not None and call.route.spec.sticky:
+            call.affinity = conversation_affinity(call.identity, payload or {})
         payers, mode = call.payers, config.mode
         capacity = min((spec.capacity for _, specs in payers for spec in specs
                         if mode.unit_of(spec).counts_tokens), default=1 << 62)  # a reservation's room
@@ -3800,8 +3816,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def forward(self, target: Target, body: bytes,
                 inspect: Callable[[bytes], bytes] | None = None) -> None:
         call, server = self.call, self.server
-        call.upstream = call.upstream or server.upstreams.for_model(call.model)
-        Relay(self, server.watcher, server.loop).forward(target, body, inspect)
+        call.route = call.route or server.upstreams.route_for(call.model)
+        Relay(self, server.watcher, server.loop, server.upstreams).forward(target, body, inspect)
 
     # -- writing -------------------------------------------------------------
 
@@ -3895,6 +3911,25 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.server.console.write(line)
         if access_log is not None:
             access_log.write(record)
+
+
+def conversation_affinity(identity: str, payload: dict) -> str:
+    """The caller and the start of its conversation, hashed: what a sticky route keeps on one server.
+
+    The start is the system prompt and the first message (or prompt), which every
+    later turn of the conversation repeats, so its prompt cache is found again.
+    """
+    start = [payload.get("system")]
+    for name in ("messages", "input", "prompt"):
+        value = payload.get(name)
+        if isinstance(value, list):
+            start.append(value[:2])
+            break
+        if isinstance(value, str):
+            start.append(value[:4096])
+            break
+    text = json.dumps(start, sort_keys=True, default=str)[:8192]
+    return identity + "/" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
 def visible_models(data: bytes, policy: Policy, ollama: bool) -> bytes:
@@ -4329,6 +4364,7 @@ class UpstreamPool:
         self.host_header = host if target.port == default_port else f"{host}:{target.port}"
         self._idle: list[UpstreamConnection] = []
         self._lock = threading.Lock()
+        self.closed = False  # a server a reload removed: what its calls give back is closed
 
     def connect(self) -> UpstreamConnection:
         return UpstreamConnection(self.target, self.open_timeout, self.read_timeout)
@@ -4343,13 +4379,14 @@ class UpstreamPool:
     def release(self, conn: UpstreamConnection) -> None:
         """Keep a connection whose last response was read to the end."""
         with self._lock:
-            if len(self._idle) < self.max_idle:
+            if len(self._idle) < self.max_idle and not self.closed:
                 self._idle.append(conn)
                 return
         conn.close()
 
     def close(self) -> None:
         with self._lock:
+            self.closed = True
             idle, self._idle = self._idle, []
         for conn in idle:
             conn.close()
@@ -4559,10 +4596,17 @@ class FairGate:
 
 @dataclass
 class UpstreamState:
-    """How the last exchange with the upstream went, for the dashboard and /metrics."""
+    """How exchanges with one server go, for routing (``up``), the dashboard and /metrics.
+
+    ``up`` False is "down": requests go to its other replicas first, and the
+    prober asks it every few seconds until it answers again.
+    """
 
     up: bool | None = None  # None: not tried yet
     last_error: str | None = None
+    requests: int = 0       # calls it answered (or began to)
+    tokens: int = 0         # prompt and completion tokens it reported for them
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def answered(self) -> None:
         self.up = True
@@ -4571,83 +4615,519 @@ class UpstreamState:
         self.up = False
         self.last_error = f"{failure.status} {failure.message}"  # never socket or host details
 
+    def count(self, tokens: int) -> None:
+        with self._lock:
+            self.requests += 1
+            self.tokens += tokens
+
 
 @dataclass(eq=False)  # one server is one object: its key is never compared, it hashes by identity
 class Upstream:
     """One model server, and everything that talks to it.
 
-    ``model`` is the name the server is asked for whatever the caller named (BASE_MODEL),
-    or None; ``key`` is sent only to it, never shown.
+    ``key`` is sent only to it, never shown.  What a model is called there is
+    the route's business (``ModelRoute.upstream_model``), not the server's.
     """
 
     name: str
     pool: UpstreamPool
     gate: FairGate
     key: str | None = field(default=None, repr=False)
-    model: str | None = None
     state: UpstreamState = field(default_factory=UpstreamState)
 
     @property
     def target(self) -> UpstreamTarget:
         return self.pool.target
 
+    @property
+    def load(self) -> int:
+        """Requests given to it and not yet over: in flight and waiting for its gate."""
+        return self.gate.in_flight + self.gate.waiting
+
     def credentials(self) -> list[tuple[str, str]]:
         """The header that authenticates the proxy to this server (none without a key)."""
         return [("Authorization", "Bearer " + self.key)] if self.key else []
 
+    def ask(self, path: str, timeout: float) -> tuple[int, bytes]:
+        """GET ``path`` on a connection of its own (not the pool's), for probes and model lists."""
+        exchange = UpstreamExchange(UpstreamPool(self.target, timeout, timeout, max_idle=0))
+        try:
+            response = exchange.send("GET", path, self.credentials(), b"")
+            body = read_whole(response, MAX_UPSTREAM_BODY)
+            exchange.completed = True
+            return response.status, body
+        finally:
+            exchange.finish()
 
-class UpstreamRegistry:
-    """The model servers behind the proxy, and which one answers a call for a model.
+    def answers(self, timeout: float) -> bool:
+        """Whether the server answers: ``GET <base>/models`` below 500, or ``GET /health`` 200."""
+        with suppress(OSError, http.client.HTTPException, ProxyError):
+            if self.ask(self.target.base_path + "/models", timeout)[0] < 500:
+                return True
+            return self.ask("/health", timeout)[0] == 200
+        return False
 
-    Today it holds one, BASE_API_URL's; what forwards a call asks ``for_model`` and
-    knows nothing of how many there are, so another server is one more entry here.
+    def own_models(self, timeout: float) -> list[str]:
+        """The model ids the server lists itself (OpenAI's shape; Ollama's /v1 answers it too)."""
+        try:
+            status, body = self.ask(self.target.base_path + "/models", timeout)
+            listing = json.loads(body) if status == 200 else {}
+            return [entry["id"] for entry in listing.get("data", [])
+                    if isinstance(entry, dict) and isinstance(entry.get("id"), str)]
+        except (OSError, http.client.HTTPException, ProxyError, ValueError, RecursionError,
+                AttributeError, TypeError):
+            log.warning("upstream %s: its model list could not be read", self.name)
+            return []
+
+
+# -- MODELS_FILE's "upstreams" and the models' "upstream" fields -------------
+
+DEFAULT_UPSTREAM = "default"  # BASE_API_URL's server, serving every model no entry names
+UPSTREAM_FIELDS = frozenset({"url", "api_key_env", "max_concurrent"})
+UPSTREAM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+PATTERN_CHARACTERS = frozenset("*?[")
+
+
+@dataclass(frozen=True)
+class UpstreamSpec:
+    """One server as MODELS_FILE (or BASE_API_URL) declares it; ``key`` is never shown."""
+
+    name: str
+    target: UpstreamTarget
+    key: str | None = field(default=None, repr=False)
+    max_concurrent: int = 0
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where calls for a model name (or an fnmatch pattern of names) go.
+
+    ``upstream_model`` is the name the servers are asked for; ``fixed`` (BASE_MODEL)
+    makes it the only model the route serves, whatever the caller names.
     """
 
-    def __init__(self, upstreams: Sequence[Upstream]) -> None:
-        self.upstreams = tuple(upstreams)
-        self.default = self.upstreams[0]
+    pattern: str
+    upstreams: tuple[str, ...]
+    upstream_model: str | None = None
+    sticky: bool = False
+    fixed: bool = False
+
+    @property
+    def is_pattern(self) -> bool:
+        return bool(PATTERN_CHARACTERS & set(self.pattern))
+
+
+@dataclass(frozen=True)
+class UpstreamPlan:
+    """The servers and the models' routes, checked; ``models`` in the order they are tried
+    (exact names, then patterns in the file's order with a bare ``*`` last, then the default)."""
+
+    upstreams: tuple[UpstreamSpec, ...]
+    models: tuple[ModelSpec, ...]
+
+
+def parse_upstreams(document: dict, environ: Mapping[str, str], config: Config) -> UpstreamPlan:
+    """The servers and routes of a decoded MODELS_FILE, with BASE_API_URL as the server "default".
+
+    Reads ``upstreams`` and the ``upstream``, ``upstream_model`` and ``sticky`` fields
+    of ``models`` entries, nothing else (prices are the budgets' business).  Errors
+    name the entry, never a key or a URL (which could hold one).
+    """
+    declared = document.get("upstreams", {})
+    if not isinstance(declared, dict):
+        raise ConfigError("'upstreams' must be an object mapping names to servers")
+    specs = [_upstream_spec(name, entry, environ, config) for name, entry in declared.items()]
+    if config.upstream_url:
+        if DEFAULT_UPSTREAM in declared:
+            raise ConfigError(f"upstream '{DEFAULT_UPSTREAM}' is BASE_API_URL's name; "
+                              "name the server in the file otherwise")
+        specs.append(UpstreamSpec(DEFAULT_UPSTREAM, UpstreamTarget.parse(config.upstream_url),
+                                  config.upstream_key, config.upstream_max_concurrent))
+    if not specs:
+        raise ConfigError("no model server: set BASE_API_URL or declare 'upstreams'")
+    models = document.get("models", {})
+    if not isinstance(models, dict):
+        raise ConfigError("'models' must be an object mapping model names to their settings")
+    names = {spec.name for spec in specs}
+    routes = [route for name, entry in models.items()
+              if (route := _model_spec(name, entry, names)) is not None]
+    exact = [route for route in routes if not route.is_pattern]
+    patterns = sorted((route for route in routes if route.is_pattern),
+                      key=lambda route: route.pattern == "*")  # (stable: the file's order)
+    if config.upstream_url and not any(route.pattern == "*" for route in patterns):
+        patterns.append(ModelSpec("*", (DEFAULT_UPSTREAM,), config.upstream_model,
+                                  fixed=config.upstream_model is not None))
+    return UpstreamPlan(tuple(specs), tuple(exact + patterns))
+
+
+def _upstream_spec(name: object, entry: object, environ: Mapping[str, str],
+                   config: Config) -> UpstreamSpec:
+    if not isinstance(name, str) or not UPSTREAM_NAME.fullmatch(name):
+        raise ConfigError(f"upstream {str(name)[:64]!r}: a name is letters, digits, '.', '_' "
+                          "or '-', at most 64")
+    where = f"upstream '{name}'"
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where}: settings must be an object")
+    unknown = set(entry) - UPSTREAM_FIELDS
+    if unknown:
+        raise ConfigError(f"{where}: unknown field {sorted(unknown)[0]!r}; known: "
+                          + ", ".join(sorted(UPSTREAM_FIELDS)))
+    url = entry.get("url")
+    if not isinstance(url, str):
+        raise ConfigError(f"{where}: 'url' must be the server's base URL, e.g. http://10.0.0.5:8080/v1")
+    try:
+        target = UpstreamTarget.parse(url)
+    except ConfigError:  # its message quotes the URL, which could hold a credential
+        raise ConfigError(f"{where}: 'url' must be an http:// or https:// URL with a host, and "
+                          "no credentials, query or fragment (a key goes in api_key_env)") from None
+    key = None
+    variable = entry.get("api_key_env")
+    if variable is not None:
+        if not isinstance(variable, str) or not variable:
+            raise ConfigError(f"{where}: 'api_key_env' must name an environment variable")
+        key = environ.get(variable, "").strip()
+        if not key:
+            raise ConfigError(f"{where}: the environment variable {variable[:64]} "
+                              "(its api_key_env) is not set")
+    limit = entry.get("max_concurrent", config.upstream_max_concurrent)
+    if not isinstance(limit, int) or isinstance(limit, bool) or not 0 <= limit <= 1_000_000:
+        raise ConfigError(f"{where}: 'max_concurrent' must be a whole number from 0 (no limit)")
+    return UpstreamSpec(name, target, key, limit)
+
+
+def _model_spec(name: str, entry: object, upstreams: set[str]) -> ModelSpec | None:
+    """A model entry's route, or None for an entry that names no server (it routes as any name)."""
+    where = f"model '{name[:200]}'"
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where}: settings must be an object")
+    named = entry.get("upstream")
+    if named is None:
+        if "upstream_model" in entry or "sticky" in entry:
+            raise ConfigError(f"{where}: 'upstream_model' and 'sticky' need 'upstream'")
+        return None
+    chosen = [named] if isinstance(named, str) else named
+    if (not isinstance(chosen, list) or not chosen or not all(isinstance(n, str) for n in chosen)
+            or len(set(chosen)) != len(chosen)):
+        raise ConfigError(f"{where}: 'upstream' must be a server's name or a list of different ones")
+    missing = [n for n in chosen if n not in upstreams]
+    if missing:
+        raise ConfigError(f"{where}: no upstream named {missing[0][:64]!r}; declared: "
+                          + ", ".join(sorted(upstreams)))
+    rename = entry.get("upstream_model")
+    if rename is not None and (not isinstance(rename, str) or not rename.strip()):
+        raise ConfigError(f"{where}: 'upstream_model' must be the model's name on its server")
+    sticky = entry.get("sticky", False)
+    if not isinstance(sticky, bool):
+        raise ConfigError(f"{where}: 'sticky' must be true or false")
+    return ModelSpec(name, tuple(chosen), rename, sticky)
+
+
+class ModelRoute:
+    """A model's servers (its replicas), and whose turn it is among those equally busy."""
+
+    def __init__(self, spec: ModelSpec, replicas: Sequence[Upstream]) -> None:
+        self.spec = spec
+        self.replicas = tuple(replicas)
+        self.turn = 0
+
+    @property
+    def upstream_model(self) -> str | None:
+        return self.spec.upstream_model
+
+    @property
+    def fixed_model(self) -> str | None:
+        """BASE_MODEL: the one model this route serves, whatever the caller names."""
+        return self.spec.upstream_model if self.spec.fixed else None
+
+    def matches(self, model: str) -> bool:
+        if self.spec.is_pattern:
+            return fnmatch.fnmatchcase(model, self.spec.pattern)
+        return model == self.spec.pattern
+
+    def in_turn(self, preferred: Upstream | None = None) -> list[Upstream]:
+        """Every replica, in the order to try: those up, least busy first, ties by turn; then
+        those down (never skipped: a model's only server is tried however it last went).
+
+        ``preferred`` (a sticky conversation's server) comes first while its load is
+        within one request of the least busy's.
+        """
+        count = len(self.replicas)
+        turn, self.turn = self.turn, self.turn + 1  # (a lost increment under a race costs nothing)
+        rotated = [self.replicas[(turn + i) % count] for i in range(count)]
+        up = sorted((u for u in rotated if u.state.up is not False), key=lambda u: u.load)
+        down = [u for u in rotated if u.state.up is False]
+        if preferred in up and preferred.load <= up[0].load + 1:
+            up.remove(preferred)
+            up.insert(0, preferred)
+        return up + down
+
+
+class RouteTable(NamedTuple):
+    """One MODELS_FILE reading, built: replaced whole on a reload, so a call keeps the one it began with."""
+
+    upstreams: dict[str, Upstream]
+    exact: dict[str, ModelRoute]
+    patterns: tuple[ModelRoute, ...]
+    simple: bool  # BASE_API_URL alone: its server's own lists are relayed as they are
+
+
+class UpstreamRegistry:
+    """The model servers behind the proxy, and which answer a call for a model.
+
+    Servers and routes come from BASE_API_URL (the server "default", serving every
+    model) and MODELS_FILE, which is re-read when it changes; a broken edit keeps
+    the last good reading.  What forwards a call asks ``route_for`` for the model's
+    route, and ``in_turn`` for its replicas in the order to try.  A prober thread
+    asks the servers that are down every PROBE_SECONDS whether they answer again.
+    """
+
+    PROBE_SECONDS = 5.0
+    RETRY_SECONDS = 0.5   # while a model's every server is down, how often a waiting call tries again
+    AFFINITY_LIMIT = 10_000  # sticky conversations remembered
+
+    def __init__(self, config: Config, environ: Mapping[str, str] | None = None) -> None:
+        self.config = config
+        self.environ = os.environ if environ is None else environ
+        self._stamp: tuple | None = None
+        self._changed = threading.Condition()
+        self._affinity: OrderedDict[str, Upstream] = OrderedDict()
+        self._stop = threading.Event()
+        self._prober: threading.Thread | None = None
+        try:
+            self.table = self.build(self.read_plan())
+        except ConfigError as error:
+            raise ConfigError(f"MODELS_FILE {config.models_file}: {error}"
+                              if config.models_file else str(error)) from None
 
     @classmethod
     def from_config(cls, config: Config) -> UpstreamRegistry:
-        assert config.upstream_url is not None
-        pool = UpstreamPool(UpstreamTarget.parse(config.upstream_url), config.open_timeout,
-                            config.read_timeout)
-        gate = FairGate(config.upstream_max_concurrent, config.queue_timeout)
-        return cls([Upstream("default", pool, gate, config.upstream_key, config.upstream_model)])
+        return cls(config)
 
-    def for_model(self, model: str | None) -> Upstream:
-        """The server a call for ``model`` goes to (None: a call that names no model)."""
-        return self.default
+    # -- reading MODELS_FILE -----------------------------------------------------
+
+    def read_plan(self) -> UpstreamPlan:
+        path = self.config.models_file
+        document: object = {}
+        if path:
+            try:
+                with open(path, encoding="utf-8") as file:
+                    self._stamp = _file_stamp(os.fstat(file.fileno()))
+                    text = file.read()
+            except (OSError, UnicodeDecodeError) as error:
+                raise ConfigError(f"cannot read it ({type(error).__name__})") from None
+            document = keys_document(text)
+            if not isinstance(document, dict):
+                raise ConfigError("must be a JSON object")
+        return parse_upstreams(document, self.environ, self.config)  # type: ignore[arg-type]
+
+    def build(self, plan: UpstreamPlan) -> RouteTable:
+        """The table for ``plan``, keeping each server that is unchanged (its connections,
+        gate and counts); a changed one is new, the old one finishing what it has."""
+        config, old = self.config, getattr(self, "table", None)
+        upstreams = {}
+        for spec in plan.upstreams:
+            kept = old.upstreams.get(spec.name) if old is not None else None
+            if kept is not None and kept.target == spec.target and kept.key == spec.key:
+                kept.gate.limit = spec.max_concurrent
+                upstreams[spec.name] = kept
+                continue
+            pool = UpstreamPool(spec.target, config.open_timeout, config.read_timeout)
+            upstreams[spec.name] = Upstream(spec.name, pool,
+                                            FairGate(spec.max_concurrent, config.queue_timeout), spec.key)
+        routes = [ModelRoute(model, [upstreams[name] for name in model.upstreams]) for model in plan.models]
+        simple = not config.models_file and len(upstreams) == 1
+        return RouteTable(upstreams, {r.spec.pattern: r for r in routes if not r.spec.is_pattern},
+                          tuple(r for r in routes if r.spec.is_pattern), simple)
+
+    def reload(self) -> None:
+        """Read MODELS_FILE now; ConfigError (keeping the routes in use) when it is broken."""
+        table = self.build(self.read_plan())
+        old, self.table = self.table, table
+        for name, upstream in old.upstreams.items():
+            if table.upstreams.get(name) is not upstream:
+                upstream.pool.close()  # its calls in flight finish on their own connections
+        with self._changed:
+            self._changed.notify_all()
+
+    def reload_if_changed(self, force: bool = False) -> bool:
+        """Re-read MODELS_FILE if it changed (or when forced, as on SIGHUP); True if reloaded."""
+        path = self.config.models_file
+        if not path:
+            return False
+        try:
+            stamp: tuple | None = _file_stamp(os.stat(path))
+        except OSError:
+            stamp = None
+        if not force and stamp == self._stamp:
+            return False
+        self._stamp = stamp  # a missing or broken file is reported once, not every second
+        try:
+            self.reload()
+        except ConfigError as error:
+            log.error("MODELS_FILE %s: %s; keeping the previous upstreams and models", path, error)
+            return False
+        log.info("MODELS_FILE %s: loaded, upstreams %s", path, ", ".join(self.table.upstreams))
+        return True
+
+    # -- routing -----------------------------------------------------------------
+
+    def route_for(self, model: str | None) -> ModelRoute:
+        """The route of ``model``: its exact entry, else the first pattern it matches (a
+        bare ``*`` last); a call naming no model takes the default route.  A 404 (free) for
+        a model no server has."""
+        table = self.table
+        if isinstance(model, str):
+            route = table.exact.get(model)
+            if route is not None:
+                return route
+            for route in table.patterns:
+                if route.matches(model):
+                    return route
+            raise ProxyError(404, f"The model '{model[:200]}' does not exist", code="model_not_found",
+                             param="model")
+        return self.default_route
+
+    @property
+    def default_route(self) -> ModelRoute:
+        """Where calls that name no model go: the ``*`` route, else the first server declared."""
+        table = self.table
+        for route in table.patterns:
+            if route.spec.pattern == "*":
+                return route
+        first = next(iter(table.upstreams.values()))
+        return ModelRoute(ModelSpec("*", (first.name,)), [first])
+
+    @property
+    def default(self) -> Upstream:
+        return self.default_route.replicas[0]
+
+    def in_turn(self, route: ModelRoute, affinity: str | None) -> list[Upstream]:
+        preferred = self._affinity.get(affinity) if affinity is not None else None
+        return route.in_turn(preferred)
+
+    def remember(self, affinity: str | None, upstream: Upstream) -> None:
+        """A sticky conversation's next call prefers the server that answered this one."""
+        if affinity is None:
+            return
+        with self._changed:
+            self._affinity[affinity] = upstream
+            self._affinity.move_to_end(affinity)
+            while len(self._affinity) > self.AFFINITY_LIMIT:
+                self._affinity.popitem(last=False)
 
     def fixed_models(self) -> list[str] | None:
-        """The models callers can have when every server serves one whatever they ask
-        (BASE_MODEL), listed by the proxy itself; None: the servers' own lists."""
-        models = [upstream.model for upstream in self.upstreams]
-        return None if None in models else list(dict.fromkeys(models))  # type: ignore[arg-type]
+        """The models callers can have when BASE_API_URL's server serves one whatever they ask
+        (BASE_MODEL), listed by the proxy itself; None: the server's own lists."""
+        if not self.table.simple:
+            return None
+        fixed = self.default_route.fixed_model
+        return None if fixed is None else [fixed]
+
+    def listing(self) -> list[str] | None:
+        """Every model a caller can name, across the servers: the file's names, and each
+        server's own list for its patterns (only names that would route there).  None:
+        one server, whose own list is relayed as it is."""
+        table = self.table
+        if table.simple:
+            return None
+        names = list(table.exact)
+        timeout = min(self.config.open_timeout, self.config.read_timeout, 5.0)
+        for route in table.patterns:
+            if route.fixed_model is not None:
+                names.append(route.fixed_model)
+                continue
+            for upstream in route.replicas:
+                if upstream.state.up is False:
+                    continue
+                names.extend(model for model in upstream.own_models(timeout)
+                             if route.matches(model) and self.route_for(model) is route)
+                break
+        return list(dict.fromkeys(names))
+
+    # -- health --------------------------------------------------------------------
+
+    def mark_down(self, upstream: Upstream, failure: ProxyError) -> None:
+        if upstream.state.up is not False:
+            log.warning("upstream %s is down (%s); its other replicas take its calls",
+                        upstream.name, failure.message)
+        upstream.state.failed(failure)
+
+    def mark_up(self, upstream: Upstream) -> None:
+        was_down = upstream.state.up is False
+        upstream.state.answered()
+        if was_down:
+            log.info("upstream %s answers again", upstream.name)
+            with self._changed:
+                self._changed.notify_all()
+
+    def wait_for_change(self, deadline: float) -> bool:
+        """Wait for a server to come back (or RETRY_SECONDS); False once ``deadline`` has passed."""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        with self._changed:
+            self._changed.wait(min(left, self.RETRY_SECONDS))
+        return True
+
+    def wake(self) -> None:
+        """Let calls waiting for a server look again (their client left, say)."""
+        with self._changed:
+            self._changed.notify_all()
+
+    def probe_down(self) -> None:
+        """Ask every server that is down whether it answers; those that do are up again."""
+        timeout = min(self.config.open_timeout, 5.0)
+        for upstream in list(self.table.upstreams.values()):
+            if upstream.state.up is False and not self._stop.is_set() and upstream.answers(timeout):
+                self.mark_up(upstream)
+
+    def start_probing(self, interval: float | None = None) -> None:
+        self._prober = threading.Thread(target=self._probe_loop, args=(interval or self.PROBE_SECONDS,),
+                                        name="upstream-probe", daemon=True)
+        self._prober.start()
+
+    def _probe_loop(self, interval: float) -> None:
+        guard = LoopGuard("upstream-probe")
+        while not self._stop.wait(interval):
+            guard.run("probing the upstreams that are down", self.probe_down)
+
+    # -- counts ------------------------------------------------------------------
 
     def __iter__(self) -> Iterator[Upstream]:
-        return iter(self.upstreams)
+        return iter(self.table.upstreams.values())
+
+    def describe(self) -> str:
+        """The servers for the startup line: names and URLs (never a key)."""
+        table = self.table
+        if table.simple:
+            upstream, fixed = self.default, self.default_route.fixed_model
+            return upstream.target.display + (f" model {fixed}" if fixed else "")
+        return ", ".join(f"{name} {upstream.target.display}" for name, upstream in table.upstreams.items())
 
     @property
     def in_flight(self) -> int:
-        return sum(upstream.gate.in_flight for upstream in self.upstreams)
+        return sum(upstream.gate.in_flight for upstream in self)
 
     @property
     def waiting(self) -> int:
-        return sum(upstream.gate.waiting for upstream in self.upstreams)
+        return sum(upstream.gate.waiting for upstream in self)
 
     def counts(self, identity: str) -> tuple[int, int]:
         """Requests of ``identity`` in flight and waiting, at every server."""
-        pairs = [upstream.gate.counts(identity) for upstream in self.upstreams]
+        pairs = [upstream.gate.counts(identity) for upstream in self]
         return sum(pair[0] for pair in pairs), sum(pair[1] for pair in pairs)
 
     @property
     def idle_connections(self) -> int:
         """The most connections the pools may keep open while idle."""
-        return sum(upstream.pool.max_idle for upstream in self.upstreams)
+        return sum(upstream.pool.max_idle for upstream in self)
 
     def close(self) -> None:
-        for upstream in self.upstreams:
+        self._stop.set()
+        self.wake()
+        if self._prober is not None:
+            self._prober.join()
+        for upstream in self:
             upstream.pool.close()
 
 
@@ -4856,63 +5336,137 @@ class Relay:
     from facts, in ``Call.close_charge``.
     """
 
-    def __init__(self, client: ProxyHandler, watcher: DisconnectWatcher, loop: ConnectionLoop) -> None:
+    def __init__(self, client: ProxyHandler, watcher: DisconnectWatcher, loop: ConnectionLoop,
+                 upstreams: UpstreamRegistry) -> None:
         self.client = client
         self.call = client.call
-        self.watcher, self.loop = watcher, loop
+        self.watcher, self.loop, self.upstreams = watcher, loop, upstreams
         self.exchange: UpstreamExchange | None = None
+        self.ticket: tuple[FairGate, Ticket] | None = None  # the place at a server's gate, while queued
+        self.slot: tuple[FairGate, Ticket] | None = None    # ... once granted, until given back
 
     def forward(self, target: Target, body: bytes,
                 inspect: Callable[[bytes], bytes] | None = None) -> None:
-        """Relay one request upstream and its answer back, through the fair gate.
+        """Relay one request to a server of its model and its answer back, through that server's gate.
 
+        The servers are tried in turn (``UpstreamRegistry.in_turn``): one that cannot
+        be reached, or drops the request or answers 502 or 503 before anything reached
+        the client, is marked down and the next one tried at once; the charge stays
+        the one charge.  When every server of the model is unreachable the call waits
+        for one to come back, up to QUEUE_TIMEOUT_SECONDS, then gets a 503.
         ``inspect`` sees a successful, non-streamed answer before the client does.
         The client is watched from the moment it queues: one that leaves while
         waiting is taken out of the queue and its request never sent.
         """
-        call, client = self.call, self.client
-        upstream = call.upstream
-        assert upstream is not None  # (the handler named it)
+        call, client, upstreams = self.call, self.client, self.upstreams
+        route = call.route
+        assert route is not None  # (the handler named it)
         headers = copied_headers(client.headers, call.not_forwarded(), PERSONAL_HEADER_PREFIXES)
-        headers.extend(upstream.credentials())
         if body or client.command in ("POST", "PUT", "PATCH"):
             headers.append(("Content-Length", str(len(body))))
-        path = target.upstream_path(upstream.target.base_path, call.dialect.upstream_root)
-        exchange = UpstreamExchange(upstream.pool)
-        ticket, gate = call.ticket(), upstream.gate
-        client.watch = self.watcher.watch(client.connection,
-                                          lambda: self.client_left(gate, ticket, exchange), client.watch)
+        client.watch = self.watcher.watch(client.connection, self.client_left, client.watch)
         call.unwatch = client.watch.cancel
-        call.on_end(self.let_go, exchange)
+        call.on_end(self.let_go)
+        call.on_end(self.give_back)
+        deadline = time.monotonic() + self.upstreams.config.queue_timeout
+        while True:
+            replicas = upstreams.in_turn(route, call.affinity)
+            reached = False
+            for position, upstream in enumerate(replicas):
+                outcome = self.attempt(upstream, target, headers, body, inspect,
+                                       last=position == len(replicas) - 1)
+                if outcome is None:
+                    upstreams.remember(call.affinity, upstream)
+                    return
+                reached = reached or outcome
+            if call.gone:
+                raise ClientGone()
+            if reached or not upstreams.wait_for_change(deadline):
+                break
+        raise ProxyError(503 if not reached else 502,
+                         "No server of this model could be reached; try again shortly." if not reached
+                         else "The model server could not be reached or sent an invalid response.",
+                         "upstream_error", "upstream_unavailable")
+
+    def attempt(self, upstream: Upstream, target: Target, headers: list[tuple[str, str]],
+                body: bytes, inspect: Callable[[bytes], bytes] | None, last: bool) -> bool | None:
+        """Send the call to ``upstream`` and relay its answer: None when it was relayed (or
+        failed past the point of trying another server, raising); else whether the server
+        had received the request (True) or could not be reached at all (False).
+        """
+        call, client = self.call, self.client
+        call.upstream = upstream
+        path = target.upstream_path(upstream.target.base_path, call.dialect.upstream_root)
+        exchange = self.exchange = UpstreamExchange(upstream.pool)
+        ticket, gate = call.ticket(), upstream.gate
+        self.ticket = (gate, ticket)
+        if call.gone:
+            raise ClientGone()
         gate.acquire(ticket)
-        call.on_end(gate.release, ticket)
+        self.slot = (gate, ticket)
         try:
             started = time.monotonic()
-            response = exchange.send(client.command, path, headers, body)
+            response = exchange.send(client.command, path, headers + upstream.credentials(), body)
             call.upstream_ms = (time.monotonic() - started) * 1000
-            upstream.state.answered()
-            self.exchange = exchange
-            exchange.completed = self.relay(response, inspect)
         except (OSError, http.client.HTTPException) as error:
             if call.gone:
                 raise ClientGone() from None
             failure = upstream_failure(error)
-            if not exchange.sent or call.upstream_ms is None:
-                upstream.state.failed(failure)
-            raise failure from None
+            if not exchange.sent:  # refused, no route, timed out connecting: down until it answers
+                self.upstreams.mark_down(upstream, failure)
+                self.abandon(exchange)
+                return False
+            upstream.state.last_error = f"{failure.status} {failure.message}"
+            if isinstance(error, socket.timeout) or last:
+                # It may be at work on it still (no second server gets it too), or it was the
+                # last server to try: this call ends here.
+                raise failure from None
+            self.abandon(exchange)  # received, then dropped: the next server gets it
+            return True
+        if response.status in (502, 503) and not last:
+            self.upstreams.mark_down(upstream, ProxyError(response.status, "answered "
+                                                          f"{response.status}"))
+            self.abandon(exchange)
+            return True
+        self.upstreams.mark_up(upstream)
+        try:
+            exchange.completed = self.relay(response, inspect)
+        except (OSError, http.client.HTTPException) as error:
+            if call.gone:
+                raise ClientGone() from None
+            raise upstream_failure(error) from None
+        return None
 
-    def let_go(self, exchange: UpstreamExchange) -> None:
+    def abandon(self, exchange: UpstreamExchange) -> None:
+        """Give up on a server before anything reached the client: its slot and connection go now."""
+        self.give_back()
+        self.exchange = None
+        exchange.finish()
+
+    def give_back(self) -> None:
+        """The gate slot the call holds, if any, goes back (once)."""
+        slot, self.slot = self.slot, None
+        if slot is not None:
+            slot[0].release(slot[1])
+
+    def let_go(self) -> None:
         """The answer is over: stop watching the client, and pool or close the upstream connection."""
         call = self.call
         call.unwatch()
-        call.upstream_reached = exchange.sent
-        exchange.finish()
+        exchange = self.exchange
+        if exchange is not None:
+            call.upstream_reached = exchange.sent
+            exchange.finish()
 
-    def client_left(self, gate: FairGate, ticket: Ticket, exchange: UpstreamExchange) -> None:
+    def client_left(self) -> None:
         """Called by the disconnect watcher's thread when the client hangs up mid-request."""
         self.call.gone = True
-        gate.withdraw(ticket)
-        exchange.abort()
+        queued, exchange = self.ticket, self.exchange
+        if queued is not None:
+            queued[0].withdraw(queued[1])
+        if exchange is not None:
+            exchange.abort()
+        self.upstreams.wake()
 
     def relay(self, response: UpstreamResponse,
               inspect: Callable[[bytes], bytes] | None) -> bool:
@@ -5657,13 +6211,14 @@ class Metrics:
     def __init__(self, max_identities: int = MAX_IDENTITIES) -> None:
         self.max_identities = max_identities
         self._callers: dict[tuple[str, str | None], tuple[str, str | None]] = {}  # see _counted_as
-        self.requests: dict[tuple[str, str | None, str, str], int] = {}
+        # series by key, user, endpoint, outcome and upstream (None: answered by the proxy itself)
+        self.requests: dict[tuple[str, str | None, str, str, str | None], int] = {}
         self.tokens: dict[tuple[str, str | None], list[int]] = {}  # prompt, completion, charged
-        self.duration = Histogram()
-        self.first_byte = Histogram()
+        self.duration: dict[str | None, Histogram] = {}    # by upstream, as requests are
+        self.first_byte: dict[str | None, Histogram] = {}
         self._lock = threading.Lock()
 
-    def snapshot(self) -> tuple[list, list, Histogram, Histogram]:
+    def snapshot(self) -> tuple[list, list, dict, dict]:
         """Copies for one scrape, sorted: request series, token series and the two histograms."""
         with self._lock:
             requests = sorted(self.requests.items(), key=str)
@@ -5673,10 +6228,11 @@ class Metrics:
             return requests, tokens, copy.deepcopy(self.duration), copy.deepcopy(self.first_byte)
 
     def record(self, key: str, user: str | None, endpoint: str, outcome: str, prompt: int,
-               completion: int, charged: int, duration: float, first_byte: float | None) -> None:
+               completion: int, charged: int, duration: float, first_byte: float | None,
+               upstream: str | None = None) -> None:
         with self._lock:
             key, user = self._counted_as(key, user)
-            series = (key, user, endpoint, outcome)
+            series = (key, user, endpoint, outcome, upstream)
             self.requests[series] = self.requests.get(series, 0) + 1
             if prompt or completion or charged:
                 tokens = self.tokens.get((key, user))
@@ -5685,9 +6241,9 @@ class Metrics:
                 tokens[0] += prompt
                 tokens[1] += completion
                 tokens[2] += charged
-            self.duration.observe(duration)
+            self.duration.setdefault(upstream, Histogram()).observe(duration)
             if first_byte is not None:
-                self.first_byte.observe(first_byte)
+                self.first_byte.setdefault(upstream, Histogram()).observe(first_byte)
 
     def _counted_as(self, key: str, user: str | None) -> tuple[str, str | None]:
         """The labels a caller's requests are counted under: its own, or OTHER's past the cap.
@@ -5723,15 +6279,19 @@ def _number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
-def _histogram(name: str, help_text: str, histogram: Histogram) -> list[str]:
+def _histogram(name: str, help_text: str, histograms: dict[str | None, Histogram]) -> list[str]:
+    """One family, a histogram per upstream (an ``upstream`` label; none for the proxy's own answers)."""
     lines = [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
-    cumulative = 0
-    for bound, count in zip(Histogram.BOUNDS + (math.inf,), histogram.counts):
-        cumulative += count
-        shown = "+Inf" if bound == math.inf else repr(bound)
-        lines.append(f'{name}_bucket{{le="{shown}"}} {cumulative}')
-    lines.append(f"{name}_sum {_number(histogram.sum)}")
-    lines.append(f"{name}_count {cumulative}")
+    for upstream in sorted(histograms, key=lambda name: name or ""):
+        histogram, cumulative = histograms[upstream], 0
+        label = "" if upstream is None else f'upstream="{_label_value(upstream)}",'
+        for bound, count in zip(Histogram.BOUNDS + (math.inf,), histogram.counts):
+            cumulative += count
+            shown = "+Inf" if bound == math.inf else repr(bound)
+            lines.append(f'{name}_bucket{{{label}le="{shown}"}} {cumulative}')
+        labels = _labels((("upstream", upstream),))
+        lines.append(f"{name}_sum{labels} {_number(histogram.sum)}")
+        lines.append(f"{name}_count{labels} {cumulative}")
     return lines
 
 
@@ -5760,9 +6320,12 @@ class AdminView:
             if call.app is not None:  # an app key's history includes all of its users'
                 server.usage.record(call.app[0], call.label, None, day, now, column, tokens)
         first_byte = call.first_byte - call.started if call.first_byte is not None else None
+        upstream = call.upstream
+        if upstream is not None:
+            upstream.state.count(prompt + completion)
         server.metrics.record(call.label if named else OTHER, call.user if named else None,
                               call.endpoint, outcome, prompt, completion, charged, call.seconds,
-                              first_byte)
+                              first_byte, upstream.name if upstream is not None else None)
 
     def answer(self, path: str, method: str, headers: Headers) -> tuple[list[tuple[str, str]], bytes]:
         """The owner's routes: they exist only with ADMIN_KEY, and no client key opens them."""
@@ -5801,8 +6364,18 @@ class AdminView:
         return {"now": _iso_time(now),
                 "upstream": {"url": upstream.target.display, "up": upstream.state.up,
                              "last_error": upstream.state.last_error},
+                "upstreams": [self.upstream_entry(each) for each in server.upstreams],
                 "in_flight": server.upstreams.in_flight, "queued": server.upstreams.waiting,
                 "keys": keys}
+
+    @staticmethod
+    def upstream_entry(upstream: Upstream) -> dict:
+        """One server for the owner: its name, URL (never a key), health, load and what it served."""
+        state, gate = upstream.state, upstream.gate
+        return {"name": upstream.name, "url": upstream.target.display, "up": state.up,
+                "in_flight": gate.in_flight, "queued": gate.waiting,
+                "max_concurrent": gate.limit or None, "last_error": state.last_error,
+                "requests": state.requests, "tokens": state.tokens}
 
     def caller(self, identity: str, name: str, policy: Policy, today: str, days: list[str],
                with_users: bool = True) -> dict:
@@ -5827,21 +6400,25 @@ class AdminView:
     def metrics_text(self) -> str:
         server, metrics = self.server, self.server.metrics
         requests, tokens, duration, first_byte = metrics.snapshot()
-        lines = _family("llm_proxy_requests_total", "counter", "Requests by key, endpoint and outcome.",
-                        ((_labels((("key", k), ("user", u), ("endpoint", e), ("outcome", o))), n)
-                         for (k, u, e, o), n in requests))
+        lines = _family("llm_proxy_requests_total", "counter",
+                        "Requests by key, endpoint, outcome and the upstream that answered.",
+                        ((_labels((("key", k), ("user", u), ("endpoint", e), ("outcome", o),
+                                   ("upstream", up))), n)
+                         for (k, u, e, o, up), n in requests))
         lines += _family("llm_proxy_tokens_total", "counter",
                          "Tokens by key: prompt and completion as the upstream reported, charged after settling.",
                          ((_labels((("key", k), ("user", u), ("type", t))), n) for (k, u, t), n in tokens))
         lines += _family("llm_proxy_bucket_tokens", "gauge", "Tokens left in each named key's windows.",
                          self.bucket_samples())
-        lines += _family("llm_proxy_in_flight", "gauge", "Requests at the upstream now.",
-                         iter([("", server.upstreams.in_flight)]))
-        lines += _family("llm_proxy_queued", "gauge", "Requests waiting for an upstream slot.",
-                         iter([("", server.upstreams.waiting)]))
+        upstreams = list(server.upstreams)
+        lines += _family("llm_proxy_in_flight", "gauge", "Requests at each upstream now.",
+                         ((_labels((("upstream", u.name),)), u.gate.in_flight) for u in upstreams))
+        lines += _family("llm_proxy_queued", "gauge", "Requests waiting for a slot at each upstream.",
+                         ((_labels((("upstream", u.name),)), u.gate.waiting) for u in upstreams))
         lines += _family("llm_proxy_upstream_up", "gauge",
-                         "1 if the last exchange with the upstream worked, 0 if it failed.",
-                         iter([("", 0 if server.upstreams.default.state.up is False else 1)]))
+                         "1 if the last exchange with the upstream worked (or none was tried), 0 if it failed.",
+                         ((_labels((("upstream", u.name),)), 0 if u.state.up is False else 1)
+                          for u in upstreams))
         lines += _histogram("llm_proxy_request_duration_seconds",
                             "From a request's arrival to its last byte sent.", duration)
         lines += _histogram("llm_proxy_time_to_first_byte_seconds",
@@ -6405,8 +6982,9 @@ class ProxyServer(TrackedServer):
     SHUTDOWN_GRACE = 5.0  # seconds the requests running at shutdown have to end before the last save
 
     def __init__(self, config: Config, clock: Callable[[], float] = time.monotonic,
-                 wall_clock: Callable[[], float] = time.time, console: TextIO | None = None) -> None:
-        if not config.upstream_url:
+                 wall_clock: Callable[[], float] = time.time, console: TextIO | None = None,
+                 environ: Mapping[str, str] | None = None) -> None:
+        if not config.upstream_url and not config.models_file:
             raise ConfigError("BASE_API_URL is not set: point it at the model server, "
                               "e.g. http://127.0.0.1:8080/v1 (or run with --demo)")
         self.config = config
@@ -6419,7 +6997,7 @@ class ProxyServer(TrackedServer):
         self.stored = StoredAnswers()
         self.metrics = Metrics()
         self.admin = AdminView(self)
-        self.upstreams = UpstreamRegistry.from_config(config)
+        self.upstreams = UpstreamRegistry(config, environ)
         if config.state_file:
             self.load_state()
         self.access_log = open_access_log(config.access_log) if config.access_log else None
@@ -6440,6 +7018,7 @@ class ProxyServer(TrackedServer):
         self._housekeeper = threading.Thread(target=self._housekeeping, name="housekeeping",
                                              daemon=True)
         self._housekeeper.start()
+        self.upstreams.start_probing()
 
     # -- connections -----------------------------------------------------------
 
@@ -6528,7 +7107,7 @@ class ProxyServer(TrackedServer):
                     connection.shutdown(socket.SHUT_RDWR)
 
     def request_reload(self) -> None:
-        """Re-read KEYS_FILE soon (SIGHUP); safe to call from a signal handler."""
+        """Re-read KEYS_FILE and MODELS_FILE soon (SIGHUP); safe to call from a signal handler."""
         self._reload_requested = True
         self._wake.set()
 
@@ -6543,6 +7122,7 @@ class ProxyServer(TrackedServer):
                 return
             forced, self._reload_requested = self._reload_requested, False
             guard.run("re-reading KEYS_FILE", self.keyring.reload_if_changed, forced)
+            guard.run("re-reading MODELS_FILE", self.upstreams.reload_if_changed, forced)
             guard.run("ending requests that arrive too slowly", self.drop_slow_requests)
             if time.monotonic() >= next_tidy:
                 guard.run("forgetting full buckets and saving STATE_FILE", self.tidy)

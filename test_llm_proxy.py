@@ -352,13 +352,20 @@ def parse_exposition(text: str) -> dict[str, dict]:
         assert base in families and families[base]["type"], f"sample before its TYPE: {line!r}"
         families[base]["samples"].append((name, labels, float(value)))
     for name, family in families.items():
-        if family["type"] == "histogram":
-            buckets = [s for s in family["samples"] if s[0] == name + "_bucket"]
-            counts = [value for _, _, value in buckets]
-            assert counts == sorted(counts), f"{name}: buckets are not cumulative"
-            assert buckets[-1][1]["le"] == "+Inf", f"{name}: no +Inf bucket"
-            total = [value for sample, _, value in family["samples"] if sample == name + "_count"]
-            assert total == [counts[-1]], f"{name}: _count is not the +Inf bucket"
+        if family["type"] != "histogram":
+            continue
+        series: dict[tuple, list] = {}  # a histogram per set of labels other than le
+        for sample, labels, value in family["samples"]:
+            if sample == name + "_bucket":
+                series.setdefault(tuple(sorted((k, v) for k, v in labels.items() if k != "le")),
+                                  []).append((labels["le"], value))
+        for labels, buckets in series.items():
+            counts = [value for _, value in buckets]
+            assert counts == sorted(counts), f"{name}{labels}: buckets are not cumulative"
+            assert buckets[-1][0] == "+Inf", f"{name}{labels}: no +Inf bucket"
+            total = [value for sample, sample_labels, value in family["samples"]
+                     if sample == name + "_count" and tuple(sorted(sample_labels.items())) == labels]
+            assert total == [counts[-1]], f"{name}{labels}: _count is not the +Inf bucket"
     return families
 
 
@@ -1126,10 +1133,10 @@ class FailureTests(ProxyTestCase):
         self.assertEqual(response.json()["error"]["message"], "upstream says 503")
         self.assertEqual(self.level(), 3)
 
-    def test_refused_connection_is_a_502_without_details_and_refunded(self) -> None:
+    def test_refused_connection_is_a_503_without_details_and_refunded(self) -> None:
         port = free_port()
-        self.start_proxy(max_tokens=3, upstream_url=f"http://127.0.0.1:{port}/v1")
-        error = self.assert_openai_error(self.chat(), 502, "upstream_error")
+        self.start_proxy(max_tokens=3, upstream_url=f"http://127.0.0.1:{port}/v1", queue_timeout=0.05)
+        error = self.assert_openai_error(self.chat(), 503, "upstream_error", "upstream_unavailable")
         self.assertNotIn("refused", error["message"].lower())
         self.assertNotIn(str(port), error["message"])
         self.assertEqual(self.level(), 3)

@@ -237,7 +237,7 @@ class UpstreamFaultTests(AdversarialTestCase):
         self.assertEqual(self.level(), 10)
         self.assert_healthy()
 
-    def test_dns_failure_is_a_502(self) -> None:
+    def test_dns_failure_is_a_503_after_the_queue_timeout(self) -> None:
         real = socket.getaddrinfo
 
         def lookup(host: str, *args: object, **kwargs: object) -> list:
@@ -245,10 +245,10 @@ class UpstreamFaultTests(AdversarialTestCase):
                 raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
             return real(host, *args, **kwargs)
 
-        self.start_proxy(upstream_url="http://model.invalid:8080/v1")
+        self.start_proxy(upstream_url="http://model.invalid:8080/v1", queue_timeout=0.05)
         with mock.patch("socket.getaddrinfo", lookup):
             response = self.chat()
-        self.assert_openai_error(response, 502, "upstream_error")
+        self.assert_openai_error(response, 503, "upstream_error", "upstream_unavailable")
         self.assertNotIn(b"model.invalid", response.body)
         self.assertEqual(self.level(), 10)
 
