@@ -82,13 +82,13 @@ class CapturingLog(logging.Handler):
 class FakeUpstream(TrackedServer):
     """A scriptable OpenAI-compatible upstream that records what reaches it."""
 
-    def __init__(self, handler: type | None = None) -> None:
+    def __init__(self, handler: type | None = None, port: int = 0) -> None:
         self.requests: list[dict] = []
         self.peers: set[tuple] = set()
         self.release = threading.Event()      # lets a paused stream or stall continue
         self.first_event_sent = threading.Event()
         self.closed_early = threading.Event()  # the proxy hung up on a stream
-        super().__init__(("127.0.0.1", 0), handler or FakeUpstreamHandler)
+        super().__init__(("127.0.0.1", port), handler or FakeUpstreamHandler)
 
     @property
     def url(self) -> str:
