@@ -47,11 +47,14 @@ Handler         ``ProxyHandler``: HTTP/1.1 framing, then ``route`` and the
 The upstream client and concurrency:
 Sockets         ``TimedSocket`` and ``SocketReader``: timeouts the kernel keeps, a
                 buffer in view.
-Upstream        ``UpstreamRegistry`` names the ``Upstream`` that answers a model (its
-                pool, fair gate, state); ``FairGate`` takes turns by key and user;
+Upstream        ``UpstreamRegistry`` (from BASE_API_URL and MODELS_FILE's ``upstreams``,
+                ``parse_upstreams``) names a model's ``ModelRoute``: its replicas, each
+                an ``Upstream`` (pool, fair gate, state), in the order to try them, and
+                probes those that are down; ``FairGate`` takes turns by key and user;
                 ``DisconnectWatcher`` notices callers that hang up.
-Relay           ``Relay`` sends a call through its upstream's gate and relays the
-                answer, whole or event by event (``EventPump``).
+Relay           ``Relay`` sends a call through a replica's gate (the next replica if
+                one fails before any byte went out) and relays the answer, whole or
+                event by event (``EventPump``).
 Connection loop ``ConnectionLoop`` holds idle connections and relays streams without
                 a thread (``RelayedStream``); ``Workers`` keeps threads for reuse.
 
@@ -6549,6 +6552,10 @@ function render(data) {
   document.getElementById("totals").replaceChildren(...[["keys", data.keys.length], ["in flight", data.in_flight], ["queued", data.queued],
     ["requests today", today], ["tokens today", tokens], ["tokens, 30 days", month]].map(([label, value]) => $("div", {class: "total"}, $("b", {}, fmt(value)), $("span", {}, label))));
   document.getElementById("chart").replaceChildren(...chart(data.keys));
+  document.getElementById("servers").replaceChildren(...(data.upstreams || []).map(u => $("tr", {},
+    $("td", {}, u.name), $("td", {}, $("span", {class: "pill " + (u.up === false ? "down" : "up")}, u.up === false ? "down" : u.up ? "up" : "not used yet")),
+    $("td", {class: "small"}, u.url), $("td", {}, u.in_flight + " / " + u.queued + (u.max_concurrent ? " (max " + u.max_concurrent + ")" : "")),
+    $("td", {}, fmt(u.requests)), $("td", {}, fmt(u.tokens)), $("td", {class: "small"}, u.last_error || ""))));
   const body = document.getElementById("rows"); body.replaceChildren();
   for (const k of data.keys) { body.append(row(k, false)); for (const u of k.users || []) body.append(row(u, true)); }
   document.getElementById("updated").textContent = "updated " + new Date(data.now).toLocaleTimeString();
@@ -6569,6 +6576,8 @@ DASHBOARD_PAGE = """<!doctype html>
 <button type="submit">Open</button></form><p id="message" class="error" role="status"></p>
 <div id="view" hidden><section class="card"><div id="totals" class="totals"></div></section>
 <section class="card"><div class="small">Tokens charged per day, last 30 days</div><div id="chart"></div></section>
+<section class="card scroll"><table><thead><tr><th>upstream</th><th>state</th><th>url</th><th>in flight / queued</th>
+<th>requests</th><th>tokens</th><th>last error</th></tr></thead><tbody id="servers"></tbody></table></section>
 <section class="card scroll"><table><thead><tr><th>key / user</th><th>status</th><th>windows</th><th>in flight / queued</th>
 <th>requests today / 7 d / 30 d</th><th>tokens today / 7 d / 30 d</th><th>last seen</th></tr></thead><tbody id="rows"></tbody></table></section></div>
 </main><script>{script}</script></body></html>

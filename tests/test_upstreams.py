@@ -412,6 +412,9 @@ class OwnerViewTests(ManyUpstreamsTestCase):
         for name, server in (("gpu", self.gpu), ("gpu2", self.gpu2), ("mini", self.mini)):
             self.assertIn(f"{name} {server.url}", line)
         self.assertNotIn(MINI_KEY, line + json.dumps(report) + self.written())
+        page = self.request("GET", "/admin", key=None).body.decode()
+        self.assertIn('<tbody id="servers">', page)  # the dashboard's rows, one per server
+        self.assertIn("data.upstreams", page)
 
 
 class ParseTests(unittest.TestCase):
