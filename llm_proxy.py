@@ -4559,6 +4559,12 @@ class FairGate:
     def waiting(self) -> int:
         return sum(len(queue) for queue in self._queues.values())
 
+    @property
+    def load(self) -> int:
+        """Calls in flight and waiting, read under the lock: the queues change as it is read."""
+        with self._lock:
+            return self.in_flight + self.waiting
+
     def counts(self, identity: str) -> tuple[int, int]:
         """Requests of ``identity`` in flight and waiting (a user's, or all of an app's)."""
         with self._lock:
@@ -4645,7 +4651,7 @@ class Upstream:
     @property
     def load(self) -> int:
         """Requests given to it and not yet over: in flight and waiting for its gate."""
-        return self.gate.in_flight + self.gate.waiting
+        return self.gate.load
 
     def credentials(self) -> list[tuple[str, str]]:
         """The header that authenticates the proxy to this server (none without a key)."""
@@ -4857,9 +4863,10 @@ class ModelRoute:
         count = len(self.replicas)
         turn, self.turn = self.turn, self.turn + 1  # (a lost increment under a race costs nothing)
         rotated = [self.replicas[(turn + i) % count] for i in range(count)]
-        up = sorted((u for u in rotated if u.state.up is not False), key=lambda u: u.load)
+        load = {upstream: upstream.load for upstream in rotated}  # (read once: it moves meanwhile)
+        up = sorted((u for u in rotated if u.state.up is not False), key=load.__getitem__)
         down = [u for u in rotated if u.state.up is False]
-        if preferred in up and preferred.load <= up[0].load + 1:
+        if preferred in up and load[preferred] <= load[up[0]] + 1:
             up.remove(preferred)
             up.insert(0, preferred)
         return up + down
