@@ -4887,8 +4887,8 @@ class UpstreamRegistry:
     Servers and routes come from BASE_API_URL (the server "default", serving every
     model) and MODELS_FILE, which is re-read when it changes; a broken edit keeps
     the last good reading.  What forwards a call asks ``route_for`` for the model's
-    route, and ``in_turn`` for its replicas in the order to try.  A prober thread
-    asks the servers that are down every PROBE_SECONDS whether they answer again.
+    route, and ``in_turn`` for its replicas in the order to try.  While a server
+    is down, a prober thread asks it every PROBE_SECONDS whether it answers again.
     """
 
     PROBE_SECONDS = 5.0
@@ -5061,6 +5061,7 @@ class UpstreamRegistry:
             log.warning("upstream %s is down (%s); its other replicas take its calls",
                         upstream.name, failure.message)
         upstream.state.failed(failure)
+        self.start_probing()
 
     def mark_up(self, upstream: Upstream) -> None:
         was_down = upstream.state.up is False
@@ -5091,15 +5092,22 @@ class UpstreamRegistry:
             if upstream.state.up is False and not self._stop.is_set() and upstream.answers(timeout):
                 self.mark_up(upstream)
 
-    def start_probing(self, interval: float | None = None) -> None:
-        self._prober = threading.Thread(target=self._probe_loop, args=(interval or self.PROBE_SECONDS,),
-                                        name="upstream-probe", daemon=True)
-        self._prober.start()
+    def start_probing(self) -> None:
+        """Start the prober unless it runs: it runs while a server is down, and only then."""
+        with self._changed:
+            if self._stop.is_set() or (self._prober is not None and self._prober.is_alive()):
+                return
+            self._prober = threading.Thread(target=self._probe_loop, name="upstream-probe", daemon=True)
+            self._prober.start()
 
-    def _probe_loop(self, interval: float) -> None:
+    def _probe_loop(self) -> None:
         guard = LoopGuard("upstream-probe")
-        while not self._stop.wait(interval):
+        while not self._stop.wait(self.PROBE_SECONDS):
             guard.run("probing the upstreams that are down", self.probe_down)
+            with self._changed:  # (a server marked down meanwhile finds this thread still running)
+                if not any(upstream.state.up is False for upstream in self):
+                    self._prober = None
+                    return
 
     # -- counts ------------------------------------------------------------------
 
@@ -5133,10 +5141,12 @@ class UpstreamRegistry:
         return sum(upstream.pool.max_idle for upstream in self)
 
     def close(self) -> None:
-        self._stop.set()
-        self.wake()
-        if self._prober is not None:
-            self._prober.join()
+        with self._changed:
+            self._stop.set()
+            self._changed.notify_all()
+            prober = self._prober
+        if prober is not None:
+            prober.join()
         for upstream in self:
             upstream.pool.close()
 
@@ -7034,7 +7044,6 @@ class ProxyServer(TrackedServer):
         self._housekeeper = threading.Thread(target=self._housekeeping, name="housekeeping",
                                              daemon=True)
         self._housekeeper.start()
-        self.upstreams.start_probing()
 
     # -- connections -----------------------------------------------------------
 

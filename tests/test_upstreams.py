@@ -332,6 +332,22 @@ class FailoverTests(ManyUpstreamsTestCase):
             self.wait_for(lambda: self.proxy.upstreams.in_flight == 0)
         self.assertEqual(self.count(self.gpu2), 2)
 
+    def test_the_prober_runs_while_a_server_is_down_and_only_then(self) -> None:
+        def probers() -> int:
+            return sum(1 for thread in threading.enumerate() if thread.name == "upstream-probe")
+
+        self.proxy.upstreams.PROBE_SECONDS = 0.02  # (the owner's few seconds, made short)
+        self.assertEqual(probers(), 0)
+        self.kill(self.gpu2)
+        for _ in range(2):
+            self.assertEqual(self.ask("qwen3-coder").status, 200)
+        self.assertIs(self.server_named("gpu2").state.up, False)
+        self.assertEqual(probers(), 1)
+        self.gpu2 = self.restart(self.gpu2)
+        self.wait_for(lambda: self.server_named("gpu2").state.up is True)
+        self.wait_for(lambda: probers() == 0)
+        self.assertTrue(any(r["path"] == "/v1/models" for r in self.gpu2.requests), "it asked")
+
     def test_a_replica_answering_503_hands_the_call_to_the_next(self) -> None:
         for _ in range(2):  # whichever gets it first answers 503 (X-Fake), the other does too:
             response = self.ask("qwen3-coder", {"X-Fake": "status-503"})
