@@ -4878,7 +4878,7 @@ class RouteTable(NamedTuple):
     upstreams: dict[str, Upstream]
     exact: dict[str, ModelRoute]
     patterns: tuple[ModelRoute, ...]
-    simple: bool  # BASE_API_URL alone: its server's own lists are relayed as they are
+    simple: bool  # one server for every model: its own lists are relayed as they are
 
 
 class UpstreamRegistry:
@@ -4945,7 +4945,7 @@ class UpstreamRegistry:
             upstreams[spec.name] = Upstream(spec.name, pool,
                                             FairGate(spec.max_concurrent, config.queue_timeout), spec.key)
         routes = [ModelRoute(model, [upstreams[name] for name in model.upstreams]) for model in plan.models]
-        simple = not config.models_file and len(upstreams) == 1
+        simple = len(upstreams) == 1 and len(routes) == 1 and routes[0].spec.pattern == "*"
         return RouteTable(upstreams, {r.spec.pattern: r for r in routes if not r.spec.is_pattern},
                           tuple(r for r in routes if r.spec.is_pattern), simple)
 

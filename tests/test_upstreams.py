@@ -433,6 +433,23 @@ class OwnerViewTests(ManyUpstreamsTestCase):
         self.assertIn("data.upstreams", page)
 
 
+class OneServerTests(ProxyTestCase):
+    def test_a_file_of_prices_alone_keeps_base_api_urls_one_server(self) -> None:
+        directory = tempfile.TemporaryDirectory()
+        self.addCleanup(directory.cleanup)
+        path = os.path.join(directory.name, "models.json")
+        with open(path, "w") as file:
+            json.dump({"currency": "EUR", "models": {"m": {"price": {"input": 1, "output": 2}}}}, file)
+        self.start_proxy(models_file=path)
+        listing = self.request("GET", "/v1/models").json()
+        self.assertEqual([m["id"] for m in listing["data"]], ["upstream-model", "small"])  # relayed
+        for model in ("m", "anything"):
+            self.assertEqual(self.chat(model=model).status, 200)
+            self.assertEqual(json.loads(self.upstream.requests[-1]["body"])["model"], model)
+        line = llm_proxy.describe(self.config, self.proxy)
+        self.assertIn(f"-> {self.upstream.url}; ", line)
+
+
 class ParseTests(unittest.TestCase):
     """``parse_upstreams``: strict, and its errors name the entry, never a key or a URL."""
 
