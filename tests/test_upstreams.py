@@ -248,8 +248,7 @@ class ReplicaTests(ManyUpstreamsTestCase):
         threads = []
         for _ in range(3):
             threads.append(self.ask_in_background("gemma-3-4b", {"X-Fake": "hold"}))
-        self.wait_for(lambda: self.server_named("mini").gate.waiting == 2)
-        self.assertEqual(self.count(self.mini), 1)
+        self.wait_for(lambda: self.server_named("mini").gate.waiting == 2 and self.count(self.mini) == 1)
         started = time.monotonic()
         self.assertEqual(self.ask("anything").status, 200)  # gpu, idle, answers at once
         self.assertLess(time.monotonic() - started, 1.0)
