@@ -5444,8 +5444,8 @@ class Relay:
             self.abandon(exchange)  # received, then dropped: the next server gets it
             return True
         if response.status in (502, 503) and not last:
-            self.upstreams.mark_down(upstream, ProxyError(response.status, "answered "
-                                                          f"{response.status}"))
+            self.upstreams.mark_down(upstream, ProxyError(
+                response.status, f"The model server answered {response.status}."))
             self.abandon(exchange)
             return True
         self.upstreams.mark_up(upstream)
