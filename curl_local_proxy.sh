@@ -5,7 +5,26 @@
 #   PROXY_URL  where the proxy listens   (default http://127.0.0.1:8899)
 #   PROXY_KEY  the client key to send    (default: first of PROXY_API_KEYS, else "local-test")
 #   MODEL      the model to ask for      (default: BASE_MODEL, else "local-model")
+# PORT, PROXY_API_KEYS and BASE_MODEL are read as run_local_proxy.sh reads them: the
+# environment first, then the saved settings file ($LLM_PROXY_SETTINGS, default
+# ./local_proxy.env beside this script), so the two scripts agree without repeating them.
 set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+settings="${LLM_PROXY_SETTINGS:-$here/local_proxy.env}"
+if [[ -f "$settings" ]]; then
+  while IFS= read -r line || [[ -n "$line" ]]; do
+    line="${line%$'\r'}"
+    if [[ "$line" =~ ^[[:space:]]*(PORT|PROXY_API_KEYS|BASE_MODEL)=(.*)$ ]]; then
+      name="${BASH_REMATCH[1]}"
+      value="${BASH_REMATCH[2]}"
+      value="${value#[\"\']}" && value="${value%[\"\']}"
+      if [[ -z "${!name:-}" ]]; then  # the environment wins over the saved file
+        export "$name=$value"
+      fi
+    fi
+  done < "$settings"
+fi
 
 url="${PROXY_URL:-http://127.0.0.1:${PORT:-8899}}"
 first_key="${PROXY_API_KEYS:-}"

@@ -16,10 +16,12 @@ Configuration   ``SETTINGS`` and ``Config``: what the environment says, checked 
 
 The domain, no sockets:
 Buckets         ``BucketSpec`` (a window), ``BucketStore`` (every caller's levels, one
-                short lock), ``Charge`` (one request's payment: reserved, then kept,
-                settled or refunded).
-Units           ``Unit`` (what a window counts), ``CostMode`` (TOKEN_COST_MODE),
-                ``CallCost`` and ``window_costs``: what a call costs each window.
+                short lock; ``WindowCost``: the hard cap cuts the output allowance to
+                what the windows hold), ``Charge`` (one request's payment: reserved,
+                then kept, settled or refunded).
+Units           ``Unit`` (what a window counts: requests, tokens, ``MoneyUnit``),
+                ``CostMode`` (TOKEN_COST_MODE), ``CallCost`` and ``window_costs``: what
+                a call costs each window.
 Cost            ``prompt_tokens``, ``Usage`` (in the parts a price needs) and ``Meter``
                 (what an answer used, read on its way through).
 Stream framings Server-sent events and JSON lines, cut into whole events.
@@ -27,19 +29,22 @@ Request bodies  ``request_object`` and ``check_body``: a body parsed once, stric
                 what is forwarded is that parse (``body_bytes``).
 Dialects        One ``Dialect`` per API (chat, completions, Responses, Messages,
                 Ollama, embeddings): validation, allowance, usage, replies, errors.
+Prices          ``ModelCatalog`` (MODELS_FILE: currency, each model's ``Price`` and
+                ``max_output``), ``ModelsFile`` (re-read on change, the last good kept).
 Keys and        ``KeyRing`` finds the caller's ``Policy`` (models, windows, an app's
 policies        end users, ``UserSpec``); ``StoredAnswers`` keeps whose answer is whose.
 
 The HTTP front:
 Routes          ``ROUTES`` and ``route_for``: every path, whether it needs a key, its
-                dialect and which handler method answers it.
+                dialect, the endpoint group a key lists it by, and which handler
+                method answers it.
 Errors, paths,  ``ProxyError``, ``parse_target``, the strict header reader and the
 headers         lists of headers never forwarded.
-Replies, Calls  ``limit_answer`` and the rate-limit headers; ``Call``, one request's
-                state, from its arrival to its log line.  What a call takes (its
-                charge, upstream connection, gate slot) is registered with
-                ``Call.on_end`` and let go by ``Call.end``, once, by whoever
-                finishes the call: the handler's thread, or the connection loop.
+Replies, Calls  ``limit_answer`` (``wait_phrase``) and the rate-limit headers; ``Call``,
+                one request's state, from its arrival to its log line (and ``cost``).
+                What a call takes (its charge, upstream connection, gate slot) is
+                registered with ``Call.on_end`` and let go by ``Call.end``, once, by
+                whoever finishes the call: the handler's thread, or the connection loop.
 Handler         ``ProxyHandler``: HTTP/1.1 framing, then ``route`` and the
                 ``answer_<name>`` methods, ``handle_metered`` (charge, forward,
                 settle) and the writing of answers.
@@ -59,8 +64,11 @@ Connection loop ``ConnectionLoop`` holds idle connections and relays streams wit
                 a thread (``RelayedStream``); ``Workers`` keeps threads for reuse.
 
 The owner's side:
-Owner's view    ``UsageBook`` (history), ``Metrics`` (Prometheus), ``AdminView``
-                (the admin API) and the dashboard page.
+Owner's view    ``UsageBook`` (history by day and model, with cost), ``Metrics``
+                (Prometheus), ``AdminView`` (the admin API, the CSV export) and the
+                dashboard page.
+Alerts          ``AlertWatch`` (which windows passed ALERT_THRESHOLDS) and
+                ``AlertSender`` (the webhook's own thread).
 Server          ``TrackedServer`` (connection caps) and ``ProxyServer``, which builds
                 the rest and keeps house (keys file, state file, slow requests).
 Demo model      An echo server that speaks every API, for ``--demo`` and the tests.
@@ -75,6 +83,7 @@ import argparse
 import base64
 import bisect
 import copy
+import csv
 import difflib
 try:
     import fcntl
@@ -87,6 +96,7 @@ import functools
 import hashlib
 import hmac
 import http.client
+import io
 import ipaddress
 import json
 import logging
@@ -115,6 +125,7 @@ import urllib.parse
 from collections import Counter, OrderedDict, deque
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, fields, replace
+from fractions import Fraction
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from logging.handlers import QueueHandler, QueueListener
 from typing import BinaryIO, Callable, Iterator, Mapping, NamedTuple, Sequence, TextIO
@@ -152,13 +163,21 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
     actions = keys.add_subparsers(dest="action", required=True)
     add = actions.add_parser("add", help="create a key for NAME; prints it once, stores only its SHA-256")
     add.add_argument("name")
-    add.add_argument("--max-tokens", type=int)
-    add.add_argument("--refill-tokens", type=int)
-    add.add_argument("--refill-interval-seconds", type=float)
-    add.add_argument("--models", help="comma-separated model names this key may use")
-    add.add_argument("--max-concurrent", type=int)
-    add.add_argument("--expires", help="last day the key works, YYYY-MM-DD")
+    add_key_options(add, "email")
+    roster = actions.add_parser("import", help="a key for each name of a CSV roster, written to --out")
+    roster.add_argument("roster", help="CSV with a 'name' column (and an optional 'email')")
+    roster.add_argument("--out", required=True, help="new file for the name,key lines (mode 0600)")
+    add_key_options(roster)
     actions.add_parser("list", help="names, limits, state and expiry (never keys)")
+    change = actions.add_parser("set", help="change NAME's limits; what it spent still counts")
+    change.add_argument("name")
+    add_key_options(change, "email", "window")
+    topup = actions.add_parser("topup", help="raise a window's limit by AMOUNT, keeping what was spent")
+    topup.add_argument("name")
+    topup.add_argument("amount", type=float)
+    topup.add_argument("--window", help=WINDOW_OPTION[1])
+    actions.add_parser("rotate", help="a new key for NAME, keeping its balance and history; "
+                       "the old key stops working").add_argument("name")
     for action in ("disable", "enable", "remove"):
         actions.add_parser(action, help=f"{action} the key named NAME").add_argument("name")
     args = parser.parse_args(argv)
@@ -168,38 +187,14 @@ def main(argv: Sequence[str] | None = None, environ: dict[str, str] | None = Non
     console.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.setLevel(logging.INFO)
     background = BackgroundLog(log, console)
-    server = start(args, environ)
-    if server is None:
-        background.close()
-        return 2
-    threading.Thread(target=serve, args=(server, background), name="server").start()
-    return 0
-
-
-def serve(server: ProxyServer, background: BackgroundLog) -> None:
-    """Serve until a signal stops the server, then close it (saving state) and the log.
-
-    The server runs on a thread of its own, not on the main thread, so that the
-    script's top level ends: CPython keeps a script's whole syntax tree, about a
-    third of the idle process, until then.  The main thread, its script done,
-    waits for this one in the interpreter's shutdown, and runs the signal handlers
-    (Python runs them on the main thread only), which stop the server.  The pages
-    the tree held go back to the system once the main thread is done with it.
-    """
-    threading.Thread(target=return_freed_memory, args=(threading.main_thread(),),
-                     name="trim", daemon=True).start()
     try:
-        server.serve_forever()
+        return run(args, environ)
     finally:
-        server.server_close()
         background.close()
 
 
-def start(args: argparse.Namespace, environ: dict[str, str] | None) -> ProxyServer | None:
-    """Configure and listen; None (having said why) when the configuration is bad.
-
-    Ctrl-C and SIGTERM stop the server cleanly, SIGHUP re-reads the keys file.
-    """
+def run(args: argparse.Namespace, environ: dict[str, str] | None) -> int:
+    """Configure, start and serve until Ctrl-C or SIGTERM; 2 when the configuration is bad."""
     environ = dict(os.environ if environ is None else environ)
     try:
         config = Config.from_env(environ)
@@ -209,23 +204,33 @@ def start(args: argparse.Namespace, environ: dict[str, str] | None) -> ProxyServ
         server = ProxyServer(config, environ=environ)
     except ConfigError as error:
         print(f"llm_proxy: {error}", file=sys.stderr)
-        return None
+        return 2
     except OSError as error:
         print(f"llm_proxy: cannot listen on {config.host}:{config.port}: {error.strerror}",
               file=sys.stderr)
-        return None
+        return 2
     # Before the listening line: a SIGTERM sent as soon as it appears (a service manager, a
     # test) must stop the server cleanly, its log written out, not kill it where it stands.
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda signum, frame: server.shutdown())
+    signal.signal(signal.SIGTERM, _interrupt)
     if hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, lambda signum, frame: server.request_reload())
-    for warning in startup_warnings(config) + server.fit_to_descriptor_limit():
-        log.warning("%s", warning)
-    print(describe(config, server), flush=True)
-    if args.demo:
-        _print_demo_help(server)
-    return server
+    try:
+        for warning in startup_warnings(config, server.keyring) + server.fit_to_descriptor_limit():
+            log.warning("%s", warning)
+        print(describe(config, server), flush=True)
+        if args.demo:
+            _print_demo_help(server)
+        return_freed_memory()
+        server.serve_forever()
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: stop cleanly, saving state
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _demo_config(config: Config, echo_port: int, environ: dict[str, str]) -> Config:
@@ -252,15 +257,15 @@ Add "stream": true to see tokens arrive; repeat {server.config.max_tokens + 1} t
 """, flush=True)
 
 
-def return_freed_memory(after: threading.Thread) -> None:
-    """Once ``after`` (the main thread) has ended, give the pages freed since startup back.
+def return_freed_memory() -> None:
+    """Give the pages freed since startup back to the system (glibc only), before serving.
 
-    The script's syntax tree is freed when the script's top level ends, but between
-    live objects, where glibc's automatic trim (top of the heap only) cannot return
-    it; malloc_trim returns every free page.  Elsewhere (musl, macOS) there is no
-    malloc_trim and nothing is done.
+    Imported from source (``python -m llm_proxy`` where no cached ``.pyc`` can be written),
+    the module's syntax tree is freed once compiled, but between live objects, where glibc's
+    automatic trim (top of the heap only) cannot return it; malloc_trim returns every free
+    page. Run as a script, CPython keeps that tree alive while the script runs, so there is
+    little to return. Elsewhere (musl, macOS) there is no malloc_trim and nothing is done.
     """
-    after.join()
     try:
         import ctypes
         ctypes.CDLL(None).malloc_trim(0)
@@ -345,8 +350,39 @@ def _choice(*allowed: str) -> Callable[[str, str], str]:
     return parse
 
 
+def _flag(name: str, text: str) -> bool:
+    if text.lower() not in ("true", "false", "1", "0"):
+        raise ConfigError(f"{name} must be true or false; got {text!r}")
+    return text.lower() in ("true", "1")
+
+
 def _key_list(name: str, text: str) -> tuple[str, ...]:
     return tuple(key.strip() for key in text.split(",") if key.strip())
+
+
+def _webhook_url(name: str, text: str) -> str:
+    """An http(s) URL; the message never repeats it, for it is a secret (a hook's token)."""
+    try:
+        parts = urllib.parse.urlsplit(text)
+        valid = parts.scheme in ("http", "https") and bool(parts.hostname) and (
+            parts.port is None or parts.port > 0) and text.isprintable() and " " not in text
+    except ValueError:
+        valid = False
+    if not valid:
+        raise ConfigError(f"{name} must be an http:// or https:// URL (its value is not shown: "
+                          "a webhook's URL is a secret)")
+    return text
+
+
+def _percentages(name: str, text: str) -> tuple[float, ...]:
+    try:
+        values = sorted({float(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        values = []
+    if not values or not all(0 < value <= 1000 for value in values):  # (NaN is neither)
+        raise ConfigError(f"{name} must be percentages above 0 separated by commas, "
+                          f"e.g. 80,100; got {text!r}")
+    return tuple(int(value) if value.is_integer() else value for value in values)
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -356,6 +392,9 @@ SETTINGS: tuple[Setting, ...] = (
             "upstream base URL including /v1, e.g. http://127.0.0.1:8080/v1 (required)"),
     Setting(("UPSTREAM_API_KEY", "BASE_API_KEY", "base_api_key"), "upstream_key",
             "key sent upstream as 'Authorization: Bearer ...'; never shown to clients"),
+    Setting(("UPSTREAM_CA_FILE",), "upstream_ca_file",
+            "PEM file of CA certificates trusted for an https upstream besides the system's "
+            "(a private CA); checked at startup"),
     Setting(("UPSTREAM_MODEL", "BASE_MODEL", "base_model"), "upstream_model",
             "replaces 'model' in forwarded completions; GET /v1/models lists only it"),
     Setting(("MAX_TOKENS",), "max_tokens", "bucket capacity; a new bucket starts full", _positive),
@@ -369,14 +408,24 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(("RESPONSE_TOKEN_RESERVE",), "response_reserve",
             "estimate and usage modes: output tokens assumed when a request sets no max_tokens",
             _positive),
+    Setting(("MODELS_FILE",), "models_file",
+            "JSON file of model prices (per million tokens) and output limits, for money windows, "
+            "and of the model servers ('upstreams') that serve each model; re-read on change or "
+            "SIGHUP (see docs/BUDGETS.md, docs/UPSTREAMS_MANY.md)"),
+    Setting(("DEFAULT_MAX_OUTPUT_TOKENS",), "default_max_output",
+            "output allowance written into a request that sets none, where a window caps it "
+            "(unless MODELS_FILE gives the model's max_output)", _positive),
+    Setting(("OVERDRAFT",), "overdraft",
+            "'true': windows that do not say otherwise reserve little and may go into debt "
+            "(the hard cap off: for agents on a refilling local model)", _flag),
+    Setting(("MIN_OUTPUT_TOKENS",), "min_output",
+            "the shortest answer worth sending when a window can pay for no more; below it, "
+            "the limit reply", _positive),
     Setting(("PROXY_API_KEYS",), "client_keys",
             "comma-separated client keys; when set (or KEYS_FILE is), any other key gets 401",
             _key_list),
     Setting(("KEYS_FILE",), "keys_file",
             "JSON file of client keys with names and per-key limits; re-read on change or SIGHUP"),
-    Setting(("MODELS_FILE",), "models_file",
-            "JSON file of model servers ('upstreams') and which serves each model; re-read on "
-            "change or SIGHUP (docs/UPSTREAMS_MANY.md)"),
     Setting(("LIMIT_RESPONSE",), "limit_response",
             "'message' (an assistant reply saying to wait) or 'error' (HTTP 429)",
             _choice("message", "error")),
@@ -388,12 +437,20 @@ SETTINGS: tuple[Setting, ...] = (
             _non_negative),
     Setting(("QUEUE_TIMEOUT_SECONDS",), "queue_timeout",
             "longest wait for an upstream slot before a 503 (refunded)", _seconds),
+    Setting(("PRIORITY_MAX_WAIT_SECONDS",), "priority_max_wait",
+            "a queued request of a lower keys-file priority waiting this long takes turns with "
+            "the highest (keep it below QUEUE_TIMEOUT_SECONDS)", _seconds),
     Setting(("STATE_FILE",), "state_file",
             "file where bucket levels survive restarts (saved every STATE_SAVE_SECONDS and at exit)"),
     Setting(("STATE_SAVE_SECONDS",), "state_save_interval", "seconds between state saves", _seconds),
     Setting(("ACCESS_LOG",), "access_log", "file that gets one JSON line per request (never prompts)"),
     Setting(("ADMIN_KEY",), "admin_key",
             "turns on /admin (dashboard), /admin/api/usage and /metrics, which need it as a Bearer key"),
+    Setting(("ALERT_WEBHOOK_URL",), "alert_webhook_url",
+            "URL that gets a JSON POST (Slack, Mattermost, Discord ...) when a window passes an "
+            "alert threshold; a secret, never logged in full", _webhook_url),
+    Setting(("ALERT_THRESHOLDS",), "alert_thresholds",
+            "percentages of any window's capacity, used, that send an alert", _percentages),
     Setting(("OPEN_TIMEOUT",), "open_timeout", "seconds to connect to the upstream", _seconds),
     Setting(("READ_TIMEOUT",), "read_timeout", "seconds to wait on the upstream", _seconds),
     Setting(("MAX_BODY_BYTES",), "max_body_bytes", "largest request body accepted", _positive),
@@ -416,6 +473,7 @@ class Config:
     port: int = 8899
     upstream_url: str | None = None
     upstream_key: str | None = None
+    upstream_ca_file: str | None = None
     upstream_model: str | None = None
     max_tokens: int = 10
     refill_tokens: int = 2
@@ -423,17 +481,23 @@ class Config:
     request_cost: int = 1
     cost_mode: str = "request"
     response_reserve: int = 256
+    models_file: str | None = None
+    default_max_output: int = 4096
+    min_output: int = 16
+    overdraft: bool = False
     client_keys: tuple[str, ...] = ()
     keys_file: str | None = None
-    models_file: str | None = None
     limit_response: str = "message"
     upstream_max_concurrent: int = 0
     max_concurrent_per_key: int = 0
     queue_timeout: float = 30.0
+    priority_max_wait: float = 10.0
     state_file: str | None = None
     state_save_interval: float = 5.0
     access_log: str | None = None
     admin_key: str | None = None
+    alert_webhook_url: str | None = None
+    alert_thresholds: tuple[float, ...] = (80, 100)
     open_timeout: float = 10.0
     read_timeout: float = 120.0
     max_body_bytes: int = 10 * 1024 * 1024
@@ -450,7 +514,8 @@ class Config:
 
     @property
     def bucket(self) -> BucketSpec:
-        return BucketSpec(self.max_tokens, self.refill_tokens, self.refill_interval)
+        return BucketSpec(self.max_tokens, self.refill_tokens, self.refill_interval,
+                          overdraft=self.overdraft)
 
     @functools.cached_property
     def mode(self) -> CostMode:
@@ -493,20 +558,23 @@ def settings_help() -> str:
     for setting in SETTINGS:
         names = " / ".join(setting.names)
         default = defaults[setting.attribute]
-        shown = "unset" if default in (None, ()) else f"{default:g}" if isinstance(default, float) else default
+        shown = "unset" if default in (None, ()) else f"{default:g}" if isinstance(default, float) else (
+            ",".join(map(str, default)) if isinstance(default, tuple) else default)
         lines.append(f"  {names}\n      {setting.help} (default: {shown})")
     return "\n".join(lines)
 
 
-def startup_warnings(config: Config) -> list[str]:
+def startup_warnings(config: Config, keyring: KeyRing | None = None) -> list[str]:
     """Problems that do not stop the proxy but would surprise its owner.
 
     Among them, one line per variable that looks like a misspelt setting
     (``near_miss_settings``), naming it and the setting it probably means, never its value.
+    MAX_TOKENS is judged only where a key pays under it (``uses_environment_limits``):
+    a keys file whose every key sets its own windows makes it moot.
     """
     warnings = []
     mode = config.mode
-    if mode.least > config.max_tokens:
+    if mode.least > config.max_tokens and (keyring is None or keyring.uses_environment_limits()):
         warnings.append(
             f"a request without max_tokens costs at least {mode.least} tokens but MAX_TOKENS is "
             f"{config.max_tokens}: such requests can never be served; raise MAX_TOKENS "
@@ -516,6 +584,8 @@ def startup_warnings(config: Config) -> list[str]:
             f"no PROXY_API_KEYS or KEYS_FILE and listening on {config.host}: anyone who can reach this port can "
             "use the model, and per-key or per-IP buckets are the only limit (a caller picks "
             "its own bucket by picking a key)")
+    if config.upstream_ca_file and not (config.upstream_url or "").startswith("https:"):
+        warnings.append("UPSTREAM_CA_FILE is set but the upstream is not https: it is not used")
     for variable, setting in config.near_misses:
         warnings.append(f"{variable} is set, but llm_proxy reads no such variable: "
                         f"did you mean {setting}? (see --help)")
@@ -542,12 +612,26 @@ class BucketSpec:
     refill_tokens: int
     interval: float
     name: str = ""
-    unit: str = ""                         # "requests", "tokens", or "": the cost mode's own
-    period: str | None = None              # "day", "week", "month": full again at each start
+    unit: str = ""                         # "requests", "tokens", "money", or "": the cost mode's own
+    period: str | None = None              # "day", "week", "month": full again at each start;
+                                           # "total": never refills (a budget)
     models: tuple[str, ...] | None = None  # the window counts only requests for these models
+    overdraft: bool = False                # reserve little and let usage go into debt (no hard cap)
+
+    @property
+    def refills(self) -> bool:
+        return self.period != TOTAL
+
+    @property
+    def counts_money(self) -> bool:
+        """Its amounts are nano-units of the currency, shown in the currency (a money window).
+
+        Asked here, of the window, so that nothing else compares unit names."""
+        return self.unit == MONEY
 
 
 PERIOD_DAYS = {"day": 1, "week": 7, "month": 31}  # the longest length, for headers
+TOTAL = "total"  # the period of a window that never refills
 
 
 def period_bounds(wall: float, period: str) -> tuple[float, float]:
@@ -576,11 +660,25 @@ class Bucket:
     its reservation: that debt is repaid by refills before the next request.
     """
 
-    __slots__ = ("tokens", "step_at")
+    __slots__ = ("tokens", "step_at", "capacity", "window")
 
-    def __init__(self, tokens: int, step_at: float) -> None:
+    def __init__(self, tokens: int, step_at: float, capacity: int | None = None,
+                 window: tuple | None = None) -> None:
         self.tokens = tokens
         self.step_at = step_at
+        self.capacity = capacity  # the limit the level was last counted against (None: not known)
+        self.window = window      # which of the policy's windows it is (window_keys; None: not known)
+
+    def resize(self, capacity: int) -> None:
+        """The window's limit changed: the level moves by as much, so what was spent stays spent.
+
+        Raising a limit then serves a blocked caller at once (a top-up), and lowering
+        it takes the difference (below zero if more was spent than the new limit).
+        A level restored without its limit (an older state file) is kept as it was.
+        """
+        if self.capacity is not None:
+            self.tokens += capacity - self.capacity
+        self.capacity = capacity
 
     def refill(self, spec: BucketSpec, now: float, offset: float = 0.0) -> None:
         """Add one refill per whole interval elapsed; the step clock moves by whole steps only.
@@ -588,6 +686,11 @@ class Bucket:
         A calendar window is full again from the start of each period instead;
         ``offset`` turns the store's monotonic clock into wall-clock time.
         """
+        if self.capacity != spec.capacity:
+            self.resize(spec.capacity)
+        if spec.period == TOTAL:
+            self.tokens = min(self.tokens, spec.capacity)  # (the policy may have shrunk)
+            return
         if spec.period is not None:
             start = period_bounds(now + offset, spec.period)[0] - offset
             if self.step_at < start:
@@ -603,10 +706,12 @@ class Bucket:
             self.tokens = spec.capacity
 
     def seconds_until(self, spec: BucketSpec, tokens: int, now: float, offset: float = 0.0) -> float:
-        """Seconds until the level reaches ``tokens`` (0 if it already has)."""
+        """Seconds until the level reaches ``tokens`` (0 if it already has; infinity: never)."""
         missing = tokens - self.tokens
         if missing <= 0:
             return 0.0
+        if spec.period == TOTAL:
+            return math.inf
         if spec.period is not None:
             return period_bounds(now + offset, spec.period)[1] - offset - now
         steps = math.ceil(missing / spec.refill_tokens)
@@ -629,6 +734,53 @@ class Admission(NamedTuple):
     refill_seconds: float
     window: str = ""
     costs: tuple[tuple[int, ...], ...] = ()  # what each payer's each window was charged
+    allowance: int | None = None  # output tokens an answer may take, as the capping windows can pay
+    waits: bool = False   # refused only for what the same caller's requests in flight hold
+    unit: str = ""        # the named window's unit ("money": amounts in nano-units of the currency)
+
+    @property
+    def counts_money(self) -> bool:
+        return self.unit == MONEY
+    held: tuple[tuple[int, ...], ...] = ()  # of ``costs``, what may come back when they settle
+
+
+NANOS = 10 ** 9  # money is counted in nano-units of the currency: bucket levels stay whole numbers
+
+
+class WindowCost(NamedTuple):
+    """What one call costs one window, as a function of the output allowance it is granted.
+
+    ``fixed`` whatever the answer (the prompt, a request); ``per_output`` for each
+    output token allowed, which only a capping window counts: there the allowance
+    is cut to what the window holds.  ``returns``: what is not used comes back when
+    the call settles, so a request refused for it may wait for the caller's others.
+    """
+
+    fixed: int
+    per_output: float = 0.0
+    returns: bool = False
+
+    def at(self, allowance: int) -> int:
+        return self.fixed + math.ceil(self.per_output * allowance) if self.per_output else self.fixed
+
+    def most(self, level: int) -> int:
+        """The largest allowance whose cost ``level`` can pay (negative: not even none)."""
+        if level < self.fixed:
+            return -1
+        allowance = int((level - self.fixed) // self.per_output)
+        while allowance > 0 and self.at(allowance) > level:  # (float rounding)
+            allowance -= 1
+        return allowance
+
+
+class Allowance(NamedTuple):
+    """The output allowance a call asks for per answer, and the least worth forwarding."""
+
+    asked: int
+    least: int
+
+
+NO_ALLOWANCE = Allowance(0, 0)
 
 
 def _tightness(row: tuple[Bucket, BucketSpec, int, float]) -> tuple:
@@ -636,6 +788,37 @@ def _tightness(row: tuple[Bucket, BucketSpec, int, float]) -> tuple:
     the one nearest empty (among those this request counts in)."""
     bucket, spec, amount, wait = row
     return (amount > spec.capacity, wait, amount > 0, -bucket.tokens)
+
+
+def window_text(spec: BucketSpec) -> str:
+    """A window in a few words, for ``keys list``: ``course 1 money total``, ``daily 20000 +20000/86400s``."""
+    name = spec.name + " " if spec.name else ""
+    size = amount_text(spec.capacity) + " money" if spec.counts_money else str(spec.capacity)
+    step = amount_text(spec.refill_tokens) if spec.counts_money else spec.refill_tokens
+    refill = f"+{step}/{spec.interval:g}s" if spec.refills else "total"
+    return f"{name}{size} {refill}" + (" overdraft" if spec.overdraft else "")
+
+
+def level_view(spec: BucketSpec, tokens: int, next_refill: float, to_full: float) -> dict:
+    """One window as the quota and the admin API show it.
+
+    A window that never refills shows null refill times, never astronomical
+    numbers; a money window shows amounts in its currency, with what was spent.
+    """
+    money = spec.counts_money
+    amount = (lambda value: value / NANOS) if money else (lambda value: value)
+    view = {"name": spec.name, "capacity": amount(spec.capacity), "tokens": amount(tokens),
+            "refill_tokens": amount(spec.refill_tokens),
+            "refill_interval_seconds": spec.interval if spec.refills else None,
+            "unit": spec.unit or None, "period": spec.period,
+            "models": None if spec.models is None else list(spec.models),
+            "seconds_to_next_refill": round(next_refill, 3) if spec.refills else None,
+            "seconds_to_full": round(to_full, 3) if math.isfinite(to_full) else None}
+    if money:
+        view.update(remaining=amount(tokens), spent=amount(spec.capacity - tokens))
+    if spec.overdraft:
+        view["overdraft"] = True
+    return view
 
 
 class BucketStore:
@@ -652,17 +835,18 @@ class BucketStore:
         self.clock = clock
         self.wall_clock = wall_clock  # calendar windows start at local midnights
         self._lock = threading.Lock()
+        self._released = threading.Condition(self._lock)  # a charge that held something closed
+        self._waiting = 0  # calls waiting on it
         self._buckets: dict[str, list[Bucket]] = {}
+        self._held: dict[str, list[int]] = {}  # per identity and window: reserved by calls in flight
 
     def _current(self, identity: str, specs: Sequence[BucketSpec], now: float,
                  offset: float = 0.0) -> list[Bucket]:
         buckets = self._buckets.get(identity)
-        if buckets is None or len(buckets) != len(specs):
-            # A new caller starts full; when a policy gains or loses windows, the
-            # levels kept so far stay (by position), so an edit refills nobody early.
-            kept = buckets or []
-            buckets = kept[:len(specs)] + [Bucket(spec.capacity, now) for spec in specs[len(kept):]]
-            self._buckets[identity] = buckets
+        keys = window_keys(tuple(specs))
+        if buckets is None or len(buckets) != len(specs) or any(
+                bucket.window != key for bucket, key in zip(buckets, keys)):
+            buckets = self._buckets[identity] = _aligned(buckets or [], specs, keys, now)
         for bucket, spec in zip(buckets, specs):
             bucket.refill(spec, now, offset)
         return buckets
@@ -677,48 +861,142 @@ class BucketStore:
         return self.charge_all(((identity, specs),), cost)
 
     def charge_all(self, payers: Sequence[tuple[str, Sequence[BucketSpec]]],
-                   cost: int | Callable[[BucketSpec], int]) -> Admission:
+                   cost: int | Callable[[BucketSpec], int | WindowCost],
+                   allowance: Allowance = NO_ALLOWANCE, patience: float = 0.0) -> Admission:
         """Take each window's cost from every window of every payer (a user and its app), or none.
 
         ``cost`` is one number for all windows, or each window's own (by its unit;
-        0 for a window that does not count this request's model).
+        0 for a window that does not count this request's model).  A capping window
+        (a ``WindowCost`` with ``per_output``) pays for the whole output allowance:
+        where the windows cannot, the allowance is cut to what they can pay, down to
+        ``allowance.least``.  A call refused only for what the caller's calls in flight
+        hold waits up to ``patience`` seconds for them to settle.
         """
         cost_of = cost if callable(cost) else None
         with self._lock:
-            now, offset = self._now()
-            rows: list[tuple[Bucket, BucketSpec, int, float]] = []
-            costs: list[tuple[int, ...]] = []
-            allowed = True
-            for identity, specs in payers:
-                charged = []
-                for bucket, spec in zip(self._current(identity, specs, now, offset), specs):
-                    amount = cost if cost_of is None else cost_of(spec)  # type: ignore[assignment]
-                    wait = 0.0 if amount == 0 or bucket.tokens >= amount else (
-                        bucket.seconds_until(spec, amount, now, offset))
-                    if wait > 0 or amount > spec.capacity:
-                        allowed = False
-                    charged.append(amount)
-                    rows.append((bucket, spec, amount, wait))
-                costs.append(tuple(charged))
-            if allowed:
-                for bucket, _, amount, _ in rows:
-                    bucket.tokens -= amount
-            bucket, spec, amount, wait = rows[0] if len(rows) == 1 else max(rows, key=_tightness)
-            return Admission(allowed, amount, spec.capacity, max(0, bucket.tokens),
-                             0.0 if allowed else wait, spec.refill_tokens, spec.interval,
-                             spec.name, tuple(costs))
+            admission = self._charge(payers, cost_of, cost, allowance)
+            if admission.allowed or not admission.waits:
+                return admission
+            deadline = time.monotonic() + patience
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return admission
+                self._waiting += 1
+                try:
+                    self._released.wait(left)
+                finally:
+                    self._waiting -= 1
+                admission = self._charge(payers, cost_of, cost, allowance)
+                if admission.allowed or not admission.waits:
+                    return admission
 
-    def credit(self, identity: str, specs: Sequence[BucketSpec], amount: int | Sequence[int]) -> None:
+    def _charge(self, payers: Sequence[tuple[str, Sequence[BucketSpec]]],
+                cost_of: Callable[[BucketSpec], int | WindowCost] | None, cost: object,
+                allowance: Allowance) -> Admission:
+        now, offset = self._now()
+        rows: list[tuple[Bucket, BucketSpec, WindowCost, int]] = []
+        granted, returns = allowance.asked, False
+        for identity, specs in payers:
+            held = self._held.get(identity) if self._held else None
+            if held is not None and len(held) != len(specs):
+                held = None
+            for index, (bucket, spec) in enumerate(zip(self._current(identity, specs, now, offset), specs)):
+                priced = cost if cost_of is None else cost_of(spec)
+                if priced.__class__ is not WindowCost:
+                    priced = WindowCost(priced)  # type: ignore[arg-type]
+                if priced.per_output:
+                    granted = min(granted, priced.most(bucket.tokens))
+                returns = returns or priced.returns
+                rows.append((bucket, spec, priced, held[index] if held else 0))
+        if granted < allowance.least:
+            granted = allowance.least
+        allowed = True
+        amounts: list[int] = []
+        waits: list[float] = []
+        for bucket, spec, priced, _ in rows:
+            amount = priced.at(granted)
+            wait = 0.0 if amount == 0 or bucket.tokens >= amount else (
+                bucket.seconds_until(spec, amount, now, offset))
+            if wait > 0 or amount > spec.capacity:
+                allowed = False
+            amounts.append(amount)
+            waits.append(wait)
+        waiting = not allowed and returns and any(row[3] for row in rows) and all(
+            amount <= spec.capacity and bucket.tokens + (kept if priced.returns else 0) >= amount
+            for (bucket, spec, priced, kept), amount in zip(rows, amounts))
+        if len(payers) == 1:
+            costs: tuple[tuple[int, ...], ...] = (tuple(amounts),)
+        else:
+            costs, position = (), 0
+            for _, specs in payers:
+                costs += (tuple(amounts[position:position + len(specs)]),)
+                position += len(specs)
+        held_now: tuple[tuple[int, ...], ...] = ()
+        if allowed:
+            for (bucket, _, _, _), amount in zip(rows, amounts):
+                bucket.tokens -= amount
+            if returns:
+                held_now = self._hold(payers, rows, costs)
+        chosen = 0 if len(rows) == 1 else max(range(len(rows)), key=lambda i: _tightness(
+            (rows[i][0], rows[i][1], amounts[i], waits[i])))
+        bucket, spec = rows[chosen][0], rows[chosen][1]
+        capping = any(row[2].per_output for row in rows)
+        return Admission(allowed, amounts[chosen], spec.capacity, max(0, bucket.tokens),
+                         0.0 if allowed else waits[chosen], spec.refill_tokens, spec.interval,
+                         spec.name, costs, granted if capping else None, waiting, spec.unit, held_now)
+
+    def _hold(self, payers: Sequence[tuple[str, Sequence[BucketSpec]]],
+              rows: list[tuple[Bucket, BucketSpec, WindowCost, int]],
+              costs: tuple[tuple[int, ...], ...]) -> tuple[tuple[int, ...], ...]:
+        """Note what an admitted call holds of each window that gets back what it does not use."""
+        held, position = [], 0
+        for (identity, specs), charged in zip(payers, costs):
+            mine = tuple(amount if rows[position + index][2].returns else 0
+                         for index, amount in enumerate(charged))
+            position += len(specs)
+            held.append(mine)
+            if any(mine):
+                kept = self._held.get(identity)
+                if kept is None or len(kept) != len(specs):
+                    kept = self._held[identity] = [0] * len(specs)
+                for index, amount in enumerate(mine):
+                    kept[index] += amount
+        return tuple(held)
+
+    def credit(self, identity: str, specs: Sequence[BucketSpec], amount: int | Sequence[int],
+               held: Sequence[int] = ()) -> None:
         """Give back an amount (never above capacity) or, when negative, take it (debt allowed).
 
-        ``amount`` is one number for every window, or one per window.
+        ``amount`` is one number for every window, or one per window.  ``held`` is
+        what the closing call held of each window: no longer in flight.
         """
         amounts = [amount] * len(specs) if isinstance(amount, int) else amount
         with self._lock:
-            buckets = self._current(identity, specs, *self._now())
-            for bucket, spec, change in zip(buckets, specs, amounts):
+            # By window, not by position, and without realigning: the policy may have changed
+            # since this call was charged, and its old windows must not replace the new ones.
+            now, offset = self._now()
+            found = {bucket.window: bucket for bucket in self._buckets.get(identity, ())}
+            for key, spec, change in zip(window_keys(tuple(specs)), specs, amounts):
+                bucket = found.get(key)
+                if bucket is None or not change:  # (a window removed meanwhile: nothing to give back)
+                    continue
+                bucket.refill(spec, now, offset)
                 bucket.tokens = min(spec.capacity, bucket.tokens + change) if change > 0 else (
                     bucket.tokens + change)
+            if any(held):
+                self._unhold(identity, held)
+                if self._waiting:
+                    self._released.notify_all()
+
+    def _unhold(self, identity: str, held: Sequence[int]) -> None:
+        kept = self._held.get(identity)
+        if kept is None or len(kept) != len(held):
+            return
+        for index, amount in enumerate(held):
+            kept[index] = max(0, kept[index] - amount)
+        if not any(kept):
+            del self._held[identity]
 
     def snapshot(self, identity: str, specs: Sequence[BucketSpec]) -> list[dict]:
         """Each bucket's level and timing, for the quota endpoint; charges nothing."""
@@ -727,14 +1005,10 @@ class BucketStore:
 
     def _snapshot(self, identity: str, specs: Sequence[BucketSpec]) -> list[dict]:
         now, offset = self._now()
-        return [{"name": spec.name, "capacity": spec.capacity, "tokens": bucket.tokens,
-                 "refill_tokens": spec.refill_tokens, "refill_interval_seconds": spec.interval,
-                 "unit": spec.unit or None, "period": spec.period,
-                 "models": None if spec.models is None else list(spec.models),
-                 "seconds_to_next_refill": round(
-                     period_bounds(now + offset, spec.period)[1] - offset - now if spec.period
-                     else bucket.step_at + spec.interval - now, 3),
-                 "seconds_to_full": round(bucket.seconds_until(spec, spec.capacity, now, offset), 3)}
+        return [level_view(spec, bucket.tokens,
+                           period_bounds(now + offset, spec.period)[1] - offset - now
+                           if spec.period in PERIOD_DAYS else bucket.step_at + spec.interval - now,
+                           bucket.seconds_until(spec, spec.capacity, now, offset))
                 for bucket, spec in zip(self._current(identity, specs, now, offset), specs)]
 
     def peek(self, identity: str, specs: Sequence[BucketSpec]) -> list[dict]:
@@ -742,11 +1016,7 @@ class BucketStore:
         with self._lock:
             if identity in self._buckets:
                 return self._snapshot(identity, specs)
-        return [{"name": spec.name, "capacity": spec.capacity, "tokens": spec.capacity,
-                 "refill_tokens": spec.refill_tokens, "refill_interval_seconds": spec.interval,
-                 "unit": spec.unit or None, "period": spec.period,
-                 "models": None if spec.models is None else list(spec.models),
-                 "seconds_to_next_refill": 0.0, "seconds_to_full": 0.0} for spec in specs]
+        return [level_view(spec, spec.capacity, 0.0, 0.0) for spec in specs]
 
     def prune(self, specs_of: Callable[[str], Sequence[BucketSpec]], batch: int = 2000) -> int:
         """Forget buckets that are full again; the lock is taken per batch, not for the sweep."""
@@ -758,8 +1028,8 @@ class BucketStore:
                 for identity in identities[start:start + batch]:
                     buckets = self._buckets.get(identity)
                     specs = specs_of(identity)
-                    if buckets is None or len(buckets) != len(specs):
-                        continue
+                    if buckets is None or [b.window for b in buckets] != list(window_keys(tuple(specs))):
+                        continue  # (realigned, and then pruned, when next used)
                     for bucket, spec in zip(buckets, specs):
                         bucket.refill(spec, now, offset)
                     if all(b.tokens >= s.capacity for b, s in zip(buckets, specs)):
@@ -783,7 +1053,9 @@ class BucketStore:
                 for identity in identities[start:start + batch]:
                     buckets = self._buckets.get(identity)
                     if buckets is not None:
-                        saved[identity] = [[b.tokens, round(b.step_at + offset, 3)] for b in buckets]
+                        saved[identity] = [[b.tokens, round(b.step_at + offset, 3), b.capacity,
+                                            None if b.window is None else list(b.window)]
+                                           for b in buckets]
         return saved
 
     def load(self, saved: dict, wall_clock: Callable[[], float] = time.time) -> None:
@@ -794,8 +1066,8 @@ class BucketStore:
         for identity, buckets in saved.items():
             if not isinstance(identity, str) or not isinstance(buckets, list):
                 raise ValueError("unexpected bucket entry")
-            restored[identity] = [Bucket(int(tokens), min(now, float(step_at) + offset))
-                                  for tokens, step_at in buckets]
+            restored[identity] = [Bucket(int(tokens), min(now, float(step_at) + offset), capacity, window)
+                                  for tokens, step_at, capacity, window in map(_saved_bucket, buckets)]
             if not all(math.isfinite(bucket.step_at) for bucket in restored[identity]):
                 raise ValueError("a refill time is not a number")
         with self._lock:
@@ -805,6 +1077,57 @@ class BucketStore:
         return len(self._buckets)
 
 
+def _saved_bucket(saved: object) -> tuple[object, object, int | None, tuple | None]:
+    """A saved level, its step time, the limit it was counted against and which window it is
+    (None for either: saved by an older version); ValueError or TypeError when broken."""
+    tokens, step_at, *rest = saved  # type: ignore[misc]
+    if len(rest) > 2:
+        raise ValueError("unexpected bucket entry")
+    capacity = rest[0] if rest else None
+    window = rest[1] if len(rest) > 1 else None
+    if window is not None:
+        name, unit, period, index = window
+        window = (str(name), str(unit), None if period is None else str(period), int(index))
+    return tokens, step_at, None if capacity is None else int(capacity), window
+
+
+@functools.lru_cache(maxsize=4096)
+def window_keys(specs: tuple[BucketSpec, ...]) -> tuple[tuple, ...]:
+    """Which window each spec is, so that a level follows its window when the policy changes.
+
+    A window is its name, unit and period, and which of the windows so alike it is:
+    its limit, refill or models may change (the level stays, ``Bucket.resize``); removing
+    or adding a window before it must not hand it another window's level.
+    """
+    seen: dict[tuple, int] = {}
+    keys = []
+    for spec in specs:
+        alike = (spec.name, spec.unit, spec.period)
+        keys.append(alike + (seen.get(alike, 0),))
+        seen[alike] = seen.get(alike, 0) + 1
+    return tuple(keys)
+
+
+def _aligned(old: Sequence[Bucket], specs: Sequence[BucketSpec], keys: Sequence[tuple],
+             now: float) -> list[Bucket]:
+    """A caller's levels in the order of its policy's windows: each window its own level.
+
+    A new window starts full.  Levels restored from an older state file do not say which
+    window they are: they are taken by position, once, as before.
+    """
+    known = {bucket.window: bucket for bucket in old if bucket.window is not None}
+    aligned = []
+    for position, (spec, key) in enumerate(zip(specs, keys)):
+        bucket = known.get(key)
+        if bucket is None and position < len(old) and old[position].window is None:
+            bucket = old[position]
+        if bucket is None:
+            bucket = Bucket(spec.capacity, now, spec.capacity)
+        bucket.window = key
+        aligned.append(bucket)
+    return aligned
+
+
 class Charge:
     """One admitted request's payment, a small state machine decided in one place.
 
@@ -812,19 +1135,26 @@ class Charge:
     settle), ``settled`` (served, replaced by what was really used: the rest
     refunded, or the extra taken as debt) or ``refunded`` (never served), once.
     Every payer (a key, or a user and the app key above it) pays the same; each
-    window settles as its unit says (``mode``).
+    window settles as its unit says (``mode``), from what the call was (``call``:
+    its model's price, for a money window).
     """
 
-    __slots__ = ("store", "payers", "admission", "mode", "state", "used")
+    __slots__ = ("store", "payers", "admission", "mode", "state", "used", "call")
 
     def __init__(self, store: BucketStore, payers: Sequence[tuple[str, Sequence[BucketSpec]]],
-                 admission: Admission, mode: CostMode) -> None:
+                 admission: Admission, mode: CostMode, call: CallCost | None = None) -> None:
         self.store = store
         self.payers = payers
         self.admission = admission
         self.mode = mode
+        self.call = call
         self.state = "reserved"
         self.used: int | None = None
+
+    @property
+    def settles(self) -> bool:
+        """Whether some window is settled to the usage (usage mode's tokens, any money window)."""
+        return any(self.mode.unit_of(spec).settles for _, specs in self.payers for spec in specs)
 
     def close(self, served: bool, used: Usage | None = None) -> None:
         """Refund, keep, or settle each window to what its unit makes of ``used``."""
@@ -839,27 +1169,35 @@ class Charge:
             return
         settled = {} if used is None else {
             spec: final for _, specs in self.payers for spec in specs
-            if (final := self.mode.unit_of(spec).settle(used)) is not None}
+            if (final := self.mode.unit_of(spec).settle(used, self.call)) is not None}
         if not settled:
             self.state = "kept"
+            if any(map(any, self.admission.held)):
+                self.credit(lambda spec, charged: 0)  # (what it held is no longer in flight)
             return
-        self.state, self.used = "settled", max(settled.values())
+        assert used is not None
+        self.state = "settled"
+        self.used = max((final for spec, final in settled.items() if self.mode.unit_of(spec).counts_tokens),
+                        default=used.total)
         self.credit(lambda spec, charged: charged - settled[spec] if charged and spec in settled else 0)
 
     def credit(self, change: Callable[[BucketSpec, int], int]) -> None:
-        for (identity, specs), charged in zip(self.payers, self.admission.costs):
-            self.store.credit(identity, specs, [change(spec, c) for spec, c in zip(specs, charged)])
+        held = self.admission.held or [()] * len(self.payers)
+        for (identity, specs), charged, kept in zip(self.payers, self.admission.costs, held):
+            self.store.credit(identity, specs, [change(spec, c) for spec, c in zip(specs, charged)], kept)
 
     @property
     def charged(self) -> int:
-        """Tokens taken before forwarding and not given back (a request window's 1 is no token)."""
+        """Tokens taken before forwarding and not given back (a request window's 1 is no token,
+        nor is a money window's amount)."""
         if self.state == "refunded":
             return 0
-        if len(self.admission.costs) == 1 and len(self.admission.costs[0]) == 1:
+        if (len(self.admission.costs) == 1 and len(self.admission.costs[0]) == 1
+                and self.admission.unit != MONEY):
             return self.admission.cost  # one window: what it was charged, in its unit
         amounts = [amount for (_, specs), costs in zip(self.payers, self.admission.costs)
                    for spec, amount in zip(specs, costs) if self.mode.unit_of(spec).counts_tokens]
-        return max(amounts, default=self.admission.cost)
+        return max(amounts, default=self.admission.cost if self.admission.unit != MONEY else 0)
 
     @property
     def paid(self) -> int:
@@ -873,20 +1211,40 @@ class Charge:
 
 class Unit:
     """What a window counts, and so what a call costs it: before it is forwarded
-    (``estimate``) and once its answer is in (``settle``: None, what was charged stands).
+    (``estimate``, or ``cost`` for a window that caps the answer) and once its answer
+    is in (``settle``: None, what was charged stands).
 
     A new unit is one subclass; ``CostMode`` says which unit a window's ``unit`` names.
     """
 
     name = ""
-    counts_tokens = True  # False: the window counts something else (requests)
+    counts_tokens = True  # False: the window counts something else (requests, money)
     settles = False       # True: ``settle`` replaces the charge with what was used
+    caps = False          # True: the window pays for the whole output allowance, cut to fit it
 
     def estimate(self, call: CallCost) -> int:
         raise NotImplementedError
 
-    def settle(self, used: Usage) -> int | None:
+    def settle(self, used: Usage, call: CallCost | None = None) -> int | None:
         return None
+
+    def cost(self, call: CallCost, spec: BucketSpec) -> WindowCost:
+        """What ``call`` costs a window of this unit: the hard cap where the unit caps.
+
+        A capping window (not ``overdraft``) is charged the prompt and, per output
+        token, the whole allowance, which the store cuts to what the window holds.
+        An ``overdraft`` window keeps the softer charge (``estimate``), and its debt.
+        """
+        if not self.caps or spec.overdraft or call.flat:
+            return WindowCost(self.estimate(call))
+        return WindowCost(self.prompt_cost(call), self.output_cost(call), self.settles)
+
+    def prompt_cost(self, call: CallCost) -> int:
+        return call.prompt
+
+    def output_cost(self, call: CallCost) -> float:
+        """The cost of one token of allowance (for every answer the call asks for)."""
+        return float(call.answers)
 
 
 class RequestCount(Unit):
@@ -913,6 +1271,7 @@ class EstimatedTokens(Unit):
     """The prompt's estimate plus the output asked for, charged before and kept."""
 
     name = "tokens"
+    caps = True
 
     def estimate(self, call: CallCost) -> int:
         return call.estimate
@@ -923,12 +1282,55 @@ class ReportedTokens(Unit):
 
     name = "tokens"
     settles = True
+    caps = True
 
     def estimate(self, call: CallCost) -> int:
         return call.reservation
 
-    def settle(self, used: Usage) -> int | None:
+    def settle(self, used: Usage, call: CallCost | None = None) -> int | None:
         return used.total
+
+
+class MoneyUnit(Unit):
+    """Money, in nano-units of the currency: the call's model priced (``MODELS_FILE``).
+
+    Reserved: the prompt at the dearest input price (cache writes may cost more than
+    input) and the whole allowance at the output price; settled, whatever the cost
+    mode, to the usage reported, each part at its own price.  A model without a
+    price never reaches a window of this unit (``model_not_priced``).
+    """
+
+    name = "money"
+    counts_tokens = False
+    settles = True
+    caps = True
+
+    def estimate(self, call: CallCost) -> int:
+        """The softer charge of an overdraft window: the prompt and at most the reserve.
+
+        A flat-rate call (an image, a transcription) costs its model's ``per_call`` price.
+        """
+        if call.price is None:
+            return 0
+        if call.flat:
+            return call.price.call_nanos * call.made
+        allowance = call.config.response_reserve if call.allowance is None else min(
+            call.allowance, call.config.response_reserve)
+        return self.prompt_cost(call) + math.ceil(self.output_cost(call) * allowance)
+
+    def prompt_cost(self, call: CallCost) -> int:
+        """The prompt at its upper bound (``CallCost.prompt_bound``): what a money window
+        reserves must cover the bill however the model's tokenizer counts."""
+        return 0 if call.price is None else call.price.input_nanos(call.prompt_bound)
+
+    def output_cost(self, call: CallCost) -> float:
+        return 0.0 if call.price is None else call.price.output_nanos_per_token * call.answers
+
+    def settle(self, used: Usage, call: CallCost | None = None) -> int | None:
+        price = None if call is None else call.price
+        if price is None or call.flat:  # (a flat-rate call keeps its price per call)
+            return None
+        return price.nanos(used)
 
 
 class CostMode:
@@ -940,16 +1342,18 @@ class CostMode:
 
     def __init__(self, name: str, own: Unit, tokens: Unit, least: int, least_setting: str) -> None:
         self.name = name
-        self.units = {"": own, RequestCount.name: REQUESTS, "tokens": tokens}
+        self.units = {"": own, RequestCount.name: REQUESTS, "tokens": tokens, MONEY: MONEY_UNIT}
         self.least, self.least_setting = least, least_setting
-        self.settles = any(unit.settles for unit in self.units.values())
+        self.settles = any(unit.settles for unit in (own, tokens))
 
     def unit_of(self, spec: BucketSpec) -> Unit:
         return self.units[spec.unit]
 
 
 REQUESTS = RequestCount()
-WINDOW_UNITS = ("", RequestCount.name, "tokens")  # what a window's "unit" may name ("": the mode's)
+MONEY = MoneyUnit.name
+MONEY_UNIT = MoneyUnit()
+WINDOW_UNITS = ("", RequestCount.name, "tokens", MONEY)  # what a window's "unit" may name ("": the mode's)
 
 
 def cost_mode(config: Config) -> CostMode:
@@ -958,30 +1362,41 @@ def cost_mode(config: Config) -> CostMode:
     if config.cost_mode == "request":
         return CostMode("request", FixedTokens(config.request_cost), EstimatedTokens(),
                         config.request_cost, "REQUEST_TOKEN_COST")
+    # the cheapest request: the least answer the hard cap cuts to, or the overdraft's reserve
+    least, setting = ((reserve, "RESPONSE_TOKEN_RESERVE") if config.overdraft
+                      else (config.min_output, "MIN_OUTPUT_TOKENS"))
     if config.cost_mode == "estimate":
-        return CostMode("estimate", EstimatedTokens(), EstimatedTokens(), reserve, "RESPONSE_TOKEN_RESERVE")
-    return CostMode("usage", ReportedTokens(), ReportedTokens(), reserve, "RESPONSE_TOKEN_RESERVE")
+        return CostMode("estimate", EstimatedTokens(), EstimatedTokens(), least, setting)
+    return CostMode("usage", ReportedTokens(), ReportedTokens(), least, setting)
 
 
 def window_costs(call: CallCost, mode: CostMode, model: str,
-                 payers: Sequence[tuple[str, Sequence[BucketSpec]]]) -> Callable[[BucketSpec], int]:
+                 payers: Sequence[tuple[str, Sequence[BucketSpec]]]) -> Callable[[BucketSpec], WindowCost]:
     """What each window is charged before forwarding: by its unit, and nothing at all if it
     counts only other models.  Worked out here, so that the bucket lock is held for sums only."""
-    costs = {spec: 0 if spec.models is not None and model not in spec.models
-             else mode.unit_of(spec).estimate(call) for _, specs in payers for spec in specs}
+    costs = {spec: NO_COST if spec.models is not None and model not in spec.models
+             else mode.unit_of(spec).cost(call, spec) for _, specs in payers for spec in specs}
     return costs.__getitem__
+
+
+NO_COST = WindowCost(0)
 
 
 # --------------------------------------------------------------------------
 # Cost
 # --------------------------------------------------------------------------
 
-def prompt_tokens(payload: dict) -> int:
+def prompt_tokens(payload: dict, bound: bool = False) -> int:
     """Every string in the request but the model at 4 characters a token, and every whole
     number in a list as one token: a prompt may be sent as token ids.
 
-    Iterative, so that no nesting depth can exhaust the stack.
+    With ``bound``, an upper bound instead: a string's UTF-8 bytes, since a tokenizer of
+    bytes (every GPT, Claude, Llama) never makes more tokens than there are bytes, where
+    4 characters a token is low for Chinese, code or numbers.  Iterative, so that no
+    nesting depth can exhaust the stack.
     """
+    if bound:
+        return _prompt_bytes(payload)
     characters = strings = token_ids = 0
     stack: list = [payload]
     while stack:
@@ -996,6 +1411,22 @@ def prompt_tokens(payload: dict) -> int:
         elif type(item) is int:  # a whole number from a list (not a bool): a token id
             token_ids += 1
     return math.ceil((characters + max(0, strings - 1)) / 4) + token_ids  # strings joined by spaces
+
+
+def _prompt_bytes(payload: dict) -> int:
+    size = 0
+    stack: list = [payload]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            size += len(item.encode("utf-8", "surrogatepass")) + 1  # (and a separator)
+        elif isinstance(item, dict):
+            stack.extend(v for k, v in item.items() if k != "model" and type(v) is not int)
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif type(item) is int:
+            size += 1
+    return size
 
 
 def _count(value: object) -> int | None:
@@ -1230,7 +1661,8 @@ SSE_DONE = b"data: [DONE]\n\n"
 READ_FIELDS = frozenset({
     "model", "stream", "stream_options", "messages", "prompt", "input", "user", "metadata",
     "options", "max_tokens", "max_completion_tokens", "max_output_tokens", "n_predict", "n",
-    "n_cmpl", "best_of", "background", "previous_response_id", "conversation"})
+    "n_cmpl", "best_of", "background", "previous_response_id", "conversation", "models", "route",
+    "service_tier", "tools", "audio", "modalities"})
 NESTED_READ_FIELDS = {"options": frozenset({"num_predict"}),
                       "stream_options": frozenset({"include_usage"}),
                       "metadata": frozenset({"user_id"})}
@@ -1399,6 +1831,24 @@ class CheckedBody(NamedTuple):
     forwarded: bytes        # a JSON body's parse serialised again; a form or other body as sent
     payload: object = None  # the JSON value, when the body is JSON
     model: str | None = None  # the model it names, if any
+    count: int = 1          # how many things it asks to be made (``n`` images), for a price per call
+
+
+def made_count(fields: Sequence[tuple[str, object]]) -> int:
+    """A flat-rate call's ``n`` (images made at once), priced per call: 1 when it says none.
+
+    A form sends it as text; a value no server would read as a count is refused, so
+    that what is charged is what is made.
+    """
+    values = [value for name, value in fields if name == "n"]
+    if not values:
+        return 1
+    value = values[0]
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) < 12:
+        value = int(value)
+    if len(values) > 1 or type(value) is not int or not 1 <= value <= MAX_COUNT:
+        raise ProxyError(400, "n must be one whole number, 1 or more", param="n", code="invalid_value")
+    return value
 
 
 NO_BODY = CheckedBody(b"")
@@ -1424,7 +1874,8 @@ def check_body(body: bytes, content_type: str, model_fields: tuple[str, ...],
         if isinstance(value, dict):
             check_spellings(value)
             model = named_model(list(value.items()), model_fields)
-        checked = CheckedBody(body_bytes(value), value, model)
+        checked = CheckedBody(body_bytes(value), value, model,
+                              made_count(list(value.items())) if isinstance(value, dict) else 1)
     else:
         fields = form_fields(body, content_type)
         if fields is None:
@@ -1432,7 +1883,7 @@ def check_body(body: bytes, content_type: str, model_fields: tuple[str, ...],
                 raise ProxyError(415, f"This key may use only some models, and a {media or 'untyped'} "
                                  "body cannot show which one it asks for.", code="unsupported_media_type")
             return CheckedBody(body)
-        checked = CheckedBody(body, None, named_model(fields, model_fields))
+        checked = CheckedBody(body, None, named_model(fields, model_fields), made_count(fields))
     if must_name_model and checked.model is None:
         raise ProxyError(403, "This key may use only some models: the request must name one.",
                          "permission_error", "model_not_allowed", "model")
@@ -1522,6 +1973,25 @@ class Dialect:
                 return None
             largest = value if largest is None else max(largest, value)
         return largest if self.bounding_field in payload else None
+
+    def limit_output(self, payload: dict, tokens: int) -> bool:
+        """Make the forwarded request take at most ``tokens`` output tokens an answer (the
+        hard cap); True if the payload changed.
+
+        Every allowance field it sets is cut to ``tokens`` (a negative one, llama.cpp's
+        "no limit", too); a request that sets none gets the bounding field.  An API
+        without output (embeddings) is left alone.
+        """
+        if self.bounding_field is None:
+            return False
+        present = [name for name in self.allowance_fields if payload.get(name) is not None]
+        changed = False
+        for name in present or [self.bounding_field]:
+            value = payload.get(name)
+            if value is None or value < 0 or value > tokens:
+                payload[name] = tokens
+                changed = True
+        return changed
 
     def answers(self, payload: dict) -> int:
         """How many answers one request asks for: each may take the whole output allowance."""
@@ -1908,6 +2378,14 @@ class OllamaChat(Dialect):
         return value if value > 0 else None  # -1: no limit, -2: fill the context, 0: older
                                              # runners' "no limit"
 
+    def limit_output(self, payload: dict, tokens: int) -> bool:
+        options = payload.get("options")
+        value = options.get("num_predict") if isinstance(options, dict) else None
+        if value is not None and 0 < value <= tokens:
+            return False
+        payload["options"] = dict(options or {}, num_predict=tokens)
+        return True
+
     def usage_of(self, fields: dict[str, int]) -> Usage | None:
         if "eval_count" not in fields and "prompt_eval_count" not in fields:
             return None
@@ -1986,6 +2464,9 @@ class OllamaEmbed(OllamaChat):
     def output_allowance(self, payload: dict) -> int | None:
         return 0
 
+    def limit_output(self, payload: dict, tokens: int) -> bool:
+        return False
+
 
 class FlatRate(Dialect):
     """Any other call under /v1 that does work (rerank, audio, images ...): one request's cost.
@@ -1998,8 +2479,9 @@ class FlatRate(Dialect):
     flat_rate = True
     answers_with_text = False
 
-    def __init__(self, shape: Dialect | None = None) -> None:
+    def __init__(self, shape: Dialect | None = None, name: str = "other") -> None:
         self.shape = shape
+        self.name = name  # the metrics' endpoint; a price per call would be found by it
 
     def validate(self, payload: dict) -> None:
         pass  # not ours to judge: forwarded as sent
@@ -2020,7 +2502,190 @@ OLLAMA = OllamaChat()
 RESPONSES = Responses()
 DIALECTS: tuple[Dialect, ...] = (CHAT, TextCompletions(), RESPONSES, ANTHROPIC, OLLAMA,
                                  OllamaGenerate(), Embeddings(), OllamaEmbed())
-METERED_ENDPOINTS = frozenset(dialect.name for dialect in DIALECTS + (OPENAI,))
+# Calls counted one by one, each under its own name (the route table's endpoint), so that a
+# price per call can be found by that name.
+PER_CALL: tuple[FlatRate, ...] = (FlatRate(name="images"), FlatRate(name="audio"))
+METERED_ENDPOINTS = frozenset(dialect.name for dialect in DIALECTS + (OPENAI,) + PER_CALL)
+
+
+# --------------------------------------------------------------------------
+# Prices: MODELS_FILE
+# --------------------------------------------------------------------------
+
+PRICE_FIELDS = ("input", "cached_input", "cache_write", "output",  # per million tokens
+                "per_call")  # per call, for what is not counted in tokens (images, audio)
+MODEL_FIELDS = ("price", "max_output",
+                "upstream", "upstream_model", "sticky")  # (the servers': parse_upstreams reads them)
+CATALOG_FIELDS = ("currency", "models", "upstreams")
+TOKENS_A_PRICE = 10 ** 6  # prices are per million tokens
+
+
+class Price(NamedTuple):
+    """A model's prices per million tokens, exact (decimal text as written, not binary floats).
+
+    Reasoning tokens are output tokens; a cached input token costs ``cached_input``
+    and a cache write ``cache_write``, each the input price when not given.
+    """
+
+    input: Fraction
+    output: Fraction
+    cached_input: Fraction
+    cache_write: Fraction
+    per_call: Fraction = Fraction(0)  # a flat-rate call's (an image, a transcription), not per token
+
+    def nanos(self, used: Usage) -> int:
+        """What ``used`` costs, in nano-units of the currency, rounded to the nearest."""
+        uncached = max(0, used.input - used.cached_input - used.cache_write)
+        total = (uncached * self.input + used.cached_input * self.cached_input
+                 + used.cache_write * self.cache_write + used.output * self.output)
+        return math.floor(total * NANOS / TOKENS_A_PRICE + Fraction(1, 2))
+
+    def cost(self, used: Usage) -> float:
+        """What ``used`` costs, in the currency."""
+        return self.nanos(used) / NANOS
+
+    def input_nanos(self, tokens: int) -> int:
+        """An upper bound on what ``tokens`` of prompt cost: each at the dearest input price."""
+        return math.ceil(tokens * max(self.input, self.cache_write) * NANOS / TOKENS_A_PRICE)
+
+    @property
+    def output_nanos_per_token(self) -> float:
+        return float(self.output * NANOS / TOKENS_A_PRICE)
+
+    @property
+    def call_nanos(self) -> int:
+        """What one flat-rate call costs (``per_call``), in nano-units."""
+        return math.ceil(self.per_call * NANOS)
+
+
+class ModelInfo(NamedTuple):
+    price: Price | None
+    max_output: int | None
+
+
+class ModelCatalog:
+    """What MODELS_FILE says: the currency and, by model name, its price and output limit.
+
+    ``{"currency": "USD", "models": {"gpt-4.1-mini": {"price": {"input": 0.40,
+    "cached_input": 0.10, "output": 1.60}, "max_output": 32768}}}``.  Read strictly:
+    a field the proxy does not know is refused with the name it probably meant, so
+    that a misspelt price is never silently the input price.  A new kind of entry is
+    one more name in ``CATALOG_FIELDS`` and one more reader.
+    """
+
+    def __init__(self, currency: str = "USD", models: dict[str, ModelInfo] | None = None) -> None:
+        self.currency = currency
+        self.models = models or {}
+
+    def price(self, model: str | None) -> Price | None:
+        info = self.models.get(model or "")
+        return None if info is None else info.price
+
+    def max_output(self, model: str | None) -> int | None:
+        info = self.models.get(model or "")
+        return None if info is None else info.max_output
+
+    @classmethod
+    def parse(cls, text: str) -> ModelCatalog:
+        """The catalog a file's text describes, or ConfigError naming what is wrong and where."""
+        try:
+            document = _STRICT_JSON.decode(text)
+        except ProxyError as error:
+            raise ConfigError(f"not valid JSON ({error.message})") from None
+        except RecursionError:
+            raise ConfigError("not valid JSON (nested too deeply)") from None
+        except ValueError as error:
+            raise ConfigError(f"not valid JSON ({error})") from None
+        _known_fields(document, CATALOG_FIELDS, "the file")
+        currency = document.get("currency", "USD")
+        if not (isinstance(currency, str) and 0 < len(currency) <= 16 and currency.isprintable()):
+            raise ConfigError("currency must be a short name, such as \"USD\"")
+        models = document.get("models", {})
+        if not isinstance(models, dict):
+            raise ConfigError("models must be an object mapping each model name to its entry")
+        return cls(currency, {name: _model_info(entry, f"model {name!r}")
+                              for name, entry in models.items()})
+
+
+def _known_fields(value: object, known: Sequence[str], where: str) -> dict:
+    """``value`` as an object of only ``known`` fields; a misspelt one is named with its fix."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where} must be an object with {', '.join(known)}")
+    for name in value:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else f" (known: {', '.join(known)})"
+            raise ConfigError(f"{where}: unknown field {name[:100]!r}{hint}")
+    return value
+
+
+def _model_info(entry: object, where: str) -> ModelInfo:
+    entry = _known_fields(entry, MODEL_FIELDS, where)
+    max_output = entry.get("max_output")
+    if max_output is not None and (isinstance(max_output, bool) or not isinstance(max_output, int)
+                                   or not 1 <= max_output <= MAX_COUNT):
+        raise ConfigError(f"{where}: max_output must be a whole number of tokens, at least 1")
+    price = None
+    if "price" in entry:
+        prices = _known_fields(entry["price"], PRICE_FIELDS, f"{where} price")
+        for name, value in prices.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                    math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{where} price: {name} must be a number, 0 or more "
+                                  "(per million tokens)")
+        for name in ("input", "output"):
+            if name not in prices and "per_call" not in prices:  # (an image model has no tokens)
+                raise ConfigError(f"{where} price: {name} is missing (per million tokens)")
+        exact = {name: Fraction(repr(value)) for name, value in prices.items()}
+        zero = Fraction(0)
+        price = Price(exact.get("input", zero), exact.get("output", zero),
+                      exact.get("cached_input", exact.get("input", zero)),
+                      exact.get("cache_write", exact.get("input", zero)), exact.get("per_call", zero))
+    return ModelInfo(price, max_output)
+
+
+class ModelsFile:
+    """MODELS_FILE, re-read when it changes (or on SIGHUP); a broken edit keeps the last good one."""
+
+    def __init__(self, path: str | None) -> None:
+        self.path = path
+        self.catalog = ModelCatalog()
+        self._stamp: tuple | None = None
+        if path:
+            try:
+                self.reload()
+            except ConfigError as error:
+                raise ConfigError(f"MODELS_FILE {path}: {error}") from None
+
+    def reload(self) -> None:
+        assert self.path is not None
+        try:
+            with open(self.path, encoding="utf-8") as file:
+                stamp = _file_stamp(os.fstat(file.fileno()))
+                text = file.read()
+        except (OSError, UnicodeDecodeError) as error:
+            raise ConfigError(f"cannot read it ({type(error).__name__})") from None
+        self._stamp = stamp
+        self.catalog = ModelCatalog.parse(text)
+
+    def reload_if_changed(self, force: bool = False) -> bool:
+        """Re-read the file if it changed (or when forced); True if reloaded."""
+        if not self.path:
+            return False
+        try:
+            stamp: tuple | None = _file_stamp(os.stat(self.path))
+        except OSError:
+            stamp = None
+        if not force and stamp == self._stamp:
+            return False
+        self._stamp = stamp  # a broken file is reported once, not every second
+        try:
+            self.reload()
+        except ConfigError as error:
+            log.error("MODELS_FILE %s: %s; keeping the previous prices", self.path, error)
+            return False
+        log.info("MODELS_FILE %s: loaded, %d models", self.path, len(self.catalog.models))
+        return True
 
 
 # --------------------------------------------------------------------------
@@ -2038,9 +2703,29 @@ class Policy:
     users: UserSpec | None = None         # an app key: each end user gets buckets of their own
     enabled: bool = True
     expires: str | None = None            # YYYY-MM-DD: the last local day the key works
+    id: str | None = None                 # the entry's own name for its buckets and history
+    endpoints: frozenset[str] | None = None  # the route table's groups it may call; None: the open ones
+    weight: int = 1                       # turns in the fair queue for each one of a weight-1 key
+    priority: int = 0                     # a higher class is served first in the fair queue
 
     def allows(self, model: str) -> bool:
         return self.models is None or model in self.models
+
+    def opens(self, route: Route) -> bool:
+        """Whether this key may call ``route``: a row of a group its ``endpoints`` lists, or,
+        without a list, any row that is not opt-in.  Rows of no group (local answers, the model
+        lists, the quota) are every key's: clients probe them before anything else."""
+        if route.group is None:
+            return True
+        if self.endpoints is None:
+            return not route.opt_in
+        return route.group in self.endpoints
+
+    def require_endpoint(self, route: Route) -> None:
+        """A 403, free and never forwarded, for a row this key may not call."""
+        if not self.opens(route):
+            raise ProxyError(403, f"The '{route.group}' endpoint is not open to this key.",
+                             "permission_error", "endpoint_not_allowed")
 
     @property
     def limits_models(self) -> bool:
@@ -2069,14 +2754,19 @@ def key_digest(key: str) -> str:
 
 
 POLICY_FIELDS = {"name", "max_tokens", "refill_tokens", "refill_interval_seconds", "buckets",
-                 "models", "max_concurrent", "users", "enabled", "expires"}
+                 "models", "max_concurrent", "users", "enabled", "expires", "id", "email", "endpoints",
+                 "weight", "priority"}
+MAX_WEIGHT = 1000  # turns in a row for one key: more would hold everyone else up for a long round
+MAX_PRIORITY = 1000
 USER_SOURCES = {"jwt": "X-OpenWebUI-User-Jwt", "header": None, "user_field": None}
-USERS_FIELDS = POLICY_FIELDS - {"name", "users", "enabled", "expires"} | {
+USERS_FIELDS = POLICY_FIELDS - {"name", "users", "enabled", "expires", "id", "email", "endpoints"} | {
     "from", "header", "secret_env", "issuer", "required", "overrides"}
 MAX_USER_LENGTH = 256  # longer identities are refused, not truncated into someone else's
 MIN_JWT_SECRET_BYTES = 32  # HS256 wants a key as long as its hash (RFC 7518, 3.2); shorter can be guessed
+ENTRY_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # safe in an identity, a state file and a log line
 WINDOW_FIELDS = {"name", "max_tokens", "refill_tokens", "refill_interval_seconds", "unit", "period",
-                 "models"}
+                 "models", "max_amount", "refill_amount", "overdraft"}
+MAX_AMOUNT = MAX_WINDOW_TOKENS // NANOS  # the largest money window, in the currency
 
 
 def stored_secret(key: str) -> tuple[str, bytes]:
@@ -2105,6 +2795,7 @@ def parse_keys_file(text: str, config: Config,
     if not isinstance(entries, dict):
         raise ConfigError("must be a JSON object mapping each client key to its settings")
     policies = {}
+    handles: set[str] = set()  # what each entry's buckets are kept under: its id, else its digest
     for position, (key, entry) in enumerate(entries.items(), 1):
         where = f"entry {position}"
         if not isinstance(entry, dict):
@@ -2117,7 +2808,11 @@ def parse_keys_file(text: str, config: Config,
             digest, secret = stored_secret(key)
         except ConfigError as error:
             raise ConfigError(f"{where}: {error}") from None
-        policies[digest] = (secret, _policy_from_entry(entry, config, where, require_secrets))
+        policy = _policy_from_entry(entry, config, where, require_secrets)
+        if policy.id is not None and policy.id in handles:
+            raise ConfigError(f"{where}: id {policy.id!r} is another entry's already")
+        handles.add(policy.id or digest)
+        policies[digest] = (secret, policy)
     return policies
 
 
@@ -2151,7 +2846,7 @@ def _policy_from_entry(entry: dict, config: Config, where: str,
     if not isinstance(name, str):
         raise ConfigError(f"{where}: name must be a string")
     base = {"max_tokens": config.max_tokens, "refill_tokens": config.refill_tokens,
-            "refill_interval_seconds": config.refill_interval}
+            "refill_interval_seconds": config.refill_interval, "overdraft": config.overdraft}
     base.update({k: entry[k] for k in base if k in entry})
     windows = entry.get("buckets", [{}])
     if not isinstance(windows, list) or not windows:
@@ -2171,8 +2866,47 @@ def _policy_from_entry(entry: dict, config: Config, where: str,
         raise ConfigError(f"{where}: enabled must be true or false")
     if expires is not None and not (isinstance(expires, str) and _is_date(expires)):
         raise ConfigError(f"{where}: expires must be a date, YYYY-MM-DD")
+    entry_id, email = entry.get("id"), entry.get("email", "")
+    if entry_id is not None and not (isinstance(entry_id, str) and ENTRY_ID.fullmatch(entry_id)):
+        raise ConfigError(f"{where}: id must be 1 to 64 letters, digits, '-' or '_'")
+    if not isinstance(email, str):
+        raise ConfigError(f"{where}: email must be a string")
+    weight, priority = _turns_from_entry(entry, where)
     return Policy(name, buckets, None if models is None else tuple(models), limit, users,
-                  enabled, expires)
+                  enabled, expires, entry_id, _endpoint_names(entry.get("endpoints"), where),
+                  weight, priority)
+
+
+def _endpoint_names(value: object, where: str) -> frozenset[str] | None:
+    """A key's ``endpoints``: names of the route table's groups (``ENDPOINT_NAMES``), checked
+    here so that a misspelt one stops the file from loading instead of closing an API."""
+    if value is None:
+        return None
+    if not (isinstance(value, list) and all(isinstance(name, str) for name in value)):
+        raise ConfigError(f"{where}: endpoints must be a list of endpoint names")
+    for name in value:
+        if name not in ENDPOINT_NAMES:
+            close = difflib.get_close_matches(name, ENDPOINT_NAMES, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{where}: unknown endpoint {name[:100]!r}{hint}; the endpoints are "
+                              f"{', '.join(ENDPOINT_NAMES)}")
+    return frozenset(value)
+
+
+def _turns_from_entry(entry: dict, where: str) -> tuple[int, int]:
+    """An entry's ``weight`` and ``priority`` in the fair queue, whole numbers in range.
+
+    A bool is refused though Python counts it an int: ``"weight": true`` is a slip, not 1.
+    """
+    weight, priority = entry.get("weight", 1), entry.get("priority", 0)
+    if isinstance(weight, bool) or not isinstance(weight, int) or not 1 <= weight <= MAX_WEIGHT:
+        raise ConfigError(f"{where}: weight must be a whole number from 1 to {MAX_WEIGHT} "
+                          "(turns in the queue for each one of a weight-1 key)")
+    if (isinstance(priority, bool) or not isinstance(priority, int)
+            or not -MAX_PRIORITY <= priority <= MAX_PRIORITY):
+        raise ConfigError(f"{where}: priority must be a whole number from {-MAX_PRIORITY} to "
+                          f"{MAX_PRIORITY} (higher is served first; 0 by default)")
+    return weight, priority
 
 
 def _is_date(text: str) -> bool:
@@ -2342,7 +3076,14 @@ def _users_from_entry(spec: object, config: Config, where: str,
 def _window(window: object, base: dict, where: str) -> BucketSpec:
     if not isinstance(window, dict) or set(window) - WINDOW_FIELDS:
         raise ConfigError(f"{where}: must be an object with {', '.join(sorted(WINDOW_FIELDS))}")
+    unit = window.get("unit", "")
+    if not isinstance(unit, str) or unit not in WINDOW_UNITS:
+        raise ConfigError(f"{where}: unit must be \"requests\", \"tokens\" or \"money\"")
     values = dict(base, **{k: v for k, v in window.items() if k != "name"})
+    if unit == MONEY:
+        values.update(_money_limits(window, where))
+    elif "max_amount" in window or "refill_amount" in window:
+        raise ConfigError(f"{where}: max_amount and refill_amount are for \"unit\": \"money\"")
     for field_name in ("max_tokens", "refill_tokens"):
         value = values[field_name]
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WINDOW_TOKENS:
@@ -2358,20 +3099,43 @@ def _window(window: object, base: dict, where: str) -> BucketSpec:
     name = window.get("name", "")
     if not isinstance(name, str):
         raise ConfigError(f"{where}: name must be a string")
-    unit, period, models = window.get("unit", ""), window.get("period"), window.get("models")
-    if not isinstance(unit, str) or unit not in WINDOW_UNITS:
-        raise ConfigError(f"{where}: unit must be \"requests\" or \"tokens\"")
-    if period is not None and (not isinstance(period, str) or period not in PERIOD_DAYS):  # as above
-        raise ConfigError(f"{where}: period must be \"day\", \"week\" or \"month\"")
+    period, models, overdraft = window.get("period"), window.get("models"), values.get("overdraft", False)
+    if period is not None and (not isinstance(period, str)
+                               or period not in PERIOD_DAYS and period != TOTAL):  # as above
+        raise ConfigError(f"{where}: period must be \"day\", \"week\", \"month\" or \"total\"")
     if models is not None and not (isinstance(models, list) and models
                                    and all(isinstance(m, str) for m in models)):
         raise ConfigError(f"{where}: models must be a list of model names")
-    capacity = values["max_tokens"]
+    if not isinstance(overdraft, bool):
+        raise ConfigError(f"{where}: overdraft must be true or false")
+    capacity, models = values["max_tokens"], tuple(models) if models else None
+    if period == TOTAL:  # never refills: a budget
+        return BucketSpec(capacity, 0, math.inf, name, unit, TOTAL, models, overdraft)
     if period is not None:  # full again at each start: one refill of everything per period
         return BucketSpec(capacity, capacity, PERIOD_DAYS[period] * 86400.0, name, unit, period,
-                          tuple(models) if models else None)
+                          models, overdraft)
     return BucketSpec(capacity, values["refill_tokens"], float(interval), name, unit, None,
-                      tuple(models) if models else None)
+                      models, overdraft)
+
+
+def _money_limits(window: dict, where: str) -> dict:
+    """A money window's amounts, in the currency, as the whole nano-units a bucket counts.
+
+    Its size is ``max_amount`` (never ``max_tokens``, which would be read as tokens);
+    ``refill_amount`` (default: all of it) is what each refill step adds.
+    """
+    if "max_tokens" in window or "refill_tokens" in window:
+        raise ConfigError(f"{where}: a money window is sized by max_amount (and refill_amount), "
+                          "in the currency of MODELS_FILE")
+    limits = {}
+    for field_name, counted in (("max_amount", "max_tokens"), ("refill_amount", "refill_tokens")):
+        value = window.get(field_name, window.get("max_amount"))
+        if (isinstance(value, bool) or not isinstance(value, (int, float))
+                or not (math.isfinite(value) and 0 < value <= MAX_AMOUNT)):
+            raise ConfigError(f"{where}: {field_name} must be an amount of money above 0 "
+                              f"and at most {MAX_AMOUNT:,}")
+        limits[counted] = max(1, round(Fraction(repr(value)) * NANOS))
+    return limits
 
 
 class KeyRing:
@@ -2389,7 +3153,9 @@ class KeyRing:
         self._static = {digest: (secret, self.default)
                         for digest, secret in map(stored_secret, config.client_keys)}
         self._policies = dict(self._static)
+        self._by_handle = {digest: policy for digest, (_, policy) in self._static.items()}
         self._file_stamp: tuple | None = None
+        self._reading = threading.Lock()  # the admin API re-reads too: the last read is the newest
         if config.keys_file:
             try:
                 self.reload()
@@ -2431,7 +3197,8 @@ class KeyRing:
                                  "authentication_error", "key_expired")
             if policy is not None or self.is_open:
                 policy = policy or self.default
-                return "key:" + digest, policy.name or digest[:12], policy
+                handle = policy.id or digest
+                return "key:" + handle, policy.name or handle[:12], policy
         elif self.is_open:
             return "ip:" + address, "ip:" + address, self.default
         return None
@@ -2441,14 +3208,31 @@ class KeyRing:
         return len(self._policies)
 
     def entries(self) -> list[tuple[str, Policy]]:
-        """Every accepted key's digest and policy, for the owner's view (never the key)."""
-        return [(digest, entry[1]) for digest, entry in self._policies.items()]
+        """Every accepted key's handle (its entry's id, else its digest: what its identity is
+        made of) and policy, for the owner's view (never the key)."""
+        return [(policy.id or digest, policy) for digest, (_, policy) in self._policies.items()]
+
+    def policy_by_handle(self, handle: str) -> Policy | None:
+        """The policy of the entry whose identity is ``"key:" + handle``, if it is loaded."""
+        return self._by_handle.get(handle)
+
+    def uses_environment_limits(self) -> bool:
+        """Whether some caller pays under MAX_TOKENS: open mode, PROXY_API_KEYS, or a keys-file
+        entry (or an end user under one) with a token window of that capacity."""
+        if self.is_open or self.config.client_keys:
+            return True
+        mode, capacity = self.config.mode, self.config.max_tokens
+        policies = [policy for _, policy in self.entries()]
+        policies += [user for policy in policies if policy.users is not None
+                     for user in (policy.users.default, *policy.users.overrides.values())]
+        return any(spec.capacity == capacity and mode.unit_of(spec).counts_tokens
+                   for policy in policies for spec in policy.buckets)
 
     def policy_of(self, identity: str) -> Policy:
         """The policy whose buckets ``identity`` has: a key's, or a user's under an app key."""
         key, _, user = identity.partition("/user:")
-        entry = self._policies.get(key[len("key:"):]) if key.startswith("key:") else None
-        policy = entry[1] if entry else self.default
+        found = self._by_handle.get(key[len("key:"):]) if key.startswith("key:") else None
+        policy = found or self.default
         if user and policy.users is not None:
             return policy.users.policy_for(user)
         return policy
@@ -2457,14 +3241,17 @@ class KeyRing:
         """Read KEYS_FILE now; raises ConfigError (keeping the old policies) when it is broken."""
         path = self.config.keys_file
         assert path is not None
-        try:
-            with open(path, encoding="utf-8") as file:
-                stamp = _file_stamp(os.fstat(file.fileno()))
-                text = file.read()
-        except (OSError, UnicodeDecodeError) as error:
-            raise ConfigError(f"cannot read it ({type(error).__name__})") from None
-        self._file_stamp = stamp
-        self._policies = {**self._static, **parse_keys_file(text, self.config)}
+        with self._reading:
+            try:
+                with open(path, encoding="utf-8") as file:
+                    stamp = _file_stamp(os.fstat(file.fileno()))
+                    text = file.read()
+            except (OSError, UnicodeDecodeError) as error:
+                raise ConfigError(f"cannot read it ({type(error).__name__})") from None
+            self._file_stamp = stamp
+            policies = {**self._static, **parse_keys_file(text, self.config)}
+            self._policies, self._by_handle = policies, {
+                policy.id or digest: policy for digest, (_, policy) in policies.items()}
 
     def reload_if_changed(self, force: bool = False) -> bool:
         """Re-read KEYS_FILE if it changed (or when forced, as on SIGHUP); True if reloaded."""
@@ -2543,7 +3330,10 @@ class Route:
     names the ``ProxyHandler`` method that answers (``answer_<name>``); ``dialect``
     is the API spoken (its error shape from the request line on; for a metered row,
     what is charged); ``endpoint`` names the row in the metrics.  With
-    ``names_answer`` the path's next segment is a stored answer's id.
+    ``names_answer`` the path's next segment is a stored answer's id.  ``group`` is
+    the name a key's ``endpoints`` lists to call the row (None: every key may, a local
+    answer, a model list or the quota); an ``opt_in`` group is closed to a key that
+    does not list it.
     """
 
     path: str
@@ -2555,19 +3345,25 @@ class Route:
     needs_key: bool = True
     endpoint: str = "free"
     names_answer: bool = False
+    group: str | None = None
+    opt_in: bool = False
 
     def matches(self, path: str) -> bool:
         return path == self.path or (self.subtree and path.startswith(self.path + "/"))
 
 
 READING = ("GET", "HEAD")
-# Account APIs of paid providers, and a model server's own management: through them a key
-# would start work that is never metered (a batch runs later), receive a credential for the
-# upstream itself (realtime client secrets), see every caller's files and jobs, or change the
-# server's adapters.  Closed to every key.
-CLOSED_UNDER_V1 = ("files", "uploads", "batches", "fine_tuning", "vector_stores", "assistants",
-                   "threads", "organization", "realtime", "conversations", "containers", "evals",
-                   "load_lora_adapter", "unload_lora_adapter")
+# Account and batch APIs of paid providers: through them a key would start work that is never
+# metered (a batch runs later) or see every caller's files and jobs.  Opt-in: closed to a key
+# whose "endpoints" does not name them (its owner's own key may), then forwarded like any other
+# call under /v1, reading free and the rest at the flat cost.
+ACCOUNT_APIS = ("files", "uploads", "batches", "fine_tuning", "vector_stores", "assistants",
+                "threads", "organization", "containers", "evals")
+# Closed to every key: realtime hands out a credential for the upstream itself, a stored
+# conversation cannot be kept to the key that made it, and the adapters are the server's owner's.
+CLOSED_UNDER_V1 = ("realtime", "conversations", "load_lora_adapter", "unload_lora_adapter")
+# The group of a generating API's rows, where its dialect's name says less (text: /v1/completions).
+DIALECT_GROUPS = {"text": "completions"}
 # Ollama's routes that change the owner's models: never, whoever asks.
 OLLAMA_MANAGEMENT = ("pull", "push", "create", "copy", "delete", "blobs")
 
@@ -2579,29 +3375,55 @@ ROUTES: tuple[Route, ...] = (
     Route("/favicon.ico", "favicon", needs_key=False, endpoint="local"),
     Route("/admin", "admin", needs_key=False, endpoint="local"),
     Route("/admin/api/usage", "admin", needs_key=False, endpoint="local"),
+    Route("/admin/api/usage.csv", "admin", needs_key=False, endpoint="local"),
+    # The keys over HTTP (``AdminView.keys_request``): the list and new keys, then one key's
+    # edits at /admin/api/keys/{name}[/{action}].
+    Route("/admin/api/keys", "admin_keys", methods=READING + ("POST",), strict=True, needs_key=False,
+          endpoint="local"),
+    Route("/admin/api/keys", "admin_keys", methods=("POST", "PATCH", "DELETE"), subtree=True,
+          strict=True, needs_key=False, endpoint="local"),
     Route("/metrics", "admin", needs_key=False, endpoint="local"),
     # The APIs that generate: charged before forwarding, POST only.
-    *(Route(path, "metered", dialect, ("POST",), strict=True, endpoint=dialect.name)
+    *(Route(path, "metered", dialect, ("POST",), strict=True, endpoint=dialect.name,
+            group=DIALECT_GROUPS.get(dialect.name, dialect.name))
       for dialect in DIALECTS for path in dialect.routes),
     # Answered here, or forwarded free.
     Route("/v1/quota", "quota", methods=READING, endpoint="quota"),
     Route("/v1/models", "models", methods=READING, endpoint="models"),
     Route("/v1/models", "model_card", methods=READING, subtree=True, endpoint="models"),
+    # Deleting a fine-tuned model is the account's business (the fine-tuning API's last step).
+    Route("/v1/models", "metered", subtree=True, endpoint=OPENAI.name, group="fine_tuning", opt_in=True),
     Route("/api/tags", "models", OLLAMA, READING, endpoint="models"),
     Route("/api/ps", "running_models", OLLAMA, READING, strict=True, endpoint="models"),
     Route("/api/version", "free", OLLAMA, READING, strict=True),
-    Route("/api/show", "free", OLLAMA, ("POST",), strict=True),
-    Route("/v1/messages/count_tokens", "free", ANTHROPIC, ("POST",)),
+    Route("/api/show", "free", OLLAMA, ("POST",), strict=True, group="ollama"),
+    Route("/v1/messages/count_tokens", "free", ANTHROPIC, ("POST",), group="messages"),
     # Stored answers, for the key that made them: read and deleted free; anything else
     # (cancel ...) and the Responses calls that run the model pay the flat cost.
-    *(Route(path, "free", RESPONSES, ("GET", "HEAD", "DELETE"), subtree=True)
+    *(Route(path, "free", RESPONSES, ("GET", "HEAD", "DELETE"), subtree=True, group="responses")
       for path in ("/v1/responses/compact", "/v1/responses/input_tokens")),
-    Route("/v1/responses/compact", "metered", subtree=True, endpoint=OPENAI.name),
-    Route("/v1/responses/input_tokens", "metered", subtree=True, endpoint=OPENAI.name),
-    Route("/v1/responses", "free", RESPONSES, ("GET", "HEAD", "DELETE"), subtree=True, names_answer=True),
-    Route("/v1/responses", "metered", subtree=True, names_answer=True, endpoint=OPENAI.name),
-    Route("/v1/chat/completions", "free", CHAT, READING, subtree=True, names_answer=True),
-    Route("/v1/chat/completions", "metered", subtree=True, names_answer=True, endpoint=OPENAI.name),
+    Route("/v1/responses/compact", "metered", subtree=True, endpoint=OPENAI.name, group="responses"),
+    Route("/v1/responses/input_tokens", "metered", subtree=True, endpoint=OPENAI.name, group="responses"),
+    Route("/v1/responses", "free", RESPONSES, ("GET", "HEAD", "DELETE"), subtree=True, names_answer=True,
+          group="responses"),
+    Route("/v1/responses", "metered", subtree=True, names_answer=True, endpoint=OPENAI.name,
+          group="responses"),
+    Route("/v1/chat/completions", "free", CHAT, READING, subtree=True, names_answer=True, group="chat"),
+    Route("/v1/chat/completions", "metered", subtree=True, names_answer=True, endpoint=OPENAI.name,
+          group="chat"),
+    # Opt-in: a paid provider's account and batch APIs (Anthropic's message batches too).
+    Route("/v1/messages/batches", "free", ANTHROPIC, READING, subtree=True, group="batches", opt_in=True),
+    Route("/v1/messages/batches", "metered", FlatRate(ANTHROPIC), subtree=True, endpoint=OPENAI.name,
+          group="batches", opt_in=True),
+    *(Route("/v1/" + name, answer, methods=methods, subtree=True, endpoint=endpoint, group=name,
+            opt_in=True)
+      for name in ACCOUNT_APIS
+      for answer, methods, endpoint in (("free", READING, "free"), ("metered", None, OPENAI.name))),
+    # Counted per call, each under its own endpoint name (a price per call's hook); reading free.
+    *(Route("/v1/" + dialect.name, answer, dialect, methods, subtree=True, endpoint=endpoint,
+            group=dialect.name)
+      for dialect in PER_CALL
+      for answer, methods, endpoint in (("free", READING, "free"), ("metered", None, dialect.name))),
     # Never through this proxy.
     *(Route("/v1/" + name, "closed", subtree=True, endpoint="local") for name in CLOSED_UNDER_V1),
     *(Route("/api/" + name, "management", OLLAMA, subtree=True, endpoint="local")
@@ -2609,12 +3431,16 @@ ROUTES: tuple[Route, ...] = (
     Route("/api", "unknown", needs_key=False, endpoint="local"),  # (/api itself: no API there)
     Route("/api", "not_found", OLLAMA, subtree=True, endpoint="local"),
     # Anything else under /v1: reading is free, everything else may make the model work.
-    Route("/v1/messages", "free", ANTHROPIC, READING, subtree=True),
-    Route("/v1/messages", "metered", FlatRate(ANTHROPIC), subtree=True, endpoint=OPENAI.name),
-    Route("/v1", "free", methods=READING, subtree=True),
-    Route("/v1", "metered", subtree=True, endpoint=OPENAI.name),
+    Route("/v1/messages", "free", ANTHROPIC, READING, subtree=True, group="messages"),
+    Route("/v1/messages", "metered", FlatRate(ANTHROPIC), subtree=True, endpoint=OPENAI.name,
+          group="messages"),
+    Route("/v1", "free", methods=READING, subtree=True, group="other"),
+    Route("/v1", "metered", subtree=True, endpoint=OPENAI.name, group="other"),
 )
 UNKNOWN = Route("", "unknown", needs_key=False, endpoint="local")  # no row: a 404, no key asked
+# What a key's "endpoints" may name, in the table's order, and those closed unless named.
+ENDPOINT_NAMES = tuple(dict.fromkeys(route.group for route in ROUTES if route.group))
+OPT_IN_ENDPOINTS = tuple(dict.fromkeys(route.group for route in ROUTES if route.group and route.opt_in))
 ROUTE_KEY_LENGTH = max(len(route.path) for route in ROUTES) + 1
 
 
@@ -2667,19 +3493,27 @@ class CallCost:
     """What one call may cost in tokens, worked out once, and only as far as a window asks.
 
     ``estimate``: the prompt plus each answer's allowance (or the reserve).
-    ``reservation`` (usage mode): the prompt plus at most RESPONSE_TOKEN_RESERVE an
-    answer, never more than ``capacity`` unless the prompt alone is, so that agents
-    that allow themselves 32,000 output tokens are not refused before they used them.
+    ``reservation`` (usage mode, overdraft windows): the prompt plus at most
+    RESPONSE_TOKEN_RESERVE an answer, never more than ``capacity`` unless the prompt
+    alone is, so that agents that allow themselves 32,000 output tokens are not refused
+    before they used them.  ``asked``: the allowance a capping window reserves in full,
+    the request's own or, when it sets none, the model's ``max_output`` (MODELS_FILE)
+    or DEFAULT_MAX_OUTPUT_TOKENS.  ``price``: the model's, for money windows.
     A flat-rate call costs REQUEST_TOKEN_COST tokens whatever it says.
     """
 
-    __slots__ = ("dialect", "payload", "config", "capacity", "_prompt", "_estimate", "_reservation")
+    __slots__ = ("dialect", "payload", "config", "capacity", "price", "max_output", "made", "_prompt",
+                 "_estimate", "_reservation", "_allowance")
 
-    def __init__(self, dialect: Dialect, payload: dict, config: Config, capacity: int) -> None:
+    def __init__(self, dialect: Dialect, payload: dict, config: Config, capacity: int,
+                 price: Price | None = None, max_output: int | None = None, made: int = 1) -> None:
         self.dialect, self.payload, self.config, self.capacity = dialect, payload, config, capacity
+        self.price, self.max_output = price, max_output
+        self.made = made  # a flat-rate call's things made (n images), each at the price per call
         self._prompt: int | None = None
         self._estimate: int | None = None
         self._reservation: int | None = None
+        self._allowance: tuple[int | None] | None = None
 
     @property
     def flat(self) -> bool:
@@ -2690,6 +3524,32 @@ class CallCost:
         if self._prompt is None:
             self._prompt = 0 if self.flat else prompt_tokens(self.payload)
         return self._prompt
+
+    @property
+    def prompt_bound(self) -> int:
+        """At least as many tokens as the prompt can be (its UTF-8 bytes): for money."""
+        return 0 if self.flat else prompt_tokens(self.payload, bound=True)
+
+    @property
+    def allowance(self) -> int | None:
+        """The request's own output allowance per answer (None: it sets no bound)."""
+        if self._allowance is None:
+            self._allowance = (None if self.flat else self.dialect.output_allowance(self.payload),)
+        return self._allowance[0]
+
+    @property
+    def answers(self) -> int:
+        return 1 if self.flat else self.dialect.answers(self.payload)
+
+    @property
+    def asked(self) -> Allowance:
+        """The allowance a capping window pays for in full, and the least worth forwarding."""
+        if self.flat:
+            return NO_ALLOWANCE
+        asked = self.allowance
+        if asked is None:
+            asked = self.max_output or self.config.default_max_output
+        return Allowance(asked, min(asked, self.config.min_output))
 
     @property
     def estimate(self) -> int:
@@ -2705,10 +3565,10 @@ class CallCost:
         return self._reservation
 
     def _reserved(self) -> int:
-        allowance = self.dialect.output_allowance(self.payload)
+        allowance = self.allowance
         reserve = self.config.response_reserve
         cost = max(1, self.prompt + (reserve if allowance is None else min(allowance, reserve))
-                   * self.dialect.answers(self.payload))
+                   * self.answers)
         return cost if self.prompt > self.capacity else min(cost, self.capacity)
 
 
@@ -2721,7 +3581,7 @@ class ProxyError(Exception):
 
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error",
                  code: str | None = None, param: str | None = None, close: bool = False,
-                 headers: Sequence[tuple[str, str]] = ()) -> None:
+                 headers: Sequence[tuple[str, str]] = (), detail: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -2730,6 +3590,7 @@ class ProxyError(Exception):
         self.param = param
         self.close = close      # the connection's framing can no longer be trusted
         self.headers = headers  # e.g. the rate-limit headers of a 429
+        self.detail = detail    # why, for the owner's log and admin API; never sent to the client
 
 
 class ClientGone(Exception):
@@ -3002,13 +3863,41 @@ def json_bytes(value: object) -> bytes:
     return _COMPACT_JSON.encode(value).encode("utf-8")
 
 
-def limit_message(admission: Admission) -> str:
+def limit_message(admission: Admission, now: float | None = None, currency: str = "") -> str:
+    """The limit reply's text: why, and how long to wait, as people say it."""
     limit = f"{admission.window} limit" if admission.window else "limit"
     if admission.cost > admission.limit:
+        if admission.counts_money:
+            return (f"request too large: it costs {amount_text(admission.cost, currency)} but the "
+                    f"{limit} is {amount_text(admission.limit, currency)}; shorten the conversation")
         return (f"request too large: it costs {admission.cost} tokens but the {limit} is "
                 f"{admission.limit}; shorten the conversation or lower max_tokens")
-    minutes = max(1, math.ceil(admission.wait_seconds / 60))
-    return f"{limit} reached, wait {minutes} min"
+    if not math.isfinite(admission.wait_seconds):
+        return f"{limit} reached: budget used up"
+    return f"{limit} reached, wait {wait_phrase(admission.wait_seconds, now)}"
+
+
+def wait_phrase(seconds: float, now: float | None = None) -> str:
+    """A wait as people say it: ``5 min`` up to an hour, ``3 h 20 min`` within a day, and
+    beyond that the moment it ends, local time (``until Monday``, ``until Tuesday 14:05``,
+    ``until 3 March``); minutes are rounded up, so that waiting that long is enough."""
+    minutes = max(1, math.ceil(seconds / 60))
+    if minutes <= 60:
+        return f"{minutes} min"
+    if seconds < 86400:
+        hours, rest = divmod(minutes, 60)
+        return f"{hours} h {rest} min" if rest else f"{hours} h"
+    now = time.time() if now is None else now
+    end = time.localtime(math.ceil((now + seconds) / 60) * 60)
+    day = time.strftime("%A" if seconds < 6 * 86400 else "%d %B", end).lstrip("0")
+    at = "" if (end.tm_hour, end.tm_min) == (0, 0) else time.strftime(" %H:%M", end)
+    return f"until {day}{at}"
+
+
+def amount_text(nanos: int, currency: str = "") -> str:
+    """An amount of money counted in nano-units, in the currency: ``0.02 USD``."""
+    text = f"{nanos / NANOS:.9f}".rstrip("0").rstrip(".")
+    return f"{text} {currency}" if currency else text
 
 
 def model_list(ids: Sequence[str]) -> dict:
@@ -3023,16 +3912,23 @@ def ollama_tags(names: Sequence[str]) -> dict:
 
 
 def rate_limit_headers(admission: Admission) -> list[tuple[str, str]]:
-    """The tightest window's state; seconds rounded up, so that waiting that long is enough."""
+    """The tightest window's state; seconds rounded up, so that waiting that long is enough.
+
+    A money window's amounts are in its currency (decimals); a window that never
+    refills sends no refill or reset time, and its limit reply no Retry-After.
+    """
+    shown = amount_text if admission.counts_money else str
     headers = [
-        ("X-RateLimit-Limit", str(admission.limit)),
-        ("X-RateLimit-Remaining", str(admission.remaining)),
-        ("X-RateLimit-Refill-Tokens", str(admission.refill_tokens)),
-        ("X-RateLimit-Refill-Seconds", str(math.ceil(admission.refill_seconds))),
-        ("X-RateLimit-Reset-Seconds", str(math.ceil(admission.wait_seconds))),
+        ("X-RateLimit-Limit", shown(admission.limit)),
+        ("X-RateLimit-Remaining", shown(admission.remaining)),
+        ("X-RateLimit-Refill-Tokens", shown(admission.refill_tokens)),
     ]
-    if not admission.allowed and admission.cost <= admission.limit:
-        headers.append(("Retry-After", str(math.ceil(max(1.0, admission.wait_seconds)))))
+    if math.isfinite(admission.refill_seconds):
+        headers.append(("X-RateLimit-Refill-Seconds", str(math.ceil(admission.refill_seconds))))
+    if math.isfinite(admission.wait_seconds):
+        headers.append(("X-RateLimit-Reset-Seconds", str(math.ceil(admission.wait_seconds))))
+        if not admission.allowed and admission.cost <= admission.limit:
+            headers.append(("Retry-After", str(math.ceil(max(1.0, admission.wait_seconds)))))
     return headers
 
 
@@ -3100,6 +3996,7 @@ class Call:
     finished: bool = False           # ... all of it
     upstream_reached: bool = False   # the request was sent: the upstream may be working on it
     upstream_ms: float | None = None
+    upstream_error: str | None = None  # why the upstream could not be reached (failure_reason)
     first_byte: float | None = None  # monotonic, when the answer's head went out
     endpoint: str = "local"          # for the metrics: the API, "free", or a local answer
     unwatch: Callable[[], None] = _nothing  # stops the disconnect watch on this request
@@ -3109,14 +4006,18 @@ class Call:
     result: str = ""                 # served, limited, rejected or error
     tokens_charged: int = 0          # taken before forwarding and kept (0 if refunded)
     tokens_paid: int = 0             # what it cost in the end
+    price: Price | None = None       # the model's (MODELS_FILE), when it has one
+    made: int = 1                    # a flat-rate call's things made (n images), priced per call
+    cost: float = 0.0                # in the currency, set when the charge closes: the usage priced
+    refused: Admission | None = None  # a limited request's admission: which windows could not pay
     seconds: float = 0.0             # from arrival to the end of the answer
 
     def on_end(self, action: Callable[..., None], *args: object) -> None:
         """Run ``action(*args)`` when the call ends: a step that must follow whatever was just taken.
 
-        Each resource is registered as it is taken (the log line first, then the
-        charge, the upstream connection, the gate slot) and let go in the reverse
-        order, by ``end``.  So the same steps run, once, whether the handler's
+        Each resource is registered as it is taken (the charge, the upstream
+        connection, the gate slot) and let go in the reverse order, by ``end``;
+        the record is written after that (``ProxyHandler.finish_call``).  So the same steps run, once, whether the handler's
         thread ends the call or the connection loop does at the end of a stream it
         relayed; nobody needs to know which.
         """
@@ -3146,9 +4047,29 @@ class Call:
             return
         served = self.served or (self.gone and self.upstream_reached)
         used = None
-        if served and charge.mode.settles and self.meter is not None:
+        if served and self.meter is not None:
             used = self.meter.used(self.finished or not self.stream)
-        charge.close(served, used)
+        if self.price is not None and self.dialect.flat_rate:
+            self.cost = float(self.price.per_call) * self.made if served else 0.0  # (priced per call)
+        elif used is not None and self.price is not None:
+            self.cost = self.price.cost(used)
+        if self.cut_short_under_a_cap(charge):
+            used = None  # what it used is not known: the reservation, an upper bound, is kept
+        charge.close(served, used if charge.settles else None)
+
+    def cut_short_under_a_cap(self, charge: Charge) -> bool:
+        """A stream paid in money, under the hard cap, that ended before its usage was reported.
+
+        What was relayed can be counted only in part (tool-call arguments, reasoning the
+        client never sees, what a paid API wrote after the client left, and bills), so
+        settling by it would let a caller who hangs up early pay a fraction of the bill;
+        a capped call reserved its whole allowance, which bounds it.  Token windows still
+        settle by what was streamed: a local server stops when the proxy hangs up on it.
+        """
+        meter = self.meter
+        return (self.stream and not self.finished and charge.admission.allowance is not None
+                and meter is not None and not meter.final
+                and any(spec.counts_money for _, specs in charge.payers for spec in specs))
 
     def identify_user(self, headers: Headers, payload: dict | None, now: float,
                       required: bool) -> bool:
@@ -3172,14 +4093,19 @@ class Call:
         self.act_for_user(user)
         return True
 
-    def quota(self, buckets: BucketStore) -> dict:
-        """What ``GET /v1/quota`` shows: the caller's windows, and an app's beside its user's."""
+    def quota(self, buckets: BucketStore, currency: str = "USD") -> dict:
+        """What ``GET /v1/quota`` shows: the caller's windows, and an app's beside its user's
+        (a money window's amounts in ``currency``, which is named)."""
         assert self.policy is not None
         quota = self.policy.quota(buckets.snapshot(self.identity, self.policy.buckets))
+        specs = list(self.policy.buckets)
         if self.app is not None:
             app_identity, app = self.app
+            specs.extend(app.buckets)
             quota.update(user=self.user, app={"name": app.name or None,
                                               "buckets": buckets.snapshot(app_identity, app.buckets)})
+        if any(spec.counts_money for spec in specs):
+            quota["currency"] = currency
         return quota
 
     def act_for_user(self, user: str) -> None:
@@ -3211,26 +4137,29 @@ class Call:
         return (mine,) if self.app is None else (mine, (self.app[0], self.app[1].buckets))
 
     def ticket(self) -> Ticket:
-        """A place in the fair queue: round-robin by user under an app key, else by key."""
-        assert self.policy is not None
+        """A place in the fair queue: turns by key, then by user under an app key, each by the
+        weight and priority of its policy."""
+        policy = self.policy
+        assert policy is not None
         if self.app is None:
-            return Ticket(self.identity, self.policy.max_concurrent)
-        return Ticket(self.identity, self.policy.max_concurrent, self.app[0], self.app[1].max_concurrent)
+            return Ticket(self.identity, policy.max_concurrent, None, 0, policy.weight, policy.priority)
+        app = self.app[1]
+        return Ticket(self.identity, policy.max_concurrent, self.app[0], app.max_concurrent,
+                      policy.weight, policy.priority, (app.weight, app.priority))
 
-    def upstream_body(self, payload: dict, stream: bool, prompt: int, config: Config) -> bytes:
-        """The body to forward: the payload the proxy checked, serialised again.
+    def prepare_upstream(self, payload: dict, stream: bool, prompt: int, settles: bool) -> None:
+        """Make the payload the proxy checked into the one to forward (``body_bytes``).
 
         The model's name on its servers (``upstream_model``, ``BASE_MODEL``) replaces
-        the model; a meter is attached, and in usage mode a stream that reports usage
-        only when asked is asked (the client not told).
+        the model; a meter is attached, and when a window settles to the usage (usage
+        mode, money) a stream that reports usage only when asked is asked (the client
+        not told).
         """
         assert self.route is not None
         if self.route.upstream_model:
             payload["model"] = self.route.upstream_model
-        settles = config.mode.settles
         hide = self.dialect.ask_for_usage(payload) if stream and settles else None
         self.meter = Meter(self.dialect, prompt, hide_usage=bool(hide), counts_text=settles)
-        return body_bytes(payload)
 
     def check_reply(self, data: bytes) -> bytes:
         """A successful, non-streamed answer must be a JSON object, or a list of them (llama.cpp's
@@ -3282,8 +4211,9 @@ class Call:
         label, method, path = loggable(self.label), loggable(method), loggable(path)
         user = None if self.user is None else loggable(self.user, MAX_USER_LENGTH)  # (longer: refused)
         who = label if user is None else f"{label}/{user}"
+        why = "" if self.upstream_error is None else f' upstream="{loggable(self.upstream_error)}"'
         line = (f"{stamp} INFO {ip} {who} {method} {path} {self.status} {outcome} "
-                f"{elapsed:.1f}ms charged={charged} settled={settled}\n")
+                f"{elapsed:.1f}ms charged={charged} settled={settled}{why}\n")
         if not with_record:
             return line, ""
         arrived = self.arrived
@@ -3295,18 +4225,87 @@ class Call:
             "path": path, "model": model, "status": self.status, "stream": self.stream,
             "tokens_charged": charged, "tokens_settled": settled, "duration_ms": round(elapsed, 1),
             "upstream_ms": None if self.upstream_ms is None else round(self.upstream_ms, 1),
-            "outcome": outcome}, separators=(",", ":")) + "\n"
+            "outcome": outcome, **({} if self.upstream_error is None else {
+                "upstream_error": loggable(self.upstream_error)})}, separators=(",", ":")) + "\n"
         return line, record
 
 
+HOSTED_TOOLS = frozenset({"web_search", "web_search_preview", "file_search", "code_interpreter",
+                          "image_generation", "computer_use_preview", "mcp"})  # billed by the call
+
+
+def _hosted_tools(tools: object) -> bool:
+    return isinstance(tools, list) and any(
+        isinstance(tool, dict) and str(tool.get("type", "")).partition("_2")[0] in HOSTED_TOOLS
+        for tool in tools)
+
+
+def _audio_out(payload: dict) -> bool:
+    modalities = payload.get("modalities")
+    return "audio" in payload or (isinstance(modalities, list) and "audio" in modalities)
+
+
+# What a request may not ask of a key paying in money, and why: each would be billed beyond
+# the tokens the proxy prices, or its prompt could not be measured before it is sent. (field,
+# whether the request asks it, why.)
+UNPRICED_REQUESTS: tuple[tuple[str, Callable[[dict], bool], str], ...] = (
+    ("models", lambda payload: "models" in payload,
+     "'models' (fallback models) would be served unchecked and priced as the first"),
+    ("previous_response_id", lambda payload: payload.get("previous_response_id") is not None,
+     "the stored conversation it continues is billed as prompt but cannot be measured here; "
+     "send the conversation itself"),
+    ("service_tier", lambda payload: payload.get("service_tier") not in (None, "auto", "default"),
+     "a service tier other than the default is billed above the list price"),
+    ("tools", lambda payload: _hosted_tools(payload.get("tools")),
+     "hosted tools (web search, file search, code interpreter, image generation) are billed per call"),
+    ("audio", _audio_out, "audio output is billed above the text price"),
+)
+
+
+def refuse_unpriced(payload: dict, policy: Policy | None,
+                    payers: Sequence[tuple[str, Sequence[BucketSpec]]]) -> None:
+    """A 400, free, for what a key paying in money (or held to some models) may not ask.
+
+    Only ``models`` matters to a key held to some models (OpenRouter serves the next of
+    them when the first fails, unchecked); all of ``UNPRICED_REQUESTS`` matter to money.
+    """
+    money = any(spec.counts_money for _, specs in payers for spec in specs)
+    limited = policy is not None and policy.limits_models
+    if not (money or limited):
+        return
+    for field_name, asks, why in UNPRICED_REQUESTS:
+        if (money or field_name == "models") and asks(payload):
+            raise ProxyError(400, f"'{field_name}' cannot be sent with this key: {why}.",
+                             param=field_name, code="not_priced_for_this_key"
+                             if field_name != "models" else "fallback_models_not_allowed")
+
+
+def require_price(payers: Sequence[tuple[str, Sequence[BucketSpec]]], model: str,
+                  price: Price | None, flat: bool = False) -> None:
+    """A 403, free, for a model without a price when a money window would count the call.
+
+    A flat-rate call (an image, a transcription) needs a ``per_call`` price: counted
+    in tokens it would cost a money window nothing.  Keys without money windows never
+    ask: a missing or mistyped price changes nothing for them.
+    """
+    if flat and price is not None and not price.per_call:
+        price = None
+    if price is None and any(spec.counts_money and (spec.models is None or model in spec.models)
+                             for _, specs in payers for spec in specs):
+        raise ProxyError(403, f"The model '{model[:200]}' has no price, and this key's budget is "
+                         "in money: ask the owner to price it in MODELS_FILE.",
+                         "permission_error", "model_not_priced", "model")
+
+
 def limit_answer(dialect: Dialect, admission: Admission, model: str, stream: bool,
-                 as_error: bool, usage_shown: bool = True) -> tuple[list[tuple[str, str]], bytes]:
+                 as_error: bool, usage_shown: bool = True, now: float | None = None,
+                 currency: str = "") -> tuple[list[tuple[str, str]], bytes]:
     """What a caller whose buckets cannot pay gets: headers and body of an assistant reply.
 
     A 429 (or 400 when the request can never fit) is raised instead in ``error``
     mode, and for APIs whose answers have no place for text (embeddings ...).
     """
-    text = limit_message(admission)
+    text = limit_message(admission, now, currency)
     headers = rate_limit_headers(admission)
     if as_error or not dialect.answers_with_text:
         too_large = admission.cost > admission.limit
@@ -3492,9 +4491,6 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def end_request(self) -> None:
         self.server.request_arrived(self.connection)
-        meter = self.call.meter
-        if meter is not None and meter.object_id is not None and self.call.served:
-            self.server.stored.record(meter.object_id, self.call.owner)
         self.log_outcome()
 
     def route(self) -> None:
@@ -3509,6 +4505,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         call.dialect = route.dialect
         if route.needs_key:
             self.authenticate()
+            call.policy.require_endpoint(route)
         if route.names_answer:
             answer_id = target.path[len(route.path) + 1:].partition("/")[0]
             if answer_id:
@@ -3530,7 +4527,14 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.send_bytes(204, [], b"")  # browsers ask; an empty answer keeps their consoles quiet
 
     def answer_admin(self, route: Route, target: Target) -> None:
-        self.send_bytes(200, *self.server.admin.answer(route.path, self.command, self.headers))
+        self.send_bytes(200, *self.server.admin.answer(route.path, self.command, self.headers,
+                                                        target.query))
+
+    def answer_admin_keys(self, route: Route, target: Target) -> None:
+        body = self.read_body()
+        status, value = self.server.admin.keys_request(
+            self.command, target.path[len(route.path):], self.headers, body)
+        self.send_json(status, value, [("Cache-Control", "no-store")])  # it may carry a new key
 
     def answer_unknown(self, route: Route, target: Target) -> None:
         raise ProxyError(404, f"Unknown path {target.path}; the API lives under /v1", code="not_found")
@@ -3560,7 +4564,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         named = urllib.parse.parse_qs(target.query).get("user")
         self.call.identify_user(self.headers, {"user": named[0]} if named else None,
                                 self.server.wall_clock(), required=False)
-        self.send_json(200, self.call.quota(self.server.buckets))
+        self.send_json(200, self.call.quota(self.server.buckets, self.server.models_file.catalog.currency))
 
     def answer_models(self, route: Route, target: Target) -> None:
         """The models of every server (MODELS_FILE), or BASE_MODEL, are answered here; one
@@ -3761,8 +4765,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
         try:
             self.check_framing()
             target = parse_target(self.path)
-            if route_for(target.path.lower(), self.command).needs_key:
+            route = route_for(target.path.lower(), self.command)
+            if route.needs_key:
                 self.authenticate()
+                self.call.policy.require_endpoint(route)
         except ProxyError as error:
             return self.refuse_request(error)
         return super().handle_expect_100()
@@ -3794,33 +4800,49 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.require_models(call.model, target)
         if call.route is not None and call.route.spec.sticky:
             call.affinity = conversation_affinity(call.identity, payload or {})
-        payers, mode = call.payers, config.mode
+        payers, mode, catalog = call.payers, config.mode, self.server.models_file.catalog
+        if payload is not None and not dialect.flat_rate:
+            refuse_unpriced(payload, call.policy, payers)
+        call.price = catalog.price(call.model)
+        require_price(payers, call.model or "", call.price, dialect.flat_rate)
         capacity = min((spec.capacity for _, specs in payers for spec in specs
                         if mode.unit_of(spec).counts_tokens), default=1 << 62)  # a reservation's room
         metered = payload if not dialect.flat_rate else None
-        cost = CallCost(dialect, metered or {}, config, capacity)
+        if metered is None:
+            call.made = checked.count
+        cost = CallCost(dialect, metered or {}, config, capacity, call.price,
+                        catalog.max_output(call.model), call.made)
         cost_of = window_costs(cost, mode, call.model or "", payers)
         stream = metered is not None and dialect.is_stream(metered)
-        forwarded = (checked.forwarded if metered is None
-                     else call.upstream_body(metered, stream, cost.prompt if mode.settles else 0, config))
-        admission = self.server.buckets.charge_all(payers, cost_of)
+        settles = any(mode.unit_of(spec).settles for _, specs in payers for spec in specs)
+        if metered is not None:
+            call.prepare_upstream(metered, stream, cost.prompt if settles else 0, settles)
+        forwarded = checked.forwarded if metered is None else body_bytes(metered)  # (may refuse it)
+        capping = any(cost_of(spec).per_output for _, specs in payers for spec in specs)
+        admission = self.server.buckets.charge_all(payers, cost_of, cost.asked if capping else NO_ALLOWANCE,
+                                                   config.queue_timeout)
         if admission.allowed:  # from here on, whatever happens, the charge is closed (or refunded)
-            call.charge = Charge(self.server.buckets, payers, admission, mode)
+            call.charge = Charge(self.server.buckets, payers, admission, mode, cost)
             call.on_end(call.close_charge)
         else:
-            call.limited, call.stream = True, stream
+            call.limited, call.stream, call.refused = True, stream, admission
             headers, answer = limit_answer(dialect, admission, (metered or {}).get("model") or call.model
                                            or "", stream, config.limit_response == "error",
-                                           dialect.usage_in_stream(metered or {}))
+                                           dialect.usage_in_stream(metered or {}),
+                                           self.server.wall_clock(), catalog.currency)
             self.send_bytes(200, headers, answer)
             return
+        if (metered is not None and admission.allowance is not None
+                and dialect.limit_output(metered, admission.allowance)):
+            forwarded = body_bytes(metered)  # the hard cap: never more output than was paid for
         self.forward(target, forwarded, inspect=None if metered is None else call.check_reply)
 
     def forward(self, target: Target, body: bytes,
                 inspect: Callable[[bytes], bytes] | None = None) -> None:
         call, server = self.call, self.server
         call.route = call.route or server.upstreams.route_for(call.model)
-        Relay(self, server.watcher, server.loop, server.upstreams).forward(target, body, inspect)
+        Relay(self, server.watcher, server.loop, server.stored, server.upstreams).forward(
+            target, body, inspect)
 
     # -- writing -------------------------------------------------------------
 
@@ -4322,17 +5344,40 @@ class UpstreamResponse:
         return b"".join(parts)
 
 
+def upstream_tls(ca_file: str | None) -> ssl.SSLContext:
+    """The trust for an https upstream: the system's CAs, and UPSTREAM_CA_FILE's if set.
+
+    Made once, at startup, so that a file that cannot be read or holds no certificate
+    stops the proxy with one line instead of failing every request.
+    """
+    context = ssl.create_default_context()
+    if ca_file:
+        try:
+            context.load_verify_locations(cafile=ca_file)
+        except ssl.SSLError as error:
+            raise ConfigError(f"UPSTREAM_CA_FILE {ca_file}: no PEM certificate in it "
+                              f"({error.reason or type(error).__name__})") from None
+        except OSError as error:
+            raise ConfigError(f"UPSTREAM_CA_FILE {ca_file}: cannot read it "
+                              f"({error.strerror or type(error).__name__})") from None
+    return context
+
+
+class TlsHandshakeFailed(ConnectionError):
+    """The upstream's TLS handshake failed for a reason other than its certificate."""
+
+
 class UpstreamConnection:
     """A socket to the upstream and the buffered reader that outlives each response."""
 
     __slots__ = ("sock", "reader")
 
-    def __init__(self, target: UpstreamTarget, open_timeout: float, read_timeout: float) -> None:
+    def __init__(self, target: UpstreamTarget, open_timeout: float, read_timeout: float,
+                 tls: ssl.SSLContext | None = None) -> None:
         sock = socket.create_connection((target.host, target.port), open_timeout)
         try:
             if target.scheme == "https":
-                context = ssl.create_default_context()
-                sock = context.wrap_socket(sock, server_hostname=target.host)
+                sock = self.handshake(sock, tls or ssl.create_default_context(), target.host)
                 sock.settimeout(read_timeout)
             else:
                 sock = TimedSocket.adopt(sock, read_timeout)
@@ -4342,6 +5387,16 @@ class UpstreamConnection:
             raise
         self.sock = sock
         self.reader = SocketReader(sock)
+
+    @staticmethod
+    def handshake(sock: socket.socket, tls: ssl.SSLContext, host: str) -> ssl.SSLSocket:
+        """TLS over ``sock``; a failure says whether the certificate or the handshake failed."""
+        try:
+            return tls.wrap_socket(sock, server_hostname=host)
+        except ssl.SSLCertVerificationError:
+            raise
+        except ssl.SSLError as error:
+            raise TlsHandshakeFailed(error.reason or type(error).__name__) from None
 
     def close(self) -> None:
         with suppress(OSError):
@@ -4357,11 +5412,12 @@ class UpstreamPool:
     """
 
     def __init__(self, target: UpstreamTarget, open_timeout: float, read_timeout: float,
-                 max_idle: int = 64) -> None:
+                 max_idle: int = 64, tls: ssl.SSLContext | None = None) -> None:
         self.target = target
         self.open_timeout = open_timeout
         self.read_timeout = read_timeout
         self.max_idle = max_idle
+        self.tls = tls  # https: the trust (upstream_tls); None: the system's
         host = f"[{target.host}]" if ":" in target.host else target.host
         default_port = 443 if target.scheme == "https" else 80
         self.host_header = host if target.port == default_port else f"{host}:{target.port}"
@@ -4370,7 +5426,7 @@ class UpstreamPool:
         self.closed = False  # a server a reload removed: what its calls give back is closed
 
     def connect(self) -> UpstreamConnection:
-        return UpstreamConnection(self.target, self.open_timeout, self.read_timeout)
+        return UpstreamConnection(self.target, self.open_timeout, self.read_timeout, self.tls)
 
     def take(self) -> tuple[UpstreamConnection, bool]:
         """An idle pooled connection (reused=True) or a new one."""
@@ -4468,49 +5524,93 @@ class Ticket:
     """One request's place at the gate: queued, then granted, or withdrawn if its client left.
 
     A user's request under an app key counts against the user's limit and the
-    app's (``group``); the queue takes turns by ``identity``.
+    app's (``group``); the queue takes turns by key (``lane``), then by
+    ``identity`` within it, each by its ``weight`` and ``priority``: for a
+    plain key both are the key's, for a user the app's (``group_turns``) and
+    then the user's.
     """
 
-    __slots__ = ("identity", "key_limit", "group", "group_limit", "event", "granted", "withdrawn")
+    __slots__ = ("identity", "key_limit", "group", "group_limit", "weight", "priority",
+                 "group_turns", "since", "event", "granted", "withdrawn")
 
     def __init__(self, identity: str, key_limit: int, group: str | None = None,
-                 group_limit: int = 0) -> None:
+                 group_limit: int = 0, weight: int = 1, priority: int = 0,
+                 group_turns: tuple[int, int] = (1, 0)) -> None:
         self.identity = identity
         self.key_limit = key_limit
         self.group = group
         self.group_limit = group_limit
+        self.weight = weight
+        self.priority = priority
+        self.group_turns = group_turns  # (weight, priority) of the app key, for a user's ticket
+        self.since = 0.0  # on the gate's clock, when it was queued
         self.event: threading.Event | None = None  # made only for a ticket that has to wait
         self.granted = False
         self.withdrawn = False
+
+    @property
+    def lane(self) -> str:
+        """The key whose turn this ticket waits for: the app's for a user, else its own."""
+        return self.group or self.identity
+
+
+class Lane:
+    """A key's place in the gate's turns, or one identity's inside a key's.
+
+    A key's lane holds a lane per identity queued under it (the key itself, or
+    each user of an app key); an identity's lane holds its tickets, first come
+    first served.  ``used`` counts the turns taken since the lane last went to
+    the back of the line: it goes there after ``weight`` of them.
+    """
+
+    __slots__ = ("weight", "priority", "used", "tickets", "lanes")
+
+    def __init__(self, weight: int, priority: int, nested: bool) -> None:
+        self.weight = weight
+        self.priority = priority
+        self.used = 0
+        self.tickets: deque[Ticket] | None = None if nested else deque()
+        self.lanes: OrderedDict[str, Lane] | None = OrderedDict() if nested else None
+
+    def __bool__(self) -> bool:
+        return bool(self.tickets if self.lanes is None else self.lanes)
 
 
 class FairGate:
     """Admission to the upstream: a global cap, a per-key cap, and a fair queue.
 
-    Waiting requests are served round-robin by key, so a key with twenty queued
-    requests does not delay a key with one.  Every slot ``acquire`` grants is
-    given back by ``release``, which the relay calls in a ``finally``.
+    Waiting requests take turns by key, and by user within an app key, so a key
+    with twenty queued requests does not delay a key with one.  A key of
+    ``weight`` 3 takes three turns in a row for one of a weight-1 key; among
+    the keys that could go, only those of the highest ``priority`` take turns,
+    except a request waiting ``max_wait`` seconds or longer, which takes turns
+    with them (a lower class is held back, never starved).  Every slot
+    ``acquire`` grants is given back by ``release``, which the relay registers
+    with the call (``Call.on_end``).  With nobody waiting, ``acquire`` only counts.
     """
 
-    def __init__(self, limit: int, timeout: float) -> None:
+    def __init__(self, limit: int, timeout: float, max_wait: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.limit = limit  # 0: no global limit
         self.timeout = timeout
+        self.max_wait = max_wait
+        self.clock = clock
         self.in_flight = 0
         self._per_key: dict[str, int] = {}
-        self._queues: OrderedDict[str, deque[Ticket]] = OrderedDict()
+        self._lanes: OrderedDict[str, Lane] = OrderedDict()
+        self._classes: Counter[int] = Counter()  # waiting lanes (keys' and users') by priority
         self._lock = threading.Lock()
 
     def acquire(self, ticket: Ticket) -> None:
         """Wait for a slot; ClientGone if the ticket is withdrawn, a 503 after QUEUE_TIMEOUT."""
-        identity = ticket.identity
         with self._lock:
             if ticket.withdrawn:
                 raise ClientGone()
-            if not self._queues and self._has_room(ticket):
+            if not self._lanes and self._has_room(ticket):
                 self._grant(ticket)
                 return
             ticket.event = threading.Event()
-            self._queues.setdefault(identity, deque()).append(ticket)
+            self._enqueue(ticket)
             self._dispatch()
         ticket.event.wait(self.timeout)
         with self._lock:
@@ -4535,12 +5635,50 @@ class FairGate:
                 if ticket.event is not None:
                     ticket.event.set()
 
+    def _enqueue(self, ticket: Ticket) -> None:
+        """Queue at the back of the ticket's lanes, which take its key's (and user's) latest turns."""
+        ticket.since = self.clock()
+        turns = ticket.group_turns if ticket.group is not None else (ticket.weight, ticket.priority)
+        outer = self._lane(self._lanes, ticket.lane, turns, nested=True)
+        inner = self._lane(outer.lanes, ticket.identity,  # type: ignore[arg-type]
+                           (ticket.weight, ticket.priority), nested=False)
+        inner.tickets.append(ticket)  # type: ignore[union-attr]
+
+    def _lane(self, lanes: OrderedDict[str, Lane], name: str, turns: tuple[int, int],
+              nested: bool) -> Lane:
+        """``name``'s lane in ``lanes``, opened at the back of the line if it has none, with
+        ``turns`` as its weight and priority (a reloaded keys file counts at once)."""
+        weight, priority = turns
+        lane = lanes.get(name)
+        if lane is None:
+            lane = lanes[name] = Lane(weight, priority, nested)
+            self._count_class(priority, +1)
+        elif lane.priority != priority:
+            self._count_class(lane.priority, -1)
+            self._count_class(priority, +1)
+        lane.weight, lane.priority = weight, priority
+        return lane
+
+    def _close(self, lanes: OrderedDict[str, Lane], name: str) -> None:
+        self._count_class(lanes.pop(name).priority, -1)
+
+    def _count_class(self, priority: int, change: int) -> None:
+        count = self._classes[priority] + change
+        if count:
+            self._classes[priority] = count
+        else:
+            del self._classes[priority]
+
     def _dequeue(self, ticket: Ticket) -> None:
-        waiting = self._queues.get(ticket.identity)
-        if waiting is not None and ticket in waiting:
-            waiting.remove(ticket)
-            if not waiting:
-                del self._queues[ticket.identity]
+        outer = self._lanes.get(ticket.lane)
+        inner = outer.lanes.get(ticket.identity) if outer is not None and outer.lanes else None
+        if inner is None or inner.tickets is None or ticket not in inner.tickets:
+            return
+        inner.tickets.remove(ticket)
+        if not inner:
+            self._close(outer.lanes, ticket.identity)  # type: ignore[union-attr, arg-type]
+            if not outer:
+                self._close(self._lanes, ticket.lane)
 
     def release(self, ticket: Ticket) -> None:
         with self._lock:
@@ -4555,21 +5693,26 @@ class FairGate:
                     del self._per_key[identity]
             self._dispatch()
 
+    def _queued(self) -> Iterator[Ticket]:
+        for outer in self._lanes.values():
+            for inner in outer.lanes.values():  # type: ignore[union-attr]
+                yield from inner.tickets  # type: ignore[misc]
+
     @property
     def waiting(self) -> int:
-        return sum(len(queue) for queue in self._queues.values())
+        with self._lock:  # (read by other threads: the lanes must not change under the count)
+            return sum(len(inner.tickets) for outer in self._lanes.values()  # type: ignore[arg-type]
+                       for inner in outer.lanes.values())  # type: ignore[union-attr]
 
     @property
     def load(self) -> int:
-        """Calls in flight and waiting, read under the lock: the queues change as it is read."""
-        with self._lock:
-            return self.in_flight + self.waiting
+        """Calls in flight and waiting (``waiting`` counts under the lock)."""
+        return self.in_flight + self.waiting
 
     def counts(self, identity: str) -> tuple[int, int]:
         """Requests of ``identity`` in flight and waiting (a user's, or all of an app's)."""
         with self._lock:
-            waiting = sum(1 for queue in self._queues.values() for ticket in queue
-                          if identity in (ticket.identity, ticket.group))
+            waiting = sum(1 for ticket in self._queued() if identity in (ticket.identity, ticket.group))
             return self._per_key.get(identity, 0), waiting
 
     def _has_room(self, ticket: Ticket) -> bool:
@@ -4588,19 +5731,56 @@ class FairGate:
             ticket.event.set()
 
     def _dispatch(self) -> None:
-        """Hand free slots to the first key in turn whose next request may go."""
-        while self._queues and (not self.limit or self.in_flight < self.limit):
-            for identity, waiting in self._queues.items():
-                if self._has_room(waiting[0]):
-                    break
-            else:
+        """Hand free slots, one turn at a time, while a waiting request may go."""
+        if not self._lanes:
+            return  # (the clock is not read when nobody waits)
+        overdue = self.clock() - self.max_wait  # queued at or before this: waited long enough
+        while self._lanes and (not self.limit or self.in_flight < self.limit):
+            ticket = self._take_turn(self._lanes, overdue)
+            if ticket is None:
                 return  # everyone waiting is at their own key's limit
-            ticket = waiting.popleft()
-            if waiting:
-                self._queues.move_to_end(identity)
-            else:
-                del self._queues[identity]
             self._grant(ticket)
+
+    def _take_turn(self, lanes: OrderedDict[str, Lane], overdue: float) -> Ticket | None:
+        """Take the next ticket from ``lanes``: the first lane in line that may go, of the
+        highest priority among those that may (or holding a request queued by ``overdue``);
+        it goes to the back once it has had ``weight`` turns in a row or has no more waiting.
+        """
+        if len(self._classes) > 1:
+            ready = [(name, lane) for name, lane in lanes.items() if self._may_go(lane)]
+            top = max((lane.priority for _, lane in ready), default=0)
+            name, lane = next(((name, lane) for name, lane in ready
+                               if lane.priority == top or self._is_late(lane, overdue)), ("", None))
+        else:  # one class: the first that may go, whatever the clock says
+            name, lane = next(((name, lane) for name, lane in lanes.items() if self._may_go(lane)),
+                              ("", None))
+        if lane is None:
+            return None
+        ticket = (lane.tickets.popleft() if lane.tickets is not None
+                  else self._take_turn(lane.lanes, overdue))  # type: ignore[arg-type]
+        lane.used += 1
+        if not lane:
+            self._close(lanes, name)
+        elif lane.used >= lane.weight:
+            lane.used = 0
+            lanes.move_to_end(name)
+        return ticket
+
+    def _may_go(self, lane: Lane) -> bool:
+        """Whether a ticket in ``lane`` may take a slot now (its key's and user's limits allow).
+
+        An identity's tickets wait behind its first: the limits that hold it hold them all.
+        """
+        if lane.tickets is not None:
+            return self._has_room(lane.tickets[0])
+        return any(self._may_go(inner) for inner in lane.lanes.values())  # type: ignore[union-attr]
+
+    def _is_late(self, lane: Lane, overdue: float) -> bool:
+        """Whether ``lane`` holds a request, queued by ``overdue``, that may take a slot now."""
+        if lane.tickets is not None:
+            first = lane.tickets[0]
+            return first.since <= overdue and self._has_room(first)
+        return any(self._is_late(inner, overdue) for inner in lane.lanes.values())  # type: ignore[union-attr]
 
 
 @dataclass
@@ -4622,7 +5802,8 @@ class UpstreamState:
 
     def failed(self, failure: ProxyError) -> None:
         self.up = False
-        self.last_error = f"{failure.status} {failure.message}"  # never socket or host details
+        # why, in a few words (failure_reason): never a key, a URL or an exception's own text
+        self.last_error = f"{failure.status} {failure.detail or failure.message}"
 
     def count(self, tokens: int) -> None:
         with self._lock:
@@ -4659,7 +5840,8 @@ class Upstream:
 
     def ask(self, path: str, timeout: float) -> tuple[int, bytes]:
         """GET ``path`` on a connection of its own (not the pool's), for probes and model lists."""
-        exchange = UpstreamExchange(UpstreamPool(self.target, timeout, timeout, max_idle=0))
+        exchange = UpstreamExchange(UpstreamPool(self.target, timeout, timeout, max_idle=0,
+                                                 tls=self.pool.tls))
         try:
             response = exchange.send("GET", path, self.credentials(), b"")
             body = read_whole(response, MAX_UPSTREAM_BODY)
@@ -4895,9 +6077,11 @@ class UpstreamRegistry:
     RETRY_SECONDS = 0.5   # while a model's every server is down, how often a waiting call tries again
     AFFINITY_LIMIT = 10_000  # sticky conversations remembered
 
-    def __init__(self, config: Config, environ: Mapping[str, str] | None = None) -> None:
-        self.config = config
+    def __init__(self, config: Config, environ: Mapping[str, str] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.config, self.clock = config, clock
         self.environ = os.environ if environ is None else environ
+        self.tls = upstream_tls(config.upstream_ca_file)  # (checked even for http: a bad file is a mistake)
         self._stamp: tuple | None = None
         self._changed = threading.Condition()
         self._affinity: OrderedDict[str, Upstream] = OrderedDict()
@@ -4910,8 +6094,9 @@ class UpstreamRegistry:
                               if config.models_file else str(error)) from None
 
     @classmethod
-    def from_config(cls, config: Config) -> UpstreamRegistry:
-        return cls(config)
+    def from_config(cls, config: Config,
+                    clock: Callable[[], float] = time.monotonic) -> UpstreamRegistry:
+        return cls(config, clock=clock)
 
     # -- reading MODELS_FILE -----------------------------------------------------
 
@@ -4941,9 +6126,9 @@ class UpstreamRegistry:
                 kept.gate.limit = spec.max_concurrent
                 upstreams[spec.name] = kept
                 continue
-            pool = UpstreamPool(spec.target, config.open_timeout, config.read_timeout)
-            upstreams[spec.name] = Upstream(spec.name, pool,
-                                            FairGate(spec.max_concurrent, config.queue_timeout), spec.key)
+            pool = UpstreamPool(spec.target, config.open_timeout, config.read_timeout, tls=self.tls)
+            gate = FairGate(spec.max_concurrent, config.queue_timeout, config.priority_max_wait, self.clock)
+            upstreams[spec.name] = Upstream(spec.name, pool, gate, spec.key)
         routes = [ModelRoute(model, [upstreams[name] for name in model.upstreams]) for model in plan.models]
         simple = len(upstreams) == 1 and len(routes) == 1 and routes[0].spec.pattern == "*"
         return RouteTable(upstreams, {r.spec.pattern: r for r in routes if not r.spec.is_pattern},
@@ -5357,13 +6542,25 @@ class Relay:
     """
 
     def __init__(self, client: ProxyHandler, watcher: DisconnectWatcher, loop: ConnectionLoop,
-                 upstreams: UpstreamRegistry) -> None:
+                 stored: StoredAnswers, upstreams: UpstreamRegistry) -> None:
         self.client = client
         self.call = client.call
-        self.watcher, self.loop, self.upstreams = watcher, loop, upstreams
+        self.watcher, self.loop, self.stored, self.upstreams = watcher, loop, stored, upstreams
         self.exchange: UpstreamExchange | None = None
         self.ticket: tuple[FairGate, Ticket] | None = None  # the place at a server's gate, while queued
         self.slot: tuple[FairGate, Ticket] | None = None    # ... once granted, until given back
+        self.claimed = False  # the answer's id is recorded as the caller's
+
+    def claim_answer(self) -> None:
+        """Record the answer's id (a stored response) as the caller's, before the caller has it.
+
+        Recorded later, a client that asks for its answer as soon as it arrives
+        (to cancel or fetch it) could be refused it as somebody else's.
+        """
+        meter = self.call.meter
+        if not self.claimed and meter is not None and meter.object_id is not None:
+            self.claimed = True
+            self.stored.record(meter.object_id, self.call.owner)
 
     def forward(self, target: Target, body: bytes,
                 inspect: Callable[[bytes], bytes] | None = None) -> None:
@@ -5432,11 +6629,12 @@ class Relay:
             if call.gone:
                 raise ClientGone() from None
             failure = upstream_failure(error)
+            call.upstream_error = failure.detail
             if not exchange.sent:  # refused, no route, timed out connecting: down until it answers
                 self.upstreams.mark_down(upstream, failure)
                 self.abandon(exchange)
                 return False
-            upstream.state.last_error = f"{failure.status} {failure.message}"
+            upstream.state.last_error = f"{failure.status} {failure.detail or failure.message}"
             if isinstance(error, socket.timeout) or last:
                 # It may be at work on it still (no second server gets it too), or it was the
                 # last server to try: this call ends here.
@@ -5454,7 +6652,9 @@ class Relay:
         except (OSError, http.client.HTTPException) as error:
             if call.gone:
                 raise ClientGone() from None
-            raise upstream_failure(error) from None
+            failure = upstream_failure(error)
+            call.upstream_error = failure.detail
+            raise failure from None
         return None
 
     def abandon(self, exchange: UpstreamExchange) -> None:
@@ -5505,6 +6705,7 @@ class Relay:
         call = self.call
         if response.status < 400 and inspect is not None:
             data = inspect(data)
+            self.claim_answer()
         call.served = call.finished = response.status < 400
         call.close_charge()
         self.client.send_bytes(response.status, headers + self.meter_headers(), data,
@@ -5547,6 +6748,8 @@ class Relay:
                     return False  # for now: the loop ends the stream, and the call (Call.end)
                 if data is None:
                     break
+                if ok:
+                    self.claim_answer()
                 client.write_chunk(data)
                 call.served = call.served or ok
         except (OSError, http.client.HTTPException) as error:
@@ -5565,7 +6768,7 @@ class Relay:
         call, client, framing = self.call, self.client, pump.framing
         pump.response.reader.nowait = False  # the connection may go back to the pool
         if error is not None:
-            log.warning("upstream stream to %s broke off: %s", loggable(call.label), type(error).__name__)
+            log.warning("upstream stream to %s broke off: %s", loggable(call.label), failure_reason(error))
             if framing is not None:
                 client.write_chunk(call.dialect.stream_error(upstream_failure(error), framing))
             else:
@@ -5650,7 +6853,14 @@ class Workers:
                 self._idle -= 1  # that worker is counted out here, under the lock it checks too
                 self._jobs.put((work, args))
                 return
-        threading.Thread(target=self._work, args=(work, args), daemon=True).start()
+        try:
+            threading.Thread(target=self._work, args=(work, args), daemon=True).start()
+        except RuntimeError:  # no thread to be had (a task limit): the work was never started
+            with self._lock:
+                self._busy -= 1
+                if not self._busy:
+                    self._all_done.notify_all()
+            raise
 
     def _work(self, work: Callable[..., None], args: tuple) -> None:
         while True:
@@ -5728,6 +6938,7 @@ class ConnectionLoop:
         self._watched: dict[int, int] = {}  # a stream's sockets: descriptor -> events
         self.streams: set[RelayedStream] = set()
         self._stopped = False
+        self._post_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="connection-loop", daemon=True)
         self._thread.start()
 
@@ -5754,11 +6965,18 @@ class ConnectionLoop:
                 and type(client.connection) is TimedSocket)
 
     def _post(self, action: Callable[[], None], if_stopped: Callable[[], None]) -> None:
-        """``action`` on the loop's thread; ``if_stopped`` here instead once the server is closing."""
-        if self._stopped:  # nothing waits any more
+        """``action`` on the loop's thread; ``if_stopped`` here instead once the server is closing.
+
+        The lock makes the two exclusive: what ``close`` did not find in the inbox
+        is run here.
+        """
+        with self._post_lock:
+            posted = not self._stopped
+            if posted:
+                self._inbox.append(action)
+        if not posted:  # nothing waits any more
             if_stopped()
             return
-        self._inbox.append(action)
         with suppress(OSError):  # a full wake-up pipe already wakes the loop
             self._wake_writer.send(b"\0")
 
@@ -5822,7 +7040,20 @@ class ConnectionLoop:
         """The parked connection has something to read (a request, or its end): a thread takes it."""
         self.selector.unregister(connection)
         address, handler, _ = self._parked.pop(connection)
-        self.serve(connection, address, handler)
+        self._next_step(connection, handler, self.serve, connection, address, handler)
+
+    def _next_step(self, connection: socket.socket, handler: ProxyHandler | None,
+                   step: Callable[..., None], *args: object) -> None:
+        """Give ``connection`` its next step; if that fails, close it rather than lose it.
+
+        (A connection neither parked, served nor closed would hold its slot, and its
+        client would wait, for ever.)
+        """
+        try:
+            step(*args)
+        except Exception:
+            log.exception("connection loop: closing a connection whose next step failed")
+            self._end(connection, handler)
 
     def _end(self, connection: socket.socket, handler: ProxyHandler | None) -> None:
         if handler is not None:
@@ -5836,13 +7067,17 @@ class ConnectionLoop:
         stream, or waits here for that request (the handler waits with it: its
         watch stays registered, nothing is set up again).
         """
-        if stream not in self.streams:
+        if stream.closed:
             return
+        stream.closed = True  # (a stream the loop never started, handed in as it closed, too)
         self.streams.discard(stream)
         for sock in (stream.upstream, stream.client):
             self.watch(sock, 0, stream.on_upstream)
         handler, connection = stream.handler, stream.client
         handler.relayed = handler.held = None  # its writes go to the socket again
+        self._next_step(connection, handler, self._after_stream, connection, handler)
+
+    def _after_stream(self, connection: socket.socket, handler: ProxyHandler) -> None:
         handler.finish_call()
         if handler.close_connection:
             self._end(connection, handler)
@@ -5884,7 +7119,8 @@ class ConnectionLoop:
 
     def close(self) -> None:
         """Stop; parked connections close, relayed streams end as if their clients had left."""
-        self._stopped = True
+        with self._post_lock:
+            self._stopped = True
         with suppress(OSError):
             self._wake_writer.send(b"\0")
         self._thread.join()
@@ -5913,7 +7149,8 @@ class RelayedStream:
     """
 
     __slots__ = ("loop", "relay", "pump", "handler", "call", "upstream", "client", "out",
-                 "ended", "held_back", "upstream_deadline", "client_deadline", "__weakref__")
+                 "ended", "closed", "held_back", "upstream_deadline", "client_deadline",
+                 "__weakref__")
 
     def __init__(self, loop: ConnectionLoop, relay: Relay, pump: EventPump) -> None:
         self.loop, self.relay, self.pump = loop, relay, pump
@@ -5921,7 +7158,8 @@ class RelayedStream:
         self.upstream = relay.exchange.conn.sock  # type: ignore[union-attr]
         self.client = self.handler.connection
         self.out = self.handler.held = bytearray()  # the handler's writes, sent from here
-        self.ended = False
+        self.ended = False   # the upstream's part is over
+        self.closed = False  # ... and the call, and the connection's turn (stream_ended)
         self.held_back = False  # the pump stopped at HIGH_WATER: it may hold more without a read
         self.upstream_deadline = 0.0
         self.client_deadline: float | None = None
@@ -5949,6 +7187,8 @@ class RelayedStream:
                 if data is None:
                     self.finish(None)
                     return
+                if ok:
+                    self.relay.claim_answer()
                 self.handler.write_chunk(data)
                 call.served = call.served or ok
         except NeedMore:
@@ -6036,12 +7276,43 @@ def read_whole(response: UpstreamResponse, limit: int) -> bytes:
 
 
 def upstream_failure(error: BaseException) -> ProxyError:
-    """Map a transport failure to 502 or 504 without revealing socket or host details."""
+    """Map a transport failure to 502 or 504 without revealing socket or host details;
+    why (``failure_reason``) goes in its ``detail``, for the owner alone."""
     if isinstance(error, socket.timeout):
         return ProxyError(504, "The model server did not answer in time.", "upstream_error",
-                          "upstream_timeout")
+                          "upstream_timeout", detail=failure_reason(error))
     return ProxyError(502, "The model server could not be reached or sent an invalid response.",
-                      "upstream_error", "upstream_unavailable")
+                      "upstream_error", "upstream_unavailable", detail=failure_reason(error))
+
+
+# Transport failures, most specific first: the owner reads these words, the caller never does.
+FAILURE_REASONS: tuple[tuple[type, str], ...] = (
+    (http.client.RemoteDisconnected, "closed the connection without answering"),
+    (socket.timeout, "timed out"),
+    (TimeoutError, "timed out"),
+    (socket.gaierror, "name does not resolve"),
+    (ConnectionRefusedError, "connection refused"),
+    (ConnectionResetError, "connection reset"),
+    (http.client.HTTPException, "invalid HTTP answer"),
+)
+
+
+def failure_reason(error: BaseException) -> str:
+    """Why the upstream could not be reached, in a few words: from the exception's type,
+    OpenSSL's verify message and reason code, or the errno's name, and never from its text,
+    which may carry a host, a path or a URL."""
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return f"certificate verify failed: {error.verify_message or error.reason}"
+    if isinstance(error, TlsHandshakeFailed):
+        return f"TLS handshake failed: {error.args[0]}"
+    if isinstance(error, ssl.SSLError):
+        return f"TLS error: {error.reason or type(error).__name__}"
+    for kind, reason in FAILURE_REASONS:
+        if isinstance(error, kind):
+            return reason
+    if isinstance(error, OSError) and error.errno in errno.errorcode:
+        return os.strerror(error.errno).lower()
+    return type(error).__name__
 
 
 # --------------------------------------------------------------------------
@@ -6049,73 +7320,179 @@ def upstream_failure(error: BaseException) -> ProxyError:
 # --------------------------------------------------------------------------
 
 USAGE_FIELDS = ("requests", "served", "limited", "rejected", "error", "prompt_tokens",
-                "completion_tokens", "tokens_charged")
+                "completion_tokens", "tokens_charged", "cached_tokens", "reasoning_tokens", "cost")
 OUTCOME_COLUMNS = {outcome: USAGE_FIELDS.index(outcome)
                    for outcome in ("served", "limited", "rejected", "error")}
-PROMPT, COMPLETION, CHARGED = (USAGE_FIELDS.index(name) for name in
-                               ("prompt_tokens", "completion_tokens", "tokens_charged"))
-NO_TOKENS = (0, 0, 0)
+# What a request used, in this order: the amounts ``Ledger.add`` adds to their columns.
+AMOUNT_FIELDS = ("prompt_tokens", "completion_tokens", "tokens_charged", "cached_tokens",
+                 "reasoning_tokens", "cost")
+PROMPT, COMPLETION, CHARGED, CACHED, REASONING, COST = (USAGE_FIELDS.index(name) for name in AMOUNT_FIELDS)
+SERVED = USAGE_FIELDS.index("served")
+NO_AMOUNTS = (0, 0, 0, 0, 0, 0.0)
 OTHER = "_other"  # where identities without a name, or beyond the cap, are counted together
 MAX_IDENTITIES = 2_000  # callers the usage history and /metrics each tell apart; the rest are OTHER
+# Models one caller's history (and its cost in /metrics) tells apart; its others are OTHER.
+# A client names its model, so without a bound one key could fill the memory with names.
+MAX_MODELS_PER_CALLER = 8
+COST_DECIMALS = 9  # sums of prices are floats: shown rounded, so 0.1 + 0.2 reads 0.3
+
+
+def _zeros() -> list:
+    return [0] * (len(USAGE_FIELDS) - 1) + [0.0]
+
+
+def _added(sums: list, counts: list) -> None:
+    for column, count in enumerate(counts):
+        sums[column] += count
+
+
+def _usage_fields(counts: list) -> dict:
+    shown = dict(zip(USAGE_FIELDS, counts))
+    shown["cost"] = round(shown["cost"], COST_DECIMALS)
+    return shown
+
+
+def _restored_counts(values: object) -> list:
+    """Counts from STATE_FILE: whole numbers and a finite cost; an older file's shorter list
+    is padded (its requests had no cost, cached or reasoning tokens counted)."""
+    if not isinstance(values, list):
+        raise TypeError("counts are not a list")
+    counts = _zeros()
+    for column, value in enumerate(values[:len(USAGE_FIELDS)]):
+        counts[column] = float(value) if column == COST else int(value)
+    if not math.isfinite(counts[COST]):
+        raise ValueError("a cost is not a number")
+    return counts
 
 
 class Ledger:
-    """One caller's history: counts per local day (the last ``keep_days``) and in all."""
+    """One caller's history: counts per local day (the last ``keep_days``) and model, and in all.
 
-    __slots__ = ("key", "user", "days", "total", "last_seen")
+    ``days`` maps a day to its counts by model, and ``models`` a model to its counts of
+    all time (``total``: their sum). A model is named once the upstream served it to this caller or
+    the caller was limited asking for it (a name that went through the key's model
+    checks); refusals for names never seen count under OTHER, so that requests for
+    made-up models cannot take the caller's ``MAX_MODELS_PER_CALLER`` places.
+    """
+
+    __slots__ = ("key", "user", "days", "models", "last_seen")
 
     def __init__(self, key: str, user: str | None) -> None:
         self.key = key
         self.user = user
-        self.days: dict[str, list[int]] = {}
-        self.total = [0] * len(USAGE_FIELDS)
+        self.days: dict[str, dict[str, list]] = {}
+        self.models: dict[str, list] = {}
         self.last_seen: float | None = None
 
-    def add(self, day: str, outcome: int, tokens: tuple[int, int, int], keep_days: int) -> None:
-        """Count one request: ``outcome`` is its column in USAGE_FIELDS, ``tokens`` the last three."""
+    def model_label(self, model: str, names_model: bool) -> str:
+        """The name ``model``'s requests are counted under in this ledger."""
+        if model in self.models:
+            return model
+        named = len(self.models) - (OTHER in self.models)
+        return model if names_model and named < MAX_MODELS_PER_CALLER else OTHER
+
+    def add(self, day: str, model: str, outcome: int, amounts: tuple, keep_days: int) -> None:
+        """Count one request: ``outcome`` is its column in USAGE_FIELDS, ``amounts`` as AMOUNT_FIELDS.
+
+        ``model`` is already its label (``model_label``).
+        """
         today = self.days.get(day)
         if today is None:
-            today = self.days[day] = [0] * len(USAGE_FIELDS)
+            today = self.days[day] = {}
             if len(self.days) > keep_days:  # dates sort as text: drop the oldest
                 for old in sorted(self.days)[:len(self.days) - keep_days]:
                     del self.days[old]
-        total = self.total  # in place and unrolled: this runs on every request
-        today[0] += 1  # requests
-        total[0] += 1
-        today[outcome] += 1
-        total[outcome] += 1
-        if tokens != NO_TOKENS:
-            prompt, completion, charged = tokens
-            today[PROMPT] += prompt
-            total[PROMPT] += prompt
-            today[COMPLETION] += completion
-            total[COMPLETION] += completion
-            today[CHARGED] += charged
-            total[CHARGED] += charged
+        counts = today.get(model)
+        if counts is None:
+            counts = today[model] = _zeros()
+        in_all = self.models.get(model)
+        if in_all is None:
+            in_all = self.models[model] = _zeros()
+        for row in (counts, in_all):  # in place and unrolled: this runs on every request
+            row[0] += 1  # requests
+            row[outcome] += 1
+        if amounts != NO_AMOUNTS:
+            prompt, completion, charged, cached, reasoning, cost = amounts
+            for row in (counts, in_all):
+                row[PROMPT] += prompt
+                row[COMPLETION] += completion
+                row[CHARGED] += charged
+                row[CACHED] += cached
+                row[REASONING] += reasoning
+                row[COST] += cost
+
+    @property
+    def total(self) -> list:
+        """Counts of all time, over every model."""
+        total = _zeros()
+        for counts in list(self.models.values()):
+            _added(total, counts)
+        return total
 
     def summary(self, today: str, days: Sequence[str]) -> dict:
-        """Usage today, over the last 7 and 30 days and in all, and the daily series."""
-        empty = [0] * len(USAGE_FIELDS)
+        """Usage today, over the last 7 and 30 days and in all, each with ``by_model``; and the
+        daily series, with its cost by model."""
 
         def over(span: Sequence[str]) -> dict:
-            sums = empty
-            for day in span:
-                sums = list(map(operator.add, sums, self.days.get(day, empty)))
-            return dict(zip(USAGE_FIELDS, sums))
-        served, charged = USAGE_FIELDS.index("served"), USAGE_FIELDS.index("tokens_charged")
-        daily = [(day, self.days.get(day, empty)) for day in days]
-        return {"usage": {"today": over([today]), "last_7_days": over(days[-7:]),
-                          "last_30_days": over(days), "all_time": dict(zip(USAGE_FIELDS, self.total))},
-                "daily": [{"date": day, "served": counts[served], "tokens_charged": counts[charged]}
-                          for day, counts in daily],
+            by_model: dict[str, list] = {}
+            for day in span:  # (list(): a request may add a model meanwhile)
+                for model, counts in list(self.days.get(day, {}).items()):
+                    _added(by_model.setdefault(model, _zeros()), counts)
+            return _usage_of(by_model)
+        usage = {"today": over([today]), "last_7_days": over(days[-7:]), "last_30_days": over(days),
+                 "all_time": dict(_usage_fields(self.total), by_model={
+                     model: _usage_fields(counts) for model, counts in sorted(self.models.items())})}
+        return {"usage": usage, "daily": [self.daily(day) for day in days],
                 "last_seen": _iso_time(self.last_seen) if self.last_seen else None}
+
+    def daily(self, day: str) -> dict:
+        by_model = {model: {"served": counts[SERVED], "tokens_charged": counts[CHARGED],
+                            "cost": round(counts[COST], COST_DECIMALS)}
+                    for model, counts in sorted(list(self.days.get(day, {}).items()))}
+        entry = {"date": day, "served": sum(m["served"] for m in by_model.values()),
+                 "tokens_charged": sum(m["tokens_charged"] for m in by_model.values()),
+                 "cost": round(sum(m["cost"] for m in by_model.values()), COST_DECIMALS)}
+        entry["by_model"] = by_model
+        return entry
+
+    def dump(self) -> dict:
+        return {"key": self.key, "user": self.user, "days": self.days, "total": self.total,
+                "models": self.models, "last_seen": self.last_seen}
+
+    @classmethod
+    def restored(cls, entry: dict) -> Ledger:
+        """A ledger from STATE_FILE; one saved before models were told apart has its days'
+        counts under OTHER."""
+        ledger = cls(str(entry["key"]), entry.get("user"))
+        for day, counts in entry["days"].items():
+            by_model = counts if isinstance(counts, dict) else {OTHER: counts}
+            ledger.days[str(day)] = {str(model): _restored_counts(c) for model, c in by_model.items()}
+        total = _restored_counts(entry["total"])  # (the sum of ``models``, or an older file's all)
+        models = entry.get("models")
+        if models is None:  # an older file: all of it under OTHER
+            models = {OTHER: total}
+        ledger.models = {str(model): _restored_counts(c) for model, c in models.items()}
+        seen = entry.get("last_seen")
+        ledger.last_seen = float(seen) if seen is not None else None
+        return ledger
+
+
+def _usage_of(by_model: dict[str, list]) -> dict:
+    """Counts by model as the report shows them: their sums, and ``by_model``."""
+    sums = _zeros()
+    for counts in by_model.values():
+        _added(sums, counts)
+    return dict(_usage_fields(sums), by_model={model: _usage_fields(counts)
+                                               for model, counts in sorted(by_model.items())})
 
 
 class UsageBook:
     """Who used what, per identity: kept in STATE_FILE, bounded in memory.
 
     Identities are the buckets' (a key's digest, or a user's under an app key);
-    past ``max_identities`` new ones are counted together under ``_other``.
+    past ``max_identities`` new keys are counted together under ``_other``, and new
+    users under an app key together under that app's ``_other`` user (so that an
+    app's own calls stay its ledger's counts less its users').
     """
 
     def __init__(self, keep_days: int = 90, max_identities: int = MAX_IDENTITIES) -> None:
@@ -6125,18 +7502,27 @@ class UsageBook:
         self._lock = threading.Lock()
 
     def record(self, identity: str, key: str, user: str | None, day: str, now: float,
-               outcome: int, tokens: tuple[int, int, int]) -> None:
+               outcome: int, amounts: tuple, model: str = "", names_model: bool = True) -> str:
+        """Count one request; returns the label its model was counted under.
+
+        An app key's users are recorded with the label the app's ledger gave (record the
+        app first), so that a user's models are always among the app's.
+        """
         with self._lock:
             ledger = self._ledgers.get(identity)
             if ledger is None:
                 if len(self._ledgers) >= self.max_identities:
-                    identity, key, user = OTHER, OTHER, None
-                    ledger = self._ledgers.get(OTHER)
+                    app, _, _ = identity.partition("/user:")
+                    identity, user = (f"{app}/user:{OTHER}", OTHER) if user is not None else (OTHER, None)
+                    key = key if user is not None else OTHER
+                    ledger = self._ledgers.get(identity)
                 if ledger is None:
                     ledger = self._ledgers[identity] = Ledger(key, user)
             ledger.key = key  # a key renamed in the file is shown renamed; a user as first sent
-            ledger.add(day, outcome, tokens, self.keep_days)
+            label = ledger.model_label(model, names_model)
+            ledger.add(day, label, outcome, amounts, self.keep_days)
             ledger.last_seen = now
+            return label
 
     def get(self, identity: str) -> Ledger | None:
         return self._ledgers.get(identity)
@@ -6147,21 +7533,53 @@ class UsageBook:
 
     def dump(self) -> dict:
         with self._lock:
-            return {identity: {"key": l.key, "user": l.user, "days": l.days, "total": l.total,
-                               "last_seen": l.last_seen} for identity, l in self._ledgers.items()}
+            return {identity: ledger.dump() for identity, ledger in self._ledgers.items()}
 
     def load(self, saved: dict) -> None:
-        restored = {}
-        for identity, entry in saved.items():
-            ledger = Ledger(str(entry["key"]), entry.get("user"))
-            ledger.days = {str(day): [int(c) for c in counts][:len(USAGE_FIELDS)]
-                           for day, counts in entry["days"].items()}
-            ledger.total = [int(c) for c in entry["total"]][:len(USAGE_FIELDS)]
-            seen = entry.get("last_seen")
-            ledger.last_seen = float(seen) if seen is not None else None
-            restored[str(identity)] = ledger
+        restored = {str(identity): Ledger.restored(entry) for identity, entry in saved.items()}
         with self._lock:
             self._ledgers.update(restored)
+
+    def rows(self, first: str, last: str, names: dict[str, str]) -> list[tuple]:
+        """(day, key, user or "", model, counts) for each day from ``first`` to ``last`` (YYYY-MM-DD,
+        inclusive), sorted; ``names`` are the keys' names now, by identity.
+
+        An app key's ledger counts its users' requests too: its own row keeps what is left
+        when theirs are taken out (its calls made without a user), so that no request is
+        in two rows.
+        """
+        by_caller: dict[tuple[str, str | None], dict[tuple[str, str], list]] = {}
+        users: dict[str, list[Ledger]] = {}
+        ledgers = self.items()
+        for identity, ledger in ledgers:
+            app, _, _ = identity.partition("/user:")
+            if app != identity:
+                users.setdefault(app, []).append(ledger)
+        for identity, ledger in ledgers:
+            app, _, _ = identity.partition("/user:")
+            key = names.get(app) or ledger.key
+            counts = by_caller.setdefault((key, ledger.user if app != identity else None), {})
+            its_users = users.get(identity, ()) if app == identity else ()
+            for day, by_model in list(ledger.days.items()):  # (list(): requests go on meanwhile)
+                if first <= day <= last:
+                    for model, row in list(by_model.items()):
+                        cell = counts.get((day, model))
+                        if cell is None:
+                            counts[(day, model)] = cell = row[:]
+                        else:  # (two keys of one name)
+                            _added(cell, row)
+                        for user in its_users:
+                            _subtract(cell, user.days.get(day, {}).get(model))
+        rows = [(day, key, user or "", model, row) for (key, user), counts in by_caller.items()
+                for (day, model), row in counts.items() if row[0] > 0]
+        rows.sort(key=operator.itemgetter(0, 1, 2, 3))
+        return rows
+
+
+def _subtract(sums: list, counts: list | None) -> None:
+    if counts is not None:
+        for column, count in enumerate(counts):
+            sums[column] -= count
 
 
 def _iso_time(wall: float) -> str:
@@ -6234,6 +7652,7 @@ class Metrics:
         # series by key, user, endpoint, outcome and upstream (None: answered by the proxy itself)
         self.requests: dict[tuple[str, str | None, str, str, str | None], int] = {}
         self.tokens: dict[tuple[str, str | None], list[int]] = {}  # prompt, completion, charged
+        self.cost: dict[str, dict[str, float]] = {}  # key -> model -> cost, in the currency
         self.duration: dict[str | None, Histogram] = {}    # by upstream, as requests are
         self.first_byte: dict[str | None, Histogram] = {}
         self._lock = threading.Lock()
@@ -6247,11 +7666,19 @@ class Metrics:
                              if counts[index]), key=str)
             return requests, tokens, copy.deepcopy(self.duration), copy.deepcopy(self.first_byte)
 
+    def cost_series(self) -> list[tuple[tuple[str, str], float]]:
+        """((key, model), cost) for one scrape, sorted."""
+        with self._lock:
+            return sorted(((key, model), cost) for key, models in self.cost.items()
+                          for model, cost in models.items())
+
     def record(self, key: str, user: str | None, endpoint: str, outcome: str, prompt: int,
                completion: int, charged: int, duration: float, first_byte: float | None,
-               upstream: str | None = None) -> None:
+               model: str = "", cost: float = 0.0, upstream: str | None = None) -> None:
         with self._lock:
             key, user = self._counted_as(key, user)
+            if cost:  # by key, not user: an app's thousands of users are not multiplied by models
+                self.add_cost(key, model, cost)
             series = (key, user, endpoint, outcome, upstream)
             self.requests[series] = self.requests.get(series, 0) + 1
             if prompt or completion or charged:
@@ -6264,6 +7691,12 @@ class Metrics:
             self.duration.setdefault(upstream, Histogram()).observe(duration)
             if first_byte is not None:
                 self.first_byte.setdefault(upstream, Histogram()).observe(first_byte)
+
+    def add_cost(self, key: str, model: str, cost: float) -> None:
+        models = self.cost.setdefault(key, {})
+        if model not in models and len(models) >= MAX_MODELS_PER_CALLER:
+            model = OTHER
+        models[model] = models.get(model, 0.0) + cost
 
     def _counted_as(self, key: str, user: str | None) -> tuple[str, str | None]:
         """The labels a caller's requests are counted under: its own, or OTHER's past the cap.
@@ -6315,77 +7748,300 @@ def _histogram(name: str, help_text: str, histograms: dict[str | None, Histogram
     return lines
 
 
+# The export's columns after date, key, user and model: counts from the usage history.
+CSV_COUNTS = ("requests", "served", "limited", "prompt_tokens", "cached_tokens",
+              "completion_tokens", "reasoning_tokens", "cost")
+CSV_HEADERS = [("Content-Type", "text/csv; charset=utf-8"),
+               ("Content-Disposition", 'attachment; filename="usage.csv"'), ("Cache-Control", "no-store")]
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # what a spreadsheet reads as a formula
+
+
+def spreadsheet_text(value: str) -> str:
+    """A name for a CSV cell that no spreadsheet runs as a formula: a leading ' if it could be one.
+
+    Key names come from the keys file, users and models from clients: ``=HYPERLINK(...)``
+    as a user name would otherwise run when the owner opens the export.
+    """
+    return "'" + value if value.startswith(FORMULA_STARTS) else value
+
+
+def cost_text(cost: float) -> str:
+    """A cost for the export: a plain decimal (never 1e-05), rounded as the report rounds it."""
+    return f"{max(0.0, round(cost, COST_DECIMALS)):.{COST_DECIMALS}f}".rstrip("0").rstrip(".")
+# What answers each edit of one key, by method and action: /admin/api/keys/{name}[/{action}].
+KEY_REQUESTS = {("PATCH", ""): "change_key", ("DELETE", ""): "remove_key",
+                ("POST", "disable"): "switch_key", ("POST", "enable"): "switch_key",
+                ("POST", "rotate"): "rotate_key", ("POST", "topup"): "top_up_key"}
+KEY_ERROR_CODES = {400: "invalid_key_settings", 404: "key_not_found", 409: "name_in_use"}
+
+
 class AdminView:
     """What the owner sees: the usage report (JSON) and the metrics (Prometheus text)."""
 
-    def __init__(self, server: ProxyServer) -> None:
-        self.server = server
+    def __init__(self, config: Config, keyring: KeyRing, buckets: BucketStore, usage: UsageBook,
+                 metrics: Metrics, upstreams: UpstreamRegistry, models_file: ModelsFile,
+                 wall_clock: Callable[[], float]) -> None:
+        self.config, self.keyring, self.buckets = config, keyring, buckets
+        self.usage, self.metrics, self.upstreams = usage, metrics, upstreams
+        self.models_file, self.wall_clock = models_file, wall_clock
+        self.alerts: AlertWatch | None = None  # set by the server when ALERT_WEBHOOK_URL is (it asks
+                                               # this view for the currency: made after it)
 
     def record(self, call: Call) -> None:
         """Count one finished request in the history and the metrics."""
-        server = self.server
         if not call.identity:  # refused before anyone was identified: nobody to count it for
             return
         usage = call.meter.reported if call.meter is not None else None
         prompt, completion = (usage.input, usage.output) if usage is not None else (0, 0)
-        charged, outcome = call.tokens_paid, call.result
-        tokens = (prompt, completion, charged)
+        charged, outcome, cost = call.tokens_paid, call.result, call.cost
+        amounts = NO_AMOUNTS if usage is None and not charged and not cost else (
+            prompt, completion, charged, usage.cached_input if usage else 0,
+            usage.reasoning if usage else 0, cost)
         now = call.arrived  # a request counts on the day it arrived
         key = call.app[1] if call.app is not None else call.policy
         named = key is not None and bool(key.name)
+        model = loggable(call.model or "")
         if call.endpoint in METERED_ENDPOINTS:  # the history counts calls to the model, not quota checks
             day = local_day(now)
             column = OUTCOME_COLUMNS[outcome]
-            server.usage.record(call.identity, call.label, call.user, day, now, column, tokens)
+            names_model = outcome in ("served", "limited")  # a name that passed the key's checks
             if call.app is not None:  # an app key's history includes all of its users'
-                server.usage.record(call.app[0], call.label, None, day, now, column, tokens)
+                model = self.usage.record(call.app[0], call.label, None, day, now, column,
+                                            amounts, model, names_model)
+            model = self.usage.record(call.identity, call.label, call.user, day, now, column,
+                                        amounts, model, names_model or call.app is not None)
         first_byte = call.first_byte - call.started if call.first_byte is not None else None
         upstream = call.upstream
         if upstream is not None:
             upstream.state.count(prompt + completion)
-        server.metrics.record(call.label if named else OTHER, call.user if named else None,
-                              call.endpoint, outcome, prompt, completion, charged, call.seconds,
-                              first_byte, upstream.name if upstream is not None else None)
+        self.metrics.record(call.label if named else OTHER, call.user if named else None,
+                            call.endpoint, outcome, prompt, completion, charged, call.seconds,
+                            first_byte, model, cost, upstream.name if upstream is not None else None)
+        if self.alerts is not None and call.identity and (call.charge is not None or call.limited):
+            self.alerts.check(call, self.buckets, self.config.mode)
 
-    def answer(self, path: str, method: str, headers: Headers) -> tuple[list[tuple[str, str]], bytes]:
+    def answer(self, path: str, method: str, headers: Headers,
+               query: str = "") -> tuple[list[tuple[str, str]], bytes]:
         """The owner's routes: they exist only with ADMIN_KEY, and no client key opens them."""
-        admin_key = self.server.config.admin_key
+        admin_key = self.config.admin_key
         if not admin_key:
             raise ProxyError(404, f"Unknown path {path}", code="not_found")
         if method not in ("GET", "HEAD"):
             raise ProxyError(405, f"{path} takes GET", code="method_not_allowed")
         if path == "/admin":  # the page holds no data: it asks for the key, then calls the API
             return DASHBOARD_HEADERS, DASHBOARD_HTML
+        self.require_admin_key(headers, admin_key)
+        if path == "/metrics":
+            return [METRICS_TYPE], self.metrics_text().encode("utf-8")
+        if path == "/admin/api/usage.csv":
+            first, last = self.date_range(query)
+            return CSV_HEADERS, self.usage_csv(first, last).encode("utf-8")
+        return [JSON_TYPE], json_bytes(self.usage_report())
+
+    @staticmethod
+    def require_admin_key(headers: Headers, admin_key: str) -> None:
         token = bearer_token(headers.get("Authorization"))
         if token is None or not same_secret(token, admin_key):
             raise ProxyError(401, "This needs the admin key.", "authentication_error",
                              "invalid_admin_key")
-        if path == "/metrics":
-            return [METRICS_TYPE], self.metrics_text().encode("utf-8")
-        return [JSON_TYPE], json_bytes(self.usage_report())
+
+    # -- the keys, over HTTP ---------------------------------------------------
+
+    def keys_request(self, method: str, rest: str, headers: Headers, body: bytes) -> tuple[int, object]:
+        """``/admin/api/keys[/{name}[/{action}]]``: what ``keys`` does, for scripts.
+
+        Each edit is the command's own (the same lock, the same atomic write), and the
+        key ring re-reads the file at once, so a change applies before the answer.
+        ``{name}`` is a key's name, else its id (for names a URL cannot carry).
+        """
+        config = self.config
+        if not config.admin_key:
+            raise ProxyError(404, f"Unknown path /admin/api/keys{rest}", code="not_found")
+        self.require_admin_key(headers, config.admin_key)
+        if not config.keys_file:
+            raise ProxyError(404, "This proxy has no KEYS_FILE; set one to manage keys here.",
+                             code="not_found")
+        fields = self.request_fields(body)
+        segments = rest.strip("/").split("/") if rest.strip("/") else []
+        if not segments:
+            if method in READING:
+                return 200, {"keys": [self.key_listing(stored, entry) for stored, entry
+                                      in self.keys_file().entries.items()]}
+            return 201, self.edit_keys(lambda keys: self.create_key(keys, fields))
+        action = KEY_REQUESTS.get((method, segments[1] if len(segments) == 2 else ""))
+        if action is None or len(segments) > 2:
+            raise ProxyError(404, f"Unknown path /admin/api/keys{rest}", code="not_found")
+        return 200, self.edit_keys(lambda keys: getattr(self, action)(keys, segments[0], segments[-1],
+                                                                         fields))
+
+    @staticmethod
+    def request_fields(body: bytes) -> dict:
+        """A JSON object, or nothing (no body, for the actions that take no fields)."""
+        if not body.strip():
+            return {}
+        fields = parse_body(body)
+        if not isinstance(fields, dict):
+            raise ProxyError(400, "request body must be a JSON object", code="invalid_json")
+        return fields
+
+    def edit_keys(self, edit: Callable[[KeysFile], Callable[[], dict]]) -> dict:
+        """One edit of KEYS_FILE under the command's lock, then the key ring re-reads it; the
+        answer is made after that, so that it shows the levels under the new limits."""
+        path = self.config.keys_file
+        assert path is not None
+        try:
+            with edit_lock(path):
+                answer = edit(self.keys_file())
+                self.keyring.reload_if_changed(force=True)
+                return answer()
+        except ConfigError as error:
+            status = KEY_ERROR_STATUS.get(type(error), 400)
+            raise ProxyError(status, str(error), code=KEY_ERROR_CODES[status]) from None
+        except OSError as error:
+            log.error("KEYS_FILE %s: cannot write it (%s)", path, error.strerror)
+            raise ProxyError(500, "The keys file cannot be written; the proxy's log says why.",
+                             "server_error") from None
+
+    def keys_file(self) -> KeysFile:
+        """KEYS_FILE as it is now; a file that is no JSON object is the server's fault (a 500)."""
+        path = self.config.keys_file
+        assert path is not None
+        try:
+            return KeysFile(path, self.config)
+        except ConfigError as error:
+            log.error("KEYS_FILE %s: %s", path, error)
+            raise ProxyError(500, "The keys file is broken; the proxy's log says why.",
+                             "server_error") from None
+
+    def key_listing(self, stored: str, entry: object) -> dict:
+        """One entry as ``GET /admin/api/keys`` shows it: its settings and levels, never its key
+        or the key's digest."""
+        entry = entry if isinstance(entry, dict) else {}
+        entry_id = entry.get("id")
+        handle = entry_id if isinstance(entry_id, str) else None
+        if handle is None:
+            with suppress(ConfigError):  # a hand edit the proxy refused: no levels to show
+                handle = stored_secret(stored)[0]
+        policy = self.keyring.policy_by_handle(handle) if handle else None
+        windows = entry.get("buckets") or [{k: entry[k] for k in TOKEN_LIMITS if k in entry}]
+        return {"name": entry.get("name"), "id": entry.get("id"), "email": entry.get("email"),
+                "enabled": entry.get("enabled", True), "expires": entry.get("expires"),
+                "models": entry.get("models"), "max_concurrent": entry.get("max_concurrent"),
+                "windows": windows,
+                "buckets": None if policy is None else self.buckets.peek("key:" + handle,
+                                                                                policy.buckets)}
+
+    def create_key(self, keys: KeysFile, fields: dict) -> Callable[[], dict]:
+        name = checked_name(fields.pop("name", None))
+        options = key_options(fields, (*KEY_OPTIONS, "email"))
+        entry = new_entry(name, options)
+        key = keys.add(name, {k: v for k, v in entry.items() if k != "name"})
+        log.info("admin API: added the key %r", name)
+        return lambda: {"key": key, **self.key_listing(hashed_key(key), entry)}
+
+    def change_key(self, keys: KeysFile, name: str, action: str, fields: dict) -> Callable[[], dict]:
+        options = key_options(fields, (*KEY_OPTIONS, "email", "window"))
+        if not options:
+            raise ConfigError(f"say what to change: {', '.join((*KEY_OPTIONS, 'email', 'window'))}")
+        stored = keys.find_one(name)[0]
+        entry = keys.replace(name, lambda entry: changed_entry(entry, options))
+        log.info("admin API: changed the key %r", name)
+        return lambda: self.key_listing(stored, entry)
+
+    def top_up_key(self, keys: KeysFile, name: str, action: str, fields: dict) -> Callable[[], dict]:
+        options = key_options(fields, ("amount", "window"))
+        if "amount" not in options:
+            raise ConfigError("say how much to add: {\"amount\": ...}")
+        stored = keys.find_one(name)[0]
+        entry = keys.replace(name, lambda entry: raised_limit(
+            entry, options["amount"], options.get("window"), self.config)[0])
+        log.info("admin API: topped up the key %r", name)
+        return lambda: self.key_listing(stored, entry)
+
+    def rotate_key(self, keys: KeysFile, name: str, action: str, fields: dict) -> Callable[[], dict]:
+        key_options(fields, ())
+        key, entry = keys.rotate(name)
+        log.info("admin API: a new key for %r", name)
+        return lambda: {"key": key, **self.key_listing(hashed_key(key), entry)}
+
+    def switch_key(self, keys: KeysFile, name: str, action: str, fields: dict) -> Callable[[], dict]:
+        key_options(fields, ())
+        count = keys.update(name, enabled=action == "enable")
+        log.info("admin API: %sd the key %r", action, name)
+        return lambda: {"name": name, "enabled": action == "enable", "count": count}
+
+    def remove_key(self, keys: KeysFile, name: str, action: str, fields: dict) -> Callable[[], dict]:
+        key_options(fields, ())
+        count = keys.remove(name)
+        log.info("admin API: removed the key %r", name)
+        return lambda: {"name": name, "removed": count}
+
+    def currency(self) -> str | None:
+        """What costs are counted in: MODELS_FILE's currency, None while no price is known."""
+        catalog = self.models_file.catalog
+        return catalog.currency if catalog.models else None
+
+    # -- the usage export ------------------------------------------------------
+
+    def date_range(self, query: str) -> tuple[str, str]:
+        """``from`` and ``to`` (YYYY-MM-DD, both optional, inclusive); anything else is a 400.
+
+        Unset, they are the first day the history keeps and today.
+        """
+        try:
+            pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
+        except ValueError:
+            pairs = [("", "")]
+        names = [name for name, _ in pairs]
+        if any(name not in ("from", "to") for name in names) or len(set(names)) != len(names):
+            raise ProxyError(400, "usage.csv takes from=YYYY-MM-DD and to=YYYY-MM-DD, once each",
+                             code="invalid_query")
+        chosen = dict(pairs)
+        today = local_day(self.wall_clock())
+        first = chosen.get("from") or last_days(self.wall_clock(), self.usage.keep_days)[0]
+        last = chosen.get("to") or today
+        for name, day in (("from", first), ("to", last)):
+            if not _is_date(day):
+                raise ProxyError(400, f"{name} must be a date, YYYY-MM-DD", code="invalid_date",
+                                 param=name)
+        if first > last:
+            raise ProxyError(400, "from is after to", code="invalid_date", param="from")
+        return first, last
+
+    def usage_csv(self, first: str, last: str) -> str:
+        """One row per day, key, user and model, from the usage history (``UsageBook.rows``)."""
+        names = {"key:" + digest: policy.name or digest[:12]
+                 for digest, policy in self.keyring.entries()}
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\r\n")
+        writer.writerow(("date", "key", "user", "model") + CSV_COUNTS)
+        columns = operator.itemgetter(*(USAGE_FIELDS.index(name) for name in CSV_COUNTS[:-1]))
+        writer.writerows([day, spreadsheet_text(key), spreadsheet_text(user), spreadsheet_text(model),
+                          *columns(counts), cost_text(counts[COST])]
+                         for day, key, user, model, counts in self.usage.rows(first, last, names))
+        return out.getvalue()
 
     # -- the usage report ------------------------------------------------------
 
     def usage_report(self) -> dict:
-        server = self.server
-        now = server.wall_clock()
+        now = self.wall_clock()
         today, days = local_day(now), last_days(now, 30)
         keys = []
         listed = set()
-        for digest, policy in server.keyring.entries():
-            identity = "key:" + digest
+        for handle, policy in self.keyring.entries():
+            identity = "key:" + handle
             listed.add(identity)
-            keys.append(self.caller(identity, policy.name or digest[:12], policy, today, days))
-        for identity, ledger in server.usage.items():  # callers no longer (or never) in the file
+            keys.append(self.caller(identity, policy.name or handle[:12], policy, today, days))
+        for identity, ledger in self.usage.items():  # callers no longer (or never) in the file
             if identity not in listed and "/user:" not in identity:
-                keys.append(self.caller(identity, ledger.key, server.keyring.policy_of(identity),
+                keys.append(self.caller(identity, ledger.key, self.keyring.policy_of(identity),
                                         today, days))
-        upstream = server.upstreams.default
-        return {"now": _iso_time(now),
+        upstream = self.upstreams.default
+        return {"now": _iso_time(now), "currency": self.currency(),
                 "upstream": {"url": upstream.target.display, "up": upstream.state.up,
                              "last_error": upstream.state.last_error},
-                "upstreams": [self.upstream_entry(each) for each in server.upstreams],
-                "in_flight": server.upstreams.in_flight, "queued": server.upstreams.waiting,
+                "upstreams": [self.upstream_entry(each) for each in self.upstreams],
+                "in_flight": self.upstreams.in_flight, "queued": self.upstreams.waiting,
                 "keys": keys}
 
     @staticmethod
@@ -6399,26 +8055,25 @@ class AdminView:
 
     def caller(self, identity: str, name: str, policy: Policy, today: str, days: list[str],
                with_users: bool = True) -> dict:
-        server = self.server
-        in_flight, queued = server.upstreams.counts(identity)
-        ledger = server.usage.get(identity) or Ledger(name, None)
+        in_flight, queued = self.upstreams.counts(identity)
+        ledger = self.usage.get(identity) or Ledger(name, None)
         entry = {"name": name, "enabled": policy.enabled, "expires": policy.expires,
                  "models": None if policy.models is None else list(policy.models),
                  "max_concurrent": policy.max_concurrent or None, "in_flight": in_flight,
-                 "queued": queued, "buckets": server.buckets.peek(identity, policy.buckets)}
+                 "queued": queued, "buckets": self.buckets.peek(identity, policy.buckets)}
         entry.update(ledger.summary(today, days))
         if with_users and policy.users is not None:
             prefix = identity + "/user:"
             entry["users"] = [
                 self.caller(user_id, ledger.user or "?", policy.users.policy_for(user_id[len(prefix):]),
                             today, days, with_users=False)
-                for user_id, ledger in server.usage.items() if user_id.startswith(prefix)]
+                for user_id, ledger in self.usage.items() if user_id.startswith(prefix)]
         return entry
 
     # -- Prometheus ------------------------------------------------------------
 
     def metrics_text(self) -> str:
-        server, metrics = self.server, self.server.metrics
+        metrics = self.metrics
         requests, tokens, duration, first_byte = metrics.snapshot()
         lines = _family("llm_proxy_requests_total", "counter",
                         "Requests by key, endpoint, outcome and the upstream that answered.",
@@ -6428,9 +8083,13 @@ class AdminView:
         lines += _family("llm_proxy_tokens_total", "counter",
                          "Tokens by key: prompt and completion as the upstream reported, charged after settling.",
                          ((_labels((("key", k), ("user", u), ("type", t))), n) for (k, u, t), n in tokens))
+        lines += _family("llm_proxy_cost_total", "counter",
+                         "What each key's requests cost, by model, in MODELS_FILE's currency.",
+                         ((_labels((("key", k), ("model", m))), round(c, COST_DECIMALS))
+                          for (k, m), c in metrics.cost_series()))
         lines += _family("llm_proxy_bucket_tokens", "gauge", "Tokens left in each named key's windows.",
                          self.bucket_samples())
-        upstreams = list(server.upstreams)
+        upstreams = list(self.upstreams)
         lines += _family("llm_proxy_in_flight", "gauge", "Requests at each upstream now.",
                          ((_labels((("upstream", u.name),)), u.gate.in_flight) for u in upstreams))
         lines += _family("llm_proxy_queued", "gauge", "Requests waiting for a slot at each upstream.",
@@ -6446,20 +8105,19 @@ class AdminView:
         return "\n".join(lines) + "\n"
 
     def bucket_samples(self) -> Iterator[tuple[str, float]]:
-        server = self.server
-        for digest, policy in server.keyring.entries():
+        for handle, policy in self.keyring.entries():
             if not policy.name:
                 continue
-            identity = "key:" + digest
-            for index, level in enumerate(server.buckets.peek(identity, policy.buckets)):
+            identity = "key:" + handle
+            for index, level in enumerate(self.buckets.peek(identity, policy.buckets)):
                 yield _labels((("key", policy.name), ("window", level["name"] or str(index)))), level["tokens"]
             if policy.users is None:
                 continue
             prefix = identity + "/user:"
-            for user_id, ledger in server.usage.items():
+            for user_id, ledger in self.usage.items():
                 if user_id.startswith(prefix):
                     specs = policy.users.policy_for(user_id[len(prefix):]).buckets
-                    for index, level in enumerate(server.buckets.peek(user_id, specs)):
+                    for index, level in enumerate(self.buckets.peek(user_id, specs)):
                         yield (_labels((("key", policy.name), ("user", ledger.user),
                                         ("window", level["name"] or str(index)))), level["tokens"])
 
@@ -6496,6 +8154,13 @@ const SVG = "http://www.w3.org/2000/svg";
 const svg = (tag, attrs) => { const e = document.createElementNS(SVG, tag);
   for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v); return e; };
 const fmt = n => Number(n).toLocaleString();
+const plain = n => Number(n).toLocaleString(undefined, {maximumFractionDigits: 4});
+let money = plain;
+function moneyIn(code) {
+  if (!code) return plain;
+  try { const f = new Intl.NumberFormat(undefined, {style: "currency", currency: code, maximumFractionDigits: 4}); return n => f.format(n); }
+  catch (error) { return n => plain(n) + " " + code; }
+}
 const wait = s => s <= 0 ? "full" : s < 90 ? Math.ceil(s) + " s" : s < 5400 ? Math.ceil(s / 60) + " min" : (s / 3600).toFixed(1) + " h";
 const ago = t => { if (!t) return "never"; const s = (Date.now() - Date.parse(t)) / 1000;
   return s < 60 ? "just now" : s < 3600 ? Math.floor(s / 60) + " min ago" : s < 86400 ? Math.floor(s / 3600) + " h ago" : Math.floor(s / 86400) + " d ago"; };
@@ -6513,11 +8178,12 @@ function login(event) {
 async function refresh() {
   const key = sessionStorage.getItem("llm_proxy_admin");
   document.getElementById("login").hidden = !!key;
+  document.getElementById("logout").hidden = !key;
   if (!key) return;
   try {
     const answer = await fetch("/admin/api/usage", {headers: {"Authorization": "Bearer " + key}, cache: "no-store"});
     if (answer.status === 401) { sessionStorage.removeItem("llm_proxy_admin");
-      document.getElementById("login").hidden = false;
+      document.getElementById("login").hidden = false; document.getElementById("logout").hidden = true;
       document.getElementById("message").textContent = "That admin key was not accepted."; return; }
     if (!answer.ok) throw new Error("HTTP " + answer.status);
     render(await answer.json());
@@ -6531,7 +8197,7 @@ function windows(buckets) {
   for (const b of buckets) {
     const share = b.capacity ? Math.max(0, Math.min(1, b.tokens / b.capacity)) : 0;
     const fill = $("div", {class: "fill"}); fill.style.width = (share * 100).toFixed(1) + "%";
-    cell.append($("div", {class: "win"}, $("div", {class: "small"}, (b.name || "window") + ": " + fmt(b.tokens) + " / " + fmt(b.capacity) + (b.seconds_to_full > 0 ? " \\u00b7 full in " + wait(b.seconds_to_full) : "")),
+    cell.append($("div", {class: "win"}, $("div", {class: "small"}, (b.name || "window") + ": " + fmt(b.tokens) + " / " + fmt(b.capacity) + (b.seconds_to_full > 0 ? " \\u00b7 full in " + wait(b.seconds_to_full) : b.seconds_to_full === null ? " \\u00b7 never refills" : "")),
       $("div", {class: "track"}, fill)));
   }
   return cell;
@@ -6543,6 +8209,8 @@ function row(entry, isUser) {
     windows(entry.buckets), $("td", {}, entry.in_flight + " / " + entry.queued),
     $("td", {}, fmt(u.today.requests) + " / " + fmt(u.last_7_days.requests) + " / " + fmt(u.last_30_days.requests)),
     $("td", {}, fmt(u.today.tokens_charged) + " / " + fmt(u.last_7_days.tokens_charged) + " / " + fmt(u.last_30_days.tokens_charged)),
+    $("td", {title: Object.entries(u.last_30_days.by_model).filter(([m, c]) => c.cost).map(([m, c]) => (m || "(no model)") + ": " + money(c.cost)).join("\\n")},
+      money(u.today.cost) + " / " + money(u.last_7_days.cost) + " / " + money(u.last_30_days.cost)),
     $("td", {title: entry.last_seen || ""}, ago(entry.last_seen)));
 }
 
@@ -6564,10 +8232,11 @@ function render(data) {
   const state = document.getElementById("upstream");
   state.replaceChildren($("span", {class: "pill " + (up === false ? "down" : "up")}, up === false ? "upstream down" : up ? "upstream up" : "upstream not used yet"),
     " ", $("span", {class: "small"}, data.upstream.url + (data.upstream.last_error ? " \\u2014 " + data.upstream.last_error : "")));
-  let today = 0, tokens = 0, month = 0;
-  for (const k of data.keys) { today += k.usage.today.requests; tokens += k.usage.today.tokens_charged; month += k.usage.last_30_days.tokens_charged; }
+  money = moneyIn(data.currency);
+  let today = 0, tokens = 0, month = 0, cost = 0;
+  for (const k of data.keys) { today += k.usage.today.requests; tokens += k.usage.today.tokens_charged; month += k.usage.last_30_days.tokens_charged; cost += k.usage.last_30_days.cost; }
   document.getElementById("totals").replaceChildren(...[["keys", data.keys.length], ["in flight", data.in_flight], ["queued", data.queued],
-    ["requests today", today], ["tokens today", tokens], ["tokens, 30 days", month]].map(([label, value]) => $("div", {class: "total"}, $("b", {}, fmt(value)), $("span", {}, label))));
+    ["requests today", today], ["tokens today", tokens], ["tokens, 30 days", month], ["cost, 30 days", money(cost)]].map(([label, value]) => $("div", {class: "total"}, $("b", {}, typeof value === "number" ? fmt(value) : value), $("span", {}, label))));
   document.getElementById("chart").replaceChildren(...chart(data.keys));
   document.getElementById("servers").replaceChildren(...(data.upstreams || []).map(u => $("tr", {},
     $("td", {}, u.name), $("td", {}, $("span", {class: "pill " + (u.up === false ? "down" : "up")}, u.up === false ? "down" : u.up ? "up" : "not used yet")),
@@ -6588,7 +8257,7 @@ DASHBOARD_PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>llm_proxy</title><style>{style}</style></head>
 <body><header><h1>llm_proxy</h1><span id="upstream"></span><span id="updated" class="small"></span>
-<button id="logout" type="button">Sign out</button></header>
+<button id="logout" type="button" hidden>Sign out</button></header>
 <main><form id="login" class="card" autocomplete="off"><input id="key" type="password" placeholder="Admin key" aria-label="Admin key" autocomplete="off" autofocus>
 <button type="submit">Open</button></form><p id="message" class="error" role="status"></p>
 <div id="view" hidden><section class="card"><div id="totals" class="totals"></div></section>
@@ -6596,7 +8265,7 @@ DASHBOARD_PAGE = """<!doctype html>
 <section class="card scroll"><table><thead><tr><th>upstream</th><th>state</th><th>url</th><th>in flight / queued</th>
 <th>requests</th><th>tokens</th><th>last error</th></tr></thead><tbody id="servers"></tbody></table></section>
 <section class="card scroll"><table><thead><tr><th>key / user</th><th>status</th><th>windows</th><th>in flight / queued</th>
-<th>requests today / 7 d / 30 d</th><th>tokens today / 7 d / 30 d</th><th>last seen</th></tr></thead><tbody id="rows"></tbody></table></section></div>
+<th>requests today / 7 d / 30 d</th><th>tokens today / 7 d / 30 d</th><th>cost today / 7 d / 30 d</th><th>last seen</th></tr></thead><tbody id="rows"></tbody></table></section></div>
 </main><script>{script}</script></body></html>
 """
 
@@ -6614,6 +8283,301 @@ DASHBOARD_HEADERS = [
     ("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", "no-referrer"),
     ("Cache-Control", "no-store"),
 ]
+
+
+# --------------------------------------------------------------------------
+# Alerts: a webhook told when a window passes a threshold
+# --------------------------------------------------------------------------
+
+MAX_ALERT_MARKS = 100_000  # crossings remembered (a few per window); past it, no new alerts
+ALERT_QUEUE = 100  # alerts waiting for the webhook; past it, new ones are lost (and counted)
+ALERT_BACKOFF = (1.0, 5.0, 30.0, 120.0)  # seconds before each retry of one alert
+
+
+def chat_safe(name: str) -> str:
+    """A client's or the owner's name as a chat message may show it: bounded, printable, and
+    unable to ping a channel (``@here``, ``<!channel>``) or to make a link."""
+    shown = loggable(name, 100).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return shown.replace("@", "@\u200b")
+
+
+class Crossing(NamedTuple):
+    """One window past one threshold, as the alert's JSON fields say it."""
+
+    key: str
+    user: str | None
+    window: str
+    unit: str
+    used: float
+    capacity: float
+    percent: float
+    threshold: float
+    resets: str | None
+    currency: str | None = None  # a money window's
+
+    def payload(self) -> dict:
+        """The JSON posted: ``text`` for Slack and Mattermost, ``content`` for Discord (whose
+        ``allowed_mentions`` ping nobody), and every field for scripts. Names, never keys."""
+        who = chat_safe(self.key) + ("" if self.user is None else f" / user {chat_safe(self.user)}")
+        amounts = f"{_number(self.used)} of {_number(self.capacity)} {self.currency or self.unit}"
+        text = (f"llm_proxy: {who}: window {chat_safe(self.window)} is {self.percent:g}% used "
+                f"({amounts}), past the {self.threshold:g}% alert; "
+                + (f"resets {self.resets}" if self.resets else "it never refills"))
+        return dict(self._asdict(), text=text, content=text, allowed_mentions={"parse": []})
+
+
+def refused_short(spec: BucketSpec, level: dict, cost: int) -> bool:
+    """Whether a window refused a cost it could pay when full: its level (as shown, perhaps in
+    a currency) below the cost (counted as the bucket counts)."""
+    if not level["capacity"] or cost > spec.capacity:
+        return False
+    return level["tokens"] * (spec.capacity / level["capacity"]) < cost
+
+
+class AlertWatch:
+    """Which windows have passed which ALERT_THRESHOLDS: decides the alerts, sends none itself.
+
+    Asked after each request that was charged or limited, from the levels the bucket
+    store shows then (a comparison per window and threshold; the posting is the
+    ``AlertSender``'s thread's).  A mark remembers each crossing so that it is told
+    once: a refilling window's until a check finds it below the threshold again (after
+    a request, or in housekeeping); a calendar window's for its period, whatever
+    refunds do meanwhile.  A window that refuses a request it could hold when full
+    counts as 100% used, since a hard cap may stop it a little short of empty.
+    """
+
+    def __init__(self, thresholds: Sequence[float], sender: AlertSender,
+                 wall_clock: Callable[[], float] = time.time,
+                 currency: Callable[[], str | None] = lambda: None) -> None:
+        self.thresholds = tuple(thresholds)
+        self.sender = sender
+        self.wall_clock = wall_clock
+        self.currency = currency  # what a money window's amounts are in
+        self._marks: dict[tuple[str, str, float], float | bool] = {}  # True, or a period's end
+        self._lock = threading.Lock()
+        self._full_reported = False
+
+    def check(self, call: Call, buckets: BucketStore, mode: CostMode) -> None:
+        """Mark and queue the crossings of the windows that paid (or refused) ``call``."""
+        refused = call.refused.costs if call.refused is not None else ()
+        for payer, (identity, specs) in enumerate(call.payers):
+            levels = buckets.peek(identity, specs)
+            costs = refused[payer] if payer < len(refused) else ()
+            user = call.user if payer == 0 and call.app is not None else None
+            for index, (spec, level) in enumerate(zip(specs, levels)):
+                blocked = index < len(costs) and refused_short(spec, level, costs[index])
+                self.check_window(identity, index, spec, level, call.label, user,
+                                  mode.unit_of(spec).name or "tokens", blocked)
+
+    def check_window(self, identity: str, index: int, spec: BucketSpec, level: dict, key: str,
+                     user: str | None, unit: str, blocked: bool) -> None:
+        capacity = level["capacity"]
+        if capacity <= 0:
+            return
+        used = capacity - level["tokens"]
+        if isinstance(used, float):
+            used = round(used, COST_DECIMALS)
+        percent = round(100 * used / capacity, 1)
+        reached = max(percent, 100.0) if blocked else percent
+        window = spec.name or str(index)
+        now = self.wall_clock()
+        period_end = now + level["seconds_to_next_refill"] if spec.period in PERIOD_DAYS else None
+        for threshold in self.thresholds:
+            mark = (identity, window, threshold)
+            if not self.crossed(mark, reached >= threshold, period_end):
+                continue
+            to_full = level["seconds_to_full"]
+            resets = period_end if period_end is not None else (
+                None if to_full is None else now + to_full)
+            self.sender.send(Crossing(key, user, window, unit, used, capacity, percent, threshold,
+                                      None if resets is None else _iso_time(resets),
+                                      self.currency() if unit == MONEY else None).payload())
+
+    def crossed(self, mark: tuple[str, str, float], above: bool, period_end: float | None) -> bool:
+        """Whether this is a new crossing (and mark it); a refilling window below re-arms."""
+        with self._lock:
+            seen = self._marks.get(mark)
+            if not above:
+                if period_end is None and seen is not None:
+                    del self._marks[mark]
+                return False
+            now_mark: float | bool = True if period_end is None else round(period_end)
+            if seen == now_mark:
+                return False
+            if seen is None and len(self._marks) >= MAX_ALERT_MARKS:
+                if not self._full_reported:
+                    self._full_reported = True
+                    log.warning("alerts: %d crossings remembered; no new ones are sent until "
+                                "some windows are below their thresholds again", MAX_ALERT_MARKS)
+                return False
+            self._marks[mark] = now_mark
+            return True
+
+    def prune(self, buckets: BucketStore, specs_of: Callable[[str], Sequence[BucketSpec]]) -> None:
+        """Forget marks no longer true: a refilling window back below its threshold (so its next
+        crossing is told even if no request saw it below), a calendar period that ended."""
+        now = self.wall_clock()
+        with self._lock:
+            marks = list(self._marks.items())
+        below = []
+        for (identity, window, threshold), seen in marks:
+            if seen is not True:
+                if seen < now:
+                    below.append(((identity, window, threshold), seen))
+                continue
+            specs = specs_of(identity)
+            for index, (spec, level) in enumerate(zip(specs, buckets.peek(identity, specs))):
+                if (spec.name or str(index)) == window and level["capacity"] > 0 and (
+                        100 * (level["capacity"] - level["tokens"]) / level["capacity"] < threshold):
+                    below.append(((identity, window, threshold), seen))
+        with self._lock:
+            for mark, seen in below:
+                if self._marks.get(mark) == seen:  # (a period a request marked meanwhile stays)
+                    del self._marks[mark]
+            if len(self._marks) < MAX_ALERT_MARKS:
+                self._full_reported = False
+
+    def dump(self) -> list:
+        with self._lock:
+            return [[identity, window, threshold, seen]
+                    for (identity, window, threshold), seen in self._marks.items()]
+
+    def load(self, saved: list) -> None:
+        """Marks from STATE_FILE, so that a restart does not tell a crossing again."""
+        restored = {}
+        for identity, window, threshold, seen in saved[:MAX_ALERT_MARKS]:
+            if not (isinstance(seen, bool) and seen) and not (
+                    isinstance(seen, (int, float)) and math.isfinite(seen)):
+                raise ValueError("unexpected alert mark")
+            restored[(str(identity), str(window), float(threshold))] = seen
+        with self._lock:
+            self._marks.update(restored)
+
+
+class AlertSender:
+    """Posts alerts to ALERT_WEBHOOK_URL from a thread of its own, never from a request's.
+
+    ``send`` only queues (at most ALERT_QUEUE; more are lost and counted).  Each alert
+    is tried again after each of ``backoff``'s delays while the hook fails (a connection
+    that fails, a 5xx or 429); a hook that refuses it otherwise (another 4xx) will refuse
+    it again, so it is dropped.  The URL is a secret (Slack's and Discord's carry their
+    token): the log shows its scheme and host only.  A failing hook is logged once when
+    it starts failing and once when it works again, with the number of alerts lost.
+    """
+
+    def __init__(self, url: str, timeout: float = 10.0,
+                 backoff: Sequence[float] = ALERT_BACKOFF) -> None:
+        parts = urllib.parse.urlsplit(url)
+        self.https = parts.scheme == "https"
+        self.host, self.port = parts.hostname or "", parts.port
+        self.path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        self.shown = f"{parts.scheme}://{parts.hostname}" + (f":{parts.port}" if parts.port else "") + "/..."
+        self.timeout = timeout
+        self.backoff = tuple(backoff)
+        self.sent = self.lost = self.pending = 0
+        self.failing = False
+        self._lost_in_outage = 0
+        self._count_lock = threading.Lock()
+        self._queue: queue.Queue = queue.Queue(ALERT_QUEUE)
+        self._stop = threading.Event()
+        self._connection: http.client.HTTPConnection | None = None
+        self._thread = threading.Thread(target=self._run, name="alerts", daemon=True)
+        self._thread.start()
+
+    def send(self, payload: dict) -> None:
+        """Queue one alert; never waits."""
+        with self._count_lock:
+            self.pending += 1
+        try:
+            self._queue.put_nowait(payload)
+        except queue.Full:
+            self.count_lost()
+            self.done()
+
+    def _run(self) -> None:
+        guard = LoopGuard("alerts")
+        while not self._stop.is_set():
+            payload = self._queue.get()
+            if payload is None or self._stop.is_set():
+                return
+            guard.run("posting an alert", self.deliver, payload)
+            self.done()
+
+    def done(self) -> None:
+        with self._count_lock:
+            self.pending -= 1
+
+    @property
+    def drained(self) -> bool:
+        """Every alert queued so far was posted, or given up."""
+        return self.pending == 0
+
+    def deliver(self, payload: dict) -> bool:
+        """Post one alert, retrying after each backoff delay; True once the hook took it."""
+        body = json.dumps(payload).encode("utf-8")
+        for delay in (0.0,) + self.backoff:
+            if self._stop.is_set() or (delay and self._stop.wait(delay)):
+                return False
+            try:
+                status = self.post(body)
+            except (OSError, http.client.HTTPException) as error:
+                self.failed(failure_reason(error))
+                continue
+            if 200 <= status < 300:
+                self.worked()
+                return True
+            self.failed(f"HTTP {status}")
+            if status != 429 and status < 500:
+                break  # refused as it is: it would be refused again
+        self.count_lost()
+        return False
+
+    def count_lost(self) -> None:
+        with self._count_lock:
+            self.lost += 1
+            self._lost_in_outage += 1
+
+    def post(self, body: bytes) -> int:
+        """One POST; the hook's status. The connection is kept where ``close`` can cut it."""
+        kind = http.client.HTTPSConnection if self.https else http.client.HTTPConnection
+        connection = kind(self.host, self.port, timeout=self.timeout)
+        self._connection = connection
+        try:
+            connection.request("POST", self.path, body, {
+                "Content-Type": "application/json", "User-Agent": f"llm_proxy/{__version__}"})
+            response = connection.getresponse()
+            response.read(65536)
+            return response.status
+        finally:
+            self._connection = None
+            connection.close()
+
+    def failed(self, reason: str) -> None:
+        if not self.failing:
+            self.failing = True
+            with self._count_lock:
+                self._lost_in_outage = 0
+            log.warning("alert webhook %s is failing (%s); alerts are retried %d times; not "
+                        "logged again until it works", self.shown, reason, len(self.backoff))
+
+    def worked(self) -> None:
+        self.sent += 1
+        if self.failing:
+            self.failing = False
+            log.info("alert webhook %s works again (%d alerts lost meanwhile)", self.shown,
+                     self._lost_in_outage)
+
+    def close(self) -> None:
+        """Stop now: an alert being posted is cut off, those queued are not sent."""
+        self._stop.set()
+        with suppress(queue.Full):
+            self._queue.put_nowait(None)
+        while self._thread.is_alive():  # (a connection may open just after a look: look again)
+            connection = self._connection
+            if connection is not None and connection.sock is not None:
+                with suppress(OSError):
+                    connection.sock.shutdown(socket.SHUT_RDWR)
+            self._thread.join(0.05)
 
 
 # --------------------------------------------------------------------------
@@ -7018,12 +8982,17 @@ class ProxyServer(TrackedServer):
         self.max_connections_per_client = config.max_connections_per_client
         self.wall_clock = wall_clock
         self.keyring = KeyRing(config)
+        self.models_file = ModelsFile(config.models_file)
         self.buckets = BucketStore(clock, wall_clock)
         self.usage = UsageBook()
         self.stored = StoredAnswers()
         self.metrics = Metrics()
-        self.admin = AdminView(self)
-        self.upstreams = UpstreamRegistry(config, environ)
+        self.upstreams = UpstreamRegistry(config, environ, clock)
+        self.admin = AdminView(config, self.keyring, self.buckets, self.usage, self.metrics,
+                               self.upstreams, self.models_file, wall_clock)
+        self.alerts = AlertWatch(config.alert_thresholds, AlertSender(config.alert_webhook_url),
+                                 wall_clock, self.admin.currency) if config.alert_webhook_url else None
+        self.admin.alerts = self.alerts
         if config.state_file:
             self.load_state()
         self.access_log = open_access_log(config.access_log) if config.access_log else None
@@ -7147,6 +9116,7 @@ class ProxyServer(TrackedServer):
                 return
             forced, self._reload_requested = self._reload_requested, False
             guard.run("re-reading KEYS_FILE", self.keyring.reload_if_changed, forced)
+            guard.run("re-reading MODELS_FILE", self.models_file.reload_if_changed, forced)
             guard.run("re-reading MODELS_FILE", self.upstreams.reload_if_changed, forced)
             guard.run("ending requests that arrive too slowly", self.drop_slow_requests)
             if time.monotonic() >= next_tidy:
@@ -7156,6 +9126,8 @@ class ProxyServer(TrackedServer):
     def tidy(self) -> None:
         """Forget buckets that are full again, then save the others if STATE_FILE is set."""
         self.buckets.prune(lambda identity: self.keyring.policy_of(identity).buckets)
+        if self.alerts is not None:
+            self.alerts.prune(self.buckets, lambda identity: self.keyring.policy_of(identity).buckets)
         if self.config.state_file:
             self.save_state()
 
@@ -7164,7 +9136,8 @@ class ProxyServer(TrackedServer):
         assert path is not None
         state = {"version": 1, "saved_at": self.wall_clock(),
                  "buckets": self.buckets.dump(self.wall_clock), "usage": self.usage.dump(),
-                 "stored_answers": self.stored.dump()}
+                 "stored_answers": self.stored.dump(),
+                 "alerts": self.alerts.dump() if self.alerts is not None else []}
         try:
             write_atomically(path, json_bytes(state))
         except OSError as error:
@@ -7192,6 +9165,7 @@ class ProxyServer(TrackedServer):
         self._restore_buckets(path, state)
         self._restore_usage(path, state)
         self._restore_stored_answers(path, state)
+        self._restore_alerts(path, state)
 
     def _restore_buckets(self, path: str, state: dict) -> None:
         try:
@@ -7216,6 +9190,15 @@ class ProxyServer(TrackedServer):
             log.error("STATE_FILE %s: stored answers' owners unreadable (%s); each key's stored "
                       "answers are found again only once it makes new ones", path, type(error).__name__)
 
+    def _restore_alerts(self, path: str, state: dict) -> None:
+        if self.alerts is None:
+            return
+        try:
+            self.alerts.load(state.get("alerts", []))
+        except BROKEN_STATE as error:
+            log.error("STATE_FILE %s: alert marks unreadable (%s); a window past a threshold "
+                      "may be told again", path, type(error).__name__)
+
     def server_close(self) -> None:
         """Stop everything, then save the buckets a last time."""
         self._closing = True
@@ -7233,6 +9216,8 @@ class ProxyServer(TrackedServer):
         self.upstreams.close()
         if self.config.state_file:
             self.tidy()
+        if self.alerts is not None:
+            self.alerts.sender.close()
         self.console.close()
         if self.access_log is not None:
             self.access_log.close()
@@ -7412,6 +9397,262 @@ def _copy_owner(path: str, descriptor: int) -> None:
             os.fchown(descriptor, old.st_uid, old.st_gid)
 
 
+class KeyNotFound(ConfigError):
+    """No entry has the name asked for (a 404 over HTTP)."""
+
+
+class NameInUse(ConfigError):
+    """A new entry would share its name with another, or an edit of one entry finds several
+    (a 409 over HTTP)."""
+
+
+KEY_ERROR_STATUS = {KeyNotFound: 404, NameInUse: 409}  # over HTTP; any other ConfigError: 400
+KEY_PERIODS = ("total", "day", "week", "month")
+TOKEN_LIMITS = ("max_tokens", "refill_tokens", "refill_interval_seconds")
+BUDGET_WINDOW = "budget"  # the name ``--budget`` gives the money window it writes
+
+
+def new_key() -> str:
+    return "sk-" + secrets.token_urlsafe(24)
+
+
+def hashed_key(key: str) -> str:
+    """What the keys file stores for a key written by this command: never the key itself."""
+    return "sha256:" + hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def new_entry_id() -> str:
+    """An entry's id: random and no secret, and never 32 characters like a key's digest, so
+    an identity made of it is never another entry's."""
+    return secrets.token_hex(8)
+
+
+def checked_name(name: object, where: str = "") -> str:
+    """A key's name without the spaces around it (a carriage return ending a line of a roster
+    saved on Windows among them); refused when empty or holding a control character."""
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError(f"{where}the name is empty")
+    if not name.strip().isprintable():
+        raise ConfigError(f"{where}the name {name!r} contains a control character")
+    return name.strip()
+
+
+def budget_window(amount: float, period: str = "total") -> dict:
+    """The money window ``--budget`` writes: ``period`` "total" never refills."""
+    return {"name": BUDGET_WINDOW, "unit": "money", "max_amount": amount, "period": period}
+
+
+def _is_money(window: object) -> bool:
+    return isinstance(window, dict) and window.get("unit") == "money"
+
+
+def new_entry(name: str, options: dict) -> dict:
+    """A keys-file entry for a new key: its name, id and limits (from ``keys add`` or
+    ``import``, or ``POST /admin/api/keys``).
+
+    Token limits without a budget or period stay at the entry's top level, as they
+    always were; with ``budget`` the entry's windows are the budget and, if token
+    limits are given too, a token window beside it.
+    """
+    entry: dict = {"name": name, "id": new_entry_id()}
+    if options.get("email"):
+        entry["email"] = options["email"]
+    tokens = {field_name: options[field_name] for field_name in TOKEN_LIMITS if field_name in options}
+    budget, period = options.get("budget"), options.get("period")
+    if budget is None and period is None:
+        entry.update(tokens)
+    else:
+        windows = [budget_window(budget, period or "total")] if budget is not None else []
+        if tokens or budget is None:
+            windows.append(dict({"name": "tokens"}, **tokens, **(
+                {"period": period} if budget is None else {})))
+        entry["buckets"] = windows
+    return changed_entry(entry, {k: v for k, v in options.items()
+                                 if k in ("models", "max_concurrent", "expires")})
+
+
+def changed_entry(entry: dict, options: dict) -> dict:
+    """``entry`` with the ``keys set`` options applied (a copy); what is not named stays.
+
+    ``window`` names the window to change; without it ``budget`` changes the money
+    window (added if the key has none) and token limits the one window that counts
+    tokens (or the entry's own, without windows).  An empty ``models`` or ``expires``
+    removes the restriction (an empty ``email``, the email).
+    """
+    entry = copy.deepcopy(entry)
+    for field_name in ("models", "expires", "email"):
+        if field_name in options:
+            if options[field_name]:
+                entry[field_name] = options[field_name]
+            else:
+                entry.pop(field_name, None)
+    if "max_concurrent" in options:
+        entry["max_concurrent"] = options["max_concurrent"]
+    money = {"max_amount": options["budget"]} if "budget" in options else {}
+    tokens = {field_name: options[field_name] for field_name in TOKEN_LIMITS if field_name in options}
+    if "period" in options:
+        (money if money else tokens)["period"] = options["period"]
+    if options.get("window"):
+        _change_window(_named_window(entry, options["window"]), {**money, **tokens})
+        return entry
+    if money:
+        _change_window(_money_window(entry, create=True), money)
+    if tokens:
+        _change_window(_token_window(entry, tokens), tokens)
+    return entry
+
+
+def _named_window(entry: dict, name: str) -> dict:
+    windows = entry.get("buckets")
+    found = [w for w in windows if isinstance(w, dict) and w.get("name") == name] if isinstance(
+        windows, list) else []
+    if len(found) != 1:
+        raise ConfigError(f"{entry.get('name')!r} has {'no' if not found else 'several'} "
+                          f"windows named {name!r}")
+    return found[0]
+
+
+def _money_window(entry: dict, create: bool = False) -> dict:
+    """The key's one money window; with ``create``, a new budget window when it has none (the
+    window it had so far, ``{}``, keeps counting beside it)."""
+    windows = entry.setdefault("buckets", [{}]) if create else entry.get("buckets", [])
+    money = [window for window in windows if _is_money(window)]
+    if len(money) > 1:
+        raise ConfigError(f"{entry.get('name')!r} has {len(money)} money windows: say which with --window")
+    if money:
+        return money[0]
+    if not create:
+        raise ConfigError(f"{entry.get('name')!r} has no money window")
+    windows.append({"name": BUDGET_WINDOW, "unit": "money", "period": "total"})
+    return windows[-1]
+
+
+def _token_window(entry: dict, changes: dict) -> dict:
+    """The window token limits change: the entry itself when it has no windows (unless a
+    period is set: only a window has one), else its one window that is not money."""
+    if "buckets" not in entry:
+        if "period" not in changes:
+            return entry
+        entry["buckets"] = [{}]
+    others = [window for window in entry["buckets"] if not _is_money(window)]
+    if len(others) != 1:
+        raise ConfigError(f"{entry.get('name')!r} has {len(others)} token windows: "
+                          "say which with --window")
+    return others[0]
+
+
+def _change_window(window: dict, changes: dict) -> None:
+    if "max_amount" in changes and not _is_money(window):
+        raise ConfigError("a budget is set on a money window; this one counts tokens or requests")
+    if set(changes) & set(TOKEN_LIMITS) and _is_money(window):
+        raise ConfigError("token limits are set on a token window; this one counts money")
+    window.update(changes)
+
+
+def raised_limit(entry: dict, amount: float, window_name: str | None, config: Config) -> tuple[dict, str]:
+    """``entry`` with one window's limit raised by ``amount`` (a copy), and the new limit.
+
+    The window is ``window_name``, else the money window, else the only one.  The
+    buckets keep what was spent when a limit changes, so on a ``total`` window this
+    is exactly a top-up; on a refilling one it raises the limit itself.
+    """
+    entry = copy.deepcopy(entry)
+    if window_name:
+        window = _named_window(entry, window_name)
+    elif any(_is_money(w) for w in entry.get("buckets", [])):
+        window = _money_window(entry)
+    elif len(entry.get("buckets", [{}])) == 1:
+        window = entry if "buckets" not in entry else entry["buckets"][0]
+    else:
+        raise ConfigError(f"{entry.get('name')!r} has {len(entry['buckets'])} windows: "
+                          "say which with --window")
+    if _is_money(window):
+        limit = window.get("max_amount", 0)
+        window["max_amount"] = float(decimal_sum(limit, amount))
+        return entry, f"{window['max_amount']:g}"
+    if amount != int(amount):
+        raise ConfigError("a token window is topped up by a whole number of tokens")
+    limit = window.get("max_tokens", entry.get("max_tokens", config.max_tokens))
+    window["max_tokens"] = int(limit) + int(amount)
+    return entry, f"{window['max_tokens']} tokens"
+
+
+def decimal_sum(first: object, second: object) -> float:
+    """``first + second`` as a person adds amounts: 1.1 + 0.2 is 1.3, not 1.3000000000000003."""
+    import decimal  # only the keys command adds amounts
+    if isinstance(first, bool) or not isinstance(first, (int, float)):
+        raise ConfigError("the window's max_amount is not a number")
+    return float(decimal.Decimal(repr(first)) + decimal.Decimal(repr(second)))
+
+
+class RosterRow(NamedTuple):
+    line: int
+    name: str
+    email: str | None
+
+
+def read_roster(path: str) -> list[RosterRow]:
+    """The names (and emails) of a class roster: a CSV file with a ``name`` column.
+
+    Saved by a spreadsheet on any system: a UTF-8 byte order mark, CRLF line ends
+    and spaces around values are taken away; an empty row is skipped.  An empty
+    name, a control character or a name given twice is refused, naming the line.
+    """
+    import csv  # only the keys command reads CSV
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as file:
+            reader = csv.reader(file)
+            rows: list[tuple[int, list[str]]] = []
+            line = 1
+            for row in reader:
+                rows.append((line, [cell.strip() for cell in row]))
+                line = reader.line_num + 1
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text (save the roster as CSV UTF-8)") from None
+    except csv.Error as error:
+        raise ConfigError(f"{path} line {line}: {error}") from None
+    rows = [(line, row) for line, row in rows if any(row)]
+    if not rows:
+        raise ConfigError(f"{path}: empty; it needs a header line with a 'name' column")
+    columns = [cell.lower() for cell in rows[0][1]]
+    if "name" not in columns:
+        raise ConfigError(f"{path} line {rows[0][0]}: no 'name' column in the header")
+    name_at = columns.index("name")
+    email_at = columns.index("email") if "email" in columns else None
+    roster: list[RosterRow] = []
+    seen: dict[str, int] = {}
+    for line, row in rows[1:]:
+        where = f"{path} line {line}: "
+        name = checked_name(row[name_at] if name_at < len(row) else "", where)
+        if name in seen:
+            raise NameInUse(f"{where}the name {name!r} is on line {seen[name]} already")
+        seen[name] = line
+        email = row[email_at] if email_at is not None and email_at < len(row) else ""
+        if not email.isprintable():
+            raise ConfigError(f"{where}the email {email!r} contains a control character")
+        roster.append(RosterRow(line, name, email or None))
+    return roster
+
+
+def write_key_list(path: str, rows: Sequence[tuple[str, str]]) -> None:
+    """``name,key`` lines in a new file made with mode 0600, so no other user can read it at
+    any moment; a file already there is never overwritten (it may hold keys still in use)."""
+    import csv
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8", newline="") as file:
+            os.fchmod(file.fileno(), 0o600)  # whatever the umask allowed, never more
+            writer = csv.writer(file, lineterminator="\n")
+            writer.writerow(("name", "key"))
+            writer.writerows(rows)
+            file.flush()
+            os.fsync(file.fileno())
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(path)
+        raise
+
+
 class KeysFile:
     """Edits KEYS_FILE in place: one entry changes, the rest stays as the owner wrote it.
 
@@ -7436,30 +9677,60 @@ class KeysFile:
         name = entry.get("name") if isinstance(entry, dict) else None
         return name if isinstance(name, str) else None
 
+    def id_of(self, stored: str) -> str | None:
+        entry = self.entries[stored]
+        entry_id = entry.get("id") if isinstance(entry, dict) else None
+        return entry_id if isinstance(entry_id, str) else None
+
     def find(self, name: str) -> list[tuple[str, int, int, int]]:
-        """Every entry called ``name``, in file order: ``add`` refuses a second, but a hand edit may not."""
+        """Every entry called ``name`` (else the one whose id it is), in file order: ``add``
+        refuses a second name, but a hand edit may not."""
         found = [span for span in self.spans if self.name_of(span[0]) == name]
+        found = found or [span for span in self.spans if self.id_of(span[0]) == name]
         if not found:
-            raise ConfigError(f"no key named {name!r} in {self.path}")
+            raise KeyNotFound(f"no key named {name!r} in {self.path}")
         return found
+
+    def find_one(self, name: str) -> tuple[str, int, int, int]:
+        """The entry called ``name``, for the edits that make sense for one key only."""
+        found = self.find(name)
+        if len(found) > 1:
+            raise NameInUse(f"{len(found)} keys are named {name!r}: use the id of one of them "
+                            "(keys list shows it)")
+        return found[0]
+
+    def names(self) -> set[str | None]:
+        return {self.name_of(stored) for stored in self.entries}
+
+    def require_new_name(self, name: str, where: str = "", names: set | None = None) -> None:
+        if name in (self.names() if names is None else names):
+            raise NameInUse(f"{where}a key named {name!r} exists already in {self.path}")
 
     def add(self, name: str, settings: dict) -> str:
         """A new random key for ``name``; only its SHA-256 is stored.  Returns the key."""
-        if any(self.name_of(stored) == name for stored in self.entries):
-            raise ConfigError(f"a key named {name!r} exists already in {self.path}")
-        key = "sk-" + secrets.token_urlsafe(24)
-        entry = dict({"name": name}, **settings)
-        _policy_from_entry(entry, self.config, f"key {name}", require_secrets=False)
-        stored = f'"sha256:{hashlib.sha256(key.encode()).hexdigest()}": {json.dumps(entry)}'
-        close = self.text.rindex("}")
+        key = self.insert([dict({"name": name}, **settings)])[0]
+        self.save()
+        return key
+
+    def insert(self, entries: Sequence[dict]) -> list[str]:
+        """New entries with new keys, at the end, checked but not yet saved; returns the keys."""
+        names = self.names()
+        for entry in entries:
+            self.require_new_name(entry["name"], names=names)
+            names.add(entry["name"])
+            _policy_from_entry(entry, self.config, f"key {entry['name']}", require_secrets=False)
+        keys = [new_key() for _ in entries]
+        stored = [f'"{hashed_key(key)}": {json.dumps(entry)}' for key, entry in zip(keys, entries)]
         if self.spans:
             last_end = self.spans[-1][3]
             indent = self._indent()
-            self.text = self.text[:last_end] + f",\n{indent}{stored}" + self.text[last_end:]
+            added = "".join(f",\n{indent}{line}" for line in stored)
+            self.text = self.text[:last_end] + added + self.text[last_end:]
         else:
-            self.text = self.text[:close].rstrip() + f"\n  {stored}\n" + self.text[close:]
-        self.save()
-        return key
+            close = self.text.rindex("}")
+            self.text = self.text[:close].rstrip() + "\n  " + ",\n  ".join(stored) + "\n" + self.text[close:]
+        self.check()
+        return keys
 
     def update(self, name: str, **changes: object) -> int:
         """Change every entry called ``name`` (disabling one of two "bob"s would leave a bob
@@ -7470,6 +9741,32 @@ class KeysFile:
             self.text = self.text[:start] + json.dumps(value) + self.text[end:]
         self.save()
         return len(found)
+
+    def replace(self, name: str, change: Callable[[dict], dict]) -> dict:
+        """Give the one entry called ``name`` the value ``change`` makes of it; returns that."""
+        key, _, start, end = self.find_one(name)
+        value = change(self.entries[key])
+        self.text = self.text[:start] + json.dumps(value) + self.text[end:]
+        self.save()
+        return value
+
+    def rotate(self, name: str) -> tuple[str, dict]:
+        """A new key for the entry called ``name``; the old one stops working.
+
+        Buckets and history are kept under the entry's id; an entry that has none (older
+        than ids) gets its old key's digest as its id, which is where they were kept.
+        """
+        stored, key_start, value_start, value_end = self.find_one(name)
+        entry = self.entries[stored]
+        if not isinstance(entry, dict):
+            raise ConfigError(f"the entry named {name!r} is not an object")
+        if "id" not in entry:
+            entry = dict(entry, id=stored_secret(stored)[0])
+        key = new_key()
+        self.text = (self.text[:key_start] + f'"{hashed_key(key)}": ' + json.dumps(entry)
+                     + self.text[value_end:])
+        self.save()
+        return key, entry
 
     def remove(self, name: str) -> int:
         """Remove every entry called ``name``; returns how many there were."""
@@ -7495,15 +9792,24 @@ class KeysFile:
         indent = self.text[line_start:self.spans[-1][1]]
         return indent if not indent.strip() else "  "
 
-    def save(self) -> None:
-        # Never write a file the proxy would refuse; the JWT secrets live in the proxy's
-        # environment, which need not be this shell's.
+    def check(self) -> None:
+        """Never write a file the proxy would refuse; the JWT secrets live in the proxy's
+        environment, which need not be this shell's."""
         parse_keys_file(self.text, self.config, require_secrets=False)
+        self.entries = keys_document(self.text)
+        self.spans = entry_spans(self.text)
+
+    def save(self) -> None:
+        self.check()
+        self.write()
+
+    def write(self) -> None:
         write_atomically(self.path, self.text.encode("utf-8"), keep_owner=True)
 
 
 def keys_command(args: argparse.Namespace, environ: dict[str, str]) -> int:
-    """``keys add|list|disable|enable|remove``: manage KEYS_FILE without editing JSON by hand."""
+    """``keys add|import|list|set|topup|rotate|disable|enable|remove``: manage KEYS_FILE
+    without editing JSON by hand."""
     try:
         config = Config.from_env(environ)
         path = args.file or config.keys_file
@@ -7511,9 +9817,24 @@ def keys_command(args: argparse.Namespace, environ: dict[str, str]) -> int:
             raise ConfigError("set KEYS_FILE (or pass --file) to say which keys file to edit")
         with edit_lock(path):  # two edits at once would each write the file without the other's
             return keys_action(args, path, config)
+    except BrokenPipeError:  # `keys list | head`: the reader has all it wanted
+        return closed_output()
     except (ConfigError, OSError, ValueError) as error:
         print(f"llm_proxy keys: {error}", file=sys.stderr)
         return 2
+
+
+def closed_output() -> int:
+    """End quietly, as other commands do when whoever reads their output stops reading.
+
+    Python would otherwise report the broken pipe once more while flushing stdout at
+    exit; the status is the shell's for a command ended by SIGPIPE.
+    """
+    with suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    return 128 + getattr(signal, "SIGPIPE", 13)
 
 
 @contextmanager
@@ -7525,31 +9846,167 @@ def edit_lock(path: str) -> Iterator[None]:
         yield
 
 
+# The options that set a key's limits: the command's --dashed names, the HTTP API's fields.
+KEY_OPTIONS: dict[str, tuple[Callable[[str], object], str]] = {
+    "budget": (float, "money the key may spend in each period (a money window named 'budget')"),
+    "period": (str, "the budget's period: total (never refills), day, week or month"),
+    "max_tokens": (int, "tokens the key's window holds"),
+    "refill_tokens": (int, "tokens added back at each refill"),
+    "refill_interval_seconds": (float, "seconds between refills"),
+    "models": (str, "comma-separated model names this key may use (set: '' for every model)"),
+    "max_concurrent": (int, "requests at once, 0 for no limit"),
+    "expires": (str, "last day the key works, YYYY-MM-DD (set: '' for never)"),
+}
+
+
+WINDOW_OPTION = (str, "the window to change, by name (default: the money window, else the only one)")
+EXTRA_OPTIONS = {"window": WINDOW_OPTION, "email": (str, "the key holder's email, kept in the entry")}
+
+
+def add_key_options(parser: argparse.ArgumentParser, *extra: str) -> None:
+    for name in (*KEY_OPTIONS, *extra):
+        kind, text = KEY_OPTIONS.get(name) or EXTRA_OPTIONS[name]
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, help=text,
+                            **({"choices": KEY_PERIODS} if name == "period" else {}))
+
+
+def key_options(values: dict, allowed: Sequence[str]) -> dict:
+    """The key options given (from the command line, or a JSON body), checked and in the
+    shape the keys file wants; ConfigError names the first that is wrong."""
+    options = {}
+    for name, value in values.items():
+        if name not in allowed:
+            raise ConfigError(f"unknown field {name!r}; known: {', '.join(allowed)}")
+        if value is None and name not in ("models", "expires"):
+            continue
+        options[name] = _key_option(name, value)
+    return options
+
+
+def _key_option(name: str, value: object) -> object:
+    if name == "models":
+        models = value.split(",") if isinstance(value, str) else ([] if value is None else value)
+        if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
+            raise ConfigError("models must be a list of model names")
+        return [model.strip() for model in models if model.strip()]
+    if name in ("expires", "email", "window", "period"):
+        if value is not None and not isinstance(value, str):
+            raise ConfigError(f"{name} must be a string")
+        text = (value or "").strip()
+        if name == "period" and text not in KEY_PERIODS:
+            raise ConfigError(f"period must be one of {', '.join(KEY_PERIODS)}")
+        if not text.isprintable():
+            raise ConfigError(f"the {name} contains a control character")
+        return text
+    whole = name in ("max_tokens", "refill_tokens", "max_concurrent")
+    if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)) or (
+            isinstance(value, float) and not math.isfinite(value)):
+        raise ConfigError(f"{name} must be a {'whole number' if whole else 'number'}")
+    if name in ("budget", "amount") and value <= 0:
+        raise ConfigError(f"{name} must be more than 0")
+    return value
+
+
 def keys_action(args: argparse.Namespace, path: str, config: Config) -> int:
-    keys = KeysFile(path, config)
-    if args.action == "add":
-        settings = {name: value for name, value in (
-            ("max_tokens", args.max_tokens), ("refill_tokens", args.refill_tokens),
-            ("refill_interval_seconds", args.refill_interval_seconds),
-            ("models", args.models.split(",") if args.models else None),
-            ("max_concurrent", args.max_concurrent), ("expires", args.expires)) if value is not None}
-        key = keys.add(args.name, settings)
-        print(f"added {args.name!r} to {path}; the key is shown once, here (only its SHA-256 is kept):")
-        print(key)
-    elif args.action == "list":
-        sharing = Counter(keys.name_of(stored) for stored in keys.entries)
-        for stored, entry in keys.entries.items():
-            line, name = describe_entry(stored, entry, config), keys.name_of(stored)
-            if name and sharing[name] > 1:  # what disable, enable and remove then act on
-                line += f"  one of {sharing[name]} keys named {name!r}"
-            print(line)
-    elif args.action in ("disable", "enable"):
-        count = keys.update(args.name, enabled=args.action == "enable")
-        print(f"{args.name}: {args.action}d{_how_many(count)}")
-    else:
-        count = keys.remove(args.name)
-        print(f"{args.name}: removed{_how_many(count)}")
+    return KEY_ACTIONS[args.action](args, KeysFile(path, config), config)
+
+
+def _options_of(args: argparse.Namespace, *extra: str) -> dict:
+    names = (*KEY_OPTIONS, *extra)
+    return key_options({name: getattr(args, name) for name in names if getattr(args, name) is not None},
+                       names)
+
+
+def _add_action(args: argparse.Namespace, keys: KeysFile, config: Config) -> int:
+    name = checked_name(args.name)
+    key = keys.add(name, {k: v for k, v in new_entry(name, _options_of(args, "email")).items() if k != "name"})
+    print(f"added {name!r} to {keys.path}; the key is shown once, here (only its SHA-256 is kept):")
+    print(key)
     return 0
+
+
+def _import_action(args: argparse.Namespace, keys: KeysFile, config: Config) -> int:
+    """Every name of a roster gets a key, in one edit: all or none (refused before anything is
+    written); the keys go to ``--out`` only."""
+    roster = read_roster(args.roster)
+    names = keys.names()
+    for row in roster:
+        keys.require_new_name(row.name, f"{args.roster} line {row.line}: ", names)
+    if os.path.lexists(args.out):
+        raise ConfigError(f"{args.out} exists already; it may hold keys in use: choose another --out")
+    options = _options_of(args)
+    made = keys.insert([new_entry(row.name, dict(options, email=row.email)) for row in roster])
+    write_key_list(args.out, [(row.name, key) for row, key in zip(roster, made)])
+    try:
+        keys.write()
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(args.out)
+        raise
+    print(f"imported {len(roster)} keys into {keys.path}; each key is in {args.out} "
+          "(mode 0600) and nowhere else")
+    return 0
+
+
+def _list_action(args: argparse.Namespace, keys: KeysFile, config: Config) -> int:
+    sharing = Counter(keys.name_of(stored) for stored in keys.entries)
+    for stored, entry in keys.entries.items():
+        line, name = describe_entry(stored, entry, config), keys.name_of(stored)
+        if name and sharing[name] > 1:  # what disable, enable and remove then act on
+            line += f"  one of {sharing[name]} keys named {name!r}"
+        print(line)
+    sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
+    return 0
+
+
+def _switch_action(args: argparse.Namespace, keys: KeysFile, config: Config) -> int:
+    count = keys.update(args.name, enabled=args.action == "enable")
+    print(f"{args.name}: {args.action}d{_how_many(count)}")
+    return 0
+
+
+def _remove_action(args: argparse.Namespace, keys: KeysFile, config: Config) -> int:
+    count = keys.remove(args.name)
+    print(f"{args.name}: removed{_how_many(count)}")
+    return 0
+
+
+def _set_action(args: argparse.Namespace, keys: KeysFile, config: Config) -> int:
+    options = _options_of(args, "email", "window")
+    if not options:
+        raise ConfigError("say what to change (keys set --help lists the options)")
+    keys.replace(args.name, lambda entry: changed_entry(entry, options))
+    print(f"{args.name}: changed; what the key spent so far still counts")
+    return 0
+
+
+def _topup_action(args: argparse.Namespace, keys: KeysFile, config: Config) -> int:
+    amount = _key_option("amount", args.amount)
+    limits: list[str] = []
+
+    def top_up(entry: dict) -> dict:
+        raised, limit = raised_limit(entry, amount, args.window, config)  # type: ignore[arg-type]
+        limits.append(limit)
+        return raised
+
+    keys.replace(args.name, top_up)
+    print(f"{args.name}: limit raised by {amount:g} to {limits[0]}")
+    return 0
+
+
+def _rotate_action(args: argparse.Namespace, keys: KeysFile, config: Config) -> int:
+    key, _ = keys.rotate(args.name)
+    print(f"{args.name}: new key (the old one stops working when the proxy re-reads the file); "
+          "shown once, here:")
+    print(key)
+    return 0
+
+
+KEY_ACTIONS: dict[str, Callable[[argparse.Namespace, KeysFile, Config], int]] = {
+    "add": _add_action, "import": _import_action, "list": _list_action, "set": _set_action,
+    "topup": _topup_action, "rotate": _rotate_action, "disable": _switch_action,
+    "enable": _switch_action, "remove": _remove_action,
+}
 
 
 def _how_many(count: int) -> str:
@@ -7560,8 +10017,7 @@ def _how_many(count: int) -> str:
 def describe_entry(stored: str, entry: dict, config: Config) -> str:
     """One line of ``keys list``: name and limits, never the key."""
     policy = _policy_from_entry(entry, config, "entry", require_secrets=False)
-    windows = ", ".join(f"{spec.name + ' ' if spec.name else ''}{spec.capacity} "
-                        f"+{spec.refill_tokens}/{spec.interval:g}s" for spec in policy.buckets)
+    windows = ", ".join(map(window_text, policy.buckets))
     state = "enabled" if policy.enabled else "disabled"
     parts = [policy.name or "(no name)", state, windows]
     if policy.expires:
@@ -7570,8 +10026,11 @@ def describe_entry(stored: str, entry: dict, config: Config) -> str:
         parts.append("models " + ",".join(policy.models))
     if policy.max_concurrent:
         parts.append(f"max {policy.max_concurrent} at once")
+    if policy.id:
+        parts.append(f"id {policy.id}")
     parts.append("stored as SHA-256" if stored.startswith("sha256:") else "stored in plain text")
     return "  ".join(parts)
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -27,6 +27,7 @@ import tempfile
 import threading
 import time
 import unittest
+import weakref
 from typing import Callable
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler
@@ -389,6 +390,31 @@ def read_to_close(sock: socket.socket) -> bytes:
     return b"".join(chunks)
 
 
+_KEYS_DIRECTORIES: "weakref.WeakKeyDictionary[unittest.TestCase, str]" = weakref.WeakKeyDictionary()
+
+
+def write_keys_file(test: unittest.TestCase, entries: list[dict] | dict, name: str = "keys.json") -> str:
+    """Write ``entries`` as a KEYS_FILE (JSON) and return its path.
+
+    The file lives in a directory of the test's own, removed when the test ends, so
+    other files the test needs (an access log, a state file) can sit beside it.
+    Called again in the same test with the same name, it replaces the file at the
+    same path, atomically as an editor would, so a running proxy re-reads a whole
+    file.  A dict is the usual ``{key: settings}``; a list is written as it is (a file
+    the proxy must refuse).
+    """
+    directory = _KEYS_DIRECTORIES.get(test)
+    if directory is None or not os.path.isdir(directory):
+        holder = tempfile.TemporaryDirectory()
+        test.addCleanup(holder.cleanup)
+        directory = _KEYS_DIRECTORIES[test] = holder.name
+    path = os.path.join(directory, name)
+    with open(path + ".tmp", "w", encoding="utf-8") as file:
+        json.dump(entries, file)
+    os.replace(path + ".tmp", path)
+    return path
+
+
 class ProxyTestCase(unittest.TestCase):
     """Starts a fake upstream and a proxy per test; everything is torn down afterwards."""
 
@@ -520,6 +546,80 @@ class ProxyTestCase(unittest.TestCase):
 
     def assert_still_serving(self) -> None:
         self.assertEqual(self.request("GET", "/health").json(), {"status": "ok"})
+
+
+# --------------------------------------------------------------------------
+# Raw exchanges, for hostile input and faults (tests in several feature files)
+# --------------------------------------------------------------------------
+
+VALID_BODY = json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode()
+
+
+def status_of(answer: bytes) -> int:
+    """The status code of the first response in raw bytes (0 if there is none)."""
+    parts = answer.split(b" ", 2)
+    return int(parts[1]) if answer.startswith(b"HTTP/1.") and len(parts) > 1 and parts[1].isdigit() else 0
+
+
+def body_of(answer: bytes) -> bytes:
+    """The body of the first response in raw bytes (everything after its header block)."""
+    return answer.partition(b"\r\n\r\n")[2]
+
+
+class AdversarialTestCase(ProxyTestCase):
+    """Hostile clients and faulty upstreams: raw exchanges, and checks that nothing was charged
+    or forwarded for a refused request and that the proxy still serves afterwards."""
+
+    def exchange(self, data: bytes, half_close: bool = True) -> bytes:
+        """Send raw bytes, optionally signal end of input, and read until the proxy closes."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=WAIT) as sock:
+            sock.sendall(data)
+            if half_close:
+                with contextlib.suppress(OSError):  # the proxy may have answered and closed already
+                    sock.shutdown(socket.SHUT_WR)
+            chunks = []
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    return b"".join(chunks)
+                chunks.append(chunk)
+
+    def assert_error_answer(self, answer: bytes, status: int | None = None) -> dict:
+        """One OpenAI-shaped error, without a stack trace, and the connection closed after it."""
+        self.assertTrue(answer.startswith(b"HTTP/1.1 "), answer[:200])
+        if status is not None:
+            self.assertEqual(status_of(answer), status, answer[:300])
+        self.assertGreaterEqual(status_of(answer), 400)
+        self.assertNotEqual(status_of(answer), 500, answer[:300])
+        head, _, body = answer.partition(b"\r\n\r\n")
+        self.assertIn(b"Content-Type: application/json", head)
+        error = json.loads(body)["error"]
+        self.assertEqual(set(error), {"message", "type", "param", "code"})
+        self.assertNotIn(b"Traceback", answer)
+        return error
+
+    def assert_nothing_charged_or_forwarded(self) -> None:
+        self.assertEqual(self.upstream.requests, [])
+        self.assertEqual(self.level(), 10)
+
+    def assert_healthy(self) -> None:
+        """The proxy still serves a normal, metered request."""
+        self.assert_still_serving()
+        response = self.request("POST", "/v1/chat/completions", {"messages": []}, key="sk-probe")
+        self.assertEqual(response.json()["choices"][0]["message"]["content"], "hi from upstream")
+
+
+def dechunk(data: bytes) -> bytes:
+    """Decode an HTTP/1.1 chunked body."""
+    out, rest = [], data
+    while rest:
+        size_line, _, rest = rest.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            break
+        out.append(rest[:size])
+        rest = rest[size + 2:]
+    return b"".join(out)
 
 
 # --------------------------------------------------------------------------
@@ -685,40 +785,6 @@ class CommandLineTests(unittest.TestCase):
         finally:
             process.terminate()
             process.communicate(timeout=WAIT)
-
-
-class ScriptTests(unittest.TestCase):
-    """run_local_proxy.sh and curl_local_proxy.sh, end to end against the echo model."""
-
-    def test_run_script_with_saved_settings_and_curl_script(self) -> None:
-        echo = llm_proxy.start_echo_model(word_delay=0)
-        self.addCleanup(lambda: (echo.shutdown(), echo.server_close()))
-        port = free_port()
-        with open(os.path.join(self.tmp(), "saved.env"), "w") as saved:
-            saved.write("# saved\nMAX_TOKENS=7\nREFILL_TOKENS=3\nBASE_API_URL='http://127.0.0.1:9/v1'\n")
-        env = clean_environment()
-        env.update(LLM_PROXY_SETTINGS=saved.name, REFILL_TOKENS="4", PORT=str(port),
-                   BASE_API_URL=f"http://127.0.0.1:{echo.server_address[1]}/v1")
-        process = subprocess.Popen(["bash", os.path.join(HERE, "run_local_proxy.sh")], env=env,
-                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        try:
-            line = process.stdout.readline()
-            self.assertIn(f"listening on http://127.0.0.1:{port}", line)
-            self.assertIn("7 tokens, +4 every", line)  # saved file read, environment wins
-            result = subprocess.run(["bash", os.path.join(HERE, "curl_local_proxy.sh")], env=env,
-                                    capture_output=True, text=True, timeout=WAIT)
-        finally:
-            process.terminate()
-            process.communicate(timeout=WAIT)
-        self.assertEqual(result.returncode, 0, result.stderr)
-        self.assertIn("status: 200", result.stdout)
-        self.assertIn("X-RateLimit-Remaining: 6", result.stdout)
-        self.assertIn("reply: echo: Reply with exactly: proxy ok", result.stdout)
-
-    def tmp(self) -> str:
-        directory = tempfile.TemporaryDirectory()
-        self.addCleanup(directory.cleanup)
-        return directory.name
 
 
 def clean_environment() -> dict[str, str]:
@@ -1044,7 +1110,7 @@ class EstimateModeTests(ProxyTestCase):
         self.assertEqual(response.headers["X-RateLimit-Remaining"], str(100 - 30))
 
     def test_a_request_that_can_never_fit_says_so(self) -> None:
-        response = self.chat()  # no max_tokens: the 256-token reserve exceeds the 100 capacity
+        response = self.chat(content="x" * 400)  # the prompt alone exceeds the 100 capacity
         text = response.json()["choices"][0]["message"]["content"]
         self.assertIn("request too large", text)
         self.assertNotIn("wait", text)
@@ -1124,37 +1190,6 @@ class StreamingTests(ProxyTestCase):
         self.assert_still_serving()
 
 
-class FailureTests(ProxyTestCase):
-    config_overrides = {"max_tokens": 3}
-
-    def test_upstream_5xx_passes_through_and_is_refunded(self) -> None:
-        response = self.chat(headers={"X-Fake": "status-503"})
-        self.assertEqual(response.status, 503)
-        self.assertEqual(response.json()["error"]["message"], "upstream says 503")
-        self.assertEqual(self.level(), 3)
-
-    def test_refused_connection_is_a_503_without_details_and_refunded(self) -> None:
-        port = free_port()
-        self.start_proxy(max_tokens=3, upstream_url=f"http://127.0.0.1:{port}/v1", queue_timeout=0.05)
-        error = self.assert_openai_error(self.chat(), 503, "upstream_error", "upstream_unavailable")
-        self.assertNotIn("refused", error["message"].lower())
-        self.assertNotIn(str(port), error["message"])
-        self.assertEqual(self.level(), 3)
-
-    def test_upstream_that_hangs_up_is_a_502_and_refunded(self) -> None:
-        self.assert_openai_error(self.chat(headers={"X-Fake": "close"}), 502, "upstream_error")
-        self.assert_openai_error(self.chat(headers={"X-Fake": "partial"}), 502, "upstream_error")
-        self.assertEqual(self.level(), 3)
-
-    def test_upstream_timeout_is_a_504_and_refunded(self) -> None:
-        self.start_proxy(max_tokens=3, read_timeout=0.2)
-        self.assert_openai_error(self.chat(headers={"X-Fake": "stall"}), 504, "upstream_error",
-                                 "upstream_timeout")
-        self.assertEqual(self.level(), 3)
-        self.upstream.release.set()
-        self.assertEqual(self.chat().status, 200)
-
-
 class BadInputTests(ProxyTestCase):
     config_overrides = {"max_body_bytes": 1000}
 
@@ -1212,7 +1247,8 @@ class BadInputTests(ProxyTestCase):
 
 
 # --------------------------------------------------------------------------
-# Sharing: usage accounting, key policies, fair queueing, quota, state, audit
+# Sharing: usage accounting, key policies, quota, state (fair queueing and the access log:
+# tests/test_fair_queue.py, tests/test_access_log.py)
 # --------------------------------------------------------------------------
 
 
@@ -1285,16 +1321,17 @@ class KeysFileTests(ProxyTestCase):
     }
 
     def setUp(self) -> None:
-        directory = tempfile.TemporaryDirectory()
-        self.addCleanup(directory.cleanup)
-        self.keys_path = os.path.join(directory.name, "keys.json")
-        self.write_keys(self.KEYS)
+        self.keys_path = write_keys_file(self, self.KEYS)
         self.config_overrides = {"keys_file": self.keys_path, "client_keys": ("sk-env-key",)}
         super().setUp()
 
     def write_keys(self, keys: object) -> None:
+        """Replace the keys file: with ``keys`` as JSON, or with the text itself if a string."""
+        if not isinstance(keys, str):
+            write_keys_file(self, keys)
+            return
         with open(self.keys_path + ".tmp", "w") as file:
-            file.write(keys if isinstance(keys, str) else json.dumps(keys))
+            file.write(keys)
         os.replace(self.keys_path + ".tmp", self.keys_path)
 
     def text(self, response: Response) -> str:
@@ -1324,7 +1361,7 @@ class KeysFileTests(ProxyTestCase):
         self.clock.advance(3600)
         for _ in range(2):
             self.assertEqual(self.text(self.chat(key=OTHER_KEY)), "hi from upstream")
-        self.assertEqual(self.text(self.chat(key=OTHER_KEY)), "daily limit reached, wait 1380 min")
+        self.assertEqual(self.text(self.chat(key=OTHER_KEY)), "daily limit reached, wait 23 h")
         quota = self.request("GET", "/v1/quota", key=OTHER_KEY).json()
         self.assertEqual([(b["name"], b["tokens"]) for b in quota["buckets"]], [("hourly", 1), ("daily", 0)])
 
@@ -1391,136 +1428,9 @@ class LimitErrorModeTests(ProxyTestCase):
 
     def test_a_request_that_can_never_fit_is_a_400(self) -> None:
         self.start_proxy(limit_response="error", cost_mode="estimate", max_tokens=100)
-        response = self.chat()
+        response = self.chat(content="x" * 400)
         self.assert_openai_error(response, 400, code="request_too_large")
         self.assertIsNone(response.headers["Retry-After"])
-
-
-class FairQueueTests(ProxyTestCase):
-    config_overrides = {"upstream_max_concurrent": 1, "max_tokens": 100}
-
-    def setUp(self) -> None:
-        self.jobs: list[tuple[threading.Thread, int, list, dict]] = []
-        super().setUp()
-
-    def tearDown(self) -> None:
-        try:
-            self.finish()  # before the proxy stops, so no background request is cut off
-        finally:
-            super().tearDown()
-
-    def background(self, expected_status: int = 200, **kwargs: object) -> threading.Thread:
-        """Send ``self.chat(**kwargs)`` from a thread; ``finish`` checks it got ``expected_status``."""
-        outcome: list = []
-
-        def send() -> None:
-            try:
-                outcome.append(self.chat(**kwargs).status)
-            except Exception as error:  # recorded for finish() to report, never printed
-                outcome.append(error)
-
-        thread = threading.Thread(target=send)
-        thread.start()
-        self.addCleanup(thread.join, WAIT)
-        self.jobs.append((thread, expected_status, outcome, kwargs))
-        return thread
-
-    def finish(self) -> None:
-        """Let held requests go; every background request must have completed with its status."""
-        self.upstream.release.set()
-        jobs, self.jobs = self.jobs, []
-        for thread, expected_status, outcome, kwargs in jobs:
-            thread.join(WAIT)
-            self.assertFalse(thread.is_alive(), f"background request {kwargs} never completed")
-            self.assertEqual(outcome, [expected_status], f"background request {kwargs}")
-
-    def test_queue_serves_keys_round_robin(self) -> None:
-        gate = self.proxy.upstreams.default.gate
-        self.background(headers={"X-Fake": "hold", "X-Tag": "hold"})
-        self.wait_for(lambda: gate.in_flight == 1 and len(self.upstream.requests) == 1)
-        for index in range(3):
-            self.background(headers={"X-Tag": f"a{index}"})
-            self.wait_for(lambda: gate.waiting == index + 1)
-        self.background(key=OTHER_KEY, headers={"X-Tag": "b0"})
-        self.wait_for(lambda: gate.waiting == 4)
-        self.finish()  # all five answered 200
-        order = [r["headers"]["X-Tag"] for r in self.upstream.requests]
-        self.assertEqual(order, ["hold", "a0", "b0", "a1", "a2"])
-
-    def test_queue_timeout_is_a_refunded_503(self) -> None:
-        self.start_proxy(upstream_max_concurrent=1, queue_timeout=0.1, max_tokens=100)
-        self.background(key=OTHER_KEY, headers={"X-Fake": "hold"})
-        self.wait_for(lambda: self.proxy.upstreams.in_flight == 1)
-        self.assert_openai_error(self.chat(), 503, "server_error", "queue_timeout")
-        self.assertEqual(self.level(), 100)
-        self.finish()  # the held request is still answered 200
-
-    def test_per_key_limit_holds_one_key_back_but_not_others(self) -> None:
-        self.start_proxy(max_concurrent_per_key=1, max_tokens=100)
-        gate = self.proxy.upstreams.default.gate
-        self.background(headers={"X-Fake": "hold"})
-        self.wait_for(lambda: gate.in_flight == 1)
-        self.background()
-        self.wait_for(lambda: gate.waiting == 1)
-        self.assertEqual(self.chat(key=OTHER_KEY).status, 200)  # not stuck behind alice
-        self.assertEqual(gate.waiting, 1)
-        self.finish()  # both of alice's requests are answered 200
-        self.wait_for(lambda: gate.in_flight == 0 and gate.waiting == 0)
-
-    def test_client_leaving_closes_a_non_streamed_upstream_request_at_once(self) -> None:
-        body = json.dumps({"messages": []}).encode()
-        with socket.create_connection(("127.0.0.1", self.port), timeout=WAIT) as sock:
-            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Fake: hold-until-closed\r\n"
-                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-            self.wait_for(lambda: len(self.upstream.requests) == 1)
-        self.assertTrue(self.upstream.closed_early.wait(1.0), "upstream kept generating for nobody")
-        self.wait_for(lambda: self.proxy.upstreams.in_flight == 0)
-
-    def test_no_slot_leaks_after_200_mixed_failing_requests(self) -> None:
-        self.start_proxy(upstream_max_concurrent=3, max_concurrent_per_key=2, read_timeout=0.1,
-                         max_tokens=1000)
-        behaviours = ["status-500", "close", "partial", "stall", "status-400", "", "leave",
-                      "break-after-first"]
-
-        def one(index: int) -> None:
-            behaviour = behaviours[index % len(behaviours)]
-            key = [CLIENT_KEY, OTHER_KEY, "sk-third"][index % 3]
-            if behaviour == "leave":  # asks for a long stream, reads its first event, hangs up
-                body = b'{"messages": [], "stream": true}'
-                with socket.create_connection(("127.0.0.1", self.port), timeout=WAIT) as sock:
-                    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Fake: until-client-leaves"
-                                 b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-                    sock.recv(1)
-                return
-            self.chat(key=key, stream=index % 2 == 0, headers={"X-Fake": behaviour})
-
-        threads = [threading.Thread(target=lambda i=i: [one(j) for j in range(i, 200, 8)]) for i in range(8)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(WAIT * 3)
-        gate = self.proxy.upstreams.default.gate
-        self.wait_for(lambda: gate.in_flight == 0)
-        self.assertEqual((gate.in_flight, gate.waiting), (0, 0))
-        for key in (CLIENT_KEY, OTHER_KEY, "sk-third", None):  # None: the IP identity of the leavers
-            # Each identity still gets both of its per-key slots at once: a leaked
-            # slot would queue the second stream (until QUEUE_TIMEOUT, 30 s).
-            auth = b"Authorization: Bearer %s\r\n" % key.encode() if key else b""
-            body = b'{"messages": [], "stream": true}'
-            streams = [socket.create_connection(("127.0.0.1", self.port), timeout=WAIT) for _ in range(2)]
-            try:
-                for sock in streams:
-                    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Fake: until-client-leaves"
-                                 b"\r\n%sContent-Length: %d\r\n\r\n%s" % (auth, len(body), body))
-                self.wait_for(lambda: gate.in_flight + gate.waiting == 2)
-                self.assertEqual((gate.in_flight, gate.waiting), (2, 0), f"a slot of {key} leaked")
-                for sock in streams:
-                    self.assertTrue(sock.recv(12).startswith(b"HTTP/1.1 200"))
-            finally:
-                for sock in streams:
-                    sock.close()
-            self.wait_for(lambda: gate.in_flight == 0)
-        self.assertEqual(self.chat().status, 200)
 
 
 class StateFileTests(ProxyTestCase):
@@ -1580,40 +1490,6 @@ class StateFileTests(ProxyTestCase):
         os.unlink(self.state_path)
         self.start_proxy(state_file=self.state_path + ".missing")
         self.assertIn("not found", self.log.lines[-1])
-
-
-class AccessLogTests(ProxyTestCase):
-    def test_one_json_line_per_request_without_keys_or_prompts(self) -> None:
-        directory = tempfile.TemporaryDirectory()
-        self.addCleanup(directory.cleanup)
-        path = os.path.join(directory.name, "access.log")
-        self.start_proxy(access_log=path, max_tokens=1, refill_tokens=1)
-        # each record is written just after its answer: wait for it, to keep the order
-        self.chat(content="my secret prompt")
-        self.written(" served ")
-        self.chat(content="my secret prompt")
-        self.written(" limited ")
-        self.chat(key=None, model=5)
-        self.written(" rejected ")
-        self.chat(headers={"X-Fake": "status-503"}, key=OTHER_KEY)
-        self.stop(self.proxy)
-        self.proxy = None
-        with open(path) as file:
-            text = file.read()
-        records = [json.loads(line) for line in text.splitlines()]
-        self.assertEqual([r["outcome"] for r in records], ["served", "limited", "rejected", "error"])
-        self.assertEqual([r["status"] for r in records], [200, 200, 400, 503])
-        self.assertEqual([r["tokens_charged"] for r in records], [1, 0, 0, 0])
-        first = records[0]
-        self.assertEqual(first["key"], llm_proxy.key_digest(CLIENT_KEY)[:12])
-        self.assertEqual((first["ip"], first["method"], first["path"], first["model"]),
-                         ("127.0.0.1", "POST", "/v1/chat/completions", "client-model"))
-        self.assertIsInstance(first["upstream_ms"], float)
-        self.assertEqual(set(first), {"time", "key", "user", "ip", "method", "path", "model", "status",
-                                      "stream", "tokens_charged", "tokens_settled", "duration_ms",
-                                      "upstream_ms", "outcome"})
-        for secret in (CLIENT_KEY, OTHER_KEY, UPSTREAM_KEY, "my secret prompt"):
-            self.assertNotIn(secret, text)
 
 
 class RestartTests(unittest.TestCase):
@@ -1676,13 +1552,10 @@ class RestartTests(unittest.TestCase):
         self.assertEqual(saved["key:" + llm_proxy.key_digest(CLIENT_KEY)][0][0], 9)
 
     def test_sighup_reloads_the_keys_file(self) -> None:
-        keys = os.path.join(self.directory, "keys.json")
-        with open(keys, "w") as file:
-            json.dump({"sk-old": {"name": "old"}}, file)
+        keys = write_keys_file(self, {"sk-old": {"name": "old"}})
         process, port = self.start(KEYS_FILE=keys)
         self.assertEqual(self.call(port, "/v1/quota", "sk-old")["name"], "old")
-        with open(keys, "w") as file:
-            json.dump({"sk-new": {"name": "new"}}, file)
+        self.assertEqual(write_keys_file(self, {"sk-new": {"name": "new"}}), keys)
         process.send_signal(signal.SIGHUP)
         deadline = time.monotonic() + WAIT
         while self.call(port, "/v1/quota", "sk-new")["status"] != 200:

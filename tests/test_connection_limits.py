@@ -5,29 +5,35 @@ at a time escaped CLIENT_TIMEOUT; running out of file descriptors before
 MAX_CONNECTIONS left new clients unanswered and the accept loop spinning; a
 request's method, model or names reached the logs raw and unbounded; and errors
 refused before routing came in OpenAI's shape whatever API the path belongs to.
-Each test here failed before its fix.  Run by the README's command,
+Each test here failed before its fix.  Beside them: slowloris, slow readers, idle
+connections by the hundred, the connection cap, and bucket memory that stays
+bounded however many callers come and go.  Run by the README's command,
 ``python3 test_llm_proxy.py``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import json
 import os
 import select
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import unittest
+
+from llm_proxy import BucketSpec, BucketStore
 
 try:
     import resource
 except ImportError:  # Windows
     resource = None  # type: ignore[assignment]
 
-from test_llm_proxy import (CLIENT_KEY, HERE, WAIT, ProxyTestCase, clean_environment, free_port,
-                            send_raw)
+from test_llm_proxy import (CLIENT_KEY, HERE, OTHER_KEY, WAIT, AdversarialTestCase, FakeClock,
+                            ProxyTestCase, Response, body_of, clean_environment, dechunk, free_port,
+                            send_raw, write_keys_file)
 
 
 exchange = send_raw  # the proxy closes after every refusal here
@@ -150,12 +156,9 @@ class LoggedValueTests(ProxyTestCase):
         self.assert_logs_bounded_and_printable()
 
     def test_a_huge_model_and_a_key_name_with_escapes_are_logged_escaped_and_cut(self) -> None:
-        folder = tempfile.TemporaryDirectory()
-        self.addCleanup(folder.cleanup)
-        keys, access_log = os.path.join(folder.name, "keys.json"), os.path.join(folder.name, "access.log")
         name = "ops\x1b[2J" + "n" * 5000
-        with open(keys, "w") as file:
-            json.dump({CLIENT_KEY: {"name": name}}, file)
+        keys = write_keys_file(self, {CLIENT_KEY: {"name": name}})
+        access_log = os.path.join(os.path.dirname(keys), "access.log")
         self.start_proxy(keys_file=keys, access_log=access_log)
         model = "\x1b]0;owned\x07" + "m" * 1_000_000
         self.assertEqual(self.chat(model=model).status, 200)
@@ -278,3 +281,131 @@ class DescriptorLimitTests(unittest.TestCase):
         warnings = [line for line in self.stderr.splitlines() if "out of file descriptors" in line]
         self.assertEqual(len(warnings), 1, self.stderr)
         self.assertIn("(EMFILE)", warnings[0])
+
+
+class ClientFaultTests(AdversarialTestCase):
+    """Slow, stalled and idle clients are dropped or held without delaying anyone else."""
+
+    def test_slowloris_is_dropped_while_others_are_served(self) -> None:
+        self.start_proxy(client_timeout=0.3)
+        stalled = [socket.create_connection(("127.0.0.1", self.port), timeout=WAIT) for _ in range(20)]
+        try:
+            for sock in stalled:
+                sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            for _ in range(5):
+                self.assertEqual(self.chat().status, 200)
+            for sock in stalled:  # each gets a 408, then the proxy closes the connection
+                answer = b"".join(iter(lambda: sock.recv(65536), b""))
+                self.assertTrue(answer.startswith(b"HTTP/1.1 408 "), answer)
+        finally:
+            for sock in stalled:
+                sock.close()
+        self.assert_healthy()
+
+    def test_slow_reader_gets_everything_and_delays_no_one(self) -> None:
+        body = json.dumps({"messages": [], "stream": True}).encode()
+        with socket.create_connection(("127.0.0.1", self.port), timeout=WAIT) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Fake: big-stream\r\n"
+                         b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            self.assertTrue(self.upstream.first_event_sent.wait(WAIT))
+            self.assertEqual(self.chat(key=OTHER_KEY).status, 200)  # served while the reader dawdles
+            received = []
+            while True:
+                chunk = sock.recv(32768)
+                if not chunk:
+                    break
+                received.append(chunk)
+                time.sleep(0.005)  # about 6 MB/s: the proxy's writes wait on this reader
+        answer = b"".join(received)
+        parsed = Response(200, http.client.HTTPMessage(), dechunk(body_of(answer))).events()
+        self.assertEqual(len(parsed), 201)
+        self.assertEqual(parsed[-1], "[DONE]")
+        self.assertEqual(parsed[199]["choices"][0]["delta"]["content"], "w199" + "x" * 10_000)
+
+    def test_300_idle_connections_do_not_stop_service(self) -> None:
+        idle = [socket.create_connection(("127.0.0.1", self.port), timeout=WAIT) for _ in range(300)]
+        try:
+            deadline = time.monotonic() + WAIT
+            while self.proxy.connection_count < 300 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            self.assertEqual(self.proxy.connection_count, 300, "all 300 idle connections are open")
+            for _ in range(5):
+                self.assertEqual(self.chat().status, 200)
+            self.assertGreaterEqual(self.proxy.connection_count, 300, "no idle connection was dropped")
+            for sock in idle[:10]:  # each is still a live connection the proxy would serve
+                sock.setblocking(False)
+                with self.assertRaises(BlockingIOError):
+                    sock.recv(1)
+        finally:
+            for sock in idle:
+                sock.close()
+        self.assert_healthy()
+
+
+class SlowDripTests(AdversarialTestCase):
+    def test_a_request_dripping_in_is_dropped_after_the_client_timeout(self) -> None:
+        self.start_proxy(client_timeout=0.3, state_save_interval=0.1)
+        started = time.monotonic()
+        with socket.create_connection(("127.0.0.1", self.port), timeout=WAIT) as sock:
+            request = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 400
+            try:
+                for byte in request:  # one byte every 20 ms: no single read ever times out
+                    sock.sendall(bytes([byte]))
+                    time.sleep(0.02)
+            except OSError:
+                pass  # dropped while still sending
+            with contextlib.suppress(OSError):
+                while sock.recv(65536):
+                    pass
+        self.assertLess(time.monotonic() - started, 4.0, "a dripping client held its connection")
+        self.assert_healthy()
+
+
+class BoundedResourceTests(AdversarialTestCase):
+    """Connections past the cap get a fast 503; buckets of callers gone quiet are forgotten."""
+
+    def test_connection_cap_answers_a_fast_503(self) -> None:
+        self.start_proxy(max_connections=5, max_connections_per_client=0)  # the whole pool, from here
+        held = [socket.create_connection(("127.0.0.1", self.port), timeout=WAIT) for _ in range(5)]
+        try:
+            deadline = time.monotonic() + WAIT
+            while self.proxy.connection_count < 5 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            started = time.monotonic()
+            answer = self.exchange(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            self.assertLess(time.monotonic() - started, 1.0)
+            error = self.assert_error_answer(answer, 503)
+            self.assertEqual(error["code"], "too_many_connections")
+        finally:
+            for sock in held:
+                sock.close()
+        deadline = time.monotonic() + WAIT
+        while self.proxy.connection_count and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.assert_healthy()
+
+    def test_200000_identities_are_forgotten_once_full_again(self) -> None:
+        clock = FakeClock()
+        store = BucketStore(clock)
+        spec = (BucketSpec(10, 2, 300),)
+        for index in range(200_000):
+            store.charge(f"ip:10.{index >> 16}.{(index >> 8) & 255}.{index & 255}", spec, 1)
+        self.assertEqual(len(store), 200_000)
+        clock.advance(299)
+        self.assertEqual(store.prune(lambda identity: spec), 0, "not full yet: nothing to forget")
+        clock.advance(1)
+        self.assertEqual(store.prune(lambda identity: spec), 200_000)
+        self.assertEqual(len(store), 0)
+
+    def test_churning_keys_through_the_proxy_leave_nothing_behind(self) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=WAIT)
+        try:
+            for index in range(500):
+                self.request("POST", "/v1/chat/completions", {"messages": []}, key=f"sk-churn-{index}",
+                             conn=conn)
+        finally:
+            conn.close()
+        self.assertEqual(len(self.proxy.buckets), 500)
+        self.clock.advance(300)
+        self.proxy.tidy()
+        self.assertEqual(len(self.proxy.buckets), 0)

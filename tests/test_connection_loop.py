@@ -167,6 +167,40 @@ class ConnectionLoopTests(ProxyTestCase):
             while sock.recv(65536):
                 pass  # and the connection was closed
 
+    def test_a_stream_handed_to_a_loop_that_just_closed_still_ends_its_call(self) -> None:
+        """The server closes between a stream's start and its first wait: the loop, stopped,
+        ends the stream at once, and its call ends as any other (log line, gate slot, connection)."""
+        loop = self.proxy.loop
+        can_relay = loop.can_relay
+        def close_then_decide(*args: object) -> bool:
+            loop.close()  # what server_close does first
+            return can_relay(*args)
+        loop.can_relay = close_then_decide  # this server's loop only
+        with socket.create_connection(("127.0.0.1", self.port), timeout=WAIT) as sock:
+            sock.sendall(stream_request("pause-after-first"))
+            self.logged(1)
+            self.wait_for(lambda: self.proxy.upstreams.in_flight == 0)
+            while sock.recv(65536):
+                pass  # closed by the proxy
+        self.wait_for(lambda: self.proxy.connection_count == 0)
+        self.upstream.release.set()
+
+    def test_a_failure_as_a_relayed_stream_ends_closes_its_connection(self) -> None:
+        """Whatever fails at a relayed stream's end, its connection is closed, not forgotten
+        (it would hold its slot, and its client would wait, for ever)."""
+        def fail(call: object) -> None:
+            raise RuntimeError("recording failed")
+        self.proxy.admin.record = fail  # this server's view only
+        with socket.create_connection(("127.0.0.1", self.port), timeout=WAIT) as sock:
+            sock.sendall(stream_request("pause-after-first"))
+            self.wait_for(lambda: self.relayed() == 1)
+            self.upstream.release.set()
+            head, body, _ = read_answer(sock)
+            self.assertTrue(head.startswith(b"HTTP/1.1 200"))
+            self.assertEqual(sock.recv(1), b"")  # then closed by the loop
+        self.wait_for(lambda: self.proxy.connection_count == 0 and self.parked() == 0)
+        self.assertIn("next step failed", self.written("next step failed"))
+
     def test_streams_that_never_wait_stay_with_their_thread(self) -> None:
         """An upstream that sends the whole stream at once: no hand-over, nothing parked."""
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=WAIT)

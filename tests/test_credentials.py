@@ -1,12 +1,20 @@
 """Credentials: no header a client can carry a credential in (or a person's identity) leaves
 the proxy, and the upstream key never comes back, in every API and in open mode too.
 
+No key (the upstream's or a client's, right or wrong) reaches a log line, an answer's
+body or its headers, and a presented key is compared in constant time.
 One place for what tests in four files checked.  Run by ``python3 test_llm_proxy.py``.
 """
 
 from __future__ import annotations
 
-from test_llm_proxy import CLIENT_KEY, OTHER_KEY, UPSTREAM_KEY, ProxyTestCase
+import hashlib
+import os
+import tempfile
+from unittest import mock
+
+import llm_proxy
+from test_llm_proxy import CLIENT_KEY, OTHER_KEY, UPSTREAM_KEY, AdversarialTestCase, ProxyTestCase
 
 CREDENTIALS = {"x-api-key": CLIENT_KEY, "api-key": CLIENT_KEY,
                "Proxy-Authorization": "Basic cHJveHk6c2VjcmV0", "Cookie": "session=s3cr3t"}
@@ -117,3 +125,62 @@ class EveryApiTests(ProxyTestCase):
                 self.assertNotIn(CLIENT_KEY, forwarded["raw_headers"] + forwarded["body"].decode())
                 self.assertEqual(forwarded["headers"]["anthropic-version"], "2023-06-01")
                 self.assertEqual(forwarded["headers"]["anthropic-beta"], "x-2025")
+
+
+class SecretTests(AdversarialTestCase):
+    """No key reaches a log, a body or a header; a presented key is checked in constant time."""
+
+    WRONG_KEY = "sk-wrong-but-secret-4242"
+
+    def test_keys_appear_in_no_log_body_or_header(self) -> None:
+        directory = tempfile.TemporaryDirectory()
+        self.addCleanup(directory.cleanup)
+        access = os.path.join(directory.name, "access.log")
+        self.start_proxy(client_keys=(CLIENT_KEY, OTHER_KEY), access_log=access, max_tokens=2)
+        responses = [
+            self.chat(), self.chat(stream=True), self.chat(),  # served, served, limited
+            self.chat(key=self.WRONG_KEY), self.chat(key=None),
+            self.request("GET", "/v1/models", key=self.WRONG_KEY),
+            self.request("GET", "/v1/quota"),
+            self.chat(key=OTHER_KEY, headers={"X-Fake": "status-500"}),
+            self.chat(key=OTHER_KEY, headers={"X-Fake": "close"}),
+            self.chat(key=OTHER_KEY, headers={"X-Fake": "non-json"}),
+            self.request("POST", "/v1/chat/completions", b"{bad", key=OTHER_KEY),
+        ]
+        self.exchange(b"GET /v1/models HTTP/1.1\r\nAuthorization: Bearer " + CLIENT_KEY.encode() +
+                      b"\r\nbroken header\r\n\r\n")
+        self.stop(self.proxy)
+        self.proxy = None
+        with open(access) as file:
+            written = self.written() + file.read()
+        seen = written + "".join(str(r.headers) + r.body.decode("utf-8", "replace") for r in responses)
+        for secret in (UPSTREAM_KEY, CLIENT_KEY, OTHER_KEY, self.WRONG_KEY):
+            self.assertNotIn(secret, seen)
+        self.assertIn(llm_proxy.key_digest(CLIENT_KEY)[:12], written, "a fingerprint stands in for the key")
+
+    def test_keys_are_compared_in_constant_time(self) -> None:
+        """The key a client presents is checked with hmac.compare_digest, and that check decides.
+
+        The table is indexed by a prefix of SHA-256, so only a key whose prefix is
+        found is compared, as a whole SHA-256, with the stored one.  To reach the
+        comparison with a wrong key, the table is given the right key's entry under
+        the wrong key's prefix (a stand-in for a collision); the comparison alone
+        must then refuse it.
+        """
+        self.start_proxy(client_keys=(CLIENT_KEY,))
+        wrong = CLIENT_KEY[:-1] + "X"
+        right_hash = hashlib.sha256(CLIENT_KEY.encode()).digest()
+        wrong_hash = hashlib.sha256(wrong.encode()).digest()
+        real_compare = llm_proxy.hmac.compare_digest
+        with mock.patch("hmac.compare_digest", side_effect=real_compare) as compare:
+            self.assertEqual(self.chat().status, 200)
+            self.assertIn(mock.call(right_hash, right_hash), compare.call_args_list)
+            compare.reset_mock()
+            keyring = self.proxy.keyring
+            entry = keyring._policies[right_hash.hex()[:32]]
+            keyring._policies = dict(keyring._policies, **{wrong_hash.hex()[:32]: entry})
+            self.assert_openai_error(self.chat(key=wrong), 401, code="invalid_api_key")
+            self.assertIn(sorted([right_hash, wrong_hash]),
+                          [sorted(call.args) for call in compare.call_args_list],
+                          "a digest hit is confirmed with compare_digest (stored, presented), never ==")
+        self.assertEqual(len(self.upstream.requests), 1, "the wrong key was never forwarded")

@@ -19,10 +19,13 @@ import subprocess
 import tempfile
 import time
 import unittest
+from unittest import mock
 
-from test_llm_proxy import CLIENT_KEY, OTHER_KEY, WAIT, ProxyTestCase
+import llm_proxy
+from test_llm_proxy import CLIENT_KEY, OTHER_KEY, WAIT, ProxyTestCase, write_keys_file
 
 ADMIN_KEY = "adm-7Hq2-secret-dashboard"
+SIGN_OUT_SHOWN = "document.getElementById('logout').offsetParent !== null"
 CHROMIUM = next((path for path in (shutil.which("chromium"), shutil.which("chromium-browser"),
                                    shutil.which("google-chrome")) if path), None)
 
@@ -114,15 +117,22 @@ class DashboardBrowserTests(ProxyTestCase):
     config_overrides = {"admin_key": ADMIN_KEY, "client_keys": (CLIENT_KEY, OTHER_KEY)}
 
     def test_log_in_with_enter_and_read_the_table(self) -> None:
-        directory = tempfile.TemporaryDirectory()
-        self.addCleanup(directory.cleanup)
-        keys = os.path.join(directory.name, "keys.json")
-        with open(keys, "w") as file:
-            json.dump({CLIENT_KEY: {"name": "ada", "max_tokens": 20, "buckets": [
-                {"name": "hourly", "max_tokens": 20, "refill_tokens": 20, "refill_interval_seconds": 3600},
-                {"name": "daily", "max_tokens": 50, "refill_tokens": 50, "refill_interval_seconds": 86400}]},
-                OTHER_KEY: {"name": "alan<script>", "max_tokens": 5}}, file)
+        keys = write_keys_file(self, {CLIENT_KEY: {"name": "ada", "max_tokens": 20, "buckets": [
+            {"name": "hourly", "max_tokens": 20, "refill_tokens": 20, "refill_interval_seconds": 3600},
+            {"name": "daily", "max_tokens": 50, "refill_tokens": 50, "refill_interval_seconds": 86400}]},
+            OTHER_KEY: {"name": "alan<script>", "max_tokens": 5}})
         self.start_proxy(admin_key=ADMIN_KEY, keys_file=keys)
+        close_charge = llm_proxy.Call.close_charge
+
+        def priced(call: llm_proxy.Call) -> None:  # as MODELS_FILE's prices would
+            close_charge(call)
+            call.cost = 0.0123 if call.served else 0.0
+        patcher = mock.patch.object(llm_proxy.Call, "close_charge", priced)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+        patcher = mock.patch.object(llm_proxy.AdminView, "currency", lambda view: "USD")
+        patcher.start()
+        self.addCleanup(patcher.stop)
         for _ in range(3):
             self.chat()
         self.chat(key=OTHER_KEY)
@@ -143,25 +153,34 @@ class DashboardBrowserTests(ProxyTestCase):
         self.assertIn("hourly: 17 / 20", ada[2])
         self.assertIn("daily: 47 / 50", ada[2])
         self.assertEqual(ada[4], "3 / 3 / 3")  # requests today / 7 days / 30 days
+        self.assertEqual(ada[6], "$0.0369 / $0.0369 / $0.0369")  # cost, in the currency
+        totals = browser.evaluate("document.getElementById('totals').innerText")
+        self.assertIn("$0.0492\ncost, 30 days", totals)
         self.assertEqual(browser.evaluate("document.querySelectorAll('script').length"), 1)
         self.assertTrue(browser.evaluate("document.querySelector('#chart svg rect') !== null"))
         self.assertIn("upstream up", browser.evaluate("document.getElementById('upstream').innerText"))
         self.assertEqual(browser.evaluate("sessionStorage.getItem('llm_proxy_admin')"), ADMIN_KEY)
         self.assertIsNone(browser.evaluate("localStorage.getItem('llm_proxy_admin')"))
         self.assertEqual(browser.evaluate("document.getElementById('key').value"), "")
+        self.assertTrue(browser.evaluate(SIGN_OUT_SHOWN))
         shot = os.environ.get("DASHBOARD_SCREENSHOT")
         if shot:
             with open(shot, "wb") as file:
                 file.write(base64.b64decode(browser.page("Page.captureScreenshot", format="png")["data"]))
+        browser.evaluate("document.getElementById('logout').click()")
+        browser.wait_for("document.readyState === 'complete' && !document.getElementById('login').hidden")
+        self.assertFalse(browser.evaluate(SIGN_OUT_SHOWN))  # signed out: nothing to sign out of
 
     def test_a_wrong_key_is_told_and_gets_nothing(self) -> None:
         browser = Chromium()
         self.addCleanup(browser.close)
         browser.page("Page.navigate", url=f"http://127.0.0.1:{self.port}/admin")
         browser.wait_for("document.readyState === 'complete' && !!document.getElementById('key')")
+        self.assertFalse(browser.evaluate(SIGN_OUT_SHOWN))  # nobody signed in yet (issue 20)
         browser.evaluate("document.getElementById('key').focus()")
         browser.page("Input.insertText", text=CLIENT_KEY)  # a client key is not the admin key
         browser.press_enter()
         message = browser.wait_for("document.getElementById('message').innerText")
         self.assertIn("not accepted", message)
+        self.assertFalse(browser.evaluate(SIGN_OUT_SHOWN))
         self.assertTrue(browser.evaluate("document.getElementById('view').hidden"))

@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import socket
-import tempfile
 import threading
 from dataclasses import dataclass
 from typing import Callable
 
 import llm_proxy
 from test_llm_proxy import (CLIENT_KEY, OTHER_KEY, UPSTREAM_KEY, WAIT, FakeUpstreamHandler,
-                            ProxyTestCase, Response)
+                            ProxyTestCase, Response, write_keys_file)
 
 PIECES = ["hi", " from", " upstream"]
 TEXT = "".join(PIECES)
@@ -279,6 +277,8 @@ ROWS = [
         "application/x-ndjson", "ollama", "num_predict"),
 ]
 BY_PATH = {row.path: row for row in ROWS}
+ROW = {row.name: row for row in ROWS}  # a row chosen by name, never by its place in ROWS
+OLLAMA_ROWS = [ROW["ollama chat"], ROW["ollama generate"]]
 
 
 WIRE_BEHAVIOURS = ("", "pause-after-first", "hold-until-closed", "break-after-first", "long-stream",
@@ -381,12 +381,7 @@ class DialectTestCase(ProxyTestCase):
 
     def use_keys(self, entries: dict) -> None:
         """Restart the proxy with a keys file holding ``entries``."""
-        directory = tempfile.TemporaryDirectory()
-        self.addCleanup(directory.cleanup)
-        path = os.path.join(directory.name, "keys.json")
-        with open(path, "w") as file:
-            json.dump(entries, file)
-        self.start_proxy(client_keys=(), keys_file=path)
+        self.start_proxy(client_keys=(), keys_file=write_keys_file(self, entries))
 
 
 class ServedTests(DialectTestCase):
@@ -411,7 +406,7 @@ class ServedTests(DialectTestCase):
                 self.assertEqual(forwarded["headers"]["Authorization"], f"Bearer {UPSTREAM_KEY}")
 
     def test_ollama_streams_by_default(self) -> None:
-        for row in ROWS[4:]:
+        for row in OLLAMA_ROWS:
             with self.subTest(row.name):
                 response = self.call(row, stream=None)
                 self.assertEqual(row.read_stream(response.body), TEXT)
@@ -424,7 +419,7 @@ class ServedTests(DialectTestCase):
                 self.assertEqual(json.loads(self.upstream.requests[-1]["body"])["model"], "served-model")
 
     def test_messages_query_string_is_kept(self) -> None:
-        response = self.request("POST", "/v1/messages?beta=true", ROWS[3].request(False))
+        response = self.request("POST", "/v1/messages?beta=true", ROW["messages"].request(False))
         self.assertEqual(response.status, 200)
         self.assertEqual(self.upstream.requests[-1]["path"], "/v1/messages?beta=true")
 
@@ -515,7 +510,7 @@ class UsageModeTests(DialectTestCase):
                     self.assertEqual(before - self.level(), row.stream_usage if stream else row.usage)
 
     def test_injected_usage_request_stays_hidden(self) -> None:
-        response = self.call(ROWS[0], True)
+        response = self.call(ROW["chat"], True)
         self.assertTrue(json.loads(self.upstream.requests[-1]["body"])["stream_options"]["include_usage"])
         self.assertNotIn(b"usage", response.body)
 
@@ -530,13 +525,13 @@ class UsageModeTests(DialectTestCase):
 
     def test_a_prompt_larger_than_the_limit_is_too_large(self) -> None:
         self.start_proxy(client_keys=(CLIENT_KEY,), cost_mode="usage", max_tokens=100)
-        row = ROWS[3]
+        row = ROW["messages"]
         payload = row.request(False, messages=[{"role": "user", "content": "x" * 2000}])
         response = self.request("POST", row.path, payload)
         self.assertIn("request too large", read_message(response.body))
 
     def test_upstream_breaking_off_mid_stream_charges_what_was_streamed(self) -> None:
-        for row in ROWS[2:3] + ROWS[4:]:
+        for row in [ROW["responses"], *OLLAMA_ROWS]:
             with self.subTest(row.name):
                 before = self.level()
                 payload = row.request(True)
@@ -549,13 +544,13 @@ class UsageModeTests(DialectTestCase):
     def test_upstream_breaking_off_after_reporting_usage_charges_that(self) -> None:
         # Messages report the prompt's usage in their first event, message_start
         before = self.level()
-        self.request("POST", "/v1/messages", ROWS[3].request(True), headers={"X-Fake": "break-after-first"})
+        self.request("POST", "/v1/messages", ROW["messages"].request(True), headers={"X-Fake": "break-after-first"})
         self.assertEqual(before - self.level(), 26)
 
     def test_a_stream_ending_before_its_final_usage_pays_for_its_text(self) -> None:
         """message_start says output 0; a stream that stops before message_delta is not free."""
         before = self.level()
-        response = self.request("POST", "/v1/messages", ROWS[3].request(True),
+        response = self.request("POST", "/v1/messages", ROW["messages"].request(True),
                                 headers={"X-Fake": "no-final-event"})
         self.assertEqual("".join(e["delta"]["text"] for name, e in sse_events(response.body)
                                  if name == "content_block_delta"), TEXT)
@@ -606,7 +601,7 @@ class LongStreamTests(DialectTestCase):
     config_overrides = {"client_keys": (CLIENT_KEY,), "cost_mode": "usage", "max_tokens": 20_000}
 
     def test_twelve_thousand_events_are_relayed_one_by_one(self) -> None:
-        row = ROWS[2]  # Responses, as Codex streams it
+        row = ROW["responses"]  # as Codex streams it
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=WAIT)
         try:
             conn.request("POST", row.path, json.dumps(row.request(True)),
@@ -620,11 +615,13 @@ class LongStreamTests(DialectTestCase):
 
 
 class ClaudeCodePatternTests(DialectTestCase):
+    # Two requests allowing themselves 32,000 tokens each at once: an agent on a local model,
+    # whose owner lets it overdraw (the hard cap would make the second wait for the first).
     config_overrides = {"client_keys": (CLIENT_KEY,), "cost_mode": "usage", "max_tokens": 20_000,
-                        "upstream_max_concurrent": 2}
+                        "upstream_max_concurrent": 2, "overdraft": True}
 
     def test_cancelled_stream_and_parallel_request_free_every_slot(self) -> None:
-        row = ROWS[3]
+        row = ROW["messages"]
         results = []
         for _ in range(3):  # three turns: a streamed request cancelled, and a non-streamed one
             self.upstream.first_event_sent.clear()

@@ -21,7 +21,7 @@ from unittest import mock
 
 import llm_proxy
 from test_llm_proxy import (ADMIN_KEY, CLIENT_KEY, OTHER_KEY, WAIT, CapturingLog, ProxyTestCase,
-                            Response, parse_exposition)
+                            Response, parse_exposition, write_keys_file)
 
 CONFIG = llm_proxy.Config(upstream_url="http://127.0.0.1:9/v1")
 APP_KEY = "sk-app-of-many-users-5309"
@@ -97,10 +97,7 @@ class MalformedKeysTests(unittest.TestCase):
 
 class HousekeepingTests(ProxyTestCase):
     def setUp(self) -> None:
-        directory = tempfile.TemporaryDirectory()
-        self.addCleanup(directory.cleanup)
-        self.keys_path = os.path.join(directory.name, "keys.json")
-        self.write_keys(json.dumps(self.keys(bob_enabled=True)))
+        self.keys_path = write_keys_file(self, self.keys(bob_enabled=True))
         self.config_overrides = {"keys_file": self.keys_path}
         super().setUp()
 
@@ -115,7 +112,7 @@ class HousekeepingTests(ProxyTestCase):
 
     def disable_bob_and_see_it_applied(self) -> None:
         """A good edit after the trouble: applied only if the housekeeping thread still runs."""
-        self.write_keys(json.dumps(self.keys(bob_enabled=False)))
+        write_keys_file(self, self.keys(bob_enabled=False))
         self.proxy.request_reload()
         self.wait_for(lambda: self.chat(key=OTHER_KEY).status == 401)
         self.assertEqual(self.chat(key=OTHER_KEY).json()["error"]["code"], "key_disabled")
@@ -248,12 +245,9 @@ class AppKeyTestCase(ProxyTestCase):
                    "refill_interval_seconds": 86400}
 
     def setUp(self) -> None:
-        directory = tempfile.TemporaryDirectory()
-        self.addCleanup(directory.cleanup)
-        self.keys_path = os.path.join(directory.name, "keys.json")
-        with open(self.keys_path, "w") as file:
-            json.dump({APP_KEY: {"name": "webui", "max_tokens": 1000, "refill_tokens": 1000,
-                                 "refill_interval_seconds": 86400, "users": self.users}}, file)
+        self.keys_path = write_keys_file(self, {APP_KEY: {
+            "name": "webui", "max_tokens": 1000, "refill_tokens": 1000, "refill_interval_seconds": 86400,
+            "users": self.users}})
         self.config_overrides = {"keys_file": self.keys_path, "admin_key": ADMIN_KEY}
         super().setUp()
 
@@ -266,8 +260,9 @@ class AppKeyTestCase(ProxyTestCase):
 
 class IdentityCapTests(AppKeyTestCase):
     def test_metrics_and_history_count_the_same_number_of_callers_apart(self) -> None:
-        self.proxy.usage = llm_proxy.UsageBook(max_identities=3)
-        self.proxy.metrics = llm_proxy.Metrics(max_identities=3)
+        proxy = self.proxy  # (the server keeps the history for its state file, the view records in it)
+        proxy.usage = proxy.admin.usage = llm_proxy.UsageBook(max_identities=3)
+        proxy.metrics = proxy.admin.metrics = llm_proxy.Metrics(max_identities=3)
         users = [f"user{n}@home.lan" for n in range(6)]
         for user in users:  # two series each: one request served, one limited
             self.assertEqual(self.reply_text(self.chat(key=APP_KEY, user=user)), "hi from upstream")
@@ -408,13 +403,10 @@ class JwtSecretTests(unittest.TestCase):
             self.assertEqual(len(self.parse(enough)), 1)
 
     def test_the_keys_command_still_edits_a_file_whose_secret_it_cannot_see(self) -> None:
-        with tempfile.TemporaryDirectory() as directory:
-            path = os.path.join(directory, "keys.json")
-            with open(path, "w") as file:
-                file.write(self.KEYS)
-            printed = io.StringIO()
-            with mock.patch.dict(os.environ, {self.VARIABLE: "short"}), contextlib.redirect_stdout(printed):
-                self.assertEqual(llm_proxy.main(["keys", "disable", "webui"], {"KEYS_FILE": path}), 0)
+        path = write_keys_file(self, json.loads(self.KEYS))
+        printed = io.StringIO()
+        with mock.patch.dict(os.environ, {self.VARIABLE: "short"}), contextlib.redirect_stdout(printed):
+            self.assertEqual(llm_proxy.main(["keys", "disable", "webui"], {"KEYS_FILE": path}), 0)
         self.assertEqual(printed.getvalue(), "webui: disabled\n")
 
 

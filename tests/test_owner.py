@@ -1,4 +1,5 @@
-"""The owner's view (issue 11): admin key, usage history, Prometheus metrics, over real sockets.
+"""The owner's view (issue 11): admin key, usage history, Prometheus metrics, over real sockets,
+and the ``keys`` command that edits the keys file the proxy serves from.
 
 Run by the README's command, ``python3 test_llm_proxy.py``.
 """
@@ -13,10 +14,11 @@ import subprocess
 import sys
 import tempfile
 import time
+import unittest
 
 import llm_proxy
 from test_llm_proxy import (ADMIN_KEY, CLIENT_KEY, HERE, OTHER_KEY, WAIT, ProxyTestCase,
-                            clean_environment, parse_exposition)
+                            clean_environment, parse_exposition, write_keys_file)
 
 APP_KEY = "sk-app-family-1234"
 
@@ -31,17 +33,13 @@ def sample(families: dict, name: str, **labels: str) -> float | None:
 
 class OwnerTestCase(ProxyTestCase):
     def setUp(self) -> None:
-        directory = tempfile.TemporaryDirectory()
-        self.addCleanup(directory.cleanup)
-        self.directory = directory.name
-        self.keys_path = os.path.join(self.directory, "keys.json")
-        with open(self.keys_path, "w") as file:
-            json.dump({CLIENT_KEY: {"name": "ada", "buckets": [
-                {"name": "hourly", "max_tokens": 5, "refill_tokens": 5, "refill_interval_seconds": 3600},
-                {"name": "daily", "max_tokens": 20, "refill_tokens": 20, "refill_interval_seconds": 86400}]},
-                OTHER_KEY: {"max_tokens": 3},
-                APP_KEY: {"name": "fam\"ily\\\n", "max_tokens": 50, "users": {
-                    "from": "user_field", "max_tokens": 2}}}, file)
+        self.keys_path = write_keys_file(self, {CLIENT_KEY: {"name": "ada", "buckets": [
+            {"name": "hourly", "max_tokens": 5, "refill_tokens": 5, "refill_interval_seconds": 3600},
+            {"name": "daily", "max_tokens": 20, "refill_tokens": 20, "refill_interval_seconds": 86400}]},
+            OTHER_KEY: {"max_tokens": 3},
+            APP_KEY: {"name": "fam\"ily\\\n", "max_tokens": 50, "users": {
+                "from": "user_field", "max_tokens": 2}}})
+        self.directory = os.path.dirname(self.keys_path)
         self.config_overrides = {"admin_key": ADMIN_KEY, "keys_file": self.keys_path}
         super().setUp()
 
@@ -89,13 +87,19 @@ class UsageReportTests(OwnerTestCase):
         self.request("GET", "/v1/quota")  # a quota check is no call to the model: not in the history
         self.logged(9)
         report = self.admin("/admin/api/usage").json()
-        self.assertEqual(set(report), {"now", "upstream", "upstreams", "in_flight", "queued", "keys"})
+        self.assertEqual(set(report), {"now", "currency", "upstream", "upstreams", "in_flight", "queued",
+                                       "keys"})
         self.assertEqual(report["upstream"], {"url": self.upstream.url, "up": True, "last_error": None})
         keys = {entry["name"]: entry for entry in report["keys"]}
         ada = keys["ada"]
-        self.assertEqual(ada["usage"]["today"], {"requests": 7, "served": 5, "limited": 1, "rejected": 1,
-                                                 "error": 0, "prompt_tokens": 15, "completion_tokens": 30,
-                                                 "tokens_charged": 5})
+        counts = {"requests": 7, "served": 5, "limited": 1, "rejected": 1, "error": 0, "prompt_tokens": 15,
+                  "completion_tokens": 30, "tokens_charged": 5, "cached_tokens": 0, "reasoning_tokens": 0,
+                  "cost": 0}
+        rejected = dict.fromkeys(counts, 0)  # a model that is no name is no model: counted as _other
+        rejected.update(requests=1, rejected=1)
+        served = {name: counts[name] - rejected[name] for name in counts}
+        self.assertEqual(ada["usage"]["today"], dict(counts, by_model={"client-model": served,
+                                                                       "_other": rejected}))
         self.assertEqual(ada["usage"]["all_time"]["requests"], 7)
         self.assertEqual([b["tokens"] for b in ada["buckets"]], [0, 15])
         self.assertEqual(len(ada["daily"]), 30)
@@ -147,7 +151,7 @@ class MetricsTests(OwnerTestCase):
         families = parse_exposition(response.body.decode())
         self.assertEqual({name: f["type"] for name, f in families.items()}, {
             "llm_proxy_requests_total": "counter", "llm_proxy_tokens_total": "counter",
-            "llm_proxy_bucket_tokens": "gauge", "llm_proxy_in_flight": "gauge",
+            "llm_proxy_cost_total": "counter", "llm_proxy_bucket_tokens": "gauge", "llm_proxy_in_flight": "gauge",
             "llm_proxy_queued": "gauge", "llm_proxy_upstream_up": "gauge",
             "llm_proxy_request_duration_seconds": "histogram",
             "llm_proxy_time_to_first_byte_seconds": "histogram"})
@@ -240,3 +244,62 @@ class KeysCommandTests(ProxyTestCase):
         error = self.chat(key=dora).json()["error"]
         self.assertEqual((error["code"], error["message"]), ("key_expired", f"This key expired on {day}."))
         self.assertEqual(self.keys("add", "ada").returncode, 2)  # names are unique
+
+
+class KeysFileEditTests(unittest.TestCase):
+    """``keys`` edits: parallel adds all land, a symlink and the file's mode are kept, no JWT
+    secret is needed, and entries are found as json reads them."""
+
+    def setUp(self) -> None:
+        directory = tempfile.TemporaryDirectory()
+        self.addCleanup(directory.cleanup)
+        self.directory = directory.name
+        self.path = os.path.join(directory.name, "keys.json")
+
+    def keys(self, *args: str, **env: str) -> subprocess.Popen:
+        full = clean_environment()
+        full.update(KEYS_FILE=self.path, **env)
+        return subprocess.Popen([sys.executable, os.path.join(HERE, "llm_proxy.py"), "keys", *args],
+                                env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def test_parallel_adds_all_land(self) -> None:
+        with open(self.path, "w") as file:
+            file.write("{}\n")
+        processes = [self.keys("add", f"user{n}") for n in range(8)]
+        for process in processes:
+            process.communicate(timeout=WAIT)
+            self.assertEqual(process.returncode, 0)
+        with open(self.path) as file:
+            names = sorted(entry["name"] for entry in json.load(file).values())
+        self.assertEqual(names, sorted(f"user{n}" for n in range(8)))
+
+    def test_an_edit_keeps_mode_and_follows_a_symlink(self) -> None:
+        real = os.path.join(self.directory, "real.json")
+        with open(real, "w") as file:
+            file.write('{"k1": {"name": "a"}}\n')
+        os.chmod(real, 0o644)
+        os.symlink(real, self.path)
+        process = self.keys("add", "b")
+        process.communicate(timeout=WAIT)
+        self.assertEqual(process.returncode, 0)
+        self.assertTrue(os.path.islink(self.path))
+        self.assertEqual(os.stat(real).st_mode & 0o777, 0o644)
+
+    def test_editing_needs_no_jwt_secret_in_this_shell(self) -> None:
+        self.path = write_keys_file(self, {"app": {"name": "app", "users": {
+            "from": "jwt", "secret_env": "SECRET_ELSEWHERE"}}, "k2": {"name": "ada"}})
+        process = self.keys("disable", "ada")
+        _, err = process.communicate(timeout=WAIT)
+        self.assertEqual(process.returncode, 0, err)
+
+    def test_entries_are_found_as_json_reads_them(self) -> None:
+        """Keys with escapes, and the errors json gives for keys it refuses."""
+        text = '{ "a\\u00e9\\"x" : {"n": [1, 2]},\n  "\\ud800": 1 }'
+        spans = llm_proxy.entry_spans(text)
+        self.assertEqual([key for key, _, _, _ in spans], list(json.loads(text)))
+        self.assertEqual([text[at] for _, at, _, _ in spans], ['"', '"'])
+        self.assertEqual([json.loads(text[start:end]) for _, _, start, end in spans],
+                         list(json.loads(text).values()))
+        for refused in ('{"a\\x": 1}', '{"a', '{"a\n": 1}'):
+            with self.subTest(refused), self.assertRaises(json.JSONDecodeError):
+                llm_proxy.entry_spans(refused)

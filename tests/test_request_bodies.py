@@ -4,7 +4,8 @@ A body is parsed once, strictly; what is charged, checked against the key's mode
 and forwarded is that parse.  Every test here was an attack that worked: a field
 spelled so that the model server reads it and the proxy does not, an allowance
 the server reads in another field, a batch charged as one answer, a model named in
-a form, a body smuggled on a GET.  Run by ``python3 test_llm_proxy.py``.
+a form, a body smuggled on a GET.  Bodies that are no JSON object at all are refused,
+charging nothing.  Run by ``python3 test_llm_proxy.py``.
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import threading
 from unittest import mock
 
 import llm_proxy
-from test_llm_proxy import CLIENT_KEY, OTHER_KEY, FakeUpstreamHandler, ProxyTestCase, Response
+from test_llm_proxy import (CLIENT_KEY, OTHER_KEY, WAIT, AdversarialTestCase, FakeUpstreamHandler, ProxyTestCase,
+                            Response, write_keys_file)
 
 LIMITED = CLIENT_KEY  # may use the model "small" only
 OPEN = OTHER_KEY      # any model
@@ -67,11 +70,7 @@ class BodyTestCase(ProxyTestCase):
     upstream_handler = BodyUpstreamHandler
 
     def setUp(self) -> None:
-        directory = tempfile.TemporaryDirectory()
-        self.addCleanup(directory.cleanup)
-        self.keys_path = os.path.join(directory.name, "keys.json")
-        with open(self.keys_path, "w") as file:
-            json.dump(KEYS, file)
+        self.keys_path = write_keys_file(self, KEYS)
         self.config_overrides = dict(self.config_overrides, keys_file=self.keys_path)
         super().setUp()
 
@@ -148,8 +147,9 @@ class SpellingTests(BodyTestCase):
         self.post("/api/chat", b'  {"model": "small", "messages": [], "keep_alive": "5m",'
                                b' "options": {"temperature": 0.5}}\n', key=LIMITED)
         forwarded = self.upstream.requests[-1]["body"]
+        # (with the output allowance the hard cap writes into a request that sets none)
         self.assertEqual(forwarded, b'{"model":"small","messages":[],"keep_alive":"5m",'
-                                    b'"options":{"temperature":0.5}}')
+                                    b'"options":{"temperature":0.5,"num_predict":4096}}')
 
 
 class AllowanceTests(BodyTestCase):
@@ -189,7 +189,9 @@ class AllowanceTests(BodyTestCase):
                 before = self.tokens_left()
                 response = self.post(path, body)
                 self.assertEqual(response.status, 200, response.body)
-                expected = llm_proxy.prompt_tokens(body) + (256 if output is None else output)
+                # no bound: the hard cap writes (and charges) DEFAULT_MAX_OUTPUT_TOKENS
+                expected = llm_proxy.prompt_tokens(body) + (self.config.default_max_output
+                                                            if output is None else output)
                 self.assertEqual(before - self.tokens_left(), expected)
 
     def test_a_batch_answered_as_a_list_is_settled_to_its_added_usage(self) -> None:
@@ -324,7 +326,7 @@ class ForwardingTests(BodyTestCase):
         self.assertNotIn("Content-Length", self.upstream.requests[0]["headers"])
 
     def test_no_body_is_forwarded_on_a_delete_either(self) -> None:
-        self.request("DELETE", "/v1/models/ft-1", json.dumps(dict(CHAT, model="big")).encode(), key=OPEN)
+        self.request("DELETE", "/v1/rerank/r-1", json.dumps(dict(CHAT, model="big")).encode(), key=OPEN)
         self.assertEqual([r["method"] for r in self.upstream.requests], ["DELETE"])
         self.assertNotIn("Content-Length", self.upstream.requests[0]["headers"])  # (the fake reads none)
 
@@ -390,6 +392,23 @@ class StoredAnswerTests(BodyTestCase):
         self.assertEqual((response.status, response.json()["error"]["param"]), (400, "conversation"))
         self.assertEqual(self.forwarded_paths(), ["/v1/responses"])
 
+    def test_an_answer_is_the_callers_before_the_caller_has_it(self) -> None:
+        """A client may ask for its answer the moment it arrives: the proxy has recorded it as
+        the caller's before sending it, not at the end of the request, after the answer went."""
+        proxy, answered = self.proxy, threading.Event()
+        request_arrived = proxy.request_arrived
+        def end_of_request_held_back(connection: object) -> None:  # (only the first request's)
+            answered.wait(WAIT)
+            request_arrived(connection)
+        proxy.request_arrived = end_of_request_held_back
+        self.post("/v1/responses", {"model": "small", "input": "hi"}, key=OPEN)
+        proxy.request_arrived = request_arrived
+        try:
+            self.request("GET", self.STORED, key=OPEN)
+        finally:
+            answered.set()
+        self.assertEqual(self.forwarded_paths(), ["/v1/responses", self.STORED])  # not refused
+
     def test_an_id_the_proxy_never_relayed_is_found_by_nobody(self) -> None:
         self.assertEqual(self.request("GET", "/v1/responses/resp_elsewhere", key=OPEN).status, 404)
         self.assertEqual(self.request("GET", "/v1/chat/completions/chatcmpl-x", key=OPEN).status, 404)
@@ -407,3 +426,26 @@ class StoredAnswerTests(BodyTestCase):
         self.assertEqual(self.request("GET", f"/v1/chat/completions/{answer_id}", key=LIMITED).status, 404)
         self.request("GET", f"/v1/chat/completions/{answer_id}", key=OPEN)
         self.assertEqual(self.forwarded_paths()[-1], f"/v1/chat/completions/{answer_id}")
+
+
+class BadBodyTests(AdversarialTestCase):
+    """A body the proxy cannot read, or one naming a model off the key's list, is refused for free."""
+
+    def test_bad_bodies_are_400_and_free(self) -> None:
+        nested = b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+        bodies = [b"{not json", b"[]", b'"string"', b'{"messages": "hi"}', b'{"messages": [], "model": 7}',
+                  nested, b'{"messages": [], "x": "\xff\xfe"}', b'{"messages": [], "max_tokens": -1}',
+                  b'{"messages": [], "max_tokens": 1.5}', b'{"messages": [], "stream": "yes"}']
+        self.start_proxy(max_body_bytes=1_000_000)
+        for body in bodies:
+            with self.subTest(body=body[:40]):
+                response = self.request("POST", "/v1/chat/completions", body)
+                self.assert_openai_error(response, 400, "invalid_request_error")
+        self.assert_nothing_charged_or_forwarded()
+        self.assert_healthy()
+
+    def test_model_list_applies_to_every_endpoint_that_names_a_model(self) -> None:
+        self.start_proxy(keys_file=write_keys_file(self, {CLIENT_KEY: {"models": ["small"]}}))
+        response = self.request("POST", "/v1/embeddings", {"model": "large", "input": "x"})
+        self.assert_openai_error(response, 403, code="model_not_allowed")
+        self.assertEqual(self.upstream.requests, [])

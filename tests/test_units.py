@@ -9,10 +9,13 @@ and cache-written parts included), output (reasoning included).  Run by
 
 from __future__ import annotations
 
+import json
+import os
 import unittest
 
 import llm_proxy
 from llm_proxy import BucketSpec, Config, Meter, Usage
+from test_llm_proxy import CLIENT_KEY, ProxyTestCase, write_keys_file
 
 # What each API reports, in its own words (OpenAI and Anthropic references; llama.cpp's and
 # Ollama's answers), and the parts the proxy must read from it.
@@ -100,3 +103,28 @@ class UnitTests(unittest.TestCase):
         charge.close(True, Usage(20, 30))
         self.assertEqual([level["tokens"] for level in store.snapshot("k", specs)], [950, 9])
         self.assertEqual((charge.state, charge.charged, charge.paid), ("settled", 300, 50))
+
+
+class UnitChargeRecordTests(ProxyTestCase):
+    """``tokens_charged`` in the usage report and ACCESS_LOG is the token window's charge, not the
+    request window's."""
+
+    def test_tokens_charged_is_the_token_windows_charge(self) -> None:
+        path = write_keys_file(self, {CLIENT_KEY: {"name": "ada", "buckets": [
+            {"name": "rpm", "unit": "requests", "max_tokens": 10, "refill_tokens": 10,
+             "refill_interval_seconds": 60},
+            {"name": "daily", "unit": "tokens", "max_tokens": 50000, "period": "day"}]}})
+        log = os.path.join(os.path.dirname(path), "access.log")
+        self.start_proxy(keys_file=path, cost_mode="estimate", access_log=log, admin_key="adm")
+        payload = {"model": "m", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 40}
+        self.request("POST", "/v1/chat/completions", payload)
+        self.request("POST", "/v1/messages/count_tokens", {"model": "m", "messages": []})
+        self.logged(2)
+        estimate = llm_proxy.estimate_tokens(payload, 256)
+        report = self.request("GET", "/admin/api/usage", key="adm").json()
+        today = report["keys"][0]["usage"]["today"]
+        self.assertEqual((today["requests"], today["tokens_charged"]), (1, estimate))  # free call not counted
+        self.stop(self.proxy)
+        self.proxy = None
+        with open(log) as file:
+            self.assertEqual(json.loads(file.readline())["tokens_charged"], estimate)

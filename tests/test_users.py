@@ -12,14 +12,13 @@ import hashlib
 import hmac
 import json
 import os
-import tempfile
 import threading
 import time
 import unittest
 from unittest import mock
 
 import llm_proxy
-from test_llm_proxy import CLIENT_KEY, WAIT, ProxyTestCase, Response
+from test_llm_proxy import CLIENT_KEY, WAIT, ProxyTestCase, Response, write_keys_file
 
 APP_KEY = "sk-webui-3n5b8v2c7x1z"
 SECRET = "jwt-secret-of-the-webui-0123456789"
@@ -51,20 +50,17 @@ class UserTestCase(ProxyTestCase):
         patcher = mock.patch.dict(os.environ, {"OPENWEBUI_JWT_SECRET": SECRET})
         patcher.start()
         self.addCleanup(patcher.stop)
-        directory = tempfile.TemporaryDirectory()
-        self.addCleanup(directory.cleanup)
-        self.directory = directory.name
-        self.keys_path = os.path.join(directory.name, "keys.json")
-        self.write_keys(self.users)
+        self.keys_path = self.write_keys(self.users)
+        self.directory = os.path.dirname(self.keys_path)
         self.config_overrides = {"keys_file": self.keys_path}
         super().setUp()
 
-    def write_keys(self, users: dict) -> None:
-        with open(self.keys_path, "w") as file:
-            json.dump({APP_KEY: {"name": "webui", "max_tokens": self.app_limit,
-                                 "refill_tokens": self.app_limit, "refill_interval_seconds": 86400,
-                                 "users": users},
-                       CLIENT_KEY: {"name": "plain", "max_tokens": 3}}, file)
+    def write_keys(self, users: dict) -> str:
+        """The app key with ``users``, and a plain key, as the keys file: its path."""
+        return write_keys_file(self, {APP_KEY: {"name": "webui", "max_tokens": self.app_limit,
+                                                "refill_tokens": self.app_limit,
+                                                "refill_interval_seconds": 86400, "users": users},
+                                      CLIENT_KEY: {"name": "plain", "max_tokens": 3}})
 
     def token(self, email: str | None, **claims: object) -> str:
         now = int(self.wall())
@@ -92,7 +88,7 @@ class JwtUserTests(UserTestCase):
         for _ in range(2):
             self.assertEqual(self.text(self.as_user("alice@home.lan")), "hi from upstream")
         limited = self.as_user("alice@home.lan")
-        self.assertRegex(self.text(limited), r"^limit reached, wait \d+ min$")
+        self.assertRegex(self.text(limited), r"^limit reached, wait (\d+ min|\d+ h( \d+ min)?|until .+)$")
         self.assertEqual(self.text(self.as_user("bob@home.lan")), "hi from upstream")
         self.assertEqual(len(self.upstream.requests), 3)
 
@@ -249,3 +245,34 @@ class ConfigTests(unittest.TestCase):
         with self.assertRaises(llm_proxy.ConfigError) as raised:
             llm_proxy.parse_keys_file(json.dumps(entry), config)
         self.assertNotIn(SECRET, str(raised.exception))
+
+
+class JwtVerificationTests(unittest.TestCase):
+    """verify_jwt refuses an expiry that is no finite number and any signature spelt another way."""
+
+    def test_jwt_expiry_must_be_a_finite_number_and_signatures_canonical(self) -> None:
+        import base64
+        import hashlib
+        import hmac as hmac_module
+
+        def mint(claims: dict) -> str:
+            head = base64.urlsafe_b64encode(b'{"alg":"HS256","typ":"JWT"}').rstrip(b"=").decode()
+            body = base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=").decode()
+            mac = hmac_module.new(b"k", f"{head}.{body}".encode(), hashlib.sha256).digest()
+            return f"{head}.{body}.{base64.urlsafe_b64encode(mac).rstrip(b'=').decode()}"
+        for exp in ("NaN", "Infinity", "1e400"):
+            token = mint({"email": "a@x"}).split(".")
+            token[1] = base64.urlsafe_b64encode(('{"email": "a@x", "exp": %s}' % exp).encode()).rstrip(b"=").decode()
+            mac = hmac_module.new(b"k", f"{token[0]}.{token[1]}".encode(), hashlib.sha256).digest()
+            token[2] = base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
+            with self.assertRaises(ValueError, msg=exp):
+                llm_proxy.verify_jwt(".".join(token), b"k", 1000.0)
+        good = mint({"email": "a@x", "exp": 2000})
+        self.assertEqual(llm_proxy.verify_jwt(good, b"k", 1000.0)["email"], "a@x")
+        last = good[-1]
+        variants = [c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+                    if c != last]
+        for variant in variants:
+            forged = good[:-1] + variant
+            with self.assertRaises(ValueError):
+                llm_proxy.verify_jwt(forged, b"k", 1000.0)

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
+import unittest
 
 import llm_proxy
-from test_llm_proxy import CLIENT_KEY, ProxyTestCase
+from test_llm_proxy import CLIENT_KEY, ProxyTestCase, write_keys_file
 
 
 def local(text: str) -> float:
@@ -36,14 +36,10 @@ class WindowTestCase(ProxyTestCase):
                 os.environ["TZ"] = previous
             time.tzset()
         self.addCleanup(restore)
-        directory = tempfile.TemporaryDirectory()
-        self.addCleanup(directory.cleanup)
-        self.keys_path = os.path.join(directory.name, "keys.json")
         super().setUp()
 
     def use_windows(self, windows: list, cost_mode: str = "request") -> None:
-        with open(self.keys_path, "w") as file:
-            json.dump({CLIENT_KEY: {"name": "ada", "buckets": windows}}, file)
+        self.keys_path = write_keys_file(self, {CLIENT_KEY: {"name": "ada", "buckets": windows}})
         self.start_proxy(keys_file=self.keys_path, cost_mode=cost_mode)
 
     def at(self, text: str) -> None:
@@ -78,7 +74,7 @@ class CalendarTests(WindowTestCase):
         self.use_windows([{"name": "weekly", "max_tokens": 1, "period": "week"},
                           {"name": "monthly", "max_tokens": 3, "period": "month"}])
         self.reply()
-        self.assertEqual(self.reply(), "weekly limit reached, wait 720 min")  # until Monday 00:00
+        self.assertEqual(self.reply(), "weekly limit reached, wait 12 h")  # until Monday 00:00
         self.at("2026-11-30 00:00:01")  # Monday: a new week, the same month
         self.reply()
         self.at("2026-12-01 00:00:00")
@@ -88,11 +84,10 @@ class CalendarTests(WindowTestCase):
         self.assertEqual([b["tokens"] for b in self.quota()], [0, 2])
 
     def test_state_file_keeps_a_calendar_window_until_its_boundary(self) -> None:
-        state = os.path.join(os.path.dirname(self.keys_path), "state.json")
         self.at("2026-11-24 10:00:00")
-        with open(self.keys_path, "w") as file:
-            json.dump({CLIENT_KEY: {"name": "ada", "buckets": [
-                {"name": "daily", "max_tokens": 1, "period": "day"}]}}, file)
+        self.keys_path = write_keys_file(self, {CLIENT_KEY: {"name": "ada", "buckets": [
+            {"name": "daily", "max_tokens": 1, "period": "day"}]}})
+        state = os.path.join(os.path.dirname(self.keys_path), "state.json")
         self.start_proxy(keys_file=self.keys_path, state_file=state)
         self.reply()
         self.start_proxy(keys_file=self.keys_path, state_file=state)
@@ -148,3 +143,64 @@ class ModelWindowTests(WindowTestCase):
             with self.subTest(window):
                 with self.assertRaisesRegex(llm_proxy.ConfigError, message):
                     llm_proxy.parse_keys_file(json.dumps({"k": {"buckets": [window]}}), config)
+
+
+class ModelWindowDebtTests(ProxyTestCase):
+    """A model's window in debt (usage beyond its limit) does not block the other models."""
+
+    def test_a_model_window_in_debt_does_not_block_other_models(self) -> None:
+        path = write_keys_file(self, {CLIENT_KEY: {"name": "ada", "buckets": [
+            {"name": "big model", "max_tokens": 20, "refill_tokens": 20,
+             "refill_interval_seconds": 3600, "models": ["big"]},
+            {"name": "all", "max_tokens": 1000, "refill_tokens": 1000,
+             "refill_interval_seconds": 3600}]}})
+        self.start_proxy(keys_file=path, cost_mode="usage")
+        self.chat(model="big", max_tokens=5, headers={"X-Usage": "90"})  # 90 used: the big window in debt
+        reply = self.chat(model="small", max_tokens=5).json()["choices"][0]["message"]["content"]
+        self.assertEqual(reply, "hi from upstream")
+
+
+class WindowIdentityTests(unittest.TestCase):
+    """A level belongs to its window, not to a position in the policy's list of windows."""
+
+    HOURLY = llm_proxy.BucketSpec(1000, 1000, 3600.0, name="hourly")
+    BUDGET = llm_proxy.BucketSpec(10 ** 9, 0, 1e9, name="budget", unit="money", period="total")
+    DAILY = llm_proxy.BucketSpec(5000, 5000, 86400.0)
+
+    def store(self) -> llm_proxy.BucketStore:
+        return llm_proxy.BucketStore(clock=lambda: 100.0, wall_clock=lambda: 1_000_000.0)
+
+    def test_removing_or_adding_a_window_before_another_keeps_each_level(self) -> None:
+        store = self.store()
+        store.charge_all((("k", (self.HOURLY, self.BUDGET)),),
+                         lambda spec: 990_000_000 if spec is self.BUDGET else 10)
+        store.charge("k", (self.BUDGET,), 0)  # the owner removed the hourly window
+        self.assertEqual(store.snapshot("k", (self.BUDGET,))[0]["tokens"], 0.01)  # (in the currency)
+        store.charge("k", (self.DAILY, self.BUDGET), 0)  # and put a daily one in front
+        levels = store.snapshot("k", (self.DAILY, self.BUDGET))
+        self.assertEqual((levels[0]["tokens"], levels[1]["tokens"]), (5000, 0.01))
+
+    def test_a_call_settled_with_its_old_windows_leaves_a_new_window_alone(self) -> None:
+        store = self.store()
+        old, new = (self.HOURLY,), (self.HOURLY, self.BUDGET)
+        self.assertTrue(store.charge("k", old, 800).allowed)   # a call in flight ...
+        store.charge_all((("k", new),), lambda spec: 900_000_000 if spec is self.BUDGET else 0)  # ... the
+        # owner adds a budget, and it is spent
+        store.credit("k", old, 300)                              # the first call settles, cheaper
+        levels = store.snapshot("k", new)
+        self.assertEqual(levels[0]["tokens"], 500)               # its own window got the refund
+        self.assertAlmostEqual(levels[1]["tokens"], 0.1)         # the budget still spent
+
+    def test_unnamed_windows_alike_are_told_apart_by_their_order(self) -> None:
+        store = self.store()
+        hour = llm_proxy.BucketSpec(100, 100, 3600.0)
+        day = llm_proxy.BucketSpec(500, 500, 86400.0)
+        store.charge("k", (hour, day), 50)
+        self.assertEqual([level["tokens"] for level in store.snapshot("k", (hour, day))], [50, 450])
+
+    def test_levels_saved_without_their_window_are_taken_by_position_once(self) -> None:
+        store = self.store()
+        store.load({"k": [[7, 1_000_000.0, 1000]]}, wall_clock=lambda: 1_000_000.0)  # an older file
+        self.assertEqual(store.snapshot("k", (self.HOURLY,))[0]["tokens"], 7)
+        saved = store.dump(wall_clock=lambda: 1_000_000.0)["k"][0]
+        self.assertEqual(saved[3], ["hourly", "", None, 0])
