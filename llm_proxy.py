@@ -584,7 +584,8 @@ def startup_warnings(config: Config, keyring: KeyRing | None = None) -> list[str
             f"no PROXY_API_KEYS or KEYS_FILE and listening on {config.host}: anyone who can reach this port can "
             "use the model, and per-key or per-IP buckets are the only limit (a caller picks "
             "its own bucket by picking a key)")
-    if config.upstream_ca_file and not (config.upstream_url or "").startswith("https:"):
+    if (config.upstream_ca_file and not config.models_file  # (the file's servers may be https)
+            and not (config.upstream_url or "").startswith("https:")):
         warnings.append("UPSTREAM_CA_FILE is set but the upstream is not https: it is not used")
     for variable, setting in config.near_misses:
         warnings.append(f"{variable} is set, but llm_proxy reads no such variable: "
