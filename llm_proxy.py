@@ -618,6 +618,7 @@ class BucketSpec:
                                            # "total": never refills (a budget)
     models: tuple[str, ...] | None = None  # the window counts only requests for these models
     overdraft: bool = False                # reserve little and let usage go into debt (no hard cap)
+    when_limited: str | None = None        # the model that serves a call this window cannot pay
 
     @property
     def refills(self) -> bool:
@@ -743,6 +744,7 @@ class Admission(NamedTuple):
     def counts_money(self) -> bool:
         return self.unit == MONEY
     held: tuple[tuple[int, ...], ...] = ()  # of ``costs``, what may come back when they settle
+    spec: BucketSpec | None = None  # the named window itself (its when_limited, its owner)
 
 
 NANOS = 10 ** 9  # money is counted in nano-units of the currency: bucket levels stay whole numbers
@@ -945,7 +947,8 @@ class BucketStore:
         capping = any(row[2].per_output for row in rows)
         return Admission(allowed, amounts[chosen], spec.capacity, max(0, bucket.tokens),
                          0.0 if allowed else waits[chosen], spec.refill_tokens, spec.interval,
-                         spec.name, costs, granted if capping else None, waiting, spec.unit, held_now)
+                         spec.name, costs, granted if capping else None, waiting, spec.unit, held_now,
+                         spec)
 
     def _hold(self, payers: Sequence[tuple[str, Sequence[BucketSpec]]],
               rows: list[tuple[Bucket, BucketSpec, WindowCost, int]],
@@ -1371,6 +1374,27 @@ def cost_mode(config: Config) -> CostMode:
     return CostMode("usage", ReportedTokens(), ReportedTokens(), least, setting)
 
 
+class PayerWindows(NamedTuple):
+    """What a call's windows, all payers' together, say of it; worked out once a call."""
+
+    money: bool       # some window counts money: prices are needed
+    settles: bool     # some window settles to the usage reported
+    token_room: int   # the smallest capacity of a window counting tokens (a reservation's room)
+
+
+def payer_windows(payers: Sequence[tuple[str, Sequence[BucketSpec]]], mode: CostMode) -> PayerWindows:
+    money = settles = False
+    room = 1 << 62
+    for _, specs in payers:
+        for spec in specs:
+            unit = mode.unit_of(spec)
+            money = money or spec.counts_money
+            settles = settles or unit.settles
+            if unit.counts_tokens and spec.capacity < room:
+                room = spec.capacity
+    return PayerWindows(money, settles, room)
+
+
 def window_costs(call: CallCost, mode: CostMode, model: str,
                  payers: Sequence[tuple[str, Sequence[BucketSpec]]]) -> Callable[[BucketSpec], WindowCost]:
     """What each window is charged before forwarding: by its unit, and nothing at all if it
@@ -1466,7 +1490,7 @@ class Meter:
     """
 
     __slots__ = ("dialect", "prompt_estimate", "hide_usage", "counts_text", "usage_fields",
-                 "characters", "final", "object_id")
+                 "characters", "final", "object_id", "_reported")
 
     def __init__(self, dialect: Dialect, prompt_estimate: int, hide_usage: bool = False,
                  counts_text: bool = True) -> None:
@@ -1478,6 +1502,7 @@ class Meter:
         self.characters = 0
         self.final = False  # the usage seen is the answer's last word (not, say, message_start's)
         self.object_id: str | None = None  # a stored answer's id (a response, a completion)
+        self._reported: Usage | None = None
 
     def report(self, counts: dict) -> None:
         """Record counts from the upstream; later reports of a field replace earlier ones.
@@ -1485,6 +1510,7 @@ class Meter:
         A count inside a details object is kept under both names joined by a dot
         (``prompt_tokens_details.cached_tokens``).
         """
+        self._reported = None  # (read again from the fields, once, when next asked)
         for name, value in counts.items():
             count = _count(value)
             if count is not None:
@@ -1497,7 +1523,11 @@ class Meter:
 
     @property
     def reported(self) -> Usage | None:
-        return self.dialect.usage_of(self.usage_fields) if self.usage_fields else None
+        """The usage the upstream reported, in its parts (asked by the charge, the cost and
+        the record: read from the fields once)."""
+        if self._reported is None and self.usage_fields:
+            self._reported = self.dialect.usage_of(self.usage_fields)
+        return self._reported
 
     def used(self, finished: bool) -> Usage | None:
         """What to settle to: the reported usage, else for a cut-short answer prompt + text / 4.
@@ -2708,6 +2738,7 @@ class Policy:
     endpoints: frozenset[str] | None = None  # the route table's groups it may call; None: the open ones
     weight: int = 1                       # turns in the fair queue for each one of a weight-1 key
     priority: int = 0                     # a higher class is served first in the fair queue
+    when_limited: str | None = None       # the model that serves a call its windows cannot pay
 
     def allows(self, model: str) -> bool:
         return self.models is None or model in self.models
@@ -2756,7 +2787,7 @@ def key_digest(key: str) -> str:
 
 POLICY_FIELDS = {"name", "max_tokens", "refill_tokens", "refill_interval_seconds", "buckets",
                  "models", "max_concurrent", "users", "enabled", "expires", "id", "email", "endpoints",
-                 "weight", "priority"}
+                 "weight", "priority", "when_limited"}
 MAX_WEIGHT = 1000  # turns in a row for one key: more would hold everyone else up for a long round
 MAX_PRIORITY = 1000
 USER_SOURCES = {"jwt": "X-OpenWebUI-User-Jwt", "header": None, "user_field": None}
@@ -2766,7 +2797,7 @@ MAX_USER_LENGTH = 256  # longer identities are refused, not truncated into someo
 MIN_JWT_SECRET_BYTES = 32  # HS256 wants a key as long as its hash (RFC 7518, 3.2); shorter can be guessed
 ENTRY_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # safe in an identity, a state file and a log line
 WINDOW_FIELDS = {"name", "max_tokens", "refill_tokens", "refill_interval_seconds", "unit", "period",
-                 "models", "max_amount", "refill_amount", "overdraft"}
+                 "models", "max_amount", "refill_amount", "overdraft", "when_limited"}
 MAX_AMOUNT = MAX_WINDOW_TOKENS // NANOS  # the largest money window, in the currency
 
 
@@ -2872,10 +2903,39 @@ def _policy_from_entry(entry: dict, config: Config, where: str,
         raise ConfigError(f"{where}: id must be 1 to 64 letters, digits, '-' or '_'")
     if not isinstance(email, str):
         raise ConfigError(f"{where}: email must be a string")
+    fallback = _when_limited(entry.get("when_limited"), where)
     weight, priority = _turns_from_entry(entry, where)
-    return Policy(name, buckets, None if models is None else tuple(models), limit, users,
-                  enabled, expires, entry_id, _endpoint_names(entry.get("endpoints"), where),
-                  weight, priority)
+    policy = Policy(name, buckets, None if models is None else tuple(models), limit, users,
+                    enabled, expires, entry_id, _endpoint_names(entry.get("endpoints"), where),
+                    weight, priority, fallback)
+    _require_listed_fallbacks(policy, policy.models, where)
+    if users is not None and policy.models is not None:  # a user's fallback is the app's call too
+        for user_policy in (users.default, *users.overrides.values()):
+            _require_listed_fallbacks(user_policy, policy.models, f"{where} users")
+    return policy
+
+
+def _when_limited(value: object, where: str) -> str | None:
+    """A ``when_limited`` setting, ``{"model": NAME}``: the model that serves a call instead of
+    the limit reply when the windows for the model asked are empty (None: not set)."""
+    if value is None:
+        return None
+    if not (isinstance(value, dict) and set(value) == {"model"} and isinstance(value["model"], str)
+            and value["model"].strip() and value["model"].isprintable()
+            and len(value["model"]) <= MAX_USER_LENGTH):  # (it is sent in a header)
+        raise ConfigError(f"{where}: when_limited must be {{\"model\": \"<model name>\"}}, the "
+                          "model that serves a request when its windows are empty")
+    return value["model"]
+
+
+def _require_listed_fallbacks(policy: Policy, models: Sequence[str] | None, where: str) -> None:
+    """A fallback model off the key's list would be a way round it: refused when the file loads."""
+    if models is None:
+        return
+    for fallback in (policy.when_limited, *(spec.when_limited for spec in policy.buckets)):
+        if fallback is not None and fallback not in models:
+            raise ConfigError(f"{where}: when_limited model {fallback[:100]!r} is not on the key's "
+                              f"models list ({', '.join(models)[:200]})")
 
 
 def _endpoint_names(value: object, where: str) -> frozenset[str] | None:
@@ -3101,6 +3161,7 @@ def _window(window: object, base: dict, where: str) -> BucketSpec:
     if not isinstance(name, str):
         raise ConfigError(f"{where}: name must be a string")
     period, models, overdraft = window.get("period"), window.get("models"), values.get("overdraft", False)
+    fallback = _when_limited(window.get("when_limited"), where)
     if period is not None and (not isinstance(period, str)
                                or period not in PERIOD_DAYS and period != TOTAL):  # as above
         raise ConfigError(f"{where}: period must be \"day\", \"week\", \"month\" or \"total\"")
@@ -3111,12 +3172,12 @@ def _window(window: object, base: dict, where: str) -> BucketSpec:
         raise ConfigError(f"{where}: overdraft must be true or false")
     capacity, models = values["max_tokens"], tuple(models) if models else None
     if period == TOTAL:  # never refills: a budget
-        return BucketSpec(capacity, 0, math.inf, name, unit, TOTAL, models, overdraft)
+        return BucketSpec(capacity, 0, math.inf, name, unit, TOTAL, models, overdraft, fallback)
     if period is not None:  # full again at each start: one refill of everything per period
         return BucketSpec(capacity, capacity, PERIOD_DAYS[period] * 86400.0, name, unit, period,
-                          models, overdraft)
+                          models, overdraft, fallback)
     return BucketSpec(capacity, values["refill_tokens"], float(interval), name, unit, None,
-                      models, overdraft)
+                      models, overdraft, fallback)
 
 
 def _money_limits(window: dict, where: str) -> dict:
@@ -3938,6 +3999,7 @@ def rate_limit_headers(admission: Admission) -> list[tuple[str, str]]:
 # --------------------------------------------------------------------------
 
 JSON_TYPE = ("Content-Type", "application/json")
+MODEL_HEADER = "X-LLM-Proxy-Model"  # on an answer another model served (``when_limited``)
 NO_CACHE = ("Cache-Control", "no-cache")
 
 
@@ -4011,6 +4073,7 @@ class Call:
     made: int = 1                    # a flat-rate call's things made (n images), priced per call
     cost: float = 0.0                # in the currency, set when the charge closes: the usage priced
     refused: Admission | None = None  # a limited request's admission: which windows could not pay
+    downgrade: tuple[str, str] | None = None  # (asked, served): another model served it (when_limited)
     seconds: float = 0.0             # from arrival to the end of the answer
 
     def on_end(self, action: Callable[..., None], *args: object) -> None:
@@ -4044,7 +4107,7 @@ class Call:
         was streamed.
         """
         charge = self.charge
-        if charge is None:
+        if charge is None or charge.state != "reserved":
             return
         served = self.served or (self.gone and self.upstream_reached)
         used = None
@@ -4137,6 +4200,23 @@ class Call:
         mine = (self.identity, self.policy.buckets)
         return (mine,) if self.app is None else (mine, (self.app[0], self.app[1].buckets))
 
+    def when_limited(self, refused: Admission) -> str | None:
+        """The model that serves this call instead of the limit reply: the blocking window's
+        ``when_limited``, else that of the key (or user) the window belongs to; None: none."""
+        spec = refused.spec
+        if spec is None or spec.when_limited is not None:
+            return None if spec is None else spec.when_limited
+        policies = (self.policy,) if self.app is None else (self.policy, self.app[1])
+        for policy in policies:
+            if policy is not None and any(own is spec for own in policy.buckets):
+                return policy.when_limited
+        return None
+
+    def may_use(self, model: str) -> bool:
+        """Whether the caller's list (and the app's, for its user) has ``model``."""
+        return ((self.policy is None or self.policy.allows(model))
+                and (self.app is None or self.app[1].allows(model)))
+
     def ticket(self) -> Ticket:
         """A place in the fair queue: turns by key, then by user under an app key, each by the
         weight and priority of its policy."""
@@ -4213,6 +4293,9 @@ class Call:
         user = None if self.user is None else loggable(self.user, MAX_USER_LENGTH)  # (longer: refused)
         who = label if user is None else f"{label}/{user}"
         why = "" if self.upstream_error is None else f' upstream="{loggable(self.upstream_error)}"'
+        downgrade = self.downgrade
+        if downgrade is not None:  # which model served it, and which was asked for
+            why += f" model={loggable(downgrade[1])} asked={loggable(downgrade[0])}"
         line = (f"{stamp} INFO {ip} {who} {method} {path} {self.status} {outcome} "
                 f"{elapsed:.1f}ms charged={charged} settled={settled}{why}\n")
         if not with_record:
@@ -4227,7 +4310,9 @@ class Call:
             "tokens_charged": charged, "tokens_settled": settled, "duration_ms": round(elapsed, 1),
             "upstream_ms": None if self.upstream_ms is None else round(self.upstream_ms, 1),
             "outcome": outcome, **({} if self.upstream_error is None else {
-                "upstream_error": loggable(self.upstream_error)})}, separators=(",", ":")) + "\n"
+                "upstream_error": loggable(self.upstream_error)}),
+            **({} if downgrade is None else {"asked_model": loggable(downgrade[0])})},
+            separators=(",", ":")) + "\n"
         return line, record
 
 
@@ -4263,14 +4348,12 @@ UNPRICED_REQUESTS: tuple[tuple[str, Callable[[dict], bool], str], ...] = (
 )
 
 
-def refuse_unpriced(payload: dict, policy: Policy | None,
-                    payers: Sequence[tuple[str, Sequence[BucketSpec]]]) -> None:
-    """A 400, free, for what a key paying in money (or held to some models) may not ask.
+def refuse_unpriced(payload: dict, policy: Policy | None, money: bool) -> None:
+    """A 400, free, for what a key paying in ``money`` (or held to some models) may not ask.
 
     Only ``models`` matters to a key held to some models (OpenRouter serves the next of
     them when the first fails, unchecked); all of ``UNPRICED_REQUESTS`` matter to money.
     """
-    money = any(spec.counts_money for _, specs in payers for spec in specs)
     limited = policy is not None and policy.limits_models
     if not (money or limited):
         return
@@ -4331,7 +4414,7 @@ CORS_HEADERS = [
     ("Access-Control-Allow-Origin", "*"),
     ("Access-Control-Expose-Headers", "X-RateLimit-Limit, X-RateLimit-Remaining, "
      "X-RateLimit-Refill-Tokens, X-RateLimit-Refill-Seconds, X-RateLimit-Reset-Seconds, "
-     "Retry-After"),
+     "Retry-After, X-LLM-Proxy-Model"),
 ]
 PREFLIGHT_HEADERS = [
     ("Access-Control-Allow-Methods", "GET, POST, PUT, PATCH, DELETE, OPTIONS"),
@@ -4802,12 +4885,13 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if call.route is not None and call.route.spec.sticky:
             call.affinity = conversation_affinity(call.identity, payload or {})
         payers, mode, catalog = call.payers, config.mode, self.server.models_file.catalog
+        windows = payer_windows(payers, mode)
         if payload is not None and not dialect.flat_rate:
-            refuse_unpriced(payload, call.policy, payers)
+            refuse_unpriced(payload, call.policy, windows.money)
         call.price = catalog.price(call.model)
-        require_price(payers, call.model or "", call.price, dialect.flat_rate)
-        capacity = min((spec.capacity for _, specs in payers for spec in specs
-                        if mode.unit_of(spec).counts_tokens), default=1 << 62)  # a reservation's room
+        if windows.money:
+            require_price(payers, call.model or "", call.price, dialect.flat_rate)
+        capacity = windows.token_room
         metered = payload if not dialect.flat_rate else None
         if metered is None:
             call.made = checked.count
@@ -4815,13 +4899,18 @@ class ProxyHandler(BaseHTTPRequestHandler):
                         catalog.max_output(call.model), call.made)
         cost_of = window_costs(cost, mode, call.model or "", payers)
         stream = metered is not None and dialect.is_stream(metered)
-        settles = any(mode.unit_of(spec).settles for _, specs in payers for spec in specs)
+        settles = windows.settles
         if metered is not None:
             call.prepare_upstream(metered, stream, cost.prompt if settles else 0, settles)
         forwarded = checked.forwarded if metered is None else body_bytes(metered)  # (may refuse it)
         capping = any(cost_of(spec).per_output for _, specs in payers for spec in specs)
         admission = self.server.buckets.charge_all(payers, cost_of, cost.asked if capping else NO_ALLOWANCE,
                                                    config.queue_timeout)
+        if not admission.allowed and metered is not None:  # refused: perhaps a smaller model can pay
+            downgraded = self.downgrade(dialect, metered, admission, capacity)
+            if downgraded is not None:
+                admission, cost = downgraded
+                forwarded = body_bytes(metered)
         if admission.allowed:  # from here on, whatever happens, the charge is closed (or refunded)
             call.charge = Charge(self.server.buckets, payers, admission, mode, cost)
             call.on_end(call.close_charge)
@@ -4837,6 +4926,45 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 and dialect.limit_output(metered, admission.allowance)):
             forwarded = body_bytes(metered)  # the hard cap: never more output than was paid for
         self.forward(target, forwarded, inspect=None if metered is None else call.check_reply)
+
+    def downgrade(self, dialect: Dialect, payload: dict, refused: Admission,
+                  capacity: int) -> tuple[Admission, CallCost] | None:
+        """Charge the call once more, for the model ``when_limited`` names; None: the limit reply.
+
+        Tried once: the fallback's own ``when_limited`` is never followed, so nothing
+        loops, and the refused charge took nothing, so nothing is paid twice.  Only
+        for APIs that answer with text (another model's embeddings would not match
+        the caller's), only for a model the caller may use, and only when it has the
+        price its money windows need.  When it can pay, the call is that model's:
+        its upstream, its price and its windows, and the body names it.
+        """
+        call, config, catalog = self.call, self.server.config, self.server.models_file.catalog
+        fallback = call.when_limited(refused)
+        if fallback is None or not dialect.answers_with_text or not call.may_use(fallback):
+            return None
+        try:
+            route = self.server.upstreams.route_for(fallback)
+        except ProxyError:  # no server has it
+            return None
+        model = route.fixed_model or fallback
+        if model == call.model:  # asked for it already (or BASE_MODEL serves every name)
+            return None
+        payers, mode, price = call.payers, config.mode, catalog.price(model)
+        try:
+            require_price(payers, model, price)
+        except ProxyError:  # a money window could not count it
+            return None
+        cost = CallCost(dialect, payload, config, capacity, price, catalog.max_output(model))
+        cost_of = window_costs(cost, mode, model, payers)
+        capping = any(cost_of(spec).per_output for _, specs in payers for spec in specs)
+        admission = self.server.buckets.charge_all(payers, cost_of, cost.asked if capping else NO_ALLOWANCE)
+        if not admission.allowed:
+            return None
+        call.downgrade = (call.model or "", fallback)
+        call.model, call.route, call.price = model, route, price
+        call.affinity = conversation_affinity(call.identity, payload) if route.spec.sticky else None
+        payload["model"] = route.upstream_model or model
+        return admission, cost
 
     def forward(self, target: Target, body: bytes,
                 inspect: Callable[[bytes], bytes] | None = None) -> None:
@@ -6714,8 +6842,12 @@ class Relay:
         return True
 
     def meter_headers(self) -> list[tuple[str, str]]:
-        charge = self.call.charge
-        return rate_limit_headers(charge.admission) if charge is not None else []
+        call = self.call
+        charge, downgrade = call.charge, call.downgrade
+        headers = rate_limit_headers(charge.admission) if charge is not None else []
+        if downgrade is not None:  # another model served it: the caller is told which
+            headers.append((MODEL_HEADER, downgrade[1]))
+        return headers
 
     def relay_stream(self, response: UpstreamResponse, headers: list[tuple[str, str]],
                      framing: Framing | None) -> bool:
@@ -7808,9 +7940,9 @@ class AdminView:
             names_model = outcome in ("served", "limited")  # a name that passed the key's checks
             if call.app is not None:  # an app key's history includes all of its users'
                 model = self.usage.record(call.app[0], call.label, None, day, now, column,
-                                            amounts, model, names_model)
+                                          amounts, model, names_model)
             model = self.usage.record(call.identity, call.label, call.user, day, now, column,
-                                        amounts, model, names_model or call.app is not None)
+                                      amounts, model, names_model or call.app is not None)
         first_byte = call.first_byte - call.started if call.first_byte is not None else None
         upstream = call.upstream
         if upstream is not None:
@@ -7930,7 +8062,7 @@ class AdminView:
                 "models": entry.get("models"), "max_concurrent": entry.get("max_concurrent"),
                 "windows": windows,
                 "buckets": None if policy is None else self.buckets.peek("key:" + handle,
-                                                                                policy.buckets)}
+                                                                         policy.buckets)}
 
     def create_key(self, keys: KeysFile, fields: dict) -> Callable[[], dict]:
         name = checked_name(fields.pop("name", None))
