@@ -52,11 +52,14 @@ Handler         ``ProxyHandler``: HTTP/1.1 framing, then ``route`` and the
 The upstream client and concurrency:
 Sockets         ``TimedSocket`` and ``SocketReader``: timeouts the kernel keeps, a
                 buffer in view.
-Upstream        ``UpstreamRegistry`` names the ``Upstream`` that answers a model (its
-                pool, fair gate, state); ``FairGate`` takes turns by key and user;
+Upstream        ``UpstreamRegistry`` (from BASE_API_URL and MODELS_FILE's ``upstreams``,
+                ``parse_upstreams``) names a model's ``ModelRoute``: its replicas, each
+                an ``Upstream`` (pool, fair gate, state), in the order to try them, and
+                probes those that are down; ``FairGate`` takes turns by key and user;
                 ``DisconnectWatcher`` notices callers that hang up.
-Relay           ``Relay`` sends a call through its upstream's gate and relays the
-                answer, whole or event by event (``EventPump``).
+Relay           ``Relay`` sends a call through a replica's gate (the next replica if
+                one fails before any byte went out) and relays the answer, whole or
+                event by event (``EventPump``).
 Connection loop ``ConnectionLoop`` holds idle connections and relays streams without
                 a thread (``RelayedStream``); ``Workers`` keeps threads for reuse.
 
@@ -88,6 +91,7 @@ except ImportError:  # Windows: keys edits are not locked there
     fcntl = None  # type: ignore[assignment]
 import datetime
 import errno
+import fnmatch
 import functools
 import hashlib
 import hmac
@@ -124,7 +128,7 @@ from dataclasses import dataclass, field, fields, replace
 from fractions import Fraction
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from logging.handlers import QueueHandler, QueueListener
-from typing import BinaryIO, Callable, Iterator, NamedTuple, Sequence, TextIO
+from typing import BinaryIO, Callable, Iterator, Mapping, NamedTuple, Sequence, TextIO
 
 __version__ = "1.0.0"
 
@@ -141,8 +145,7 @@ def describe(config: Config, server: ProxyServer) -> str:
               f"{config.refill_interval:g}s, cost mode {config.cost_mode}")
     keys = ("open (no client keys)" if server.keyring.is_open
             else f"{server.keyring.key_count} client keys")
-    upstreams = ", ".join(upstream.target.display + (f" model {upstream.model}" if upstream.model else "")
-                          for upstream in server.upstreams)  # (never a key)
+    upstreams = server.upstreams.describe()  # (never a key)
     return (f"llm_proxy {__version__} listening on http://{host}:{port} -> "
             f"{upstreams}; default buckets: {limits}; {keys}")
 
@@ -198,7 +201,7 @@ def run(args: argparse.Namespace, environ: dict[str, str] | None) -> int:
         if args.demo:
             echo = start_echo_model()
             config = _demo_config(config, echo.server_address[1], environ)
-        server = ProxyServer(config)
+        server = ProxyServer(config, environ=environ)
     except ConfigError as error:
         print(f"llm_proxy: {error}", file=sys.stderr)
         return 2
@@ -406,8 +409,9 @@ SETTINGS: tuple[Setting, ...] = (
             "estimate and usage modes: output tokens assumed when a request sets no max_tokens",
             _positive),
     Setting(("MODELS_FILE",), "models_file",
-            "JSON file of model prices (per million tokens) and output limits, for money windows; "
-            "re-read on change or SIGHUP (see docs/BUDGETS.md)"),
+            "JSON file of model prices (per million tokens) and output limits, for money windows, "
+            "and of the model servers ('upstreams') that serve each model; re-read on change or "
+            "SIGHUP (see docs/BUDGETS.md, docs/UPSTREAMS_MANY.md)"),
     Setting(("DEFAULT_MAX_OUTPUT_TOKENS",), "default_max_output",
             "output allowance written into a request that sets none, where a window caps it "
             "(unless MODELS_FILE gives the model's max_output)", _positive),
@@ -580,7 +584,8 @@ def startup_warnings(config: Config, keyring: KeyRing | None = None) -> list[str
             f"no PROXY_API_KEYS or KEYS_FILE and listening on {config.host}: anyone who can reach this port can "
             "use the model, and per-key or per-IP buckets are the only limit (a caller picks "
             "its own bucket by picking a key)")
-    if config.upstream_ca_file and not (config.upstream_url or "").startswith("https:"):
+    if (config.upstream_ca_file and not config.models_file  # (the file's servers may be https)
+            and not (config.upstream_url or "").startswith("https:")):
         warnings.append("UPSTREAM_CA_FILE is set but the upstream is not https: it is not used")
     for variable, setting in config.near_misses:
         warnings.append(f"{variable} is set, but llm_proxy reads no such variable: "
@@ -2540,8 +2545,9 @@ METERED_ENDPOINTS = frozenset(dialect.name for dialect in DIALECTS + (OPENAI,) +
 
 PRICE_FIELDS = ("input", "cached_input", "cache_write", "output",  # per million tokens
                 "per_call")  # per call, for what is not counted in tokens (images, audio)
-MODEL_FIELDS = ("price", "max_output")
-CATALOG_FIELDS = ("currency", "models")
+MODEL_FIELDS = ("price", "max_output",
+                "upstream", "upstream_model", "sticky")  # (the servers': parse_upstreams reads them)
+CATALOG_FIELDS = ("currency", "models", "upstreams")
 TOKENS_A_PRICE = 10 ** 6  # prices are per million tokens
 
 
@@ -4043,7 +4049,9 @@ class Call:
     body_pending: bool = True        # until read: an unread body forces the connection closed
     charge: Charge | None = None
     meter: Meter | None = None
-    upstream: Upstream | None = None  # the model server that answers it, once known
+    route: ModelRoute | None = None  # the servers of the model it names (MODELS_FILE, BASE_API_URL)
+    upstream: Upstream | None = None  # the one of them that answers it, once chosen
+    affinity: str | None = None      # a sticky route's caller and conversation, hashed
     status: int = 0
     limited: bool = False
     stream: bool = False             # the answer went out as a stream of events
@@ -4223,13 +4231,14 @@ class Call:
     def prepare_upstream(self, payload: dict, stream: bool, prompt: int, settles: bool) -> None:
         """Make the payload the proxy checked into the one to forward (``body_bytes``).
 
-        The server's own model name (``BASE_MODEL``) replaces the model; a meter is
-        attached, and when a window settles to the usage (usage mode, money) a
-        stream that reports usage only when asked is asked (the client not told).
+        The model's name on its servers (``upstream_model``, ``BASE_MODEL``) replaces
+        the model; a meter is attached, and when a window settles to the usage (usage
+        mode, money) a stream that reports usage only when asked is asked (the client
+        not told).
         """
-        assert self.upstream is not None
-        if self.upstream.model:
-            payload["model"] = self.upstream.model
+        assert self.route is not None
+        if self.route.upstream_model:
+            payload["model"] = self.route.upstream_model
         hide = self.dialect.ask_for_usage(payload) if stream and settles else None
         self.meter = Meter(self.dialect, prompt, hide_usage=bool(hide), counts_text=settles)
 
@@ -4594,7 +4603,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.send_json(200, ROOT_REPLY)
 
     def answer_health(self, route: Route, target: Target) -> None:
-        self.send_json(200, {"status": "ok"})
+        """ok, or degraded while a model server is down; nothing more to a caller without a key."""
+        down = any(upstream.state.up is False for upstream in self.server.upstreams)
+        self.send_json(200, {"status": "degraded" if down else "ok"})
 
     def answer_favicon(self, route: Route, target: Target) -> None:
         self.send_bytes(204, [], b"")  # browsers ask; an empty answer keeps their consoles quiet
@@ -4640,8 +4651,12 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.send_json(200, self.call.quota(self.server.buckets, self.server.models_file.catalog.currency))
 
     def answer_models(self, route: Route, target: Target) -> None:
-        """BASE_MODEL is answered here; otherwise the upstream's list, cut to the key's models."""
-        fixed, ollama = self.server.upstreams.fixed_models(), route.dialect is OLLAMA
+        """The models of every server (MODELS_FILE), or BASE_MODEL, are answered here; one
+        server's own list is relayed; either way cut to the key's models."""
+        upstreams, ollama = self.server.upstreams, route.dialect is OLLAMA
+        fixed = upstreams.fixed_models()
+        if fixed is None:
+            fixed = upstreams.listing()
         self.read_body()  # (a body on a GET is never forwarded)
         if fixed is not None:
             shown = [model for model in fixed if self.call.policy.allows(model)]
@@ -4668,6 +4683,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if not self.call.policy.allows(model):
             raise ProxyError(404, f"The model '{model[:200]}' does not exist", code="model_not_found",
                              param="model")
+        self.call.model = model  # asked of the model's server
         self.forward(target, b"")
 
     def forward_free(self, target: Target) -> None:
@@ -4856,15 +4872,18 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if dialect.flat_rate:  # forwarded as sent (a JSON body as parsed), its model still checked
             checked = NO_BODY if self.command in BODILESS_METHODS else self.check_body(body, target)
             payload = checked.payload if isinstance(checked.payload, dict) else None
+            call.route = self.server.upstreams.route_for(call.model)  # (a 404, free)
         else:
             payload = request_object(body)
             dialect.validate(payload)
             self.check_references(payload)
-            call.upstream = self.server.upstreams.for_model(payload.get("model"))
-            call.model = call.upstream.model or payload.get("model") or ""
+            call.route = self.server.upstreams.route_for(payload.get("model"))  # (a 404, free)
+            call.model = call.route.fixed_model or payload.get("model") or ""
         self.require_models(call.model, target)
         if call.identify_user(self.headers, payload, self.server.wall_clock(), required=True):
             self.require_models(call.model, target)
+        if call.route is not None and call.route.spec.sticky:
+            call.affinity = conversation_affinity(call.identity, payload or {})
         payers, mode, catalog = call.payers, config.mode, self.server.models_file.catalog
         windows = payer_windows(payers, mode)
         if payload is not None and not dialect.flat_rate:
@@ -4923,8 +4942,11 @@ class ProxyHandler(BaseHTTPRequestHandler):
         fallback = call.when_limited(refused)
         if fallback is None or not dialect.answers_with_text or not call.may_use(fallback):
             return None
-        upstream = self.server.upstreams.for_model(fallback)
-        model = upstream.model or fallback
+        try:
+            route = self.server.upstreams.route_for(fallback)
+        except ProxyError:  # no server has it
+            return None
+        model = route.fixed_model or fallback
         if model == call.model:  # asked for it already (or BASE_MODEL serves every name)
             return None
         payers, mode, price = call.payers, config.mode, catalog.price(model)
@@ -4939,15 +4961,17 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if not admission.allowed:
             return None
         call.downgrade = (call.model or "", fallback)
-        call.model, call.upstream, call.price = model, upstream, price
-        payload["model"] = model
+        call.model, call.route, call.price = model, route, price
+        call.affinity = conversation_affinity(call.identity, payload) if route.spec.sticky else None
+        payload["model"] = route.upstream_model or model
         return admission, cost
 
     def forward(self, target: Target, body: bytes,
                 inspect: Callable[[bytes], bytes] | None = None) -> None:
         call, server = self.call, self.server
-        call.upstream = call.upstream or server.upstreams.for_model(call.model)
-        Relay(self, server.watcher, server.loop, server.stored).forward(target, body, inspect)
+        call.route = call.route or server.upstreams.route_for(call.model)
+        Relay(self, server.watcher, server.loop, server.stored, server.upstreams).forward(
+            target, body, inspect)
 
     # -- writing -------------------------------------------------------------
 
@@ -5041,6 +5065,25 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.server.console.write(line)
         if access_log is not None:
             access_log.write(record)
+
+
+def conversation_affinity(identity: str, payload: dict) -> str:
+    """The caller and the start of its conversation, hashed: what a sticky route keeps on one server.
+
+    The start is the system prompt and the first message (or prompt), which every
+    later turn of the conversation repeats, so its prompt cache is found again.
+    """
+    start = [payload.get("system")]
+    for name in ("messages", "input", "prompt"):
+        value = payload.get(name)
+        if isinstance(value, list):
+            start.append(value[:2])
+            break
+        if isinstance(value, str):
+            start.append(value[:4096])
+            break
+    text = json.dumps(start, sort_keys=True, default=str)[:8192]
+    return identity + "/" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
 def visible_models(data: bytes, policy: Policy, ollama: bool) -> bytes:
@@ -5509,6 +5552,7 @@ class UpstreamPool:
         self.host_header = host if target.port == default_port else f"{host}:{target.port}"
         self._idle: list[UpstreamConnection] = []
         self._lock = threading.Lock()
+        self.closed = False  # a server a reload removed: what its calls give back is closed
 
     def connect(self) -> UpstreamConnection:
         return UpstreamConnection(self.target, self.open_timeout, self.read_timeout, self.tls)
@@ -5523,13 +5567,14 @@ class UpstreamPool:
     def release(self, conn: UpstreamConnection) -> None:
         """Keep a connection whose last response was read to the end."""
         with self._lock:
-            if len(self._idle) < self.max_idle:
+            if len(self._idle) < self.max_idle and not self.closed:
                 self._idle.append(conn)
                 return
         conn.close()
 
     def close(self) -> None:
         with self._lock:
+            self.closed = True
             idle, self._idle = self._idle, []
         for conn in idle:
             conn.close()
@@ -5788,6 +5833,11 @@ class FairGate:
             return sum(len(inner.tickets) for outer in self._lanes.values()  # type: ignore[arg-type]
                        for inner in outer.lanes.values())  # type: ignore[union-attr]
 
+    @property
+    def load(self) -> int:
+        """Calls in flight and waiting (``waiting`` counts under the lock)."""
+        return self.in_flight + self.waiting
+
     def counts(self, identity: str) -> tuple[int, int]:
         """Requests of ``identity`` in flight and waiting (a user's, or all of an app's)."""
         with self._lock:
@@ -5864,10 +5914,17 @@ class FairGate:
 
 @dataclass
 class UpstreamState:
-    """How the last exchange with the upstream went, for the dashboard and /metrics."""
+    """How exchanges with one server go, for routing (``up``), the dashboard and /metrics.
+
+    ``up`` False is "down": requests go to its other replicas first, and the
+    prober asks it every few seconds until it answers again.
+    """
 
     up: bool | None = None  # None: not tried yet
     last_error: str | None = None
+    requests: int = 0       # calls it answered (or began to)
+    tokens: int = 0         # prompt and completion tokens it reported for them
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def answered(self) -> None:
         self.up = True
@@ -5877,86 +5934,534 @@ class UpstreamState:
         # why, in a few words (failure_reason): never a key, a URL or an exception's own text
         self.last_error = f"{failure.status} {failure.detail or failure.message}"
 
+    def count(self, tokens: int) -> None:
+        with self._lock:
+            self.requests += 1
+            self.tokens += tokens
+
 
 @dataclass(eq=False)  # one server is one object: its key is never compared, it hashes by identity
 class Upstream:
     """One model server, and everything that talks to it.
 
-    ``model`` is the name the server is asked for whatever the caller named (BASE_MODEL),
-    or None; ``key`` is sent only to it, never shown.
+    ``key`` is sent only to it, never shown.  What a model is called there is
+    the route's business (``ModelRoute.upstream_model``), not the server's.
     """
 
     name: str
     pool: UpstreamPool
     gate: FairGate
     key: str | None = field(default=None, repr=False)
-    model: str | None = None
     state: UpstreamState = field(default_factory=UpstreamState)
 
     @property
     def target(self) -> UpstreamTarget:
         return self.pool.target
 
+    @property
+    def load(self) -> int:
+        """Requests given to it and not yet over: in flight and waiting for its gate."""
+        return self.gate.load
+
     def credentials(self) -> list[tuple[str, str]]:
         """The header that authenticates the proxy to this server (none without a key)."""
         return [("Authorization", "Bearer " + self.key)] if self.key else []
 
+    def ask(self, path: str, timeout: float) -> tuple[int, bytes]:
+        """GET ``path`` on a connection of its own (not the pool's), for probes and model lists."""
+        exchange = UpstreamExchange(UpstreamPool(self.target, timeout, timeout, max_idle=0,
+                                                 tls=self.pool.tls))
+        try:
+            response = exchange.send("GET", path, self.credentials(), b"")
+            body = read_whole(response, MAX_UPSTREAM_BODY)
+            exchange.completed = True
+            return response.status, body
+        finally:
+            exchange.finish()
 
-class UpstreamRegistry:
-    """The model servers behind the proxy, and which one answers a call for a model.
+    def answers(self, timeout: float) -> bool:
+        """Whether the server answers: ``GET <base>/models`` below 500, or ``GET /health`` 200."""
+        with suppress(OSError, http.client.HTTPException, ProxyError):
+            if self.ask(self.target.base_path + "/models", timeout)[0] < 500:
+                return True
+            return self.ask("/health", timeout)[0] == 200
+        return False
 
-    Today it holds one, BASE_API_URL's; what forwards a call asks ``for_model`` and
-    knows nothing of how many there are, so another server is one more entry here.
+    def own_models(self, timeout: float) -> list[str]:
+        """The model ids the server lists itself (OpenAI's shape; Ollama's /v1 answers it too)."""
+        try:
+            status, body = self.ask(self.target.base_path + "/models", timeout)
+            listing = json.loads(body) if status == 200 else {}
+            return [entry["id"] for entry in listing.get("data", [])
+                    if isinstance(entry, dict) and isinstance(entry.get("id"), str)]
+        except (OSError, http.client.HTTPException, ProxyError, ValueError, RecursionError,
+                AttributeError, TypeError):
+            log.warning("upstream %s: its model list could not be read", self.name)
+            return []
+
+
+# -- MODELS_FILE's "upstreams" and the models' "upstream" fields -------------
+
+DEFAULT_UPSTREAM = "default"  # BASE_API_URL's server, serving every model no entry names
+UPSTREAM_FIELDS = frozenset({"url", "api_key_env", "max_concurrent"})
+UPSTREAM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+PATTERN_CHARACTERS = frozenset("*?[")
+
+
+@dataclass(frozen=True)
+class UpstreamSpec:
+    """One server as MODELS_FILE (or BASE_API_URL) declares it; ``key`` is never shown."""
+
+    name: str
+    target: UpstreamTarget
+    key: str | None = field(default=None, repr=False)
+    max_concurrent: int = 0
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where calls for a model name (or an fnmatch pattern of names) go.
+
+    ``upstream_model`` is the name the servers are asked for; ``fixed`` (BASE_MODEL)
+    makes it the only model the route serves, whatever the caller names.
     """
 
-    def __init__(self, upstreams: Sequence[Upstream]) -> None:
-        self.upstreams = tuple(upstreams)
-        self.default = self.upstreams[0]
+    pattern: str
+    upstreams: tuple[str, ...]
+    upstream_model: str | None = None
+    sticky: bool = False
+    fixed: bool = False
+
+    @property
+    def is_pattern(self) -> bool:
+        return bool(PATTERN_CHARACTERS & set(self.pattern))
+
+
+@dataclass(frozen=True)
+class UpstreamPlan:
+    """The servers and the models' routes, checked; ``models`` in the order they are tried
+    (exact names, then patterns in the file's order with a bare ``*`` last, then the default)."""
+
+    upstreams: tuple[UpstreamSpec, ...]
+    models: tuple[ModelSpec, ...]
+
+
+def parse_upstreams(document: dict, environ: Mapping[str, str], config: Config) -> UpstreamPlan:
+    """The servers and routes of a decoded MODELS_FILE, with BASE_API_URL as the server "default".
+
+    Reads ``upstreams`` and the ``upstream``, ``upstream_model`` and ``sticky`` fields
+    of ``models`` entries, nothing else (prices are the budgets' business).  Errors
+    name the entry, never a key or a URL (which could hold one).
+    """
+    declared = document.get("upstreams", {})
+    if not isinstance(declared, dict):
+        raise ConfigError("'upstreams' must be an object mapping names to servers")
+    specs = [_upstream_spec(name, entry, environ, config) for name, entry in declared.items()]
+    if config.upstream_url:
+        if DEFAULT_UPSTREAM in declared:
+            raise ConfigError(f"upstream '{DEFAULT_UPSTREAM}' is BASE_API_URL's name; "
+                              "name the server in the file otherwise")
+        specs.append(UpstreamSpec(DEFAULT_UPSTREAM, UpstreamTarget.parse(config.upstream_url),
+                                  config.upstream_key, config.upstream_max_concurrent))
+    if not specs:
+        raise ConfigError("no model server: set BASE_API_URL or declare 'upstreams'")
+    models = document.get("models", {})
+    if not isinstance(models, dict):
+        raise ConfigError("'models' must be an object mapping model names to their settings")
+    names = {spec.name for spec in specs}
+    routes = [route for name, entry in models.items()
+              if (route := _model_spec(name, entry, names)) is not None]
+    exact = [route for route in routes if not route.is_pattern]
+    patterns = sorted((route for route in routes if route.is_pattern),
+                      key=lambda route: route.pattern == "*")  # (stable: the file's order)
+    if config.upstream_url and not any(route.pattern == "*" for route in patterns):
+        patterns.append(ModelSpec("*", (DEFAULT_UPSTREAM,), config.upstream_model,
+                                  fixed=config.upstream_model is not None))
+    return UpstreamPlan(tuple(specs), tuple(exact + patterns))
+
+
+def _upstream_spec(name: object, entry: object, environ: Mapping[str, str],
+                   config: Config) -> UpstreamSpec:
+    if not isinstance(name, str) or not UPSTREAM_NAME.fullmatch(name):
+        raise ConfigError(f"upstream {str(name)[:64]!r}: a name is letters, digits, '.', '_' "
+                          "or '-', at most 64")
+    where = f"upstream '{name}'"
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where}: settings must be an object")
+    unknown = set(entry) - UPSTREAM_FIELDS
+    if unknown:
+        raise ConfigError(f"{where}: unknown field {sorted(unknown)[0]!r}; known: "
+                          + ", ".join(sorted(UPSTREAM_FIELDS)))
+    url = entry.get("url")
+    if not isinstance(url, str):
+        raise ConfigError(f"{where}: 'url' must be the server's base URL, e.g. http://10.0.0.5:8080/v1")
+    try:
+        target = UpstreamTarget.parse(url)
+    except ConfigError:  # its message quotes the URL, which could hold a credential
+        raise ConfigError(f"{where}: 'url' must be an http:// or https:// URL with a host, and "
+                          "no credentials, query or fragment (a key goes in api_key_env)") from None
+    key = None
+    variable = entry.get("api_key_env")
+    if variable is not None:
+        if not isinstance(variable, str) or not variable:
+            raise ConfigError(f"{where}: 'api_key_env' must name an environment variable")
+        key = environ.get(variable, "").strip()
+        if not key:
+            raise ConfigError(f"{where}: the environment variable {variable[:64]} "
+                              "(its api_key_env) is not set")
+    limit = entry.get("max_concurrent", config.upstream_max_concurrent)
+    if not isinstance(limit, int) or isinstance(limit, bool) or not 0 <= limit <= 1_000_000:
+        raise ConfigError(f"{where}: 'max_concurrent' must be a whole number from 0 (no limit)")
+    return UpstreamSpec(name, target, key, limit)
+
+
+def _model_spec(name: str, entry: object, upstreams: set[str]) -> ModelSpec | None:
+    """A model entry's route, or None for an entry that names no server (it routes as any name)."""
+    where = f"model '{name[:200]}'"
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where}: settings must be an object")
+    named = entry.get("upstream")
+    if named is None:
+        if "upstream_model" in entry or "sticky" in entry:
+            raise ConfigError(f"{where}: 'upstream_model' and 'sticky' need 'upstream'")
+        return None
+    chosen = [named] if isinstance(named, str) else named
+    if (not isinstance(chosen, list) or not chosen or not all(isinstance(n, str) for n in chosen)
+            or len(set(chosen)) != len(chosen)):
+        raise ConfigError(f"{where}: 'upstream' must be a server's name or a list of different ones")
+    missing = [n for n in chosen if n not in upstreams]
+    if missing:
+        raise ConfigError(f"{where}: no upstream named {missing[0][:64]!r}; declared: "
+                          + ", ".join(sorted(upstreams)))
+    rename = entry.get("upstream_model")
+    if rename is not None and (not isinstance(rename, str) or not rename.strip()):
+        raise ConfigError(f"{where}: 'upstream_model' must be the model's name on its server")
+    sticky = entry.get("sticky", False)
+    if not isinstance(sticky, bool):
+        raise ConfigError(f"{where}: 'sticky' must be true or false")
+    return ModelSpec(name, tuple(chosen), rename, sticky)
+
+
+class ModelRoute:
+    """A model's servers (its replicas), and whose turn it is among those equally busy."""
+
+    def __init__(self, spec: ModelSpec, replicas: Sequence[Upstream]) -> None:
+        self.spec = spec
+        self.replicas = tuple(replicas)
+        self.turn = 0
+
+    @property
+    def upstream_model(self) -> str | None:
+        return self.spec.upstream_model
+
+    @property
+    def fixed_model(self) -> str | None:
+        """BASE_MODEL: the one model this route serves, whatever the caller names."""
+        return self.spec.upstream_model if self.spec.fixed else None
+
+    def matches(self, model: str) -> bool:
+        if self.spec.is_pattern:
+            return fnmatch.fnmatchcase(model, self.spec.pattern)
+        return model == self.spec.pattern
+
+    def in_turn(self, preferred: Upstream | None = None) -> list[Upstream]:
+        """Every replica, in the order to try: those up, least busy first, ties by turn; then
+        those down (never skipped: a model's only server is tried however it last went).
+
+        ``preferred`` (a sticky conversation's server) comes first while its load is
+        within one request of the least busy's.
+        """
+        count = len(self.replicas)
+        turn, self.turn = self.turn, self.turn + 1  # (a lost increment under a race costs nothing)
+        rotated = [self.replicas[(turn + i) % count] for i in range(count)]
+        load = {upstream: upstream.load for upstream in rotated}  # (read once: it moves meanwhile)
+        up = sorted((u for u in rotated if u.state.up is not False), key=load.__getitem__)
+        down = [u for u in rotated if u.state.up is False]
+        if preferred in up and load[preferred] <= load[up[0]] + 1:
+            up.remove(preferred)
+            up.insert(0, preferred)
+        return up + down
+
+
+class RouteTable(NamedTuple):
+    """One MODELS_FILE reading, built: replaced whole on a reload, so a call keeps the one it began with."""
+
+    upstreams: dict[str, Upstream]
+    exact: dict[str, ModelRoute]
+    patterns: tuple[ModelRoute, ...]
+    simple: bool  # one server for every model: its own lists are relayed as they are
+
+
+class UpstreamRegistry:
+    """The model servers behind the proxy, and which answer a call for a model.
+
+    Servers and routes come from BASE_API_URL (the server "default", serving every
+    model) and MODELS_FILE, which is re-read when it changes; a broken edit keeps
+    the last good reading.  What forwards a call asks ``route_for`` for the model's
+    route, and ``in_turn`` for its replicas in the order to try.  While a server
+    is down, a prober thread asks it every PROBE_SECONDS whether it answers again.
+    """
+
+    PROBE_SECONDS = 5.0
+    RETRY_SECONDS = 0.5   # while a model's every server is down, how often a waiting call tries again
+    AFFINITY_LIMIT = 10_000  # sticky conversations remembered
+
+    def __init__(self, config: Config, environ: Mapping[str, str] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.config, self.clock = config, clock
+        self.environ = os.environ if environ is None else environ
+        self.tls = upstream_tls(config.upstream_ca_file)  # (checked even for http: a bad file is a mistake)
+        self._stamp: tuple | None = None
+        self._changed = threading.Condition()
+        self._affinity: OrderedDict[str, Upstream] = OrderedDict()
+        self._stop = threading.Event()
+        self._prober: threading.Thread | None = None
+        try:
+            self.table = self.build(self.read_plan())
+        except ConfigError as error:
+            raise ConfigError(f"MODELS_FILE {config.models_file}: {error}"
+                              if config.models_file else str(error)) from None
 
     @classmethod
     def from_config(cls, config: Config,
                     clock: Callable[[], float] = time.monotonic) -> UpstreamRegistry:
-        assert config.upstream_url is not None
-        tls = upstream_tls(config.upstream_ca_file)  # (checked even for http: a bad file is a mistake)
-        pool = UpstreamPool(UpstreamTarget.parse(config.upstream_url), config.open_timeout,
-                            config.read_timeout, tls=tls)
-        gate = FairGate(config.upstream_max_concurrent, config.queue_timeout, config.priority_max_wait,
-                        clock)
-        return cls([Upstream("default", pool, gate, config.upstream_key, config.upstream_model)])
+        return cls(config, clock=clock)
 
-    def for_model(self, model: str | None) -> Upstream:
-        """The server a call for ``model`` goes to (None: a call that names no model)."""
-        return self.default
+    # -- reading MODELS_FILE -----------------------------------------------------
+
+    def read_plan(self) -> UpstreamPlan:
+        path = self.config.models_file
+        document: object = {}
+        if path:
+            try:
+                with open(path, encoding="utf-8") as file:
+                    self._stamp = _file_stamp(os.fstat(file.fileno()))
+                    text = file.read()
+            except (OSError, UnicodeDecodeError) as error:
+                raise ConfigError(f"cannot read it ({type(error).__name__})") from None
+            document = keys_document(text)
+            if not isinstance(document, dict):
+                raise ConfigError("must be a JSON object")
+        return parse_upstreams(document, self.environ, self.config)  # type: ignore[arg-type]
+
+    def build(self, plan: UpstreamPlan) -> RouteTable:
+        """The table for ``plan``, keeping each server that is unchanged (its connections,
+        gate and counts); a changed one is new, the old one finishing what it has."""
+        config, old = self.config, getattr(self, "table", None)
+        upstreams = {}
+        for spec in plan.upstreams:
+            kept = old.upstreams.get(spec.name) if old is not None else None
+            if kept is not None and kept.target == spec.target and kept.key == spec.key:
+                kept.gate.limit = spec.max_concurrent
+                upstreams[spec.name] = kept
+                continue
+            pool = UpstreamPool(spec.target, config.open_timeout, config.read_timeout, tls=self.tls)
+            gate = FairGate(spec.max_concurrent, config.queue_timeout, config.priority_max_wait, self.clock)
+            upstreams[spec.name] = Upstream(spec.name, pool, gate, spec.key)
+        routes = [ModelRoute(model, [upstreams[name] for name in model.upstreams]) for model in plan.models]
+        simple = len(upstreams) == 1 and len(routes) == 1 and routes[0].spec.pattern == "*"
+        return RouteTable(upstreams, {r.spec.pattern: r for r in routes if not r.spec.is_pattern},
+                          tuple(r for r in routes if r.spec.is_pattern), simple)
+
+    def reload(self) -> None:
+        """Read MODELS_FILE now; ConfigError (keeping the routes in use) when it is broken."""
+        table = self.build(self.read_plan())
+        old, self.table = self.table, table
+        for name, upstream in old.upstreams.items():
+            if table.upstreams.get(name) is not upstream:
+                upstream.pool.close()  # its calls in flight finish on their own connections
+        with self._changed:
+            self._changed.notify_all()
+
+    def reload_if_changed(self, force: bool = False) -> bool:
+        """Re-read MODELS_FILE if it changed (or when forced, as on SIGHUP); True if reloaded."""
+        path = self.config.models_file
+        if not path:
+            return False
+        try:
+            stamp: tuple | None = _file_stamp(os.stat(path))
+        except OSError:
+            stamp = None
+        if not force and stamp == self._stamp:
+            return False
+        self._stamp = stamp  # a missing or broken file is reported once, not every second
+        try:
+            self.reload()
+        except ConfigError as error:
+            log.error("MODELS_FILE %s: %s; keeping the previous upstreams and models", path, error)
+            return False
+        log.info("MODELS_FILE %s: loaded, upstreams %s", path, ", ".join(self.table.upstreams))
+        return True
+
+    # -- routing -----------------------------------------------------------------
+
+    def route_for(self, model: str | None) -> ModelRoute:
+        """The route of ``model``: its exact entry, else the first pattern it matches (a
+        bare ``*`` last); a call naming no model takes the default route.  A 404 (free) for
+        a model no server has."""
+        table = self.table
+        if isinstance(model, str):
+            route = table.exact.get(model)
+            if route is not None:
+                return route
+            for route in table.patterns:
+                if route.matches(model):
+                    return route
+            raise ProxyError(404, f"The model '{model[:200]}' does not exist", code="model_not_found",
+                             param="model")
+        return self.default_route
+
+    @property
+    def default_route(self) -> ModelRoute:
+        """Where calls that name no model go: the ``*`` route, else the first server declared."""
+        table = self.table
+        for route in table.patterns:
+            if route.spec.pattern == "*":
+                return route
+        first = next(iter(table.upstreams.values()))
+        return ModelRoute(ModelSpec("*", (first.name,)), [first])
+
+    @property
+    def default(self) -> Upstream:
+        return self.default_route.replicas[0]
+
+    def in_turn(self, route: ModelRoute, affinity: str | None) -> list[Upstream]:
+        preferred = self._affinity.get(affinity) if affinity is not None else None
+        return route.in_turn(preferred)
+
+    def remember(self, affinity: str | None, upstream: Upstream) -> None:
+        """A sticky conversation's next call prefers the server that answered this one."""
+        if affinity is None:
+            return
+        with self._changed:
+            self._affinity[affinity] = upstream
+            self._affinity.move_to_end(affinity)
+            while len(self._affinity) > self.AFFINITY_LIMIT:
+                self._affinity.popitem(last=False)
 
     def fixed_models(self) -> list[str] | None:
-        """The models callers can have when every server serves one whatever they ask
-        (BASE_MODEL), listed by the proxy itself; None: the servers' own lists."""
-        models = [upstream.model for upstream in self.upstreams]
-        return None if None in models else list(dict.fromkeys(models))  # type: ignore[arg-type]
+        """The models callers can have when BASE_API_URL's server serves one whatever they ask
+        (BASE_MODEL), listed by the proxy itself; None: the server's own lists."""
+        if not self.table.simple:
+            return None
+        fixed = self.default_route.fixed_model
+        return None if fixed is None else [fixed]
+
+    def listing(self) -> list[str] | None:
+        """Every model a caller can name, across the servers: the file's names, and each
+        server's own list for its patterns (only names that would route there).  None:
+        one server, whose own list is relayed as it is."""
+        table = self.table
+        if table.simple:
+            return None
+        names = list(table.exact)
+        timeout = min(self.config.open_timeout, self.config.read_timeout, 5.0)
+        for route in table.patterns:
+            if route.fixed_model is not None:
+                names.append(route.fixed_model)
+                continue
+            for upstream in route.replicas:
+                if upstream.state.up is False:
+                    continue
+                names.extend(model for model in upstream.own_models(timeout)
+                             if route.matches(model) and self.route_for(model) is route)
+                break
+        return list(dict.fromkeys(names))
+
+    # -- health --------------------------------------------------------------------
+
+    def mark_down(self, upstream: Upstream, failure: ProxyError) -> None:
+        if upstream.state.up is not False:
+            log.warning("upstream %s is down (%s); its other replicas take its calls",
+                        upstream.name, failure.message)
+        upstream.state.failed(failure)
+        self.start_probing()
+
+    def mark_up(self, upstream: Upstream) -> None:
+        was_down = upstream.state.up is False
+        upstream.state.answered()
+        if was_down:
+            log.info("upstream %s answers again", upstream.name)
+            with self._changed:
+                self._changed.notify_all()
+
+    def wait_for_change(self, deadline: float) -> bool:
+        """Wait for a server to come back (or RETRY_SECONDS); False once ``deadline`` has passed."""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        with self._changed:
+            self._changed.wait(min(left, self.RETRY_SECONDS))
+        return True
+
+    def wake(self) -> None:
+        """Let calls waiting for a server look again (their client left, say)."""
+        with self._changed:
+            self._changed.notify_all()
+
+    def probe_down(self) -> None:
+        """Ask every server that is down whether it answers; those that do are up again."""
+        timeout = min(self.config.open_timeout, 5.0)
+        for upstream in list(self.table.upstreams.values()):
+            if upstream.state.up is False and not self._stop.is_set() and upstream.answers(timeout):
+                self.mark_up(upstream)
+
+    def start_probing(self) -> None:
+        """Start the prober unless it runs: it runs while a server is down, and only then."""
+        with self._changed:
+            if self._stop.is_set() or (self._prober is not None and self._prober.is_alive()):
+                return
+            self._prober = threading.Thread(target=self._probe_loop, name="upstream-probe", daemon=True)
+            self._prober.start()
+
+    def _probe_loop(self) -> None:
+        guard = LoopGuard("upstream-probe")
+        while not self._stop.wait(self.PROBE_SECONDS):
+            guard.run("probing the upstreams that are down", self.probe_down)
+            with self._changed:  # (a server marked down meanwhile finds this thread still running)
+                if not any(upstream.state.up is False for upstream in self):
+                    self._prober = None
+                    return
+
+    # -- counts ------------------------------------------------------------------
 
     def __iter__(self) -> Iterator[Upstream]:
-        return iter(self.upstreams)
+        return iter(self.table.upstreams.values())
+
+    def describe(self) -> str:
+        """The servers for the startup line: names and URLs (never a key)."""
+        table = self.table
+        if table.simple:
+            upstream, fixed = self.default, self.default_route.fixed_model
+            return upstream.target.display + (f" model {fixed}" if fixed else "")
+        return ", ".join(f"{name} {upstream.target.display}" for name, upstream in table.upstreams.items())
 
     @property
     def in_flight(self) -> int:
-        return sum(upstream.gate.in_flight for upstream in self.upstreams)
+        return sum(upstream.gate.in_flight for upstream in self)
 
     @property
     def waiting(self) -> int:
-        return sum(upstream.gate.waiting for upstream in self.upstreams)
+        return sum(upstream.gate.waiting for upstream in self)
 
     def counts(self, identity: str) -> tuple[int, int]:
         """Requests of ``identity`` in flight and waiting, at every server."""
-        pairs = [upstream.gate.counts(identity) for upstream in self.upstreams]
+        pairs = [upstream.gate.counts(identity) for upstream in self]
         return sum(pair[0] for pair in pairs), sum(pair[1] for pair in pairs)
 
     @property
     def idle_connections(self) -> int:
         """The most connections the pools may keep open while idle."""
-        return sum(upstream.pool.max_idle for upstream in self.upstreams)
+        return sum(upstream.pool.max_idle for upstream in self)
 
     def close(self) -> None:
-        for upstream in self.upstreams:
+        with self._changed:
+            self._stop.set()
+            self._changed.notify_all()
+            prober = self._prober
+        if prober is not None:
+            prober.join()
+        for upstream in self:
             upstream.pool.close()
 
 
@@ -6166,11 +6671,13 @@ class Relay:
     """
 
     def __init__(self, client: ProxyHandler, watcher: DisconnectWatcher, loop: ConnectionLoop,
-                 stored: StoredAnswers) -> None:
+                 stored: StoredAnswers, upstreams: UpstreamRegistry) -> None:
         self.client = client
         self.call = client.call
-        self.watcher, self.loop, self.stored = watcher, loop, stored
+        self.watcher, self.loop, self.stored, self.upstreams = watcher, loop, stored, upstreams
         self.exchange: UpstreamExchange | None = None
+        self.ticket: tuple[FairGate, Ticket] | None = None  # the place at a server's gate, while queued
+        self.slot: tuple[FairGate, Ticket] | None = None    # ... once granted, until given back
         self.claimed = False  # the answer's id is recorded as the caller's
 
     def claim_answer(self) -> None:
@@ -6186,56 +6693,129 @@ class Relay:
 
     def forward(self, target: Target, body: bytes,
                 inspect: Callable[[bytes], bytes] | None = None) -> None:
-        """Relay one request upstream and its answer back, through the fair gate.
+        """Relay one request to a server of its model and its answer back, through that server's gate.
 
+        The servers are tried in turn (``UpstreamRegistry.in_turn``): one that cannot
+        be reached, or drops the request or answers 502 or 503 before anything reached
+        the client, is marked down and the next one tried at once; the charge stays
+        the one charge.  When every server of the model is unreachable the call waits
+        for one to come back, up to QUEUE_TIMEOUT_SECONDS, then gets a 503.
         ``inspect`` sees a successful, non-streamed answer before the client does.
         The client is watched from the moment it queues: one that leaves while
         waiting is taken out of the queue and its request never sent.
         """
-        call, client = self.call, self.client
-        upstream = call.upstream
-        assert upstream is not None  # (the handler named it)
+        call, client, upstreams = self.call, self.client, self.upstreams
+        route = call.route
+        assert route is not None  # (the handler named it)
         headers = copied_headers(client.headers, call.not_forwarded(), PERSONAL_HEADER_PREFIXES)
-        headers.extend(upstream.credentials())
         if body or client.command in ("POST", "PUT", "PATCH"):
             headers.append(("Content-Length", str(len(body))))
-        path = target.upstream_path(upstream.target.base_path, call.dialect.upstream_root)
-        exchange = UpstreamExchange(upstream.pool)
-        ticket, gate = call.ticket(), upstream.gate
-        client.watch = self.watcher.watch(client.connection,
-                                          lambda: self.client_left(gate, ticket, exchange), client.watch)
+        client.watch = self.watcher.watch(client.connection, self.client_left, client.watch)
         call.unwatch = client.watch.cancel
-        call.on_end(self.let_go, exchange)
+        call.on_end(self.let_go)
+        call.on_end(self.give_back)
+        deadline = time.monotonic() + self.upstreams.config.queue_timeout
+        while True:
+            replicas = upstreams.in_turn(route, call.affinity)
+            reached = False
+            for position, upstream in enumerate(replicas):
+                outcome = self.attempt(upstream, target, headers, body, inspect,
+                                       last=position == len(replicas) - 1)
+                if outcome is None:
+                    upstreams.remember(call.affinity, upstream)
+                    return
+                reached = reached or outcome
+            if call.gone:
+                raise ClientGone()
+            if reached or not upstreams.wait_for_change(deadline):
+                break
+        raise ProxyError(503 if not reached else 502,
+                         "No server of this model could be reached; try again shortly." if not reached
+                         else "The model server could not be reached or sent an invalid response.",
+                         "upstream_error", "upstream_unavailable")
+
+    def attempt(self, upstream: Upstream, target: Target, headers: list[tuple[str, str]],
+                body: bytes, inspect: Callable[[bytes], bytes] | None, last: bool) -> bool | None:
+        """Send the call to ``upstream`` and relay its answer: None when it was relayed (or
+        failed past the point of trying another server, raising); else whether the server
+        had received the request (True) or could not be reached at all (False).
+        """
+        call, client = self.call, self.client
+        call.upstream = upstream
+        path = target.upstream_path(upstream.target.base_path, call.dialect.upstream_root)
+        exchange = self.exchange = UpstreamExchange(upstream.pool)
+        ticket, gate = call.ticket(), upstream.gate
+        self.ticket = (gate, ticket)
+        if call.gone:
+            raise ClientGone()
         gate.acquire(ticket)
-        call.on_end(gate.release, ticket)
+        self.slot = (gate, ticket)
         try:
             started = time.monotonic()
-            response = exchange.send(client.command, path, headers, body)
+            response = exchange.send(client.command, path, headers + upstream.credentials(), body)
             call.upstream_ms = (time.monotonic() - started) * 1000
-            upstream.state.answered()
-            self.exchange = exchange
+        except (OSError, http.client.HTTPException) as error:
+            if call.gone:
+                raise ClientGone() from None
+            failure = upstream_failure(error)
+            call.upstream_error = failure.detail
+            if not exchange.sent:  # refused, no route, timed out connecting: down until it answers
+                self.upstreams.mark_down(upstream, failure)
+                self.abandon(exchange)
+                return False
+            upstream.state.last_error = f"{failure.status} {failure.detail or failure.message}"
+            if isinstance(error, socket.timeout) or last:
+                # It may be at work on it still (no second server gets it too), or it was the
+                # last server to try: this call ends here.
+                raise failure from None
+            self.abandon(exchange)  # received, then dropped: the next server gets it
+            return True
+        if response.status in (502, 503) and not last:
+            self.upstreams.mark_down(upstream, ProxyError(
+                response.status, f"The model server answered {response.status}."))
+            self.abandon(exchange)
+            return True
+        self.upstreams.mark_up(upstream)
+        try:
             exchange.completed = self.relay(response, inspect)
         except (OSError, http.client.HTTPException) as error:
             if call.gone:
                 raise ClientGone() from None
             failure = upstream_failure(error)
             call.upstream_error = failure.detail
-            if not exchange.sent or call.upstream_ms is None:
-                upstream.state.failed(failure)
             raise failure from None
+        return None
 
-    def let_go(self, exchange: UpstreamExchange) -> None:
+    def abandon(self, exchange: UpstreamExchange) -> None:
+        """Give up on a server before anything reached the client: its slot and connection go now."""
+        self.give_back()
+        self.exchange = None
+        exchange.finish()
+
+    def give_back(self) -> None:
+        """The gate slot the call holds, if any, goes back (once)."""
+        slot, self.slot = self.slot, None
+        if slot is not None:
+            slot[0].release(slot[1])
+
+    def let_go(self) -> None:
         """The answer is over: stop watching the client, and pool or close the upstream connection."""
         call = self.call
         call.unwatch()
-        call.upstream_reached = exchange.sent
-        exchange.finish()
+        exchange = self.exchange
+        if exchange is not None:
+            call.upstream_reached = exchange.sent
+            exchange.finish()
 
-    def client_left(self, gate: FairGate, ticket: Ticket, exchange: UpstreamExchange) -> None:
+    def client_left(self) -> None:
         """Called by the disconnect watcher's thread when the client hangs up mid-request."""
         self.call.gone = True
-        gate.withdraw(ticket)
-        exchange.abort()
+        queued, exchange = self.ticket, self.exchange
+        if queued is not None:
+            queued[0].withdraw(queued[1])
+        if exchange is not None:
+            exchange.abort()
+        self.upstreams.wake()
 
     def relay(self, response: UpstreamResponse,
               inspect: Callable[[bytes], bytes] | None) -> bool:
@@ -7202,14 +7782,15 @@ class Metrics:
     def __init__(self, max_identities: int = MAX_IDENTITIES) -> None:
         self.max_identities = max_identities
         self._callers: dict[tuple[str, str | None], tuple[str, str | None]] = {}  # see _counted_as
-        self.requests: dict[tuple[str, str | None, str, str], int] = {}
+        # series by key, user, endpoint, outcome and upstream (None: answered by the proxy itself)
+        self.requests: dict[tuple[str, str | None, str, str, str | None], int] = {}
         self.tokens: dict[tuple[str, str | None], list[int]] = {}  # prompt, completion, charged
         self.cost: dict[str, dict[str, float]] = {}  # key -> model -> cost, in the currency
-        self.duration = Histogram()
-        self.first_byte = Histogram()
+        self.duration: dict[str | None, Histogram] = {}    # by upstream, as requests are
+        self.first_byte: dict[str | None, Histogram] = {}
         self._lock = threading.Lock()
 
-    def snapshot(self) -> tuple[list, list, Histogram, Histogram]:
+    def snapshot(self) -> tuple[list, list, dict, dict]:
         """Copies for one scrape, sorted: request series, token series and the two histograms."""
         with self._lock:
             requests = sorted(self.requests.items(), key=str)
@@ -7226,12 +7807,12 @@ class Metrics:
 
     def record(self, key: str, user: str | None, endpoint: str, outcome: str, prompt: int,
                completion: int, charged: int, duration: float, first_byte: float | None,
-               model: str = "", cost: float = 0.0) -> None:
+               model: str = "", cost: float = 0.0, upstream: str | None = None) -> None:
         with self._lock:
             key, user = self._counted_as(key, user)
             if cost:  # by key, not user: an app's thousands of users are not multiplied by models
                 self.add_cost(key, model, cost)
-            series = (key, user, endpoint, outcome)
+            series = (key, user, endpoint, outcome, upstream)
             self.requests[series] = self.requests.get(series, 0) + 1
             if prompt or completion or charged:
                 tokens = self.tokens.get((key, user))
@@ -7240,9 +7821,9 @@ class Metrics:
                 tokens[0] += prompt
                 tokens[1] += completion
                 tokens[2] += charged
-            self.duration.observe(duration)
+            self.duration.setdefault(upstream, Histogram()).observe(duration)
             if first_byte is not None:
-                self.first_byte.observe(first_byte)
+                self.first_byte.setdefault(upstream, Histogram()).observe(first_byte)
 
     def add_cost(self, key: str, model: str, cost: float) -> None:
         models = self.cost.setdefault(key, {})
@@ -7284,15 +7865,19 @@ def _number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
-def _histogram(name: str, help_text: str, histogram: Histogram) -> list[str]:
+def _histogram(name: str, help_text: str, histograms: dict[str | None, Histogram]) -> list[str]:
+    """One family, a histogram per upstream (an ``upstream`` label; none for the proxy's own answers)."""
     lines = [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
-    cumulative = 0
-    for bound, count in zip(Histogram.BOUNDS + (math.inf,), histogram.counts):
-        cumulative += count
-        shown = "+Inf" if bound == math.inf else repr(bound)
-        lines.append(f'{name}_bucket{{le="{shown}"}} {cumulative}')
-    lines.append(f"{name}_sum {_number(histogram.sum)}")
-    lines.append(f"{name}_count {cumulative}")
+    for upstream in sorted(histograms, key=lambda name: name or ""):
+        histogram, cumulative = histograms[upstream], 0
+        label = "" if upstream is None else f'upstream="{_label_value(upstream)}",'
+        for bound, count in zip(Histogram.BOUNDS + (math.inf,), histogram.counts):
+            cumulative += count
+            shown = "+Inf" if bound == math.inf else repr(bound)
+            lines.append(f'{name}_bucket{{{label}le="{shown}"}} {cumulative}')
+        labels = _labels((("upstream", upstream),))
+        lines.append(f"{name}_sum{labels} {_number(histogram.sum)}")
+        lines.append(f"{name}_count{labels} {cumulative}")
     return lines
 
 
@@ -7359,9 +7944,12 @@ class AdminView:
             model = self.usage.record(call.identity, call.label, call.user, day, now, column,
                                       amounts, model, names_model or call.app is not None)
         first_byte = call.first_byte - call.started if call.first_byte is not None else None
+        upstream = call.upstream
+        if upstream is not None:
+            upstream.state.count(prompt + completion)
         self.metrics.record(call.label if named else OTHER, call.user if named else None,
                             call.endpoint, outcome, prompt, completion, charged, call.seconds,
-                            first_byte, model, cost)
+                            first_byte, model, cost, upstream.name if upstream is not None else None)
         if self.alerts is not None and call.identity and (call.charge is not None or call.limited):
             self.alerts.check(call, self.buckets, self.config.mode)
 
@@ -7585,8 +8173,18 @@ class AdminView:
         return {"now": _iso_time(now), "currency": self.currency(),
                 "upstream": {"url": upstream.target.display, "up": upstream.state.up,
                              "last_error": upstream.state.last_error},
+                "upstreams": [self.upstream_entry(each) for each in self.upstreams],
                 "in_flight": self.upstreams.in_flight, "queued": self.upstreams.waiting,
                 "keys": keys}
+
+    @staticmethod
+    def upstream_entry(upstream: Upstream) -> dict:
+        """One server for the owner: its name, URL (never a key), health, load and what it served."""
+        state, gate = upstream.state, upstream.gate
+        return {"name": upstream.name, "url": upstream.target.display, "up": state.up,
+                "in_flight": gate.in_flight, "queued": gate.waiting,
+                "max_concurrent": gate.limit or None, "last_error": state.last_error,
+                "requests": state.requests, "tokens": state.tokens}
 
     def caller(self, identity: str, name: str, policy: Policy, today: str, days: list[str],
                with_users: bool = True) -> dict:
@@ -7610,9 +8208,11 @@ class AdminView:
     def metrics_text(self) -> str:
         metrics = self.metrics
         requests, tokens, duration, first_byte = metrics.snapshot()
-        lines = _family("llm_proxy_requests_total", "counter", "Requests by key, endpoint and outcome.",
-                        ((_labels((("key", k), ("user", u), ("endpoint", e), ("outcome", o))), n)
-                         for (k, u, e, o), n in requests))
+        lines = _family("llm_proxy_requests_total", "counter",
+                        "Requests by key, endpoint, outcome and the upstream that answered.",
+                        ((_labels((("key", k), ("user", u), ("endpoint", e), ("outcome", o),
+                                   ("upstream", up))), n)
+                         for (k, u, e, o, up), n in requests))
         lines += _family("llm_proxy_tokens_total", "counter",
                          "Tokens by key: prompt and completion as the upstream reported, charged after settling.",
                          ((_labels((("key", k), ("user", u), ("type", t))), n) for (k, u, t), n in tokens))
@@ -7622,13 +8222,15 @@ class AdminView:
                           for (k, m), c in metrics.cost_series()))
         lines += _family("llm_proxy_bucket_tokens", "gauge", "Tokens left in each named key's windows.",
                          self.bucket_samples())
-        lines += _family("llm_proxy_in_flight", "gauge", "Requests at the upstream now.",
-                         iter([("", self.upstreams.in_flight)]))
-        lines += _family("llm_proxy_queued", "gauge", "Requests waiting for an upstream slot.",
-                         iter([("", self.upstreams.waiting)]))
+        upstreams = list(self.upstreams)
+        lines += _family("llm_proxy_in_flight", "gauge", "Requests at each upstream now.",
+                         ((_labels((("upstream", u.name),)), u.gate.in_flight) for u in upstreams))
+        lines += _family("llm_proxy_queued", "gauge", "Requests waiting for a slot at each upstream.",
+                         ((_labels((("upstream", u.name),)), u.gate.waiting) for u in upstreams))
         lines += _family("llm_proxy_upstream_up", "gauge",
-                         "1 if the last exchange with the upstream worked, 0 if it failed.",
-                         iter([("", 0 if self.upstreams.default.state.up is False else 1)]))
+                         "1 if the last exchange with the upstream worked (or none was tried), 0 if it failed.",
+                         ((_labels((("upstream", u.name),)), 0 if u.state.up is False else 1)
+                          for u in upstreams))
         lines += _histogram("llm_proxy_request_duration_seconds",
                             "From a request's arrival to its last byte sent.", duration)
         lines += _histogram("llm_proxy_time_to_first_byte_seconds",
@@ -7769,6 +8371,10 @@ function render(data) {
   document.getElementById("totals").replaceChildren(...[["keys", data.keys.length], ["in flight", data.in_flight], ["queued", data.queued],
     ["requests today", today], ["tokens today", tokens], ["tokens, 30 days", month], ["cost, 30 days", money(cost)]].map(([label, value]) => $("div", {class: "total"}, $("b", {}, typeof value === "number" ? fmt(value) : value), $("span", {}, label))));
   document.getElementById("chart").replaceChildren(...chart(data.keys));
+  document.getElementById("servers").replaceChildren(...(data.upstreams || []).map(u => $("tr", {},
+    $("td", {}, u.name), $("td", {}, $("span", {class: "pill " + (u.up === false ? "down" : "up")}, u.up === false ? "down" : u.up ? "up" : "not used yet")),
+    $("td", {class: "small"}, u.url), $("td", {}, u.in_flight + " / " + u.queued + (u.max_concurrent ? " (max " + u.max_concurrent + ")" : "")),
+    $("td", {}, fmt(u.requests)), $("td", {}, fmt(u.tokens)), $("td", {class: "small"}, u.last_error || ""))));
   const body = document.getElementById("rows"); body.replaceChildren();
   for (const k of data.keys) { body.append(row(k, false)); for (const u of k.users || []) body.append(row(u, true)); }
   document.getElementById("updated").textContent = "updated " + new Date(data.now).toLocaleTimeString();
@@ -7789,6 +8395,8 @@ DASHBOARD_PAGE = """<!doctype html>
 <button type="submit">Open</button></form><p id="message" class="error" role="status"></p>
 <div id="view" hidden><section class="card"><div id="totals" class="totals"></div></section>
 <section class="card"><div class="small">Tokens charged per day, last 30 days</div><div id="chart"></div></section>
+<section class="card scroll"><table><thead><tr><th>upstream</th><th>state</th><th>url</th><th>in flight / queued</th>
+<th>requests</th><th>tokens</th><th>last error</th></tr></thead><tbody id="servers"></tbody></table></section>
 <section class="card scroll"><table><thead><tr><th>key / user</th><th>status</th><th>windows</th><th>in flight / queued</th>
 <th>requests today / 7 d / 30 d</th><th>tokens today / 7 d / 30 d</th><th>cost today / 7 d / 30 d</th><th>last seen</th></tr></thead><tbody id="rows"></tbody></table></section></div>
 </main><script>{script}</script></body></html>
@@ -8497,8 +9105,9 @@ class ProxyServer(TrackedServer):
     SHUTDOWN_GRACE = 5.0  # seconds the requests running at shutdown have to end before the last save
 
     def __init__(self, config: Config, clock: Callable[[], float] = time.monotonic,
-                 wall_clock: Callable[[], float] = time.time, console: TextIO | None = None) -> None:
-        if not config.upstream_url:
+                 wall_clock: Callable[[], float] = time.time, console: TextIO | None = None,
+                 environ: Mapping[str, str] | None = None) -> None:
+        if not config.upstream_url and not config.models_file:
             raise ConfigError("BASE_API_URL is not set: point it at the model server, "
                               "e.g. http://127.0.0.1:8080/v1 (or run with --demo)")
         self.config = config
@@ -8511,7 +9120,7 @@ class ProxyServer(TrackedServer):
         self.usage = UsageBook()
         self.stored = StoredAnswers()
         self.metrics = Metrics()
-        self.upstreams = UpstreamRegistry.from_config(config, clock)
+        self.upstreams = UpstreamRegistry(config, environ, clock)
         self.admin = AdminView(config, self.keyring, self.buckets, self.usage, self.metrics,
                                self.upstreams, self.models_file, wall_clock)
         self.alerts = AlertWatch(config.alert_thresholds, AlertSender(config.alert_webhook_url),
@@ -8641,6 +9250,7 @@ class ProxyServer(TrackedServer):
             forced, self._reload_requested = self._reload_requested, False
             guard.run("re-reading KEYS_FILE", self.keyring.reload_if_changed, forced)
             guard.run("re-reading MODELS_FILE", self.models_file.reload_if_changed, forced)
+            guard.run("re-reading MODELS_FILE", self.upstreams.reload_if_changed, forced)
             guard.run("ending requests that arrive too slowly", self.drop_slow_requests)
             if time.monotonic() >= next_tidy:
                 guard.run("forgetting full buckets and saving STATE_FILE", self.tidy)

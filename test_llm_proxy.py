@@ -83,13 +83,13 @@ class CapturingLog(logging.Handler):
 class FakeUpstream(TrackedServer):
     """A scriptable OpenAI-compatible upstream that records what reaches it."""
 
-    def __init__(self, handler: type | None = None) -> None:
+    def __init__(self, handler: type | None = None, port: int = 0) -> None:
         self.requests: list[dict] = []
         self.peers: set[tuple] = set()
         self.release = threading.Event()      # lets a paused stream or stall continue
         self.first_event_sent = threading.Event()
         self.closed_early = threading.Event()  # the proxy hung up on a stream
-        super().__init__(("127.0.0.1", 0), handler or FakeUpstreamHandler)
+        super().__init__(("127.0.0.1", port), handler or FakeUpstreamHandler)
 
     @property
     def url(self) -> str:
@@ -353,13 +353,20 @@ def parse_exposition(text: str) -> dict[str, dict]:
         assert base in families and families[base]["type"], f"sample before its TYPE: {line!r}"
         families[base]["samples"].append((name, labels, float(value)))
     for name, family in families.items():
-        if family["type"] == "histogram":
-            buckets = [s for s in family["samples"] if s[0] == name + "_bucket"]
-            counts = [value for _, _, value in buckets]
-            assert counts == sorted(counts), f"{name}: buckets are not cumulative"
-            assert buckets[-1][1]["le"] == "+Inf", f"{name}: no +Inf bucket"
-            total = [value for sample, _, value in family["samples"] if sample == name + "_count"]
-            assert total == [counts[-1]], f"{name}: _count is not the +Inf bucket"
+        if family["type"] != "histogram":
+            continue
+        series: dict[tuple, list] = {}  # a histogram per set of labels other than le
+        for sample, labels, value in family["samples"]:
+            if sample == name + "_bucket":
+                series.setdefault(tuple(sorted((k, v) for k, v in labels.items() if k != "le")),
+                                  []).append((labels["le"], value))
+        for labels, buckets in series.items():
+            counts = [value for _, value in buckets]
+            assert counts == sorted(counts), f"{name}{labels}: buckets are not cumulative"
+            assert buckets[-1][0] == "+Inf", f"{name}{labels}: no +Inf bucket"
+            total = [value for sample, sample_labels, value in family["samples"]
+                     if sample == name + "_count" and tuple(sorted(sample_labels.items())) == labels]
+            assert total == [counts[-1]], f"{name}{labels}: _count is not the +Inf bucket"
     return families
 
 

@@ -489,11 +489,11 @@ class ErrorShapeTests(DialectTestCase):
                 self.assert_error_shape(row, self.call(row), 403, "permission_error")
         self.assertEqual(self.upstream.requests, [])
 
-    def test_upstream_failure_is_a_502_in_each_shape(self) -> None:
-        self.start_proxy(client_keys=(CLIENT_KEY,), upstream_url="http://127.0.0.1:9/v1")
+    def test_unreachable_upstream_is_a_503_in_each_shape(self) -> None:
+        self.start_proxy(client_keys=(CLIENT_KEY,), upstream_url="http://127.0.0.1:9/v1", queue_timeout=0.05)
         for row in ROWS:
             with self.subTest(row.name):
-                self.assert_error_shape(row, self.call(row), 502, "api_error")
+                self.assert_error_shape(row, self.call(row), 503, "overloaded_error")
         self.assertEqual(self.level(), 10)
 
 

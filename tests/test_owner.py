@@ -87,7 +87,8 @@ class UsageReportTests(OwnerTestCase):
         self.request("GET", "/v1/quota")  # a quota check is no call to the model: not in the history
         self.logged(9)
         report = self.admin("/admin/api/usage").json()
-        self.assertEqual(set(report), {"now", "currency", "upstream", "in_flight", "queued", "keys"})
+        self.assertEqual(set(report), {"now", "currency", "upstream", "upstreams", "in_flight", "queued",
+                                       "keys"})
         self.assertEqual(report["upstream"], {"url": self.upstream.url, "up": True, "last_error": None})
         keys = {entry["name"]: entry for entry in report["keys"]}
         ada = keys["ada"]
@@ -129,7 +130,8 @@ class UsageReportTests(OwnerTestCase):
         self.assertEqual([d["served"] for d in ada["daily"][-2:]], [1, 1])
 
     def test_upstream_down_is_reported_without_details(self) -> None:
-        self.start_proxy(admin_key=ADMIN_KEY, keys_file=self.keys_path, upstream_url="http://127.0.0.1:9/v1")
+        self.start_proxy(admin_key=ADMIN_KEY, keys_file=self.keys_path, upstream_url="http://127.0.0.1:9/v1",
+                         queue_timeout=0.05)
         self.chat()
         upstream = self.admin("/admin/api/usage").json()["upstream"]
         self.assertIs(upstream["up"], False)
@@ -154,15 +156,17 @@ class MetricsTests(OwnerTestCase):
             "llm_proxy_request_duration_seconds": "histogram",
             "llm_proxy_time_to_first_byte_seconds": "histogram"})
         requests = "llm_proxy_requests_total"
-        self.assertEqual(sample(families, requests, key="ada", endpoint="chat", outcome="served"), 2)
-        self.assertEqual(sample(families, requests, key="_other", endpoint="chat", outcome="served"), 1)
+        self.assertEqual(sample(families, requests, key="ada", endpoint="chat", outcome="served",
+                                upstream="default"), 2)
+        self.assertEqual(sample(families, requests, key="_other", endpoint="chat", outcome="served",
+                                upstream="default"), 1)
         self.assertEqual(sample(families, requests, key='fam"ily\\\n', user='ki"d', endpoint="chat",
-                                outcome="served"), 1)
+                                outcome="served", upstream="default"), 1)
         self.assertEqual(sample(families, "llm_proxy_tokens_total", key="ada", type="prompt"), 3)
         self.assertEqual(sample(families, "llm_proxy_tokens_total", key="ada", type="charged"), 2)
         self.assertEqual(sample(families, "llm_proxy_bucket_tokens", key="ada", window="hourly"), 3)
-        self.assertEqual(sample(families, "llm_proxy_upstream_up"), 1)
-        self.assertEqual(sample(families, "llm_proxy_request_duration_seconds_count"), 4)
+        self.assertEqual(sample(families, "llm_proxy_upstream_up", upstream="default"), 1)
+        self.assertEqual(sample(families, "llm_proxy_request_duration_seconds_count", upstream="default"), 4)
         text = response.body.decode()
         for secret in (CLIENT_KEY, OTHER_KEY, APP_KEY, ADMIN_KEY):
             self.assertNotIn(secret, text)

@@ -29,10 +29,10 @@ class FailureTests(ProxyTestCase):
         self.assertEqual(response.json()["error"]["message"], "upstream says 503")
         self.assertEqual(self.level(), 3)
 
-    def test_refused_connection_is_a_502_without_details_and_refunded(self) -> None:
+    def test_refused_connection_is_a_503_without_details_and_refunded(self) -> None:
         port = free_port()
-        self.start_proxy(max_tokens=3, upstream_url=f"http://127.0.0.1:{port}/v1")
-        error = self.assert_openai_error(self.chat(), 502, "upstream_error")
+        self.start_proxy(max_tokens=3, upstream_url=f"http://127.0.0.1:{port}/v1", queue_timeout=0.05)
+        error = self.assert_openai_error(self.chat(), 503, "upstream_error", "upstream_unavailable")
         self.assertNotIn("refused", error["message"].lower())
         self.assertNotIn(str(port), error["message"])
         self.assertEqual(self.level(), 3)
@@ -62,7 +62,7 @@ class UpstreamFaultTests(AdversarialTestCase):
         self.assertEqual(self.level(), 10)
         self.assert_healthy()
 
-    def test_dns_failure_is_a_502(self) -> None:
+    def test_dns_failure_is_a_503_after_the_queue_timeout(self) -> None:
         real = socket.getaddrinfo
 
         def lookup(host: str, *args: object, **kwargs: object) -> list:
@@ -70,10 +70,10 @@ class UpstreamFaultTests(AdversarialTestCase):
                 raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
             return real(host, *args, **kwargs)
 
-        self.start_proxy(upstream_url="http://model.invalid:8080/v1")
+        self.start_proxy(upstream_url="http://model.invalid:8080/v1", queue_timeout=0.05)
         with mock.patch("socket.getaddrinfo", lookup):
             response = self.chat()
-        self.assert_openai_error(response, 502, "upstream_error")
+        self.assert_openai_error(response, 503, "upstream_error", "upstream_unavailable")
         self.assertNotIn(b"model.invalid", response.body)
         self.assertEqual(self.level(), 10)
 

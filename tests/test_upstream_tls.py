@@ -48,7 +48,9 @@ class TlsUpstream(FakeUpstream):
 
 
 class UpstreamTlsTests(ProxyTestCase):
-    config_overrides = {"client_keys": (CLIENT_KEY,), "admin_key": ADMIN_KEY, "max_tokens": 100}
+    # (a server that cannot be reached is waited for up to QUEUE_TIMEOUT_SECONDS, then a 503)
+    config_overrides = {"client_keys": (CLIENT_KEY,), "admin_key": ADMIN_KEY, "max_tokens": 100,
+                        "queue_timeout": 0.05}
 
     def behind(self, upstream: FakeUpstream | None, url: str | None = None, **overrides: object) -> None:
         """This upstream (or none, at ``url``) in place of the plain one, and a proxy in front."""
@@ -65,11 +67,12 @@ class UpstreamTlsTests(ProxyTestCase):
         usage = self.request("GET", "/admin/api/usage", key=ADMIN_KEY).json()
         return usage["upstream"]["last_error"]
 
-    def assert_failed_saying(self, reason: str, status: int = 502) -> None:
-        """The caller gets the generic answer; the log line and the admin API say why."""
+    def assert_failed_saying(self, reason: str, status: int = 502, answered: int | None = None) -> None:
+        """The caller gets the generic answer (``answered``: another status than the failure's,
+        as the 503 for a server that could not be reached); the log line and the admin API say why."""
         response = self.chat(headers={"X-Fake": "stall"})  # (a stall: only where a server answers)
-        error = self.assert_openai_error(response, status, "upstream_error")
-        if status == 502:
+        error = self.assert_openai_error(response, answered or status, "upstream_error")
+        if (answered or status) == 502:
             self.assertEqual(error["message"], GENERIC_502)
         self.assertNotIn(reason.split(":")[0].encode(), response.body)
         self.assertEqual(self.level(), 100)  # never served: refunded
@@ -94,18 +97,18 @@ class UpstreamTlsTests(ProxyTestCase):
         for certificate, ca_file, why in cases:
             with self.subTest(certificate=certificate, ca_file=ca_file):
                 self.behind(TlsUpstream(certificate), upstream_ca_file=ca_file)
-                self.assert_failed_saying("certificate verify failed")
+                self.assert_failed_saying("certificate verify failed", answered=503)
                 self.assertIn(why.replace("-", "")[:8], self.last_error().replace("-", ""))
                 self.assertEqual(self.upstream.requests, [])
 
     def test_a_refused_port_says_connection_refused(self) -> None:
         self.behind(None, url=f"http://127.0.0.1:{free_port()}/v1")
-        self.assert_failed_saying("connection refused")
+        self.assert_failed_saying("connection refused", answered=503)
 
     def test_tls_to_a_server_that_speaks_none_says_the_handshake_failed(self) -> None:
         plain = FakeUpstream()
         self.behind(plain, url=f"https://127.0.0.1:{plain.server_address[1]}/v1")
-        self.assert_failed_saying("TLS handshake failed: ")
+        self.assert_failed_saying("TLS handshake failed: ", answered=503)
 
     def test_a_timeout_says_timed_out(self) -> None:
         self.start_proxy(read_timeout=0.2, **self.config_overrides)
@@ -124,7 +127,7 @@ class UpstreamTlsTests(ProxyTestCase):
         self.proxy = None
         with open(path) as file:
             record = json.loads(file.readline())
-        self.assertEqual((record["status"], record["upstream_error"]), (502, "connection refused"))
+        self.assertEqual((record["status"], record["upstream_error"]), (503, "connection refused"))
 
 
 class FailureReasonTests(unittest.TestCase):
