@@ -267,9 +267,15 @@ class DescriptorLimitTests(unittest.TestCase):
         process = self.start()
         # Room for four more descriptors, set from outside once the proxy has fitted its
         # connections to a roomy limit: the cap never refuses, accept() is what runs out.
-        highest = max(int(name) for name in os.listdir(f"/proc/{process.pid}/fd"))
+        # A new descriptor takes the lowest free number, and a number closed at startup is free:
+        # the limit goes just past the fourth free number, not four past the highest.
+        in_use = {int(name) for name in os.listdir(f"/proc/{process.pid}/fd")}
+        limit = free = 0
+        while free < 4:
+            free += limit not in in_use
+            limit += 1
         hard = resource.prlimit(process.pid, resource.RLIMIT_NOFILE)[1]
-        resource.prlimit(process.pid, resource.RLIMIT_NOFILE, (highest + 1 + 4, hard))
+        resource.prlimit(process.pid, resource.RLIMIT_NOFILE, (limit, hard))
         self.assertLessEqual(self.fill(attempts=20), 4)
         waiting = [self.connect() for _ in range(3)]
         used = cpu_seconds(process.pid)
