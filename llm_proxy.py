@@ -6722,7 +6722,6 @@ class Relay:
                 outcome = self.attempt(upstream, target, headers, body, inspect,
                                        last=position == len(replicas) - 1)
                 if outcome is None:
-                    upstreams.remember(call.affinity, upstream)
                     return
                 reached = reached or outcome
             if call.gone:
@@ -6776,6 +6775,8 @@ class Relay:
             self.abandon(exchange)
             return True
         self.upstreams.mark_up(upstream)
+        # Remembered before the client has its answer and may send the conversation's next call.
+        self.upstreams.remember(call.affinity, upstream)
         try:
             exchange.completed = self.relay(response, inspect)
         except (OSError, http.client.HTTPException) as error:

@@ -1605,7 +1605,7 @@ def main() -> int:
         return run_shard(index, count)
     if "--serial" in sys.argv:
         return run_shard(0, 1)
-    count = 2
+    count = 4  # (more than the cores: many tests mostly wait, on timeouts and sockets)
     workers = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--shard", f"{i}/{count}"],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                for i in range(count)]
