@@ -2675,8 +2675,54 @@ def _model_info(entry: object, where: str) -> ModelInfo:
     return ModelInfo(price, max_output)
 
 
-class ModelsFile:
-    """MODELS_FILE, re-read when it changes (or on SIGHUP); a broken edit keeps the last good one."""
+class WatchedFile:
+    """A settings file re-read when it changes (or on SIGHUP); a broken edit keeps the last good one.
+
+    The housekeeping thread asks each (KEYS_FILE, MODELS_FILE's prices and its servers)
+    every second.  A subclass says where it is (``watched_path``), reads it (``reload``,
+    which sets ``_stamp`` to what it read) and says what it holds (``setting``, ``kept``,
+    ``loaded``).  A missing or broken file is reported once, not every second.
+    """
+
+    setting = ""  # the variable that names it, for the log
+    kept = ""     # what stays when an edit is broken
+    _stamp: tuple | None = None
+
+    @property
+    def watched_path(self) -> str | None:
+        raise NotImplementedError
+
+    def reload(self) -> None:
+        raise NotImplementedError
+
+    def loaded(self) -> str:
+        raise NotImplementedError
+
+    def reload_if_changed(self, force: bool = False) -> bool:
+        """Re-read the file if it changed (or when forced, as on SIGHUP); True if reloaded."""
+        path = self.watched_path
+        if not path:
+            return False
+        try:
+            stamp: tuple | None = _file_stamp(os.stat(path))
+        except OSError:
+            stamp = None
+        if not force and stamp == self._stamp:
+            return False
+        self._stamp = stamp
+        try:
+            self.reload()
+        except ConfigError as error:
+            log.error("%s %s: %s; keeping the previous %s", self.setting, path, error, self.kept)
+            return False
+        log.info("%s %s: loaded, %s", self.setting, path, self.loaded())
+        return True
+
+
+class ModelsFile(WatchedFile):
+    """MODELS_FILE's prices, re-read when it changes (or on SIGHUP)."""
+
+    setting, kept = "MODELS_FILE", "prices"
 
     def __init__(self, path: str | None) -> None:
         self.path = path
@@ -2699,24 +2745,12 @@ class ModelsFile:
         self._stamp = stamp
         self.catalog = ModelCatalog.parse(text)
 
-    def reload_if_changed(self, force: bool = False) -> bool:
-        """Re-read the file if it changed (or when forced); True if reloaded."""
-        if not self.path:
-            return False
-        try:
-            stamp: tuple | None = _file_stamp(os.stat(self.path))
-        except OSError:
-            stamp = None
-        if not force and stamp == self._stamp:
-            return False
-        self._stamp = stamp  # a broken file is reported once, not every second
-        try:
-            self.reload()
-        except ConfigError as error:
-            log.error("MODELS_FILE %s: %s; keeping the previous prices", self.path, error)
-            return False
-        log.info("MODELS_FILE %s: loaded, %d models", self.path, len(self.catalog.models))
-        return True
+    @property
+    def watched_path(self) -> str | None:
+        return self.path
+
+    def loaded(self) -> str:
+        return f"{len(self.catalog.models)} models"
 
 
 # --------------------------------------------------------------------------
@@ -3200,7 +3234,7 @@ def _money_limits(window: dict, where: str) -> dict:
     return limits
 
 
-class KeyRing:
+class KeyRing(WatchedFile):
     """The accepted client keys and the policy each one pays under.
 
     Keys come from PROXY_API_KEYS (the default policy) and KEYS_FILE (its own
@@ -3209,6 +3243,8 @@ class KeyRing:
     the default policy, by key or by IP.
     """
 
+    setting, kept = "KEYS_FILE", "keys"
+
     def __init__(self, config: Config) -> None:
         self.config = config
         self.default = Policy("", (config.bucket,), None, config.max_concurrent_per_key)
@@ -3216,7 +3252,7 @@ class KeyRing:
                         for digest, secret in map(stored_secret, config.client_keys)}
         self._policies = dict(self._static)
         self._by_handle = {digest: policy for digest, (_, policy) in self._static.items()}
-        self._file_stamp: tuple | None = None
+        self._stamp: tuple | None = None
         self._reading = threading.Lock()  # the admin API re-reads too: the last read is the newest
         if config.keys_file:
             try:
@@ -3310,30 +3346,17 @@ class KeyRing:
                     text = file.read()
             except (OSError, UnicodeDecodeError) as error:
                 raise ConfigError(f"cannot read it ({type(error).__name__})") from None
-            self._file_stamp = stamp
+            self._stamp = stamp
             policies = {**self._static, **parse_keys_file(text, self.config)}
             self._policies, self._by_handle = policies, {
                 policy.id or digest: policy for digest, (_, policy) in policies.items()}
 
-    def reload_if_changed(self, force: bool = False) -> bool:
-        """Re-read KEYS_FILE if it changed (or when forced, as on SIGHUP); True if reloaded."""
-        path = self.config.keys_file
-        if not path:
-            return False
-        try:
-            stamp: tuple | None = _file_stamp(os.stat(path))
-        except OSError:
-            stamp = None
-        if not force and stamp == self._file_stamp:
-            return False
-        self._file_stamp = stamp  # a missing or broken file is reported once, not every second
-        try:
-            self.reload()
-        except ConfigError as error:
-            log.error("KEYS_FILE %s: %s; keeping the previous keys", path, error)
-            return False
-        log.info("KEYS_FILE %s: loaded, %d client keys in all", path, self.key_count)
-        return True
+    @property
+    def watched_path(self) -> str | None:
+        return self.config.keys_file
+
+    def loaded(self) -> str:
+        return f"{self.key_count} client keys in all"
 
 
 def _file_stamp(info: os.stat_result) -> tuple:
@@ -6192,7 +6215,7 @@ class RouteTable(NamedTuple):
     simple: bool  # one server for every model: its own lists are relayed as they are
 
 
-class UpstreamRegistry:
+class UpstreamRegistry(WatchedFile):
     """The model servers behind the proxy, and which answer a call for a model.
 
     Servers and routes come from BASE_API_URL (the server "default", serving every
@@ -6201,6 +6224,8 @@ class UpstreamRegistry:
     route, and ``in_turn`` for its replicas in the order to try.  While a server
     is down, a prober thread asks it every PROBE_SECONDS whether it answers again.
     """
+
+    setting, kept = "MODELS_FILE", "upstreams and models"
 
     PROBE_SECONDS = 5.0
     RETRY_SECONDS = 0.5   # while a model's every server is down, how often a waiting call tries again
@@ -6273,25 +6298,12 @@ class UpstreamRegistry:
         with self._changed:
             self._changed.notify_all()
 
-    def reload_if_changed(self, force: bool = False) -> bool:
-        """Re-read MODELS_FILE if it changed (or when forced, as on SIGHUP); True if reloaded."""
-        path = self.config.models_file
-        if not path:
-            return False
-        try:
-            stamp: tuple | None = _file_stamp(os.stat(path))
-        except OSError:
-            stamp = None
-        if not force and stamp == self._stamp:
-            return False
-        self._stamp = stamp  # a missing or broken file is reported once, not every second
-        try:
-            self.reload()
-        except ConfigError as error:
-            log.error("MODELS_FILE %s: %s; keeping the previous upstreams and models", path, error)
-            return False
-        log.info("MODELS_FILE %s: loaded, upstreams %s", path, ", ".join(self.table.upstreams))
-        return True
+    @property
+    def watched_path(self) -> str | None:
+        return self.config.models_file
+
+    def loaded(self) -> str:
+        return "upstreams " + ", ".join(self.table.upstreams)
 
     # -- routing -----------------------------------------------------------------
 
