@@ -6183,9 +6183,12 @@ class ModelRoute:
         return self.spec.upstream_model if self.spec.fixed else None
 
     def matches(self, model: str) -> bool:
+        pattern = self.spec.pattern
+        if pattern == "*":  # every model (BASE_API_URL's server): asked on every call
+            return True
         if self.spec.is_pattern:
-            return fnmatch.fnmatchcase(model, self.spec.pattern)
-        return model == self.spec.pattern
+            return fnmatch.fnmatchcase(model, pattern)
+        return model == pattern
 
     def in_turn(self, preferred: Upstream | None = None) -> list[Upstream]:
         """Every replica, in the order to try: those up, least busy first, ties by turn; then
@@ -6195,6 +6198,8 @@ class ModelRoute:
         within one request of the least busy's.
         """
         count = len(self.replicas)
+        if count == 1:  # its only server, tried however it last went: nothing to weigh
+            return list(self.replicas)
         turn, self.turn = self.turn, self.turn + 1  # (a lost increment under a race costs nothing)
         rotated = [self.replicas[(turn + i) % count] for i in range(count)]
         load = {upstream: upstream.load for upstream in rotated}  # (read once: it moves meanwhile)
