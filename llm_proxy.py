@@ -3377,28 +3377,42 @@ class StoredAnswers:
     def __init__(self, limit: int = 20_000) -> None:
         self.limit = limit
         self._owners: OrderedDict[str, str] = OrderedDict()
+        self._servers: dict[str, str] = {}  # which model server made it, when there are several
         self._lock = threading.Lock()
 
-    def record(self, answer_id: str, owner: str) -> None:
+    def record(self, answer_id: str, owner: str, server: str | None = None) -> None:
         with self._lock:
             self._owners[answer_id] = owner
             self._owners.move_to_end(answer_id)
+            if server is not None:
+                self._servers[answer_id] = server
             while len(self._owners) > self.limit:
-                self._owners.popitem(last=False)
+                self._servers.pop(self._owners.popitem(last=False)[0], None)
 
     def owned_by(self, answer_id: str, owner: str) -> bool:
         with self._lock:
             return self._owners.get(answer_id) == owner
 
-    def dump(self) -> dict[str, str]:
+    def server_of(self, answer_id: str) -> str | None:
+        """The model server that made the answer: only it can read, cancel or continue it."""
         with self._lock:
-            return dict(self._owners)
+            return self._servers.get(answer_id)
+
+    def dump(self) -> dict[str, object]:
+        with self._lock:
+            return {answer_id: [owner, self._servers[answer_id]] if answer_id in self._servers
+                    else owner for answer_id, owner in self._owners.items()}
 
     def load(self, saved: dict) -> None:
-        if not all(isinstance(k, str) and isinstance(v, str) for k, v in saved.items()):
-            raise ValueError("unexpected stored-answer entry")
-        for answer_id, owner in saved.items():
-            self.record(answer_id, owner)
+        entries = []
+        for answer_id, value in saved.items():  # an owner, or [owner, server]
+            owner, server = (value, None) if isinstance(value, str) else tuple(value)
+            if not (isinstance(answer_id, str) and isinstance(owner, str)
+                    and (server is None or isinstance(server, str))):
+                raise ValueError("unexpected stored-answer entry")
+            entries.append((answer_id, owner, server))
+        for answer_id, owner, server in entries:
+            self.record(answer_id, owner, server)
 
 
 # --------------------------------------------------------------------------
@@ -4075,6 +4089,7 @@ class Call:
     route: ModelRoute | None = None  # the servers of the model it names (MODELS_FILE, BASE_API_URL)
     upstream: Upstream | None = None  # the one of them that answers it, once chosen
     affinity: str | None = None      # a sticky route's caller and conversation, hashed
+    made_by: str | None = None       # the server that made the stored answer the call refers to
     status: int = 0
     limited: bool = False
     stream: bool = False             # the answer went out as a stream of events
@@ -4749,6 +4764,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if not (isinstance(answer_id, str) and self.server.stored.owned_by(answer_id, self.call.owner)):
             raise ProxyError(404, f"No stored answer with the id '{str(answer_id)[:100]}' was made "
                              "with this key.", code="not_found")
+        self.call.made_by = self.server.stored.server_of(answer_id)
 
     def require_models(self, model: str | None, target: Target) -> None:
         """Every model a request names, in its body or its query, must be on the caller's list.
@@ -4992,6 +5008,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def forward(self, target: Target, body: bytes,
                 inspect: Callable[[bytes], bytes] | None = None) -> None:
         call, server = self.call, self.server
+        if call.route is None and call.made_by is not None:  # a stored answer: where it was made
+            call.route = server.upstreams.route_to(call.made_by)
         call.route = call.route or server.upstreams.route_for(call.model)
         Relay(self, server.watcher, server.loop, server.stored, server.upstreams).forward(
             target, body, inspect)
@@ -6338,6 +6356,14 @@ class UpstreamRegistry(WatchedFile):
         first = next(iter(table.upstreams.values()))
         return ModelRoute(ModelSpec("*", (first.name,)), [first])
 
+    def route_to(self, name: str) -> ModelRoute:
+        """A route to the server called ``name`` alone (a stored answer's); the default route
+        once that server is gone from the file."""
+        upstream = self.table.upstreams.get(name)
+        if upstream is None:
+            return self.default_route
+        return ModelRoute(ModelSpec("*", (name,)), [upstream])
+
     @property
     def default(self) -> Upstream:
         return self.default_route.replicas[0]
@@ -6706,7 +6732,9 @@ class Relay:
         meter = self.call.meter
         if not self.claimed and meter is not None and meter.object_id is not None:
             self.claimed = True
-            self.stored.record(meter.object_id, self.call.owner)
+            upstream = self.call.upstream
+            self.stored.record(meter.object_id, self.call.owner,
+                               None if upstream is None else upstream.name)
 
     def forward(self, target: Target, body: bytes,
                 inspect: Callable[[bytes], bytes] | None = None) -> None:
@@ -6734,6 +6762,8 @@ class Relay:
         deadline = time.monotonic() + self.upstreams.config.queue_timeout
         while True:
             replicas = upstreams.in_turn(route, call.affinity)
+            if call.made_by is not None:  # continuing a stored answer: its server first
+                replicas.sort(key=lambda upstream: upstream.name != call.made_by)
             reached = False
             for position, upstream in enumerate(replicas):
                 outcome = self.attempt(upstream, target, headers, body, inspect,

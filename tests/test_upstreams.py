@@ -503,3 +503,28 @@ class ParseTests(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class StoredAnswerRoutingTests(ManyUpstreamsTestCase):
+    """A stored answer lives on the server that made it: reading, deleting or continuing it
+    goes there, not to the default server or another replica."""
+
+    def test_a_stored_answer_is_asked_of_the_server_that_made_it(self) -> None:
+        held = self.ask_in_background("qwen3-coder", {"X-Fake": "hold"})  # gpu is busier now
+        self.wait_for(lambda: self.count(self.gpu) + self.count(self.gpu2) == 1)
+        busy, idle = (self.gpu, self.gpu2) if self.count(self.gpu) else (self.gpu2, self.gpu)
+        made = self.request("POST", "/v1/responses", {"model": "qwen3-coder", "input": "keep this"})
+        self.assertEqual(made.status, 200, made.body)
+        self.assertEqual(self.count(idle), 1)
+        answer_id = made.json()["id"]  # (the held call is let go at the end: the fakes answer
+        self.addCleanup(lambda: (busy.release.set(), held[0].join(WAIT)))  # with one id)
+        for method in ("GET", "DELETE"):
+            with self.subTest(method=method):
+                before = len(idle.requests)
+                self.request(method, f"/v1/responses/{answer_id}")
+                self.assertEqual(len(idle.requests), before + 1, "asked of the server that made it")
+                self.assertTrue(idle.requests[-1]["path"].endswith(f"/responses/{answer_id}"))
+        for _ in range(2):  # a continuation goes there too
+            self.assertEqual(self.request("POST", "/v1/responses", {
+                "model": "qwen3-coder", "input": "go on", "previous_response_id": answer_id}).status, 200)
+        self.assertEqual(self.count(idle), 3)
