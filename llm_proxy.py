@@ -4721,8 +4721,15 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if not self.call.policy.allows(model):
             raise ProxyError(404, f"The model '{model[:200]}' does not exist", code="model_not_found",
                              param="model")
-        self.call.model = model  # asked of the model's server
-        self.forward(target, b"")
+        call = self.call
+        call.model = model  # asked of the model's server, by the name it knows the model by
+        call.route = self.server.upstreams.route_for(model)
+        asked = call.route.upstream_model
+        if asked is None or asked == model:
+            self.forward(target, b"")
+            return
+        renamed = replace(target, path=f"{route.path}/{asked}")
+        self.forward(renamed, b"", inspect=lambda data: renamed_card(data, asked, model))
 
     def forward_free(self, target: Target) -> None:
         """Forward a call that makes no generation, its body checked like any other.
@@ -5125,6 +5132,18 @@ def conversation_affinity(identity: str, payload: dict) -> str:
             break
     text = json.dumps(start, sort_keys=True, default=str)[:8192]
     return identity + "/" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+def renamed_card(data: bytes, asked: str, shown: str) -> bytes:
+    """A model card asked under the server's name for the model, shown under the caller's."""
+    try:
+        card = json.loads(data)
+    except (ValueError, RecursionError):
+        return data
+    if isinstance(card, dict) and card.get("id") == asked:
+        card["id"] = shown
+        return json_bytes(card)
+    return data
 
 
 def visible_models(data: bytes, policy: Policy, ollama: bool) -> bytes:

@@ -116,6 +116,9 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
                 self.reply_chunked(json.dumps(listing).encode())
             else:
                 self.reply(200, listing)
+        elif self.command == "GET" and "/models/" in self.path:  # a model's card, by the name asked
+            self.reply(200, {"id": self.path.partition("?")[0].rsplit("/models/", 1)[1],
+                             "object": "model", "owned_by": "fake"})
         else:
             self.reply(404, {"error": {"message": "no such thing", "type": "invalid_request_error",
                                        "param": None, "code": None}})

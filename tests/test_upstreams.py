@@ -528,3 +528,13 @@ class StoredAnswerRoutingTests(ManyUpstreamsTestCase):
             self.assertEqual(self.request("POST", "/v1/responses", {
                 "model": "qwen3-coder", "input": "go on", "previous_response_id": answer_id}).status, 200)
         self.assertEqual(self.count(idle), 3)
+
+
+class ModelCardTests(ManyUpstreamsTestCase):
+    def test_a_models_card_is_asked_of_its_server_by_the_name_that_server_knows(self) -> None:
+        card = self.request("GET", "/v1/models/gemma-3-4b")
+        self.assertEqual(card.status, 200, card.body)
+        self.assertEqual(card.json()["id"], "gemma-3-4b")  # shown under the caller's name
+        self.assertEqual(self.mini.requests[-1]["path"], "/v1/models/gemma3:4b")  # asked by mini's
+        self.assertEqual(self.request("GET", "/v1/models/other").status, 200)  # '*': gpu's, as named
+        self.assertEqual(self.gpu.requests[-1]["path"], "/v1/models/other")
