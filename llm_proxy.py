@@ -5669,6 +5669,7 @@ class UpstreamExchange:
         except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
             if not reused or self.aborted:
                 raise
+        self.sent = False  # it went out on a connection the upstream had closed: it never had it
         return self._send_on(self.pool.connect(), method, request)
 
     def _send_on(self, conn: UpstreamConnection, method: str, request: bytes) -> UpstreamResponse:
@@ -6434,8 +6435,8 @@ class UpstreamRegistry(WatchedFile):
 
     def mark_down(self, upstream: Upstream, failure: ProxyError) -> None:
         if upstream.state.up is not False:
-            log.warning("upstream %s is down (%s); its other replicas take its calls",
-                        upstream.name, failure.message)
+            log.warning("upstream %s is down (%s); calls go to its model's other servers, or "
+                        "wait for it where it has none", upstream.name, failure.message)
         upstream.state.failed(failure)
         self.start_probing()
 

@@ -364,6 +364,18 @@ class FailoverTests(ManyUpstreamsTestCase):
         self.assertNotIn(str(self.mini.server_address[1]).encode(), response.body)
         self.assertEqual(self.request("GET", "/v1/quota").json()["buckets"][0]["tokens"], 100)
 
+    def test_the_first_call_after_the_only_server_died_waits_too(self) -> None:
+        """Its kept-alive connection is dead: the request written on it never reached a server,
+        so the call waits like any other (it was an immediate 502 from the stale connection)."""
+        self.start_many(queue_timeout=SHORT_WAIT)
+        self.assertEqual(self.ask("gemma-3-4b").status, 200)  # mini's connection is pooled now
+        self.kill(self.mini)
+        started = time.monotonic()
+        response = self.ask("gemma-3-4b")
+        self.assertGreaterEqual(time.monotonic() - started, SHORT_WAIT)
+        self.assert_openai_error(response, 503, "upstream_error", "upstream_unavailable")
+        self.assertIs(self.server_named("mini").state.up, False)
+
     def test_the_only_server_is_waited_for_and_serves_when_back(self) -> None:
         self.kill(self.mini)
         thread, answers = self.ask_in_background("gemma-3-4b")
