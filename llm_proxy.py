@@ -4331,6 +4331,10 @@ class Call:
         user = None if self.user is None else loggable(self.user, MAX_USER_LENGTH)  # (longer: refused)
         who = label if user is None else f"{label}/{user}"
         why = "" if self.upstream_error is None else f' upstream="{loggable(self.upstream_error)}"'
+        upstream = self.upstream
+        server = None if upstream is None or upstream.name == "default" else loggable(upstream.name)
+        if server is not None:  # one of MODELS_FILE's servers: which one answered (or failed)
+            why += f" server={server}"
         downgrade = self.downgrade
         if downgrade is not None:  # which model served it, and which was asked for
             why += f" model={loggable(downgrade[1])} asked={loggable(downgrade[0])}"
@@ -4349,6 +4353,7 @@ class Call:
             "upstream_ms": None if self.upstream_ms is None else round(self.upstream_ms, 1),
             "outcome": outcome, **({} if self.upstream_error is None else {
                 "upstream_error": loggable(self.upstream_error)}),
+            **({} if server is None else {"server": server}),
             **({} if downgrade is None else {"asked_model": loggable(downgrade[0])})},
             separators=(",", ":")) + "\n"
         return line, record

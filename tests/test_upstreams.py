@@ -550,3 +550,10 @@ class ModelCardTests(ManyUpstreamsTestCase):
         self.assertEqual(self.mini.requests[-1]["path"], "/v1/models/gemma3:4b")  # asked by mini's
         self.assertEqual(self.request("GET", "/v1/models/other").status, 200)  # '*': gpu's, as named
         self.assertEqual(self.gpu.requests[-1]["path"], "/v1/models/other")
+
+
+class LogLineTests(ManyUpstreamsTestCase):
+    def test_the_log_line_names_the_server_that_answered(self) -> None:
+        self.assertEqual(self.ask("gemma-3-4b").status, 200)
+        self.logged(1)
+        self.assertIn(" server=mini", self.console.getvalue())
