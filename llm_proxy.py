@@ -6841,11 +6841,16 @@ class Relay:
                 raise failure from None
             self.abandon(exchange)  # received, then dropped: the next server gets it
             return True
-        if response.status in (502, 503) and not last:
+        if response.status in (502, 503) and not last or (
+                response.status == 503 and upstream.name != DEFAULT_UPSTREAM):
+            # Another server takes the call; or, for a server of MODELS_FILE that is the last to
+            # try, a 503 (llama-server's "Loading model" while it restarts) is waited out like a
+            # server not listening.  BASE_API_URL's lone server passes its 503 on, as it always
+            # did: a paid API's "overloaded" is the caller's to retry.
             self.upstreams.mark_down(upstream, ProxyError(
                 response.status, f"The model server answered {response.status}."))
             self.abandon(exchange)
-            return True
+            return response.status == 502  # (a 503: it is not at work on it, and may be waited for)
         self.upstreams.mark_up(upstream)
         # Remembered before the client has its answer and may send the conversation's next call.
         self.upstreams.remember(call.affinity, upstream)

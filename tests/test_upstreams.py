@@ -348,10 +348,13 @@ class FailoverTests(ManyUpstreamsTestCase):
         self.assertTrue(any(r["path"] == "/v1/models" for r in self.gpu2.requests), "it asked")
 
     def test_a_replica_answering_503_hands_the_call_to_the_next(self) -> None:
-        for _ in range(2):  # whichever gets it first answers 503 (X-Fake), the other does too:
+        self.start_many(queue_timeout=SHORT_WAIT)
+        for calls in (1, 2):  # whichever gets it first answers 503 (X-Fake), the other does too:
             response = self.ask("qwen3-coder", {"X-Fake": "status-503"})
-            self.assertEqual(response.status, 503)  # the last one's answer is the client's
-        self.assertEqual(self.count(self.gpu) + self.count(self.gpu2), 4, "each call tried both")
+            # both down then: the call waited for one to come back, up to QUEUE_TIMEOUT_SECONDS
+            self.assert_openai_error(response, 503, "upstream_error", "upstream_unavailable")
+            self.assertGreaterEqual(self.count(self.gpu) + self.count(self.gpu2), 2 * calls,
+                                    "each call tried both")
         self.assertEqual(self.request("GET", "/v1/quota").json()["buckets"][0]["tokens"], 100)
 
     def test_the_only_server_down_waits_then_503_refunded(self) -> None:
@@ -375,6 +378,17 @@ class FailoverTests(ManyUpstreamsTestCase):
         self.assertGreaterEqual(time.monotonic() - started, SHORT_WAIT)
         self.assert_openai_error(response, 503, "upstream_error", "upstream_unavailable")
         self.assertIs(self.server_named("mini").state.up, False)
+
+    def test_a_file_servers_503_is_waited_out_not_relayed(self) -> None:
+        """A server still loading its model answers 503: a call for a model it alone serves
+        waits for it (the probe sees it answer again), and never gets the server's own 503."""
+        self.start_many(queue_timeout=SHORT_WAIT)
+        started = time.monotonic()
+        response = self.ask("gemma-3-4b", {"X-Fake": "status-503"})
+        self.assertGreaterEqual(time.monotonic() - started, SHORT_WAIT)
+        error = self.assert_openai_error(response, 503, "upstream_error", "upstream_unavailable")
+        self.assertNotIn("upstream says", error["message"])  # (the fake's own words)
+        self.assertEqual(self.request("GET", "/v1/quota").json()["buckets"][0]["tokens"], 100)
 
     def test_the_only_server_is_waited_for_and_serves_when_back(self) -> None:
         self.kill(self.mini)
