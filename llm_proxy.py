@@ -2698,6 +2698,19 @@ class WatchedFile:
     def loaded(self) -> str:
         raise NotImplementedError
 
+    def read_text(self) -> str:
+        """The file's text, and the stamp ``reload_if_changed`` compares: of what was read."""
+        path = self.watched_path
+        assert path is not None
+        try:
+            with open(path, encoding="utf-8") as file:
+                stamp = _file_stamp(os.fstat(file.fileno()))
+                text = file.read()
+        except (OSError, UnicodeDecodeError) as error:
+            raise ConfigError(f"cannot read it ({type(error).__name__})") from None
+        self._stamp = stamp
+        return text
+
     def reload_if_changed(self, force: bool = False) -> bool:
         """Re-read the file if it changed (or when forced, as on SIGHUP); True if reloaded."""
         path = self.watched_path
@@ -2735,15 +2748,7 @@ class ModelsFile(WatchedFile):
                 raise ConfigError(f"MODELS_FILE {path}: {error}") from None
 
     def reload(self) -> None:
-        assert self.path is not None
-        try:
-            with open(self.path, encoding="utf-8") as file:
-                stamp = _file_stamp(os.fstat(file.fileno()))
-                text = file.read()
-        except (OSError, UnicodeDecodeError) as error:
-            raise ConfigError(f"cannot read it ({type(error).__name__})") from None
-        self._stamp = stamp
-        self.catalog = ModelCatalog.parse(text)
+        self.catalog = ModelCatalog.parse(self.read_text())
 
     @property
     def watched_path(self) -> str | None:
@@ -3337,17 +3342,8 @@ class KeyRing(WatchedFile):
 
     def reload(self) -> None:
         """Read KEYS_FILE now; raises ConfigError (keeping the old policies) when it is broken."""
-        path = self.config.keys_file
-        assert path is not None
         with self._reading:
-            try:
-                with open(path, encoding="utf-8") as file:
-                    stamp = _file_stamp(os.fstat(file.fileno()))
-                    text = file.read()
-            except (OSError, UnicodeDecodeError) as error:
-                raise ConfigError(f"cannot read it ({type(error).__name__})") from None
-            self._stamp = stamp
-            policies = {**self._static, **parse_keys_file(text, self.config)}
+            policies = {**self._static, **parse_keys_file(self.read_text(), self.config)}
             self._policies, self._by_handle = policies, {
                 policy.id or digest: policy for digest, (_, policy) in policies.items()}
 
@@ -6295,24 +6291,12 @@ class UpstreamRegistry(WatchedFile):
             raise ConfigError(f"MODELS_FILE {config.models_file}: {error}"
                               if config.models_file else str(error)) from None
 
-    @classmethod
-    def from_config(cls, config: Config,
-                    clock: Callable[[], float] = time.monotonic) -> UpstreamRegistry:
-        return cls(config, clock=clock)
-
     # -- reading MODELS_FILE -----------------------------------------------------
 
     def read_plan(self) -> UpstreamPlan:
-        path = self.config.models_file
         document: object = {}
-        if path:
-            try:
-                with open(path, encoding="utf-8") as file:
-                    self._stamp = _file_stamp(os.fstat(file.fileno()))
-                    text = file.read()
-            except (OSError, UnicodeDecodeError) as error:
-                raise ConfigError(f"cannot read it ({type(error).__name__})") from None
-            document = keys_document(text)
+        if self.config.models_file:
+            document = keys_document(self.read_text())
             if not isinstance(document, dict):
                 raise ConfigError("must be a JSON object")
         return parse_upstreams(document, self.environ, self.config)  # type: ignore[arg-type]
