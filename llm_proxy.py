@@ -5986,6 +5986,7 @@ class UpstreamState:
     last_error: str | None = None
     requests: int = 0       # calls it answered (or began to)
     tokens: int = 0         # prompt and completion tokens it reported for them
+    awaited: int = 0        # calls waiting for it to come back (it is their model's first to try)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def answered(self) -> None:
@@ -6000,6 +6001,18 @@ class UpstreamState:
         with self._lock:
             self.requests += 1
             self.tokens += tokens
+
+    @contextmanager
+    def awaiting(self) -> Iterator[None]:
+        """A call waits for this server to answer again: it is queued here meanwhile, for the
+        owner, who would otherwise see "0 queued" while its callers hang."""
+        with self._lock:
+            self.awaited += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.awaited -= 1
 
 
 @dataclass(eq=False)  # one server is one object: its key is never compared, it hashes by identity
@@ -6024,6 +6037,11 @@ class Upstream:
     def load(self) -> int:
         """Requests given to it and not yet over: in flight and waiting for its gate."""
         return self.gate.load
+
+    @property
+    def queued(self) -> int:
+        """Calls waiting for it, for the owner: at its gate, or for it to come back while down."""
+        return self.gate.waiting + self.state.awaited
 
     def credentials(self) -> list[tuple[str, str]]:
         """The header that authenticates the proxy to this server (none without a key)."""
@@ -6437,12 +6455,16 @@ class UpstreamRegistry(WatchedFile):
             with self._changed:
                 self._changed.notify_all()
 
-    def wait_for_change(self, deadline: float) -> bool:
-        """Wait for a server to come back (or RETRY_SECONDS); False once ``deadline`` has passed."""
+    def wait_for_change(self, deadline: float, upstream: Upstream) -> bool:
+        """Wait for a server to come back (or RETRY_SECONDS); False once ``deadline`` has passed.
+
+        Meanwhile the call is queued at ``upstream`` (its model's first server to try again),
+        and holds no slot at any gate: it is counted once, and not in flight.
+        """
         left = deadline - time.monotonic()
         if left <= 0:
             return False
-        with self._changed:
+        with upstream.state.awaiting(), self._changed:
             self._changed.wait(min(left, self.RETRY_SECONDS))
         return True
 
@@ -6494,7 +6516,7 @@ class UpstreamRegistry(WatchedFile):
 
     @property
     def waiting(self) -> int:
-        return sum(upstream.gate.waiting for upstream in self)
+        return sum(upstream.queued for upstream in self)
 
     def counts(self, identity: str) -> tuple[int, int]:
         """Requests of ``identity`` in flight and waiting, at every server."""
@@ -6782,7 +6804,7 @@ class Relay:
                 reached = reached or outcome
             if call.gone:
                 raise ClientGone()
-            if reached or not upstreams.wait_for_change(deadline):
+            if reached or not upstreams.wait_for_change(deadline, replicas[0]):
                 break
         raise ProxyError(503 if not reached else 502,
                          "No server of this model could be reached; try again shortly." if not reached
@@ -8244,7 +8266,7 @@ class AdminView:
         """One server for the owner: its name, URL (never a key), health, load and what it served."""
         state, gate = upstream.state, upstream.gate
         return {"name": upstream.name, "url": upstream.target.display, "up": state.up,
-                "in_flight": gate.in_flight, "queued": gate.waiting,
+                "in_flight": gate.in_flight, "queued": upstream.queued,
                 "max_concurrent": gate.limit or None, "last_error": state.last_error,
                 "requests": state.requests, "tokens": state.tokens}
 
@@ -8287,8 +8309,9 @@ class AdminView:
         upstreams = list(self.upstreams)
         lines += _family("llm_proxy_in_flight", "gauge", "Requests at each upstream now.",
                          ((_labels((("upstream", u.name),)), u.gate.in_flight) for u in upstreams))
-        lines += _family("llm_proxy_queued", "gauge", "Requests waiting for a slot at each upstream.",
-                         ((_labels((("upstream", u.name),)), u.gate.waiting) for u in upstreams))
+        lines += _family("llm_proxy_queued", "gauge",
+                         "Requests waiting at each upstream: for a slot, or for it to answer again.",
+                         ((_labels((("upstream", u.name),)), u.queued) for u in upstreams))
         lines += _family("llm_proxy_upstream_up", "gauge",
                          "1 if the last exchange with the upstream worked (or none was tried), 0 if it failed.",
                          ((_labels((("upstream", u.name),)), 0 if u.state.up is False else 1)

@@ -24,7 +24,35 @@ KEY_VARIABLE = "LLM_PROXY_TEST_MINI_KEY"
 SHORT_WAIT = 0.3  # QUEUE_TIMEOUT_SECONDS where a test waits for it to run out
 
 
-class LiveHandler(FakeUpstreamHandler):
+class RunningModelsHandler(FakeUpstreamHandler):
+    """The fake upstream, with Ollama's ``GET /api/ps`` in Ollama's shape: the models named in
+    its server's ``running`` (none by default); ``running`` None answers 404, as llama-server
+    (which has no /api/ps) does."""
+
+    def do_GET(self) -> None:
+        if self.path.partition("?")[0] != "/api/ps":
+            super().do_GET()
+            return
+        self.record(b"")
+        running = getattr(self.server, "running", [])
+        if running is None:
+            self.reply(404, {"error": "404 page not found"})
+            return
+        self.reply(200, {"models": [running_entry(name) for name in running]})
+
+
+def running_entry(name: str) -> dict:
+    """One entry of Ollama's /api/ps, as Ollama writes it."""
+    return {"name": name, "model": name, "size": 6591830464,
+            "digest": "a2af6cc3eb7fa8be8504abaf9b04e88f17a119ec3f04a3addf55f92841195f5a",
+            "details": {"parent_model": "", "format": "gguf", "family": "gemma3",
+                        "families": ["gemma3"], "parameter_size": "4.3B",
+                        "quantization_level": "Q4_K_M"},
+            "expires_at": "2025-10-17T16:47:07.93355-07:00", "size_vram": 5333539264,
+            "context_length": 4096}
+
+
+class LiveHandler(RunningModelsHandler):
     """The fake upstream's handler, its connection kept in view so that a test can cut it."""
 
     def setup(self) -> None:
@@ -58,6 +86,7 @@ class ManyUpstreamsTestCase(ProxyTestCase):
     """The proxy in front of gpu and gpu2 (replicas of qwen3-coder) and mini (gemma, small*)."""
 
     sticky = False
+    upstream_handler = RunningModelsHandler  # (gpu's: the others are LiveHandler's)
 
     def setUp(self) -> None:
         super().setUp()  # (self.upstream, its proxy: replaced below)
@@ -571,3 +600,99 @@ class LogLineTests(ManyUpstreamsTestCase):
         self.assertEqual(self.ask("gemma-3-4b").status, 200)
         self.logged(1)
         self.assertIn(" server=mini", self.console.getvalue())
+
+
+class RunningModelsTests(ManyUpstreamsTestCase):
+    """Ollama's ``GET /api/ps`` across the servers, under the names callers use."""
+
+    def running(self, key: str = CLIENT_KEY) -> list[tuple[str, str]]:
+        response = self.request("GET", "/api/ps", key=key)
+        self.assertEqual(response.status, 200, response.body)
+        return [(entry["name"], entry["model"]) for entry in response.json()["models"]]
+
+    def test_every_servers_running_models_under_the_names_callers_use(self) -> None:
+        self.gpu.running = ["qwen3-coder", "upstream-model", "small-x"]  # small-x: mini's (small*)
+        self.gpu2.running = ["qwen3-coder"]
+        self.mini.running = ["gemma3:4b", "small-v2", "orphan"]  # orphan: gpu's ('*'), not mini's
+        response = self.request("GET", "/api/ps")
+        self.assertEqual(response.status, 200, response.body)
+        models = response.json()["models"]
+        self.assertEqual([(entry["name"], entry["model"]) for entry in models],
+                         [(name, name) for name in ("qwen3-coder", "upstream-model", "qwen3-coder",
+                                                    "gemma-3-4b", "small-v2")])
+        details = {field: value for field, value in running_entry("x").items()
+                   if field not in ("name", "model")}
+        for entry in models:  # everything else as the server said it
+            self.assertEqual({f: v for f, v in entry.items() if f not in ("name", "model")}, details)
+        asked = self.mini.requests[-1]
+        self.assertEqual((asked["path"], asked["headers"].get("Authorization")),
+                         ("/api/ps", f"Bearer {MINI_KEY}"))  # mini's key to mini alone
+        self.assertIsNone(self.gpu.requests[-1]["headers"].get("Authorization"))
+        for secret in (MINI_KEY, CLIENT_KEY, "127.0.0.1", str(self.mini.server_address[1])):
+            self.assertNotIn(secret.encode(), response.body)
+
+    def test_a_key_sees_only_its_models_running(self) -> None:
+        self.gpu.running = ["qwen3-coder", "upstream-model"]
+        self.mini.running = ["gemma3:4b", "small-v2"]
+        keys = os.path.join(os.path.dirname(self.models_path), "keys.json")
+        with open(keys, "w") as file:
+            json.dump({CLIENT_KEY: {"name": "ada", "models": ["gemma-3-4b", "upstream-model"]}}, file)
+        self.start_many(client_keys=(), keys_file=keys)
+        self.assertEqual(self.running(), [("upstream-model", "upstream-model"),
+                                          ("gemma-3-4b", "gemma-3-4b")])
+
+    def test_a_server_that_is_down_or_fails_is_left_out(self) -> None:
+        self.gpu.running = ["qwen3-coder"]
+        self.gpu2.running = ["qwen3-coder"]
+        self.mini.running = None  # a server without /api/ps (llama-server): its 404
+        self.kill(self.gpu2)
+        self.assertEqual(self.running(), [("qwen3-coder", "qwen3-coder")])
+        self.assertEqual(self.ask("qwen3-coder").status, 200)  # gpu2 is marked down now: not asked
+        before = len(self.mini.requests)
+        self.assertEqual(self.running(), [("qwen3-coder", "qwen3-coder")])
+        self.assertEqual(len(self.mini.requests), before + 1)
+
+
+# The owner's view of mini while a call waits: (in flight, queued) in each of its three places.
+WAITING = {"report": (0, 1), "totals": (0, 1), "metrics": (0, 1)}
+IDLE = {"report": (0, 0), "totals": (0, 0), "metrics": (0, 0)}
+
+
+class WaitingForAServerTests(ManyUpstreamsTestCase):
+    """A call waiting for its model's only server to come back is queued there for the owner."""
+
+    def owner_counts(self) -> dict:
+        """mini's (in flight, queued) in /admin/api/usage and /metrics, and the report's totals."""
+        report = self.admin("/admin/api/usage").json()
+        mini = next(entry for entry in report["upstreams"] if entry["name"] == "mini")
+        families = parse_exposition(self.admin("/metrics").body.decode())
+
+        def gauge(name: str) -> float:
+            return {s[1]["upstream"]: s[2] for s in families[name]["samples"]}["mini"]
+
+        return {"report": (mini["in_flight"], mini["queued"]),
+                "totals": (report["in_flight"], report["queued"]),
+                "metrics": (gauge("llm_proxy_in_flight"), gauge("llm_proxy_queued"))}
+
+    def test_it_is_queued_until_the_server_is_back_and_serves_it(self) -> None:
+        self.proxy.upstreams.RETRY_SECONDS = WAIT  # (it looks again only when the server is back)
+        self.kill(self.mini)
+        thread, answers = self.ask_in_background("gemma-3-4b")
+        self.wait_for(lambda: self.owner_counts()["report"] == (0, 1))
+        self.assertEqual(self.owner_counts(), WAITING)
+        self.mini = self.restart(self.mini)
+        self.proxy.upstreams.probe_down()  # (what the prober does every few seconds)
+        thread.join(WAIT)
+        self.assertEqual(answers[0].status, 200, answers[0].body)
+        self.wait_for(lambda: self.proxy.upstreams.in_flight == 0)
+        self.assertEqual(self.owner_counts(), IDLE)
+
+    def test_it_is_queued_until_its_wait_runs_out(self) -> None:
+        self.start_many(queue_timeout=SHORT_WAIT)
+        self.kill(self.mini)
+        thread, answers = self.ask_in_background("gemma-3-4b")
+        self.wait_for(lambda: self.proxy.admin.usage_report()["queued"] == 1)  # (within SHORT_WAIT)
+        thread.join(WAIT)
+        self.assert_openai_error(answers[0], 503, "upstream_error", "upstream_unavailable")
+        self.assertEqual(self.request("GET", "/v1/quota").json()["buckets"][0]["tokens"], 100)
+        self.assertEqual(self.owner_counts(), IDLE)
