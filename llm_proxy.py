@@ -4704,9 +4704,14 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.forward_listing(target, ollama)
 
     def answer_running_models(self, route: Route, target: Target) -> None:
-        """Ollama's loaded models: the upstream's, whatever BASE_MODEL says, cut to the key's."""
+        """Ollama's loaded models, cut to the key's: every server's (MODELS_FILE), under the
+        names callers use; one server's relayed, whatever BASE_MODEL says."""
         self.read_body()
-        self.forward_listing(target, ollama=True)
+        running = self.server.upstreams.running(target, self.call.policy.allows)
+        if running is None:
+            self.forward_listing(target, ollama=True)
+        else:
+            self.send_json(200, {"models": running})
 
     def forward_listing(self, target: Target, ollama: bool) -> None:
         policy = self.call.policy
@@ -6079,6 +6084,20 @@ class Upstream:
             log.warning("upstream %s: its model list could not be read", self.name)
             return []
 
+    def running_models(self, path: str, timeout: float) -> list[tuple[str, dict]]:
+        """Ollama's running models (``GET /api/ps`` at ``path``), each with the name the server
+        runs it by; none from a server that does not answer them (down, or not Ollama:
+        llama-server has no /api/ps), which is left out rather than failing the listing."""
+        try:
+            status, body = self.ask(path, timeout)
+            listing = json.loads(body) if status == 200 else {}
+            entries = [entry for entry in listing.get("models") or [] if isinstance(entry, dict)]
+            named = [(entry.get("model") or entry.get("name"), entry) for entry in entries]
+            return [(name, entry) for name, entry in named if isinstance(name, str)]
+        except (OSError, http.client.HTTPException, ProxyError, ValueError, RecursionError,
+                AttributeError, TypeError):
+            return []
+
 
 # -- MODELS_FILE's "upstreams" and the models' "upstream" fields -------------
 
@@ -6425,7 +6444,6 @@ class UpstreamRegistry(WatchedFile):
         if table.simple:
             return None
         names = list(table.exact)
-        timeout = min(self.config.open_timeout, self.config.read_timeout, 5.0)
         for route in table.patterns:
             if route.fixed_model is not None:
                 names.append(route.fixed_model)
@@ -6433,10 +6451,53 @@ class UpstreamRegistry(WatchedFile):
             for upstream in route.replicas:
                 if upstream.state.up is False:
                     continue
-                names.extend(model for model in upstream.own_models(timeout)
-                             if route.matches(model) and self.route_for(model) is route)
+                names.extend(model for model in upstream.own_models(self.asking_timeout)
+                             if self.routes_there(route, model))
                 break
         return list(dict.fromkeys(names))
+
+    @property
+    def asking_timeout(self) -> float:
+        """How long a listing waits for each server it asks (a slow one only shortens the list)."""
+        return min(self.config.open_timeout, self.config.read_timeout, 5.0)
+
+    def routes_there(self, route: ModelRoute, model: str) -> bool:
+        """Whether a call naming ``model`` goes by ``route`` (a pattern no earlier entry beats)."""
+        return route.matches(model) and self.route_for(model) is route
+
+    def callers_names(self, upstream: Upstream, model: str) -> list[str]:
+        """The names callers use for what ``upstream`` calls ``model``, as ``listing`` names
+        models: each exact entry sending calls there by that name (its ``upstream_model``, else
+        its own), BASE_MODEL's, and ``model`` itself where a pattern sends it there.  None
+        (an empty list) where no call could reach that server's ``model`` (a pattern's ``upstream_model`` is
+        every matching name's: no one name is the caller's)."""
+        table = self.table
+        names = [name for name, route in table.exact.items()
+                 if upstream in route.replicas and (route.upstream_model or name) == model]
+        for route in table.patterns:
+            if upstream not in route.replicas:
+                continue
+            if ((route.upstream_model is None and self.routes_there(route, model))
+                    or route.fixed_model == model):
+                names.append(model)
+        return list(dict.fromkeys(names))
+
+    def running(self, target: Target, allows: Callable[[str], bool]) -> list[dict] | None:
+        """Ollama's running models (``GET /api/ps``) of every server that is not down, each
+        entry under each name callers use for it (``callers_names``) that ``allows``; a server
+        that fails is left out.  None: one server, whose own answer is relayed as it is."""
+        table = self.table
+        if table.simple:
+            return None
+        running = []
+        for upstream in table.upstreams.values():
+            if upstream.state.up is False:
+                continue
+            path = target.upstream_path(upstream.target.base_path, from_root=True)
+            for served, entry in upstream.running_models(path, self.asking_timeout):
+                running.extend(dict(entry, name=name, model=name)
+                               for name in self.callers_names(upstream, served) if allows(name))
+        return running
 
     # -- health --------------------------------------------------------------------
 
