@@ -6469,7 +6469,7 @@ class UpstreamRegistry(WatchedFile):
         """The names callers use for what ``upstream`` calls ``model``, as ``listing`` names
         models: each exact entry sending calls there by that name (its ``upstream_model``, else
         its own), BASE_MODEL's, and ``model`` itself where a pattern sends it there.  None
-        (an empty list) where no call could reach that server's ``model`` (a pattern's ``upstream_model`` is
+        where no call could reach that server's ``model`` (a pattern's ``upstream_model`` is
         every matching name's: no one name is the caller's)."""
         table = self.table
         names = [name for name, route in table.exact.items()
