@@ -339,6 +339,7 @@ class UserCaseTests(AppKeyTestCase):
 
     def test_an_override_applies_in_any_case_and_the_spellings_share_one_bucket(self) -> None:
         self.assertEqual(self.reply_text(self.chat(key=APP_KEY, user="KID@Home.LAN")), "hi from upstream")
+        self.logged(1)  # recorded (it is recorded after its answer): "first sent" is this spelling
         self.assertIn("limit reached", self.reply_text(self.chat(key=APP_KEY, user=" kid@home.lan")))
         quota = self.request("GET", "/v1/quota?user=Kid@home.lan", key=APP_KEY).json()
         self.assertEqual([(b["capacity"], b["tokens"]) for b in quota["buckets"]], [(1, 0)])
