@@ -8204,8 +8204,8 @@ class AdminView:
         windows = entry.get("buckets") or [{k: entry[k] for k in TOKEN_LIMITS if k in entry}]
         return {"name": entry.get("name"), "id": entry.get("id"), "email": entry.get("email"),
                 "enabled": entry.get("enabled", True), "expires": entry.get("expires"),
-                "models": entry.get("models"), "max_concurrent": entry.get("max_concurrent"),
-                "windows": windows,
+                "models": entry.get("models"), "endpoints": entry.get("endpoints"),
+                "max_concurrent": entry.get("max_concurrent"), "windows": windows,
                 "buckets": None if policy is None else self.buckets.peek("key:" + handle,
                                                                          policy.buckets)}
 
@@ -9747,7 +9747,7 @@ def new_entry(name: str, options: dict) -> dict:
                 {"period": period} if budget is None else {})))
         entry["buckets"] = windows
     return changed_entry(entry, {k: v for k, v in options.items()
-                                 if k in ("models", "max_concurrent", "expires")})
+                                 if k in ("models", "endpoints", "max_concurrent", "expires")})
 
 
 def changed_entry(entry: dict, options: dict) -> dict:
@@ -9755,11 +9755,11 @@ def changed_entry(entry: dict, options: dict) -> dict:
 
     ``window`` names the window to change; without it ``budget`` changes the money
     window (added if the key has none) and token limits the one window that counts
-    tokens (or the entry's own, without windows).  An empty ``models`` or ``expires``
-    removes the restriction (an empty ``email``, the email).
+    tokens (or the entry's own, without windows).  An empty ``models``, ``endpoints`` or
+    ``expires`` removes the restriction (an empty ``email``, the email).
     """
     entry = copy.deepcopy(entry)
-    for field_name in ("models", "expires", "email"):
+    for field_name in ("models", "endpoints", "expires", "email"):
         if field_name in options:
             if options[field_name]:
                 entry[field_name] = options[field_name]
@@ -10133,6 +10133,8 @@ KEY_OPTIONS: dict[str, tuple[Callable[[str], object], str]] = {
     "refill_tokens": (int, "tokens added back at each refill"),
     "refill_interval_seconds": (float, "seconds between refills"),
     "models": (str, "comma-separated model names this key may use (set: '' for every model)"),
+    "endpoints": (str, "comma-separated endpoints this key may use, as the keys file's \"endpoints\" "
+                       "(set: '' for the usual ones)"),
     "max_concurrent": (int, "requests at once, 0 for no limit"),
     "expires": (str, "last day the key works, YYYY-MM-DD (set: '' for never)"),
 }
@@ -10156,18 +10158,21 @@ def key_options(values: dict, allowed: Sequence[str]) -> dict:
     for name, value in values.items():
         if name not in allowed:
             raise ConfigError(f"unknown field {name!r}; known: {', '.join(allowed)}")
-        if value is None and name not in ("models", "expires"):
+        if value is None and name not in ("models", "endpoints", "expires"):
             continue
         options[name] = _key_option(name, value)
     return options
 
 
 def _key_option(name: str, value: object) -> object:
-    if name == "models":
-        models = value.split(",") if isinstance(value, str) else ([] if value is None else value)
-        if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
-            raise ConfigError("models must be a list of model names")
-        return [model.strip() for model in models if model.strip()]
+    if name in ("models", "endpoints"):  # "a,b" on the command line, a list in JSON
+        names = value.split(",") if isinstance(value, str) else ([] if value is None else value)
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ConfigError(f"{name} must be a list of {name[:-1]} names")
+        names = [n.strip() for n in names if n.strip()]
+        if name == "endpoints":
+            _endpoint_names(names, "endpoints")  # a misspelt one is refused before it is written
+        return names
     if name in ("expires", "email", "window", "period"):
         if value is not None and not isinstance(value, str):
             raise ConfigError(f"{name} must be a string")

@@ -239,6 +239,8 @@ class KeysEditTests(FileTestCase):
                 ({"max_tokens": 5, "models": ["a"]}, ["--models", ""], {"max_tokens": 5}),
                 ({"expires": "2099-01-01"}, ["--expires", "", "--max-concurrent", "2"], {"max_concurrent": 2}),
                 ({}, ["--models", "a, b", "--refill-tokens", "3"], {"models": ["a", "b"], "refill_tokens": 3}),
+                ({}, ["--endpoints", "chat, batches"], {"endpoints": ["chat", "batches"]}),
+                ({"endpoints": ["chat"]}, ["--endpoints", ""], {}),
                 ({"max_tokens": 5}, ["--period", "week"], {"max_tokens": 5, "buckets": [{"period": "week"}]}),
                 ({"buckets": [hourly]}, ["--max-tokens", "9"], {"buckets": [dict(hourly, max_tokens=9)]}),
                 ({"buckets": [hourly, daily]}, ["--window", "daily", "--max-tokens", "70"],
@@ -248,6 +250,19 @@ class KeysEditTests(FileTestCase):
                 status, printed, complained = self.keys("set", "ada", *args)
                 self.assertEqual(status, 0, complained)
                 self.assertEqual(read_json(self.keys_path), {CLIENT_KEY: dict({"name": "ada"}, **after)})
+
+    def test_endpoints_are_checked_before_anything_is_written(self) -> None:
+        before = read_bytes(self.keys_path)
+        for action in (("add", "bo"), ("set", "ada")):
+            with self.subTest(action):
+                status, _, complained = self.keys(*action, "--endpoints", "chat,batchs")
+                self.assertEqual(status, 2)
+                self.assertIn("unknown endpoint 'batchs' (did you mean 'batches'?)", complained)
+                self.assertEqual(read_bytes(self.keys_path), before)
+        status, _, complained = self.keys("add", "bo", "--endpoints", "embeddings")
+        self.assertEqual(status, 0, complained)
+        self.assertEqual([entry.get("endpoints") for entry in read_json(self.keys_path).values()],
+                         [None, ["embeddings"]])
 
     def test_set_says_which_window_when_it_cannot_tell(self) -> None:
         windows = [{"name": "hourly", "max_tokens": 5}, {"name": "daily", "max_tokens": 50}]
@@ -500,6 +515,19 @@ class KeysApiTests(ProxyTestCase):
         for secret in (CLIENT_KEY, OTHER_KEY, llm_proxy.key_digest(CLIENT_KEY), llm_proxy.key_digest(OTHER_KEY),
                        hashlib.sha256(CLIENT_KEY.encode()).hexdigest()):
             self.assertNotIn(secret, response.body.decode())
+
+    def test_a_keys_endpoints_are_set_and_cleared_over_http(self) -> None:
+        created = self.api("POST", "", {"name": "cy", "endpoints": ["embeddings"]})
+        self.assertEqual((created.status, created.json()["endpoints"]), (201, ["embeddings"]))
+        key = created.json()["key"]
+        self.assertEqual(self.chat(key=key).json()["error"]["code"], "endpoint_not_allowed")
+        misspelt = self.api("PATCH", "/cy", {"endpoints": ["chats"]})
+        self.assertEqual(misspelt.status, 400)
+        self.assertIn("unknown endpoint 'chats' (did you mean 'chat'?)", misspelt.json()["error"]["message"])
+        cleared = self.api("PATCH", "/cy", {"endpoints": None})
+        self.assertEqual((cleared.status, cleared.json()["endpoints"]), (200, None))
+        self.assertNotIn("endpoints", self.entry("cy"))
+        self.assertEqual(self.chat(key=key).status, 200)
 
     def test_each_edit_answers_changes_the_file_and_applies_at_once(self) -> None:
         created = self.api("POST", "", {"name": "cy", "max_tokens": 2, "models": ["m1"], "email": "cy@x"})
