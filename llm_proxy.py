@@ -620,6 +620,14 @@ class BucketSpec:
     overdraft: bool = False                # reserve little and let usage go into debt (no hard cap)
     when_limited: str | None = None        # the model that serves a call this window cannot pay
 
+    def __post_init__(self) -> None:
+        # Specs key the dicts of a charge several times a request: their hash is worked out once
+        # (frozen: set as the dataclass's own __init__ sets fields).
+        object.__setattr__(self, "_hash", hash(tuple(getattr(self, f.name) for f in fields(self))))
+
+    def __hash__(self) -> int:
+        return self._hash  # type: ignore[attr-defined]
+
     @property
     def refills(self) -> bool:
         return self.period != TOTAL
@@ -3951,7 +3959,9 @@ def presented_key(headers: Headers) -> str | None:
 # Replies
 # --------------------------------------------------------------------------
 
-_COMPACT_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)  # made once, not per call
+# Made once, not per call.  Without the check for circular references: what is encoded is a
+# parsed body or the proxy's own dicts, and neither can hold itself.
+_COMPACT_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, check_circular=False)
 
 
 def json_bytes(value: object) -> bytes:
