@@ -7903,7 +7903,7 @@ def console_stamp(wall: float) -> str:
     if int(wall) != second:
         second, text = int(wall), time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(wall))
         _stamp_cache = (second, text)
-    return f"{text},{int(wall % 1 * 1000):03d}"
+    return "%s,%03d" % (text, wall % 1 * 1000)  # (%-formatting truncates, as int() did)
 
 
 def last_days(wall: float, count: int) -> list[str]:
@@ -7976,9 +7976,17 @@ class Metrics:
                 tokens[0] += prompt
                 tokens[1] += completion
                 tokens[2] += charged
-            self.duration.setdefault(upstream, Histogram()).observe(duration)
+            self._histogram(self.duration, upstream).observe(duration)
             if first_byte is not None:
-                self.first_byte.setdefault(upstream, Histogram()).observe(first_byte)
+                self._histogram(self.first_byte, upstream).observe(first_byte)
+
+    @staticmethod
+    def _histogram(family: dict[str | None, Histogram], upstream: str | None) -> Histogram:
+        """An upstream's histogram of ``family``, made at its first request (not one per request)."""
+        histogram = family.get(upstream)
+        if histogram is None:
+            histogram = family[upstream] = Histogram()
+        return histogram
 
     def add_cost(self, key: str, model: str, cost: float) -> None:
         models = self.cost.setdefault(key, {})
