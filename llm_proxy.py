@@ -356,6 +356,10 @@ def _flag(name: str, text: str) -> bool:
     return text.lower() in ("true", "1")
 
 
+def _key_header(name: str, text: str) -> str:
+    return key_header_style(text, name)
+
+
 def _key_list(name: str, text: str) -> tuple[str, ...]:
     return tuple(key.strip() for key in text.split(",") if key.strip())
 
@@ -391,7 +395,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(("UPSTREAM_BASE_URL", "BASE_API_URL", "base_api_url"), "upstream_url",
             "upstream base URL including /v1, e.g. http://127.0.0.1:8080/v1 (required)"),
     Setting(("UPSTREAM_API_KEY", "BASE_API_KEY", "base_api_key"), "upstream_key",
-            "key sent upstream as 'Authorization: Bearer ...'; never shown to clients"),
+            "key sent upstream as 'Authorization: Bearer ...' (or in the header "
+            "UPSTREAM_API_KEY_HEADER names); never shown to clients"),
+    Setting(("UPSTREAM_API_KEY_HEADER",), "upstream_key_header",
+            "how that key goes upstream: 'authorization' (Authorization: Bearer KEY), "
+            "'x-api-key' (x-api-key: KEY, Anthropic's API) or 'api-key' (api-key: KEY, Azure OpenAI)",
+            _key_header),
     Setting(("UPSTREAM_CA_FILE",), "upstream_ca_file",
             "PEM file of CA certificates trusted for an https upstream besides the system's "
             "(a private CA); checked at startup"),
@@ -473,6 +482,7 @@ class Config:
     port: int = 8899
     upstream_url: str | None = None
     upstream_key: str | None = None
+    upstream_key_header: str = "authorization"
     upstream_ca_file: str | None = None
     upstream_model: str | None = None
     max_tokens: int = 10
@@ -6043,6 +6053,7 @@ class Upstream:
     gate: FairGate
     key: str | None = field(default=None, repr=False)
     state: UpstreamState = field(default_factory=UpstreamState)
+    key_header: str = "authorization"  # a name in UPSTREAM_KEY_HEADERS
 
     @property
     def target(self) -> UpstreamTarget:
@@ -6059,8 +6070,12 @@ class Upstream:
         return self.gate.waiting + self.state.awaited
 
     def credentials(self) -> list[tuple[str, str]]:
-        """The header that authenticates the proxy to this server (none without a key)."""
-        return [("Authorization", "Bearer " + self.key)] if self.key else []
+        """The one header that authenticates the proxy to this server (none without a key),
+        in the style the server reads (``UPSTREAM_KEY_HEADERS``)."""
+        if not self.key:
+            return []
+        header, prefix = UPSTREAM_KEY_HEADERS[self.key_header]
+        return [(header, prefix + self.key)]
 
     def ask(self, path: str, timeout: float) -> tuple[int, bytes]:
         """GET ``path`` on a connection of its own (not the pool's), for probes and model lists."""
@@ -6112,9 +6127,33 @@ class Upstream:
 # -- MODELS_FILE's "upstreams" and the models' "upstream" fields -------------
 
 DEFAULT_UPSTREAM = "default"  # BASE_API_URL's server, serving every model no entry names
-UPSTREAM_FIELDS = frozenset({"url", "api_key_env", "max_concurrent"})
+UPSTREAM_FIELDS = frozenset({"url", "api_key_env", "api_key_header", "max_concurrent"})
+# How a server takes its key (``api_key_header``, UPSTREAM_API_KEY_HEADER): the header's name
+# and what precedes the key in it.  OpenAI and the servers that copy it read a Bearer token;
+# Anthropic's own API reads x-api-key, Azure OpenAI api-key.  Every one of these names is in
+# CREDENTIAL_HEADERS, so a client's copy is stripped and the server gets one credential: this.
+UPSTREAM_KEY_HEADERS: dict[str, tuple[str, str]] = {
+    "authorization": ("Authorization", "Bearer "),
+    "x-api-key": ("x-api-key", ""),
+    "api-key": ("api-key", ""),
+}
 UPSTREAM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 PATTERN_CHARACTERS = frozenset("*?[")
+
+
+def key_header_style(value: object, where: str) -> str:
+    """``value`` as a name in ``UPSTREAM_KEY_HEADERS`` (in any case, as header names are).
+
+    Why the message never repeats the value: a key pasted into the wrong field (the
+    file's, or UPSTREAM_API_KEY_HEADER) would otherwise reach the log.
+    """
+    text = value.strip().lower() if isinstance(value, str) else ""
+    if text in UPSTREAM_KEY_HEADERS:
+        return text
+    close = difflib.get_close_matches(text, UPSTREAM_KEY_HEADERS, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ConfigError(f"{where} must be one of {', '.join(UPSTREAM_KEY_HEADERS)}{hint}; "
+                      "the value given is not shown, for it could be a key")
 
 
 @dataclass(frozen=True)
@@ -6125,6 +6164,7 @@ class UpstreamSpec:
     target: UpstreamTarget
     key: str | None = field(default=None, repr=False)
     max_concurrent: int = 0
+    key_header: str = "authorization"  # a name in UPSTREAM_KEY_HEADERS
 
 
 @dataclass(frozen=True)
@@ -6171,7 +6211,8 @@ def parse_upstreams(document: dict, environ: Mapping[str, str], config: Config) 
             raise ConfigError(f"upstream '{DEFAULT_UPSTREAM}' is BASE_API_URL's name; "
                               "name the server in the file otherwise")
         specs.append(UpstreamSpec(DEFAULT_UPSTREAM, UpstreamTarget.parse(config.upstream_url),
-                                  config.upstream_key, config.upstream_max_concurrent))
+                                  config.upstream_key, config.upstream_max_concurrent,
+                                  config.upstream_key_header))
     if not specs:
         raise ConfigError("no model server: set BASE_API_URL or declare 'upstreams'")
     models = document.get("models", {})
@@ -6218,10 +6259,13 @@ def _upstream_spec(name: object, entry: object, environ: Mapping[str, str],
         if not key:
             raise ConfigError(f"{where}: the environment variable {variable[:64]} "
                               "(its api_key_env) is not set")
+    if "api_key_header" in entry and key is None:
+        raise ConfigError(f"{where}: 'api_key_header' needs 'api_key_env' (the key it sends)")
+    header = key_header_style(entry.get("api_key_header", "authorization"), f"{where}: 'api_key_header'")
     limit = entry.get("max_concurrent", config.upstream_max_concurrent)
     if not isinstance(limit, int) or isinstance(limit, bool) or not 0 <= limit <= 1_000_000:
         raise ConfigError(f"{where}: 'max_concurrent' must be a whole number from 0 (no limit)")
-    return UpstreamSpec(name, target, key, limit)
+    return UpstreamSpec(name, target, key, limit, header)
 
 
 def _model_spec(name: str, entry: object, upstreams: set[str]) -> ModelSpec | None:
@@ -6355,13 +6399,14 @@ class UpstreamRegistry(WatchedFile):
         upstreams = {}
         for spec in plan.upstreams:
             kept = old.upstreams.get(spec.name) if old is not None else None
-            if kept is not None and kept.target == spec.target and kept.key == spec.key:
+            if (kept is not None and kept.target == spec.target and kept.key == spec.key
+                    and kept.key_header == spec.key_header):
                 kept.gate.limit = spec.max_concurrent
                 upstreams[spec.name] = kept
                 continue
             pool = UpstreamPool(spec.target, config.open_timeout, config.read_timeout, tls=self.tls)
             gate = FairGate(spec.max_concurrent, config.queue_timeout, config.priority_max_wait, self.clock)
-            upstreams[spec.name] = Upstream(spec.name, pool, gate, spec.key)
+            upstreams[spec.name] = Upstream(spec.name, pool, gate, spec.key, key_header=spec.key_header)
         routes = [ModelRoute(model, [upstreams[name] for name in model.upstreams]) for model in plan.models]
         simple = len(upstreams) == 1 and len(routes) == 1 and routes[0].spec.pattern == "*"
         return RouteTable(upstreams, {r.spec.pattern: r for r in routes if not r.spec.is_pattern},
