@@ -1,6 +1,8 @@
 """Credentials: no header a client can carry a credential in (or a person's identity) leaves
 the proxy, and the upstream key never comes back, in every API and in open mode too.
 
+The upstream's key goes in the one header its API reads (``api_key_header``,
+UPSTREAM_API_KEY_HEADER: Bearer, x-api-key or api-key) and is the only credential that arrives.
 No key (the upstream's or a client's, right or wrong) reaches a log line, an answer's
 body or its headers, and a presented key is compared in constant time.
 One place for what tests in four files checked.  Run by ``python3 test_llm_proxy.py``.
@@ -9,12 +11,14 @@ One place for what tests in four files checked.  Run by ``python3 test_llm_proxy
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
+import unittest
 from unittest import mock
 
 import llm_proxy
-from test_llm_proxy import CLIENT_KEY, OTHER_KEY, UPSTREAM_KEY, AdversarialTestCase, ProxyTestCase
+from test_llm_proxy import CLIENT_KEY, OTHER_KEY, UPSTREAM_KEY, WAIT, AdversarialTestCase, ProxyTestCase
 
 CREDENTIALS = {"x-api-key": CLIENT_KEY, "api-key": CLIENT_KEY,
                "Proxy-Authorization": "Basic cHJveHk6c2VjcmV0", "Cookie": "session=s3cr3t"}
@@ -125,6 +129,168 @@ class EveryApiTests(ProxyTestCase):
                 self.assertNotIn(CLIENT_KEY, forwarded["raw_headers"] + forwarded["body"].decode())
                 self.assertEqual(forwarded["headers"]["anthropic-version"], "2023-06-01")
                 self.assertEqual(forwarded["headers"]["anthropic-beta"], "x-2025")
+
+
+# The upstream's key header styles: (api_key_header / UPSTREAM_API_KEY_HEADER, the header that
+# must arrive, its value).
+KEY_HEADER_STYLES = [
+    ("authorization", "authorization", f"Bearer {UPSTREAM_KEY}"),
+    ("x-api-key", "x-api-key", UPSTREAM_KEY),
+    ("api-key", "api-key", UPSTREAM_KEY),
+]
+# Each way a client may send its own key to the proxy, and the other credential headers it may carry
+CLIENT_CREDENTIALS = [{"Authorization": f"Bearer {CLIENT_KEY}"}, {"x-api-key": CLIENT_KEY},
+                      {"api-key": CLIENT_KEY, "Cookie": "session=s3cr3t"}]
+# One request to each API a cloud upstream serves, and a model list
+STYLE_CALLS = [("POST", "/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "x"}]}),
+               ("POST", "/v1/messages", {"model": "m", "max_tokens": 8,
+                                         "messages": [{"role": "user", "content": "x"}]}),
+               ("GET", "/v1/models", None)]
+KEY_VARIABLE = "LLM_PROXY_TEST_CLOUD_KEY"
+
+
+class UpstreamKeyHeaderTests(ProxyTestCase):
+    """The upstream's key goes in the header its API reads (Bearer, Anthropic's x-api-key,
+    Azure's api-key), and it is the only credential that arrives, whatever the client sent."""
+
+    config_overrides = {"client_keys": (CLIENT_KEY,), "max_tokens": 1000}
+
+    def credential_lines(self, forwarded: dict) -> list[tuple[str, str]]:
+        """Every credential header as it arrived, repeats included (the dict keeps one)."""
+        lines = [line.partition(":") for line in forwarded["raw_headers"].splitlines()]
+        return [(name.strip().lower(), value.strip()) for name, _, value in lines
+                if name.strip().lower() in llm_proxy.CREDENTIAL_HEADERS]
+
+    def assert_sent_in_style(self, header: str, value: str) -> None:
+        self.assertTrue(self.upstream.requests)
+        for forwarded in self.upstream.requests:
+            self.assertEqual(self.credential_lines(forwarded), [(header, value)], forwarded["path"])
+            self.assertNotIn(CLIENT_KEY, forwarded["raw_headers"] + forwarded["body"].decode())
+
+    def call_every_way(self) -> None:
+        for credentials in CLIENT_CREDENTIALS:
+            for method, path, body in STYLE_CALLS:
+                response = self.request(method, path, body, key=None,
+                                        headers=dict(credentials, **{"anthropic-version": "2023-06-01"}))
+                self.assertEqual(response.status, 200, (path, credentials, response.body))
+        self.assertEqual(len(self.upstream.requests), len(CLIENT_CREDENTIALS) * len(STYLE_CALLS))
+        for forwarded in self.upstream.requests:
+            self.assertEqual(forwarded["headers"]["anthropic-version"], "2023-06-01")
+
+    def test_the_default_server_sends_its_key_in_the_style_set(self) -> None:
+        for style, header, value in KEY_HEADER_STYLES:
+            with self.subTest(style):
+                self.upstream.requests.clear()
+                self.start_proxy(client_keys=(CLIENT_KEY,), max_tokens=1000, upstream_key_header=style)
+                self.call_every_way()
+                self.assert_sent_in_style(header, value)
+
+    def test_the_default_is_bearer(self) -> None:
+        self.assertEqual(llm_proxy.Config.from_env({}).upstream_key_header, "authorization")
+        self.call_every_way()
+        self.assert_sent_in_style("authorization", f"Bearer {UPSTREAM_KEY}")
+
+    def test_a_models_file_server_sends_its_key_in_its_style_also_when_probed(self) -> None:
+        directory = tempfile.TemporaryDirectory()
+        self.addCleanup(directory.cleanup)
+        models = os.path.join(directory.name, "models.json")
+        patcher = mock.patch.dict(os.environ, {KEY_VARIABLE: UPSTREAM_KEY})
+        patcher.start()
+        self.addCleanup(patcher.stop)
+        for style, header, value in KEY_HEADER_STYLES:
+            with self.subTest(style):
+                with open(models, "w") as file:
+                    json.dump({"upstreams": {"cloud": {"url": self.upstream.url, "api_key_env": KEY_VARIABLE,
+                                                       "api_key_header": style}},
+                               "models": {"*": {"upstream": "cloud"}}}, file)
+                self.upstream.requests.clear()
+                self.start_proxy(upstream_url=None, upstream_key=None, models_file=models,
+                                 client_keys=(CLIENT_KEY,), max_tokens=1000)
+                self.call_every_way()
+                self.assertTrue(self.proxy.upstreams.table.upstreams["cloud"].answers(WAIT))  # a probe
+                self.assert_sent_in_style(header, value)
+
+    def test_a_reload_that_changes_the_style_takes_effect(self) -> None:
+        directory = tempfile.TemporaryDirectory()
+        self.addCleanup(directory.cleanup)
+        models = os.path.join(directory.name, "models.json")
+        patcher = mock.patch.dict(os.environ, {KEY_VARIABLE: UPSTREAM_KEY})
+        patcher.start()
+        self.addCleanup(patcher.stop)
+
+        def write(style: str) -> None:
+            with open(models, "w") as file:
+                json.dump({"upstreams": {"cloud": {"url": self.upstream.url, "api_key_env": KEY_VARIABLE,
+                                                   "api_key_header": style}},
+                           "models": {"*": {"upstream": "cloud"}}}, file)
+        write("authorization")
+        self.start_proxy(upstream_url=None, upstream_key=None, models_file=models, client_keys=(CLIENT_KEY,))
+        self.chat()
+        write("x-api-key")
+        self.assertTrue(self.proxy.upstreams.reload_if_changed(force=True))
+        self.chat()
+        self.assertEqual([self.credential_lines(r) for r in self.upstream.requests],
+                         [[("authorization", f"Bearer {UPSTREAM_KEY}")], [("x-api-key", UPSTREAM_KEY)]])
+
+    def test_every_style_is_a_header_stripped_from_clients(self) -> None:
+        for style, (header, _) in llm_proxy.UPSTREAM_KEY_HEADERS.items():
+            self.assertIn(header.lower(), llm_proxy.CREDENTIAL_HEADERS, style)
+        self.assertEqual(sorted(llm_proxy.UPSTREAM_KEY_HEADERS), sorted(s for s, _, _ in KEY_HEADER_STYLES))
+
+
+class UpstreamKeyHeaderRefusalTests(unittest.TestCase):
+    """A style that is not one of the three stops the load, naming the allowed ones, never the value."""
+
+    ALLOWED = "must be one of authorization, x-api-key, api-key"
+    PASTED_KEY = "sk-ant-api03-pasted-by-mistake"
+
+    def test_the_setting(self) -> None:
+        rows = [("X-API-Key", "x-api-key"), (" api-key ", "api-key"), ("Authorization", "authorization")]
+        for text, style in rows:
+            with self.subTest(text):
+                self.assertEqual(llm_proxy.Config.from_env({"UPSTREAM_API_KEY_HEADER": text}).upstream_key_header,
+                                 style)
+        for text, said in [("x-api-kye", f"UPSTREAM_API_KEY_HEADER {self.ALLOWED} (did you mean 'x-api-key'?)"),
+                           ("bearer", f"UPSTREAM_API_KEY_HEADER {self.ALLOWED};"),
+                           (self.PASTED_KEY, f"UPSTREAM_API_KEY_HEADER {self.ALLOWED}")]:
+            with self.subTest(text):
+                with self.assertRaises(llm_proxy.ConfigError) as raised:
+                    llm_proxy.Config.from_env({"UPSTREAM_API_KEY_HEADER": text})
+                self.assertIn(said, str(raised.exception))
+                self.assertNotIn(text, str(raised.exception))
+
+    def test_the_models_file_field(self) -> None:
+        where = "upstream 'cloud': 'api_key_header'"
+        rows = {
+            "misspelt": ("x-api-kye", f"{where} {self.ALLOWED} (did you mean 'x-api-key'?)"),
+            "another scheme": ("basic", f"{where} {self.ALLOWED};"),
+            "not a string": (1, f"{where} {self.ALLOWED}"),
+            "a key pasted in": (self.PASTED_KEY, f"{where} {self.ALLOWED}"),
+            "no key to send": (None, "upstream 'cloud': 'api_key_header' needs 'api_key_env'"),
+        }
+        for name, (value, said) in rows.items():
+            with self.subTest(name):
+                entry = {"url": "https://api.anthropic.com/v1", "api_key_header": value or "x-api-key"}
+                if value is not None:
+                    entry["api_key_env"] = "K"
+                with self.assertRaises(llm_proxy.ConfigError) as raised:
+                    llm_proxy.parse_upstreams({"upstreams": {"cloud": entry}}, {"K": "sk-cloud"},
+                                              llm_proxy.Config())
+                self.assertIn(said, str(raised.exception))
+                self.assertNotIn(self.PASTED_KEY, str(raised.exception))
+                self.assertNotIn("sk-cloud", str(raised.exception))
+
+    def test_a_bad_style_stops_the_proxy_at_startup(self) -> None:
+        directory = tempfile.TemporaryDirectory()
+        self.addCleanup(directory.cleanup)
+        models = os.path.join(directory.name, "models.json")
+        with open(models, "w") as file:
+            json.dump({"upstreams": {"cloud": {"url": "https://api.anthropic.com/v1", "api_key_env": "K",
+                                               "api_key_header": "x-api-kye"}}}, file)
+        with self.assertRaises(llm_proxy.ConfigError) as raised:
+            llm_proxy.ProxyServer(llm_proxy.Config(host="127.0.0.1", port=0, models_file=models),
+                                  environ={"K": "sk-cloud"})
+        self.assertIn("did you mean 'x-api-key'?", str(raised.exception))
 
 
 class SecretTests(AdversarialTestCase):
