@@ -128,7 +128,7 @@ from dataclasses import dataclass, field, fields, replace
 from fractions import Fraction
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from logging.handlers import QueueHandler, QueueListener
-from typing import BinaryIO, Callable, Iterator, Mapping, NamedTuple, Sequence, TextIO
+from typing import BinaryIO, Callable, Iterator, Mapping, NamedTuple, Sequence, TextIO, TypeVar
 
 __version__ = "1.0.0"
 
@@ -637,6 +637,11 @@ class BucketSpec:
 
     def __hash__(self) -> int:
         return self._hash  # type: ignore[attr-defined]
+
+    def __reduce__(self) -> tuple:
+        """Copied or pickled by its fields, so that the hash is worked out again (a string's
+        hash differs from one process to the next)."""
+        return self.__class__, tuple(getattr(self, f.name) for f in fields(self))
 
     @property
     def refills(self) -> bool:
@@ -3806,6 +3811,7 @@ MAX_LINE = 65536
 MAX_HEADERS = 100
 MAX_METHOD = 32  # longer than any method in IANA's registry: a longer one is a 501, never logged
 MAX_UPSTREAM_BODY = 64 * 1024 * 1024  # a non-streamed answer is read whole, up to this
+MAX_LISTING_BODY = 4 * 1024 * 1024    # a server's own list of models (or running models), likewise
 MAX_EVENT_BYTES = 1024 * 1024         # a streamed event is held back whole, up to this
 
 
@@ -5632,7 +5638,7 @@ class UpstreamPool:
         self.open_timeout = open_timeout
         self.read_timeout = read_timeout
         self.max_idle = max_idle
-        self.tls = tls  # https: the trust (upstream_tls); None: the system's
+        self.tls = tls  # https: the trust (upstream_tls); None for http
         host = f"[{target.host}]" if ":" in target.host else target.host
         default_port = 443 if target.scheme == "https" else 80
         self.host_header = host if target.port == default_port else f"{host}:{target.port}"
@@ -6078,15 +6084,24 @@ class Upstream:
         return [(header, prefix + self.key)]
 
     def ask(self, path: str, timeout: float) -> tuple[int, bytes]:
-        """GET ``path`` on a connection of its own (not the pool's), for probes and model lists."""
+        """GET ``path`` on a connection of its own (not the pool's), for probes and listings.
+
+        The whole exchange has ``timeout``, not each read: a server that trickles its
+        answer a byte at a time is hung up on, not waited for.  And an answer larger than
+        any list of models is refused, not held in memory for each caller who asks.
+        """
         exchange = UpstreamExchange(UpstreamPool(self.target, timeout, timeout, max_idle=0,
                                                  tls=self.pool.tls))
+        cutoff = threading.Timer(timeout, exchange.abort)
+        cutoff.daemon = True
+        cutoff.start()
         try:
             response = exchange.send("GET", path, self.credentials(), b"")
-            body = read_whole(response, MAX_UPSTREAM_BODY)
+            body = read_whole(response, MAX_LISTING_BODY)
             exchange.completed = True
             return response.status, body
         finally:
+            cutoff.cancel()
             exchange.finish()
 
     def answers(self, timeout: float) -> bool:
@@ -6349,6 +6364,31 @@ class RouteTable(NamedTuple):
     patterns: tuple[ModelRoute, ...]
     simple: bool  # one server for every model: its own lists are relayed as they are
 
+    def find(self, model: str) -> ModelRoute | None:
+        """``model``'s exact entry, else the first pattern it matches (a bare ``*`` last)."""
+        route = self.exact.get(model)
+        if route is not None:
+            return route
+        return next((route for route in self.patterns if route.matches(model)), None)
+
+
+def routes_there(table: RouteTable, route: ModelRoute, model: str) -> bool:
+    """Whether a call naming ``model`` goes by ``route`` (a pattern no earlier entry beats)."""
+    return route.matches(model) and table.find(model) is route
+
+
+T = TypeVar("T")
+
+
+def at_once(calls: Sequence[Callable[[], T]]) -> list[T]:
+    """The results of ``calls`` run side by side, in order: a listing asks every server at once,
+    so that it waits as long as the slowest (``Upstream.ask`` bounds each), not the sum."""
+    if len(calls) <= 1:
+        return [call() for call in calls]
+    import concurrent.futures  # (here: most proxies never list several servers)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(len(calls), 16)) as pool:
+        return list(pool.map(lambda call: call(), calls))
+
 
 class UpstreamRegistry(WatchedFile):
     """The model servers behind the proxy, and which answer a call for a model.
@@ -6366,11 +6406,20 @@ class UpstreamRegistry(WatchedFile):
     RETRY_SECONDS = 0.5   # while a model's every server is down, how often a waiting call tries again
     AFFINITY_LIMIT = 10_000  # sticky conversations remembered
 
+    @property
+    def tls(self) -> ssl.SSLContext:
+        """The trust for https servers (``upstream_tls``), made once, when first needed."""
+        if self._tls is None:
+            self._tls = upstream_tls(None)
+        return self._tls
+
     def __init__(self, config: Config, environ: Mapping[str, str] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.config, self.clock = config, clock
         self.environ = os.environ if environ is None else environ
-        self.tls = upstream_tls(config.upstream_ca_file)  # (checked even for http: a bad file is a mistake)
+        # Checked at startup even for http (a bad file is a mistake); else made for the first
+        # https server, since loading the system's CAs is slow and large for a proxy that needs none.
+        self._tls = upstream_tls(config.upstream_ca_file) if config.upstream_ca_file else None
         self._stamp: tuple | None = None
         self._changed = threading.Condition()
         self._affinity: OrderedDict[str, Upstream] = OrderedDict()
@@ -6404,7 +6453,8 @@ class UpstreamRegistry(WatchedFile):
                 kept.gate.limit = spec.max_concurrent
                 upstreams[spec.name] = kept
                 continue
-            pool = UpstreamPool(spec.target, config.open_timeout, config.read_timeout, tls=self.tls)
+            pool = UpstreamPool(spec.target, config.open_timeout, config.read_timeout,
+                                tls=self.tls if spec.target.scheme == "https" else None)
             gate = FairGate(spec.max_concurrent, config.queue_timeout, config.priority_max_wait, self.clock)
             upstreams[spec.name] = Upstream(spec.name, pool, gate, spec.key, key_header=spec.key_header)
         routes = [ModelRoute(model, [upstreams[name] for name in model.upstreams]) for model in plan.models]
@@ -6435,14 +6485,10 @@ class UpstreamRegistry(WatchedFile):
         """The route of ``model``: its exact entry, else the first pattern it matches (a
         bare ``*`` last); a call naming no model takes the default route.  A 404 (free) for
         a model no server has."""
-        table = self.table
         if isinstance(model, str):
-            route = table.exact.get(model)
+            route = self.table.find(model)
             if route is not None:
                 return route
-            for route in table.patterns:
-                if route.matches(model):
-                    return route
             raise ProxyError(404, f"The model '{model[:200]}' does not exist", code="model_not_found",
                              param="model")
         return self.default_route
@@ -6499,40 +6545,40 @@ class UpstreamRegistry(WatchedFile):
         if table.simple:
             return None
         names = list(table.exact)
+        asked: dict[ModelRoute, Upstream] = {}  # each pattern's first server that is not down
         for route in table.patterns:
             if route.fixed_model is not None:
                 names.append(route.fixed_model)
                 continue
-            for upstream in route.replicas:
-                if upstream.state.up is False:
-                    continue
-                names.extend(model for model in upstream.own_models(self.asking_timeout)
-                             if self.routes_there(route, model))
-                break
+            upstream = next((u for u in route.replicas if u.state.up is not False), None)
+            if upstream is not None:
+                asked[route] = upstream
+        servers = list(dict.fromkeys(asked.values()))
+        lists = dict(zip(servers, at_once([functools.partial(upstream.own_models, self.asking_timeout)
+                                           for upstream in servers])))
+        for route, upstream in asked.items():
+            names.extend(model for model in lists[upstream] if routes_there(table, route, model))
         return list(dict.fromkeys(names))
 
     @property
     def asking_timeout(self) -> float:
-        """How long a listing waits for each server it asks (a slow one only shortens the list)."""
+        """How long a listing waits for the servers it asks, all asked at once (a slow one only
+        shortens the list)."""
         return min(self.config.open_timeout, self.config.read_timeout, 5.0)
 
-    def routes_there(self, route: ModelRoute, model: str) -> bool:
-        """Whether a call naming ``model`` goes by ``route`` (a pattern no earlier entry beats)."""
-        return route.matches(model) and self.route_for(model) is route
-
-    def callers_names(self, upstream: Upstream, model: str) -> list[str]:
+    @staticmethod
+    def callers_names(table: RouteTable, upstream: Upstream, model: str) -> list[str]:
         """The names callers use for what ``upstream`` calls ``model``, as ``listing`` names
         models: each exact entry sending calls there by that name (its ``upstream_model``, else
         its own), BASE_MODEL's, and ``model`` itself where a pattern sends it there.  None
         where no call could reach that server's ``model`` (a pattern's ``upstream_model`` is
         every matching name's: no one name is the caller's)."""
-        table = self.table
         names = [name for name, route in table.exact.items()
                  if upstream in route.replicas and (route.upstream_model or name) == model]
         for route in table.patterns:
             if upstream not in route.replicas:
                 continue
-            if ((route.upstream_model is None and self.routes_there(route, model))
+            if ((route.upstream_model is None and routes_there(table, route, model))
                     or route.fixed_model == model):
                 names.append(model)
         return list(dict.fromkeys(names))
@@ -6544,14 +6590,14 @@ class UpstreamRegistry(WatchedFile):
         table = self.table
         if table.simple:
             return None
+        servers = [upstream for upstream in table.upstreams.values() if upstream.state.up is not False]
+        answers = at_once([functools.partial(upstream.running_models, target.upstream_path(
+            upstream.target.base_path, from_root=True), self.asking_timeout) for upstream in servers])
         running = []
-        for upstream in table.upstreams.values():
-            if upstream.state.up is False:
-                continue
-            path = target.upstream_path(upstream.target.base_path, from_root=True)
-            for served, entry in upstream.running_models(path, self.asking_timeout):
+        for upstream, entries in zip(servers, answers):
+            for served, entry in entries:
                 running.extend(dict(entry, name=name, model=name)
-                               for name in self.callers_names(upstream, served) if allows(name))
+                               for name in self.callers_names(table, upstream, served) if allows(name))
         return running
 
     # -- health --------------------------------------------------------------------
@@ -10234,6 +10280,9 @@ def _key_option(name: str, value: object) -> object:
             raise ConfigError(f"{name} must be a list of {name[:-1]} names")
         names = [n.strip() for n in names if n.strip()]
         if name == "endpoints":
+            if isinstance(value, list) and not names:  # (in the file, [] closes every API)
+                raise ConfigError("endpoints: an empty list would close every API; send null "
+                                  "(or '' on the command line) for the usual ones")
             _endpoint_names(names, "endpoints")  # a misspelt one is refused before it is written
         return names
     if name in ("expires", "email", "window", "period"):

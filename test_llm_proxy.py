@@ -1598,9 +1598,9 @@ def run_shard(index: int, count: int) -> int:
 
 
 def main() -> int:
-    """Run all tests in two processes at once (one per core), then print the closing tally.
+    """Run all tests in four processes at once, then print the closing tally.
 
-    Each test starts its own servers on port 0, so the halves share nothing.
+    Each test starts its own servers on port 0, so the shards share nothing.
     ``--serial`` runs everything in this process instead.
     """
     if len(sys.argv) > 2 and sys.argv[1] == "--shard":

@@ -524,6 +524,11 @@ class KeysApiTests(ProxyTestCase):
         misspelt = self.api("PATCH", "/cy", {"endpoints": ["chats"]})
         self.assertEqual(misspelt.status, 400)
         self.assertIn("unknown endpoint 'chats' (did you mean 'chat'?)", misspelt.json()["error"]["message"])
+        for empty in ([], ["", " "]):  # in the file, [] closes every API: not a way to clear the list
+            refused = self.api("PATCH", "/cy", {"endpoints": empty})
+            self.assertEqual(refused.status, 400, empty)
+            self.assertIn("an empty list would close every API", refused.json()["error"]["message"])
+            self.assertEqual(self.entry("cy")["endpoints"], ["embeddings"])
         cleared = self.api("PATCH", "/cy", {"endpoints": None})
         self.assertEqual((cleared.status, cleared.json()["endpoints"]), (200, None))
         self.assertNotIn("endpoints", self.entry("cy"))

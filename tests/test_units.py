@@ -126,5 +126,6 @@ class UnitChargeRecordTests(ProxyTestCase):
         self.assertEqual((today["requests"], today["tokens_charged"]), (1, estimate))  # free call not counted
         self.stop(self.proxy)
         self.proxy = None
-        with open(log) as file:
-            self.assertEqual(json.loads(file.readline())["tokens_charged"], estimate)
+        with open(log) as file:  # (each is written after its answer: in either order)
+            records = {record["path"]: record for record in map(json.loads, file)}
+        self.assertEqual(records["/v1/chat/completions"]["tokens_charged"], estimate)

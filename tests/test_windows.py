@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import subprocess
+import sys
 import time
 import unittest
 
@@ -204,3 +207,19 @@ class WindowIdentityTests(unittest.TestCase):
         self.assertEqual(store.snapshot("k", (self.HOURLY,))[0]["tokens"], 7)
         saved = store.dump(wall_clock=lambda: 1_000_000.0)["k"][0]
         self.assertEqual(saved[3], ["hourly", "", None, 0])
+
+
+class SpecHashTests(unittest.TestCase):
+    def test_a_spec_from_another_process_hashes_as_its_equal_here(self) -> None:
+        """A window spec works its hash out once; one pickled elsewhere, where strings hash
+        otherwise, must not bring that process's hash along."""
+        made = "import pickle, sys, llm_proxy; sys.stdout.buffer.write(pickle.dumps(llm_proxy.BucketSpec(" \
+               "10, 1, 60.0, 'hourly', models=('m',))))"
+        pickled = subprocess.run([sys.executable, "-c", made], capture_output=True, check=True,
+                                 cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                 env=dict(os.environ, PYTHONHASHSEED="1")).stdout
+        here = llm_proxy.BucketSpec(10, 1, 60.0, "hourly", models=("m",))
+        spec = pickle.loads(pickled)
+        self.assertEqual(spec, here)
+        self.assertEqual(hash(spec), hash(here))
+        self.assertEqual({here: "level"}[spec], "level")
