@@ -15,6 +15,7 @@ import json
 import os
 import tempfile
 import unittest
+from typing import Callable
 from unittest import mock
 
 import llm_proxy
@@ -190,41 +191,40 @@ class UpstreamKeyHeaderTests(ProxyTestCase):
         self.call_every_way()
         self.assert_sent_in_style("authorization", f"Bearer {UPSTREAM_KEY}")
 
-    def test_a_models_file_server_sends_its_key_in_its_style_also_when_probed(self) -> None:
+    def cloud_models_file(self) -> Callable[[str], str]:
+        """A MODELS_FILE whose one server, "cloud", takes UPSTREAM_KEY from the environment; the
+        function returned writes it with the key header style given, and returns its path."""
         directory = tempfile.TemporaryDirectory()
         self.addCleanup(directory.cleanup)
-        models = os.path.join(directory.name, "models.json")
+        path = os.path.join(directory.name, "models.json")
         patcher = mock.patch.dict(os.environ, {KEY_VARIABLE: UPSTREAM_KEY})
         patcher.start()
         self.addCleanup(patcher.stop)
+
+        def write(style: str) -> str:
+            with open(path, "w") as file:
+                json.dump({"upstreams": {"cloud": {"url": self.upstream.url, "api_key_env": KEY_VARIABLE,
+                                                   "api_key_header": style}},
+                           "models": {"*": {"upstream": "cloud"}}}, file)
+            return path
+
+        return write
+
+    def test_a_models_file_server_sends_its_key_in_its_style_also_when_probed(self) -> None:
+        write = self.cloud_models_file()
         for style, header, value in KEY_HEADER_STYLES:
             with self.subTest(style):
-                with open(models, "w") as file:
-                    json.dump({"upstreams": {"cloud": {"url": self.upstream.url, "api_key_env": KEY_VARIABLE,
-                                                       "api_key_header": style}},
-                               "models": {"*": {"upstream": "cloud"}}}, file)
                 self.upstream.requests.clear()
-                self.start_proxy(upstream_url=None, upstream_key=None, models_file=models,
+                self.start_proxy(upstream_url=None, upstream_key=None, models_file=write(style),
                                  client_keys=(CLIENT_KEY,), max_tokens=1000)
                 self.call_every_way()
                 self.assertTrue(self.proxy.upstreams.table.upstreams["cloud"].answers(WAIT))  # a probe
                 self.assert_sent_in_style(header, value)
 
     def test_a_reload_that_changes_the_style_takes_effect(self) -> None:
-        directory = tempfile.TemporaryDirectory()
-        self.addCleanup(directory.cleanup)
-        models = os.path.join(directory.name, "models.json")
-        patcher = mock.patch.dict(os.environ, {KEY_VARIABLE: UPSTREAM_KEY})
-        patcher.start()
-        self.addCleanup(patcher.stop)
-
-        def write(style: str) -> None:
-            with open(models, "w") as file:
-                json.dump({"upstreams": {"cloud": {"url": self.upstream.url, "api_key_env": KEY_VARIABLE,
-                                                   "api_key_header": style}},
-                           "models": {"*": {"upstream": "cloud"}}}, file)
-        write("authorization")
-        self.start_proxy(upstream_url=None, upstream_key=None, models_file=models, client_keys=(CLIENT_KEY,))
+        write = self.cloud_models_file()
+        self.start_proxy(upstream_url=None, upstream_key=None, models_file=write("authorization"),
+                         client_keys=(CLIENT_KEY,))
         self.chat()
         write("x-api-key")
         self.assertTrue(self.proxy.upstreams.reload_if_changed(force=True))
