@@ -1598,7 +1598,7 @@ def run_shard(index: int, count: int) -> int:
 
 
 def main() -> int:
-    """Run all tests in four processes at once, then print the closing tally.
+    """Run all tests in six processes at once, then print the closing tally.
 
     Each test starts its own servers on port 0, so the shards share nothing.
     ``--serial`` runs everything in this process instead.
@@ -1608,7 +1608,7 @@ def main() -> int:
         return run_shard(index, count)
     if "--serial" in sys.argv:
         return run_shard(0, 1)
-    count = 4  # (more than the cores: many tests mostly wait, on timeouts and sockets)
+    count = 6  # (more than the cores: many tests mostly wait, on timeouts and sockets)
     workers = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--shard", f"{i}/{count}"],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                for i in range(count)]
