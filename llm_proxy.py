@@ -6915,6 +6915,7 @@ class Relay:
         self.ticket: tuple[FairGate, Ticket] | None = None  # the place at a server's gate, while queued
         self.slot: tuple[FairGate, Ticket] | None = None    # ... once granted, until given back
         self.claimed = False  # the answer's id is recorded as the caller's
+        self.sent_again = False  # dropped by every server it reached, it was sent once more
 
     def claim_answer(self) -> None:
         """Record the answer's id (a stored response) as the caller's, before the caller has it.
@@ -6937,7 +6938,10 @@ class Relay:
         be reached, or drops the request or answers 502 or 503 before anything reached
         the client, is marked down and the next one tried at once; the charge stays
         the one charge.  When every server of the model is unreachable the call waits
-        for one to come back, up to QUEUE_TIMEOUT_SECONDS, then gets a 503.
+        for one to come back, up to QUEUE_TIMEOUT_SECONDS, then gets a 503.  A call
+        that every server it reached dropped (its only server restarted mid-answer,
+        say) waits the same way and is sent once more, not twice: a request that
+        itself brings the server down costs it one more restart, not a loop of them.
         ``inspect`` sees a successful, non-streamed answer before the client does.
         The client is watched from the moment it queues: one that leaves while
         waiting is taken out of the queue and its request never sent.
@@ -6966,7 +6970,11 @@ class Relay:
                 reached = reached or outcome
             if call.gone:
                 raise ClientGone()
-            if reached or not upstreams.wait_for_change(deadline, replicas[0]):
+            if reached:  # (each that had it dropped it, else the last would have raised)
+                if self.sent_again:
+                    break
+                self.sent_again = True
+            if not upstreams.wait_for_change(deadline, replicas[0]):
                 break
         raise ProxyError(503 if not reached else 502,
                          "No server of this model could be reached; try again shortly." if not reached
@@ -7003,12 +7011,12 @@ class Relay:
                 self.abandon(exchange)
                 return False
             upstream.state.last_error = f"{failure.status} {failure.detail or failure.message}"
-            if isinstance(error, socket.timeout) or last:
-                # It may be at work on it still (no second server gets it too), or it was the
-                # last server to try: this call ends here.
+            if isinstance(error, socket.timeout) or (last and self.sent_again):
+                # It may be at work on it still (no second server gets it too), or it was
+                # the last server to try on the call's second round: this call ends here.
                 raise failure from None
-            self.abandon(exchange)  # received, then dropped: the next server gets it
-            return True
+            self.abandon(exchange)  # received, then dropped: the next server gets it, or
+            return True             # the model's servers, once one answers again
         if response.status in (502, 503) and not last or (
                 response.status == 503 and upstream.name != DEFAULT_UPSTREAM):
             # Another server takes the call; or, for a server of MODELS_FILE that is the last to

@@ -89,6 +89,7 @@ class FakeUpstream(TrackedServer):
         self.release = threading.Event()      # lets a paused stream or stall continue
         self.first_event_sent = threading.Event()
         self.closed_early = threading.Event()  # the proxy hung up on a stream
+        self.dropped = threading.Event()  # a "close-first" request was dropped (the next is answered)
         super().__init__(("127.0.0.1", port), handler or FakeUpstreamHandler)
 
     @property
@@ -135,6 +136,9 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
             self.reply(status, {"error": {"message": f"upstream says {status}", "type": "x",
                                           "param": None, "code": None}})
         elif behaviour == "close":
+            self.close_connection = True
+        elif behaviour == "close-first" and not self.server.dropped.is_set():  # the first: dropped
+            self.server.dropped.set()
             self.close_connection = True
         elif behaviour == "stall":
             self.server.release.wait(WAIT)

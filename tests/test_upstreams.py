@@ -392,6 +392,28 @@ class FailoverTests(ManyUpstreamsTestCase):
         self.wait_for(lambda: probers() == 0)
         self.assertTrue(any(r["path"] == "/v1/models" for r in self.gpu2.requests), "it asked")
 
+    def test_a_call_every_server_dropped_is_sent_once_more(self) -> None:
+        """Each server it reached had it and hung up (restarted mid-answer, say): the call waits for
+        its model's servers and is sent once more, charged once; dropped again, it is a 502, refunded."""
+        rows = [  # (model, X-Fake, status, sends: to its one server, or to its two replicas)
+            ("gemma-3-4b", "close-first", 200, 2),  # the only server: dropped, then answered
+            ("gemma-3-4b", "close", 502, 2),        # dropped twice: not sent a third time
+            ("qwen3-coder", "close", 502, 4),       # each replica, twice
+        ]
+        for model, fake, status, sends in rows:
+            with self.subTest(model=model, fake=fake):
+                self.start_many()
+                self.proxy.upstreams.RETRY_SECONDS = 0.02  # (how soon it looks again)
+                before = sum(self.count(server) for server in (self.gpu, self.gpu2, self.mini))
+                response = self.ask(model, {"X-Fake": fake})
+                self.assertEqual(response.status, status, response.body)
+                if status == 502:
+                    self.assert_openai_error(response, 502, "upstream_error", "upstream_unavailable")
+                self.assertEqual(sum(self.count(server) for server in (self.gpu, self.gpu2, self.mini))
+                                 - before, sends)
+                charged = 1 if status == 200 else 0
+                self.assertEqual(self.request("GET", "/v1/quota").json()["buckets"][0]["tokens"], 100 - charged)
+
     def test_a_replica_answering_503_hands_the_call_to_the_next(self) -> None:
         self.start_many(queue_timeout=SHORT_WAIT)
         for calls in (1, 2):  # whichever gets it first answers 503 (X-Fake), the other does too:
