@@ -4277,6 +4277,11 @@ class Call:
         return ((self.policy is None or self.policy.allows(model))
                 and (self.app is None or self.app[1].allows(model)))
 
+    @property
+    def queued_as(self) -> tuple[str, ...]:
+        """The identities a waiting call counts for: its own, and its app key's."""
+        return (self.identity,) if self.app is None else (self.identity, self.app[0])
+
     def ticket(self) -> Ticket:
         """A place in the fair queue: turns by key, then by user under an app key, each by the
         weight and priority of its policy."""
@@ -6018,6 +6023,7 @@ class UpstreamState:
     requests: int = 0       # calls it answered (or began to)
     tokens: int = 0         # prompt and completion tokens it reported for them
     awaited: int = 0        # calls waiting for it to come back (it is their model's first to try)
+    _awaiting: Counter = field(default_factory=Counter, repr=False, compare=False)  # by caller
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def answered(self) -> None:
@@ -6034,16 +6040,26 @@ class UpstreamState:
             self.tokens += tokens
 
     @contextmanager
-    def awaiting(self) -> Iterator[None]:
+    def awaiting(self, callers: tuple[str, ...]) -> Iterator[None]:
         """A call waits for this server to answer again: it is queued here meanwhile, for the
-        owner, who would otherwise see "0 queued" while its callers hang."""
+        owner, who would otherwise see "0 queued" while its callers hang (``callers``: the
+        identities it counts for, a user's and its app's, as a queue's ticket does)."""
         with self._lock:
             self.awaited += 1
+            self._awaiting.update(callers)
         try:
             yield
         finally:
             with self._lock:
                 self.awaited -= 1
+                self._awaiting.subtract(callers)
+                for caller in callers:
+                    if not self._awaiting[caller]:
+                        del self._awaiting[caller]
+
+    def awaited_by(self, identity: str) -> int:
+        with self._lock:
+            return self._awaiting.get(identity, 0)
 
 
 @dataclass(eq=False)  # one server is one object: its key is never compared, it hashes by identity
@@ -6617,7 +6633,7 @@ class UpstreamRegistry(WatchedFile):
             with self._changed:
                 self._changed.notify_all()
 
-    def wait_for_change(self, deadline: float, upstream: Upstream) -> bool:
+    def wait_for_change(self, deadline: float, upstream: Upstream, callers: tuple[str, ...] = ()) -> bool:
         """Wait for a server to come back (or RETRY_SECONDS); False once ``deadline`` has passed.
 
         Meanwhile the call is queued at ``upstream`` (its model's first server to try again),
@@ -6626,7 +6642,7 @@ class UpstreamRegistry(WatchedFile):
         left = deadline - time.monotonic()
         if left <= 0:
             return False
-        with upstream.state.awaiting(), self._changed:
+        with upstream.state.awaiting(callers), self._changed:
             self._changed.wait(min(left, self.RETRY_SECONDS))
         return True
 
@@ -6681,9 +6697,11 @@ class UpstreamRegistry(WatchedFile):
         return sum(upstream.queued for upstream in self)
 
     def counts(self, identity: str) -> tuple[int, int]:
-        """Requests of ``identity`` in flight and waiting, at every server."""
+        """Requests of ``identity`` in flight and waiting, at every server (for a slot, or for
+        a server to come back)."""
         pairs = [upstream.gate.counts(identity) for upstream in self]
-        return sum(pair[0] for pair in pairs), sum(pair[1] for pair in pairs)
+        waiting = sum(upstream.state.awaited_by(identity) for upstream in self)
+        return sum(pair[0] for pair in pairs), sum(pair[1] for pair in pairs) + waiting
 
     @property
     def idle_connections(self) -> int:
@@ -6974,7 +6992,7 @@ class Relay:
                 if self.sent_again:
                     break
                 self.sent_again = True
-            if not upstreams.wait_for_change(deadline, replicas[0]):
+            if not upstreams.wait_for_change(deadline, replicas[0], call.queued_as):
                 break
         raise ProxyError(503 if not reached else 502,
                          "No server of this model could be reached; try again shortly." if not reached

@@ -709,15 +709,16 @@ class RunningModelsTests(ManyUpstreamsTestCase):
 
 
 # The owner's view of mini while a call waits: (in flight, queued) in each of its three places.
-WAITING = {"report": (0, 1), "totals": (0, 1), "metrics": (0, 1)}
-IDLE = {"report": (0, 0), "totals": (0, 0), "metrics": (0, 0)}
+WAITING = {"report": (0, 1), "totals": (0, 1), "metrics": (0, 1), "key": (0, 1)}
+IDLE = {"report": (0, 0), "totals": (0, 0), "metrics": (0, 0), "key": (0, 0)}
 
 
 class WaitingForAServerTests(ManyUpstreamsTestCase):
     """A call waiting for its model's only server to come back is queued there for the owner."""
 
     def owner_counts(self) -> dict:
-        """mini's (in flight, queued) in /admin/api/usage and /metrics, and the report's totals."""
+        """mini's (in flight, queued) in /admin/api/usage and /metrics, the report's totals, and
+        the calling key's own."""
         report = self.admin("/admin/api/usage").json()
         mini = next(entry for entry in report["upstreams"] if entry["name"] == "mini")
         families = parse_exposition(self.admin("/metrics").body.decode())
@@ -725,8 +726,10 @@ class WaitingForAServerTests(ManyUpstreamsTestCase):
         def gauge(name: str) -> float:
             return {s[1]["upstream"]: s[2] for s in families[name]["samples"]}["mini"]
 
+        key = report["keys"][0]
         return {"report": (mini["in_flight"], mini["queued"]),
                 "totals": (report["in_flight"], report["queued"]),
+                "key": (key["in_flight"], key["queued"]),
                 "metrics": (gauge("llm_proxy_in_flight"), gauge("llm_proxy_queued"))}
 
     def test_it_is_queued_until_the_server_is_back_and_serves_it(self) -> None:
