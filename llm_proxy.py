@@ -7173,7 +7173,8 @@ class Relay:
         call, client, framing = self.call, self.client, pump.framing
         pump.response.reader.nowait = False  # the connection may go back to the pool
         if error is not None:
-            log.warning("upstream stream to %s broke off: %s", loggable(call.label), failure_reason(error))
+            call.upstream_error = failure_reason(error)  # (its log line says why, as a failed call's does)
+            log.warning("upstream stream to %s broke off: %s", loggable(call.label), call.upstream_error)
             if framing is not None:
                 client.write_chunk(call.dialect.stream_error(upstream_failure(error), framing))
             else:

@@ -359,6 +359,7 @@ class FailoverTests(ManyUpstreamsTestCase):
         self.assertEqual(self.count(self.mini), 1)
         self.assertEqual(self.count(self.gpu) + self.count(self.gpu2), 0, "never sent twice")
         self.assertEqual(self.request("GET", "/v1/quota").json()["buckets"][0]["tokens"], 99)
+        self.assertRegex(self.written(" served "), r' 200 served .* upstream="[^"]+" server=mini')
 
     def test_a_replica_that_comes_back_is_used_again(self) -> None:
         self.kill(self.gpu2)
