@@ -5672,6 +5672,12 @@ class UpstreamPool:
     def close(self) -> None:
         with self._lock:
             self.closed = True
+        self.forget_idle()
+
+    def forget_idle(self) -> None:
+        """Close the idle connections: the server dropped a call, so they are likely dead too,
+        and a request written on one would be taken for delivered."""
+        with self._lock:
             idle, self._idle = self._idle, []
         for conn in idle:
             conn.close()
@@ -5686,15 +5692,17 @@ class UpstreamExchange:
         self.response: UpstreamResponse | None = None
         self.aborted = False
         self.sent = False       # the request reached the upstream, which may be working on it
+        self.deliveries = 0     # times the whole request was written (a stale connection's too)
         self.completed = False  # the response was read to its end, so the connection is reusable
         self._lock = threading.Lock()
 
     def send(self, method: str, path: str, headers: list[tuple[str, str]],
-             body: bytes) -> UpstreamResponse:
+             body: bytes, retry_stale: bool = True) -> UpstreamResponse:
         """Send the request (head and body in one write) and return the response head.
 
         A pooled connection that the upstream closed while idle fails before any
-        response byte; only then is the request retried, once, on a fresh connection.
+        response byte; only then is the request retried, once, on a fresh connection
+        (unless ``retry_stale`` is False: the call may be written no more times).
         """
         lines = [f"{method} {path} HTTP/1.1", f"Host: {self.pool.host_header}",
                  "Accept-Encoding: identity"]  # answers are read (usage, models): never compressed
@@ -5704,7 +5712,7 @@ class UpstreamExchange:
         try:
             return self._send_on(conn, method, request)
         except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
-            if not reused or self.aborted:
+            if not reused or self.aborted or not retry_stale:
                 raise
         self.sent = False  # it went out on a connection the upstream had closed: it never had it
         return self._send_on(self.pool.connect(), method, request)
@@ -5719,6 +5727,7 @@ class UpstreamExchange:
         try:
             conn.sock.sendall(request)
             self.sent = True
+            self.deliveries += 1
             self.response = UpstreamResponse(conn.reader, method)
             return self.response
         except BaseException:
@@ -6623,6 +6632,7 @@ class UpstreamRegistry(WatchedFile):
             log.warning("upstream %s is down (%s); calls go to its model's other servers, or "
                         "wait for it where it has none", upstream.name, failure.message)
         upstream.state.failed(failure)
+        upstream.pool.forget_idle()  # (kept alive to a server that is gone, they are dead too)
         self.start_probing()
 
     def mark_up(self, upstream: Upstream) -> None:
@@ -6924,6 +6934,11 @@ class Relay:
     from facts, in ``Call.close_charge``.
     """
 
+    # How many times one call may be written to servers: once, and once more after every server
+    # it reached dropped it (a restart mid-answer), so that a request that brings its server down
+    # does so at most twice.
+    MAX_DELIVERIES = 2
+
     def __init__(self, client: ProxyHandler, watcher: DisconnectWatcher, loop: ConnectionLoop,
                  stored: StoredAnswers, upstreams: UpstreamRegistry) -> None:
         self.client = client
@@ -6933,7 +6948,7 @@ class Relay:
         self.ticket: tuple[FairGate, Ticket] | None = None  # the place at a server's gate, while queued
         self.slot: tuple[FairGate, Ticket] | None = None    # ... once granted, until given back
         self.claimed = False  # the answer's id is recorded as the caller's
-        self.sent_again = False  # dropped by every server it reached, it was sent once more
+        self.delivered = 0  # times the request was written to a server (at most MAX_DELIVERIES)
 
     def claim_answer(self) -> None:
         """Record the answer's id (a stored response) as the caller's, before the caller has it.
@@ -6958,8 +6973,10 @@ class Relay:
         the one charge.  When every server of the model is unreachable the call waits
         for one to come back, up to QUEUE_TIMEOUT_SECONDS, then gets a 503.  A call
         that every server it reached dropped (its only server restarted mid-answer,
-        say) waits the same way and is sent once more, not twice: a request that
-        itself brings the server down costs it one more restart, not a loop of them.
+        say) waits the same way, for QUEUE_TIMEOUT_SECONDS from the drop, and is sent
+        once more: no request is written to servers more than ``MAX_DELIVERIES`` times
+        (a stale pooled connection's write counts), so a request that itself brings
+        the server down costs it one more restart, not a loop of them.
         ``inspect`` sees a successful, non-streamed answer before the client does.
         The client is watched from the moment it queues: one that leaves while
         waiting is taken out of the queue and its request never sent.
@@ -6975,6 +6992,7 @@ class Relay:
         call.on_end(self.let_go)
         call.on_end(self.give_back)
         deadline = time.monotonic() + self.upstreams.config.queue_timeout
+        dropped_before = False
         while True:
             replicas = upstreams.in_turn(route, call.affinity)
             if call.made_by is not None:  # continuing a stored answer: its server first
@@ -6988,10 +7006,12 @@ class Relay:
                 reached = reached or outcome
             if call.gone:
                 raise ClientGone()
-            if reached:  # (each that had it dropped it, else the last would have raised)
-                if self.sent_again:
+            if reached:  # some server had it and dropped it: it may be written once more
+                if self.delivered >= self.MAX_DELIVERIES:
                     break
-                self.sent_again = True
+                if not dropped_before:  # (a drop late in a long answer still gets its wait)
+                    deadline = time.monotonic() + self.upstreams.config.queue_timeout
+                    dropped_before = True
             if not upstreams.wait_for_change(deadline, replicas[0], call.queued_as):
                 break
         raise ProxyError(503 if not reached else 502,
@@ -7017,9 +7037,11 @@ class Relay:
         self.slot = (gate, ticket)
         try:
             started = time.monotonic()
-            response = exchange.send(client.command, path, headers + upstream.credentials(), body)
+            response = exchange.send(client.command, path, headers + upstream.credentials(), body,
+                                     retry_stale=self.delivered + 1 < self.MAX_DELIVERIES)
             call.upstream_ms = (time.monotonic() - started) * 1000
         except (OSError, http.client.HTTPException) as error:
+            self.delivered += exchange.deliveries  # (what a server answered, even 503, is no drop)
             if call.gone:
                 raise ClientGone() from None
             failure = upstream_failure(error)
@@ -7029,10 +7051,11 @@ class Relay:
                 self.abandon(exchange)
                 return False
             upstream.state.last_error = f"{failure.status} {failure.detail or failure.message}"
-            if isinstance(error, socket.timeout) or (last and self.sent_again):
+            if isinstance(error, socket.timeout) or self.delivered >= self.MAX_DELIVERIES:
                 # It may be at work on it still (no second server gets it too), or it was
-                # the last server to try on the call's second round: this call ends here.
+                # written as often as a call may be: this call ends here.
                 raise failure from None
+            upstream.pool.forget_idle()  # (its other connections likely died with it)
             self.abandon(exchange)  # received, then dropped: the next server gets it, or
             return True             # the model's servers, once one answers again
         if response.status in (502, 503) and not last or (

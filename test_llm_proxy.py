@@ -137,7 +137,9 @@ class FakeUpstreamHandler(BaseHTTPRequestHandler):
                                           "param": None, "code": None}})
         elif behaviour == "close":
             self.close_connection = True
-        elif behaviour == "close-first" and not self.server.dropped.is_set():  # the first: dropped
+        elif behaviour.startswith("close-first") and not self.server.dropped.is_set():  # the first: dropped
+            if behaviour == "close-first-late":  # ... after working on it a while
+                time.sleep(0.5)
             self.server.dropped.set()
             self.close_connection = True
         elif behaviour == "stall":

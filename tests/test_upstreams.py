@@ -395,25 +395,38 @@ class FailoverTests(ManyUpstreamsTestCase):
 
     def test_a_call_every_server_dropped_is_sent_once_more(self) -> None:
         """Each server it reached had it and hung up (restarted mid-answer, say): the call waits for
-        its model's servers and is sent once more, charged once; dropped again, it is a 502, refunded."""
-        rows = [  # (model, X-Fake, status, sends: to its one server, or to its two replicas)
-            ("gemma-3-4b", "close-first", 200, 2),  # the only server: dropped, then answered
-            ("gemma-3-4b", "close", 502, 2),        # dropped twice: not sent a third time
-            ("qwen3-coder", "close", 502, 4),       # each replica, twice
+        its model's servers and is written once more, charged once; never a third time, even where
+        a kept-alive connection would be retried (dropped again: a 502, refunded)."""
+        rows = [  # (model, X-Fake, a connection kept alive first, status, writes to its servers)
+            ("gemma-3-4b", "close-first", False, 200, 2),  # the only server: dropped, then answered
+            ("gemma-3-4b", "close", False, 502, 2),        # dropped twice: not written a third time
+            ("gemma-3-4b", "close", True, 502, 2),         # ... nor on a kept-alive connection
+            ("qwen3-coder", "close", True, 502, 2),        # two replicas: each once
         ]
-        for model, fake, status, sends in rows:
-            with self.subTest(model=model, fake=fake):
+        for model, fake, warm, status, writes in rows:
+            with self.subTest(model=model, fake=fake, warm=warm):
                 self.start_many()
                 self.proxy.upstreams.RETRY_SECONDS = 0.02  # (how soon it looks again)
+                if warm:
+                    self.assertEqual(self.ask(model).status, 200)
                 before = sum(self.count(server) for server in (self.gpu, self.gpu2, self.mini))
                 response = self.ask(model, {"X-Fake": fake})
                 self.assertEqual(response.status, status, response.body)
                 if status == 502:
                     self.assert_openai_error(response, 502, "upstream_error", "upstream_unavailable")
                 self.assertEqual(sum(self.count(server) for server in (self.gpu, self.gpu2, self.mini))
-                                 - before, sends)
-                charged = 1 if status == 200 else 0
+                                 - before, writes)
+                charged = (1 if warm else 0) + (1 if status == 200 else 0)
                 self.assertEqual(self.request("GET", "/v1/quota").json()["buckets"][0]["tokens"], 100 - charged)
+
+    def test_a_call_dropped_late_in_a_long_answer_still_waits_for_its_server(self) -> None:
+        """The wait for a server to come back starts at the drop, not when the call arrived."""
+        self.start_many(queue_timeout=SHORT_WAIT)
+        self.proxy.upstreams.RETRY_SECONDS = 0.02
+        thread, answers = self.ask_in_background("gemma-3-4b", {"X-Fake": "close-first-late"})
+        thread.join(WAIT)
+        self.assertEqual(answers[0].status, 200, answers[0].body)
+        self.assertEqual(self.count(self.mini), 2)
 
     def test_a_replica_answering_503_hands_the_call_to_the_next(self) -> None:
         self.start_many(queue_timeout=SHORT_WAIT)
