@@ -752,13 +752,8 @@ class CommandLineTests(unittest.TestCase):
         self.assertEqual(out, "")
 
     def test_startup_line_names_upstream_without_its_key(self) -> None:
-        process = self.run_proxy({"BASE_API_URL": "http://127.0.0.1:9/v1", "BASE_API_KEY": UPSTREAM_KEY,
-                                  "HOST": "127.0.0.1", "PORT": str(free_port())})
-        try:
-            line = process.stdout.readline()
-        finally:
-            process.terminate()
-            _, err = process.communicate(timeout=WAIT)
+        line, _, err = startup_output({"BASE_API_URL": "http://127.0.0.1:9/v1", "BASE_API_KEY": UPSTREAM_KEY,
+                                       "HOST": "127.0.0.1", "PORT": str(free_port())})
         self.assertIn("listening on http://127.0.0.1:", line)
         self.assertIn("http://127.0.0.1:9/v1", line)
         self.assertIn("10 tokens, +2 every 300s", line)
@@ -800,6 +795,21 @@ def clean_environment() -> dict[str, str]:
     """This process's environment without any llm_proxy setting, for starting the real command."""
     names = {name for setting in llm_proxy.SETTINGS for name in setting.names}
     return {key: value for key, value in os.environ.items() if key not in names}
+
+
+def startup_output(env: dict[str, str], *args: str) -> tuple[str, str, str]:
+    """The real command started with ``env`` (over a clean environment) and stopped as soon as
+    it wrote its first line (the listening line: startup is over): that line, the rest of its
+    output, and what it wrote to stderr."""
+    process = subprocess.Popen([sys.executable, os.path.join(HERE, "llm_proxy.py"), *args],
+                               env={**clean_environment(), **env}, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        line = process.stdout.readline()
+    finally:
+        process.terminate()
+        output, errors = process.communicate(timeout=WAIT)
+    return line, output, errors
 
 
 def free_port() -> int:

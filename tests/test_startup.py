@@ -7,14 +7,11 @@ existed.  Run by the README's command, ``python3 test_llm_proxy.py``.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import unittest
 
 import llm_proxy
 from llm_proxy import Config
-from test_llm_proxy import HERE, WAIT, clean_environment, free_port
+from test_llm_proxy import clean_environment, free_port, startup_output
 
 SECRET = "sk-admin-SECRET-0123456789"
 
@@ -79,16 +76,8 @@ class NearMissTests(unittest.TestCase):
         self.assertIn("did you mean ADMIN_KEY?", warnings[0])
 
     def test_the_running_proxy_logs_the_warning_without_the_value(self) -> None:
-        env = clean_environment()
-        env.update({"PORT": str(free_port()), "ADMIN_API_KEY": SECRET})
-        process = subprocess.Popen([sys.executable, os.path.join(HERE, "llm_proxy.py"), "--demo"],
-                                   env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            line = process.stdout.readline()  # the listening line: startup is over
-            self.assertIn("listening on", line)
-        finally:
-            process.terminate()
-            output, errors = process.communicate(timeout=WAIT)
+        line, output, errors = startup_output({"PORT": str(free_port()), "ADMIN_API_KEY": SECRET}, "--demo")
+        self.assertIn("listening on", line)
         logged = [entry for entry in errors.splitlines() if "ADMIN_API_KEY" in entry]
         self.assertEqual(len(logged), 1, errors)
         self.assertIn(" WARNING ADMIN_API_KEY is set", logged[0])

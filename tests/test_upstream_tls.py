@@ -16,16 +16,14 @@ import json
 import os
 import socket
 import ssl
-import subprocess
-import sys
 import tempfile
 import unittest
 from dataclasses import replace
 
 import llm_proxy
 from llm_proxy import Config, ConfigError, KeyRing, ProxyServer
-from test_llm_proxy import (ADMIN_KEY, CLIENT_KEY, HERE, UPSTREAM_KEY, WAIT, FakeUpstream, ProxyTestCase,
-                            clean_environment, free_port, serve)
+from test_llm_proxy import (ADMIN_KEY, CLIENT_KEY, HERE, UPSTREAM_KEY, FakeUpstream, ProxyTestCase, free_port,
+                            serve, startup_output)
 
 CERTS = os.path.join(HERE, "tests", "certs")
 CA = os.path.join(CERTS, "ca.pem")
@@ -231,16 +229,8 @@ class MaxTokensWarningTests(unittest.TestCase):
         with open(self.path, "w") as file:
             json.dump({"sk-a": {"name": "a", "max_tokens": 125000},
                        "sk-b": {"name": "b", "buckets": [{"max_tokens": 5000}]}}, file)
-        process = subprocess.Popen(
-            [sys.executable, os.path.join(HERE, "llm_proxy.py")], text=True,
-            env={**clean_environment(), "BASE_API_URL": "http://127.0.0.1:9/v1", "KEYS_FILE": self.path,
-                 "TOKEN_COST_MODE": "usage", "HOST": "127.0.0.1", "PORT": str(free_port())},
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        try:
-            line = process.stdout.readline()
-        finally:
-            process.terminate()
-            _, err = process.communicate(timeout=WAIT)
+        line, _, err = startup_output({"BASE_API_URL": "http://127.0.0.1:9/v1", "KEYS_FILE": self.path,
+                                       "TOKEN_COST_MODE": "usage", "HOST": "127.0.0.1", "PORT": str(free_port())})
         self.assertIn("listening on", line)
         self.assertNotIn("MAX_TOKENS", err)
 
