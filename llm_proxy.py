@@ -82,6 +82,7 @@ from __future__ import annotations
 import argparse
 import base64
 import bisect
+import concurrent.futures
 import copy
 import csv
 import difflib
@@ -630,19 +631,6 @@ class BucketSpec:
     overdraft: bool = False                # reserve little and let usage go into debt (no hard cap)
     when_limited: str | None = None        # the model that serves a call this window cannot pay
 
-    def __post_init__(self) -> None:
-        # Specs key the dicts of a charge several times a request: their hash is worked out once
-        # (frozen: set as the dataclass's own __init__ sets fields).
-        object.__setattr__(self, "_hash", hash(tuple(getattr(self, f.name) for f in fields(self))))
-
-    def __hash__(self) -> int:
-        return self._hash  # type: ignore[attr-defined]
-
-    def __reduce__(self) -> tuple:
-        """Copied or pickled by its fields, so that the hash is worked out again (a string's
-        hash differs from one process to the next)."""
-        return self.__class__, tuple(getattr(self, f.name) for f in fields(self))
-
     @property
     def refills(self) -> bool:
         return self.period != TOTAL
@@ -862,7 +850,6 @@ class BucketStore:
         self.wall_clock = wall_clock  # calendar windows start at local midnights
         self._lock = threading.Lock()
         self._released = threading.Condition(self._lock)  # a charge that held something closed
-        self._waiting = 0  # calls waiting on it
         self._buckets: dict[str, list[Bucket]] = {}
         self._held: dict[str, list[int]] = {}  # per identity and window: reserved by calls in flight
 
@@ -901,21 +888,14 @@ class BucketStore:
         cost_of = cost if callable(cost) else None
         with self._lock:
             admission = self._charge(payers, cost_of, cost, allowance)
-            if admission.allowed or not admission.waits:
-                return admission
             deadline = time.monotonic() + patience
-            while True:
+            while not admission.allowed and admission.waits:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    return admission
-                self._waiting += 1
-                try:
-                    self._released.wait(left)
-                finally:
-                    self._waiting -= 1
+                    break
+                self._released.wait(left)
                 admission = self._charge(payers, cost_of, cost, allowance)
-                if admission.allowed or not admission.waits:
-                    return admission
+            return admission
 
     def _charge(self, payers: Sequence[tuple[str, Sequence[BucketSpec]]],
                 cost_of: Callable[[BucketSpec], int | WindowCost] | None, cost: object,
@@ -1013,8 +993,7 @@ class BucketStore:
                     bucket.tokens + change)
             if any(held):
                 self._unhold(identity, held)
-                if self._waiting:
-                    self._released.notify_all()
+                self._released.notify_all()
 
     def _unhold(self, identity: str, held: Sequence[int]) -> None:
         kept = self._held.get(identity)
@@ -1177,11 +1156,6 @@ class Charge:
         self.call = call
         self.state = "reserved"
         self.used: int | None = None
-
-    @property
-    def settles(self) -> bool:
-        """Whether some window is settled to the usage (usage mode's tokens, any money window)."""
-        return any(self.mode.unit_of(spec).settles for _, specs in self.payers for spec in specs)
 
     def close(self, served: bool, used: Usage | None = None) -> None:
         """Refund, keep, or settle each window to what its unit makes of ``used``."""
@@ -1371,7 +1345,6 @@ class CostMode:
         self.name = name
         self.units = {"": own, RequestCount.name: REQUESTS, "tokens": tokens, MONEY: MONEY_UNIT}
         self.least, self.least_setting = least, least_setting
-        self.settles = any(unit.settles for unit in (own, tokens))
 
     def unit_of(self, spec: BucketSpec) -> Unit:
         return self.units[spec.unit]
@@ -4179,7 +4152,7 @@ class Call:
             self.cost = self.price.cost(used)
         if self.cut_short_under_a_cap(charge):
             used = None  # what it used is not known: the reservation, an upper bound, is kept
-        charge.close(served, used if charge.settles else None)
+        charge.close(served, used)  # (a window whose unit does not settle keeps its charge)
 
     def cut_short_under_a_cap(self, charge: Charge) -> bool:
         """A stream paid in money, under the hard cap, that ended before its usage was reported.
@@ -4264,8 +4237,10 @@ class Call:
         """The model that serves this call instead of the limit reply: the blocking window's
         ``when_limited``, else that of the key (or user) the window belongs to; None: none."""
         spec = refused.spec
-        if spec is None or spec.when_limited is not None:
-            return None if spec is None else spec.when_limited
+        if spec is None:
+            return None
+        if spec.when_limited is not None:
+            return spec.when_limited
         policies = (self.policy,) if self.app is None else (self.policy, self.app[1])
         for policy in policies:
             if policy is not None and any(own is spec for own in policy.buckets):
@@ -4724,9 +4699,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         """The models of every server (MODELS_FILE), or BASE_MODEL, are answered here; one
         server's own list is relayed; either way cut to the key's models."""
         upstreams, ollama = self.server.upstreams, route.dialect is OLLAMA
-        fixed = upstreams.fixed_models()
-        if fixed is None:
-            fixed = upstreams.listing()
+        fixed = upstreams.listing()
         self.read_body()  # (a body on a GET is never forwarded)
         if fixed is not None:
             shown = [model for model in fixed if self.call.policy.allows(model)]
@@ -4980,15 +4953,12 @@ class ProxyHandler(BaseHTTPRequestHandler):
             call.made = checked.count
         cost = CallCost(dialect, metered or {}, config, capacity, call.price,
                         catalog.max_output(call.model), call.made)
-        cost_of = window_costs(cost, mode, call.model or "", payers)
         stream = metered is not None and dialect.is_stream(metered)
         settles = windows.settles
         if metered is not None:
             call.prepare_upstream(metered, stream, cost.prompt if settles else 0, settles)
         forwarded = checked.forwarded if metered is None else body_bytes(metered)  # (may refuse it)
-        capping = any(cost_of(spec).per_output for _, specs in payers for spec in specs)
-        admission = self.server.buckets.charge_all(payers, cost_of, cost.asked if capping else NO_ALLOWANCE,
-                                                   config.queue_timeout)
+        admission = self.charge(payers, cost, call.model or "", config.queue_timeout)
         if not admission.allowed and metered is not None:  # refused: perhaps a smaller model can pay
             downgraded = self.downgrade(dialect, metered, admission, capacity)
             if downgraded is not None:
@@ -5009,6 +4979,15 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 and dialect.limit_output(metered, admission.allowance)):
             forwarded = body_bytes(metered)  # the hard cap: never more output than was paid for
         self.forward(target, forwarded, inspect=None if metered is None else call.check_reply)
+
+    def charge(self, payers: Sequence[tuple[str, Sequence[BucketSpec]]], cost: CallCost, model: str,
+               patience: float = 0.0) -> Admission:
+        """Charge each window what ``cost`` is in its unit.  The output allowance is worked
+        out (from the body) only where some window pays for the output (the hard cap)."""
+        cost_of = window_costs(cost, self.server.config.mode, model, payers)
+        capping = any(cost_of(spec).per_output for _, specs in payers for spec in specs)
+        return self.server.buckets.charge_all(payers, cost_of, cost.asked if capping else NO_ALLOWANCE,
+                                              patience)
 
     def downgrade(self, dialect: Dialect, payload: dict, refused: Admission,
                   capacity: int) -> tuple[Admission, CallCost] | None:
@@ -5032,15 +5011,13 @@ class ProxyHandler(BaseHTTPRequestHandler):
         model = route.fixed_model or fallback
         if model == call.model:  # asked for it already (or BASE_MODEL serves every name)
             return None
-        payers, mode, price = call.payers, config.mode, catalog.price(model)
+        payers, price = call.payers, catalog.price(model)
         try:
             require_price(payers, model, price)
         except ProxyError:  # a money window could not count it
             return None
         cost = CallCost(dialect, payload, config, capacity, price, catalog.max_output(model))
-        cost_of = window_costs(cost, mode, model, payers)
-        capping = any(cost_of(spec).per_output for _, specs in payers for spec in specs)
-        admission = self.server.buckets.charge_all(payers, cost_of, cost.asked if capping else NO_ALLOWANCE)
+        admission = self.charge(payers, cost, model)
         if not admission.allowed:
             return None
         call.downgrade = (call.model or "", fallback)
@@ -5986,7 +5963,7 @@ class FairGate:
             ready = [(name, lane) for name, lane in lanes.items() if self._may_go(lane)]
             top = max((lane.priority for _, lane in ready), default=0)
             name, lane = next(((name, lane) for name, lane in ready
-                               if lane.priority == top or self._is_late(lane, overdue)), ("", None))
+                               if lane.priority == top or self._may_go(lane, overdue)), ("", None))
         else:  # one class: the first that may go, whatever the clock says
             name, lane = next(((name, lane) for name, lane in lanes.items() if self._may_go(lane)),
                               ("", None))
@@ -6002,21 +5979,15 @@ class FairGate:
             lanes.move_to_end(name)
         return ticket
 
-    def _may_go(self, lane: Lane) -> bool:
-        """Whether a ticket in ``lane`` may take a slot now (its key's and user's limits allow).
-
-        An identity's tickets wait behind its first: the limits that hold it hold them all.
+    def _may_go(self, lane: Lane, queued_by: float = math.inf) -> bool:
+        """Whether ``lane`` holds a request (queued by ``queued_by``) that may take a slot now:
+        its key's and user's limits allow.  An identity's tickets wait behind its first: the
+        limits that hold it hold them all.
         """
         if lane.tickets is not None:
-            return self._has_room(lane.tickets[0])
-        return any(self._may_go(inner) for inner in lane.lanes.values())  # type: ignore[union-attr]
-
-    def _is_late(self, lane: Lane, overdue: float) -> bool:
-        """Whether ``lane`` holds a request, queued by ``overdue``, that may take a slot now."""
-        if lane.tickets is not None:
             first = lane.tickets[0]
-            return first.since <= overdue and self._has_room(first)
-        return any(self._is_late(inner, overdue) for inner in lane.lanes.values())  # type: ignore[union-attr]
+            return first.since <= queued_by and self._has_room(first)
+        return any(self._may_go(inner, queued_by) for inner in lane.lanes.values())  # type: ignore[union-attr]
 
 
 @dataclass
@@ -6040,6 +6011,9 @@ class UpstreamState:
 
     def failed(self, failure: ProxyError) -> None:
         self.up = False
+        self.note(failure)
+
+    def note(self, failure: ProxyError) -> None:
         # why, in a few words (failure_reason): never a key, a URL or an exception's own text
         self.last_error = f"{failure.status} {failure.detail or failure.message}"
 
@@ -6137,15 +6111,19 @@ class Upstream:
             return self.ask("/health", timeout)[0] == 200
         return False
 
+    def ask_json(self, path: str, timeout: float) -> object:
+        """``ask``'s answer as JSON, ``{}`` for any status but 200; ``LISTING_FAILURES`` for a
+        server that cannot be asked or answers nonsense."""
+        status, body = self.ask(path, timeout)
+        return json.loads(body) if status == 200 else {}
+
     def own_models(self, timeout: float) -> list[str]:
         """The model ids the server lists itself (OpenAI's shape; Ollama's /v1 answers it too)."""
         try:
-            status, body = self.ask(self.target.base_path + "/models", timeout)
-            listing = json.loads(body) if status == 200 else {}
-            return [entry["id"] for entry in listing.get("data", [])
+            listing = self.ask_json(self.target.base_path + "/models", timeout)
+            return [entry["id"] for entry in listing.get("data", [])  # type: ignore[attr-defined]
                     if isinstance(entry, dict) and isinstance(entry.get("id"), str)]
-        except (OSError, http.client.HTTPException, ProxyError, ValueError, RecursionError,
-                AttributeError, TypeError):
+        except LISTING_FAILURES:
             log.warning("upstream %s: its model list could not be read", self.name)
             return []
 
@@ -6154,14 +6132,18 @@ class Upstream:
         runs it by; none from a server that does not answer them (down, or not Ollama:
         llama-server has no /api/ps), which is left out rather than failing the listing."""
         try:
-            status, body = self.ask(path, timeout)
-            listing = json.loads(body) if status == 200 else {}
-            entries = [entry for entry in listing.get("models") or [] if isinstance(entry, dict)]
+            listing = self.ask_json(path, timeout)
+            entries = [entry for entry in listing.get("models") or []  # type: ignore[attr-defined]
+                       if isinstance(entry, dict)]
             named = [(entry.get("model") or entry.get("name"), entry) for entry in entries]
             return [(name, entry) for name, entry in named if isinstance(name, str)]
-        except (OSError, http.client.HTTPException, ProxyError, ValueError, RecursionError,
-                AttributeError, TypeError):
+        except LISTING_FAILURES:
             return []
+
+
+# What asking a server for a list can raise: unreachable, a bad answer, or JSON of another shape.
+LISTING_FAILURES = (OSError, http.client.HTTPException, ProxyError, ValueError, RecursionError,
+                    AttributeError, TypeError)
 
 
 # -- MODELS_FILE's "upstreams" and the models' "upstream" fields -------------
@@ -6399,7 +6381,7 @@ class RouteTable(NamedTuple):
 
 def routes_there(table: RouteTable, route: ModelRoute, model: str) -> bool:
     """Whether a call naming ``model`` goes by ``route`` (a pattern no earlier entry beats)."""
-    return route.matches(model) and table.find(model) is route
+    return table.find(model) is route
 
 
 T = TypeVar("T")
@@ -6410,7 +6392,6 @@ def at_once(calls: Sequence[Callable[[], T]]) -> list[T]:
     so that it waits as long as the slowest (``Upstream.ask`` bounds each), not the sum."""
     if len(calls) <= 1:
         return [call() for call in calls]
-    import concurrent.futures  # (here: most proxies never list several servers)
     with concurrent.futures.ThreadPoolExecutor(max_workers=min(len(calls), 16)) as pool:
         return list(pool.map(lambda call: call(), calls))
 
@@ -6554,21 +6535,15 @@ class UpstreamRegistry(WatchedFile):
             while len(self._affinity) > self.AFFINITY_LIMIT:
                 self._affinity.popitem(last=False)
 
-    def fixed_models(self) -> list[str] | None:
-        """The models callers can have when BASE_API_URL's server serves one whatever they ask
-        (BASE_MODEL), listed by the proxy itself; None: the server's own lists."""
-        if not self.table.simple:
-            return None
-        fixed = self.default_route.fixed_model
-        return None if fixed is None else [fixed]
-
     def listing(self) -> list[str] | None:
         """Every model a caller can name, across the servers: the file's names, and each
-        server's own list for its patterns (only names that would route there).  None:
-        one server, whose own list is relayed as it is."""
+        server's own list for its patterns (only names that would route there); with one
+        server that serves one model whatever is asked (BASE_MODEL), that model.  None: one
+        server, whose own list is relayed as it is."""
         table = self.table
         if table.simple:
-            return None
+            fixed = self.default_route.fixed_model
+            return None if fixed is None else [fixed]
         names = list(table.exact)
         asked: dict[ModelRoute, Upstream] = {}  # each pattern's first server that is not down
         for route in table.patterns:
@@ -7042,15 +7017,12 @@ class Relay:
             call.upstream_ms = (time.monotonic() - started) * 1000
         except (OSError, http.client.HTTPException) as error:
             self.delivered += exchange.deliveries  # (what a server answered, even 503, is no drop)
-            if call.gone:
-                raise ClientGone() from None
-            failure = upstream_failure(error)
-            call.upstream_error = failure.detail
+            failure = self.failure(error)
             if not exchange.sent:  # refused, no route, timed out connecting: down until it answers
                 self.upstreams.mark_down(upstream, failure)
                 self.abandon(exchange)
                 return False
-            upstream.state.last_error = f"{failure.status} {failure.detail or failure.message}"
+            upstream.state.note(failure)
             if isinstance(error, socket.timeout) or self.delivered >= self.MAX_DELIVERIES:
                 # It may be at work on it still (no second server gets it too), or it was
                 # written as often as a call may be: this call ends here.
@@ -7074,12 +7046,17 @@ class Relay:
         try:
             exchange.completed = self.relay(response, inspect)
         except (OSError, http.client.HTTPException) as error:
-            if call.gone:
-                raise ClientGone() from None
-            failure = upstream_failure(error)
-            call.upstream_error = failure.detail
-            raise failure from None
+            raise self.failure(error) from None
         return None
+
+    def failure(self, error: BaseException) -> ProxyError:
+        """What a transport error with the server makes of the call: ClientGone if its client
+        left meanwhile (the error was the hang-up), else the failure, its reason noted."""
+        if self.call.gone:
+            raise ClientGone() from None
+        failure = upstream_failure(error)
+        self.call.upstream_error = failure.detail
+        return failure
 
     def abandon(self, exchange: UpstreamExchange) -> None:
         """Give up on a server before anything reached the client: its slot and connection go now."""
@@ -8254,7 +8231,7 @@ class AdminView:
         self.metrics.record(call.label if named else OTHER, call.user if named else None,
                             call.endpoint, outcome, prompt, completion, charged, call.seconds,
                             first_byte, model, cost, upstream.name if upstream is not None else None)
-        if self.alerts is not None and call.identity and (call.charge is not None or call.limited):
+        if self.alerts is not None and (call.charge is not None or call.limited):  # (identified: above)
             self.alerts.check(call, self.buckets, self.config.mode)
 
     def answer(self, path: str, method: str, headers: Headers,
@@ -8372,7 +8349,7 @@ class AdminView:
         name = checked_name(fields.pop("name", None))
         options = key_options(fields, (*KEY_OPTIONS, "email"))
         entry = new_entry(name, options)
-        key = keys.add(name, {k: v for k, v in entry.items() if k != "name"})
+        key = keys.add(entry)
         log.info("admin API: added the key %r", name)
         return lambda: {"key": key, **self.key_listing(hashed_key(key), entry)}
 
@@ -10036,7 +10013,6 @@ def read_roster(path: str) -> list[RosterRow]:
     and spaces around values are taken away; an empty row is skipped.  An empty
     name, a control character or a name given twice is refused, naming the line.
     """
-    import csv  # only the keys command reads CSV
     try:
         with open(path, encoding="utf-8-sig", newline="") as file:
             reader = csv.reader(file)
@@ -10075,7 +10051,6 @@ def read_roster(path: str) -> list[RosterRow]:
 def write_key_list(path: str, rows: Sequence[tuple[str, str]]) -> None:
     """``name,key`` lines in a new file made with mode 0600, so no other user can read it at
     any moment; a file already there is never overwritten (it may hold keys still in use)."""
-    import csv
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         with os.fdopen(descriptor, "w", encoding="utf-8", newline="") as file:
@@ -10144,10 +10119,10 @@ class KeysFile:
         if name in (self.names() if names is None else names):
             raise NameInUse(f"{where}a key named {name!r} exists already in {self.path}")
 
-    def add(self, name: str, settings: dict) -> str:
-        """A new random key for ``name``; only its SHA-256 is stored.  Returns the key."""
-        key = self.insert([dict({"name": name}, **settings)])[0]
-        self.save()
+    def add(self, entry: dict) -> str:
+        """A new random key for ``entry``; only its SHA-256 is stored.  Returns the key."""
+        key = self.insert([entry])[0]
+        self.write()  # (``insert`` checked the file)
         return key
 
     def insert(self, entries: Sequence[dict]) -> list[str]:
@@ -10365,7 +10340,7 @@ def _options_of(args: argparse.Namespace, *extra: str) -> dict:
 
 def _add_action(args: argparse.Namespace, keys: KeysFile, config: Config) -> int:
     name = checked_name(args.name)
-    key = keys.add(name, {k: v for k, v in new_entry(name, _options_of(args, "email")).items() if k != "name"})
+    key = keys.add(new_entry(name, _options_of(args, "email")))
     print(f"added {name!r} to {keys.path}; the key is shown once, here (only its SHA-256 is kept):")
     print(key)
     return 0
