@@ -3594,7 +3594,7 @@ class CallCost:
     """
 
     __slots__ = ("dialect", "payload", "config", "capacity", "price", "max_output", "made", "_prompt",
-                 "_estimate", "_reservation", "_allowance")
+                 "_prompt_bound", "_estimate", "_reservation", "_allowance")
 
     def __init__(self, dialect: Dialect, payload: dict, config: Config, capacity: int,
                  price: Price | None = None, max_output: int | None = None, made: int = 1) -> None:
@@ -3602,6 +3602,7 @@ class CallCost:
         self.price, self.max_output = price, max_output
         self.made = made  # a flat-rate call's things made (n images), each at the price per call
         self._prompt: int | None = None
+        self._prompt_bound: int | None = None
         self._estimate: int | None = None
         self._reservation: int | None = None
         self._allowance: tuple[int | None] | None = None
@@ -3618,8 +3619,11 @@ class CallCost:
 
     @property
     def prompt_bound(self) -> int:
-        """At least as many tokens as the prompt can be (its UTF-8 bytes): for money."""
-        return 0 if self.flat else prompt_tokens(self.payload, bound=True)
+        """At least as many tokens as the prompt can be (its UTF-8 bytes): for money.  Worked
+        out once: each money window of each payer asks."""
+        if self._prompt_bound is None:
+            self._prompt_bound = 0 if self.flat else prompt_tokens(self.payload, bound=True)
+        return self._prompt_bound
 
     @property
     def allowance(self) -> int | None:
